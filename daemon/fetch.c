@@ -1,0 +1,523 @@
+/*
+ * fetch — one poll of one configuration. The order of every message's life
+ * is the durability rule of DESIGN.md §4: RETR streamed into a staged
+ * folder, headers read, meta.json written, folder fsync'd and renamed, UIDL
+ * recorded and fsync'd — and only then DELE.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <event2/event.h>
+#include <jansson.h>
+
+#include "popfetchd/config.h"
+#include "popfetchd/fetch.h"
+#include "popfetchd/log.h"
+#include "popfetchd/mime.h"
+#include "popfetchd/pop3.h"
+#include "popfetchd/store.h"
+#include "popfetchd/util.h"
+
+/* sysexits */
+enum {
+	EX_OK_ = 0,
+	EX_UNAVAILABLE_ = 69,
+	EX_IOERR_ = 74,
+	EX_TEMPFAIL_ = 75,
+	EX_PROTOCOL_ = 76,
+	EX_NOPERM_ = 77,
+};
+
+struct candidate {
+	unsigned long num;
+	char uid[POP3_UIDL_MAX + 1];
+};
+
+struct fetch {
+	struct event_base *base;
+	const struct conf_mailbox *mb;
+	enum fetch_mode mode;
+	fetch_done_cb done;
+	void *arg;
+
+	struct store *store;
+	struct pop3_session *pop3;
+	const char **mechanisms;
+
+	struct candidate *cand;
+	size_t ncand, next;
+	char **listed; /* UIDLs on the server, for compaction after QUIT */
+	size_t nlisted;
+	struct store_msg *msg;  /* the message being received */
+	time_t msg_time;
+	int msg_error;          /* a write of the current message failed */
+	size_t dele_sent, dele_ok;
+	char **deleted_uids;
+	size_t ndeleted_uids;
+	bool listing_done;
+
+	struct fetch_result res;
+	bool finished;
+};
+
+static void
+add_error(struct fetch *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void
+add_error(struct fetch *f, const char *fmt, ...)
+{
+	va_list ap;
+	char *line;
+
+	va_start(ap, fmt);
+	if (vasprintf(&line, fmt, ap) < 0)
+		abort();
+	va_end(ap);
+	log_error(f->mb->id, "%s", line);
+	f->res.errors = xrealloc(f->res.errors, (f->res.nerrors + 1) * sizeof(char *));
+	f->res.errors[f->res.nerrors++] = line;
+}
+
+static void
+set_exit(struct fetch *f, int code)
+{
+	if (f->res.exit_code == 0)
+		f->res.exit_code = code;
+}
+
+static void
+finish_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct fetch *f = arg;
+
+	(void)fd;
+	(void)what;
+	f->done(f, f->arg);
+}
+
+/* End the poll: the owner hears of it from the loop, never re-entrantly. */
+static void
+finish(struct fetch *f)
+{
+	if (f->finished)
+		return;
+	f->finished = true;
+	store_msg_abort(f->msg);
+	f->msg = NULL;
+	if (f->pop3 != NULL) {
+		pop3_session_free_deferred(f->pop3);
+		f->pop3 = NULL;
+	}
+	/* the lock is released now: the next poll may start at once */
+	store_close(f->store);
+	f->store = NULL;
+	log_info(f->mb->id, "%zu saved, %zu already received, %zu deleted%s", f->res.nsaved,
+		 f->res.skipped, f->res.deleted, f->res.exit_code ? " (with errors)" : "");
+	event_base_once(f->base, -1, EV_TIMEOUT, finish_cb, f, NULL);
+}
+
+static int
+failure_exit(enum pop3_failure fail)
+{
+	switch (fail) {
+	case POP3_FAIL_RESOLVE:
+	case POP3_FAIL_CONNECT:
+		return EX_UNAVAILABLE_;
+	case POP3_FAIL_LOST:
+	case POP3_FAIL_TIMEOUT:
+	case POP3_FAIL_TEMP:
+		return EX_TEMPFAIL_;
+	case POP3_FAIL_PROTOCOL:
+	case POP3_FAIL_TLS:
+		return EX_PROTOCOL_;
+	case POP3_FAIL_AUTH:
+		return EX_NOPERM_;
+	}
+	return EX_PROTOCOL_;
+}
+
+static void
+on_failed(void *arg, enum pop3_failure fail, const char *detail)
+{
+	struct fetch *f = arg;
+
+	set_exit(f, failure_exit(fail));
+	add_error(f, "%s:%u: %s", f->mb->server, f->mb->port, detail);
+	if (f->dele_sent > 0)
+		log_notice(f->mb->id, "the session ended before QUIT: the server keeps the %zu "
+				      "message(s) marked for deletion; the next poll deletes them",
+			   f->dele_sent);
+	finish(f);
+}
+
+/* Queue the next RETR, or QUIT when every candidate is done. */
+static void
+next_message(struct fetch *f)
+{
+	struct candidate *c;
+	int r;
+
+	if (f->next >= f->ncand) {
+		pop3_quit(f->pop3);
+		return;
+	}
+	c = &f->cand[f->next];
+	f->msg_time = time(NULL);
+	f->msg_error = 0;
+	r = store_msg_begin(f->store, c->uid, f->msg_time, &f->msg);
+	if (r < 0) {
+		set_exit(f, EX_IOERR_);
+		add_error(f, "%s", store_error(f->store));
+		pop3_quit(f->pop3);
+		return;
+	}
+	pop3_retr(f->pop3, c->num);
+}
+
+static void
+on_ready(void *arg)
+{
+	struct fetch *f = arg;
+
+	log_debug(f->mb->id, "logged in as %s with %s", f->mb->user, pop3_mechanism(f->pop3));
+	pop3_list(f->pop3);
+}
+
+static void
+on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
+{
+	struct fetch *f = arg;
+	size_t stale = 0;
+
+	f->listing_done = true;
+	if (!have_uidl && n > 0) {
+		set_exit(f, EX_PROTOCOL_);
+		add_error(f, "%s:%u: the server does not support UIDL: popfetchd cannot tell "
+			     "new messages from old ones there",
+			  f->mb->server, f->mb->port);
+		pop3_quit(f->pop3);
+		return;
+	}
+	f->cand = xcalloc(n, sizeof(*f->cand));
+	f->listed = xcalloc(n, sizeof(char *));
+	for (size_t i = 0; i < n; i++) {
+		const struct pop3_msg *m = &msgs[i];
+		if (m->uid[0] == '\0') {
+			log_warning(f->mb->id, "message %lu has no valid UIDL: left on the server",
+				    m->num);
+			continue;
+		}
+		f->listed[f->nlisted++] = xstrdup(m->uid);
+		if (store_has(f->store, m->uid)) {
+			f->res.skipped++;
+			if (f->mb->remove_after_read) {
+				/* saved before; its deletion was never committed */
+				pop3_dele(f->pop3, m->num);
+				f->dele_sent++;
+				stale++;
+			}
+			continue;
+		}
+		if (f->mb->max_message_size && m->size > f->mb->max_message_size) {
+			log_notice(f->mb->id,
+				   "message %lu (%s) is %llu bytes, over max_message_size: left on "
+				   "the server",
+				   m->num, m->uid, (unsigned long long)m->size);
+			f->res.too_big++;
+			continue;
+		}
+		if (f->mode == FETCH_ONE && f->ncand == 1)
+			continue;
+		f->cand[f->ncand].num = m->num;
+		memcpy(f->cand[f->ncand].uid, m->uid, sizeof(f->cand[f->ncand].uid));
+		f->ncand++;
+	}
+	if (stale > 0)
+		log_info(f->mb->id, "deleting %zu message(s) saved by an earlier session", stale);
+	log_debug(f->mb->id, "%zu message(s) on the server, %zu to receive", n, f->ncand);
+	next_message(f);
+}
+
+static void
+on_data(void *arg, const char *buf, size_t len)
+{
+	struct fetch *f = arg;
+
+	if (f->msg == NULL || f->msg_error)
+		return;
+	if (store_msg_write(f->msg, buf, len) < 0)
+		f->msg_error = 1;
+}
+
+static char *
+rfc3339(time_t t)
+{
+	struct tm tm;
+	char buf[32];
+
+	gmtime_r(&t, &tm);
+	strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+	return xstrdup(buf);
+}
+
+static json_t *
+str_or_null(const char *s)
+{
+	return s ? json_string(s) : json_null();
+}
+
+/* meta.json of DESIGN.md §3: what this issue knows of the message. */
+static char *
+build_meta(struct fetch *f, const char *uid, unsigned long long size, const struct mime_headers *h)
+{
+	char *when = rfc3339(f->msg_time), *text;
+	json_t *o = json_object();
+
+	json_object_set_new(o, "configuration", json_string(f->mb->id));
+	json_object_set_new(o, "uidl", json_string(uid));
+	json_object_set_new(o, "received_at", json_string(when));
+	json_object_set_new(o, "size", json_integer((json_int_t)size));
+	json_object_set_new(o, "message_id", str_or_null(h->message_id));
+	json_object_set_new(o, "date", str_or_null(h->date));
+	json_object_set_new(o, "from", str_or_null(h->from));
+	json_object_set_new(o, "to", str_or_null(h->to));
+	json_object_set_new(o, "cc", str_or_null(h->cc));
+	json_object_set_new(o, "subject", str_or_null(h->subject));
+	json_object_set_new(o, "smime", json_string("none"));
+	json_object_set_new(o, "text", json_array());
+	json_object_set_new(o, "attachments", json_array());
+	/* invalid UTF-8 from a stranger is replaced, never fatal */
+	text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+	json_decref(o);
+	free(when);
+	if (text == NULL)
+		abort();
+	char *line = xasprintf("%s\n", text);
+	free(text);
+	return line;
+}
+
+/* The message is in the staged folder: complete it and make it durable. */
+static int
+commit_message(struct fetch *f, const struct candidate *c)
+{
+	struct mime_headers h;
+	unsigned long long size;
+	char *meta, *folder = NULL;
+	struct fetch_saved *sv;
+	int r;
+
+	if (f->msg_error || store_msg_finish_eml(f->msg, &size) < 0)
+		return -EIO;
+	if (mime_read_headers(store_msg_eml_path(f->msg), &h) < 0)
+		memset(&h, 0, sizeof(h));
+	meta = build_meta(f, c->uid, size, &h);
+	mime_headers_clear(&h);
+	if (meta == NULL)
+		abort();
+	r = store_msg_add_file(f->msg, "meta.json", meta, strlen(meta));
+	free(meta);
+	if (r < 0)
+		return r;
+	r = store_msg_commit(f->msg, f->mb->save_text, &folder);
+	f->msg = NULL;
+	if (r < 0)
+		return r;
+	if ((r = store_record(f->store, c->uid)) < 0) {
+		free(folder);
+		return r;
+	}
+	f->res.saved = xrealloc(f->res.saved, (f->res.nsaved + 1) * sizeof(*f->res.saved));
+	sv = &f->res.saved[f->res.nsaved++];
+	sv->uid = xstrdup(c->uid);
+	sv->folder = folder;
+	sv->size = size;
+	log_debug(f->mb->id, "saved message %lu (%s) in %s", c->num, c->uid,
+		  folder ? folder : "(nothing kept)");
+	return 0;
+}
+
+static void
+on_retrieved(void *arg, unsigned long num)
+{
+	struct fetch *f = arg;
+	const struct candidate *c = &f->cand[f->next];
+
+	if (c->num != num || commit_message(f, c) < 0) {
+		set_exit(f, EX_IOERR_);
+		add_error(f, "message %lu (%s) not saved: %s", num, c->uid, store_error(f->store));
+		store_msg_abort(f->msg);
+		f->msg = NULL;
+		/* what is durable stays durable; stop before anything else */
+		pop3_quit(f->pop3);
+		return;
+	}
+	if (f->mb->remove_after_read) {
+		pop3_dele(f->pop3, num);
+		f->dele_sent++;
+		f->deleted_uids = xrealloc(f->deleted_uids,
+					   (f->ndeleted_uids + 1) * sizeof(char *));
+		f->deleted_uids[f->ndeleted_uids++] = xstrdup(c->uid);
+	}
+	f->next++;
+	next_message(f);
+}
+
+static void
+on_deleted(void *arg, unsigned long num, bool ok)
+{
+	struct fetch *f = arg;
+
+	if (ok)
+		f->dele_ok++;
+	else
+		log_warning(f->mb->id, "the server refused DELE %lu: the message stays there", num);
+}
+
+static int
+cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* After QUIT +OK the server holds exactly the listing less what we deleted:
+ * keep only those UIDLs in the state so that it does not grow forever. */
+static void
+compact_state(struct fetch *f)
+{
+	const char **keep = xcalloc(f->nlisted, sizeof(char *));
+	size_t n = 0;
+
+	qsort(f->deleted_uids, f->ndeleted_uids, sizeof(char *), cmp_str);
+	for (size_t i = 0; i < f->nlisted; i++)
+		if (f->ndeleted_uids == 0 ||
+		    bsearch(&f->listed[i], f->deleted_uids, f->ndeleted_uids, sizeof(char *),
+			    cmp_str) == NULL)
+			keep[n++] = f->listed[i];
+	if (store_compact(f->store, keep, n) < 0)
+		log_warning(f->mb->id, "%s", store_error(f->store));
+	free(keep);
+}
+
+static void
+on_quit(void *arg, bool ok)
+{
+	struct fetch *f = arg;
+
+	if (ok) {
+		f->res.deleted = f->dele_ok;
+		if (f->listing_done && f->res.exit_code == 0)
+			compact_state(f);
+	} else if (f->dele_sent > 0) {
+		set_exit(f, EX_TEMPFAIL_);
+		add_error(f, "%s:%u: QUIT was not answered +OK: the server did not commit the "
+			     "deletions; the next poll deletes the saved messages",
+			  f->mb->server, f->mb->port);
+	}
+	finish(f);
+}
+
+static const struct pop3_events fetch_events = {
+	.ready = on_ready,
+	.listing = on_listing,
+	.data = on_data,
+	.retrieved = on_retrieved,
+	.deleted = on_deleted,
+	.quit = on_quit,
+	.failed = on_failed,
+};
+
+struct fetch *
+fetch_start(struct event_base *base, struct evdns_base *dns, const struct conf_set *set,
+	    const struct conf_mailbox *mb, enum fetch_mode mode, fetch_done_cb done, void *arg)
+{
+	struct fetch *f = xcalloc(1, sizeof(*f));
+	struct store_params sp = {
+		.id = mb->id,
+		.save_directory = mb->save_directory,
+		.state_directory = set->state_directory,
+		.server = mb->server,
+		.user = mb->user,
+	};
+	struct pop3_params pp = {
+		.id = mb->id,
+		.host = mb->server,
+		.port = mb->port,
+		.tls = mb->tls == CONF_TLS_NONE       ? POP3_TLS_NONE
+		       : mb->tls == CONF_TLS_IMPLICIT ? POP3_TLS_IMPLICIT
+						      : POP3_TLS_EXPLICIT,
+		.user = mb->user,
+		.password = mb->password,
+		.connect_timeout = (unsigned)mb->connect_timeout,
+		.command_timeout = (unsigned)mb->command_timeout,
+	};
+	char err[512];
+	int r;
+
+	f->base = base;
+	f->mb = mb;
+	f->mode = mode;
+	f->done = done;
+	f->arg = arg;
+
+	if ((r = store_open(&sp, &f->store, err, sizeof(err))) < 0) {
+		set_exit(f, r == -EBUSY ? EX_TEMPFAIL_ : EX_IOERR_);
+		add_error(f, "%s", err);
+		finish(f);
+		return f;
+	}
+	if (mb->sasl_mechanisms != NULL) {
+		f->mechanisms = xcalloc(mb->n_sasl_mechanisms + 1, sizeof(char *));
+		for (size_t i = 0; i < mb->n_sasl_mechanisms; i++)
+			f->mechanisms[i] = mb->sasl_mechanisms[i];
+		pp.mechanisms = f->mechanisms;
+	} else {
+		pp.mechanisms = conf_default_sasl_mechanisms;
+	}
+	if (mb->auth == CONF_AUTH_OAUTH2) {
+		set_exit(f, EX_NOPERM_);
+		add_error(f, "auth: oauth2 is not available in this build yet");
+		finish(f);
+		return f;
+	}
+	f->pop3 = pop3_session_new(base, dns, &pp, &fetch_events, f);
+	pop3_session_start(f->pop3);
+	return f;
+}
+
+const struct fetch_result *
+fetch_result(const struct fetch *f)
+{
+	return &f->res;
+}
+
+void
+fetch_free(struct fetch *f)
+{
+	if (f == NULL)
+		return;
+	store_msg_abort(f->msg);
+	pop3_session_free(f->pop3);
+	store_close(f->store);
+	for (size_t i = 0; i < f->res.nsaved; i++) {
+		free(f->res.saved[i].uid);
+		free(f->res.saved[i].folder);
+	}
+	free(f->res.saved);
+	for (size_t i = 0; i < f->res.nerrors; i++)
+		free(f->res.errors[i]);
+	free(f->res.errors);
+	for (size_t i = 0; i < f->nlisted; i++)
+		free(f->listed[i]);
+	free(f->listed);
+	for (size_t i = 0; i < f->ndeleted_uids; i++)
+		free(f->deleted_uids[i]);
+	free(f->deleted_uids);
+	free(f->cand);
+	free(f->mechanisms);
+	free(f);
+}

@@ -1,0 +1,343 @@
+/*
+ * popfetchd — a POP3 fetch daemon. main.c: the command line, the one-shot
+ * commands (check, receive, receive-all) and the process around them.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/dns.h>
+#include <event2/event.h>
+#include <jansson.h>
+
+#include "build-config.h"
+#include "popfetchd/config.h"
+#include "popfetchd/fetch.h"
+#include "popfetchd/log.h"
+#include "popfetchd/mime.h"
+#include "popfetchd/util.h"
+
+#define EXIT_USAGE  64
+#define EXIT_CONFIG 78
+
+struct options {
+	const char *confdir;
+	int verbosity; /* -1 quiet, 0, 1 verbose */
+	bool json;
+	const char *command;
+	const char *id;
+};
+
+static void
+usage(FILE *f)
+{
+	fputs("usage: popfetchd [-c DIR] [-v|-q] [--json] [run]\n"
+	      "       popfetchd [-c DIR] [--json] check\n"
+	      "       popfetchd [-c DIR] [--json] test ID\n"
+	      "       popfetchd [-c DIR] [-v|-q] [--json] receive ID\n"
+	      "       popfetchd [-c DIR] [-v|-q] [--json] receive-all ID\n"
+	      "       popfetchd --version | --help\n"
+	      "\n"
+	      "  -c, --config DIR  configuration directory (default " POPFETCHD_CONFDIR ")\n"
+	      "  -v, --verbose     log debug lines\n"
+	      "  -q, --quiet       log warnings and errors only\n"
+	      "      --json        print one JSON object on stdout\n",
+	      f);
+}
+
+static void
+print_json(json_t *o)
+{
+	char *s = json_dumps(o, JSON_PRESERVE_ORDER | JSON_COMPACT);
+
+	puts(s);
+	free(s);
+}
+
+/* Load the configuration; on errors print them all and return NULL. */
+static struct conf_set *
+load(const struct options *o, json_t **ret_errors)
+{
+	struct conf_errors errs = {0};
+	struct conf_set *set = NULL;
+
+	if (conf_load(o->confdir, &set, &errs) < 0) {
+		json_t *a = json_array();
+		for (size_t i = 0; i < errs.n; i++) {
+			fprintf(stderr, "%s\n", errs.lines[i]);
+			json_array_append_new(a, json_string(errs.lines[i]));
+		}
+		fprintf(stderr, "popfetchd: %zu configuration error(s) in %s\n", errs.n,
+			o->confdir);
+		conf_errors_clear(&errs);
+		if (ret_errors != NULL)
+			*ret_errors = a;
+		else
+			json_decref(a);
+		return NULL;
+	}
+	conf_errors_clear(&errs);
+	if (o->verbosity > 0)
+		log_set_level(LOG_LVL_DEBUG);
+	else if (o->verbosity < 0)
+		log_set_level(LOG_LVL_WARNING);
+	else if (set->log_level_set)
+		log_set_level((enum log_level)set->log_level);
+	return set;
+}
+
+static json_t *
+mailbox_json(const struct conf_mailbox *mb)
+{
+	json_t *c = json_object();
+
+	json_object_set_new(c, "id", json_string(mb->id));
+	json_object_set_new(c, "status", json_string(mb->active ? "active" : "inactive"));
+	json_object_set_new(c, "server", json_string(mb->server));
+	json_object_set_new(c, "port", json_integer(mb->port));
+	json_object_set_new(c, "tls", json_string(conf_tls_name(mb->tls)));
+	json_object_set_new(c, "auth", json_string(conf_auth_name(mb->auth)));
+	json_object_set_new(c, "save_directory",
+			    mb->save_directory ? json_string(mb->save_directory) : json_null());
+	return c;
+}
+
+static int
+cmd_check(const struct options *o)
+{
+	json_t *errors = NULL, *out;
+	struct conf_set *set = load(o, &errors);
+
+	if (set == NULL) {
+		if (o->json) {
+			out = json_object();
+			json_object_set_new(out, "valid", json_false());
+			json_object_set_new(out, "errors", errors);
+			json_object_set_new(out, "configurations", json_array());
+			print_json(out);
+			json_decref(out);
+		} else {
+			json_decref(errors);
+		}
+		return EXIT_CONFIG;
+	}
+	out = json_object();
+	json_t *list = json_array();
+	for (size_t i = 0; i < set->n_mailboxes; i++) {
+		const struct conf_mailbox *mb = set->mailboxes[i];
+		if (o->json)
+			json_array_append_new(list, mailbox_json(mb));
+		else
+			printf("%s\t%s\t%s:%u\ttls=%s\tauth=%s\t%s\n", mb->id,
+			       mb->active ? "active" : "inactive", mb->server, mb->port,
+			       conf_tls_name(mb->tls), conf_auth_name(mb->auth),
+			       mb->save_directory ? mb->save_directory : "(nothing saved)");
+	}
+	if (o->json) {
+		json_object_set_new(out, "valid", json_true());
+		json_object_set_new(out, "errors", json_array());
+		json_object_set_new(out, "configurations", list);
+		print_json(out);
+	} else {
+		json_decref(list);
+		if (set->n_mailboxes == 0)
+			fprintf(stderr, "popfetchd: no configurations in %s/conf.d\n", o->confdir);
+	}
+	json_decref(out);
+	conf_set_free(set);
+	return 0;
+}
+
+/* The configuration an ID names, or NULL after an error line. */
+static const struct conf_mailbox *
+find_active(const struct conf_set *set, const char *id)
+{
+	const struct conf_mailbox *mb = conf_find(set, id);
+
+	if (mb == NULL) {
+		fprintf(stderr, "popfetchd: no configuration with id \"%s\" in %s/conf.d\n", id,
+			set->dir);
+		return NULL;
+	}
+	if (!mb->active) {
+		fprintf(stderr, "popfetchd: %s: the configuration is inactive (%s)\n", id,
+			mb->file);
+		return NULL;
+	}
+	return mb;
+}
+
+static void
+on_fetch_done(struct fetch *f, void *arg)
+{
+	(void)f;
+	event_base_loopbreak(arg);
+}
+
+static void
+print_result(const struct options *o, const struct conf_mailbox *mb, const struct fetch_result *r)
+{
+	if (!o->json) {
+		for (size_t i = 0; i < r->nsaved; i++)
+			if (r->saved[i].folder != NULL)
+				printf("%s\n", r->saved[i].folder);
+		return;
+	}
+	json_t *out = json_object(), *saved = json_array(), *errors = json_array();
+	for (size_t i = 0; i < r->nsaved; i++) {
+		json_t *s = json_object();
+		json_object_set_new(s, "uidl", json_string(r->saved[i].uid));
+		json_object_set_new(s, "folder", r->saved[i].folder ? json_string(r->saved[i].folder)
+								    : json_null());
+		json_object_set_new(s, "size", json_integer((json_int_t)r->saved[i].size));
+		json_array_append_new(saved, s);
+	}
+	for (size_t i = 0; i < r->nerrors; i++)
+		json_array_append_new(errors, json_string(r->errors[i]));
+	json_object_set_new(out, "configuration", json_string(mb->id));
+	json_object_set_new(out, "saved", saved);
+	json_object_set_new(out, "skipped", json_integer((json_int_t)r->skipped));
+	json_object_set_new(out, "left_too_big", json_integer((json_int_t)r->too_big));
+	json_object_set_new(out, "deleted", json_integer((json_int_t)r->deleted));
+	json_object_set_new(out, "errors", errors);
+	json_object_set_new(out, "exit_code", json_integer(r->exit_code));
+	print_json(out);
+	json_decref(out);
+}
+
+static void
+libevent_log(int severity, const char *msg)
+{
+	log_msg(severity >= EVENT_LOG_WARN ? LOG_LVL_WARNING : LOG_LVL_DEBUG, NULL, "libevent: %s",
+		msg);
+}
+
+static int
+cmd_receive(const struct options *o, enum fetch_mode mode)
+{
+	struct conf_set *set = load(o, NULL);
+	const struct conf_mailbox *mb;
+	struct event_base *base;
+	struct evdns_base *dns;
+	struct fetch *f;
+	int code;
+
+	if (set == NULL)
+		return EXIT_CONFIG;
+	if ((mb = find_active(set, o->id)) == NULL) {
+		conf_set_free(set);
+		return EXIT_CONFIG;
+	}
+	if (mb->tls == CONF_TLS_NONE)
+		log_warning(mb->id, "tls: none: the password and the mail cross the network in "
+				    "clear");
+	base = event_base_new();
+	if (base == NULL)
+		abort();
+	dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS |
+					   EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+	if (dns == NULL)
+		dns = evdns_base_new(base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+	f = fetch_start(base, dns, set, mb, mode, on_fetch_done, base);
+	event_base_dispatch(base);
+	code = fetch_result(f)->exit_code;
+	print_result(o, mb, fetch_result(f));
+	fetch_free(f);
+	/* run what is still pending (deferred frees) */
+	event_base_loop(base, EVLOOP_NONBLOCK);
+	evdns_base_free(dns, 0);
+	event_base_free(base);
+	conf_set_free(set);
+	return code;
+}
+
+int
+main(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{"config", required_argument, NULL, 'c'},
+		{"verbose", no_argument, NULL, 'v'},
+		{"quiet", no_argument, NULL, 'q'},
+		{"json", no_argument, NULL, 'J'},
+		{"version", no_argument, NULL, 'V'},
+		{"help", no_argument, NULL, 'h'},
+		{NULL, 0, NULL, 0},
+	};
+	struct options o = {.confdir = POPFETCHD_CONFDIR};
+	int c;
+
+	while ((c = getopt_long(argc, argv, "c:vqh", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'c':
+			o.confdir = optarg;
+			break;
+		case 'v':
+			o.verbosity = 1;
+			break;
+		case 'q':
+			o.verbosity = -1;
+			break;
+		case 'J':
+			o.json = true;
+			break;
+		case 'V':
+			printf("popfetchd %s\n", POPFETCHD_VERSION);
+			return 0;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return EXIT_USAGE;
+		}
+	}
+	o.command = optind < argc ? argv[optind++] : "run";
+	if (optind < argc)
+		o.id = argv[optind++];
+	if (optind < argc) {
+		fprintf(stderr, "popfetchd: unexpected argument \"%s\"\n", argv[optind]);
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+
+	log_set_prefix(getenv("JOURNAL_STREAM") != NULL);
+	if (o.verbosity > 0)
+		log_set_level(LOG_LVL_DEBUG);
+	else if (o.verbosity < 0)
+		log_set_level(LOG_LVL_WARNING);
+	event_set_log_callback(libevent_log);
+	signal(SIGPIPE, SIG_IGN);
+	mime_init();
+
+	bool needs_id = strcmp(o.command, "receive") == 0 ||
+			strcmp(o.command, "receive-all") == 0 || strcmp(o.command, "test") == 0;
+	if (needs_id && o.id == NULL) {
+		fprintf(stderr, "popfetchd: %s needs a configuration ID\n", o.command);
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	if (!needs_id && o.id != NULL) {
+		fprintf(stderr, "popfetchd: unexpected argument \"%s\"\n", o.id);
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	if (strcmp(o.command, "check") == 0)
+		return cmd_check(&o);
+	if (strcmp(o.command, "receive") == 0)
+		return cmd_receive(&o, FETCH_ONE);
+	if (strcmp(o.command, "receive-all") == 0)
+		return cmd_receive(&o, FETCH_ALL);
+	if (strcmp(o.command, "run") == 0 || strcmp(o.command, "test") == 0) {
+		fprintf(stderr,
+			"popfetchd: \"%s\" is not available in this build yet: use receive or "
+			"receive-all (for example from a systemd timer)\n",
+			o.command);
+		return EXIT_USAGE;
+	}
+	fprintf(stderr, "popfetchd: unknown command \"%s\"\n", o.command);
+	usage(stderr);
+	return EXIT_USAGE;
+}

@@ -1,0 +1,838 @@
+/*
+ * pop3 — one POP3 client session over a libevent bufferevent.
+ *
+ * An enum state machine: enter_state() sends the state's command,
+ * on_status() handles the status line of the response for the current
+ * state, on_listing_line() and read_data() the multi-line bodies, and
+ * on_event() the transport. Commands the owner queues run one at a time.
+ */
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/dns.h>
+#include <event2/event.h>
+#include <event2/util.h>
+
+#include "popfetchd/log.h"
+#include "popfetchd/pop3.h"
+#include "popfetchd/util.h"
+
+enum pop3_state {
+	P3_INIT,
+	P3_CONNECT,
+	P3_GREETING,
+	P3_CAPA,
+	P3_USER,
+	P3_PASS,
+	P3_UTF8,
+	P3_IDLE,
+	P3_UIDL,
+	P3_LIST,
+	P3_RETR,
+	P3_DELE,
+	P3_QUIT,
+	P3_DONE,
+};
+
+static const char *const state_names[] = {
+	[P3_INIT] = "INIT",   [P3_CONNECT] = "CONNECT", [P3_GREETING] = "GREETING",
+	[P3_CAPA] = "CAPA",   [P3_USER] = "USER",       [P3_PASS] = "PASS",
+	[P3_UTF8] = "UTF8",   [P3_IDLE] = "IDLE",       [P3_UIDL] = "UIDL",
+	[P3_LIST] = "LIST",   [P3_RETR] = "RETR",       [P3_DELE] = "DELE",
+	[P3_QUIT] = "QUIT",   [P3_DONE] = "DONE",
+};
+
+/* A command the owner queued. */
+struct cmd {
+	enum pop3_state state; /* P3_UIDL (listing), P3_RETR, P3_DELE, P3_QUIT */
+	unsigned long num;
+};
+
+struct uid_entry {
+	unsigned long num;
+	char uid[POP3_UIDL_MAX + 1];
+};
+
+struct pop3_session {
+	struct event_base *base;
+	struct evdns_base *dns;
+	struct pop3_params p;
+	const struct pop3_events *ev;
+	void *arg;
+
+	struct bufferevent *bev;
+	struct event *cmd_timer;
+	struct event *conn_timer;
+	enum pop3_state state;
+	bool multiline; /* inside the multi-line body of the current response */
+	bool dead;      /* failed() or quit() was called */
+	struct pop3_capa capa;
+	const char *mechanism;
+
+	struct cmd *queue;
+	size_t qhead, qlen, qcap;
+	unsigned long cur_num;
+
+	struct pop3_dot dot;
+	size_t rx_window; /* bytes received since the command timer was armed */
+
+	struct uid_entry *uids;
+	size_t nuids, capuids;
+	bool have_uidl;
+	struct pop3_msg *msgs;
+	size_t nmsgs, capmsgs;
+
+	char scratch[64 * 1024];
+};
+
+static void enter_state(struct pop3_session *s, enum pop3_state st);
+static void pump(struct pop3_session *s);
+
+const char *
+pop3_failure_name(enum pop3_failure fail)
+{
+	switch (fail) {
+	case POP3_FAIL_RESOLVE:
+		return "name resolution failed";
+	case POP3_FAIL_CONNECT:
+		return "connection failed";
+	case POP3_FAIL_LOST:
+		return "connection lost";
+	case POP3_FAIL_TIMEOUT:
+		return "timeout";
+	case POP3_FAIL_TEMP:
+		return "temporary server condition";
+	case POP3_FAIL_PROTOCOL:
+		return "protocol error";
+	case POP3_FAIL_TLS:
+		return "TLS failure";
+	case POP3_FAIL_AUTH:
+		return "authentication failed";
+	}
+	return "failure";
+}
+
+static void
+set_state(struct pop3_session *s, enum pop3_state st)
+{
+	if (s->state != st)
+		log_debug(s->p.id, "pop3: %s -> %s", state_names[s->state], state_names[st]);
+	s->state = st;
+}
+
+static void
+fail(struct pop3_session *s, enum pop3_failure fail, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static void
+fail(struct pop3_session *s, enum pop3_failure failure, const char *fmt, ...)
+{
+	char detail[1024];
+	va_list ap;
+
+	if (s->dead)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(detail, sizeof(detail), fmt, ap);
+	va_end(ap);
+	s->dead = true;
+	if (s->bev != NULL)
+		bufferevent_disable(s->bev, EV_READ | EV_WRITE);
+	evtimer_del(s->cmd_timer);
+	evtimer_del(s->conn_timer);
+	log_debug(s->p.id, "pop3: failed in %s: %s: %s", state_names[s->state],
+		  pop3_failure_name(failure), detail);
+	set_state(s, P3_DONE);
+	s->ev->failed(s->arg, failure, detail);
+}
+
+static void
+arm_timer(struct pop3_session *s)
+{
+	struct timeval tv = {.tv_sec = (time_t)s->p.command_timeout};
+
+	s->rx_window = 0;
+	evtimer_add(s->cmd_timer, &tv);
+}
+
+static void
+send_line(struct pop3_session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void
+send_line(struct pop3_session *s, const char *fmt, ...)
+{
+	struct evbuffer *out = bufferevent_get_output(s->bev);
+	va_list ap;
+
+	va_start(ap, fmt);
+	evbuffer_add_vprintf(out, fmt, ap);
+	va_end(ap);
+	evbuffer_add(out, "\r\n", 2);
+	arm_timer(s);
+}
+
+/* The server's text, cut to a printable length, for details and debug lines. */
+static const char *
+server_text(const struct pop3_reply *r, char *buf, size_t size)
+{
+	size_t n = r->text_len < size - 1 ? r->text_len : size - 1;
+
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)r->text[i];
+		buf[i] = c < 0x20 || c == 0x7f ? '?' : (char)c;
+	}
+	buf[n] = '\0';
+	return buf;
+}
+
+/* -ERR to a login command: a temporary condition, or refused credentials. */
+static void
+fail_login(struct pop3_session *s, const char *cmd, const struct pop3_reply *r)
+{
+	char text[256];
+
+	server_text(r, text, sizeof(text));
+	if (r->rcodes & (POP3_RC_IN_USE | POP3_RC_LOGIN_DELAY | POP3_RC_SYS_TEMP))
+		fail(s, POP3_FAIL_TEMP, "%s refused for now (server said: %s)", cmd, text);
+	else
+		fail(s, POP3_FAIL_AUTH, "%s refused (server said: %s)", cmd, text);
+}
+
+static bool
+offered(const struct pop3_session *s, const char *mech)
+{
+	if (strcmp(mech, "USER") == 0)
+		return s->capa.user || !s->capa.seen;
+	return false; /* SASL and APOP arrive with the authentication issue */
+}
+
+static void
+start_login(struct pop3_session *s)
+{
+	char allowed[256] = "";
+
+	for (const char *const *m = s->p.mechanisms; *m != NULL; m++) {
+		if (offered(s, *m)) {
+			s->mechanism = *m;
+			log_debug(s->p.id, "pop3: logging in with %s", *m);
+			enter_state(s, P3_USER);
+			return;
+		}
+		if (allowed[0] != '\0')
+			strncat(allowed, " ", sizeof(allowed) - strlen(allowed) - 1);
+		strncat(allowed, *m, sizeof(allowed) - strlen(allowed) - 1);
+	}
+	fail(s, POP3_FAIL_AUTH,
+	     "no usable login mechanism: the server offers %s%s, the configuration allows %s "
+	     "(this build logs in with USER/PASS only)",
+	     s->capa.sasl[0] ? "SASL " : "", s->capa.sasl[0] ? s->capa.sasl : "USER", allowed);
+}
+
+static void
+enter_state(struct pop3_session *s, enum pop3_state st)
+{
+	set_state(s, st);
+	s->multiline = false;
+	switch (st) {
+	case P3_CAPA:
+		pop3_capa_init(&s->capa);
+		log_debug(s->p.id, "C: CAPA");
+		send_line(s, "CAPA");
+		break;
+	case P3_USER:
+		log_debug(s->p.id, "C: USER %s", s->p.user);
+		send_line(s, "USER %s", s->p.user);
+		break;
+	case P3_PASS:
+		log_debug(s->p.id, "C: PASS ****");
+		send_line(s, "PASS %s", s->p.password ? s->p.password : "");
+		break;
+	case P3_UTF8:
+		log_debug(s->p.id, "C: UTF8");
+		send_line(s, "UTF8");
+		break;
+	case P3_UIDL:
+		s->nuids = 0;
+		s->nmsgs = 0;
+		s->have_uidl = true;
+		log_debug(s->p.id, "C: UIDL");
+		send_line(s, "UIDL");
+		break;
+	case P3_LIST:
+		log_debug(s->p.id, "C: LIST");
+		send_line(s, "LIST");
+		break;
+	case P3_RETR:
+		log_debug(s->p.id, "C: RETR %lu", s->cur_num);
+		send_line(s, "RETR %lu", s->cur_num);
+		break;
+	case P3_DELE:
+		log_debug(s->p.id, "C: DELE %lu", s->cur_num);
+		send_line(s, "DELE %lu", s->cur_num);
+		break;
+	case P3_QUIT:
+		log_debug(s->p.id, "C: QUIT");
+		send_line(s, "QUIT");
+		break;
+	case P3_IDLE:
+		evtimer_del(s->cmd_timer);
+		break;
+	default:
+		break;
+	}
+}
+
+static void
+logged_in(struct pop3_session *s)
+{
+	enter_state(s, P3_IDLE);
+	s->ev->ready(s->arg);
+	if (!s->dead)
+		pump(s);
+}
+
+static int
+cmp_msg(const void *a, const void *b)
+{
+	const struct pop3_msg *x = a, *y = b;
+	return x->num < y->num ? -1 : x->num > y->num;
+}
+
+static int
+cmp_uid(const void *a, const void *b)
+{
+	const struct uid_entry *x = a, *y = b;
+	return x->num < y->num ? -1 : x->num > y->num;
+}
+
+/* Join the UIDL listing to the LIST listing by message number. */
+static void
+finish_listing(struct pop3_session *s)
+{
+	size_t j = 0;
+
+	qsort(s->msgs, s->nmsgs, sizeof(*s->msgs), cmp_msg);
+	qsort(s->uids, s->nuids, sizeof(*s->uids), cmp_uid);
+	for (size_t i = 0; i < s->nmsgs; i++) {
+		while (j < s->nuids && s->uids[j].num < s->msgs[i].num)
+			j++;
+		if (j < s->nuids && s->uids[j].num == s->msgs[i].num)
+			memcpy(s->msgs[i].uid, s->uids[j].uid, sizeof(s->msgs[i].uid));
+		else
+			s->msgs[i].uid[0] = '\0';
+	}
+	enter_state(s, P3_IDLE);
+	s->ev->listing(s->arg, s->msgs, s->nmsgs, s->have_uidl);
+	if (!s->dead)
+		pump(s);
+}
+
+static void
+on_listing_line(struct pop3_session *s, const char *line, size_t len)
+{
+	unsigned long num;
+	uint64_t size;
+
+	if (pop3_listing_line(&line, &len) == 1) {
+		s->multiline = false;
+		if (s->state == P3_CAPA)
+			start_login(s);
+		else if (s->state == P3_UIDL)
+			enter_state(s, P3_LIST);
+		else if (s->state == P3_LIST)
+			finish_listing(s);
+		return;
+	}
+	switch (s->state) {
+	case P3_CAPA:
+		pop3_parse_capa_line(&s->capa, line, len);
+		break;
+	case P3_UIDL:
+		if (s->nuids >= POP3_MAX_MESSAGES) {
+			fail(s, POP3_FAIL_PROTOCOL, "UIDL lists more than %d messages",
+			     POP3_MAX_MESSAGES);
+			return;
+		}
+		if (s->nuids == s->capuids) {
+			s->capuids = s->capuids ? 2 * s->capuids : 64;
+			s->uids = xrealloc(s->uids, s->capuids * sizeof(*s->uids));
+		}
+		if (pop3_parse_uidl_line(line, len, &num, s->uids[s->nuids].uid) < 0) {
+			/* a malformed entry: that message gets no UIDL */
+			log_debug(s->p.id, "pop3: ignoring malformed UIDL line");
+			return;
+		}
+		s->uids[s->nuids++].num = num;
+		break;
+	case P3_LIST:
+		if (pop3_parse_list_line(line, len, &num, &size) < 0) {
+			fail(s, POP3_FAIL_PROTOCOL, "malformed LIST line");
+			return;
+		}
+		if (s->nmsgs >= POP3_MAX_MESSAGES) {
+			fail(s, POP3_FAIL_PROTOCOL, "LIST lists more than %d messages",
+			     POP3_MAX_MESSAGES);
+			return;
+		}
+		if (s->nmsgs == s->capmsgs) {
+			s->capmsgs = s->capmsgs ? 2 * s->capmsgs : 64;
+			s->msgs = xrealloc(s->msgs, s->capmsgs * sizeof(*s->msgs));
+		}
+		s->msgs[s->nmsgs].num = num;
+		s->msgs[s->nmsgs].size = size;
+		s->nmsgs++;
+		break;
+	default:
+		break;
+	}
+}
+
+static void
+on_status(struct pop3_session *s, const char *line, size_t len)
+{
+	struct pop3_reply r;
+	char text[256];
+	unsigned long num = s->cur_num;
+
+	pop3_parse_status(line, len, &r);
+	log_debug(s->p.id, "S: %s", s->state == P3_PASS ? "(reply to PASS)" : server_text(&r, text, sizeof(text)));
+	if (r.status == POP3_STATUS_BAD || r.status == POP3_STATUS_CONT) {
+		fail(s, POP3_FAIL_PROTOCOL, "unexpected response in %s: \"%s\"",
+		     state_names[s->state], server_text(&r, text, 80));
+		return;
+	}
+	bool ok = r.status == POP3_STATUS_OK;
+	switch (s->state) {
+	case P3_GREETING:
+		if (!ok) {
+			fail(s, POP3_FAIL_TEMP, "the server refused the session (server said: %s)",
+			     server_text(&r, text, sizeof(text)));
+			return;
+		}
+		enter_state(s, P3_CAPA);
+		break;
+	case P3_CAPA:
+		if (ok) {
+			s->multiline = true;
+			arm_timer(s);
+		} else {
+			start_login(s);
+		}
+		break;
+	case P3_USER:
+		if (!ok) {
+			fail_login(s, "USER", &r);
+			return;
+		}
+		enter_state(s, P3_PASS);
+		break;
+	case P3_PASS:
+		if (!ok) {
+			fail_login(s, "login", &r);
+			return;
+		}
+		if (s->capa.utf8)
+			enter_state(s, P3_UTF8);
+		else
+			logged_in(s);
+		break;
+	case P3_UTF8:
+		/* failure is harmless: the server then keeps its old behaviour */
+		logged_in(s);
+		break;
+	case P3_UIDL:
+		if (ok) {
+			s->multiline = true;
+			arm_timer(s);
+		} else {
+			s->have_uidl = false;
+			enter_state(s, P3_LIST);
+		}
+		break;
+	case P3_LIST:
+		if (!ok) {
+			fail(s, POP3_FAIL_PROTOCOL, "LIST refused (server said: %s)",
+			     server_text(&r, text, sizeof(text)));
+			return;
+		}
+		s->multiline = true;
+		arm_timer(s);
+		break;
+	case P3_RETR:
+		if (!ok) {
+			fail(s, POP3_FAIL_TEMP, "RETR %lu refused (server said: %s)", num,
+			     server_text(&r, text, sizeof(text)));
+			return;
+		}
+		pop3_dot_init(&s->dot);
+		s->multiline = true;
+		arm_timer(s);
+		break;
+	case P3_DELE:
+		enter_state(s, P3_IDLE);
+		s->ev->deleted(s->arg, num, ok);
+		if (!s->dead)
+			pump(s);
+		break;
+	case P3_QUIT:
+		s->dead = true;
+		evtimer_del(s->cmd_timer);
+		bufferevent_disable(s->bev, EV_READ | EV_WRITE);
+		set_state(s, P3_DONE);
+		s->ev->quit(s->arg, ok);
+		break;
+	default:
+		fail(s, POP3_FAIL_PROTOCOL, "unsolicited response in %s: \"%s\"",
+		     state_names[s->state], server_text(&r, text, 80));
+		break;
+	}
+}
+
+/*
+ * The body of a RETR response: unstuff what is there, in pieces of at most
+ * the scratch buffer, and hand it to the owner. Returns false when more
+ * input is needed.
+ */
+static bool
+read_data(struct pop3_session *s, struct evbuffer *in)
+{
+	struct evbuffer_iovec v;
+	size_t used, outlen;
+
+	if (evbuffer_peek(in, -1, NULL, &v, 1) < 1 || v.iov_len == 0)
+		return false;
+	if (v.iov_len > sizeof(s->scratch))
+		v.iov_len = sizeof(s->scratch);
+	used = pop3_dot_feed(&s->dot, v.iov_base, v.iov_len, s->scratch, &outlen);
+	evbuffer_drain(in, used);
+	s->rx_window += used;
+	if (outlen > 0)
+		s->ev->data(s->arg, s->scratch, outlen);
+	if (s->dead)
+		return false;
+	if (s->dot.done) {
+		unsigned long num = s->cur_num;
+		enter_state(s, P3_IDLE);
+		s->ev->retrieved(s->arg, num);
+		if (!s->dead)
+			pump(s);
+	}
+	return true;
+}
+
+/* One CRLF-terminated line of at most POP3_LINE_MAX octets, into buf. */
+static int
+read_line(struct pop3_session *s, struct evbuffer *in, char *buf, size_t *len)
+{
+	struct evbuffer_ptr eol;
+	size_t eol_len = 0;
+
+	eol = evbuffer_search_eol(in, NULL, &eol_len, EVBUFFER_EOL_CRLF);
+	if (eol.pos < 0) {
+		if (evbuffer_get_length(in) >= POP3_LINE_MAX) {
+			fail(s, POP3_FAIL_PROTOCOL, "response line longer than %d octets in %s",
+			     POP3_LINE_MAX, state_names[s->state]);
+			return -1;
+		}
+		return 0;
+	}
+	if ((size_t)eol.pos + 2 > POP3_LINE_MAX) {
+		fail(s, POP3_FAIL_PROTOCOL, "response line longer than %d octets in %s",
+		     POP3_LINE_MAX, state_names[s->state]);
+		return -1;
+	}
+	evbuffer_remove(in, buf, (size_t)eol.pos);
+	evbuffer_drain(in, eol_len);
+	s->rx_window += (size_t)eol.pos + eol_len;
+	buf[eol.pos] = '\0';
+	*len = (size_t)eol.pos;
+	return 1;
+}
+
+static void
+on_read(struct bufferevent *bev, void *arg)
+{
+	struct pop3_session *s = arg;
+	struct evbuffer *in = bufferevent_get_input(bev);
+	char line[POP3_LINE_MAX + 1];
+	size_t len;
+
+	while (!s->dead && evbuffer_get_length(in) > 0) {
+		if (s->state == P3_RETR && s->multiline) {
+			if (!read_data(s, in))
+				break;
+			continue;
+		}
+		if (read_line(s, in, line, &len) <= 0)
+			break;
+		if (s->state == P3_IDLE || s->state == P3_CONNECT) {
+			fail(s, POP3_FAIL_PROTOCOL, "unsolicited data from the server");
+			break;
+		}
+		if (s->multiline)
+			on_listing_line(s, line, len);
+		else
+			on_status(s, line, len);
+	}
+}
+
+static void
+set_nodelay(struct bufferevent *bev)
+{
+	int one = 1;
+	evutil_socket_t fd = bufferevent_getfd(bev);
+
+	if (fd >= 0)
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+static void
+on_event(struct bufferevent *bev, short what, void *arg)
+{
+	struct pop3_session *s = arg;
+	int err = EVUTIL_SOCKET_ERROR();
+
+	if (what & BEV_EVENT_CONNECTED) {
+		evtimer_del(s->conn_timer);
+		set_nodelay(bev);
+		set_state(s, P3_GREETING);
+		arm_timer(s);
+		return;
+	}
+	if (s->state == P3_CONNECT) {
+		int dns_err = bufferevent_socket_get_dns_error(bev);
+		if (dns_err != 0)
+			fail(s, POP3_FAIL_RESOLVE, "cannot resolve %s: %s", s->p.host,
+			     evutil_gai_strerror(dns_err));
+		else
+			fail(s, POP3_FAIL_CONNECT, "cannot connect to %s port %u: %s", s->p.host,
+			     s->p.port, evutil_socket_error_to_string(err));
+		return;
+	}
+	/* drain what the server said before it closed */
+	on_read(bev, s);
+	if (s->dead)
+		return;
+	if (s->state == P3_QUIT) {
+		s->dead = true;
+		evtimer_del(s->cmd_timer);
+		set_state(s, P3_DONE);
+		s->ev->quit(s->arg, false);
+		return;
+	}
+	if (what & BEV_EVENT_EOF)
+		fail(s, POP3_FAIL_LOST, "the server closed the connection in %s%s",
+		     state_names[s->state], s->multiline ? " (in the middle of the response)" : "");
+	else
+		fail(s, POP3_FAIL_LOST, "connection error in %s: %s", state_names[s->state],
+		     evutil_socket_error_to_string(err));
+}
+
+static void
+on_cmd_timeout(evutil_socket_t fd, short what, void *arg)
+{
+	struct pop3_session *s = arg;
+	size_t got = s->rx_window;
+
+	(void)fd;
+	(void)what;
+	/* during multi-line data, progress of at least 1 KiB per window is alive */
+	if (s->multiline && got >= 1024) {
+		arm_timer(s);
+		return;
+	}
+	if (s->multiline)
+		fail(s, POP3_FAIL_TIMEOUT, "the server stalled in %s: %zu bytes in %u s",
+		     state_names[s->state], got, s->p.command_timeout);
+	else
+		fail(s, POP3_FAIL_TIMEOUT, "no response in %s within %u s", state_names[s->state],
+		     s->p.command_timeout);
+}
+
+static void
+on_conn_timeout(evutil_socket_t fd, short what, void *arg)
+{
+	struct pop3_session *s = arg;
+
+	(void)fd;
+	(void)what;
+	fail(s, POP3_FAIL_CONNECT, "cannot connect to %s port %u: timed out after %u s", s->p.host,
+	     s->p.port, s->p.connect_timeout);
+}
+
+struct pop3_session *
+pop3_session_new(struct event_base *base, struct evdns_base *dns, const struct pop3_params *params,
+		 const struct pop3_events *events, void *arg)
+{
+	struct pop3_session *s = xcalloc(1, sizeof(*s));
+
+	s->base = base;
+	s->dns = dns;
+	s->p = *params;
+	s->ev = events;
+	s->arg = arg;
+	s->state = P3_INIT;
+	s->cmd_timer = evtimer_new(base, on_cmd_timeout, s);
+	s->conn_timer = evtimer_new(base, on_conn_timeout, s);
+	if (s->cmd_timer == NULL || s->conn_timer == NULL)
+		abort();
+	return s;
+}
+
+static void
+start_failed_tls(evutil_socket_t fd, short what, void *arg)
+{
+	struct pop3_session *s = arg;
+
+	(void)fd;
+	(void)what;
+	fail(s, POP3_FAIL_TLS, "tls: %s is not available in this build yet; use tls: none",
+	     s->p.tls == POP3_TLS_IMPLICIT ? "implicit" : "explicit");
+}
+
+void
+pop3_session_start(struct pop3_session *s)
+{
+	struct timeval tv = {.tv_sec = (time_t)s->p.connect_timeout};
+
+	if (s->p.tls != POP3_TLS_NONE) {
+		/* no credential may ever go out in clear: refuse before connecting */
+		event_base_once(s->base, -1, EV_TIMEOUT, start_failed_tls, s, NULL);
+		return;
+	}
+	set_state(s, P3_CONNECT);
+	s->bev = bufferevent_socket_new(s->base, -1, BEV_OPT_CLOSE_ON_FREE);
+	if (s->bev == NULL)
+		abort();
+	bufferevent_setcb(s->bev, on_read, NULL, on_event, s);
+	bufferevent_enable(s->bev, EV_READ | EV_WRITE);
+	evtimer_add(s->conn_timer, &tv);
+	log_debug(s->p.id, "pop3: connecting to %s port %u", s->p.host, s->p.port);
+	/* may call on_event() with an error before returning */
+	bufferevent_socket_connect_hostname(s->bev, s->dns, AF_UNSPEC, s->p.host, s->p.port);
+}
+
+static void
+free_now(struct pop3_session *s)
+{
+	if (s->bev != NULL)
+		bufferevent_free(s->bev);
+	event_free(s->cmd_timer);
+	event_free(s->conn_timer);
+	free(s->queue);
+	free(s->uids);
+	free(s->msgs);
+	free(s);
+}
+
+void
+pop3_session_free(struct pop3_session *s)
+{
+	if (s != NULL)
+		free_now(s);
+}
+
+static void
+deferred_free(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	free_now(arg);
+}
+
+void
+pop3_session_free_deferred(struct pop3_session *s)
+{
+	if (s == NULL)
+		return;
+	s->dead = true;
+	if (s->bev != NULL)
+		bufferevent_disable(s->bev, EV_READ | EV_WRITE);
+	evtimer_del(s->cmd_timer);
+	evtimer_del(s->conn_timer);
+	event_base_once(s->base, -1, EV_TIMEOUT, deferred_free, s, NULL);
+}
+
+const struct pop3_capa *
+pop3_capa(const struct pop3_session *s)
+{
+	return &s->capa;
+}
+
+const char *
+pop3_mechanism(const struct pop3_session *s)
+{
+	return s->mechanism;
+}
+
+static void
+enqueue(struct pop3_session *s, enum pop3_state st, unsigned long num)
+{
+	if (s->qhead + s->qlen == s->qcap) {
+		if (s->qhead > 0) {
+			memmove(s->queue, s->queue + s->qhead, s->qlen * sizeof(*s->queue));
+			s->qhead = 0;
+		} else {
+			s->qcap = s->qcap ? 2 * s->qcap : 16;
+			s->queue = xrealloc(s->queue, s->qcap * sizeof(*s->queue));
+		}
+	}
+	s->queue[s->qhead + s->qlen] = (struct cmd){.state = st, .num = num};
+	s->qlen++;
+}
+
+/* Send the next queued command when none is in flight. */
+static void
+pump(struct pop3_session *s)
+{
+	struct cmd c;
+
+	if (s->dead || s->state != P3_IDLE || s->qlen == 0)
+		return;
+	c = s->queue[s->qhead++];
+	s->qlen--;
+	if (s->qlen == 0)
+		s->qhead = 0;
+	s->cur_num = c.num;
+	enter_state(s, c.state);
+}
+
+void
+pop3_list(struct pop3_session *s)
+{
+	enqueue(s, P3_UIDL, 0);
+	pump(s);
+}
+
+void
+pop3_retr(struct pop3_session *s, unsigned long num)
+{
+	enqueue(s, P3_RETR, num);
+	pump(s);
+}
+
+void
+pop3_dele(struct pop3_session *s, unsigned long num)
+{
+	enqueue(s, P3_DELE, num);
+	pump(s);
+}
+
+void
+pop3_quit(struct pop3_session *s)
+{
+	/* QUIT ends the session: what is still queued is not sent */
+	s->qlen = 0;
+	s->qhead = 0;
+	enqueue(s, P3_QUIT, 0);
+	pump(s);
+}

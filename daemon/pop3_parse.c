@@ -1,0 +1,330 @@
+/*
+ * pop3_parse — pure parsing of POP3 server responses. No I/O, no globals:
+ * every function takes bytes and fills a struct.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <string.h>
+#include <strings.h>
+
+#include "popfetchd/pop3_parse.h"
+
+static bool
+has_prefix_ci(const char *s, size_t len, const char *prefix)
+{
+	size_t n = strlen(prefix);
+
+	return len >= n && strncasecmp(s, prefix, n) == 0;
+}
+
+static const struct {
+	const char *name;
+	unsigned bit;
+} rcode_names[] = {
+	{"IN-USE", POP3_RC_IN_USE},     {"LOGIN-DELAY", POP3_RC_LOGIN_DELAY},
+	{"SYS/TEMP", POP3_RC_SYS_TEMP}, {"SYS/PERM", POP3_RC_SYS_PERM},
+	{"AUTH", POP3_RC_AUTH},         {"UTF8", POP3_RC_UTF8},
+};
+
+/* "[CODE]" or "[CODE n]" at the start of text; consumed from *text. */
+static void
+parse_rcode(struct pop3_reply *r)
+{
+	const char *p = r->text, *end = r->text + r->text_len, *close;
+	size_t n;
+
+	if (p == end || *p != '[')
+		return;
+	close = memchr(p, ']', (size_t)(end - p));
+	if (close == NULL)
+		return;
+	p++;
+	for (size_t i = 0; i < sizeof(rcode_names) / sizeof(rcode_names[0]); i++) {
+		n = strlen(rcode_names[i].name);
+		if ((size_t)(close - p) < n || strncasecmp(p, rcode_names[i].name, n) != 0)
+			continue;
+		/* exact code, or a sub-code "SYS/TEMP/..." style, or "CODE n" */
+		if (p + n != close && p[n] != ' ' && p[n] != '/')
+			continue;
+		r->rcodes |= rcode_names[i].bit;
+		if (rcode_names[i].bit == POP3_RC_LOGIN_DELAY && p[n] == ' ') {
+			unsigned long v = 0;
+			for (const char *q = p + n + 1; q < close && isdigit((unsigned char)*q);
+			     q++)
+				if (v < 100000000)
+					v = v * 10 + (unsigned long)(*q - '0');
+			r->login_delay = (unsigned)v;
+		}
+		break;
+	}
+	p = close + 1;
+	while (p < end && *p == ' ')
+		p++;
+	r->text_len = (size_t)(end - p);
+	r->text = p;
+}
+
+void
+pop3_parse_status(const char *line, size_t len, struct pop3_reply *ret)
+{
+	struct pop3_reply r = {.status = POP3_STATUS_BAD, .text = line, .text_len = len};
+	size_t skip = 0;
+
+	if (has_prefix_ci(line, len, "+OK") && (len == 3 || line[3] == ' ')) {
+		r.status = POP3_STATUS_OK;
+		skip = 3;
+	} else if (has_prefix_ci(line, len, "-ERR") && (len == 4 || line[4] == ' ')) {
+		r.status = POP3_STATUS_ERR;
+		skip = 4;
+	} else if (len >= 1 && line[0] == '+' && (len == 1 || line[1] == ' ')) {
+		r.status = POP3_STATUS_CONT;
+		skip = 1;
+	}
+	if (r.status != POP3_STATUS_BAD) {
+		while (skip < len && line[skip] == ' ')
+			skip++;
+		r.text = line + skip;
+		r.text_len = len - skip;
+		if (r.status != POP3_STATUS_CONT)
+			parse_rcode(&r);
+	}
+	*ret = r;
+}
+
+void
+pop3_capa_init(struct pop3_capa *capa)
+{
+	memset(capa, 0, sizeof(*capa));
+}
+
+/* Next space-separated word of [*p, end); its length, or 0 at the end. */
+static size_t
+next_word(const char **p, const char *end, const char **word)
+{
+	const char *s = *p;
+
+	while (s < end && (*s == ' ' || *s == '\t'))
+		s++;
+	*word = s;
+	while (s < end && *s != ' ' && *s != '\t')
+		s++;
+	*p = s;
+	return (size_t)(s - *word);
+}
+
+static bool
+word_is(const char *w, size_t n, const char *name)
+{
+	return n == strlen(name) && strncasecmp(w, name, n) == 0;
+}
+
+static void
+capa_add_sasl(struct pop3_capa *capa, const char *w, size_t n)
+{
+	size_t used = strlen(capa->sasl);
+
+	if (n == 0 || used + n + 2 > sizeof(capa->sasl))
+		return;
+	if (used > 0)
+		capa->sasl[used++] = ' ';
+	for (size_t i = 0; i < n; i++)
+		capa->sasl[used + i] = (char)toupper((unsigned char)w[i]);
+	capa->sasl[used + n] = '\0';
+}
+
+void
+pop3_parse_capa_line(struct pop3_capa *capa, const char *line, size_t len)
+{
+	const char *p = line, *end = line + len, *w;
+	size_t n = next_word(&p, end, &w);
+
+	capa->seen = true;
+	if (word_is(w, n, "STLS"))
+		capa->stls = true;
+	else if (word_is(w, n, "UIDL"))
+		capa->uidl = true;
+	else if (word_is(w, n, "TOP"))
+		capa->top = true;
+	else if (word_is(w, n, "PIPELINING"))
+		capa->pipelining = true;
+	else if (word_is(w, n, "USER"))
+		capa->user = true;
+	else if (word_is(w, n, "UTF8"))
+		capa->utf8 = true;
+	else if (word_is(w, n, "AUTH-RESP-CODE"))
+		capa->auth_resp_code = true;
+	else if (word_is(w, n, "RESP-CODES"))
+		capa->resp_codes = true;
+	else if (word_is(w, n, "LOGIN-DELAY")) {
+		unsigned long v = 0;
+		n = next_word(&p, end, &w);
+		for (size_t i = 0; i < n && isdigit((unsigned char)w[i]); i++)
+			if (v < 100000000)
+				v = v * 10 + (unsigned long)(w[i] - '0');
+		capa->login_delay = (unsigned)v;
+	} else if (word_is(w, n, "SASL")) {
+		while ((n = next_word(&p, end, &w)) > 0)
+			capa_add_sasl(capa, w, n);
+	}
+}
+
+/* A decimal message number or size; the digits consumed from *p. */
+static int
+parse_number(const char **p, const char *end, uint64_t max, uint64_t *ret)
+{
+	const char *s = *p;
+	uint64_t v = 0;
+
+	if (s == end || !isdigit((unsigned char)*s))
+		return -EINVAL;
+	for (; s < end && isdigit((unsigned char)*s); s++) {
+		v = v * 10 + (uint64_t)(*s - '0');
+		if (v > max)
+			return -ERANGE;
+	}
+	*p = s;
+	*ret = v;
+	return 0;
+}
+
+int
+pop3_parse_uidl_line(const char *line, size_t len, unsigned long *num, char *uid)
+{
+	const char *p = line, *end = line + len, *w;
+	uint64_t n;
+	size_t wl;
+
+	if (parse_number(&p, end, 0xffffffffu, &n) < 0 || n == 0 || p == end || *p != ' ')
+		return -EINVAL;
+	wl = next_word(&p, end, &w);
+	if (wl == 0 || wl > POP3_UIDL_MAX)
+		return -EINVAL;
+	for (size_t i = 0; i < wl; i++)
+		if ((unsigned char)w[i] < 0x21 || (unsigned char)w[i] > 0x7e)
+			return -EINVAL;
+	/* trailing spaces are tolerated, anything else is not */
+	while (p < end && *p == ' ')
+		p++;
+	if (p != end)
+		return -EINVAL;
+	memcpy(uid, w, wl);
+	uid[wl] = '\0';
+	*num = (unsigned long)n;
+	return 0;
+}
+
+int
+pop3_parse_list_line(const char *line, size_t len, unsigned long *num, uint64_t *size)
+{
+	const char *p = line, *end = line + len;
+	uint64_t n, sz;
+
+	if (parse_number(&p, end, 0xffffffffu, &n) < 0 || n == 0 || p == end || *p != ' ')
+		return -EINVAL;
+	while (p < end && *p == ' ')
+		p++;
+	if (parse_number(&p, end, UINT64_MAX / 16, &sz) < 0)
+		return -EINVAL;
+	/* RFC 1939 allows nothing after the size, but some servers add a note */
+	if (p != end && *p != ' ')
+		return -EINVAL;
+	*num = (unsigned long)n;
+	*size = sz;
+	return 0;
+}
+
+int
+pop3_listing_line(const char **line, size_t *len)
+{
+	if (*len == 1 && (*line)[0] == '.')
+		return 1;
+	if (*len > 0 && (*line)[0] == '.') {
+		(*line)++;
+		(*len)--;
+	}
+	return 0;
+}
+
+/* The dot-unstuffing states. */
+enum {
+	DOT_BOL,   /* at the beginning of a line */
+	DOT_MID,   /* inside a line */
+	DOT_CR,    /* after a CR inside a line */
+	DOT_DOT,   /* after a "." at the beginning of a line */
+	DOT_DOTCR, /* after ".\r" at the beginning of a line */
+};
+
+void
+pop3_dot_init(struct pop3_dot *d)
+{
+	d->state = DOT_BOL;
+	d->done = false;
+}
+
+size_t
+pop3_dot_feed(struct pop3_dot *d, const char *in, size_t inlen, char *out, size_t *outlen)
+{
+	size_t i = 0, o = 0;
+	int st = d->state;
+
+	while (i < inlen && !d->done) {
+		char c = in[i];
+
+		if (st == DOT_MID) {
+			/* the common case: copy up to the next CR in one go */
+			const char *cr = memchr(in + i, '\r', inlen - i);
+			size_t n = cr ? (size_t)(cr - (in + i)) : inlen - i;
+			memcpy(out + o, in + i, n);
+			o += n;
+			i += n;
+			if (cr == NULL)
+				break;
+			out[o++] = '\r';
+			i++;
+			st = DOT_CR;
+			continue;
+		}
+		i++;
+		switch (st) {
+		case DOT_BOL:
+			if (c == '.') {
+				st = DOT_DOT;
+				break;
+			}
+			out[o++] = c;
+			st = c == '\r' ? DOT_CR : DOT_MID;
+			break;
+		case DOT_CR:
+			out[o++] = c;
+			st = c == '\n' ? DOT_BOL : c == '\r' ? DOT_CR : DOT_MID;
+			break;
+		case DOT_DOT:
+			if (c == '\r') {
+				st = DOT_DOTCR;
+				break;
+			}
+			/* the stuffing dot is dropped, the rest of the line kept */
+			out[o++] = c;
+			st = DOT_MID;
+			break;
+		case DOT_DOTCR:
+			if (c == '\n') {
+				d->done = true;
+				st = DOT_BOL;
+				break;
+			}
+			/* ".\rX": not the terminator; the dot was stuffing */
+			out[o++] = '\r';
+			if (c == '\r') {
+				st = DOT_CR;
+			} else {
+				out[o++] = c;
+				st = DOT_MID;
+			}
+			break;
+		}
+	}
+	d->state = st;
+	*outlen = o;
+	return i;
+}

@@ -1,0 +1,774 @@
+/*
+ * store — message folders staged, fsync'd and renamed into place, and the
+ * per-configuration UIDL state. Every durable write is: write in a temporary
+ * place, fsync the file, rename, fsync the directory.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+
+#include "popfetchd/log.h"
+#include "popfetchd/pop3_parse.h"
+#include "popfetchd/store.h"
+#include "popfetchd/util.h"
+
+#define STATE_MAGIC "popfetchd-uidl 1"
+
+/* A set of strings (open addressing, linear probing). */
+struct strset {
+	char **slots;
+	size_t cap, n;
+};
+
+struct store {
+	char *id;
+	char *save_dir;   /* NULL: nothing kept */
+	char *state_dir;  /* state_directory/ID */
+	char *stage_dir;  /* save_dir/.tmp/ID, or state_dir/tmp */
+	char *state_path; /* state_dir/uidl */
+	char binding[2 * SHA256_DIGEST_LENGTH + 1];
+	int lock_fd;
+	int state_fd; /* O_APPEND, or -1 until the first record */
+	struct strset uids;
+	struct strset saved;  /* hash part of folders found in save_dir */
+	bool scanned;
+	unsigned serial;
+	char error[512];
+};
+
+struct store_msg {
+	struct store *st;
+	char *name; /* folder name */
+	char *path; /* staging folder */
+	char *eml;  /* staging folder/message.eml */
+	int dirfd;
+	int fd; /* message.eml */
+	unsigned long long size;
+};
+
+static uint64_t
+strhash(const char *s)
+{
+	uint64_t h = 1469598103934665603ULL;
+
+	for (; *s; s++)
+		h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+	return h;
+}
+
+static bool
+strset_has(const struct strset *set, const char *s)
+{
+	if (set->cap == 0)
+		return false;
+	for (size_t i = strhash(s) & (set->cap - 1);; i = (i + 1) & (set->cap - 1)) {
+		if (set->slots[i] == NULL)
+			return false;
+		if (strcmp(set->slots[i], s) == 0)
+			return true;
+	}
+}
+
+static void strset_add(struct strset *set, const char *s);
+
+static void
+strset_grow(struct strset *set)
+{
+	struct strset bigger = {.cap = set->cap ? 2 * set->cap : 64};
+
+	bigger.slots = xcalloc(bigger.cap, sizeof(char *));
+	for (size_t i = 0; i < set->cap; i++)
+		if (set->slots[i] != NULL) {
+			size_t j = strhash(set->slots[i]) & (bigger.cap - 1);
+			while (bigger.slots[j] != NULL)
+				j = (j + 1) & (bigger.cap - 1);
+			bigger.slots[j] = set->slots[i];
+		}
+	bigger.n = set->n;
+	free(set->slots);
+	*set = bigger;
+}
+
+static void
+strset_add(struct strset *set, const char *s)
+{
+	size_t i;
+
+	if (strset_has(set, s))
+		return;
+	if ((set->n + 1) * 2 > set->cap)
+		strset_grow(set);
+	for (i = strhash(s) & (set->cap - 1); set->slots[i] != NULL; i = (i + 1) & (set->cap - 1))
+		;
+	set->slots[i] = xstrdup(s);
+	set->n++;
+}
+
+static void
+strset_clear(struct strset *set)
+{
+	for (size_t i = 0; i < set->cap; i++)
+		free(set->slots[i]);
+	free(set->slots);
+	memset(set, 0, sizeof(*set));
+}
+
+static int
+seterr(struct store *st, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+static int
+seterr(struct store *st, int err, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(st->error, sizeof(st->error), fmt, ap);
+	va_end(ap);
+	if (n >= 0 && (size_t)n < sizeof(st->error))
+		snprintf(st->error + n, sizeof(st->error) - (size_t)n, ": %s", strerror(err));
+	return -err;
+}
+
+/* Hex SHA-256 of a followed by b. */
+static void
+sha256_hex(const void *a, size_t alen, const void *b, size_t blen, char *hex)
+{
+	unsigned char md[SHA256_DIGEST_LENGTH];
+	EVP_MD_CTX *c = EVP_MD_CTX_new();
+
+	if (c == NULL || EVP_DigestInit_ex(c, EVP_sha256(), NULL) != 1 ||
+	    EVP_DigestUpdate(c, a, alen) != 1 || EVP_DigestUpdate(c, b, blen) != 1 ||
+	    EVP_DigestFinal_ex(c, md, NULL) != 1)
+		abort();
+	EVP_MD_CTX_free(c);
+	util_hex(md, sizeof(md), hex);
+}
+
+const char *
+store_error(const struct store *st)
+{
+	return st->error;
+}
+
+void
+store_folder_name(const char *id, const char *uid, time_t received, char *out, size_t size)
+{
+	char hex[2 * SHA256_DIGEST_LENGTH + 1];
+	char when[32];
+	struct tm tm;
+
+	/* with its NUL: ID "\0" UIDL */
+	sha256_hex(id, strlen(id) + 1, uid, strlen(uid), hex);
+	gmtime_r(&received, &tm);
+	strftime(when, sizeof(when), "%Y%m%dT%H%M%SZ", &tm);
+	snprintf(out, size, "%s-%.12s", when, hex);
+}
+
+static int
+fsync_dir(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	int r = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (fsync(fd) < 0)
+		r = -errno;
+	close(fd);
+	return r;
+}
+
+/* mkdir -p, each new level with mode. */
+static int
+mkdir_p(const char *path, mode_t mode)
+{
+	char buf[PATH_MAX];
+	size_t len = strlen(path);
+
+	if (len == 0 || len >= sizeof(buf))
+		return -ENAMETOOLONG;
+	memcpy(buf, path, len + 1);
+	for (char *p = buf + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = '\0';
+		if (mkdir(buf, mode) < 0 && errno != EEXIST)
+			return -errno;
+		*p = '/';
+	}
+	if (mkdir(buf, mode) < 0 && errno != EEXIST)
+		return -errno;
+	return 0;
+}
+
+/* Remove everything inside the directory dfd (not following symlinks). */
+static int
+remove_contents(int dfd, int depth)
+{
+	DIR *d;
+	struct dirent *e;
+	int r = 0;
+
+	if (depth > 8)
+		return -ELOOP;
+	d = fdopendir(dfd);
+	if (d == NULL) {
+		close(dfd);
+		return -errno;
+	}
+	while ((e = readdir(d)) != NULL) {
+		if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+			continue;
+		if (unlinkat(dirfd(d), e->d_name, 0) == 0)
+			continue;
+		if (errno != EISDIR && errno != EPERM) {
+			r = -errno;
+			continue;
+		}
+		int sub = openat(dirfd(d), e->d_name,
+				 O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		if (sub < 0) {
+			r = -errno;
+			continue;
+		}
+		int rr = remove_contents(sub, depth + 1);
+		if (rr < 0)
+			r = rr;
+		if (unlinkat(dirfd(d), e->d_name, AT_REMOVEDIR) < 0)
+			r = -errno;
+	}
+	closedir(d);
+	return r;
+}
+
+static int
+remove_tree(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	int r;
+
+	if (fd < 0)
+		return errno == ENOENT ? 0 : -errno;
+	r = remove_contents(fd, 0);
+	if (rmdir(path) < 0 && r == 0)
+		r = -errno;
+	return r;
+}
+
+static void
+compute_binding(struct store *st, const char *server, const char *user)
+{
+	sha256_hex(server, strlen(server) + 1, user, strlen(user) + 1, st->binding);
+}
+
+static bool
+valid_uid(const char *s, size_t len)
+{
+	if (len == 0 || len > POP3_UIDL_MAX)
+		return false;
+	for (size_t i = 0; i < len; i++)
+		if ((unsigned char)s[i] < 0x21 || (unsigned char)s[i] > 0x7e)
+			return false;
+	return true;
+}
+
+/* Write the whole state anew: temporary file, fsync, rename, fsync dir. */
+static int
+write_state(struct store *st, const char *const *uids, size_t n)
+{
+	char *tmp = xasprintf("%s.tmp", st->state_path);
+	FILE *f;
+	int fd, r = 0;
+
+	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (fd < 0) {
+		r = seterr(st, errno, "cannot write %s", tmp);
+		free(tmp);
+		return r;
+	}
+	f = fdopen(fd, "w");
+	if (f == NULL)
+		abort();
+	fprintf(f, "%s %s\n", STATE_MAGIC, st->binding);
+	for (size_t i = 0; i < n; i++)
+		fprintf(f, "%s\n", uids[i]);
+	if (fflush(f) != 0 || fsync(fd) < 0)
+		r = seterr(st, errno, "cannot write %s", tmp);
+	if (fclose(f) != 0 && r == 0)
+		r = seterr(st, errno, "cannot write %s", tmp);
+	if (r == 0 && rename(tmp, st->state_path) < 0)
+		r = seterr(st, errno, "cannot rename %s", tmp);
+	if (r == 0 && fsync_dir(st->state_dir) < 0)
+		r = seterr(st, errno, "cannot fsync %s", st->state_dir);
+	if (r < 0)
+		unlink(tmp);
+	free(tmp);
+	if (r == 0 && st->state_fd >= 0) {
+		close(st->state_fd);
+		st->state_fd = -1;
+	}
+	return r;
+}
+
+/*
+ * Read the state. Anything odd (another server or user, a damaged header,
+ * a torn last line, invalid lines) is reported, kept where sound, and the
+ * file rewritten clean: at worst some mail is downloaded again, never lost.
+ */
+static int
+load_state(struct store *st)
+{
+	FILE *f = fopen(st->state_path, "re");
+	char *line = NULL;
+	size_t cap = 0, bad = 0;
+	ssize_t len;
+	bool rewrite = false, first = true;
+	int r = 0;
+
+	if (f == NULL) {
+		if (errno == ENOENT)
+			return write_state(st, NULL, 0);
+		return seterr(st, errno, "cannot read the state %s", st->state_path);
+	}
+	while ((len = getline(&line, &cap, f)) >= 0) {
+		bool complete = len > 0 && line[len - 1] == '\n';
+		if (complete)
+			line[--len] = '\0';
+		if (first) {
+			first = false;
+			char want[128];
+			snprintf(want, sizeof(want), "%s %s", STATE_MAGIC, st->binding);
+			if (!complete || strcmp(line, want) != 0) {
+				if (strncmp(line, STATE_MAGIC " ", strlen(STATE_MAGIC) + 1) == 0)
+					log_notice(st->id, "server or user changed: starting a fresh "
+							   "UIDL state in %s",
+						   st->state_path);
+				else
+					log_warning(st->id,
+						    "the UIDL state %s is damaged (bad header): "
+						    "starting afresh; mail left on the server "
+						    "may be saved again",
+						    st->state_path);
+				strset_clear(&st->uids);
+				rewrite = true;
+				break;
+			}
+			continue;
+		}
+		if (!complete || !valid_uid(line, (size_t)len)) {
+			bad++;
+			rewrite = true;
+			continue;
+		}
+		strset_add(&st->uids, line);
+	}
+	if (ferror(f))
+		r = seterr(st, errno, "cannot read the state %s", st->state_path);
+	free(line);
+	fclose(f);
+	if (r < 0)
+		return r;
+	if (first)
+		rewrite = true; /* empty file */
+	if (bad > 0)
+		log_warning(st->id,
+			    "the UIDL state %s has %zu damaged line(s), ignored; the messages "
+			    "they named may be saved again",
+			    st->state_path, bad);
+	if (rewrite) {
+		const char **all = xcalloc(st->uids.n, sizeof(char *));
+		size_t n = 0;
+		for (size_t i = 0; i < st->uids.cap; i++)
+			if (st->uids.slots[i] != NULL)
+				all[n++] = st->uids.slots[i];
+		r = write_state(st, all, n);
+		free(all);
+	}
+	return r;
+}
+
+static int
+take_lock(struct store *st)
+{
+	char *path = xasprintf("%s/lock", st->state_dir);
+
+	st->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (st->lock_fd < 0) {
+		int r = seterr(st, errno, "cannot open the lock %s", path);
+		free(path);
+		return r;
+	}
+	if (flock(st->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+		int e = errno;
+		snprintf(st->error, sizeof(st->error),
+			 "another popfetchd process is working on this configuration (lock %s)",
+			 path);
+		free(path);
+		return e == EWOULDBLOCK ? -EBUSY : -e;
+	}
+	free(path);
+	return 0;
+}
+
+int
+store_open(const struct store_params *p, struct store **ret, char *err, size_t errlen)
+{
+	struct store *st = xcalloc(1, sizeof(*st));
+	int r;
+
+	st->id = xstrdup(p->id);
+	st->lock_fd = st->state_fd = -1;
+	st->state_dir = xasprintf("%s/%s", p->state_directory, p->id);
+	st->state_path = xasprintf("%s/uidl", st->state_dir);
+	compute_binding(st, p->server, p->user);
+	if (p->save_directory != NULL) {
+		st->save_dir = xstrdup(p->save_directory);
+		st->stage_dir = xasprintf("%s/.tmp/%s", p->save_directory, p->id);
+	} else {
+		st->stage_dir = xasprintf("%s/tmp", st->state_dir);
+	}
+
+	if ((r = mkdir_p(st->state_dir, 0700)) < 0) {
+		seterr(st, -r, "cannot create the state directory %s", st->state_dir);
+		goto fail;
+	}
+	if ((r = take_lock(st)) < 0)
+		goto fail;
+	/* a session that died left its staging behind: nobody else uses it */
+	if ((r = remove_tree(st->stage_dir)) < 0) {
+		seterr(st, -r, "cannot remove stale staging %s", st->stage_dir);
+		goto fail;
+	}
+	/* the consumer of the folders may be a group: folders 0750, files 0640 */
+	if (st->save_dir != NULL && (r = mkdir_p(st->save_dir, 0750)) < 0) {
+		seterr(st, -r, "cannot create the save directory %s", st->save_dir);
+		goto fail;
+	}
+	if ((r = mkdir_p(st->stage_dir, 0700)) < 0) {
+		seterr(st, -r, "cannot create %s", st->stage_dir);
+		goto fail;
+	}
+	if ((r = load_state(st)) < 0)
+		goto fail;
+	*ret = st;
+	return 0;
+fail:
+	snprintf(err, errlen, "%s", st->error);
+	store_close(st);
+	return r;
+}
+
+void
+store_close(struct store *st)
+{
+	if (st == NULL)
+		return;
+	if (st->state_fd >= 0)
+		close(st->state_fd);
+	if (st->lock_fd >= 0)
+		close(st->lock_fd);
+	strset_clear(&st->uids);
+	strset_clear(&st->saved);
+	free(st->id);
+	free(st->save_dir);
+	free(st->state_dir);
+	free(st->stage_dir);
+	free(st->state_path);
+	free(st);
+}
+
+/* Collect the hash part of every message folder in save_dir. */
+static void
+scan_saved(struct store *st)
+{
+	DIR *d;
+	struct dirent *e;
+
+	st->scanned = true;
+	if (st->save_dir == NULL || (d = opendir(st->save_dir)) == NULL)
+		return;
+	while ((e = readdir(d)) != NULL) {
+		const char *dash = strchr(e->d_name, '-');
+		/* YYYYMMDDTHHMMSSZ-hhhhhhhhhhhh[-N] */
+		if (dash == NULL || dash - e->d_name != 16 || strlen(dash + 1) < 12)
+			continue;
+		char hash[13];
+		memcpy(hash, dash + 1, 12);
+		hash[12] = '\0';
+		strset_add(&st->saved, hash);
+	}
+	closedir(d);
+}
+
+bool
+store_has(struct store *st, const char *uid)
+{
+	char name[64];
+
+	if (strset_has(&st->uids, uid))
+		return true;
+	if (!st->scanned)
+		scan_saved(st);
+	if (st->saved.n == 0)
+		return false;
+	store_folder_name(st->id, uid, 0, name, sizeof(name));
+	if (!strset_has(&st->saved, strchr(name, '-') + 1))
+		return false;
+	/* saved, but the session died before recording it: record it now */
+	log_notice(st->id, "message %s was saved by an interrupted session; recording it", uid);
+	if (store_record(st, uid) < 0)
+		log_warning(st->id, "%s", st->error);
+	return true;
+}
+
+size_t
+store_count(const struct store *st)
+{
+	return st->uids.n;
+}
+
+int
+store_msg_begin(struct store *st, const char *uid, time_t received, struct store_msg **ret)
+{
+	struct store_msg *m = xcalloc(1, sizeof(*m));
+	char name[64];
+
+	store_folder_name(st->id, uid, received, name, sizeof(name));
+	m->st = st;
+	m->fd = m->dirfd = -1;
+	m->name = xstrdup(name);
+	m->path = xasprintf("%s/%s.%u", st->stage_dir, name, st->serial++);
+	m->eml = xasprintf("%s/message.eml", m->path);
+	if (mkdir(m->path, 0750) < 0) {
+		int r = seterr(st, errno, "cannot create %s", m->path);
+		store_msg_abort(m);
+		return r;
+	}
+	m->dirfd = open(m->path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (m->dirfd >= 0)
+		m->fd = openat(m->dirfd, "message.eml",
+			       O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
+	if (m->fd < 0) {
+		int r = seterr(st, errno, "cannot create %s", m->eml);
+		store_msg_abort(m);
+		return r;
+	}
+	*ret = m;
+	return 0;
+}
+
+static int
+write_all(int fd, const void *buf, size_t len)
+{
+	const char *p = buf;
+
+	while (len > 0) {
+		ssize_t n = write(fd, p, len);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+int
+store_msg_write(struct store_msg *m, const void *buf, size_t len)
+{
+	int r = write_all(m->fd, buf, len);
+
+	if (r < 0)
+		return seterr(m->st, -r, "cannot write %s", m->eml);
+	m->size += len;
+	return 0;
+}
+
+const char *
+store_msg_eml_path(const struct store_msg *m)
+{
+	return m->eml;
+}
+
+int
+store_msg_finish_eml(struct store_msg *m, unsigned long long *ret_size)
+{
+	if (m->fd >= 0) {
+		int r = fsync(m->fd) < 0 ? -errno : 0;
+		if (close(m->fd) < 0 && r == 0)
+			r = -errno;
+		m->fd = -1;
+		if (r < 0)
+			return seterr(m->st, -r, "cannot write %s", m->eml);
+	}
+	if (ret_size != NULL)
+		*ret_size = m->size;
+	return 0;
+}
+
+int
+store_msg_add_file(struct store_msg *m, const char *name, const void *data, size_t len)
+{
+	int fd, r;
+
+	fd = openat(m->dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
+	if (fd < 0)
+		return seterr(m->st, errno, "cannot create %s/%s", m->path, name);
+	r = write_all(fd, data, len);
+	if (r == 0 && fsync(fd) < 0)
+		r = -errno;
+	if (close(fd) < 0 && r == 0)
+		r = -errno;
+	if (r < 0)
+		return seterr(m->st, -r, "cannot write %s/%s", m->path, name);
+	return 0;
+}
+
+/* Rename the staged folder into save_dir under its name, never replacing
+ * anything: a taken name gets "-2", "-3", ... */
+static int
+rename_into_place(struct store_msg *m, char **ret_folder)
+{
+	struct store *st = m->st;
+
+	for (unsigned i = 1; i < 1000; i++) {
+		char *dst = i == 1 ? xasprintf("%s/%s", st->save_dir, m->name)
+				   : xasprintf("%s/%s-%u", st->save_dir, m->name, i);
+		if (renameat2(AT_FDCWD, m->path, AT_FDCWD, dst, RENAME_NOREPLACE) == 0) {
+			*ret_folder = dst;
+			return 0;
+		}
+		int e = errno;
+		free(dst);
+		if (e != EEXIST && e != ENOTEMPTY)
+			return seterr(st, e, "cannot rename %s into %s", m->path, st->save_dir);
+	}
+	return seterr(st, EEXIST, "cannot rename %s into %s", m->path, st->save_dir);
+}
+
+int
+store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder)
+{
+	struct store *st = m->st;
+	char *folder = NULL;
+	int r;
+
+	if ((r = store_msg_finish_eml(m, NULL)) < 0)
+		goto fail;
+	if (st->save_dir == NULL) {
+		/* nothing is kept: the UIDL record is all that remains */
+		store_msg_abort(m);
+		*ret_folder = NULL;
+		return 0;
+	}
+	if (!keep_eml && unlinkat(m->dirfd, "message.eml", 0) < 0) {
+		r = seterr(st, errno, "cannot remove %s", m->eml);
+		goto fail;
+	}
+	if (fsync(m->dirfd) < 0) {
+		r = seterr(st, errno, "cannot fsync %s", m->path);
+		goto fail;
+	}
+	if ((r = rename_into_place(m, &folder)) < 0)
+		goto fail;
+	free(m->path); /* renamed: nothing left to remove */
+	m->path = NULL;
+	store_msg_abort(m);
+	if ((r = fsync_dir(st->save_dir)) < 0) {
+		/* visible but perhaps not durable: never recorded, never deleted;
+		 * the next session finds the folder and records it then */
+		free(folder);
+		return seterr(st, -r, "cannot fsync %s", st->save_dir);
+	}
+	*ret_folder = folder;
+	return 0;
+fail:
+	store_msg_abort(m);
+	return r;
+}
+
+void
+store_msg_abort(struct store_msg *m)
+{
+	if (m == NULL)
+		return;
+	if (m->fd >= 0)
+		close(m->fd);
+	if (m->dirfd >= 0)
+		close(m->dirfd);
+	if (m->path != NULL)
+		remove_tree(m->path);
+	free(m->name);
+	free(m->path);
+	free(m->eml);
+	free(m);
+}
+
+int
+store_record(struct store *st, const char *uid)
+{
+	char line[POP3_UIDL_MAX + 2];
+	size_t len = strlen(uid);
+	int r;
+
+	if (!valid_uid(uid, len))
+		return seterr(st, EINVAL, "invalid UIDL");
+	if (st->state_fd < 0) {
+		st->state_fd = open(st->state_path, O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW);
+		if (st->state_fd < 0)
+			return seterr(st, errno, "cannot open the state %s", st->state_path);
+	}
+	memcpy(line, uid, len);
+	line[len] = '\n';
+	r = write_all(st->state_fd, line, len + 1);
+	if (r == 0 && fdatasync(st->state_fd) < 0)
+		r = -errno;
+	if (r < 0)
+		return seterr(st, -r, "cannot write the state %s", st->state_path);
+	strset_add(&st->uids, uid);
+	return 0;
+}
+
+int
+store_compact(struct store *st, const char *const *uids, size_t n)
+{
+	struct strset keep = {0};
+	const char **list = xcalloc(n, sizeof(char *));
+	size_t k = 0;
+	int r;
+
+	for (size_t i = 0; i < n; i++)
+		if (strset_has(&st->uids, uids[i]) && !strset_has(&keep, uids[i])) {
+			strset_add(&keep, uids[i]);
+			list[k++] = uids[i];
+		}
+	if (k == st->uids.n) {
+		/* nothing to drop */
+		strset_clear(&keep);
+		free(list);
+		return 0;
+	}
+	r = write_state(st, list, k);
+	free(list);
+	if (r == 0) {
+		strset_clear(&st->uids);
+		st->uids = keep;
+	} else {
+		strset_clear(&keep);
+	}
+	return r;
+}

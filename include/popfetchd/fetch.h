@@ -1,0 +1,51 @@
+/*
+ * fetch — one poll of one configuration, for receive, receive-all and the
+ * daemon alike: drives a pop3 session, picks the messages not yet received,
+ * hands their bytes to store, reads their headers, commits, and only then
+ * asks pop3 to DELE. Knows no sockets, no TLS, no YAML.
+ */
+#ifndef POPFETCHD_FETCH_H
+#define POPFETCHD_FETCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+struct event_base;
+struct evdns_base;
+struct conf_set;
+struct conf_mailbox;
+struct fetch;
+
+enum fetch_mode {
+	FETCH_ONE, /* MAIL_RECEIVE: the oldest message not yet received */
+	FETCH_ALL, /* MAIL_RECEIVEALL: every message not yet received */
+};
+
+struct fetch_saved {
+	char *uid;
+	char *folder; /* NULL when nothing is kept (no save_directory) */
+	unsigned long long size;
+};
+
+struct fetch_result {
+	int exit_code; /* sysexits, as DESIGN.md §2 */
+	struct fetch_saved *saved;
+	size_t nsaved;
+	size_t skipped;  /* already received before */
+	size_t too_big;  /* left on the server: over max_message_size */
+	size_t deleted;  /* deletions the server committed (QUIT +OK) */
+	char **errors;   /* what went wrong, one line each */
+	size_t nerrors;
+};
+
+typedef void (*fetch_done_cb)(struct fetch *f, void *arg);
+
+/* Start one poll; done() is called from the loop (never from inside
+ * fetch_start) when it has ended, successfully or not. */
+struct fetch *fetch_start(struct event_base *base, struct evdns_base *dns,
+			  const struct conf_set *set, const struct conf_mailbox *mb,
+			  enum fetch_mode mode, fetch_done_cb done, void *arg);
+const struct fetch_result *fetch_result(const struct fetch *f);
+void fetch_free(struct fetch *f);
+
+#endif

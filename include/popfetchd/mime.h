@@ -1,0 +1,30 @@
+/*
+ * mime — what popfetchd reads out of a message already on disk (GMime):
+ * the header fields for meta.json, decoded to UTF-8.
+ */
+#ifndef POPFETCHD_MIME_H
+#define POPFETCHD_MIME_H
+
+#include <stddef.h>
+
+/* The header block read is bounded: a stranger controls its size. */
+#define MIME_HEADER_MAX (256 * 1024)
+
+struct mime_headers {
+	char *message_id; /* without angle brackets; NULL when absent */
+	char *date;       /* the Date field as written */
+	char *from;       /* decoded address lists, "Name <addr>, ..." */
+	char *to;
+	char *cc;
+	char *subject; /* decoded (RFC 2047) */
+};
+
+void mime_init(void);
+/* Parse the header block of the message in the file. 0, or -errno when the
+ * file cannot be read (a malformed header is not an error: fields stay NULL). */
+int mime_read_headers(const char *path, struct mime_headers *ret);
+/* The same, from bytes in memory (the header block, or a whole message). */
+void mime_parse_headers(const char *buf, size_t len, struct mime_headers *ret);
+void mime_headers_clear(struct mime_headers *h);
+
+#endif

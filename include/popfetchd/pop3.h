@@ -1,0 +1,94 @@
+/*
+ * pop3 — one POP3 client session over a libevent bufferevent (RFC 1939,
+ * RFC 2449). It connects, reads the greeting, asks CAPA, logs in, then runs
+ * the commands its owner queues (listing, RETR, DELE, QUIT). Message bytes go
+ * to the owner through a callback; the session writes no file and decides no
+ * policy. It logs nothing above debug: the owner turns failures into lines.
+ */
+#ifndef POPFETCHD_POP3_H
+#define POPFETCHD_POP3_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "popfetchd/pop3_parse.h"
+
+struct event_base;
+struct evdns_base;
+struct pop3_session;
+
+/* What went wrong; the owner maps each class to an exit code. */
+enum pop3_failure {
+	POP3_FAIL_RESOLVE,  /* host name did not resolve */
+	POP3_FAIL_CONNECT,  /* refused, unreachable, connect timeout */
+	POP3_FAIL_LOST,     /* the connection ended mid-session */
+	POP3_FAIL_TIMEOUT,  /* a response did not come in time, or trickled */
+	POP3_FAIL_TEMP,     /* [IN-USE], [LOGIN-DELAY], [SYS/TEMP] */
+	POP3_FAIL_PROTOCOL, /* bad greeting, malformed or overlong response */
+	POP3_FAIL_TLS,      /* TLS required but not available or failed */
+	POP3_FAIL_AUTH,     /* credentials refused, no usable mechanism */
+};
+
+enum pop3_tls_mode { POP3_TLS_NONE, POP3_TLS_IMPLICIT, POP3_TLS_EXPLICIT };
+
+struct pop3_params {
+	const char *id; /* for debug lines */
+	const char *host;
+	uint16_t port;
+	enum pop3_tls_mode tls;
+	const char *user;
+	const char *password;
+	/* allowed mechanisms in order of preference, NULL-terminated */
+	const char *const *mechanisms;
+	unsigned connect_timeout; /* seconds: DNS + TCP (+ TLS) */
+	unsigned command_timeout; /* seconds: see DESIGN.md §1 timeouts.command */
+};
+
+/* One message of the maildrop, from LIST, with its UIDL when the server has one. */
+struct pop3_msg {
+	unsigned long num;
+	uint64_t size;
+	char uid[POP3_UIDL_MAX + 1]; /* "" when the server has no UIDL */
+};
+
+/*
+ * Owner callbacks. failed() and quit() are terminal: after them the session
+ * sends nothing more and the owner frees it (not from inside the callback's
+ * own stack frame: use pop3_session_free_deferred or free after the loop).
+ */
+struct pop3_events {
+	void (*ready)(void *arg); /* logged in; pop3_capa() is valid */
+	void (*listing)(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl);
+	void (*data)(void *arg, const char *buf, size_t len); /* message bytes, in order */
+	void (*retrieved)(void *arg, unsigned long num);      /* the whole message was sent */
+	void (*deleted)(void *arg, unsigned long num, bool ok);
+	void (*quit)(void *arg, bool ok); /* ok: the server committed the deletions */
+	void (*failed)(void *arg, enum pop3_failure fail, const char *detail);
+};
+
+/* Most messages a listing may hold: a bound on what a server can make us allocate. */
+#define POP3_MAX_MESSAGES 1000000
+
+struct pop3_session *pop3_session_new(struct event_base *base, struct evdns_base *dns,
+				      const struct pop3_params *params,
+				      const struct pop3_events *events, void *arg);
+/* Start connecting. Events arrive from the loop. */
+void pop3_session_start(struct pop3_session *s);
+void pop3_session_free(struct pop3_session *s);
+/* Free from a zero-timeout event: safe inside the session's own callback. */
+void pop3_session_free_deferred(struct pop3_session *s);
+
+const struct pop3_capa *pop3_capa(const struct pop3_session *s);
+/* The mechanism used to log in, after ready(). */
+const char *pop3_mechanism(const struct pop3_session *s);
+
+/* Commands, valid after ready(); queued and answered in order. */
+void pop3_list(struct pop3_session *s); /* UIDL (if any) + LIST -> listing() */
+void pop3_retr(struct pop3_session *s, unsigned long num);
+void pop3_dele(struct pop3_session *s, unsigned long num);
+void pop3_quit(struct pop3_session *s);
+
+const char *pop3_failure_name(enum pop3_failure fail);
+
+#endif

@@ -1,0 +1,71 @@
+/*
+ * store — what popfetchd writes: one folder per message, staged under
+ * save_directory/.tmp/ID/, fsync'd and renamed into place (DESIGN.md §3), and
+ * the per-configuration state under state_directory/ID/: the UIDLs already
+ * saved (bound to server and user) and the lock. Knows nothing of the network.
+ */
+#ifndef POPFETCHD_STORE_H
+#define POPFETCHD_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <time.h>
+
+struct store;
+struct store_msg;
+
+struct store_params {
+	const char *id;
+	const char *save_directory; /* NULL: nothing is kept (both save flags off) */
+	const char *state_directory;
+	const char *server; /* the state is bound to server and user */
+	const char *user;
+};
+
+/*
+ * Take the configuration's lock, remove staging leftovers, load the UIDL
+ * state. -EBUSY when another process holds the lock, another -errno for
+ * local I/O errors; err gets a line an operator can act on.
+ */
+int store_open(const struct store_params *p, struct store **ret, char *err, size_t errlen);
+void store_close(struct store *st);
+
+/* Was this UIDL saved before (in the state, or as a folder of a session that
+ * died between the rename and the state record)? */
+bool store_has(struct store *st, const char *uid);
+
+/* Stage a new message folder; message.eml is open for store_msg_write. */
+int store_msg_begin(struct store *st, const char *uid, time_t received, struct store_msg **ret);
+int store_msg_write(struct store_msg *m, const void *buf, size_t len);
+/* The staged message.eml, complete after store_msg_finish_eml. */
+const char *store_msg_eml_path(const struct store_msg *m);
+/* Flush and fsync message.eml; returns its size in *ret_size. */
+int store_msg_finish_eml(struct store_msg *m, unsigned long long *ret_size);
+/* Another file of the folder (relative name, e.g. "meta.json"), written
+ * with O_EXCL|O_NOFOLLOW and fsync'd. */
+int store_msg_add_file(struct store_msg *m, const char *name, const void *data, size_t len);
+/*
+ * Make the folder durable and visible: fsync it, rename it into
+ * save_directory (never replacing anything), fsync save_directory. With
+ * keep_eml false, message.eml is removed first. *ret_folder (malloc'd,
+ * absolute when save_directory is) is NULL when nothing is kept.
+ * The message is freed in all cases.
+ */
+int store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder);
+/* Remove the staged folder. NULL is a no-op. */
+void store_msg_abort(struct store_msg *m);
+
+/* Append the UIDL to the state and fsync it. Only after this may the
+ * message be deleted from the server. */
+int store_record(struct store *st, const char *uid);
+/* Rewrite the state (atomically) to hold only these UIDLs: those of the
+ * listing that are still on the server. */
+int store_compact(struct store *st, const char *const *uids, size_t n);
+size_t store_count(const struct store *st);
+
+/* "YYYYMMDDTHHMMSSZ-" + 12 hex of SHA-256(id "\0" uid): out >= 30 bytes. */
+void store_folder_name(const char *id, const char *uid, time_t received, char *out, size_t size);
+/* The last error's words, for a log line. */
+const char *store_error(const struct store *st);
+
+#endif

@@ -1,0 +1,199 @@
+/* Unit tests: the POP3 response parser and dot-unstuffing. */
+#include <errno.h>
+
+#include "check.h"
+#include "popfetchd/pop3_parse.h"
+
+static struct pop3_reply
+status(const char *line)
+{
+	struct pop3_reply r;
+
+	pop3_parse_status(line, strlen(line), &r);
+	return r;
+}
+
+static bool
+text_is(const struct pop3_reply *r, const char *want)
+{
+	return r->text_len == strlen(want) && memcmp(r->text, want, r->text_len) == 0;
+}
+
+static void
+status_lines(void)
+{
+	struct pop3_reply r;
+
+	r = status("+OK Dovecot ready.");
+	CHECK(r.status == POP3_STATUS_OK && text_is(&r, "Dovecot ready.") && r.rcodes == 0);
+	r = status("+OK");
+	CHECK(r.status == POP3_STATUS_OK && r.text_len == 0);
+	r = status("-ERR");
+	CHECK(r.status == POP3_STATUS_ERR);
+	r = status("-ERR [AUTH] Authentication failed.");
+	CHECK(r.status == POP3_STATUS_ERR && r.rcodes == POP3_RC_AUTH &&
+	      text_is(&r, "Authentication failed."));
+	r = status("-ERR [IN-USE] Mailbox locked");
+	CHECK(r.rcodes == POP3_RC_IN_USE);
+	r = status("-ERR [SYS/TEMP] Try again");
+	CHECK(r.rcodes == POP3_RC_SYS_TEMP);
+	r = status("-ERR [SYS/PERM] Gone");
+	CHECK(r.rcodes == POP3_RC_SYS_PERM);
+	r = status("-ERR [LOGIN-DELAY] wait");
+	CHECK(r.rcodes == POP3_RC_LOGIN_DELAY && r.login_delay == 0);
+	r = status("-ERR [LOGIN-DELAY 900] wait");
+	CHECK(r.rcodes == POP3_RC_LOGIN_DELAY && r.login_delay == 900);
+	r = status("-ERR [AUTHX] no such code");
+	CHECK(r.rcodes == 0);
+	r = status("-ERR [IN-USE no close");
+	CHECK(r.rcodes == 0 && r.status == POP3_STATUS_ERR);
+	r = status("+ ");
+	CHECK(r.status == POP3_STATUS_CONT);
+	r = status("+ PDEyMzQ+");
+	CHECK(r.status == POP3_STATUS_CONT && text_is(&r, "PDEyMzQ+"));
+	r = status("+OKAY");
+	CHECK(r.status == POP3_STATUS_BAD);
+	r = status("hello");
+	CHECK(r.status == POP3_STATUS_BAD);
+	r = status("");
+	CHECK(r.status == POP3_STATUS_BAD);
+	/* a NUL inside the line does not end it */
+	pop3_parse_status("-ERR a\0b", 8, &r);
+	CHECK(r.status == POP3_STATUS_ERR && r.text_len == 3);
+}
+
+static void
+capa(void)
+{
+	struct pop3_capa c;
+	const char *lines[] = {"CAPA",	     "TOP",	     "UIDL",	     "RESP-CODES",
+			       "PIPELINING", "AUTH-RESP-CODE", "USER",	     "UTF8",
+			       "STLS",	     "LOGIN-DELAY 900", "SASL PLAIN login SCRAM-SHA-256"};
+
+	pop3_capa_init(&c);
+	CHECK(!c.seen && !c.uidl);
+	for (size_t i = 0; i < sizeof(lines) / sizeof(lines[0]); i++)
+		pop3_parse_capa_line(&c, lines[i], strlen(lines[i]));
+	CHECK(c.seen && c.top && c.uidl && c.resp_codes && c.pipelining && c.auth_resp_code);
+	CHECK(c.user && c.utf8 && c.stls && c.login_delay == 900);
+	CHECK_STR(c.sasl, "PLAIN LOGIN SCRAM-SHA-256");
+	/* a huge SASL line is cut, not overflowed */
+	char big[2000];
+	memset(big, 'A', sizeof(big));
+	memcpy(big, "SASL ", 5);
+	for (size_t i = 10; i < sizeof(big); i += 10)
+		big[i] = ' ';
+	pop3_capa_init(&c);
+	pop3_parse_capa_line(&c, big, sizeof(big));
+	CHECK(strlen(c.sasl) < sizeof(c.sasl));
+}
+
+static void
+listings(void)
+{
+	unsigned long n;
+	uint64_t sz;
+	char uid[POP3_UIDL_MAX + 1];
+	const char *l;
+	size_t len;
+
+	CHECK(pop3_parse_uidl_line("1 000000017f5c1a2b", 18, &n, uid) == 0 && n == 1);
+	CHECK_STR(uid, "000000017f5c1a2b");
+	CHECK(pop3_parse_uidl_line("12 abc ", 7, &n, uid) == 0 && n == 12);
+	CHECK(pop3_parse_uidl_line("0 abc", 5, &n, uid) == -EINVAL);
+	CHECK(pop3_parse_uidl_line("x abc", 5, &n, uid) == -EINVAL);
+	CHECK(pop3_parse_uidl_line("1", 1, &n, uid) == -EINVAL);
+	CHECK(pop3_parse_uidl_line("1 ", 2, &n, uid) == -EINVAL);
+	CHECK(pop3_parse_uidl_line("1 a b", 5, &n, uid) == -EINVAL);
+	CHECK(pop3_parse_uidl_line("1 a\x01", 4, &n, uid) == -EINVAL);
+	char longuid[80] = "1 ";
+	memset(longuid + 2, 'u', 71);
+	CHECK(pop3_parse_uidl_line(longuid, 73, &n, uid) == -EINVAL);
+	CHECK(pop3_parse_uidl_line(longuid, 72, &n, uid) == 0 && strlen(uid) == 70);
+	CHECK(pop3_parse_uidl_line("99999999999 a", 13, &n, uid) == -EINVAL);
+
+	CHECK(pop3_parse_list_line("3 1234", 6, &n, &sz) == 0 && n == 3 && sz == 1234);
+	CHECK(pop3_parse_list_line("3  1234 extra", 13, &n, &sz) == 0 && sz == 1234);
+	CHECK(pop3_parse_list_line("3 12x", 5, &n, &sz) == -EINVAL);
+	CHECK(pop3_parse_list_line("3", 1, &n, &sz) == -EINVAL);
+	CHECK(pop3_parse_list_line("3 99999999999999999999999", 25, &n, &sz) == -EINVAL);
+
+	l = ".";
+	len = 1;
+	CHECK(pop3_listing_line(&l, &len) == 1);
+	l = "..x";
+	len = 3;
+	CHECK(pop3_listing_line(&l, &len) == 0 && len == 2 && l[0] == '.');
+	l = "TOP";
+	len = 3;
+	CHECK(pop3_listing_line(&l, &len) == 0 && len == 3);
+}
+
+/* Unstuff in pieces of `step` bytes; returns output length, -1 if no end. */
+static long
+unstuff(const char *in, size_t inlen, size_t step, char *out, size_t *consumed)
+{
+	struct pop3_dot d;
+	size_t i = 0, o = 0;
+
+	pop3_dot_init(&d);
+	while (i < inlen && !d.done) {
+		size_t n = inlen - i < step ? inlen - i : step, w;
+		size_t used = pop3_dot_feed(&d, in + i, n, out + o, &w);
+		i += used;
+		o += w;
+		if (used < n && !d.done)
+			return -2; /* must consume everything until done */
+	}
+	*consumed = i;
+	return d.done ? (long)o : -1;
+}
+
+static void
+dot(void)
+{
+	static const struct {
+		const char *in, *out;
+		size_t rest; /* bytes after the terminator */
+	} cases[] = {
+		{"Subject: x\r\n\r\nbody\r\n.\r\n", "Subject: x\r\n\r\nbody\r\n", 0},
+		{".\r\n", "", 0},
+		{"..\r\n.\r\n", ".\r\n", 0},
+		{"..leading\r\n...two\r\n.\r\n", ".leading\r\n..two\r\n", 0},
+		{"a\r\n.\r\nNEXT", "a\r\n", 4},
+		{"a.\r\n.b\r\n.\r\n", "a.\r\nb\r\n", 0},
+		{"x\r\r\n.\r\n", "x\r\r\n", 0},
+		{".\r.\r\n.\r\n", "\r.\r\n", 0},
+		{"a\nb\n.\n\r\n.\r\n", "a\nb\n.\n\r\n", 0},
+		{"nul\0in\r\n.\r\n", "nul\0in\r\n", 0},
+	};
+	static const size_t lens[] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 11};
+
+	for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+		size_t inlen = lens[c] ? lens[c] : strlen(cases[c].in);
+		size_t outlen = c == 9 ? 8 : strlen(cases[c].out);
+		/* every split point, every piece size */
+		for (size_t step = 1; step <= inlen; step++) {
+			char out[256];
+			size_t consumed = 0;
+			long n = unstuff(cases[c].in, inlen, step, out, &consumed);
+			CHECK(n == (long)outlen);
+			CHECK(n >= 0 && memcmp(out, cases[c].out, outlen) == 0);
+			CHECK(consumed == inlen - cases[c].rest);
+		}
+	}
+	/* no terminator yet: everything consumed, not done */
+	char out[64];
+	size_t consumed;
+	CHECK(unstuff("abc\r\n.", 6, 6, out, &consumed) == -1);
+}
+
+int
+main(void)
+{
+	status_lines();
+	capa();
+	listings();
+	dot();
+	CHECK_DONE();
+}

@@ -1,0 +1,202 @@
+/* Unit tests: folder naming, staging, commit, UIDL state, lock. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/sha.h>
+
+#include "check.h"
+#include "popfetchd/store.h"
+#include "popfetchd/util.h"
+
+static char root[] = "/tmp/pfd-store-XXXXXX";
+static char save[256], state[256];
+
+static struct store *
+open_store(const char *server, const char *user)
+{
+	struct store_params p = {.id = "box", .save_directory = save, .state_directory = state,
+				 .server = server, .user = user};
+	struct store *st = NULL;
+	char err[256];
+	int r = store_open(&p, &st, err, sizeof(err));
+
+	if (r < 0)
+		fprintf(stderr, "store_open: %s\n", err);
+	return st;
+}
+
+static bool
+exists(const char *path)
+{
+	struct stat sb;
+	return lstat(path, &sb) == 0;
+}
+
+static char *
+slurp(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	char *buf = xcalloc(1, 65536);
+
+	if (f != NULL) {
+		size_t n = fread(buf, 1, 65535, f);
+		buf[n] = '\0';
+		fclose(f);
+	}
+	return buf;
+}
+
+static void
+naming(void)
+{
+	char name[64], want_hash[65];
+	unsigned char md[SHA256_DIGEST_LENGTH];
+
+	/* 2026-11-26T10:15:02Z */
+	store_folder_name("box", "UID1", 1795688102, name, sizeof(name));
+	SHA256((const unsigned char *)"box\0UID1", 8, md);
+	util_hex(md, sizeof(md), want_hash);
+	CHECK(strncmp(name, "20261126T101502Z-", 17) == 0);
+	CHECK(strlen(name) == 29);
+	CHECK(strncmp(name + 17, want_hash, 12) == 0);
+}
+
+static void
+commit_and_state(void)
+{
+	struct store *st = open_store("pop.example", "alice");
+	struct store_msg *m;
+	char *folder = NULL, path[512];
+	unsigned long long size = 0;
+
+	CHECK(st != NULL);
+	if (st == NULL)
+		return;
+	CHECK(!store_has(st, "U1"));
+	CHECK(store_msg_begin(st, "U1", 1795688102, &m) == 0);
+	CHECK(store_msg_write(m, "Subject: a\r\n\r\n", 14) == 0);
+	CHECK(store_msg_write(m, "body\r\n", 6) == 0);
+	CHECK(store_msg_finish_eml(m, &size) == 0 && size == 20);
+	CHECK(store_msg_add_file(m, "meta.json", "{}", 2) == 0);
+	/* a second file of the same name is refused (O_EXCL) */
+	CHECK(store_msg_add_file(m, "meta.json", "{}", 2) < 0);
+	CHECK(store_msg_commit(m, true, &folder) == 0 && folder != NULL);
+	snprintf(path, sizeof(path), "%s/message.eml", folder);
+	char *eml = slurp(path);
+	CHECK_STR(eml, "Subject: a\r\n\r\nbody\r\n");
+	free(eml);
+	/* nothing left in staging */
+	snprintf(path, sizeof(path), "%s/.tmp/box", save);
+	CHECK(rmdir(path) == 0 && mkdir(path, 0700) == 0);
+	CHECK(store_record(st, "U1") == 0);
+	CHECK(store_has(st, "U1"));
+	free(folder);
+
+	/* the same UIDL in the same second: a new name, nothing replaced */
+	CHECK(store_msg_begin(st, "U1", 1795688102, &m) == 0);
+	CHECK(store_msg_commit(m, false, &folder) == 0);
+	CHECK(folder != NULL && strstr(folder, "-2") != NULL);
+	snprintf(path, sizeof(path), "%s/message.eml", folder);
+	CHECK(!exists(path)); /* keep_eml false */
+	free(folder);
+	store_close(st);
+
+	/* reopened: the state survived */
+	st = open_store("pop.example", "alice");
+	CHECK(st != NULL && store_has(st, "U1") && store_count(st) == 1);
+	store_close(st);
+}
+
+static void
+binding_and_damage(void)
+{
+	char path[512];
+	struct store *st;
+	FILE *f;
+
+	/* another user: a fresh state (but the folder of U1 is still found) */
+	st = open_store("pop.example", "bob");
+	CHECK(st != NULL && store_count(st) == 0);
+	CHECK(store_has(st, "U1")); /* recovered from the save directory */
+	CHECK(store_count(st) == 1);
+	CHECK(store_record(st, "U2") == 0);
+	store_close(st);
+
+	/* a torn last line is dropped, the rest kept, the file repaired */
+	snprintf(path, sizeof(path), "%s/box/uidl", state);
+	f = fopen(path, "a");
+	fputs("U3-torn", f);
+	fclose(f);
+	st = open_store("pop.example", "bob");
+	CHECK(st != NULL && store_has(st, "U2") && store_count(st) == 2);
+	store_close(st);
+	char *text = slurp(path);
+	CHECK(strstr(text, "U3-torn") == NULL && text[strlen(text) - 1] == '\n');
+	free(text);
+
+	/* garbage instead of a state: a warning, a fresh start, no crash */
+	f = fopen(path, "w");
+	fputs("\x01\x02garbage\n\xff\n", f);
+	fclose(f);
+	st = open_store("pop.example", "bob");
+	CHECK(st != NULL && store_count(st) == 0);
+	store_close(st);
+
+	/* compaction keeps only what is listed and known */
+	st = open_store("pop.example", "bob");
+	CHECK(store_record(st, "A") == 0 && store_record(st, "B") == 0 &&
+	      store_record(st, "C") == 0);
+	const char *listed[] = {"B", "X"};
+	CHECK(store_compact(st, listed, 2) == 0);
+	CHECK(store_count(st) == 1 && store_has(st, "B"));
+	store_close(st);
+	st = open_store("pop.example", "bob");
+	CHECK(st != NULL && store_count(st) == 1 && strcmp("B", "B") == 0 && store_has(st, "B"));
+	store_close(st);
+}
+
+static void
+lock_and_staging(void)
+{
+	struct store *a = open_store("s", "u"), *b;
+	struct store_params p = {.id = "box", .save_directory = save, .state_directory = state,
+				 .server = "s", .user = "u"};
+	struct store_msg *m;
+	char err[256], stale[512];
+
+	CHECK(a != NULL);
+	CHECK(store_open(&p, &b, err, sizeof(err)) == -EBUSY);
+	CHECK(strstr(err, "another popfetchd process") != NULL);
+	/* a staged message left by a "crash" */
+	CHECK(store_msg_begin(a, "Z", 1795688102, &m) == 0);
+	CHECK(store_msg_write(m, "partial", 7) == 0);
+	snprintf(stale, sizeof(stale), "%s", store_msg_eml_path(m));
+	CHECK(exists(stale));
+	store_close(a); /* the process "dies" with m staged */
+	a = open_store("s", "u");
+	CHECK(a != NULL && !exists(stale));
+	store_close(a);
+	/* m's memory only: its files are gone already */
+	store_msg_abort(m);
+}
+
+int
+main(void)
+{
+	if (mkdtemp(root) == NULL)
+		return 2;
+	snprintf(save, sizeof(save), "%s/save", root);
+	snprintf(state, sizeof(state), "%s/state", root);
+	naming();
+	commit_and_state();
+	binding_and_damage();
+	lock_and_staging();
+	char cmd[600];
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", root);
+	if (system(cmd) != 0)
+		return 2;
+	CHECK_DONE();
+}
