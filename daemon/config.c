@@ -6,8 +6,9 @@
  * walked with key tables: a key names a handler that checks the value node
  * and stores it at an offset of the struct being filled. Every error of
  * every file is collected as "FILE:LINE:COL: KEY: message"; secret values
- * never appear in one.
+ * never appear in one, and are wiped before their memory is freed.
  */
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -27,13 +28,19 @@
 #include "popfetchd/log.h"
 #include "popfetchd/util.h"
 
-#define MAX_FILE_SIZE   (1024 * 1024) /* a configuration file larger than this is an error */
-#define MAX_SECRET_LINE 8192          /* the first line of a secret file */
-#define KEY_PATH_MAX    160
+#define MAX_FILE_SIZE	(1024 * 1024) /* a larger configuration file is an error */
+#define MAX_SECRET_LINE 8192	      /* the first line of a secret file */
+#define KEY_PATH_MAX	160
 
 const char *const conf_default_sasl_mechanisms[] = {
-	"SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5",
-	"APOP",               "PLAIN",         "LOGIN",       "USER",
+	"SCRAM-SHA-256-PLUS",
+	"SCRAM-SHA-256",
+	"SCRAM-SHA-1",
+	"CRAM-MD5",
+	"APOP",
+	"PLAIN",
+	"LOGIN",
+	"USER",
 	NULL,
 };
 
@@ -44,51 +51,52 @@ static const char *const grant_names[] = {"client_credentials", "refresh_token",
 static const char *const mech_names[] = {"XOAUTH2", "OAUTHBEARER", NULL};
 static const char *const receive_names[] = {"all", "one", NULL};
 
-struct range {
-	uint64_t min, max;
-	const char *text;
-};
-
-static const struct range port_range = {1, 65535, "between 1 and 65535"};
-static const struct range sessions_range = {1, 10000, "between 1 and 10000"};
-static const struct range poll_range = {1, 7 * 86400, "between 1s and 7d"};
-static const struct range timeout_range = {1, 3600, "between 1s and 1h"};
-static const struct range size_range = {1, UINT64_MAX, "at least 1 byte"};
-
-/* One secret, as written: inline, from a file or from a systemd credential. */
+/* One secret as written: inline, from a file or from a systemd credential. */
 enum secret_kind { SEC_NONE, SEC_INLINE, SEC_FILE, SEC_CRED };
 
 struct secret {
 	enum secret_kind kind;
-	char *src;   /* the inline value, the path or the credential name */
-	char *value; /* the loaded secret */
+	bool tried; /* one of its keys was there, valid or not */
+	char *src;  /* the inline value, the path or the credential name */
 	yaml_mark_t mark;
 	char path[KEY_PATH_MAX]; /* the dotted key that set it */
 };
 
 /* popfetchd.yaml, as parsed. */
-struct defaults {
-	char *server, *user, *tls_ca_file;
-	unsigned port; /* 0: unset */
-	int tls;       /* -1: unset */
-	struct secret pw;
-};
-
 struct dparse {
 	char *state_directory, *keystore_directory;
 	unsigned max_sessions; /* 0: unset */
-	int log_level;         /* -1: unset */
-	struct defaults d;
+	int log_level;	       /* -1: unset */
+	struct defaults {
+		char *server, *user, *tls_ca_file;
+		unsigned port; /* 0: unset */
+		int tls;       /* -1: unset */
+		struct secret pw;
+		char *password; /* loaded from pw */
+	} d;
 };
 
-/* One configuration file, as parsed; m is copied out when all is valid. */
+/* One configuration file, as parsed; m is moved into the set when all is valid. */
 struct mparse {
 	struct conf_mailbox m;
-	int status, tls, auth, grant, mech, receive; /* indexes into the name tables; tls -1: unset */
-	unsigned port;                               /* 0: unset */
+	/* indexes into the name tables; tls -1: unset */
+	int status, tls, auth, grant, mech, receive;
+	unsigned port; /* 0: unset */
 	struct secret pw, cs, kp;
 	yaml_mark_t id_mark;
 	size_t order; /* file order, for duplicate ids */
+};
+
+static const struct mparse mparse_defaults = {
+	.m = {.active = true,
+	      .tls_verify = true,
+	      .save_text = true,
+	      .save_attachments = true,
+	      .remove_after_read = true,
+	      .poll_interval = 300,
+	      .connect_timeout = 30,
+	      .command_timeout = 60},
+	.tls = -1,
 };
 
 struct loader {
@@ -99,26 +107,26 @@ struct loader {
 	size_t n_mbx, cap_mbx;
 };
 
-/* The state of one file's walk. */
+/* One file's walk. */
 struct pctx {
 	struct loader *l;
 	const char *file;
 	yaml_document_t *doc;
+	yaml_node_t *root;
 	void *base; /* struct dparse or struct mparse */
 	mode_t mode;
 };
 
-struct key;
-typedef void key_fn(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path);
-
 struct key {
 	const char *name;
-	key_fn *fn;
-	size_t off;
+	void (*fn)(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path);
+	size_t off; /* into c->base */
 	const void *arg;
 };
 
-/* ---- errors ---- */
+static const yaml_mark_t mark_start; /* 1:1, for errors about a whole file */
+
+/* ---- errors and memory ---- */
 
 /* s with control characters replaced, truncated to fit buf. */
 static const char *
@@ -127,20 +135,16 @@ clean(char *buf, size_t size, const char *s)
 	size_t i = 0;
 
 	for (; s[i] != '\0' && i + 1 < size; i++)
-		buf[i] = ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) ? '?' : s[i];
+		buf[i] = iscntrl((unsigned char)s[i]) ? '?' : s[i];
 	buf[i] = '\0';
 	return buf;
 }
 
-static void
-add_error(struct conf_errors *errs, const char *file, yaml_mark_t mark, const char *key,
-	  const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-
-static void
+static void __attribute__((format(printf, 5, 6)))
 add_error(struct conf_errors *errs, const char *file, yaml_mark_t mark, const char *key,
 	  const char *fmt, ...)
 {
-	char fbuf[1024], *msg;
+	char name[1024], *msg;
 	va_list ap;
 
 	va_start(ap, fmt);
@@ -148,17 +152,13 @@ add_error(struct conf_errors *errs, const char *file, yaml_mark_t mark, const ch
 		msg = NULL;
 	va_end(ap);
 	errs->lines = xrealloc(errs->lines, (errs->n + 1) * sizeof(char *));
-	errs->lines[errs->n++] = xasprintf("%s:%zu:%zu: %s: %s", clean(fbuf, sizeof(fbuf), file),
-					   mark.line + 1, mark.column + 1, key,
-					   msg ? msg : "(out of memory)");
+	errs->lines[errs->n++] =
+		xasprintf("%s:%zu:%zu: %s: %s", clean(name, sizeof(name), file), mark.line + 1,
+			  mark.column + 1, key, msg ? msg : "(out of memory)");
 	free(msg);
 }
 
 #define perr(c, mark, key, ...) add_error((c)->l->errs, (c)->file, (mark), (key), __VA_ARGS__)
-
-static const yaml_mark_t mark_start; /* 1:1, for errors about a whole file */
-
-/* ---- memory ---- */
 
 static void
 wipe_free(char *p)
@@ -167,15 +167,6 @@ wipe_free(char *p)
 		explicit_bzero(p, strlen(p));
 		free(p);
 	}
-}
-
-static void
-secret_clear(struct secret *s)
-{
-	wipe_free(s->src);
-	wipe_free(s->value);
-	s->src = s->value = NULL;
-	s->kind = SEC_NONE;
 }
 
 static void
@@ -188,36 +179,37 @@ set_str(char **field, const char *s)
 static void
 mailbox_clear(struct conf_mailbox *m)
 {
-	free(m->file);
-	free(m->id);
-	free(m->description);
-	free(m->server);
-	free(m->tls_ca_file);
-	free(m->user);
-	wipe_free(m->password);
+	char **strings[] = {&m->file,
+			    &m->id,
+			    &m->description,
+			    &m->server,
+			    &m->tls_ca_file,
+			    &m->user,
+			    &m->save_directory,
+			    &m->oauth2.token_endpoint,
+			    &m->oauth2.client_id,
+			    &m->oauth2.scope,
+			    &m->oauth2.refresh_token_file,
+			    &m->oauth2.ca_file,
+			    &m->smime.key_name};
+
+	for (size_t i = 0; i < sizeof(strings) / sizeof(strings[0]); i++)
+		free(*strings[i]);
 	for (size_t i = 0; i < m->n_sasl_mechanisms; i++)
 		free(m->sasl_mechanisms[i]);
 	free(m->sasl_mechanisms);
-	free(m->oauth2.token_endpoint);
-	free(m->oauth2.client_id);
+	wipe_free(m->password);
 	wipe_free(m->oauth2.client_secret);
-	free(m->oauth2.scope);
-	free(m->oauth2.refresh_token_file);
-	free(m->oauth2.ca_file);
-	free(m->smime.key_name);
 	wipe_free(m->smime.key_password);
-	free(m->save_directory);
 }
 
 static void
 mparse_free(struct mparse *mp)
 {
-	if (mp == NULL)
-		return;
 	mailbox_clear(&mp->m);
-	secret_clear(&mp->pw);
-	secret_clear(&mp->cs);
-	secret_clear(&mp->kp);
+	wipe_free(mp->pw.src);
+	wipe_free(mp->cs.src);
+	wipe_free(mp->kp.src);
 	free(mp);
 }
 
@@ -229,7 +221,8 @@ dparse_clear(struct dparse *dp)
 	free(dp->d.server);
 	free(dp->d.user);
 	free(dp->d.tls_ca_file);
-	secret_clear(&dp->d.pw);
+	wipe_free(dp->d.pw.src);
+	wipe_free(dp->d.password);
 }
 
 /* Best effort: scrub the scalars (inline secrets among them) before libyaml frees them. */
@@ -260,31 +253,25 @@ is_null(const yaml_node_t *v)
 {
 	const char *s = (const char *)v->data.scalar.value;
 
-	if (v->data.scalar.length == 0)
-		return true;
-	return v->data.scalar.style == YAML_PLAIN_SCALAR_STYLE &&
-	       (strcmp(s, "~") == 0 || strcmp(s, "null") == 0 || strcmp(s, "Null") == 0 ||
-		strcmp(s, "NULL") == 0);
+	return v->data.scalar.length == 0 || (v->data.scalar.style == YAML_PLAIN_SCALAR_STYLE &&
+					      (!strcmp(s, "~") || !strcmp(s, "null") ||
+					       !strcmp(s, "Null") || !strcmp(s, "NULL")));
 }
 
 /* The text of a non-empty scalar, or NULL after an error naming what was expected. */
 static const char *
 scalar(struct pctx *c, yaml_node_t *v, const char *path, const char *what)
 {
-	if (v->type != YAML_SCALAR_NODE) {
+	if (v->type != YAML_SCALAR_NODE)
 		perr(c, v->start_mark, path, "expected %s, not a %s", what,
 		     v->type == YAML_MAPPING_NODE ? "mapping" : "list");
-		return NULL;
-	}
-	if (is_null(v)) {
+	else if (is_null(v))
 		perr(c, v->start_mark, path, "expected %s, the value is empty", what);
-		return NULL;
-	}
-	if (strlen((const char *)v->data.scalar.value) != v->data.scalar.length) {
+	else if (strlen((const char *)v->data.scalar.value) != v->data.scalar.length)
 		perr(c, v->start_mark, path, "contains a NUL character");
-		return NULL;
-	}
-	return (const char *)v->data.scalar.value;
+	else
+		return (const char *)v->data.scalar.value;
+	return NULL;
 }
 
 static void *
@@ -297,33 +284,23 @@ static int
 parse_uint(const char *s, uint64_t *ret)
 {
 	char *end;
+	unsigned long long v;
 
-	if (*s < '0' || *s > '9')
+	if (!isdigit((unsigned char)*s))
 		return -EINVAL;
 	errno = 0;
-	unsigned long long v = strtoull(s, &end, 10);
+	v = strtoull(s, &end, 10);
 	if (errno != 0 || *end != '\0')
 		return -EINVAL;
 	*ret = v;
 	return 0;
 }
 
-static int
-hexval(char ch)
-{
-	if (ch >= '0' && ch <= '9')
-		return ch - '0';
-	if (ch >= 'a' && ch <= 'f')
-		return ch - 'a' + 10;
-	if (ch >= 'A' && ch <= 'F')
-		return ch - 'A' + 10;
-	return -1;
-}
-
 /* "sha256:" and 64 hex digits, either case, colons allowed between bytes. */
 static int
 parse_fingerprint(const char *s, unsigned char out[32])
 {
+	static const char hex[] = "0123456789abcdef";
 	size_t n = 0;
 
 	if (strncasecmp(s, "sha256:", 7) != 0)
@@ -331,23 +308,70 @@ parse_fingerprint(const char *s, unsigned char out[32])
 	for (s += 7; *s != '\0'; s += 2) {
 		if (n > 0 && *s == ':')
 			s++;
-		int hi = hexval(s[0]);
-		int lo = hi < 0 ? -1 : hexval(s[1]);
-		if (hi < 0 || lo < 0 || n == 32)
+		const char *hi = s[0] ? strchr(hex, tolower((unsigned char)s[0])) : NULL;
+		const char *lo = hi && s[1] ? strchr(hex, tolower((unsigned char)s[1])) : NULL;
+		if (lo == NULL || n == 32)
 			return -EINVAL;
-		out[n++] = (unsigned char)(hi << 4 | lo);
+		out[n++] = (unsigned char)((hi - hex) << 4 | (lo - hex));
 	}
 	return n == 32 ? 0 : -EINVAL;
 }
 
 /* ---- key handlers ---- */
 
+/* An optional check of a string value (the arg of h_str). */
+struct check {
+	bool (*ok)(const char *s);
+	const char *msg;
+};
+
+static bool
+is_absolute(const char *s)
+{
+	return s[0] == '/';
+}
+
+static bool
+is_https(const char *s)
+{
+	return strncasecmp(s, "https://", 8) == 0 && s[8] != '\0';
+}
+
+static bool
+is_id(const char *s)
+{
+	static const char ok[] =
+		"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-";
+	size_t n = strlen(s);
+
+	return n <= 64 && strspn(s, ok) == n && strcmp(s, ".") != 0 && strcmp(s, "..") != 0;
+}
+
+/* smime.key_name names KEYSTORE/NAME.p12: no way out of the keystore. */
+static bool
+is_key_name(const char *s)
+{
+	return strchr(s, '/') == NULL && s[0] != '.';
+}
+
+static const struct check absolute_check = {
+	is_absolute,
+	"must be an absolute path (a relative one would depend on the daemon's working directory)"};
+static const struct check https_check = {is_https, "must be an https:// URL"};
+static const struct check id_check = {
+	is_id, "must be 1-64 characters of A-Z a-z 0-9 _ . - (and not . or ..)"};
+static const struct check key_name_check = {
+	is_key_name, "must be a name (of KEYSTORE/NAME.p12) without '/' or a leading '.'"};
+
 static void
 h_str(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
 {
+	const struct check *chk = k->arg;
 	const char *s = scalar(c, v, path, "a string");
 
-	if (s != NULL)
+	if (s != NULL && chk != NULL && !chk->ok(s))
+		perr(c, v->start_mark, path, "%s", chk->msg);
+	else if (s != NULL)
 		set_str(field(c, k), s);
 }
 
@@ -355,93 +379,28 @@ h_str(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
 static void
 h_text(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
 {
-	if (v->type == YAML_SCALAR_NODE && is_null(v))
-		return;
-	h_str(c, k, v, path);
-}
-
-static void
-h_abspath(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
-{
-	const char *s = scalar(c, v, path, "an absolute path");
-
-	if (s == NULL)
-		return;
-	if (s[0] != '/') {
-		perr(c, v->start_mark, path,
-		     "must be an absolute path (a relative one would depend on the daemon's "
-		     "working directory)");
-		return;
-	}
-	set_str(field(c, k), s);
-}
-
-static void
-h_id(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
-{
-	static const char ok[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-";
-	const char *s = scalar(c, v, path, "an identifier");
-	size_t n;
-
-	if (s == NULL)
-		return;
-	n = strlen(s);
-	if (n > 64 || strspn(s, ok) != n || strcmp(s, ".") == 0 || strcmp(s, "..") == 0) {
-		perr(c, v->start_mark, path,
-		     "must be 1-64 characters of A-Z a-z 0-9 _ . - (and not . or ..)");
-		return;
-	}
-	set_str(field(c, k), s);
-	((struct mparse *)c->base)->id_mark = v->start_mark;
-}
-
-static void
-h_https(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
-{
-	const char *s = scalar(c, v, path, "an https:// URL");
-
-	if (s == NULL)
-		return;
-	if (strncasecmp(s, "https://", 8) != 0 || s[8] == '\0') {
-		perr(c, v->start_mark, path, "must be an https:// URL");
-		return;
-	}
-	set_str(field(c, k), s);
-}
-
-/* smime.key_name: the file KEYSTORE/NAME.p12, so no way out of the keystore. */
-static void
-h_keyname(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
-{
-	const char *s = scalar(c, v, path, "a key name");
-
-	if (s == NULL)
-		return;
-	if (strchr(s, '/') != NULL || s[0] == '.') {
-		perr(c, v->start_mark, path,
-		     "must be a name (of KEYSTORE/NAME.p12) without '/' or a leading '.'");
-		return;
-	}
-	set_str(field(c, k), s);
+	if (v->type != YAML_SCALAR_NODE || !is_null(v))
+		h_str(c, k, v, path);
 }
 
 static void
 h_bool(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
 {
-	static const char *const yes[] = {"true", "yes", "on"}, *const no[] = {"false", "no", "off"};
+	static const char *const yes[] = {"true", "yes", "on"}, *const no[] = {"false", "no",
+									       "off"};
 	const char *s = scalar(c, v, path, "true or false");
 
-	if (s == NULL)
-		return;
-	for (size_t i = 0; i < 3; i++) {
+	for (size_t i = 0; s != NULL && i < 3; i++) {
 		if (strcasecmp(s, yes[i]) == 0 || strcasecmp(s, no[i]) == 0) {
 			*(bool *)field(c, k) = strcasecmp(s, yes[i]) == 0;
 			return;
 		}
 	}
-	perr(c, v->start_mark, path, "expected true or false");
+	if (s != NULL)
+		perr(c, v->start_mark, path, "expected true or false");
 }
 
+/* One of the NULL-terminated names in arg, stored as its index. */
 static void
 h_enum(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
 {
@@ -463,59 +422,52 @@ h_enum(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
 }
 
 static void
-h_int(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
+h_loglevel(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
 {
-	const struct range *r = k->arg;
-	const char *s = scalar(c, v, path, "a number");
-	uint64_t n;
+	const char *s = scalar(c, v, path, "a log level");
+	int level = s ? log_level_from_name(s) : -1;
 
-	if (s == NULL)
-		return;
-	if (parse_uint(s, &n) < 0 || n < r->min || n > r->max) {
-		perr(c, v->start_mark, path, "must be a number %s", r->text);
-		return;
-	}
-	*(unsigned *)field(c, k) = (unsigned)n;
+	if (s != NULL && level < 0)
+		perr(c, v->start_mark, path, "must be one of debug, info, notice, warning, error");
+	else if (s != NULL)
+		*(int *)field(c, k) = level;
 }
 
+/* A number, duration or size and its range (the arg of h_num). */
+struct num {
+	int (*parse)(const char *s, uint64_t *ret);
+	uint64_t min, max;
+	const char *syntax, *range;
+	bool narrow; /* stored as unsigned, not uint64_t */
+};
+
+#define DURATION "a duration (90, 90s, 5m, 1h, 1d)"
+static const struct num port_num = {parse_uint, 1, 65535, "a number", "between 1 and 65535", 1};
+static const struct num sessions_num = {parse_uint, 1, 10000, "a number", "between 1 and 10000", 1};
+static const struct num poll_num = {util_parse_duration, 1, 7 * 86400, DURATION,
+				    "between 1s and 7d", 0};
+static const struct num timeout_num = {util_parse_duration, 1, 3600, DURATION,
+				       "between 1s and 1h", 0};
+static const struct num size_num = {
+	util_parse_size, 1, UINT64_MAX, "a size (1000, 512k, 25M, 1G)", "at least 1 byte", 0};
+
 static void
-h_duration(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
+h_num(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
 {
-	const struct range *r = k->arg;
-	const char *s = scalar(c, v, path, "a duration");
+	const struct num *r = k->arg;
+	const char *s = scalar(c, v, path, r->syntax);
 	uint64_t n;
 
 	if (s == NULL)
 		return;
-	if (util_parse_duration(s, &n) < 0) {
-		perr(c, v->start_mark, path, "expected a duration (90, 90s, 5m, 1h, 1d)");
-		return;
-	}
-	if (n < r->min || n > r->max) {
-		perr(c, v->start_mark, path, "must be %s", r->text);
-		return;
-	}
-	*(uint64_t *)field(c, k) = n;
-}
-
-static void
-h_size(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
-{
-	const struct range *r = k->arg;
-	const char *s = scalar(c, v, path, "a size");
-	uint64_t n;
-
-	if (s == NULL)
-		return;
-	if (util_parse_size(s, &n) < 0) {
-		perr(c, v->start_mark, path, "expected a size (1000, 512k, 25M, 1G)");
-		return;
-	}
-	if (n < r->min || n > r->max) {
-		perr(c, v->start_mark, path, "must be %s", r->text);
-		return;
-	}
-	*(uint64_t *)field(c, k) = n;
+	if (r->parse(s, &n) < 0)
+		perr(c, v->start_mark, path, "expected %s", r->syntax);
+	else if (n < r->min || n > r->max)
+		perr(c, v->start_mark, path, "must be %s", r->range);
+	else if (r->narrow)
+		*(unsigned *)field(c, k) = (unsigned)n;
+	else
+		*(uint64_t *)field(c, k) = n;
 }
 
 static void
@@ -525,14 +477,11 @@ h_fingerprint(struct pctx *c, const struct key *k, yaml_node_t *v, const char *p
 	const char *s = scalar(c, v, path, "sha256:HEX");
 
 	(void)k;
-	if (s == NULL)
-		return;
-	if (parse_fingerprint(s, m->tls_fingerprint) < 0) {
+	if (s != NULL && parse_fingerprint(s, m->tls_fingerprint) < 0)
 		perr(c, v->start_mark, path,
 		     "must be sha256: and 64 hex digits (colons between bytes allowed)");
-		return;
-	}
-	m->has_fingerprint = true;
+	else if (s != NULL)
+		m->has_fingerprint = true;
 }
 
 static const char *
@@ -572,26 +521,28 @@ h_mechanisms(struct pctx *c, const struct key *k, yaml_node_t *v, const char *pa
 			perr(c, item->start_mark, path,
 			     "unknown mechanism (known: SCRAM-SHA-256-PLUS, SCRAM-SHA-256, "
 			     "SCRAM-SHA-1, CRAM-MD5, APOP, PLAIN, LOGIN, USER)");
-		if (name == NULL)
-			continue;
-		for (size_t i = 0; i < m->n_sasl_mechanisms; i++)
+		for (size_t i = 0; name != NULL && i < m->n_sasl_mechanisms; i++)
 			dup = dup || strcmp(m->sasl_mechanisms[i], name) == 0;
 		if (dup)
 			perr(c, item->start_mark, path, "%s is listed twice", name);
-		else
+		else if (name != NULL)
 			m->sasl_mechanisms[m->n_sasl_mechanisms++] = xstrdup(name);
 	}
 }
 
-/* password / password_file / password_credential and the like; arg is the base name. */
+/* password, password_file or password_credential (and the like): arg is the
+ * base name, the suffix of the key tells the kind. */
 static void
-set_secret(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path,
-	   enum secret_kind kind)
+h_secret(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
 {
 	struct secret *sec = field(c, k);
-	const char *base = k->arg;
+	const char *base = k->arg, *suffix = k->name + strlen(base);
+	enum secret_kind kind = !strcmp(suffix, "_file")	 ? SEC_FILE
+				: !strcmp(suffix, "_credential") ? SEC_CRED
+								 : SEC_INLINE;
 	const char *s = scalar(c, v, path, kind == SEC_FILE ? "a path" : "a string");
 
+	sec->tried = true;
 	if (s == NULL)
 		return;
 	if (sec->kind != SEC_NONE) {
@@ -599,8 +550,7 @@ set_secret(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path
 		     base, base, base);
 		return;
 	}
-	if (kind == SEC_CRED && (strchr(s, '/') != NULL || strcmp(s, ".") == 0 ||
-				 strcmp(s, "..") == 0)) {
+	if (kind == SEC_CRED && (strchr(s, '/') || !strcmp(s, ".") || !strcmp(s, ".."))) {
 		perr(c, v->start_mark, path, "must be a credential name, without '/'");
 		return;
 	}
@@ -614,42 +564,7 @@ set_secret(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path
 	snprintf(sec->path, sizeof(sec->path), "%s", path);
 }
 
-static void
-h_secret_inline(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
-{
-	set_secret(c, k, v, path, SEC_INLINE);
-}
-
-static void
-h_secret_file(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
-{
-	set_secret(c, k, v, path, SEC_FILE);
-}
-
-static void
-h_secret_cred(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
-{
-	set_secret(c, k, v, path, SEC_CRED);
-}
-
-static void
-h_loglevel(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
-{
-	const char *s = scalar(c, v, path, "a log level");
-	int level;
-
-	if (s == NULL)
-		return;
-	level = log_level_from_name(s);
-	if (level < 0) {
-		perr(c, v->start_mark, path, "must be one of debug, info, notice, warning, error");
-		return;
-	}
-	*(int *)field(c, k) = level;
-}
-
-static void walk_map(struct pctx *c, yaml_node_t *map, const struct key *keys,
-		     const char *prefix);
+static void walk_map(struct pctx *c, yaml_node_t *map, const struct key *keys, const char *prefix);
 
 /* A nested mapping (oauth2:, smime:, timeouts:, defaults:); empty is fine. */
 static void
@@ -673,11 +588,11 @@ h_map(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
 #define D(f) offsetof(struct dparse, f)
 
 static const struct key oauth2_keys[] = {
-	{"token_endpoint", h_https, M(m.oauth2.token_endpoint), NULL},
+	{"token_endpoint", h_str, M(m.oauth2.token_endpoint), &https_check},
 	{"client_id", h_str, M(m.oauth2.client_id), NULL},
-	{"client_secret", h_secret_inline, M(cs), "client_secret"},
-	{"client_secret_file", h_secret_file, M(cs), "client_secret"},
-	{"client_secret_credential", h_secret_cred, M(cs), "client_secret"},
+	{"client_secret", h_secret, M(cs), "client_secret"},
+	{"client_secret_file", h_secret, M(cs), "client_secret"},
+	{"client_secret_credential", h_secret, M(cs), "client_secret"},
 	{"scope", h_str, M(m.oauth2.scope), NULL},
 	{"grant", h_enum, M(grant), grant_names},
 	{"refresh_token_file", h_str, M(m.oauth2.refresh_token_file), NULL},
@@ -687,64 +602,64 @@ static const struct key oauth2_keys[] = {
 };
 
 static const struct key smime_keys[] = {
-	{"key_name", h_keyname, M(m.smime.key_name), NULL},
-	{"key_password", h_secret_inline, M(kp), "key_password"},
-	{"key_password_file", h_secret_file, M(kp), "key_password"},
-	{"key_password_credential", h_secret_cred, M(kp), "key_password"},
+	{"key_name", h_str, M(m.smime.key_name), &key_name_check},
+	{"key_password", h_secret, M(kp), "key_password"},
+	{"key_password_file", h_secret, M(kp), "key_password"},
+	{"key_password_credential", h_secret, M(kp), "key_password"},
 	{NULL, NULL, 0, NULL},
 };
 
 static const struct key timeout_keys[] = {
-	{"connect", h_duration, M(m.connect_timeout), &timeout_range},
-	{"command", h_duration, M(m.command_timeout), &timeout_range},
+	{"connect", h_num, M(m.connect_timeout), &timeout_num},
+	{"command", h_num, M(m.command_timeout), &timeout_num},
 	{NULL, NULL, 0, NULL},
 };
 
 static const struct key mailbox_keys[] = {
-	{"id", h_id, M(m.id), NULL},
+	{"id", h_str, M(m.id), &id_check},
 	{"description", h_text, M(m.description), NULL},
 	{"status", h_enum, M(status), status_names},
 	{"server", h_str, M(m.server), NULL},
-	{"port", h_int, M(port), &port_range},
+	{"port", h_num, M(port), &port_num},
 	{"tls", h_enum, M(tls), tls_names},
 	{"tls_ca_file", h_str, M(m.tls_ca_file), NULL},
 	{"tls_fingerprint", h_fingerprint, 0, NULL},
 	{"tls_verify", h_bool, M(m.tls_verify), NULL},
 	{"user", h_str, M(m.user), NULL},
-	{"password", h_secret_inline, M(pw), "password"},
-	{"password_file", h_secret_file, M(pw), "password"},
-	{"password_credential", h_secret_cred, M(pw), "password"},
+	{"password", h_secret, M(pw), "password"},
+	{"password_file", h_secret, M(pw), "password"},
+	{"password_credential", h_secret, M(pw), "password"},
 	{"auth", h_enum, M(auth), auth_names},
 	{"sasl_mechanisms", h_mechanisms, 0, NULL},
 	{"oauth2", h_map, 0, oauth2_keys},
 	{"smime", h_map, 0, smime_keys},
 	{"save_text", h_bool, M(m.save_text), NULL},
 	{"save_attachments", h_bool, M(m.save_attachments), NULL},
-	{"save_directory", h_abspath, M(m.save_directory), NULL},
+	{"save_directory", h_str, M(m.save_directory), &absolute_check},
 	{"remove_after_read", h_bool, M(m.remove_after_read), NULL},
 	{"receive", h_enum, M(receive), receive_names},
-	{"poll_interval", h_duration, M(m.poll_interval), &poll_range},
-	{"max_message_size", h_size, M(m.max_message_size), &size_range},
+	{"poll_interval", h_num, M(m.poll_interval), &poll_num},
+	{"max_message_size", h_num, M(m.max_message_size), &size_num},
 	{"timeouts", h_map, 0, timeout_keys},
 	{NULL, NULL, 0, NULL},
 };
 
 static const struct key defaults_keys[] = {
 	{"server", h_str, D(d.server), NULL},
-	{"port", h_int, D(d.port), &port_range},
+	{"port", h_num, D(d.port), &port_num},
 	{"tls", h_enum, D(d.tls), tls_names},
 	{"user", h_str, D(d.user), NULL},
-	{"password", h_secret_inline, D(d.pw), "password"},
-	{"password_file", h_secret_file, D(d.pw), "password"},
-	{"password_credential", h_secret_cred, D(d.pw), "password"},
+	{"password", h_secret, D(d.pw), "password"},
+	{"password_file", h_secret, D(d.pw), "password"},
+	{"password_credential", h_secret, D(d.pw), "password"},
 	{"tls_ca_file", h_str, D(d.tls_ca_file), NULL},
 	{NULL, NULL, 0, NULL},
 };
 
 static const struct key daemon_keys[] = {
-	{"state_directory", h_abspath, D(state_directory), NULL},
-	{"keystore_directory", h_abspath, D(keystore_directory), NULL},
-	{"max_sessions", h_int, D(max_sessions), &sessions_range},
+	{"state_directory", h_str, D(state_directory), &absolute_check},
+	{"keystore_directory", h_str, D(keystore_directory), &absolute_check},
+	{"max_sessions", h_num, D(max_sessions), &sessions_num},
 	{"log_level", h_loglevel, D(log_level), NULL},
 	{"defaults", h_map, 0, defaults_keys},
 	{NULL, NULL, 0, NULL},
@@ -752,55 +667,61 @@ static const struct key daemon_keys[] = {
 
 /* ---- walking a mapping ---- */
 
-static void
-key_path(char *out, size_t size, const char *prefix, const char *name)
+/* The value of the first key name[0..n) among the pairs of map before end, or NULL. */
+static yaml_node_t *
+map_get(struct pctx *c, yaml_node_t *map, const char *name, size_t n, yaml_node_pair_t *end)
 {
-	char buf[KEY_PATH_MAX];
-
-	snprintf(out, size, "%s%s", prefix, clean(buf, 64, name));
+	for (yaml_node_pair_t *p = map->data.mapping.pairs.start; p < end; p++) {
+		yaml_node_t *k = yaml_document_get_node(c->doc, p->key);
+		if (k->type == YAML_SCALAR_NODE && k->data.scalar.length == n &&
+		    memcmp(k->data.scalar.value, name, n) == 0)
+			return yaml_document_get_node(c->doc, p->value);
+	}
+	return NULL;
 }
 
-static bool
-seen_before(struct pctx *c, yaml_node_t *map, yaml_node_pair_t *p, const char *name)
+/* The value of a dotted key ("oauth2.scope") of the file, or NULL. */
+static yaml_node_t *
+lookup(struct pctx *c, const char *path)
 {
-	for (yaml_node_pair_t *q = map->data.mapping.pairs.start; q < p; q++) {
-		yaml_node_t *k = yaml_document_get_node(c->doc, q->key);
-		if (k->type == YAML_SCALAR_NODE && strcmp((char *)k->data.scalar.value, name) == 0)
-			return true;
+	yaml_node_t *v = c->root;
+
+	for (;;) {
+		size_t n = strcspn(path, ".");
+		if (v == NULL || v->type != YAML_MAPPING_NODE)
+			return NULL;
+		v = map_get(c, v, path, n, v->data.mapping.pairs.top);
+		if (path[n] == '\0')
+			return v;
+		path += n + 1;
 	}
-	return false;
 }
 
 static void
 walk_map(struct pctx *c, yaml_node_t *map, const struct key *keys, const char *prefix)
 {
-	yaml_node_pair_t *p;
-
-	for (p = map->data.mapping.pairs.start; p < map->data.mapping.pairs.top; p++) {
+	for (yaml_node_pair_t *p = map->data.mapping.pairs.start; p < map->data.mapping.pairs.top;
+	     p++) {
 		yaml_node_t *kn = yaml_document_get_node(c->doc, p->key);
-		yaml_node_t *v = yaml_document_get_node(c->doc, p->value);
-		char path[KEY_PATH_MAX];
+		char path[KEY_PATH_MAX], buf[64];
 		const struct key *k;
 		const char *name;
 
 		if (kn->type != YAML_SCALAR_NODE) {
-			key_path(path, sizeof(path), prefix, "(key)");
+			snprintf(path, sizeof(path), "%s(key)", prefix);
 			perr(c, kn->start_mark, path, "keys must be plain names");
 			continue;
 		}
 		name = (const char *)kn->data.scalar.value;
-		key_path(path, sizeof(path), prefix, name);
-		if (seen_before(c, map, p, name)) {
-			perr(c, kn->start_mark, path, "duplicate key");
-			continue;
-		}
+		snprintf(path, sizeof(path), "%s%s", prefix, clean(buf, sizeof(buf), name));
 		for (k = keys; k->name != NULL && strcmp(k->name, name) != 0; k++)
 			;
-		if (k->name == NULL) {
+		if (map_get(c, map, name, kn->data.scalar.length, p) != NULL)
+			perr(c, kn->start_mark, path, "duplicate key");
+		else if (k->name == NULL)
 			perr(c, kn->start_mark, path, "unknown key");
-			continue;
-		}
-		k->fn(c, k, v, path);
+		else
+			k->fn(c, k, yaml_document_get_node(c->doc, p->value), path);
 	}
 }
 
@@ -814,51 +735,42 @@ join(const char *dir, const char *name)
 	return xasprintf("%s%s%s", dir, n > 0 && dir[n - 1] == '/' ? "" : "/", name);
 }
 
-/* The whole file into *ret (NUL-terminated). 1: read, 0: absent and optional,
- * -1: error reported. */
-static int
-read_file(struct loader *l, const char *file, bool optional, char **ret, size_t *ret_len,
-	  mode_t *ret_mode)
+/* The whole file, NUL-terminated; NULL when absent and optional or after an error. */
+static char *
+read_file(struct loader *l, const char *file, bool optional, size_t *ret_len, mode_t *ret_mode)
 {
 	struct stat st = {0};
-	char *buf = NULL;
+	char *buf;
 	size_t len = 0;
-	ssize_t r;
+	ssize_t r = 0;
 	int fd = open(file, O_RDONLY | O_CLOEXEC | O_NOCTTY);
 
 	if (fd < 0) {
-		if (errno == ENOENT && optional)
-			return 0;
-		add_error(l->errs, file, mark_start, "(file)", "cannot open: %s", strerror(errno));
-		return -1;
+		if (errno != ENOENT || !optional)
+			add_error(l->errs, file, mark_start, "(file)", "cannot open: %s",
+				  strerror(errno));
+		return NULL;
 	}
 	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size > MAX_FILE_SIZE) {
 		add_error(l->errs, file, mark_start, "(file)", "%s",
 			  st.st_size > MAX_FILE_SIZE ? "larger than 1 MiB" : "not a regular file");
 		close(fd);
-		return -1;
+		return NULL;
 	}
 	buf = xmalloc((size_t)st.st_size + 1);
-	while (len < (size_t)st.st_size &&
-	       (r = read(fd, buf + len, (size_t)st.st_size - len)) != 0) {
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r < 0) {
-			add_error(l->errs, file, mark_start, "(file)", "cannot read: %s",
-				  strerror(errno));
-			explicit_bzero(buf, len);
-			free(buf);
-			close(fd);
-			return -1;
-		}
+	while (len < (size_t)st.st_size && (r = read(fd, buf + len, (size_t)st.st_size - len)) > 0)
 		len += (size_t)r;
-	}
 	close(fd);
+	if (r < 0) {
+		add_error(l->errs, file, mark_start, "(file)", "cannot read: %s", strerror(errno));
+		explicit_bzero(buf, len);
+		free(buf);
+		return NULL;
+	}
 	buf[len] = '\0';
-	*ret = buf;
 	*ret_len = len;
 	*ret_mode = st.st_mode;
-	return 1;
+	return buf;
 }
 
 static void
@@ -874,6 +786,7 @@ parse_yaml(struct loader *l, const char *file, const char *buf, size_t len, yaml
 {
 	yaml_parser_t p;
 	yaml_document_t extra;
+	yaml_node_t *root;
 	int rc = 0;
 
 	if (!yaml_parser_initialize(&p)) {
@@ -889,8 +802,7 @@ parse_yaml(struct loader *l, const char *file, const char *buf, size_t len, yaml
 			syntax_error(l, file, &p);
 			rc = -1;
 		} else {
-			yaml_node_t *root = yaml_document_get_root_node(&extra);
-			if (root != NULL) {
+			if ((root = yaml_document_get_root_node(&extra)) != NULL) {
 				add_error(l->errs, file, root->start_mark, "(document)",
 					  "only one YAML document per file");
 				rc = -1;
@@ -904,22 +816,20 @@ parse_yaml(struct loader *l, const char *file, const char *buf, size_t len, yaml
 	return rc;
 }
 
-/* Read and parse a file, then hand its root node to fn. */
+/* Read and parse a file, then hand it to fn. */
 static void
-load_file(struct loader *l, const char *file, bool optional, void *base,
-	  void (*fn)(struct pctx *c, yaml_node_t *root))
+load_file(struct loader *l, const char *file, bool optional, void *base, void (*fn)(struct pctx *c))
 {
 	yaml_document_t doc;
-	char *buf;
-	size_t len;
-	mode_t mode;
 	struct pctx c = {.l = l, .file = file, .doc = &doc, .base = base};
+	size_t len;
+	char *buf = read_file(l, file, optional, &len, &c.mode);
 
-	if (read_file(l, file, optional, &buf, &len, &mode) <= 0)
+	if (buf == NULL)
 		return;
 	if (parse_yaml(l, file, buf, len, &doc) == 0) {
-		c.mode = mode;
-		fn(&c, yaml_document_get_root_node(&doc));
+		c.root = yaml_document_get_root_node(&doc);
+		fn(&c);
 		wipe_document(&doc);
 	}
 	explicit_bzero(buf, len);
@@ -928,13 +838,41 @@ load_file(struct loader *l, const char *file, bool optional, void *base,
 
 /* ---- secrets ---- */
 
-/* The first line of a secret file, or NULL after an error. */
+/* The first line of an open secret file, or NULL after an error. */
+static char *
+first_line(struct pctx *c, const struct secret *sec, int fd, const char *name)
+{
+	char buf[MAX_SECRET_LINE + 1], *nl, *ret = NULL;
+	size_t len = 0;
+	ssize_t r = 0;
+
+	while (len < MAX_SECRET_LINE && (r = read(fd, buf + len, MAX_SECRET_LINE - len)) > 0)
+		len += (size_t)r;
+	nl = memchr(buf, '\n', len);
+	if (r < 0) {
+		perr(c, sec->mark, sec->path, "cannot read %s: %s", name, strerror(errno));
+	} else if (nl == NULL && len == MAX_SECRET_LINE) {
+		perr(c, sec->mark, sec->path, "the first line of %s is too long", name);
+	} else {
+		len = nl ? (size_t)(nl - buf) : len;
+		len -= len > 0 && buf[len - 1] == '\r';
+		buf[len] = '\0';
+		if (len == 0 || memchr(buf, '\0', len) != NULL)
+			perr(c, sec->mark, sec->path,
+			     "the first line of %s is empty or holds a NUL", name);
+		else
+			ret = xstrdup(buf);
+	}
+	explicit_bzero(buf, sizeof(buf));
+	return ret;
+}
+
+/* A secret file: it must not be readable by others (check_others), unlike a
+ * systemd credential, which systemd keeps safe. */
 static char *
 read_secret_file(struct pctx *c, const struct secret *sec, const char *file, bool check_others)
 {
-	char buf[MAX_SECRET_LINE + 1], name[256], *nl, *ret = NULL;
-	size_t len = 0;
-	ssize_t r = 0;
+	char name[256], *ret = NULL;
 	struct stat st;
 	int fd = open(file, O_RDONLY | O_CLOEXEC | O_NOCTTY);
 
@@ -943,96 +881,67 @@ read_secret_file(struct pctx *c, const struct secret *sec, const char *file, boo
 		perr(c, sec->mark, sec->path, "cannot open %s: %s", name, strerror(errno));
 		return NULL;
 	}
-	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
 		perr(c, sec->mark, sec->path, "%s is not a regular file", name);
-		goto out;
-	}
-	if (check_others && (st.st_mode & S_IROTH) != 0) {
+	else if (check_others && (st.st_mode & S_IROTH) != 0)
 		perr(c, sec->mark, sec->path, "%s is readable by others (chmod 600)", name);
-		goto out;
-	}
-	while (len < MAX_SECRET_LINE && memchr(buf, '\n', len) == NULL &&
-	       ((r = read(fd, buf + len, MAX_SECRET_LINE - len)) > 0 || (r < 0 && errno == EINTR)))
-		len += r > 0 ? (size_t)r : 0;
-	if (r < 0) {
-		perr(c, sec->mark, sec->path, "cannot read %s: %s", name, strerror(errno));
-		goto out;
-	}
-	nl = memchr(buf, '\n', len);
-	if (nl == NULL && len == MAX_SECRET_LINE) {
-		perr(c, sec->mark, sec->path, "the first line of %s is too long", name);
-		goto out;
-	}
-	len = nl ? (size_t)(nl - buf) : len;
-	if (len > 0 && buf[len - 1] == '\r')
-		len--;
-	buf[len] = '\0';
-	if (len == 0 || memchr(buf, '\0', len) != NULL)
-		perr(c, sec->mark, sec->path, "the first line of %s is empty or holds a NUL", name);
 	else
-		ret = xstrdup(buf);
-out:
-	explicit_bzero(buf, sizeof(buf));
+		ret = first_line(c, sec, fd, name);
 	close(fd);
 	return ret;
 }
 
-static void
-resolve_secret(struct pctx *c, struct secret *sec)
+/* The secret itself (to be wiped by the caller), or NULL when none or after an error. */
+static char *
+load_secret(struct pctx *c, const struct secret *sec)
 {
 	const char *credentials = getenv("CREDENTIALS_DIRECTORY");
-	char *file;
+	char *file, *ret;
 
-	switch (sec->kind) {
-	case SEC_NONE:
-		break;
-	case SEC_INLINE:
-		sec->value = xstrdup(sec->src);
-		break;
-	case SEC_FILE:
-		sec->value = read_secret_file(c, sec, sec->src, true);
-		break;
-	case SEC_CRED:
-		if (credentials == NULL || credentials[0] == '\0') {
-			perr(c, sec->mark, sec->path,
-			     "$CREDENTIALS_DIRECTORY is not set (LoadCredential= in the unit)");
-			break;
-		}
-		file = join(credentials, sec->src);
-		sec->value = read_secret_file(c, sec, file, false);
-		free(file);
-		break;
+	if (sec->kind == SEC_INLINE)
+		return xstrdup(sec->src);
+	if (sec->kind == SEC_FILE)
+		return read_secret_file(c, sec, sec->src, true);
+	if (sec->kind != SEC_CRED)
+		return NULL;
+	if (credentials == NULL || credentials[0] == '\0') {
+		perr(c, sec->mark, sec->path,
+		     "$CREDENTIALS_DIRECTORY is not set (LoadCredential= in the unit)");
+		return NULL;
 	}
-}
-
-/* Move a loaded secret out of sec. */
-static char *
-take_secret(struct secret *sec)
-{
-	char *v = sec->value;
-
-	sec->value = NULL;
-	return v;
+	file = join(credentials, sec->src);
+	ret = read_secret_file(c, sec, file, false);
+	free(file);
+	return ret;
 }
 
 /* ---- popfetchd.yaml ---- */
 
 static void
-daemon_root(struct pctx *c, yaml_node_t *root)
+daemon_root(struct pctx *c)
 {
 	struct dparse *dp = c->base;
 
-	if (root == NULL)
+	if (c->root == NULL)
 		return;
-	if (root->type != YAML_MAPPING_NODE) {
-		perr(c, root->start_mark, "(top level)", "expected a mapping of daemon settings");
+	if (c->root->type != YAML_MAPPING_NODE) {
+		perr(c, c->root->start_mark, "(top level)",
+		     "expected a mapping of daemon settings");
 		return;
 	}
-	walk_map(c, root, daemon_keys, "");
-	resolve_secret(c, &dp->d.pw);
+	walk_map(c, c->root, daemon_keys, "");
+	dp->d.password = load_secret(c, &dp->d.pw);
 }
 
 /* ---- a configuration ---- */
+
+/* A required key is missing (and not merely invalid, which was reported). */
+static void
+require(struct pctx *c, const void *value, const char *path, const char *msg)
+{
+	if (value == NULL && lookup(c, path) == NULL)
+		perr(c, c->root->start_mark, path, "%s", msg);
+}
 
 static void
 fallback(char **field, const char *dflt)
@@ -1042,114 +951,93 @@ fallback(char **field, const char *dflt)
 }
 
 static void
-finish_oauth2(struct pctx *c, struct mparse *mp, yaml_mark_t at)
+finish_oauth2(struct pctx *c, struct mparse *mp)
 {
 	struct conf_mailbox *m = &mp->m;
 
-	if (m->oauth2.token_endpoint == NULL)
-		perr(c, at, "oauth2.token_endpoint", "required for auth: oauth2");
-	if (m->oauth2.client_id == NULL)
-		perr(c, at, "oauth2.client_id", "required for auth: oauth2");
-	if (m->oauth2.grant == CONF_GRANT_CLIENT_CREDENTIALS) {
-		if (mp->cs.kind == SEC_NONE)
-			perr(c, at, "oauth2.client_secret",
-			     "required for grant client_credentials (client_secret, "
-			     "client_secret_file or client_secret_credential)");
-		if (m->oauth2.scope == NULL)
-			perr(c, at, "oauth2.scope", "required for grant client_credentials");
-	} else if (m->oauth2.refresh_token_file == NULL) {
-		perr(c, at, "oauth2.refresh_token_file", "required for grant refresh_token");
+	require(c, m->oauth2.token_endpoint, "oauth2.token_endpoint", "required for auth: oauth2");
+	require(c, m->oauth2.client_id, "oauth2.client_id", "required for auth: oauth2");
+	if (m->oauth2.grant == CONF_GRANT_REFRESH_TOKEN) {
+		require(c, m->oauth2.refresh_token_file, "oauth2.refresh_token_file",
+			"required for grant refresh_token");
+		return;
 	}
+	if (!mp->cs.tried)
+		perr(c, c->root->start_mark, "oauth2.client_secret",
+		     "required for grant client_credentials (client_secret, client_secret_file or "
+		     "client_secret_credential)");
+	require(c, m->oauth2.scope, "oauth2.scope", "required for grant client_credentials");
 }
 
 static void
-finish_mailbox(struct pctx *c, struct mparse *mp, yaml_mark_t at)
+finish_mailbox(struct pctx *c, struct mparse *mp)
 {
 	struct conf_mailbox *m = &mp->m;
 	const struct defaults *d = &c->l->dp.d;
 
-	if (m->id == NULL)
-		perr(c, at, "id", "required");
+	require(c, m->id, "id", "required");
 	fallback(&m->server, d->server);
-	if (m->server == NULL)
-		perr(c, at, "server", "required (here or in popfetchd.yaml defaults)");
+	require(c, m->server, "server", "required (here or in popfetchd.yaml defaults)");
 	fallback(&m->user, d->user);
-	if (m->user == NULL)
-		perr(c, at, "user", "required (here or in popfetchd.yaml defaults)");
-	m->tls = (enum conf_tls)(mp->tls >= 0 ? mp->tls : d->tls >= 0 ? d->tls : 0);
-	m->port = (uint16_t)(mp->port   ? mp->port
-			     : d->port  ? d->port
-			     : m->tls == CONF_TLS_IMPLICIT ? 995
-							    : 110);
+	require(c, m->user, "user", "required (here or in popfetchd.yaml defaults)");
 	fallback(&m->tls_ca_file, d->tls_ca_file);
+	m->tls = (enum conf_tls)(mp->tls >= 0 ? mp->tls : d->tls >= 0 ? d->tls : 0);
+	if (mp->port == 0)
+		mp->port = d->port ? d->port : m->tls == CONF_TLS_IMPLICIT ? 995 : 110;
+	m->port = (uint16_t)mp->port;
 	m->active = mp->status == 0;
 	m->auth = (enum conf_auth)mp->auth;
 	m->oauth2.grant = (enum conf_grant)mp->grant;
 	m->oauth2.mechanism = (enum conf_oauth_mech)mp->mech;
 	m->receive = (enum conf_receive)mp->receive;
 
-	resolve_secret(c, &mp->pw);
-	resolve_secret(c, &mp->cs);
-	resolve_secret(c, &mp->kp);
-	m->password = take_secret(&mp->pw);
-	m->oauth2.client_secret = take_secret(&mp->cs);
-	m->smime.key_password = take_secret(&mp->kp);
-	if (m->auth == CONF_AUTH_SASL && mp->pw.kind == SEC_NONE) {
-		if (d->pw.value != NULL)
-			m->password = xstrdup(d->pw.value);
-		else if (d->pw.kind == SEC_NONE)
-			perr(c, at, "password",
+	m->password = load_secret(c, &mp->pw);
+	m->oauth2.client_secret = load_secret(c, &mp->cs);
+	m->smime.key_password = load_secret(c, &mp->kp);
+	if (m->auth == CONF_AUTH_SASL && !mp->pw.tried) {
+		if (d->password != NULL)
+			m->password = xstrdup(d->password);
+		else if (!d->pw.tried)
+			perr(c, c->root->start_mark, "password",
 			     "required for auth: sasl (password, password_file or "
 			     "password_credential, here or in popfetchd.yaml defaults)");
 	}
 	if (m->auth == CONF_AUTH_OAUTH2)
-		finish_oauth2(c, mp, at);
+		finish_oauth2(c, mp);
 	if (mp->kp.kind != SEC_NONE && m->smime.key_name == NULL)
 		perr(c, mp->kp.mark, mp->kp.path, "has no effect without smime.key_name");
-	if ((m->save_text || m->save_attachments) && m->save_directory == NULL)
-		perr(c, at, "save_directory", "required when save_text or save_attachments is true");
+	if (m->save_text || m->save_attachments)
+		require(c, m->save_directory, "save_directory",
+			"required when save_text or save_attachments is true");
 }
 
 static void
-mailbox_root(struct pctx *c, yaml_node_t *root)
+mailbox_root(struct pctx *c)
 {
 	struct mparse *mp = c->base;
+	yaml_node_t *id;
 
-	if (root == NULL || root->type != YAML_MAPPING_NODE) {
-		perr(c, root ? root->start_mark : mark_start, "(top level)",
+	if (c->root == NULL || c->root->type != YAML_MAPPING_NODE) {
+		perr(c, c->root ? c->root->start_mark : mark_start, "(top level)",
 		     "expected a mapping of configuration keys");
 		return;
 	}
-	walk_map(c, root, mailbox_keys, "");
-	finish_mailbox(c, mp, root->start_mark);
-}
-
-static struct mparse *
-mparse_new(const char *file, size_t order)
-{
-	struct mparse *mp = xcalloc(1, sizeof(*mp));
-
-	mp->m.file = xstrdup(file);
-	mp->m.active = true;
-	mp->m.tls_verify = true;
-	mp->m.save_text = true;
-	mp->m.save_attachments = true;
-	mp->m.remove_after_read = true;
-	mp->m.poll_interval = 300;
-	mp->m.connect_timeout = 30;
-	mp->m.command_timeout = 60;
-	mp->tls = -1;
-	mp->order = order;
-	return mp;
+	walk_map(c, c->root, mailbox_keys, "");
+	finish_mailbox(c, mp);
+	if ((id = lookup(c, "id")) != NULL)
+		mp->id_mark = id->start_mark;
 }
 
 static void
 load_mailbox(struct loader *l, const char *file)
 {
-	struct mparse *mp = mparse_new(file, l->n_mbx);
+	struct mparse *mp = xmalloc(sizeof(*mp));
 
+	*mp = mparse_defaults;
+	mp->m.file = xstrdup(file);
+	mp->order = l->n_mbx;
 	load_file(l, file, false, mp, mailbox_root);
-	if (mp->m.id == NULL) { /* nothing to check duplicates against */
+	if (mp->m.id == NULL) { /* invalid, and nothing to check duplicates against */
 		mparse_free(mp);
 		return;
 	}
@@ -1160,13 +1048,14 @@ load_mailbox(struct loader *l, const char *file)
 	l->mbx[l->n_mbx++] = mp;
 }
 
+/* *.yaml and *.yml, as a shell glob would list them (no dot files). */
 static int
 yaml_name(const struct dirent *de)
 {
 	const char *dot = strrchr(de->d_name, '.');
 
 	return de->d_name[0] != '.' && dot != NULL &&
-	       (strcmp(dot, ".yaml") == 0 || strcmp(dot, ".yml") == 0);
+	       (!strcmp(dot, ".yaml") || !strcmp(dot, ".yml"));
 }
 
 static int
@@ -1214,46 +1103,33 @@ check_duplicates(struct loader *l)
 	if (l->n_mbx > 1)
 		qsort(l->mbx, l->n_mbx, sizeof(*l->mbx), by_id);
 	for (size_t i = 1; i < l->n_mbx; i++) {
-		if (strcmp(l->mbx[i]->m.id, l->mbx[first]->m.id) != 0) {
+		if (strcmp(l->mbx[i]->m.id, l->mbx[first]->m.id) != 0)
 			first = i;
-			continue;
-		}
-		add_error(l->errs, l->mbx[i]->m.file, l->mbx[i]->id_mark, "id",
-			  "duplicate id \"%s\", already used in %s", l->mbx[i]->m.id,
-			  l->mbx[first]->m.file);
+		else
+			add_error(l->errs, l->mbx[i]->m.file, l->mbx[i]->id_mark, "id",
+				  "duplicate id \"%s\", already used in %s", l->mbx[i]->m.id,
+				  l->mbx[first]->m.file);
 	}
 }
 
 /* ---- the set ---- */
-
-static char *
-default_state_directory(void)
-{
-	const char *env = getenv("STATE_DIRECTORY");
-
-	/* systemd passes a colon-separated list when there are several */
-	if (env != NULL && env[0] != '\0' && env[0] != ':') {
-		size_t n = strcspn(env, ":");
-		char *dir = xmalloc(n + 1);
-
-		memcpy(dir, env, n);
-		dir[n] = '\0';
-		return dir;
-	}
-	return xstrdup("/var/lib/popfetchd");
-}
 
 static struct conf_set *
 build_set(struct loader *l)
 {
 	struct conf_set *set = xcalloc(1, sizeof(*set));
 	struct dparse *dp = &l->dp;
+	const char *env = getenv("STATE_DIRECTORY");
 
 	set->dir = xstrdup(l->dir);
-	set->state_directory = dp->state_directory ? xstrdup(dp->state_directory)
-						   : default_state_directory();
-	set->keystore_directory = dp->keystore_directory ? xstrdup(dp->keystore_directory)
-							 : join(l->dir, "keys");
+	if (dp->state_directory != NULL)
+		set->state_directory = xstrdup(dp->state_directory);
+	else if (env != NULL && env[0] != '\0' && env[0] != ':') /* colon-separated when several */
+		set->state_directory = xasprintf("%.*s", (int)strcspn(env, ":"), env);
+	else
+		set->state_directory = xstrdup("/var/lib/popfetchd");
+	set->keystore_directory =
+		dp->keystore_directory ? xstrdup(dp->keystore_directory) : join(l->dir, "keys");
 	set->max_sessions = dp->max_sessions ? dp->max_sessions : 64;
 	set->log_level_set = dp->log_level >= 0;
 	set->log_level = set->log_level_set ? dp->log_level : LOG_LVL_INFO;
@@ -1261,7 +1137,7 @@ build_set(struct loader *l)
 	for (size_t i = 0; i < l->n_mbx; i++) {
 		struct conf_mailbox *m = xmalloc(sizeof(*m));
 		*m = l->mbx[i]->m; /* moves the fields */
-		memset(&l->mbx[i]->m, 0, sizeof(l->mbx[i]->m));
+		memset(&l->mbx[i]->m, 0, sizeof(*m));
 		set->mailboxes[set->n_mailboxes++] = m;
 	}
 	return set;
@@ -1270,17 +1146,16 @@ build_set(struct loader *l)
 int
 conf_load(const char *dir, struct conf_set **ret, struct conf_errors *errs)
 {
-	struct loader l = {.dir = dir, .errs = errs};
+	struct loader l = {.dir = dir, .errs = errs, .dp = {.log_level = -1, .d = {.tls = -1}}};
 	size_t before = errs->n;
-	struct stat st = {0};
+	struct stat st;
 	char *file;
-	int rc = 0;
+	int r = stat(dir, &st);
 
-	l.dp.log_level = -1;
-	l.dp.d.tls = -1;
-	if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode)) {
-		add_error(errs, dir, mark_start, "(directory)", "cannot open: %s",
-			  S_ISDIR(st.st_mode) || st.st_mode == 0 ? strerror(errno) : "not a directory");
+	if (r == 0 && !S_ISDIR(st.st_mode))
+		errno = ENOTDIR;
+	if (r < 0 || !S_ISDIR(st.st_mode)) {
+		add_error(errs, dir, mark_start, "(directory)", "cannot open: %s", strerror(errno));
 		return -EINVAL;
 	}
 	file = join(dir, "popfetchd.yaml");
@@ -1288,15 +1163,13 @@ conf_load(const char *dir, struct conf_set **ret, struct conf_errors *errs)
 	free(file);
 	load_confd(&l);
 	check_duplicates(&l);
-	if (errs->n != before)
-		rc = -EINVAL;
-	else
+	if (errs->n == before)
 		*ret = build_set(&l);
 	for (size_t i = 0; i < l.n_mbx; i++)
 		mparse_free(l.mbx[i]);
 	free(l.mbx);
 	dparse_clear(&l.dp);
-	return rc;
+	return errs->n == before ? 0 : -EINVAL;
 }
 
 void
@@ -1345,11 +1218,11 @@ conf_find(const struct conf_set *set, const char *id)
 const char *
 conf_tls_name(enum conf_tls tls)
 {
-	return (unsigned)tls < 3 ? tls_names[tls] : "?";
+	return (unsigned)tls <= CONF_TLS_NONE ? tls_names[tls] : "?";
 }
 
 const char *
 conf_auth_name(enum conf_auth auth)
 {
-	return (unsigned)auth < 2 ? auth_names[auth] : "?";
+	return (unsigned)auth <= CONF_AUTH_OAUTH2 ? auth_names[auth] : "?";
 }

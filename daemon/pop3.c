@@ -611,11 +611,11 @@ on_event(struct bufferevent *bev, short what, void *arg)
 	if (s->state == P3_CONNECT) {
 		int dns_err = bufferevent_socket_get_dns_error(bev);
 		if (dns_err != 0)
-			fail(s, POP3_FAIL_RESOLVE, "cannot resolve %s: %s", s->p.host,
+			fail(s, POP3_FAIL_RESOLVE, "cannot resolve the host name: %s",
 			     evutil_gai_strerror(dns_err));
 		else
-			fail(s, POP3_FAIL_CONNECT, "cannot connect to %s port %u: %s", s->p.host,
-			     s->p.port, evutil_socket_error_to_string(err));
+			fail(s, POP3_FAIL_CONNECT, "cannot connect: %s",
+			     evutil_socket_error_to_string(err));
 		return;
 	}
 	/* drain what the server said before it closed */
@@ -665,8 +665,8 @@ on_conn_timeout(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	fail(s, POP3_FAIL_CONNECT, "cannot connect to %s port %u: timed out after %u s", s->p.host,
-	     s->p.port, s->p.connect_timeout);
+	fail(s, POP3_FAIL_CONNECT, "cannot connect: no connection within %u s (timeouts.connect)",
+	     s->p.connect_timeout);
 }
 
 struct pop3_session *

@@ -86,10 +86,11 @@ static bool
 has_error(const struct conf_errors *e, const char *needle, const char *needle2)
 {
 	for (size_t i = 0; i < e->n; i++)
-		if (strstr(e->lines[i], needle) && (needle2 == NULL || strstr(e->lines[i], needle2)))
+		if (strstr(e->lines[i], needle) &&
+		    (needle2 == NULL || strstr(e->lines[i], needle2)))
 			return true;
-	fprintf(stderr, "no error line with \"%s\"%s%s%s, have:\n", needle, needle2 ? " and \"" : "",
-		needle2 ? needle2 : "", needle2 ? "\"" : "");
+	fprintf(stderr, "no error line with \"%s\"%s%s%s, have:\n", needle,
+		needle2 ? " and \"" : "", needle2 ? needle2 : "", needle2 ? "\"" : "");
 	dump(e);
 	return false;
 }
@@ -377,19 +378,20 @@ test_daemon_errors(void)
 	put(dir, "conf.d/a.yaml", 0600, "id: a\nsave_directory: /srv/a\n");
 	load_bad(dir, &e);
 	CHECK(has_error(&e, f, ":1:18: state_directory: must be an absolute path"));
-	CHECK(has_error(&e, f, ":2:15: max_sessions: must be a number between 1 and 10000"));
+	CHECK(has_error(&e, f, ":2:15: max_sessions: must be between 1 and 10000"));
 	CHECK(has_error(&e, f, ":3:12: log_level: must be one of debug"));
 	snprintf(want, sizeof(want), "%s:4:1: colour: unknown key", f);
 	CHECK(has_error(&e, want, NULL));
-	CHECK(has_error(&e, f, ":6:9: defaults.port: must be a number between 1 and 65535"));
+	CHECK(has_error(&e, f, ":6:9: defaults.port: must be between 1 and 65535"));
 	CHECK(has_error(&e, f, ":7:8: defaults.tls: must be one of implicit, explicit, none"));
 	CHECK(has_error(&e, f, ":8:13: defaults.password: "));
 	CHECK(has_error(&e, "defaults.password: ", "readable by group or others (chmod 600)"));
 	CHECK(has_error(&e, f, ":9:18: defaults.password_file: only one of password, "));
 	CHECK(has_error(&e, f, ":10:3: defaults.shoe: unknown key"));
 	/* the configuration is checked too, with what could be read of the defaults */
-	CHECK(has_error(&e, path_of(dir, "conf.d/a.yaml"), ": server: required (here or in "
-							   "popfetchd.yaml defaults)"));
+	CHECK(has_error(&e, path_of(dir, "conf.d/a.yaml"),
+			": server: required (here or in "
+			"popfetchd.yaml defaults)"));
 	CHECK(no_error_contains(&e, "topsecret"));
 	conf_errors_clear(&e);
 	CHECK(e.n == 0 && e.lines == NULL);
@@ -407,8 +409,8 @@ test_secret_files(void)
 	put(dir, "crlf", 0600, "crlf-pw\r\n");
 	put(dir, "open", 0644, "open-secret\n");
 	put(dir, "empty", 0600, "\n");
-	snprintf(text, sizeof(text), "id: a\n" BASE "smime:\n  key_name: k\n  key_password_file: %s/crlf\n",
-		 dir);
+	snprintf(text, sizeof(text),
+		 "id: a\n" BASE "smime:\n  key_name: k\n  key_password_file: %s/crlf\n", dir);
 	put(dir, "conf.d/a.yaml", 0600, text);
 	set = load_ok(dir);
 	if (set != NULL)
@@ -426,8 +428,8 @@ test_secret_files(void)
 	put(dir, "conf.d/d.yaml", 0600, text);
 	load_bad(dir, &e);
 	f = path_of(dir, "conf.d/b.yaml");
-	snprintf(text, sizeof(text), "%s:5:16: password_file: %s/open is readable by others (chmod 600)",
-		 f, dir);
+	snprintf(text, sizeof(text),
+		 "%s:5:16: password_file: %s/open is readable by others (chmod 600)", f, dir);
 	CHECK(has_error(&e, text, NULL));
 	CHECK(has_error(&e, path_of(dir, "conf.d/c.yaml"), ":5:16: password_file: cannot open"));
 	CHECK(has_error(&e, path_of(dir, "conf.d/d.yaml"), "password_file: the first line"));
@@ -455,7 +457,8 @@ test_credentials(void)
 	unsetenv("CREDENTIALS_DIRECTORY");
 	load_bad(dir, &e);
 	CHECK(has_error(&e, ":5:22: password_credential: $CREDENTIALS_DIRECTORY is not set", NULL));
-	CHECK(has_error(&e, ":11:29: oauth2.client_secret_credential: $CREDENTIALS_DIRECTORY", NULL));
+	CHECK(has_error(&e, ":11:29: oauth2.client_secret_credential: $CREDENTIALS_DIRECTORY",
+			NULL));
 	conf_errors_clear(&e);
 
 	setenv("CREDENTIALS_DIRECTORY", creds, 1);
@@ -516,11 +519,14 @@ test_secret_conflicts(void)
 	    "  client_secret: a\n  client_secret_credential: b\n"
 	    "smime:\n  key_password: k\n");
 	load_bad(dir, &e);
-	CHECK(has_error(&e, ":6:16: password_file: only one of password, password_file and "
-			    "password_credential may be set",
+	CHECK(has_error(&e,
+			":6:16: password_file: only one of password, password_file and "
+			"password_credential may be set",
 			NULL));
-	CHECK(has_error(&e, ":13:29: oauth2.client_secret_credential: only one of client_secret", NULL));
-	CHECK(has_error(&e, ":15:17: smime.key_password: has no effect without smime.key_name", NULL));
+	CHECK(has_error(&e, ":13:29: oauth2.client_secret_credential: only one of client_secret",
+			NULL));
+	CHECK(has_error(&e, ":15:17: smime.key_password: has no effect without smime.key_name",
+			NULL));
 	CHECK(e.n == 3);
 	conf_errors_clear(&e);
 }
@@ -534,23 +540,22 @@ test_unknown_and_types(void)
 	char want[1024];
 
 	put(dir, "conf.d/t.yaml", 0600,
-	    "id: t\n" BASE                               /* lines 1-5 */
-	    "colour: red\n"                              /* 6 */
-	    "port: abc\n"                                /* 7 */
-	    "tls_verify: maybe\n"                        /* 8 */
-	    "poll_interval: 0\n"                         /* 9 */
-	    "max_message_size: 0\n"                      /* 10 */
-	    "status: paused\n"                           /* 11 */
-	    "timeouts:\n  connect: 2h\n  wait: 1\n"      /* 12-14 */
-	    "oauth2:\n  foo: bar\n  grant: password\n"   /* 15-17 */
+	    "id: t\n" BASE				/* lines 1-5 */
+	    "colour: red\n"				/* 6 */
+	    "port: abc\n"				/* 7 */
+	    "tls_verify: maybe\n"			/* 8 */
+	    "poll_interval: 0\n"			/* 9 */
+	    "max_message_size: 0\n"			/* 10 */
+	    "status: paused\n"				/* 11 */
+	    "timeouts:\n  connect: 2h\n  wait: 1\n"	/* 12-14 */
+	    "oauth2:\n  foo: bar\n  grant: password\n"	/* 15-17 */
 	    "sasl_mechanisms: [PLAIN, GSSAPI, plain]\n" /* 18 */
-	    "receive: [all]\n"                           /* 19 */
-	    "tls_fingerprint: sha256:abcd\n"             /* 20 */
-	    "description:\n"                             /* 21 */
-	    "tls: IMPLICIT\n");                          /* 22 */
+	    "receive: [all]\n"				/* 19 */
+	    "tls_fingerprint: sha256:abcd\n"		/* 20 */
+	    "description:\n"				/* 21 */
+	    "tls: IMPLICIT\n");				/* 22 */
 	put(dir, "conf.d/u.yaml", 0600,
-	    "id: u\n" BASE
-	    "poll_interval: 8d\n"
+	    "id: u\n" BASE "poll_interval: 8d\n"
 	    "max_message_size: lots\n"
 	    "timeouts:\n  command: soon\n"
 	    "sasl_mechanisms: []\n"
@@ -561,7 +566,7 @@ test_unknown_and_types(void)
 	load_bad(dir, &e);
 	snprintf(want, sizeof(want), "%s:6:1: colour: unknown key", f);
 	CHECK(has_error(&e, want, NULL));
-	CHECK(has_error(&e, ":7:7: port: must be a number between 1 and 65535", NULL));
+	CHECK(has_error(&e, ":7:7: port: expected a number", NULL));
 	CHECK(has_error(&e, ":8:13: tls_verify: expected true or false", NULL));
 	CHECK(has_error(&e, ":9:16: poll_interval: must be between 1s and 7d", NULL));
 	CHECK(has_error(&e, ":10:19: max_message_size: must be at least 1 byte", NULL));
@@ -569,7 +574,8 @@ test_unknown_and_types(void)
 	CHECK(has_error(&e, ":13:12: timeouts.connect: must be between 1s and 1h", NULL));
 	CHECK(has_error(&e, ":14:3: timeouts.wait: unknown key", NULL));
 	CHECK(has_error(&e, ":16:3: oauth2.foo: unknown key", NULL));
-	CHECK(has_error(&e, ":17:10: oauth2.grant: must be one of client_credentials, refresh_token",
+	CHECK(has_error(&e,
+			":17:10: oauth2.grant: must be one of client_credentials, refresh_token",
 			NULL));
 	CHECK(has_error(&e, ":18:26: sasl_mechanisms: unknown mechanism", NULL));
 	CHECK(has_error(&e, ":18:34: sasl_mechanisms: PLAIN is listed twice", NULL));
@@ -580,7 +586,7 @@ test_unknown_and_types(void)
 	CHECK(has_error(&e, "u.yaml:7:19: max_message_size: expected a size", NULL));
 	CHECK(has_error(&e, "u.yaml:9:12: timeouts.command: expected a duration", NULL));
 	CHECK(has_error(&e, "u.yaml:10:18: sasl_mechanisms: must not be empty", NULL));
-	CHECK(has_error(&e, "u.yaml:11:7: port: must be a number between 1 and 65535", NULL));
+	CHECK(has_error(&e, "u.yaml:11:7: port: must be between 1 and 65535", NULL));
 	CHECK(has_error(&e, "u.yaml:12:7: auth: must be one of sasl, oauth2", NULL));
 	CHECK(has_error(&e, "u.yaml:14:13: smime.key_name: must be a name", NULL));
 	CHECK(has_error(&e, "u.yaml:15:9: oauth2: expected a mapping", NULL));
@@ -639,19 +645,27 @@ test_required(void)
 	struct conf_set *set;
 
 	put(dir, "conf.d/a.yaml", 0600, "description: none of it\n");
-	put(dir, "conf.d/b.yaml", 0600, "id: b\nserver: s\nuser: u\npassword: p\nsave_directory: rel/dir\n");
-	put(dir, "conf.d/c.yaml", 0600, "id: c!\nserver: s\nuser: u\npassword: p\nsave_directory: /s\n");
+	put(dir, "conf.d/b.yaml", 0600,
+	    "id: b\nserver: s\nuser: u\npassword: p\nsave_directory: rel/dir\n");
+	put(dir, "conf.d/c.yaml", 0600,
+	    "id: c!\nserver: s\nuser: u\npassword: p\nsave_directory: /s\n");
 	put(dir, "conf.d/d.yaml", 0600,
-	    "id: " "x234567890123456789012345678901234567890123456789012345678901234" "5\n"
+	    "id: "
+	    "x234567890123456789012345678901234567890123456789012345678901234"
+	    "5\n"
 	    "server: s\nuser: u\npassword: p\nsave_directory: /s\n");
-	put(dir, "conf.d/e.yaml", 0600, "id: ..\nserver: \"\"\nuser: u\npassword: p\nsave_text: false\n");
+	put(dir, "conf.d/e.yaml", 0600,
+	    "id: ..\nserver: \"\"\nuser: u\npassword: p\nsave_text: false\n");
 	load_bad(dir, &e);
 	CHECK(has_error(&e, "a.yaml:1:1: id: required", NULL));
-	CHECK(has_error(&e, "a.yaml:1:1: server: required (here or in popfetchd.yaml defaults)", NULL));
-	CHECK(has_error(&e, "a.yaml:1:1: user: required (here or in popfetchd.yaml defaults)", NULL));
+	CHECK(has_error(&e, "a.yaml:1:1: server: required (here or in popfetchd.yaml defaults)",
+			NULL));
+	CHECK(has_error(&e, "a.yaml:1:1: user: required (here or in popfetchd.yaml defaults)",
+			NULL));
 	CHECK(has_error(&e, "a.yaml:1:1: password: required for auth: sasl", NULL));
-	CHECK(has_error(&e, "a.yaml:1:1: save_directory: required when save_text or "
-			    "save_attachments is true",
+	CHECK(has_error(&e,
+			"a.yaml:1:1: save_directory: required when save_text or "
+			"save_attachments is true",
 			NULL));
 	CHECK(has_error(&e, "b.yaml:5:17: save_directory: must be an absolute path", NULL));
 	CHECK(has_error(&e, "c.yaml:1:5: id: must be 1-64 characters", NULL));
@@ -659,8 +673,8 @@ test_required(void)
 	CHECK(has_error(&e, "e.yaml:1:5: id: must be 1-64", NULL));
 	CHECK(has_error(&e, "e.yaml:2:9: server: expected a string, the value is empty", NULL));
 	CHECK(has_error(&e, "e.yaml:1:1: save_directory: required", NULL));
-	CHECK(e.n == 12); /* and e.yaml: server required */
-	dump(&e);
+	CHECK(no_error_contains(&e, "b.yaml:1:1"));
+	CHECK(e.n == 11);
 	conf_errors_clear(&e);
 
 	/* no save flag, no directory; 64 characters are fine */
@@ -700,7 +714,8 @@ test_oauth2(void)
 	}
 	conf_set_free(set);
 
-	put(dir, "conf.d/a.yaml", 0600, "id: a\nserver: s\nuser: u\nsave_directory: /s\nauth: oauth2\n");
+	put(dir, "conf.d/a.yaml", 0600,
+	    "id: a\nserver: s\nuser: u\nsave_directory: /s\nauth: oauth2\n");
 	put(dir, "conf.d/b.yaml", 0600,
 	    "id: b\nserver: s\nuser: u\nsave_directory: /s\nauth: oauth2\n"
 	    "oauth2:\n  token_endpoint: http://t.example/\n  client_id: c\n"
@@ -708,14 +723,16 @@ test_oauth2(void)
 	load_bad(dir, &e);
 	CHECK(has_error(&e, "a.yaml:1:1: oauth2.token_endpoint: required for auth: oauth2", NULL));
 	CHECK(has_error(&e, "a.yaml:1:1: oauth2.client_id: required for auth: oauth2", NULL));
-	CHECK(has_error(&e, "a.yaml:1:1: oauth2.client_secret: required for grant client_credentials",
+	CHECK(has_error(&e,
+			"a.yaml:1:1: oauth2.client_secret: required for grant client_credentials",
 			NULL));
-	CHECK(has_error(&e, "a.yaml:1:1: oauth2.scope: required for grant client_credentials", NULL));
+	CHECK(has_error(&e, "a.yaml:1:1: oauth2.scope: required for grant client_credentials",
+			NULL));
 	CHECK(has_error(&e, "b.yaml:7:19: oauth2.token_endpoint: must be an https:// URL", NULL));
-	CHECK(has_error(&e, "b.yaml:1:1: oauth2.refresh_token_file: required for grant refresh_token",
+	CHECK(has_error(&e,
+			"b.yaml:1:1: oauth2.refresh_token_file: required for grant refresh_token",
 			NULL));
 	CHECK(e.n == 6);
-	dump(&e);
 	conf_errors_clear(&e);
 }
 

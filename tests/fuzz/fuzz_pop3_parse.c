@@ -1,0 +1,54 @@
+/* libFuzzer harness: every pure POP3 parser, and the dot-unstuffer fed at
+ * split points chosen by the input. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "popfetchd/pop3_parse.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	const char *s = (const char *)data;
+	struct pop3_reply r;
+	struct pop3_capa capa;
+	struct pop3_dot d;
+	char uid[POP3_UIDL_MAX + 1];
+	unsigned long num;
+	uint64_t sz;
+	size_t len = size, off = 0, o, total = 0;
+	const char *line = s;
+	char *out;
+
+	pop3_parse_status(s, size, &r);
+	if (r.text < s || r.text + r.text_len > s + size)
+		abort();
+	pop3_capa_init(&capa);
+	pop3_parse_capa_line(&capa, s, size);
+	if (strlen(capa.sasl) >= sizeof(capa.sasl))
+		abort();
+	if (pop3_parse_uidl_line(s, size, &num, uid) == 0 && (strlen(uid) == 0 || strlen(uid) > 70))
+		abort();
+	pop3_parse_list_line(s, size, &num, &sz);
+	pop3_listing_line(&line, &len);
+
+	/* unstuff in pieces whose sizes come from the data itself */
+	out = malloc(size ? size : 1);
+	pop3_dot_init(&d);
+	while (off < size && !d.done) {
+		size_t step = 1 + data[off] % 17;
+		if (step > size - off)
+			step = size - off;
+		size_t used = pop3_dot_feed(&d, s + off, step, out, &o);
+		if (o > used + 2 || used > step || (used < step && !d.done))
+			abort();
+		off += used;
+		total += o;
+	}
+	if (total > size)
+		abort();
+	free(out);
+	return 0;
+}

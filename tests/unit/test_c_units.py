@@ -1,0 +1,19 @@
+"""Run the C unit test programs (one per module) that meson builds."""
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BUILD = pathlib.Path(os.environ.get("POPFETCHD_BUILD", ROOT / "build"))
+PROGRAMS = ["util", "config", "pop3_parse", "store"]
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_c_unit(name):
+    exe = BUILD / "tests" / f"test_{name}"
+    assert exe.exists(), f"{exe} is not built: run scripts/build"
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{exe.name} failed:\n{r.stderr[-4000:]}"
+    assert " 0 failed" in r.stderr.splitlines()[-1]
