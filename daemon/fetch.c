@@ -62,6 +62,7 @@ struct fetch {
 
 	struct fetch_result res;
 	bool finished;
+	char where[300]; /* "host:port" or "[v6]:port", for error lines */
 };
 
 static void
@@ -146,7 +147,7 @@ on_failed(void *arg, enum pop3_failure fail, const char *detail)
 	struct fetch *f = arg;
 
 	set_exit(f, failure_exit(fail));
-	add_error(f, "%s:%u: %s", f->mb->server, f->mb->port, detail);
+	add_error(f, "%s: %s", f->where, detail);
 	if (f->dele_sent > 0)
 		log_notice(f->mb->id, "the session ended before QUIT: the server keeps the %zu "
 				      "message(s) marked for deletion; the next poll deletes them",
@@ -196,9 +197,9 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 	f->listing_done = true;
 	if (!have_uidl && n > 0) {
 		set_exit(f, EX_PROTOCOL_);
-		add_error(f, "%s:%u: the server does not support UIDL: popfetchd cannot tell "
+		add_error(f, "%s: the server does not support UIDL: popfetchd cannot tell "
 			     "new messages from old ones there",
-			  f->mb->server, f->mb->port);
+			  f->where);
 		pop3_quit(f->pop3);
 		return;
 	}
@@ -414,9 +415,9 @@ on_quit(void *arg, bool ok)
 			compact_state(f);
 	} else if (f->dele_sent > 0) {
 		set_exit(f, EX_TEMPFAIL_);
-		add_error(f, "%s:%u: QUIT was not answered +OK: the server did not commit the "
+		add_error(f, "%s: QUIT was not answered +OK: the server did not commit the "
 			     "deletions; the next poll deletes the saved messages",
-			  f->mb->server, f->mb->port);
+			  f->where);
 	}
 	finish(f);
 }
@@ -460,6 +461,8 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct conf_s
 
 	f->base = base;
 	f->mb = mb;
+	snprintf(f->where, sizeof(f->where), strchr(mb->server, ':') ? "[%s]:%u" : "%s:%u",
+		 mb->server, mb->port);
 	f->mode = mode;
 	f->done = done;
 	f->arg = arg;

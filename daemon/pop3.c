@@ -8,6 +8,7 @@
  */
 #include <errno.h>
 #include <netinet/in.h>
+#include <arpa/inet.h>
 #include <netinet/tcp.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -70,6 +71,10 @@ struct pop3_session {
 	void *arg;
 
 	struct bufferevent *bev;
+	struct evdns_getaddrinfo_request *dns_req;
+	struct evutil_addrinfo *addrs, *next_addr; /* tried in turn */
+	char addr_text[INET6_ADDRSTRLEN + 8];       /* the address being tried */
+	char connect_errors[512];
 	struct event *cmd_timer;
 	struct event *conn_timer;
 	enum pop3_state state;
@@ -595,6 +600,73 @@ set_nodelay(struct bufferevent *bev)
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
+static void connect_next(struct pop3_session *s);
+static void on_read(struct bufferevent *bev, void *arg);
+static void on_event(struct bufferevent *bev, short what, void *arg);
+
+/* One address failed: note why, and try the next one. */
+static void
+connect_failed(struct pop3_session *s, int err)
+{
+	size_t used = strlen(s->connect_errors);
+
+	snprintf(s->connect_errors + used, sizeof(s->connect_errors) - used, "%s%s: %s",
+		 used ? "; " : "", s->addr_text, evutil_socket_error_to_string(err));
+	connect_next(s);
+}
+
+static void
+connect_next(struct pop3_session *s)
+{
+	struct evutil_addrinfo *ai = s->next_addr;
+	char host[INET6_ADDRSTRLEN];
+	const void *a;
+
+	if (ai == NULL) {
+		fail(s, POP3_FAIL_CONNECT, "cannot connect: %s", s->connect_errors);
+		return;
+	}
+	s->next_addr = ai->ai_next;
+	a = ai->ai_family == AF_INET6 ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+				      : (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+	if (evutil_inet_ntop(ai->ai_family, a, host, sizeof(host)) == NULL)
+		snprintf(host, sizeof(host), "?");
+	snprintf(s->addr_text, sizeof(s->addr_text), ai->ai_family == AF_INET6 ? "[%s]" : "%s",
+		 host);
+	if (s->bev != NULL)
+		bufferevent_free(s->bev);
+	s->bev = bufferevent_socket_new(s->base, -1, BEV_OPT_CLOSE_ON_FREE);
+	if (s->bev == NULL)
+		abort();
+	bufferevent_setcb(s->bev, on_read, NULL, on_event, s);
+	bufferevent_enable(s->bev, EV_READ | EV_WRITE);
+	log_debug(s->p.id, "pop3: connecting to %s port %u", s->addr_text, s->p.port);
+	if (bufferevent_socket_connect(s->bev, ai->ai_addr, (int)ai->ai_addrlen) < 0)
+		connect_failed(s, EVUTIL_SOCKET_ERROR());
+}
+
+static void
+on_resolved(int result, struct evutil_addrinfo *res, void *arg)
+{
+	struct pop3_session *s = arg;
+
+	if (result == EVUTIL_EAI_CANCEL)
+		return; /* the session is being freed */
+	s->dns_req = NULL;
+	if (s->dead) {
+		if (res != NULL)
+			evutil_freeaddrinfo(res);
+		return;
+	}
+	if (result != 0) {
+		fail(s, POP3_FAIL_RESOLVE, "cannot resolve the host name: %s",
+		     evutil_gai_strerror(result));
+		return;
+	}
+	s->addrs = s->next_addr = res;
+	connect_next(s);
+}
+
 static void
 on_event(struct bufferevent *bev, short what, void *arg)
 {
@@ -609,13 +681,7 @@ on_event(struct bufferevent *bev, short what, void *arg)
 		return;
 	}
 	if (s->state == P3_CONNECT) {
-		int dns_err = bufferevent_socket_get_dns_error(bev);
-		if (dns_err != 0)
-			fail(s, POP3_FAIL_RESOLVE, "cannot resolve the host name: %s",
-			     evutil_gai_strerror(dns_err));
-		else
-			fail(s, POP3_FAIL_CONNECT, "cannot connect: %s",
-			     evutil_socket_error_to_string(err));
+		connect_failed(s, err);
 		return;
 	}
 	/* drain what the server said before it closed */
@@ -703,6 +769,9 @@ void
 pop3_session_start(struct pop3_session *s)
 {
 	struct timeval tv = {.tv_sec = (time_t)s->p.connect_timeout};
+	struct evutil_addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+					.ai_protocol = IPPROTO_TCP};
+	char port[8];
 
 	if (s->p.tls != POP3_TLS_NONE) {
 		/* no credential may ever go out in clear: refuse before connecting */
@@ -710,20 +779,20 @@ pop3_session_start(struct pop3_session *s)
 		return;
 	}
 	set_state(s, P3_CONNECT);
-	s->bev = bufferevent_socket_new(s->base, -1, BEV_OPT_CLOSE_ON_FREE);
-	if (s->bev == NULL)
-		abort();
-	bufferevent_setcb(s->bev, on_read, NULL, on_event, s);
-	bufferevent_enable(s->bev, EV_READ | EV_WRITE);
 	evtimer_add(s->conn_timer, &tv);
-	log_debug(s->p.id, "pop3: connecting to %s port %u", s->p.host, s->p.port);
-	/* may call on_event() with an error before returning */
-	bufferevent_socket_connect_hostname(s->bev, s->dns, AF_UNSPEC, s->p.host, s->p.port);
+	snprintf(port, sizeof(port), "%u", s->p.port);
+	log_debug(s->p.id, "pop3: resolving %s", s->p.host);
+	/* may answer before returning (an IP literal, /etc/hosts) */
+	s->dns_req = evdns_getaddrinfo(s->dns, s->p.host, port, &hints, on_resolved, s);
 }
 
 static void
 free_now(struct pop3_session *s)
 {
+	if (s->dns_req != NULL)
+		evdns_getaddrinfo_cancel(s->dns_req);
+	if (s->addrs != NULL)
+		evutil_freeaddrinfo(s->addrs);
 	if (s->bev != NULL)
 		bufferevent_free(s->bev);
 	event_free(s->cmd_timer);

@@ -54,7 +54,7 @@ struct conf_mailbox {
 
 	bool save_text;
 	bool save_attachments;
-	char *save_directory; /* absolute or relative as written; NULL when both flags are false and unset */
+	char *save_directory; /* absolute; NULL when both save flags are false and it is unset */
 	bool remove_after_read;
 	enum conf_receive receive;
 	uint64_t poll_interval;    /* seconds */
