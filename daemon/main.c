@@ -151,20 +151,19 @@ cmd_check(const struct options *o)
 	return 0;
 }
 
-/* The configuration an ID names, or NULL after an error line. */
+/* The configuration an ID names, or NULL with the reason in why. */
 static const struct conf_mailbox *
-find_active(const struct conf_set *set, const char *id)
+find_active(const struct conf_set *set, const char *id, char *why, size_t size)
 {
 	const struct conf_mailbox *mb = conf_find(set, id);
 
 	if (mb == NULL) {
-		fprintf(stderr, "popfetchd: no configuration with id \"%s\" in %s/conf.d\n", id,
-			set->dir);
+		snprintf(why, size, "no configuration with id \"%s\" in %s/conf.d", id, set->dir);
 		return NULL;
 	}
 	if (!mb->active) {
-		fprintf(stderr, "popfetchd: %s: the configuration is inactive (%s)\n", id,
-			mb->file);
+		snprintf(why, size, "%s: the configuration is inactive (status: inactive in %s)",
+			 id, mb->file);
 		return NULL;
 	}
 	return mb;
@@ -215,21 +214,49 @@ libevent_log(int severity, const char *msg)
 		msg);
 }
 
+/* --json: exactly one object on stdout, also when nothing could start. */
+static int
+receive_refused(const struct options *o, json_t *errors, const char *line)
+{
+	if (errors == NULL)
+		errors = json_array();
+	if (line != NULL)
+		json_array_append_new(errors, json_string(line));
+	if (o->json) {
+		json_t *out = json_object();
+		json_object_set_new(out, "configuration", json_string(o->id));
+		json_object_set_new(out, "saved", json_array());
+		json_object_set_new(out, "skipped", json_integer(0));
+		json_object_set_new(out, "left_too_big", json_integer(0));
+		json_object_set_new(out, "deleted", json_integer(0));
+		json_object_set_new(out, "errors", errors);
+		json_object_set_new(out, "exit_code", json_integer(EXIT_CONFIG));
+		print_json(out);
+		json_decref(out);
+	} else {
+		json_decref(errors);
+	}
+	return EXIT_CONFIG;
+}
+
 static int
 cmd_receive(const struct options *o, enum fetch_mode mode)
 {
-	struct conf_set *set = load(o, NULL);
+	json_t *errors = NULL;
+	struct conf_set *set = load(o, &errors);
 	const struct conf_mailbox *mb;
 	struct event_base *base;
 	struct evdns_base *dns;
 	struct fetch *f;
+	char why[512];
 	int code;
 
 	if (set == NULL)
-		return EXIT_CONFIG;
-	if ((mb = find_active(set, o->id)) == NULL) {
+		return receive_refused(o, errors, NULL);
+	if ((mb = find_active(set, o->id, why, sizeof(why))) == NULL) {
+		fprintf(stderr, "popfetchd: %s\n", why);
 		conf_set_free(set);
-		return EXIT_CONFIG;
+		return receive_refused(o, NULL, why);
 	}
 	if (mb->tls == CONF_TLS_NONE)
 		log_warning(mb->id, "tls: none: the password and the mail cross the network in "
