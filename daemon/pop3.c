@@ -899,9 +899,7 @@ pop3_dele(struct pop3_session *s, unsigned long num)
 void
 pop3_quit(struct pop3_session *s)
 {
-	/* QUIT ends the session: what is still queued is not sent */
-	s->qlen = 0;
-	s->qhead = 0;
+	/* after what is queued already: those DELEs are for durable messages */
 	enqueue(s, P3_QUIT, 0);
 	pump(s);
 }

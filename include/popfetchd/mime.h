@@ -13,7 +13,7 @@
 struct mime_headers {
 	char *message_id; /* without angle brackets; NULL when absent */
 	char *date;       /* the Date field as written */
-	char *from;       /* decoded address lists, "Name <addr>, ..." */
+	char *from;       /* address lists as written, encoded words decoded */
 	char *to;
 	char *cc;
 	char *subject; /* decoded (RFC 2047) */
@@ -26,5 +26,8 @@ int mime_read_headers(const char *path, struct mime_headers *ret);
 /* The same, from bytes in memory (the header block, or a whole message). */
 void mime_parse_headers(const char *buf, size_t len, struct mime_headers *ret);
 void mime_headers_clear(struct mime_headers *h);
+/* A raw header value (folded, RFC 2047 encoded words, any charset) as
+ * UTF-8; NULL when it is empty. Never fails on bad input: best effort. */
+char *mime_decode_header(const char *raw);
 
 #endif

@@ -23,7 +23,8 @@ static int check_count;
 	do {                                                                                \
 		const char *check_a_ = (a), *check_b_ = (b);                                \
 		check_count++;                                                              \
-		if (check_a_ == NULL || check_b_ == NULL || strcmp(check_a_, check_b_) != 0) { \
+		if ((check_a_ == NULL) != (check_b_ == NULL) ||                         \
+		    (check_a_ != NULL && strcmp(check_a_, check_b_) != 0)) { \
 			check_failures++;                                                   \
 			fprintf(stderr, "%s:%d: CHECK_STR failed: %s == \"%s\", want \"%s\"\n", \
 				__FILE__, __LINE__, #a, check_a_ ? check_a_ : "(null)",     \

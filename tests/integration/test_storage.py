@@ -1,0 +1,265 @@
+"""Storage and durability rules (DESIGN.md §3, §4) that need a crash, a
+stalled server or a second process: a kill mid-session, a folder that was
+renamed but never recorded, staging leftovers, the lock, timeouts, limits,
+save flags, and `check`."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import mailgen
+from fakepop3 import Stall, Trickle
+from test_receive import (EX_CONFIG, EX_OK, EX_TEMPFAIL, assert_no_staging_leftovers,
+                          assert_saved_exactly, fake_expected)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_popfetchd(popfetchd_bin, confdir, *args):
+    return subprocess.Popen([popfetchd_bin, "-c", str(confdir.path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+
+
+def wait_for(predicate, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_killed_mid_session_loses_nothing(fake_pop3, fake_config, confdir, run_popfetchd,
+                                          read_saved, popfetchd_bin):
+    server = fake_pop3(mailgen.generate(4, 5000, seed=41))
+    expected = fake_expected(server)
+    # message 3 arrives half, then the server goes quiet: the process is killed there
+    server.inject("RETR 3", Stall(data=b"+OK\r\n" + expected[2][1][:2000]))
+    config = fake_config(server, timeouts={"connect": "5s", "command": "60s"})
+    cd = confdir(config)
+
+    proc = start_popfetchd(popfetchd_bin, cd, "receive-all", "fake")
+    assert wait_for(lambda: server.sent("RETR 3")), "the session never reached RETR 3"
+    time.sleep(0.3)  # let it write the partial message into staging
+    assert proc.poll() is None, "popfetchd ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+    saved = read_saved(config["save_directory"])
+    assert [s.uidl for s in saved] == [u for u, _ in expected[:2]], "only whole messages appear"
+    staged = list((Path(config["save_directory"]) / ".tmp").rglob("message.eml"))
+    assert staged, "the killed process left its partial message in staging (expected)"
+    # the deletions of messages 1 and 2 were never committed (no QUIT)
+    assert len(server.remaining()) == 4
+
+    server.clear_faults()
+    res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
+    assert res.returncode == EX_OK
+    assert server.wait_idle()
+    assert_saved_exactly(read_saved(config["save_directory"]), "fake", expected)
+    assert_no_staging_leftovers(config["save_directory"])
+    doc = res.json()
+    assert (len(doc["saved"]), doc["skipped"], doc["deleted"]) == (2, 2, 4)
+    assert server.remaining() == []
+
+
+def test_folder_renamed_but_not_recorded_is_not_saved_again(fake_pop3, fake_config, confdir,
+                                                            run_popfetchd, read_saved):
+    """A session that died between the rename and the UIDL record."""
+    server = fake_pop3(mailgen.generate(3, 3000, seed=42))
+    expected = fake_expected(server)
+    config = fake_config(server, remove_after_read=False)
+    cd = confdir(config)
+    assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
+    saved = read_saved(config["save_directory"])
+    assert len(saved) == 3
+
+    state = cd.state_directory / "fake" / "uidl"
+    header = state.read_text().splitlines()[0]
+    state.write_text(header + "\n")  # the records are "lost"
+
+    res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
+    assert res.returncode == EX_OK
+    doc = res.json()
+    assert (doc["saved"], doc["skipped"]) == ([], 3)
+    assert [s.path for s in read_saved(config["save_directory"])] == [s.path for s in saved]
+    assert sorted(state.read_text().splitlines()[1:]) == sorted(u for u, _ in expected)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_state_never_loses_or_duplicates(fake_pop3, fake_config, confdir, run_popfetchd,
+                                                 read_saved, damage):
+    server = fake_pop3(mailgen.generate(3, 3000, seed=43))
+    config = fake_config(server, remove_after_read=False)
+    cd = confdir(config)
+    assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
+    state = cd.state_directory / "fake" / "uidl"
+    text = state.read_bytes()
+    state.write_bytes({"truncated": text[:len(text) - 5], "garbage": b"\x00\xff junk\n",
+                       "empty": b""}[damage])
+
+    res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
+    assert res.returncode == EX_OK
+    assert res.json()["saved"] == [], "saved again although the folders are there"
+    assert len(read_saved(config["save_directory"])) == 3
+    if damage != "empty":
+        assert "state" in res.stderr and "damaged" in res.stderr
+
+
+def test_stale_staging_is_removed(fake_pop3, fake_config, confdir, run_popfetchd, read_saved):
+    server = fake_pop3(mailgen.generate(1, 2000, seed=44))
+    config = fake_config(server)
+    stale = Path(config["save_directory"]) / ".tmp" / "fake" / "20260101T000000Z-000000000000.0"
+    stale.mkdir(parents=True)
+    (stale / "message.eml").write_bytes(b"partial")
+    other = Path(config["save_directory"]) / ".tmp" / "other-config" / "keep.0"
+    other.mkdir(parents=True)
+    res = run_popfetchd(["receive-all", "fake"], confdir=confdir(config))
+    assert res.returncode == EX_OK
+    assert not stale.exists()
+    assert other.exists(), "another configuration's staging was touched"
+    assert len(read_saved(config["save_directory"])) == 1
+
+
+def test_second_process_on_the_same_configuration(fake_pop3, fake_config, confdir,
+                                                  run_popfetchd, popfetchd_bin, read_saved):
+    server = fake_pop3(mailgen.generate(2, 2000, seed=45))
+    server.inject("GREETING", Stall())
+    config = fake_config(server, timeouts={"connect": "5s", "command": "30s"})
+    cd = confdir(config)
+    first = start_popfetchd(popfetchd_bin, cd, "receive-all", "fake")
+    try:
+        assert wait_for(lambda: server.sessions), "the first process never connected"
+        res = run_popfetchd(["receive-all", "fake"], confdir=cd)
+        assert res.returncode == EX_TEMPFAIL
+        assert "another popfetchd process" in res.stderr
+        assert len(server.sessions) == 1, "the second process connected too"
+    finally:
+        first.kill()
+        first.wait()
+    server.clear_faults()
+    assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
+    assert len(read_saved(config["save_directory"])) == 2
+
+
+@pytest.mark.parametrize("where", ["GREETING", "UIDL", "RETR"])
+def test_stalled_server_times_out(fake_pop3, fake_config, confdir, run_popfetchd, read_saved,
+                                  where):
+    server = fake_pop3(mailgen.generate(2, 3000, seed=46))
+    server.inject(where, Stall())
+    config = fake_config(server, timeouts={"connect": "5s", "command": "1s"})
+    start = time.time()
+    res = run_popfetchd(["receive-all", "fake"], confdir=confdir(config))
+    assert res.returncode == EX_TEMPFAIL
+    assert time.time() - start < 8
+    assert read_saved(config["save_directory"]) == []
+    assert not server.sent("DELE")
+
+
+def test_trickling_server_is_a_stalled_server(fake_pop3, fake_config, confdir, run_popfetchd,
+                                              read_saved):
+    """During data, fewer than 1 KiB in a command-timeout window is a stall."""
+    server = fake_pop3(mailgen.generate(1, 6000, seed=47))
+    server.inject("RETR", Trickle(delay=0.05, chunk=16))  # 320 bytes/s
+    config = fake_config(server, timeouts={"connect": "5s", "command": "1s"})
+    start = time.time()
+    res = run_popfetchd(["receive-all", "fake"], confdir=confdir(config))
+    assert res.returncode == EX_TEMPFAIL
+    assert "stalled" in res.stderr
+    assert time.time() - start < 10
+    assert read_saved(config["save_directory"]) == []
+
+
+def test_slow_but_steady_data_is_not_a_stall(fake_pop3, fake_config, confdir, run_popfetchd,
+                                             read_saved):
+    server = fake_pop3(mailgen.generate(1, 12000, seed=48))
+    expected = fake_expected(server)
+    server.inject("RETR", Trickle(delay=0.05, chunk=200))  # 4 KB/s, ~3 s in all
+    config = fake_config(server, timeouts={"connect": "5s", "command": "1s"})
+    res = run_popfetchd(["receive-all", "fake"], confdir=confdir(config))
+    assert res.returncode == EX_OK
+    assert_saved_exactly(read_saved(config["save_directory"]), "fake", expected)
+
+
+def test_max_message_size_leaves_big_messages(fake_pop3, fake_config, confdir, run_popfetchd,
+                                              read_saved):
+    small, big = mailgen.generate(1, 2000, seed=49)[0], mailgen.generate(1, 40000, seed=50)[0]
+    server = fake_pop3([small, big, small.replace(b"Subject:", b"X-Copy: 2\nSubject:")])
+    config = fake_config(server, max_message_size="16k")
+    res = run_popfetchd(["receive-all", "fake", "--json"], confdir=confdir(config))
+    assert res.returncode == EX_OK
+    doc = res.json()
+    assert (len(doc["saved"]), doc["left_too_big"]) == (2, 1)
+    assert len(server.remaining()) == 1 and len(server.remaining()[0]) > 16 * 1024
+    assert "max_message_size" in res.stderr
+
+
+def test_save_text_false_keeps_only_meta(fake_pop3, fake_config, confdir, run_popfetchd,
+                                         read_saved):
+    server = fake_pop3(mailgen.generate(2, 3000, seed=51))
+    config = fake_config(server, save_text=False, save_attachments=False)
+    res = run_popfetchd(["receive-all", "fake"], confdir=confdir(config))
+    assert res.returncode == EX_OK
+    folders = [Path(line) for line in res.lines]
+    assert len(folders) == 2
+    for f in folders:
+        assert sorted(p.name for p in f.iterdir()) == ["meta.json"]
+    assert server.remaining() == []
+
+
+def test_check_lists_every_configuration(fake_pop3, fake_config, confdir, run_popfetchd):
+    server = fake_pop3()
+    cd = confdir(fake_config(server, id="one"), fake_config(server, id="two", status="inactive"))
+    res = run_popfetchd(["check"], confdir=cd)
+    assert res.returncode == EX_OK
+    assert [line.split("\t")[:2] for line in res.lines] == [["one", "active"],
+                                                             ["two", "inactive"]]
+    assert f"{server.host}:{server.port}" in res.lines[0] and "tls=none" in res.lines[0]
+    doc = run_popfetchd(["check", "--json"], confdir=cd).json()
+    assert doc["valid"] is True and [c["id"] for c in doc["configurations"]] == ["one", "two"]
+    res = run_popfetchd(["receive-all", "two"], confdir=cd)
+    assert res.returncode == EX_CONFIG and "inactive" in res.stderr
+
+
+def test_check_reports_every_error_of_every_file(confdir, run_popfetchd, tmp_path):
+    cd = confdir()
+    cd.write_raw("a.yaml", "id: a\nserver: pop.example\nuser: u\npassword_file: /nonexistent\n"
+                 "save_directory: /tmp/x\nport: 0\n")
+    cd.write_raw("b.yaml", "id: b\nserver: pop.example\nuser: u\npassword: secret-b\n"
+                 "save_directory: relative/dir\npoll_interval: 5 parsecs\n")
+    cd.write_raw("c.yaml", "id: [unclosed\n")
+    res = run_popfetchd(["check", "--json"], confdir=cd)
+    assert res.returncode == EX_CONFIG
+    errors = res.json()["errors"]
+    for needle in ("a.yaml:6:7: port:", "a.yaml:4:16: password_file:", "b.yaml:5:17: save_directory:",
+                   "b.yaml:6:16: poll_interval:", "c.yaml:"):
+        assert any(needle in e for e in errors), (needle, errors)
+    assert "secret-b" not in res.stdout + res.stderr
+
+
+def test_example_configurations_are_valid(confdir, run_popfetchd, tmp_path):
+    cd = confdir()
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    for name in ("m365-orders-secret", "archive-password", "archive-p12"):
+        (creds / name).write_text("s3cret\n")
+    examples = sorted((ROOT / "conf.d").glob("*.yaml.example"))
+    for example in examples:
+        text = example.read_text().replace("/etc/popfetchd/secrets/invoices.password", str(secret))
+        if example.name == "popfetchd.yaml.example":
+            text += f"state_directory: {cd.state_directory}\n"
+            (cd.path / "popfetchd.yaml").write_text(text)
+        else:
+            cd.write_raw(example.name.replace(".example", ""), text)
+    res = run_popfetchd(["check"], confdir=cd, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert res.returncode == EX_OK, res.stderr
+    assert len(res.lines) == len(examples) - 1
