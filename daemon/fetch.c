@@ -393,7 +393,8 @@ compact_state(struct fetch *f)
 	const char **keep = xcalloc(f->nlisted, sizeof(char *));
 	size_t n = 0;
 
-	qsort(f->deleted_uids, f->ndeleted_uids, sizeof(char *), cmp_str);
+	if (f->ndeleted_uids > 1)
+		qsort(f->deleted_uids, f->ndeleted_uids, sizeof(char *), cmp_str);
 	for (size_t i = 0; i < f->nlisted; i++)
 		if (f->ndeleted_uids == 0 ||
 		    bsearch(&f->listed[i], f->deleted_uids, f->ndeleted_uids, sizeof(char *),

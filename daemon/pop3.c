@@ -325,8 +325,10 @@ finish_listing(struct pop3_session *s)
 {
 	size_t j = 0;
 
-	qsort(s->msgs, s->nmsgs, sizeof(*s->msgs), cmp_msg);
-	qsort(s->uids, s->nuids, sizeof(*s->uids), cmp_uid);
+	if (s->nmsgs > 1)
+		qsort(s->msgs, s->nmsgs, sizeof(*s->msgs), cmp_msg);
+	if (s->nuids > 1)
+		qsort(s->uids, s->nuids, sizeof(*s->uids), cmp_uid);
 	for (size_t i = 0; i < s->nmsgs; i++) {
 		while (j < s->nuids && s->uids[j].num < s->msgs[i].num)
 			j++;
