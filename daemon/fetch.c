@@ -52,9 +52,9 @@ struct fetch {
 	size_t ncand, next;
 	char **listed; /* UIDLs on the server, for compaction after QUIT */
 	size_t nlisted;
-	struct store_msg *msg;  /* the message being received */
+	struct store_msg *msg; /* the message being received */
 	time_t msg_time;
-	int msg_error;          /* a write of the current message failed */
+	int msg_error; /* a write of the current message failed */
 	size_t dele_sent, dele_ok;
 	char **deleted_uids;
 	size_t ndeleted_uids;
@@ -65,8 +65,7 @@ struct fetch {
 	char where[300]; /* "host:port" or "[v6]:port", for error lines */
 };
 
-static void
-add_error(struct fetch *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void add_error(struct fetch *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 static void
 add_error(struct fetch *f, const char *fmt, ...)
@@ -149,8 +148,9 @@ on_failed(void *arg, enum pop3_failure fail, const char *detail)
 	set_exit(f, failure_exit(fail));
 	add_error(f, "%s: %s", f->where, detail);
 	if (f->dele_sent > 0)
-		log_notice(f->mb->id, "the session ended before QUIT: the server keeps the %zu "
-				      "message(s) marked for deletion; the next poll deletes them",
+		log_notice(f->mb->id,
+			   "the session ended before QUIT: the server keeps the %zu "
+			   "message(s) marked for deletion; the next poll deletes them",
 			   f->dele_sent);
 	finish(f);
 }
@@ -197,8 +197,9 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 	f->listing_done = true;
 	if (!have_uidl && n > 0) {
 		set_exit(f, EX_PROTOCOL_);
-		add_error(f, "%s: the server does not support UIDL: popfetchd cannot tell "
-			     "new messages from old ones there",
+		add_error(f,
+			  "%s: the server does not support UIDL: popfetchd cannot tell "
+			  "new messages from old ones there",
 			  f->where);
 		pop3_quit(f->pop3);
 		return;
@@ -360,8 +361,8 @@ on_retrieved(void *arg, unsigned long num)
 	if (f->mb->remove_after_read) {
 		pop3_dele(f->pop3, num);
 		f->dele_sent++;
-		f->deleted_uids = xrealloc(f->deleted_uids,
-					   (f->ndeleted_uids + 1) * sizeof(char *));
+		f->deleted_uids =
+			xrealloc(f->deleted_uids, (f->ndeleted_uids + 1) * sizeof(char *));
 		f->deleted_uids[f->ndeleted_uids++] = xstrdup(c->uid);
 	}
 	f->next++;
@@ -416,8 +417,9 @@ on_quit(void *arg, bool ok)
 			compact_state(f);
 	} else if (f->dele_sent > 0) {
 		set_exit(f, EX_TEMPFAIL_);
-		add_error(f, "%s: QUIT was not answered +OK: the server did not commit the "
-			     "deletions; the next poll deletes the saved messages",
+		add_error(f,
+			  "%s: QUIT was not answered +OK: the server did not commit the "
+			  "deletions; the next poll deletes the saved messages",
 			  f->where);
 	}
 	finish(f);
@@ -449,7 +451,7 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct conf_s
 		.id = mb->id,
 		.host = mb->server,
 		.port = mb->port,
-		.tls = mb->tls == CONF_TLS_NONE       ? POP3_TLS_NONE
+		.tls = mb->tls == CONF_TLS_NONE	      ? POP3_TLS_NONE
 		       : mb->tls == CONF_TLS_IMPLICIT ? POP3_TLS_IMPLICIT
 						      : POP3_TLS_EXPLICIT,
 		.user = mb->user,

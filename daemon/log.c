@@ -11,8 +11,8 @@ static const struct {
 	const char *name;
 	enum log_level level;
 } level_names[] = {
-	{"error", LOG_LVL_ERROR},   {"warning", LOG_LVL_WARNING}, {"notice", LOG_LVL_NOTICE},
-	{"info", LOG_LVL_INFO},     {"debug", LOG_LVL_DEBUG},
+	{"error", LOG_LVL_ERROR}, {"warning", LOG_LVL_WARNING}, {"notice", LOG_LVL_NOTICE},
+	{"info", LOG_LVL_INFO},	  {"debug", LOG_LVL_DEBUG},
 };
 
 void

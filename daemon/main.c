@@ -189,8 +189,9 @@ print_result(const struct options *o, const struct conf_mailbox *mb, const struc
 	for (size_t i = 0; i < r->nsaved; i++) {
 		json_t *s = json_object();
 		json_object_set_new(s, "uidl", json_string(r->saved[i].uid));
-		json_object_set_new(s, "folder", r->saved[i].folder ? json_string(r->saved[i].folder)
-								    : json_null());
+		json_object_set_new(s, "folder",
+				    r->saved[i].folder ? json_string(r->saved[i].folder)
+						       : json_null());
 		json_object_set_new(s, "size", json_integer((json_int_t)r->saved[i].size));
 		json_array_append_new(saved, s);
 	}
@@ -264,8 +265,8 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 	base = event_base_new();
 	if (base == NULL)
 		abort();
-	dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS |
-					   EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+	dns = evdns_base_new(base,
+			     EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
 	if (dns == NULL)
 		dns = evdns_base_new(base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
 	f = fetch_start(base, dns, set, mb, mode, on_fetch_done, base);

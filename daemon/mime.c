@@ -139,7 +139,8 @@ mime_decode_header(const char *raw)
 	while (p < end) {
 		if (parse_word(p, end, charset, sizeof(charset), &enc, &text, &tlen, &after)) {
 			if (pending->len > 0 && g_ascii_strcasecmp(charset, pending_cs) != 0) {
-				append_converted(out, (char *)pending->data, pending->len, pending_cs);
+				append_converted(out, (char *)pending->data, pending->len,
+						 pending_cs);
 				g_byte_array_set_size(pending, 0);
 			}
 			snprintf(pending_cs, sizeof(pending_cs), "%s", charset);

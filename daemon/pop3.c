@@ -45,11 +45,11 @@ enum pop3_state {
 };
 
 static const char *const state_names[] = {
-	[P3_INIT] = "INIT",   [P3_CONNECT] = "CONNECT", [P3_GREETING] = "GREETING",
-	[P3_CAPA] = "CAPA",   [P3_USER] = "USER",       [P3_PASS] = "PASS",
-	[P3_UTF8] = "UTF8",   [P3_IDLE] = "IDLE",       [P3_UIDL] = "UIDL",
-	[P3_LIST] = "LIST",   [P3_RETR] = "RETR",       [P3_DELE] = "DELE",
-	[P3_QUIT] = "QUIT",   [P3_DONE] = "DONE",
+	[P3_INIT] = "INIT", [P3_CONNECT] = "CONNECT", [P3_GREETING] = "GREETING",
+	[P3_CAPA] = "CAPA", [P3_USER] = "USER",	      [P3_PASS] = "PASS",
+	[P3_UTF8] = "UTF8", [P3_IDLE] = "IDLE",	      [P3_UIDL] = "UIDL",
+	[P3_LIST] = "LIST", [P3_RETR] = "RETR",	      [P3_DELE] = "DELE",
+	[P3_QUIT] = "QUIT", [P3_DONE] = "DONE",
 };
 
 /* A command the owner queued. */
@@ -73,13 +73,13 @@ struct pop3_session {
 	struct bufferevent *bev;
 	struct evdns_getaddrinfo_request *dns_req;
 	struct evutil_addrinfo *addrs, *next_addr; /* tried in turn */
-	char addr_text[INET6_ADDRSTRLEN + 8];       /* the address being tried */
+	char addr_text[INET6_ADDRSTRLEN + 8];	   /* the address being tried */
 	char connect_errors[512];
 	struct event *cmd_timer;
 	struct event *conn_timer;
 	enum pop3_state state;
 	bool multiline; /* inside the multi-line body of the current response */
-	bool dead;      /* failed() or quit() was called */
+	bool dead;	/* failed() or quit() was called */
 	struct pop3_capa capa;
 	const char *mechanism;
 
@@ -134,8 +134,7 @@ set_state(struct pop3_session *s, enum pop3_state st)
 	s->state = st;
 }
 
-static void
-fail(struct pop3_session *s, enum pop3_failure fail, const char *fmt, ...)
+static void fail(struct pop3_session *s, enum pop3_failure fail, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
 static void
@@ -169,8 +168,8 @@ arm_timer(struct pop3_session *s)
 	evtimer_add(s->cmd_timer, &tv);
 }
 
-static void
-send_line(struct pop3_session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void send_line(struct pop3_session *s, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
 
 static void
 send_line(struct pop3_session *s, const char *fmt, ...)
@@ -411,7 +410,8 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 	unsigned long num = s->cur_num;
 
 	pop3_parse_status(line, len, &r);
-	log_debug(s->p.id, "S: %s", s->state == P3_PASS ? "(reply to PASS)" : server_text(&r, text, sizeof(text)));
+	log_debug(s->p.id, "S: %s",
+		  s->state == P3_PASS ? "(reply to PASS)" : server_text(&r, text, sizeof(text)));
 	if (r.status == POP3_STATUS_BAD || r.status == POP3_STATUS_CONT) {
 		fail(s, POP3_FAIL_PROTOCOL, "unexpected response in %s: \"%s\"",
 		     state_names[s->state], server_text(&r, text, 80));
@@ -629,8 +629,9 @@ connect_next(struct pop3_session *s)
 		return;
 	}
 	s->next_addr = ai->ai_next;
-	a = ai->ai_family == AF_INET6 ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
-				      : (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+	a = ai->ai_family == AF_INET6
+		    ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+		    : (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
 	if (evutil_inet_ntop(ai->ai_family, a, host, sizeof(host)) == NULL)
 		snprintf(host, sizeof(host), "?");
 	snprintf(s->addr_text, sizeof(s->addr_text), ai->ai_family == AF_INET6 ? "[%s]" : "%s",
@@ -771,8 +772,8 @@ void
 pop3_session_start(struct pop3_session *s)
 {
 	struct timeval tv = {.tv_sec = (time_t)s->p.connect_timeout};
-	struct evutil_addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-					.ai_protocol = IPPROTO_TCP};
+	struct evutil_addrinfo hints = {
+		.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_protocol = IPPROTO_TCP};
 	char port[8];
 
 	if (s->p.tls != POP3_TLS_NONE) {

@@ -21,9 +21,9 @@ static const struct {
 	const char *name;
 	unsigned bit;
 } rcode_names[] = {
-	{"IN-USE", POP3_RC_IN_USE},     {"LOGIN-DELAY", POP3_RC_LOGIN_DELAY},
+	{"IN-USE", POP3_RC_IN_USE},	{"LOGIN-DELAY", POP3_RC_LOGIN_DELAY},
 	{"SYS/TEMP", POP3_RC_SYS_TEMP}, {"SYS/PERM", POP3_RC_SYS_PERM},
-	{"AUTH", POP3_RC_AUTH},         {"UTF8", POP3_RC_UTF8},
+	{"AUTH", POP3_RC_AUTH},		{"UTF8", POP3_RC_UTF8},
 };
 
 /* "[CODE]" or "[CODE n]" at the start of text; consumed from *text. */
@@ -249,7 +249,7 @@ pop3_listing_line(const char **line, size_t *len)
 enum {
 	DOT_BOL,   /* at the beginning of a line */
 	DOT_MID,   /* inside a line */
-	DOT_CR,    /* after a CR inside a line */
+	DOT_CR,	   /* after a CR inside a line */
 	DOT_DOT,   /* after a "." at the beginning of a line */
 	DOT_DOTCR, /* after ".\r" at the beginning of a line */
 };

@@ -33,7 +33,7 @@ struct strset {
 
 struct store {
 	char *id;
-	char *save_dir;   /* NULL: nothing kept */
+	char *save_dir;	  /* NULL: nothing kept */
 	char *state_dir;  /* state_directory/ID */
 	char *stage_dir;  /* save_dir/.tmp/ID, or state_dir/tmp */
 	char *state_path; /* state_dir/uidl */
@@ -41,7 +41,7 @@ struct store {
 	int lock_fd;
 	int state_fd; /* O_APPEND, or -1 until the first record */
 	struct strset uids;
-	struct strset saved;  /* hash part of folders found in save_dir */
+	struct strset saved; /* hash part of folders found in save_dir */
 	bool scanned;
 	unsigned serial;
 	char error[512];
@@ -124,8 +124,8 @@ strset_clear(struct strset *set)
 	memset(set, 0, sizeof(*set));
 }
 
-static int
-seterr(struct store *st, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int seterr(struct store *st, int err, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
 
 static int
 seterr(struct store *st, int err, const char *fmt, ...)
@@ -352,8 +352,9 @@ load_state(struct store *st)
 			snprintf(want, sizeof(want), "%s %s", STATE_MAGIC, st->binding);
 			if (!complete || strcmp(line, want) != 0) {
 				if (strncmp(line, STATE_MAGIC " ", strlen(STATE_MAGIC) + 1) == 0)
-					log_notice(st->id, "server or user changed: starting a fresh "
-							   "UIDL state in %s",
+					log_notice(st->id,
+						   "server or user changed: starting a fresh "
+						   "UIDL state in %s",
 						   st->state_path);
 				else
 					log_warning(st->id,

@@ -49,13 +49,7 @@ int
 util_parse_duration(const char *s, uint64_t *ret)
 {
 	static const struct unit units[] = {
-		{"s", 1},
-		{"sec", 1},
-		{"m", 60},
-		{"min", 60},
-		{"h", 3600},
-		{"d", 86400},
-		{NULL, 0},
+		{"s", 1}, {"sec", 1}, {"m", 60}, {"min", 60}, {"h", 3600}, {"d", 86400}, {NULL, 0},
 	};
 	return parse_with_units(s, units, ret);
 }

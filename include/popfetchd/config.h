@@ -21,7 +21,7 @@ struct conf_mailbox {
 	char *description; /* NULL when absent */
 	bool active;
 
-	char *server; /* never NULL in a valid set (own value or defaults) */
+	char *server;  /* never NULL in a valid set (own value or defaults) */
 	uint16_t port; /* never 0 in a valid set: default 110, or 995 for implicit */
 	enum conf_tls tls;
 	char *tls_ca_file; /* NULL: system store */
@@ -29,7 +29,7 @@ struct conf_mailbox {
 	unsigned char tls_fingerprint[32]; /* SHA-256 of the leaf certificate (DER) */
 	bool tls_verify;
 
-	char *user;     /* never NULL in a valid set */
+	char *user;	/* never NULL in a valid set */
 	char *password; /* the secret itself, loaded from inline/file/credential; may be NULL */
 
 	enum conf_auth auth;
@@ -48,7 +48,7 @@ struct conf_mailbox {
 	} oauth2;
 
 	struct {
-		char *key_name;     /* NULL: no S/MIME decryption */
+		char *key_name;	    /* NULL: no S/MIME decryption */
 		char *key_password; /* loaded secret, may be NULL */
 	} smime;
 
@@ -57,15 +57,15 @@ struct conf_mailbox {
 	char *save_directory; /* absolute; NULL when both save flags are false and it is unset */
 	bool remove_after_read;
 	enum conf_receive receive;
-	uint64_t poll_interval;    /* seconds */
+	uint64_t poll_interval;	   /* seconds */
 	uint64_t max_message_size; /* bytes, 0 = no limit */
 	uint64_t connect_timeout;  /* seconds */
 	uint64_t command_timeout;  /* seconds */
 };
 
 struct conf_set {
-	char *dir;                /* the -c directory */
-	char *state_directory;    /* never NULL */
+	char *dir;		  /* the -c directory */
+	char *state_directory;	  /* never NULL */
 	char *keystore_directory; /* never NULL */
 	unsigned max_sessions;
 	int log_level; /* enum log_level; LOG_LVL_INFO when unset */

@@ -12,8 +12,8 @@
 
 struct mime_headers {
 	char *message_id; /* without angle brackets; NULL when absent */
-	char *date;       /* the Date field as written */
-	char *from;       /* address lists as written, encoded words decoded */
+	char *date;	  /* the Date field as written */
+	char *from;	  /* address lists as written, encoded words decoded */
 	char *to;
 	char *cc;
 	char *subject; /* decoded (RFC 2047) */

@@ -22,12 +22,12 @@ struct pop3_session;
 enum pop3_failure {
 	POP3_FAIL_RESOLVE,  /* host name did not resolve */
 	POP3_FAIL_CONNECT,  /* refused, unreachable, connect timeout */
-	POP3_FAIL_LOST,     /* the connection ended mid-session */
+	POP3_FAIL_LOST,	    /* the connection ended mid-session */
 	POP3_FAIL_TIMEOUT,  /* a response did not come in time, or trickled */
-	POP3_FAIL_TEMP,     /* [IN-USE], [LOGIN-DELAY], [SYS/TEMP] */
+	POP3_FAIL_TEMP,	    /* [IN-USE], [LOGIN-DELAY], [SYS/TEMP] */
 	POP3_FAIL_PROTOCOL, /* bad greeting, malformed or overlong response */
-	POP3_FAIL_TLS,      /* TLS required but not available or failed */
-	POP3_FAIL_AUTH,     /* credentials refused, no usable mechanism */
+	POP3_FAIL_TLS,	    /* TLS required but not available or failed */
+	POP3_FAIL_AUTH,	    /* credentials refused, no usable mechanism */
 };
 
 enum pop3_tls_mode { POP3_TLS_NONE, POP3_TLS_IMPLICIT, POP3_TLS_EXPLICIT };

@@ -15,7 +15,7 @@
 #define POP3_UIDL_MAX 70
 
 enum pop3_status {
-	POP3_STATUS_OK,   /* "+OK" */
+	POP3_STATUS_OK,	  /* "+OK" */
 	POP3_STATUS_ERR,  /* "-ERR" */
 	POP3_STATUS_CONT, /* "+ " SASL continuation */
 	POP3_STATUS_BAD,  /* anything else: protocol violation */
@@ -33,8 +33,8 @@ enum pop3_rcode {
 
 struct pop3_reply {
 	enum pop3_status status;
-	unsigned rcodes;      /* enum pop3_rcode bits */
-	const char *text;     /* the text after the status (and code), in the line */
+	unsigned rcodes;  /* enum pop3_rcode bits */
+	const char *text; /* the text after the status (and code), in the line */
 	size_t text_len;
 	unsigned login_delay; /* seconds from "[LOGIN-DELAY n]", 0 when none given */
 };
@@ -55,7 +55,7 @@ struct pop3_capa {
 	bool resp_codes;
 	bool auth_resp_code;
 	unsigned login_delay; /* LOGIN-DELAY n */
-	char sasl[256];       /* the SASL mechanisms, space-separated, upper-case */
+	char sasl[256];	      /* the SASL mechanisms, space-separated, upper-case */
 };
 
 /* Reset and parse one line of a CAPA listing into capa. */

@@ -19,7 +19,8 @@ words(void)
 	decode("plain text", "plain text");
 	decode(" =?UTF-8?B?w5xiZXJzaWNodA==?=", "Übersicht");
 	/* adjacent words: the space between vanishes, padding mid-way is fine */
-	decode("=?UTF-8?B?Rmlyc3QgZGVhZGxpbmUgdGhlbQ==?=\r\n =?UTF-8?B?IG90aGVyIGludG8gamFsYXBlw7Fv?=",
+	decode("=?UTF-8?B?Rmlyc3QgZGVhZGxpbmUgdGhlbQ==?=\r\n "
+	       "=?UTF-8?B?IG90aGVyIGludG8gamFsYXBlw7Fv?=",
 	       "First deadline them other into jalapeño");
 	/* a character split across two words */
 	decode("=?UTF-8?B?w6k=?= =?UTF-8?B?w6k=?=", "éé");

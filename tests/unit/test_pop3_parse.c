@@ -66,9 +66,17 @@ static void
 capa(void)
 {
 	struct pop3_capa c;
-	const char *lines[] = {"CAPA",	     "TOP",	     "UIDL",	     "RESP-CODES",
-			       "PIPELINING", "AUTH-RESP-CODE", "USER",	     "UTF8",
-			       "STLS",	     "LOGIN-DELAY 900", "SASL PLAIN login SCRAM-SHA-256"};
+	const char *lines[] = {"CAPA",
+			       "TOP",
+			       "UIDL",
+			       "RESP-CODES",
+			       "PIPELINING",
+			       "AUTH-RESP-CODE",
+			       "USER",
+			       "UTF8",
+			       "STLS",
+			       "LOGIN-DELAY 900",
+			       "SASL PLAIN login SCRAM-SHA-256"};
 
 	pop3_capa_init(&c);
 	CHECK(!c.seen && !c.uidl);

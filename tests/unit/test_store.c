@@ -17,8 +17,11 @@ static char save[256], state[256];
 static struct store *
 open_store(const char *server, const char *user)
 {
-	struct store_params p = {.id = "box", .save_directory = save, .state_directory = state,
-				 .server = server, .user = user};
+	struct store_params p = {.id = "box",
+				 .save_directory = save,
+				 .state_directory = state,
+				 .server = server,
+				 .user = user};
 	struct store *st = NULL;
 	char err[256];
 	int r = store_open(&p, &st, err, sizeof(err));
@@ -162,8 +165,11 @@ static void
 lock_and_staging(void)
 {
 	struct store *a = open_store("s", "u"), *b;
-	struct store_params p = {.id = "box", .save_directory = save, .state_directory = state,
-				 .server = "s", .user = "u"};
+	struct store_params p = {.id = "box",
+				 .save_directory = save,
+				 .state_directory = state,
+				 .server = "s",
+				 .user = "u"};
 	struct store_msg *m;
 	char err[256], stale[512];
 
