@@ -357,6 +357,16 @@ is_key_name(const char *s)
 static const struct check absolute_check = {
 	is_absolute,
 	"must be an absolute path (a relative one would depend on the daemon's working directory)"};
+static bool
+is_one_line(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s < 0x20 || *s == 0x7f)
+			return false;
+	return true;
+}
+
+static const struct check one_line_check = {is_one_line, "must not contain control characters"};
 static const struct check https_check = {is_https, "must be an https:// URL"};
 static const struct check id_check = {
 	is_id, "must be 1-64 characters of A-Z a-z 0-9 _ . - (and not . or ..)"};
@@ -625,7 +635,7 @@ static const struct key mailbox_keys[] = {
 	{"tls_ca_file", h_str, M(m.tls_ca_file), NULL},
 	{"tls_fingerprint", h_fingerprint, 0, NULL},
 	{"tls_verify", h_bool, M(m.tls_verify), NULL},
-	{"user", h_str, M(m.user), NULL},
+	{"user", h_str, M(m.user), &one_line_check},
 	{"password", h_secret, M(pw), "password"},
 	{"password_file", h_secret, M(pw), "password"},
 	{"password_credential", h_secret, M(pw), "password"},
@@ -648,7 +658,7 @@ static const struct key defaults_keys[] = {
 	{"server", h_str, D(d.server), NULL},
 	{"port", h_num, D(d.port), &port_num},
 	{"tls", h_enum, D(d.tls), tls_names},
-	{"user", h_str, D(d.user), NULL},
+	{"user", h_str, D(d.user), &one_line_check},
 	{"password", h_secret, D(d.pw), "password"},
 	{"password_file", h_secret, D(d.pw), "password"},
 	{"password_credential", h_secret, D(d.pw), "password"},
@@ -891,9 +901,29 @@ read_secret_file(struct pctx *c, const struct secret *sec, const char *file, boo
 	return ret;
 }
 
+/* A secret goes into a protocol line: a line break in it would send more. */
+static char *
+one_line_secret(struct pctx *c, const struct secret *sec, char *value)
+{
+	if (value != NULL && strpbrk(value, "\r\n") != NULL) {
+		perr(c, sec->mark, sec->path, "must not contain a line break");
+		wipe_free(value);
+		return NULL;
+	}
+	return value;
+}
+
+static char *load_secret_value(struct pctx *c, const struct secret *sec);
+
 /* The secret itself (to be wiped by the caller), or NULL when none or after an error. */
 static char *
 load_secret(struct pctx *c, const struct secret *sec)
+{
+	return one_line_secret(c, sec, load_secret_value(c, sec));
+}
+
+static char *
+load_secret_value(struct pctx *c, const struct secret *sec)
 {
 	const char *credentials = getenv("CREDENTIALS_DIRECTORY");
 	char *file, *ret;

@@ -5,6 +5,7 @@
  * recorded and fsync'd — and only then DELE.
  */
 #include <errno.h>
+#include <stdint.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +36,7 @@ enum {
 struct candidate {
 	unsigned long num;
 	char uid[POP3_UIDL_MAX + 1];
+	uint64_t limit; /* bytes accepted before the server is taken for a liar */
 };
 
 struct fetch {
@@ -54,11 +56,15 @@ struct fetch {
 	size_t nlisted;
 	struct store_msg *msg; /* the message being received */
 	time_t msg_time;
-	int msg_error; /* a write of the current message failed */
-	size_t dele_sent, dele_ok;
-	char **deleted_uids;
+	int msg_error;		       /* a write of the current message failed */
+	uint64_t msg_bytes, msg_limit; /* received so far, most accepted */
+	struct candidate *dele;	       /* DELEs sent, to learn which the server took */
+	size_t ndele, capdele;
+	size_t dele_ok;
+	char **deleted_uids; /* UIDLs the server accepted a DELE for */
 	size_t ndeleted_uids;
 	bool listing_done;
+	struct event *done_ev;
 
 	struct fetch_result res;
 	bool finished;
@@ -117,7 +123,9 @@ finish(struct fetch *f)
 	f->store = NULL;
 	log_info(f->mb->id, "%zu saved, %zu already received, %zu deleted%s", f->res.nsaved,
 		 f->res.skipped, f->res.deleted, f->res.exit_code ? " (with errors)" : "");
-	event_base_once(f->base, -1, EV_TIMEOUT, finish_cb, f, NULL);
+	static const struct timeval zero = {0, 0};
+
+	evtimer_add(f->done_ev, &zero);
 }
 
 static int
@@ -141,18 +149,34 @@ failure_exit(enum pop3_failure fail)
 }
 
 static void
-on_failed(void *arg, enum pop3_failure fail, const char *detail)
+on_failed(void *arg, const struct pop3_error *err)
 {
 	struct fetch *f = arg;
 
-	set_exit(f, failure_exit(fail));
-	add_error(f, "%s: %s", f->where, detail);
-	if (f->dele_sent > 0)
+	set_exit(f, failure_exit(err->fail));
+	if (err->login_delay > f->res.login_delay)
+		f->res.login_delay = err->login_delay;
+	add_error(f, "%s: %s", f->where, err->detail);
+	if (f->ndele > 0)
 		log_notice(f->mb->id,
 			   "the session ended before QUIT: the server keeps the %zu "
 			   "message(s) marked for deletion; the next poll deletes them",
-			   f->dele_sent);
+			   f->ndele);
 	finish(f);
+}
+
+/* DELE, remembering which message it was for. */
+static void
+send_dele(struct fetch *f, unsigned long num, const char *uid)
+{
+	if (f->ndele == f->capdele) {
+		f->capdele = f->capdele ? 2 * f->capdele : 16;
+		f->dele = xrealloc(f->dele, f->capdele * sizeof(*f->dele));
+	}
+	f->dele[f->ndele].num = num;
+	snprintf(f->dele[f->ndele].uid, sizeof(f->dele[f->ndele].uid), "%s", uid);
+	f->ndele++;
+	pop3_dele(f->pop3, num);
 }
 
 /* Queue the next RETR, or QUIT when every candidate is done. */
@@ -169,6 +193,8 @@ next_message(struct fetch *f)
 	c = &f->cand[f->next];
 	f->msg_time = time(NULL);
 	f->msg_error = 0;
+	f->msg_bytes = 0;
+	f->msg_limit = c->limit;
 	r = store_msg_begin(f->store, c->uid, f->msg_time, &f->msg);
 	if (r < 0) {
 		set_exit(f, EX_IOERR_);
@@ -186,6 +212,21 @@ on_ready(void *arg)
 
 	log_debug(f->mb->id, "logged in as %s with %s", f->mb->user, pop3_mechanism(f->pop3));
 	pop3_list(f->pop3);
+}
+
+/*
+ * A message may be a little larger than LIST says (servers count sizes in
+ * their own ways), never much larger: that bounds what a lying server can
+ * write to disk. max_message_size caps it further.
+ */
+static uint64_t
+message_limit(const struct fetch *f, uint64_t listed)
+{
+	uint64_t limit = listed + listed / 4 + 1024 * 1024;
+
+	if (f->mb->max_message_size && limit > f->mb->max_message_size + 1024 * 1024)
+		limit = f->mb->max_message_size + 1024 * 1024;
+	return limit;
 }
 
 static void
@@ -218,8 +259,7 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 			f->res.skipped++;
 			if (f->mb->remove_after_read) {
 				/* saved before; its deletion was never committed */
-				pop3_dele(f->pop3, m->num);
-				f->dele_sent++;
+				send_dele(f, m->num, m->uid);
 				stale++;
 			}
 			continue;
@@ -236,6 +276,7 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 			continue;
 		f->cand[f->ncand].num = m->num;
 		memcpy(f->cand[f->ncand].uid, m->uid, sizeof(f->cand[f->ncand].uid));
+		f->cand[f->ncand].limit = message_limit(f, m->size);
 		f->ncand++;
 	}
 	if (stale > 0)
@@ -251,6 +292,18 @@ on_data(void *arg, const char *buf, size_t len)
 
 	if (f->msg == NULL || f->msg_error)
 		return;
+	f->msg_bytes += len;
+	if (f->msg_bytes > f->msg_limit) {
+		const struct candidate *c = &f->cand[f->next];
+		set_exit(f, EX_PROTOCOL_);
+		add_error(f,
+			  "%s: message %lu (%s) goes on past %llu bytes, far more than LIST "
+			  "announced: the session is ended, nothing of it is kept",
+			  f->where, c->num, c->uid, (unsigned long long)f->msg_limit);
+		pop3_abort(f->pop3);
+		finish(f);
+		return;
+	}
 	if (store_msg_write(f->msg, buf, len) < 0)
 		f->msg_error = 1;
 }
@@ -325,14 +378,11 @@ commit_message(struct fetch *f, const struct candidate *c)
 	free(meta);
 	if (r < 0)
 		return r;
+	/* durable and recorded when this returns 0: only then may DELE go */
 	r = store_msg_commit(f->msg, f->mb->save_text, &folder);
 	f->msg = NULL;
 	if (r < 0)
 		return r;
-	if ((r = store_record(f->store, c->uid)) < 0) {
-		free(folder);
-		return r;
-	}
 	f->res.saved = xrealloc(f->res.saved, (f->res.nsaved + 1) * sizeof(*f->res.saved));
 	sv = &f->res.saved[f->res.nsaved++];
 	sv->uid = xstrdup(c->uid);
@@ -344,11 +394,22 @@ commit_message(struct fetch *f, const struct candidate *c)
 }
 
 static void
-on_retrieved(void *arg, unsigned long num)
+on_retrieved(void *arg, unsigned long num, const char *error)
 {
 	struct fetch *f = arg;
 	const struct candidate *c = &f->cand[f->next];
 
+	if (error != NULL) {
+		/* one message the server cannot send must not block the others */
+		store_msg_abort(f->msg);
+		f->msg = NULL;
+		set_exit(f, EX_TEMPFAIL_);
+		add_error(f, "%s: the server refused RETR %lu (%s): left there (server said: %s)",
+			  f->where, num, c->uid, error);
+		f->next++;
+		next_message(f);
+		return;
+	}
 	if (c->num != num || commit_message(f, c) < 0) {
 		set_exit(f, EX_IOERR_);
 		add_error(f, "message %lu (%s) not saved: %s", num, c->uid, store_error(f->store));
@@ -358,13 +419,8 @@ on_retrieved(void *arg, unsigned long num)
 		pop3_quit(f->pop3);
 		return;
 	}
-	if (f->mb->remove_after_read) {
-		pop3_dele(f->pop3, num);
-		f->dele_sent++;
-		f->deleted_uids =
-			xrealloc(f->deleted_uids, (f->ndeleted_uids + 1) * sizeof(char *));
-		f->deleted_uids[f->ndeleted_uids++] = xstrdup(c->uid);
-	}
+	if (f->mb->remove_after_read)
+		send_dele(f, num, c->uid);
 	f->next++;
 	next_message(f);
 }
@@ -373,11 +429,21 @@ static void
 on_deleted(void *arg, unsigned long num, bool ok)
 {
 	struct fetch *f = arg;
+	const char *uid = NULL;
 
-	if (ok)
-		f->dele_ok++;
-	else
+	for (size_t i = 0; i < f->ndele; i++)
+		if (f->dele[i].num == num)
+			uid = f->dele[i].uid;
+	if (!ok) {
 		log_warning(f->mb->id, "the server refused DELE %lu: the message stays there", num);
+		return;
+	}
+	f->dele_ok++;
+	if (uid != NULL) {
+		f->deleted_uids =
+			xrealloc(f->deleted_uids, (f->ndeleted_uids + 1) * sizeof(char *));
+		f->deleted_uids[f->ndeleted_uids++] = xstrdup(uid);
+	}
 }
 
 static int
@@ -415,7 +481,7 @@ on_quit(void *arg, bool ok)
 		f->res.deleted = f->dele_ok;
 		if (f->listing_done && f->res.exit_code == 0)
 			compact_state(f);
-	} else if (f->dele_sent > 0) {
+	} else if (f->ndele > 0) {
 		set_exit(f, EX_TEMPFAIL_);
 		add_error(f,
 			  "%s: QUIT was not answered +OK: the server did not commit the "
@@ -464,6 +530,9 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct conf_s
 
 	f->base = base;
 	f->mb = mb;
+	f->done_ev = evtimer_new(base, finish_cb, f);
+	if (f->done_ev == NULL)
+		abort();
 	snprintf(f->where, sizeof(f->where), strchr(mb->server, ':') ? "[%s]:%u" : "%s:%u",
 		 mb->server, mb->port);
 	f->mode = mode;
@@ -524,6 +593,8 @@ fetch_free(struct fetch *f)
 		free(f->deleted_uids[i]);
 	free(f->deleted_uids);
 	free(f->cand);
+	free(f->dele);
 	free(f->mechanisms);
+	event_free(f->done_ev);
 	free(f);
 }

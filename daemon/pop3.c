@@ -78,8 +78,10 @@ struct pop3_session {
 	struct event *cmd_timer;
 	struct event *conn_timer;
 	enum pop3_state state;
-	bool multiline; /* inside the multi-line body of the current response */
-	bool dead;	/* failed() or quit() was called */
+	bool multiline;		/* inside the multi-line body of the current response */
+	bool dead;		/* failed() or quit() was called */
+	struct event *start_ev; /* a failure found before connecting */
+	unsigned err_rcodes, err_login_delay; /* of the response that fails */
 	struct pop3_capa capa;
 	const char *mechanism;
 
@@ -156,7 +158,12 @@ fail(struct pop3_session *s, enum pop3_failure failure, const char *fmt, ...)
 	log_debug(s->p.id, "pop3: failed in %s: %s: %s", state_names[s->state],
 		  pop3_failure_name(failure), detail);
 	set_state(s, P3_DONE);
-	s->ev->failed(s->arg, failure, detail);
+	struct pop3_error e = {.fail = failure,
+			       .rcodes = s->err_rcodes,
+			       .login_delay = s->err_login_delay ? s->err_login_delay
+								 : s->capa.login_delay,
+			       .detail = detail};
+	s->ev->failed(s->arg, &e);
 }
 
 static void
@@ -205,6 +212,8 @@ fail_login(struct pop3_session *s, const char *cmd, const struct pop3_reply *r)
 	char text[256];
 
 	server_text(r, text, sizeof(text));
+	s->err_rcodes = r->rcodes;
+	s->err_login_delay = r->login_delay;
 	if (r->rcodes & (POP3_RC_IN_USE | POP3_RC_LOGIN_DELAY | POP3_RC_SYS_TEMP))
 		fail(s, POP3_FAIL_TEMP, "%s refused for now (server said: %s)", cmd, text);
 	else
@@ -421,6 +430,8 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 	switch (s->state) {
 	case P3_GREETING:
 		if (!ok) {
+			s->err_rcodes = r.rcodes;
+			s->err_login_delay = r.login_delay;
 			fail(s, POP3_FAIL_TEMP, "the server refused the session (server said: %s)",
 			     server_text(&r, text, sizeof(text)));
 			return;
@@ -476,8 +487,11 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 		break;
 	case P3_RETR:
 		if (!ok) {
-			fail(s, POP3_FAIL_TEMP, "RETR %lu refused (server said: %s)", num,
-			     server_text(&r, text, sizeof(text)));
+			/* that message only: the session goes on */
+			enter_state(s, P3_IDLE);
+			s->ev->retrieved(s->arg, num, server_text(&r, text, sizeof(text)));
+			if (!s->dead)
+				pump(s);
 			return;
 		}
 		pop3_dot_init(&s->dot);
@@ -517,8 +531,9 @@ read_data(struct pop3_session *s, struct evbuffer *in)
 
 	if (evbuffer_peek(in, -1, NULL, &v, 1) < 1 || v.iov_len == 0)
 		return false;
-	if (v.iov_len > sizeof(s->scratch))
-		v.iov_len = sizeof(s->scratch);
+	/* pop3_dot_feed may write one byte more than it reads */
+	if (v.iov_len > sizeof(s->scratch) - 1)
+		v.iov_len = sizeof(s->scratch) - 1;
 	used = pop3_dot_feed(&s->dot, v.iov_base, v.iov_len, s->scratch, &outlen);
 	evbuffer_drain(in, used);
 	s->rx_window += used;
@@ -529,7 +544,7 @@ read_data(struct pop3_session *s, struct evbuffer *in)
 	if (s->dot.done) {
 		unsigned long num = s->cur_num;
 		enter_state(s, P3_IDLE);
-		s->ev->retrieved(s->arg, num);
+		s->ev->retrieved(s->arg, num, NULL);
 		if (!s->dead)
 			pump(s);
 	}
@@ -778,7 +793,11 @@ pop3_session_start(struct pop3_session *s)
 
 	if (s->p.tls != POP3_TLS_NONE) {
 		/* no credential may ever go out in clear: refuse before connecting */
-		event_base_once(s->base, -1, EV_TIMEOUT, start_failed_tls, s, NULL);
+		static const struct timeval zero = {0, 0};
+		s->start_ev = evtimer_new(s->base, start_failed_tls, s);
+		if (s->start_ev == NULL)
+			abort();
+		evtimer_add(s->start_ev, &zero);
 		return;
 	}
 	set_state(s, P3_CONNECT);
@@ -800,6 +819,8 @@ free_now(struct pop3_session *s)
 		bufferevent_free(s->bev);
 	event_free(s->cmd_timer);
 	event_free(s->conn_timer);
+	if (s->start_ev != NULL)
+		event_free(s->start_ev);
 	free(s->queue);
 	free(s->uids);
 	free(s->msgs);
@@ -822,15 +843,25 @@ deferred_free(evutil_socket_t fd, short what, void *arg)
 }
 
 void
-pop3_session_free_deferred(struct pop3_session *s)
+pop3_abort(struct pop3_session *s)
 {
-	if (s == NULL)
-		return;
 	s->dead = true;
 	if (s->bev != NULL)
 		bufferevent_disable(s->bev, EV_READ | EV_WRITE);
 	evtimer_del(s->cmd_timer);
 	evtimer_del(s->conn_timer);
+	if (s->start_ev != NULL)
+		evtimer_del(s->start_ev);
+	set_state(s, P3_DONE);
+}
+
+/* The end of a session: it must not be freed again afterwards. */
+void
+pop3_session_free_deferred(struct pop3_session *s)
+{
+	if (s == NULL)
+		return;
+	pop3_abort(s);
 	event_base_once(s->base, -1, EV_TIMEOUT, deferred_free, s, NULL);
 }
 

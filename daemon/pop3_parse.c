@@ -315,12 +315,8 @@ pop3_dot_feed(struct pop3_dot *d, const char *in, size_t inlen, char *out, size_
 			}
 			/* ".\rX": not the terminator; the dot was stuffing */
 			out[o++] = '\r';
-			if (c == '\r') {
-				st = DOT_CR;
-			} else {
-				out[o++] = c;
-				st = DOT_MID;
-			}
+			out[o++] = c;
+			st = c == '\r' ? DOT_CR : DOT_MID;
 			break;
 		}
 	}

@@ -3,6 +3,7 @@
  * per-configuration UIDL state. Every durable write is: write in a temporary
  * place, fsync the file, rename, fsync the directory.
  */
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -41,21 +42,24 @@ struct store {
 	int lock_fd;
 	int state_fd; /* O_APPEND, or -1 until the first record */
 	struct strset uids;
-	struct strset saved; /* hash part of folders found in save_dir */
-	bool scanned;
+	bool rewrite; /* an append failed half-way: rewrite before the next */
 	unsigned serial;
 	char error[512];
 };
 
 struct store_msg {
 	struct store *st;
-	char *name; /* folder name */
-	char *path; /* staging folder */
-	char *eml;  /* staging folder/message.eml */
+	char *uid;
+	char *name;  /* folder name */
+	char *stage; /* staging folder's name in stage_dir */
+	char *path;  /* staging folder */
+	char *eml;   /* staging folder/message.eml */
 	int dirfd;
 	int fd; /* message.eml */
 	unsigned long long size;
 };
+
+static int append_record(struct store *st, const char *uid, const char *stage);
 
 static uint64_t
 strhash(const char *s)
@@ -322,17 +326,73 @@ write_state(struct store *st, const char *const *uids, size_t n)
 	return r;
 }
 
+/* Rewrite the state from the set in memory. */
+static int
+rewrite_state(struct store *st)
+{
+	const char **all = xcalloc(st->uids.n, sizeof(char *));
+	size_t n = 0;
+	int r;
+
+	for (size_t i = 0; i < st->uids.cap; i++)
+		if (st->uids.slots[i] != NULL)
+			all[n++] = st->uids.slots[i];
+	r = write_state(st, all, n);
+	free(all);
+	if (r == 0)
+		st->rewrite = false;
+	return r;
+}
+
+/* A staging folder's name as we make them: NAME.PID.SERIAL */
+static bool
+valid_stage(const char *s)
+{
+	if (*s == '\0' || *s == '.' || strlen(s) > 96)
+		return false;
+	for (; *s; s++)
+		if (!(isalnum((unsigned char)*s) || *s == '.' || *s == '-'))
+			return false;
+	return true;
+}
+
+/*
+ * One record line: "UIDL" (received), or "UIDL STAGE" (written just before
+ * the folder STAGE was renamed into place: received if the staging folder
+ * is gone, since only the rename removes it). Returns 1 when received, 0
+ * when the rename never happened, -1 when the line is damaged.
+ */
+static int
+parse_record(struct store *st, char *line, size_t len)
+{
+	char *sp = memchr(line, ' ', len), *path;
+	struct stat sb;
+	int r;
+
+	if (sp == NULL)
+		return valid_uid(line, len) ? 1 : -1;
+	*sp = '\0';
+	if (!valid_uid(line, (size_t)(sp - line)) || !valid_stage(sp + 1))
+		return -1;
+	path = xasprintf("%s/%s", st->stage_dir, sp + 1);
+	r = lstat(path, &sb) == 0 ? 0 : 1;
+	free(path);
+	return r;
+}
+
 /*
  * Read the state. Anything odd (another server or user, a damaged header,
  * a torn last line, invalid lines) is reported, kept where sound, and the
  * file rewritten clean: at worst some mail is downloaded again, never lost.
+ * Records of folders whose rename is settled by now are rewritten as
+ * plain records, before the staging folders are cleaned.
  */
 static int
 load_state(struct store *st)
 {
 	FILE *f = fopen(st->state_path, "re");
 	char *line = NULL;
-	size_t cap = 0, bad = 0;
+	size_t cap = 0, bad = 0, unfinished = 0;
 	ssize_t len;
 	bool rewrite = false, first = true;
 	int r = 0;
@@ -353,8 +413,8 @@ load_state(struct store *st)
 			if (!complete || strcmp(line, want) != 0) {
 				if (strncmp(line, STATE_MAGIC " ", strlen(STATE_MAGIC) + 1) == 0)
 					log_notice(st->id,
-						   "server or user changed: starting a fresh "
-						   "UIDL state in %s",
+						   "server or user changed: starting a fresh UIDL "
+						   "state in %s",
 						   st->state_path);
 				else
 					log_warning(st->id,
@@ -368,12 +428,25 @@ load_state(struct store *st)
 			}
 			continue;
 		}
-		if (!complete || !valid_uid(line, (size_t)len)) {
-			bad++;
+		if (!complete) {
+			bad++; /* torn by a crash during the append */
 			rewrite = true;
 			continue;
 		}
-		strset_add(&st->uids, line);
+		if (memchr(line, ' ', (size_t)len) != NULL)
+			rewrite = true; /* settle it now, before staging is cleaned */
+		switch (parse_record(st, line, (size_t)len)) {
+		case 1:
+			strset_add(&st->uids, line);
+			break;
+		case 0:
+			unfinished++;
+			break;
+		default:
+			bad++;
+			rewrite = true;
+			break;
+		}
 	}
 	if (ferror(f))
 		r = seterr(st, errno, "cannot read the state %s", st->state_path);
@@ -388,16 +461,12 @@ load_state(struct store *st)
 			    "the UIDL state %s has %zu damaged line(s), ignored; the messages "
 			    "they named may be saved again",
 			    st->state_path, bad);
-	if (rewrite) {
-		const char **all = xcalloc(st->uids.n, sizeof(char *));
-		size_t n = 0;
-		for (size_t i = 0; i < st->uids.cap; i++)
-			if (st->uids.slots[i] != NULL)
-				all[n++] = st->uids.slots[i];
-		r = write_state(st, all, n);
-		free(all);
-	}
-	return r;
+	if (unfinished > 0)
+		log_notice(st->id,
+			   "%zu message(s) were not saved completely by an interrupted "
+			   "session; they are received again",
+			   unfinished);
+	return rewrite ? rewrite_state(st) : 0;
 }
 
 static int
@@ -447,6 +516,9 @@ store_open(const struct store_params *p, struct store **ret, char *err, size_t e
 	}
 	if ((r = take_lock(st)) < 0)
 		goto fail;
+	/* settles the records of an interrupted session by what is staged */
+	if ((r = load_state(st)) < 0)
+		goto fail;
 	/* a session that died left its staging behind: nobody else uses it */
 	if ((r = remove_tree(st->stage_dir)) < 0) {
 		seterr(st, -r, "cannot remove stale staging %s", st->stage_dir);
@@ -461,8 +533,6 @@ store_open(const struct store_params *p, struct store **ret, char *err, size_t e
 		seterr(st, -r, "cannot create %s", st->stage_dir);
 		goto fail;
 	}
-	if ((r = load_state(st)) < 0)
-		goto fail;
 	*ret = st;
 	return 0;
 fail:
@@ -481,7 +551,6 @@ store_close(struct store *st)
 	if (st->lock_fd >= 0)
 		close(st->lock_fd);
 	strset_clear(&st->uids);
-	strset_clear(&st->saved);
 	free(st->id);
 	free(st->save_dir);
 	free(st->state_dir);
@@ -490,48 +559,10 @@ store_close(struct store *st)
 	free(st);
 }
 
-/* Collect the hash part of every message folder in save_dir. */
-static void
-scan_saved(struct store *st)
-{
-	DIR *d;
-	struct dirent *e;
-
-	st->scanned = true;
-	if (st->save_dir == NULL || (d = opendir(st->save_dir)) == NULL)
-		return;
-	while ((e = readdir(d)) != NULL) {
-		const char *dash = strchr(e->d_name, '-');
-		/* YYYYMMDDTHHMMSSZ-hhhhhhhhhhhh[-N] */
-		if (dash == NULL || dash - e->d_name != 16 || strlen(dash + 1) < 12)
-			continue;
-		char hash[13];
-		memcpy(hash, dash + 1, 12);
-		hash[12] = '\0';
-		strset_add(&st->saved, hash);
-	}
-	closedir(d);
-}
-
 bool
 store_has(struct store *st, const char *uid)
 {
-	char name[64];
-
-	if (strset_has(&st->uids, uid))
-		return true;
-	if (!st->scanned)
-		scan_saved(st);
-	if (st->saved.n == 0)
-		return false;
-	store_folder_name(st->id, uid, 0, name, sizeof(name));
-	if (!strset_has(&st->saved, strchr(name, '-') + 1))
-		return false;
-	/* saved, but the session died before recording it: record it now */
-	log_notice(st->id, "message %s was saved by an interrupted session; recording it", uid);
-	if (store_record(st, uid) < 0)
-		log_warning(st->id, "%s", st->error);
-	return true;
+	return strset_has(&st->uids, uid);
 }
 
 size_t
@@ -549,8 +580,10 @@ store_msg_begin(struct store *st, const char *uid, time_t received, struct store
 	store_folder_name(st->id, uid, received, name, sizeof(name));
 	m->st = st;
 	m->fd = m->dirfd = -1;
+	m->uid = xstrdup(uid);
 	m->name = xstrdup(name);
-	m->path = xasprintf("%s/%s.%u", st->stage_dir, name, st->serial++);
+	m->stage = xasprintf("%s.%ld.%u", name, (long)getpid(), st->serial++);
+	m->path = xasprintf("%s/%s", st->stage_dir, m->stage);
 	m->eml = xasprintf("%s/message.eml", m->path);
 	if (mkdir(m->path, 0750) < 0) {
 		int r = seterr(st, errno, "cannot create %s", m->path);
@@ -672,6 +705,8 @@ store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder)
 		goto fail;
 	if (st->save_dir == NULL) {
 		/* nothing is kept: the UIDL record is all that remains */
+		if ((r = append_record(st, m->uid, NULL)) < 0)
+			goto fail;
 		store_msg_abort(m);
 		*ret_folder = NULL;
 		return 0;
@@ -684,17 +719,25 @@ store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder)
 		r = seterr(st, errno, "cannot fsync %s", m->path);
 		goto fail;
 	}
-	if ((r = rename_into_place(m, &folder)) < 0)
+	/* the record first, naming the staged folder: should the process die
+	 * after this, the next start tells by the staging folder whether the
+	 * rename happened, wherever a consumer has taken the folder since */
+	if ((r = append_record(st, m->uid, m->stage)) < 0)
 		goto fail;
-	free(m->path); /* renamed: nothing left to remove */
+	if ((r = rename_into_place(m, &folder)) < 0)
+		goto fail; /* the record is void: the staging folder stays until cleaned */
+	free(m->path);	   /* renamed: nothing left to remove */
 	m->path = NULL;
-	store_msg_abort(m);
 	if ((r = fsync_dir(st->save_dir)) < 0) {
-		/* visible but perhaps not durable: never recorded, never deleted;
-		 * the next session finds the folder and records it then */
+		/* visible but perhaps not durable: not received as far as the
+		 * server is concerned, so no DELE; the record settles it later */
+		seterr(st, -r, "cannot fsync %s", st->save_dir);
 		free(folder);
-		return seterr(st, -r, "cannot fsync %s", st->save_dir);
+		store_msg_abort(m);
+		return r;
 	}
+	strset_add(&st->uids, m->uid);
+	store_msg_abort(m);
 	*ret_folder = folder;
 	return 0;
 fail:
@@ -713,35 +756,60 @@ store_msg_abort(struct store_msg *m)
 		close(m->dirfd);
 	if (m->path != NULL)
 		remove_tree(m->path);
+	free(m->uid);
 	free(m->name);
+	free(m->stage);
 	free(m->path);
 	free(m->eml);
 	free(m);
 }
 
-int
-store_record(struct store *st, const char *uid)
+/*
+ * Append one record line and fdatasync it. A failed append is cut back (or
+ * the file rewritten whole before the next one), so that a torn line never
+ * joins the next record.
+ */
+static int
+append_record(struct store *st, const char *uid, const char *stage)
 {
-	char line[POP3_UIDL_MAX + 2];
-	size_t len = strlen(uid);
-	int r;
+	char line[POP3_UIDL_MAX + 128];
+	struct stat sb;
+	int n, r;
 
-	if (!valid_uid(uid, len))
+	if (!valid_uid(uid, strlen(uid)))
 		return seterr(st, EINVAL, "invalid UIDL");
+	n = stage ? snprintf(line, sizeof(line), "%s %s\n", uid, stage)
+		  : snprintf(line, sizeof(line), "%s\n", uid);
+	if (n < 0 || (size_t)n >= sizeof(line))
+		return seterr(st, ENAMETOOLONG, "cannot record %s", uid);
+	if (st->rewrite && (r = rewrite_state(st)) < 0)
+		return r;
 	if (st->state_fd < 0) {
 		st->state_fd = open(st->state_path, O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW);
 		if (st->state_fd < 0)
 			return seterr(st, errno, "cannot open the state %s", st->state_path);
 	}
-	memcpy(line, uid, len);
-	line[len] = '\n';
-	r = write_all(st->state_fd, line, len + 1);
+	if (fstat(st->state_fd, &sb) < 0)
+		return seterr(st, errno, "cannot stat the state %s", st->state_path);
+	r = write_all(st->state_fd, line, (size_t)n);
 	if (r == 0 && fdatasync(st->state_fd) < 0)
 		r = -errno;
-	if (r < 0)
+	if (r < 0) {
+		if (ftruncate(st->state_fd, sb.st_size) < 0 || fdatasync(st->state_fd) < 0)
+			st->rewrite = true;
 		return seterr(st, -r, "cannot write the state %s", st->state_path);
-	strset_add(&st->uids, uid);
+	}
 	return 0;
+}
+
+int
+store_record(struct store *st, const char *uid)
+{
+	int r = append_record(st, uid, NULL);
+
+	if (r == 0)
+		strset_add(&st->uids, uid);
+	return r;
 }
 
 int

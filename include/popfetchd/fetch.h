@@ -31,10 +31,11 @@ struct fetch_result {
 	int exit_code; /* sysexits, as DESIGN.md §2 */
 	struct fetch_saved *saved;
 	size_t nsaved;
-	size_t skipped; /* already received before */
-	size_t too_big; /* left on the server: over max_message_size */
-	size_t deleted; /* deletions the server committed (QUIT +OK) */
-	char **errors;	/* what went wrong, one line each */
+	size_t skipped;	      /* already received before */
+	size_t too_big;	      /* left on the server: over max_message_size */
+	size_t deleted;	      /* deletions the server committed (QUIT +OK) */
+	unsigned login_delay; /* seconds the server asked to wait, 0 if none */
+	char **errors;	      /* what went wrong, one line each */
 	size_t nerrors;
 };
 

@@ -52,6 +52,14 @@ struct pop3_msg {
 	char uid[POP3_UIDL_MAX + 1]; /* "" when the server has no UIDL */
 };
 
+/* A failure as the owner hears of it. */
+struct pop3_error {
+	enum pop3_failure fail;
+	unsigned rcodes;      /* enum pop3_rcode bits of the response that failed, if any */
+	unsigned login_delay; /* seconds, from [LOGIN-DELAY n] or CAPA LOGIN-DELAY */
+	const char *detail;   /* one line: our words, the server's text quoted */
+};
+
 /*
  * Owner callbacks. failed() and quit() are terminal: after them the session
  * sends nothing more and the owner frees it (not from inside the callback's
@@ -61,10 +69,12 @@ struct pop3_events {
 	void (*ready)(void *arg); /* logged in; pop3_capa() is valid */
 	void (*listing)(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl);
 	void (*data)(void *arg, const char *buf, size_t len); /* message bytes, in order */
-	void (*retrieved)(void *arg, unsigned long num);      /* the whole message was sent */
+	/* the whole message was sent; or error (the server's text) when it
+	 * refused the RETR: the session goes on */
+	void (*retrieved)(void *arg, unsigned long num, const char *error);
 	void (*deleted)(void *arg, unsigned long num, bool ok);
 	void (*quit)(void *arg, bool ok); /* ok: the server committed the deletions */
-	void (*failed)(void *arg, enum pop3_failure fail, const char *detail);
+	void (*failed)(void *arg, const struct pop3_error *err);
 };
 
 /* Most messages a listing may hold: a bound on what a server can make us allocate. */
@@ -88,6 +98,10 @@ void pop3_list(struct pop3_session *s); /* UIDL (if any) + LIST -> listing() */
 void pop3_retr(struct pop3_session *s, unsigned long num);
 void pop3_dele(struct pop3_session *s, unsigned long num);
 void pop3_quit(struct pop3_session *s);
+
+/* End the session at once, without QUIT (nothing is committed) and
+ * without a failed() callback: the owner decided it. Safe in a callback. */
+void pop3_abort(struct pop3_session *s);
 
 const char *pop3_failure_name(enum pop3_failure fail);
 

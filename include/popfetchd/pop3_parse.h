@@ -75,7 +75,8 @@ int pop3_listing_line(const char **line, size_t *len);
  * Streaming dot-unstuffing of multi-line message data (RFC 1939 §3): feed
  * the bytes after the "+OK" line in chunks of any size; the message bytes
  * (CRLF kept, stuffing dots removed, terminator not included) are written
- * to out, which must have room for inlen bytes. Returns the number of input
+ * to out, which must have room for inlen + 1 bytes (a ".\r" held back from
+ * the previous piece comes out with this one). Returns the number of input
  * bytes consumed; *outlen is set to the bytes written; d->done becomes true
  * when the terminating CRLF.CRLF was consumed (input after it is not
  * consumed).

@@ -49,7 +49,7 @@ SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
 # inherited settings that would change where popfetchd keeps state or secrets
 SCRUBBED_ENV = ("STATE_DIRECTORY", "CREDENTIALS_DIRECTORY", "CONFIGURATION_DIRECTORY",
                 "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
-FOLDER_RE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{12})$")
+FOLDER_RE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{12})(?:-[2-9]|-[1-9][0-9]+)?$")  # -N: a name taken already
 
 
 # --------------------------------------------------------------------------

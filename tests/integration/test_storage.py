@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import mailgen
-from fakepop3 import Stall, Trickle
-from test_receive import (EX_CONFIG, EX_OK, EX_TEMPFAIL, assert_no_staging_leftovers,
+from fakepop3 import Reply, Stall, Trickle
+from test_receive import (EX_CONFIG, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, assert_no_staging_leftovers,
                           assert_saved_exactly, fake_expected)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,33 +69,45 @@ def test_killed_mid_session_loses_nothing(fake_pop3, fake_config, confdir, run_p
     assert server.remaining() == []
 
 
-def test_folder_renamed_but_not_recorded_is_not_saved_again(fake_pop3, fake_config, confdir,
-                                                            run_popfetchd, read_saved):
-    """A session that died between the rename and the UIDL record."""
+def test_record_of_an_interrupted_rename_is_settled(fake_pop3, fake_config, confdir,
+                                                    run_popfetchd, read_saved):
+    """The record is written just before the rename and names the staging
+    folder. At the next start, a record whose staging folder is gone counts
+    as saved (even if a consumer took the folder away since); one whose
+    staging folder is still there does not."""
     server = fake_pop3(mailgen.generate(3, 3000, seed=42))
     expected = fake_expected(server)
     config = fake_config(server, remove_after_read=False)
     cd = confdir(config)
     assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
-    saved = read_saved(config["save_directory"])
-    assert len(saved) == 3
+    for folder in read_saved(config["save_directory"]):
+        shutil.rmtree(folder.path)  # the consumer took them all
 
     state = cd.state_directory / "fake" / "uidl"
     header = state.read_text().splitlines()[0]
-    state.write_text(header + "\n")  # the records are "lost"
+    (u1, _), (u2, _), (u3, _) = expected
+    stage = Path(config["save_directory"]) / ".tmp" / "fake" / "20261126T000000Z-000000000002.9.1"
+    stage.mkdir(parents=True)
+    (stage / "message.eml").write_bytes(b"half")
+    state.write_text(f"{header}\n{u1}\n{u2} {stage.name}\n"
+                     f"{u3} 20261126T000000Z-000000000003.9.2\n")
 
     res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
     assert res.returncode == EX_OK
     doc = res.json()
-    assert (doc["saved"], doc["skipped"]) == ([], 3)
-    assert [s.path for s in read_saved(config["save_directory"])] == [s.path for s in saved]
-    assert sorted(state.read_text().splitlines()[1:]) == sorted(u for u, _ in expected)
+    assert [s["uidl"] for s in doc["saved"]] == [u2], "only the unrenamed one comes again"
+    assert doc["skipped"] == 2
+    assert not stage.exists()
+    assert sorted(l.split()[0] for l in state.read_text().splitlines()[1:]) == sorted([u1, u2, u3])
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_damaged_state_never_loses_or_duplicates(fake_pop3, fake_config, confdir, run_popfetchd,
-                                                 read_saved, damage):
+def test_damaged_state_never_loses(fake_pop3, fake_config, confdir, run_popfetchd, read_saved,
+                                   damage):
+    """A damaged state is reported and repaired; at worst messages are saved
+    again (DESIGN.md §3), never lost, never a crash."""
     server = fake_pop3(mailgen.generate(3, 3000, seed=43))
+    expected = fake_expected(server)
     config = fake_config(server, remove_after_read=False)
     cd = confdir(config)
     assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
@@ -106,10 +118,14 @@ def test_damaged_state_never_loses_or_duplicates(fake_pop3, fake_config, confdir
 
     res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
     assert res.returncode == EX_OK
-    assert res.json()["saved"] == [], "saved again although the folders are there"
-    assert len(read_saved(config["save_directory"])) == 3
+    again = [s["uidl"] for s in res.json()["saved"]]
+    assert len(again) == {"truncated": 1, "garbage": 3, "empty": 3}[damage]
+    assert again == [u for u, _ in expected][-len(again):]
     if damage != "empty":
         assert "state" in res.stderr and "damaged" in res.stderr
+    # repaired: a third run finds nothing new
+    res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
+    assert (res.returncode, res.json()["saved"]) == (EX_OK, [])
 
 
 def test_stale_staging_is_removed(fake_pop3, fake_config, confdir, run_popfetchd, read_saved):
@@ -263,3 +279,77 @@ def test_example_configurations_are_valid(confdir, run_popfetchd, tmp_path):
     res = run_popfetchd(["check"], confdir=cd, env={"CREDENTIALS_DIRECTORY": str(creds)})
     assert res.returncode == EX_OK, res.stderr
     assert len(res.lines) == len(examples) - 1
+
+
+def test_refused_dele_keeps_the_record(fake_pop3, fake_config, confdir, run_popfetchd,
+                                       read_saved):
+    """A message the server would not delete stays recorded, so it is not
+    saved again even when a consumer has taken its folder away."""
+    server = fake_pop3(mailgen.generate(2, 2000, seed=52))
+    server.inject("DELE", Reply(b"-ERR [SYS/TEMP] cannot delete now\r\n"), times=2)
+    config = fake_config(server)
+    cd = confdir(config)
+    first = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
+    assert first.returncode == EX_OK
+    assert (len(first.json()["saved"]), first.json()["deleted"]) == (2, 0)
+    assert len(server.remaining()) == 2
+    for folder in read_saved(config["save_directory"]):
+        shutil.rmtree(folder.path)  # the consumer took them
+
+    second = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
+    assert second.returncode == EX_OK
+    doc = second.json()
+    assert (doc["saved"], doc["skipped"], doc["deleted"]) == ([], 2, 2)
+    assert server.remaining() == []
+
+
+def test_refused_retr_does_not_block_the_others(fake_pop3, fake_config, confdir, run_popfetchd,
+                                                read_saved):
+    server = fake_pop3(mailgen.generate(3, 2000, seed=53))
+    expected = fake_expected(server)
+    server.inject("RETR 2", Reply(b"-ERR message is unavailable\r\n"))
+    config = fake_config(server)
+    cd = confdir(config)
+    res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
+    assert res.returncode == EX_TEMPFAIL
+    assert server.sent("QUIT"), "the session must end with QUIT"
+    assert [s.uidl for s in read_saved(config["save_directory"])] == [expected[0][0],
+                                                                      expected[2][0]]
+    assert server.remaining() == [expected[1][1]]
+    assert "message is unavailable" in res.stderr
+    assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
+    assert_saved_exactly(read_saved(config["save_directory"]), "fake", expected)
+
+
+def test_message_far_larger_than_listed_is_refused(fake_pop3, fake_config, confdir,
+                                                   run_popfetchd, read_saved):
+    """A server whose LIST says 2 KB and which then streams megabytes cannot
+    fill the disk."""
+    server = fake_pop3(mailgen.generate(1, 2000, seed=54))
+    huge = b"+OK\r\n" + (b"x" * 998 + b"\r\n") * 3000 + b".\r\n"  # 3 MB
+    server.inject("RETR", Reply(huge))
+    config = fake_config(server)
+    res = run_popfetchd(["receive-all", "fake"], confdir=confdir(config))
+    assert res.returncode == EX_PROTOCOL
+    assert "far more than LIST" in res.stderr
+    assert read_saved(config["save_directory"]) == []
+    assert_no_staging_leftovers(config["save_directory"])
+    assert not server.sent("DELE")
+
+
+def test_same_uidls_in_another_mailbox_are_new(fake_pop3, fake_config, confdir, run_popfetchd,
+                                               read_saved):
+    """The state is bound to server and user: after `user` changes, equal
+    UIDLs in the new mailbox are other messages, and they are saved."""
+    uidls = ["UID-1", "UID-2"]
+    first = fake_pop3(mailgen.generate(2, 2000, seed=55), uidls=uidls, user="alice")
+    config = fake_config(first, remove_after_read=False)
+    cd = confdir(config)
+    assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
+    second = fake_pop3(mailgen.generate(2, 2000, seed=56), uidls=uidls, user="bob")
+    cd.add(fake_config(second, remove_after_read=True))  # same id, user bob
+    res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
+    assert res.returncode == EX_OK
+    assert (len(res.json()["saved"]), res.json()["skipped"]) == (2, 0)
+    assert second.remaining() == []
+    assert len(read_saved(config["save_directory"])) == 4

@@ -11,6 +11,7 @@
 
 #include "check.h"
 #include "popfetchd/config.h"
+#include "popfetchd/util.h"
 #include "popfetchd/log.h"
 
 #define FP_HEX "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
@@ -531,6 +532,33 @@ test_secret_conflicts(void)
 	conf_errors_clear(&e);
 }
 
+/* user and secrets go into protocol lines: no line breaks smuggled in */
+static void
+test_line_breaks(void)
+{
+	const char *dir = new_dir(true);
+	struct conf_errors e = {0};
+	char *secret_file = xasprintf("%s/pw", dir);
+
+	put(dir, "pw", 0600, "first\rDELE 1\nsecond line\n");
+	put(dir, "conf.d/a.yaml", 0600,
+	    "id: a\nserver: s\nuser: \"u\\r\\nDELE 1\"\npassword: \"p\\nQUIT\"\n"
+	    "save_directory: /tmp/x\n");
+	char *b = xasprintf("id: b\nserver: s\nuser: u\npassword_file: %s\n"
+			    "save_directory: /tmp/x\n",
+			    secret_file);
+	put(dir, "conf.d/b.yaml", 0600, b);
+	load_bad(dir, &e);
+	CHECK(has_error(&e, "a.yaml:3:7: user: must not contain control characters", NULL));
+	CHECK(has_error(&e, "a.yaml:4:11: password: must not contain a line break", NULL));
+	CHECK(has_error(&e, "b.yaml:4:16: password_file: must not contain a line break", NULL));
+	CHECK(no_error_contains(&e, "QUIT") && no_error_contains(&e, "DELE"));
+	CHECK(e.n == 3);
+	conf_errors_clear(&e);
+	free(b);
+	free(secret_file);
+}
+
 static void
 test_unknown_and_types(void)
 {
@@ -815,6 +843,7 @@ main(void)
 	test_credentials();
 	test_inline_secret_mode();
 	test_secret_conflicts();
+	test_line_breaks();
 	test_unknown_and_types();
 	test_fingerprint_forms();
 	test_structure();

@@ -172,14 +172,16 @@ dot(void)
 		{"a.\r\n.b\r\n.\r\n", "a.\r\nb\r\n", 0},
 		{"x\r\r\n.\r\n", "x\r\r\n", 0},
 		{".\r.\r\n.\r\n", "\r.\r\n", 0},
+		{".\r\rX\r\n.\r\n", "\r\rX\r\n", 0},
+		{".\r\r\n.\r\n", "\r\r\n", 0},
 		{"a\nb\n.\n\r\n.\r\n", "a\nb\n.\n\r\n", 0},
 		{"nul\0in\r\n.\r\n", "nul\0in\r\n", 0},
 	};
-	static const size_t lens[] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 11};
+	static const size_t lens[] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 11};
 
 	for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
 		size_t inlen = lens[c] ? lens[c] : strlen(cases[c].in);
-		size_t outlen = c == 9 ? 8 : strlen(cases[c].out);
+		size_t outlen = c == 11 ? 8 : strlen(cases[c].out);
 		/* every split point, every piece size */
 		for (size_t step = 1; step <= inlen; step++) {
 			char out[256];

@@ -86,7 +86,9 @@ commit_and_state(void)
 	CHECK(store_msg_add_file(m, "meta.json", "{}", 2) == 0);
 	/* a second file of the same name is refused (O_EXCL) */
 	CHECK(store_msg_add_file(m, "meta.json", "{}", 2) < 0);
+	CHECK(!store_has(st, "U1"));
 	CHECK(store_msg_commit(m, true, &folder) == 0 && folder != NULL);
+	CHECK(store_has(st, "U1")); /* recorded by the commit */
 	snprintf(path, sizeof(path), "%s/message.eml", folder);
 	char *eml = slurp(path);
 	CHECK_STR(eml, "Subject: a\r\n\r\nbody\r\n");
@@ -94,8 +96,6 @@ commit_and_state(void)
 	/* nothing left in staging */
 	snprintf(path, sizeof(path), "%s/.tmp/box", save);
 	CHECK(rmdir(path) == 0 && mkdir(path, 0700) == 0);
-	CHECK(store_record(st, "U1") == 0);
-	CHECK(store_has(st, "U1"));
 	free(folder);
 
 	/* the same UIDL in the same second: a new name, nothing replaced */
@@ -120,11 +120,12 @@ binding_and_damage(void)
 	struct store *st;
 	FILE *f;
 
-	/* another user: a fresh state (but the folder of U1 is still found) */
+	/* another user: a fresh state; the folders of the other mailbox, with
+	 * perhaps the same UIDLs, mean nothing for this one */
 	st = open_store("pop.example", "bob");
 	CHECK(st != NULL && store_count(st) == 0);
-	CHECK(store_has(st, "U1")); /* recovered from the save directory */
-	CHECK(store_count(st) == 1);
+	CHECK(!store_has(st, "U1"));
+	CHECK(store_record(st, "U1") == 0);
 	CHECK(store_record(st, "U2") == 0);
 	store_close(st);
 
@@ -158,6 +159,39 @@ binding_and_damage(void)
 	store_close(st);
 	st = open_store("pop.example", "bob");
 	CHECK(st != NULL && store_count(st) == 1 && strcmp("B", "B") == 0 && store_has(st, "B"));
+	store_close(st);
+}
+
+/* A record written before a rename names the staging folder: the rename
+ * happened exactly when that folder is gone. */
+static void
+interrupted_commit(void)
+{
+	char path[512], stage[512];
+	struct store *st = open_store("pop.example", "carol");
+	FILE *f;
+
+	CHECK(st != NULL);
+	store_close(st);
+	snprintf(path, sizeof(path), "%s/box/uidl", state);
+	f = fopen(path, "a");
+	fputs("RENAMED 20261126T101502Z-aaaaaaaaaaaa.99.0\n", f);
+	fputs("NOT-RENAMED 20261126T101502Z-bbbbbbbbbbbb.99.1\n", f);
+	fputs("BAD ../../etc\n", f);
+	fclose(f);
+	snprintf(stage, sizeof(stage), "%s/.tmp/box/20261126T101502Z-bbbbbbbbbbbb.99.1", save);
+	CHECK(mkdir(stage, 0700) == 0);
+	st = open_store("pop.example", "carol");
+	CHECK(st != NULL && store_has(st, "RENAMED") && !store_has(st, "NOT-RENAMED"));
+	CHECK(!store_has(st, "BAD"));
+	CHECK(!exists(stage)); /* cleaned after the records were settled */
+	store_close(st);
+	/* settled for good: the file holds plain records now */
+	char *text = slurp(path);
+	CHECK(strstr(text, "\nRENAMED\n") != NULL && strstr(text, "NOT-RENAMED") == NULL);
+	free(text);
+	st = open_store("pop.example", "carol");
+	CHECK(st != NULL && store_has(st, "RENAMED") && store_count(st) == 1);
 	store_close(st);
 }
 
@@ -199,6 +233,7 @@ main(void)
 	naming();
 	commit_and_state();
 	binding_and_damage();
+	interrupted_commit();
 	lock_and_staging();
 	char cmd[600];
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", root);
