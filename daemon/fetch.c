@@ -31,6 +31,7 @@ enum {
 	EX_TEMPFAIL_ = 75,
 	EX_PROTOCOL_ = 76,
 	EX_NOPERM_ = 77,
+	EX_CONFIG_ = 78,
 };
 
 struct candidate {
@@ -554,8 +555,9 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct conf_s
 		pp.mechanisms = conf_default_sasl_mechanisms;
 	}
 	if (mb->auth == CONF_AUTH_OAUTH2) {
-		set_exit(f, EX_NOPERM_);
-		add_error(f, "auth: oauth2 is not available in this build yet");
+		/* a configuration this build cannot serve: not a credential problem */
+		set_exit(f, EX_CONFIG_);
+		add_error(f, "auth: oauth2 is not available in this build yet (%s)", f->mb->file);
 		finish(f);
 		return f;
 	}
