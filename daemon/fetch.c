@@ -504,7 +504,8 @@ static const struct pop3_events fetch_events = {
 
 struct fetch *
 fetch_start(struct event_base *base, struct evdns_base *dns, const struct conf_set *set,
-	    const struct conf_mailbox *mb, enum fetch_mode mode, fetch_done_cb done, void *arg)
+	    const struct conf_mailbox *mb, struct tls_ctx *tls, enum fetch_mode mode,
+	    fetch_done_cb done, void *arg)
 {
 	struct fetch *f = xcalloc(1, sizeof(*f));
 	struct store_params sp = {
@@ -521,6 +522,7 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct conf_s
 		.tls = mb->tls == CONF_TLS_NONE	      ? POP3_TLS_NONE
 		       : mb->tls == CONF_TLS_IMPLICIT ? POP3_TLS_IMPLICIT
 						      : POP3_TLS_EXPLICIT,
+		.tls_ctx = tls,
 		.user = mb->user,
 		.password = mb->password,
 		.connect_timeout = (unsigned)mb->connect_timeout,
@@ -540,6 +542,12 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct conf_s
 	f->done = done;
 	f->arg = arg;
 
+	if (mb->tls == CONF_TLS_NONE)
+		log_warning(mb->id, "tls: none: the password and the mail cross the network in "
+				    "clear");
+	else if (!mb->tls_verify && !mb->has_fingerprint)
+		log_warning(mb->id, "tls_verify: false: the server's certificate is not checked; "
+				    "anyone in the path can read the password and the mail");
 	if ((r = store_open(&sp, &f->store, err, sizeof(err))) < 0) {
 		set_exit(f, r == -EBUSY ? EX_TEMPFAIL_ : EX_IOERR_);
 		add_error(f, "%s", err);

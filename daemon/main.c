@@ -18,6 +18,7 @@
 #include "popfetchd/fetch.h"
 #include "popfetchd/log.h"
 #include "popfetchd/mime.h"
+#include "popfetchd/tls.h"
 #include "popfetchd/util.h"
 
 #define EXIT_USAGE  64
@@ -249,6 +250,7 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 	struct event_base *base;
 	struct evdns_base *dns;
 	struct fetch *f;
+	struct tls_ctx *tls = NULL;
 	char why[512];
 	int code;
 
@@ -259,9 +261,17 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 		conf_set_free(set);
 		return receive_refused(o, NULL, why);
 	}
-	if (mb->tls == CONF_TLS_NONE)
-		log_warning(mb->id, "tls: none: the password and the mail cross the network in "
-				    "clear");
+	if (mb->tls != CONF_TLS_NONE) {
+		struct tls_params tp = {.ca_file = mb->tls_ca_file,
+					.verify = mb->tls_verify,
+					.has_fingerprint = mb->has_fingerprint};
+		memcpy(tp.fingerprint, mb->tls_fingerprint, sizeof(tp.fingerprint));
+		if (tls_ctx_new(&tp, &tls, why, sizeof(why)) < 0) {
+			fprintf(stderr, "popfetchd: %s: %s (%s)\n", mb->id, why, mb->file);
+			conf_set_free(set);
+			return receive_refused(o, NULL, why);
+		}
+	}
 	base = event_base_new();
 	if (base == NULL)
 		abort();
@@ -269,11 +279,12 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 			     EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
 	if (dns == NULL)
 		dns = evdns_base_new(base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
-	f = fetch_start(base, dns, set, mb, mode, on_fetch_done, base);
+	f = fetch_start(base, dns, set, mb, tls, mode, on_fetch_done, base);
 	event_base_dispatch(base);
 	code = fetch_result(f)->exit_code;
 	print_result(o, mb, fetch_result(f));
 	fetch_free(f);
+	tls_ctx_free(tls);
 	/* run what is still pending (deferred frees) */
 	event_base_loop(base, EVLOOP_NONBLOCK);
 	evdns_base_free(dns, 0);

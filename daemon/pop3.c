@@ -19,12 +19,17 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
 #include <event2/dns.h>
 #include <event2/event.h>
 #include <event2/util.h>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
 #include "popfetchd/log.h"
 #include "popfetchd/pop3.h"
+#include "popfetchd/tls.h"
 #include "popfetchd/util.h"
 
 enum pop3_state {
@@ -32,6 +37,8 @@ enum pop3_state {
 	P3_CONNECT,
 	P3_GREETING,
 	P3_CAPA,
+	P3_STLS,
+	P3_HANDSHAKE,
 	P3_USER,
 	P3_PASS,
 	P3_UTF8,
@@ -46,10 +53,11 @@ enum pop3_state {
 
 static const char *const state_names[] = {
 	[P3_INIT] = "INIT", [P3_CONNECT] = "CONNECT", [P3_GREETING] = "GREETING",
-	[P3_CAPA] = "CAPA", [P3_USER] = "USER",	      [P3_PASS] = "PASS",
-	[P3_UTF8] = "UTF8", [P3_IDLE] = "IDLE",	      [P3_UIDL] = "UIDL",
-	[P3_LIST] = "LIST", [P3_RETR] = "RETR",	      [P3_DELE] = "DELE",
-	[P3_QUIT] = "QUIT", [P3_DONE] = "DONE",
+	[P3_CAPA] = "CAPA", [P3_STLS] = "STLS",	      [P3_HANDSHAKE] = "HANDSHAKE",
+	[P3_USER] = "USER", [P3_PASS] = "PASS",	      [P3_UTF8] = "UTF8",
+	[P3_IDLE] = "IDLE", [P3_UIDL] = "UIDL",	      [P3_LIST] = "LIST",
+	[P3_RETR] = "RETR", [P3_DELE] = "DELE",	      [P3_QUIT] = "QUIT",
+	[P3_DONE] = "DONE",
 };
 
 /* A command the owner queued. */
@@ -71,6 +79,8 @@ struct pop3_session {
 	void *arg;
 
 	struct bufferevent *bev;
+	SSL *ssl;	 /* once TLS is on; owned by its bufferevent */
+	bool tls_active; /* capabilities and everything after come through TLS */
 	struct evdns_getaddrinfo_request *dns_req;
 	struct evutil_addrinfo *addrs, *next_addr; /* tried in turn */
 	char addr_text[INET6_ADDRSTRLEN + 8];	   /* the address being tried */
@@ -78,9 +88,8 @@ struct pop3_session {
 	struct event *cmd_timer;
 	struct event *conn_timer;
 	enum pop3_state state;
-	bool multiline;		/* inside the multi-line body of the current response */
-	bool dead;		/* failed() or quit() was called */
-	struct event *start_ev; /* a failure found before connecting */
+	bool multiline; /* inside the multi-line body of the current response */
+	bool dead;	/* failed() or quit() was called */
 	unsigned err_rcodes, err_login_delay; /* of the response that fails */
 	struct pop3_capa capa;
 	const char *mechanism;
@@ -261,6 +270,10 @@ enter_state(struct pop3_session *s, enum pop3_state st)
 		log_debug(s->p.id, "C: CAPA");
 		send_line(s, "CAPA");
 		break;
+	case P3_STLS:
+		log_debug(s->p.id, "C: STLS");
+		send_line(s, "STLS");
+		break;
 	case P3_USER:
 		log_debug(s->p.id, "C: USER %s", s->p.user);
 		send_line(s, "USER %s", s->p.user);
@@ -302,6 +315,105 @@ enter_state(struct pop3_session *s, enum pop3_state st)
 	default:
 		break;
 	}
+}
+
+/* What follows CAPA: the STLS upgrade (explicit TLS, once), or the login. */
+static void
+after_capa(struct pop3_session *s)
+{
+	if (s->p.tls != POP3_TLS_EXPLICIT || s->tls_active) {
+		start_login(s);
+		return;
+	}
+	if (!s->capa.stls) {
+		fail(s, POP3_FAIL_TLS,
+		     "the server does not offer STLS, and tls: explicit never continues in "
+		     "clear (use tls: implicit on port 995 if the server has it)");
+		return;
+	}
+	enter_state(s, P3_STLS);
+}
+
+static void on_read(struct bufferevent *bev, void *arg);
+static void on_event(struct bufferevent *bev, short what, void *arg);
+
+/*
+ * +OK to STLS: wrap the connection in TLS. Any byte already received after
+ * that +OK was not sent through TLS by the server we are about to verify:
+ * it is an injection attempt, and the session ends.
+ */
+static void
+start_tls_upgrade(struct pop3_session *s)
+{
+	struct evbuffer *in = bufferevent_get_input(s->bev);
+	struct timeval tv = {.tv_sec = (time_t)s->p.connect_timeout};
+	struct bufferevent *tls;
+
+	if (evbuffer_get_length(in) > 0) {
+		fail(s, POP3_FAIL_TLS,
+		     "%zu unexpected byte(s) after the +OK to STLS, before the TLS handshake: "
+		     "someone is injecting data; nothing more is sent",
+		     evbuffer_get_length(in));
+		return;
+	}
+	s->ssl = tls_ssl_new(s->p.tls_ctx, s->p.host);
+	tls = bufferevent_openssl_filter_new(s->base, s->bev, s->ssl, BUFFEREVENT_SSL_CONNECTING,
+					     BEV_OPT_CLOSE_ON_FREE);
+	if (tls == NULL)
+		abort();
+	bufferevent_openssl_set_allow_dirty_shutdown(tls, 1);
+	s->bev = tls;
+	bufferevent_setcb(s->bev, on_read, NULL, on_event, s);
+	bufferevent_enable(s->bev, EV_READ | EV_WRITE);
+	evtimer_del(s->cmd_timer);
+	evtimer_add(s->conn_timer, &tv);
+	set_state(s, P3_HANDSHAKE);
+}
+
+/* The handshake is done: check the certificate before a byte goes out. */
+static bool
+tls_established(struct pop3_session *s)
+{
+	char err[1536], how[128];
+
+	if (tls_check_peer(s->p.tls_ctx, s->ssl, s->p.host, err, sizeof(err)) < 0) {
+		fail(s, POP3_FAIL_TLS, "%s", err);
+		return false;
+	}
+	s->tls_active = true;
+	tls_describe(s->ssl, how, sizeof(how));
+	log_debug(s->p.id, "pop3: TLS established: %s", how);
+	return true;
+}
+
+/* Why the handshake failed, in words: the most telling OpenSSL reason. */
+static void
+fail_handshake(struct pop3_session *s, short what, int err)
+{
+	unsigned long e, best = 0;
+	char why[256];
+
+	while ((e = bufferevent_get_openssl_error(s->bev)) != 0)
+		if (ERR_GET_LIB(e) != 0 && (best == 0 || ERR_GET_REASON(e) != 0))
+			best = e;
+	if (best != 0) {
+		const char *reason = ERR_reason_error_string(best);
+		snprintf(why, sizeof(why), "%s", reason ? reason : "TLS error");
+		if (ERR_GET_REASON(best) == SSL_R_WRONG_VERSION_NUMBER)
+			strncat(why,
+				" (is this a TLS port? plain POP3 there needs tls: explicit or "
+				"none)",
+				sizeof(why) - strlen(why) - 1);
+	} else if (what & BEV_EVENT_EOF) {
+		snprintf(why, sizeof(why), "the server closed the connection");
+	} else if (what & BEV_EVENT_ERROR && err != 0) {
+		snprintf(why, sizeof(why), "%s", evutil_socket_error_to_string(err));
+	} else {
+		snprintf(why, sizeof(why),
+			 "no TLS handshake from the server (a plain POP3 port? there use tls: "
+			 "explicit)");
+	}
+	fail(s, POP3_FAIL_TLS, "TLS handshake with %s failed: %s", s->addr_text, why);
 }
 
 static void
@@ -360,7 +472,7 @@ on_listing_line(struct pop3_session *s, const char *line, size_t len)
 	if (pop3_listing_line(&line, &len) == 1) {
 		s->multiline = false;
 		if (s->state == P3_CAPA)
-			start_login(s);
+			after_capa(s);
 		else if (s->state == P3_UIDL)
 			enter_state(s, P3_LIST);
 		else if (s->state == P3_LIST)
@@ -443,8 +555,18 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 			s->multiline = true;
 			arm_timer(s);
 		} else {
-			start_login(s);
+			after_capa(s);
 		}
+		break;
+	case P3_STLS:
+		if (!ok) {
+			fail(s, POP3_FAIL_TLS,
+			     "the server refused STLS (server said: %s); with tls: explicit "
+			     "nothing is sent in clear",
+			     server_text(&r, text, sizeof(text)));
+			return;
+		}
+		start_tls_upgrade(s);
 		break;
 	case P3_USER:
 		if (!ok) {
@@ -588,7 +710,9 @@ on_read(struct bufferevent *bev, void *arg)
 	char line[POP3_LINE_MAX + 1];
 	size_t len;
 
-	while (!s->dead && evbuffer_get_length(in) > 0) {
+	while (!s->dead && bev == s->bev && evbuffer_get_length(in) > 0) {
+		if (s->state == P3_HANDSHAKE)
+			break;
 		if (s->state == P3_RETR && s->multiline) {
 			if (!read_data(s, in))
 				break;
@@ -596,7 +720,7 @@ on_read(struct bufferevent *bev, void *arg)
 		}
 		if (read_line(s, in, line, &len) <= 0)
 			break;
-		if (s->state == P3_IDLE || s->state == P3_CONNECT) {
+		if (s->state == P3_IDLE || s->state == P3_CONNECT || s->state == P3_HANDSHAKE) {
 			fail(s, POP3_FAIL_PROTOCOL, "unsolicited data from the server");
 			break;
 		}
@@ -653,7 +777,16 @@ connect_next(struct pop3_session *s)
 		 host);
 	if (s->bev != NULL)
 		bufferevent_free(s->bev);
-	s->bev = bufferevent_socket_new(s->base, -1, BEV_OPT_CLOSE_ON_FREE);
+	if (s->p.tls == POP3_TLS_IMPLICIT) {
+		/* TLS from the first byte: CONNECTED comes after the handshake */
+		s->ssl = tls_ssl_new(s->p.tls_ctx, s->p.host);
+		s->bev = bufferevent_openssl_socket_new(
+			s->base, -1, s->ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
+		if (s->bev != NULL)
+			bufferevent_openssl_set_allow_dirty_shutdown(s->bev, 1);
+	} else {
+		s->bev = bufferevent_socket_new(s->base, -1, BEV_OPT_CLOSE_ON_FREE);
+	}
 	if (s->bev == NULL)
 		abort();
 	bufferevent_setcb(s->bev, on_read, NULL, on_event, s);
@@ -693,12 +826,33 @@ on_event(struct bufferevent *bev, short what, void *arg)
 
 	if (what & BEV_EVENT_CONNECTED) {
 		evtimer_del(s->conn_timer);
-		set_nodelay(bev);
+		if (s->state == P3_CONNECT)
+			set_nodelay(bev);
+		if ((s->p.tls == POP3_TLS_IMPLICIT && s->state == P3_CONNECT) ||
+		    s->state == P3_HANDSHAKE) {
+			if (!tls_established(s))
+				return;
+		}
+		if (s->state == P3_HANDSHAKE) {
+			/* what was learnt in clear is forgotten and asked again */
+			enter_state(s, P3_CAPA);
+			return;
+		}
 		set_state(s, P3_GREETING);
 		arm_timer(s);
 		return;
 	}
+	if (s->state == P3_HANDSHAKE) {
+		fail_handshake(s, what, err);
+		return;
+	}
 	if (s->state == P3_CONNECT) {
+		/* with implicit TLS, a refused TCP connection has no TLS error */
+		if (s->p.tls == POP3_TLS_IMPLICIT &&
+		    ((what & BEV_EVENT_EOF) || bufferevent_get_openssl_error(bev) != 0)) {
+			fail_handshake(s, what, err);
+			return;
+		}
 		connect_failed(s, err);
 		return;
 	}
@@ -772,17 +926,6 @@ pop3_session_new(struct event_base *base, struct evdns_base *dns, const struct p
 	return s;
 }
 
-static void
-start_failed_tls(evutil_socket_t fd, short what, void *arg)
-{
-	struct pop3_session *s = arg;
-
-	(void)fd;
-	(void)what;
-	fail(s, POP3_FAIL_TLS, "tls: %s is not available in this build yet; use tls: none",
-	     s->p.tls == POP3_TLS_IMPLICIT ? "implicit" : "explicit");
-}
-
 void
 pop3_session_start(struct pop3_session *s)
 {
@@ -791,15 +934,6 @@ pop3_session_start(struct pop3_session *s)
 		.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_protocol = IPPROTO_TCP};
 	char port[8];
 
-	if (s->p.tls != POP3_TLS_NONE) {
-		/* no credential may ever go out in clear: refuse before connecting */
-		static const struct timeval zero = {0, 0};
-		s->start_ev = evtimer_new(s->base, start_failed_tls, s);
-		if (s->start_ev == NULL)
-			abort();
-		evtimer_add(s->start_ev, &zero);
-		return;
-	}
 	set_state(s, P3_CONNECT);
 	evtimer_add(s->conn_timer, &tv);
 	snprintf(port, sizeof(port), "%u", s->p.port);
@@ -819,8 +953,6 @@ free_now(struct pop3_session *s)
 		bufferevent_free(s->bev);
 	event_free(s->cmd_timer);
 	event_free(s->conn_timer);
-	if (s->start_ev != NULL)
-		event_free(s->start_ev);
 	free(s->queue);
 	free(s->uids);
 	free(s->msgs);
@@ -850,8 +982,6 @@ pop3_abort(struct pop3_session *s)
 		bufferevent_disable(s->bev, EV_READ | EV_WRITE);
 	evtimer_del(s->cmd_timer);
 	evtimer_del(s->conn_timer);
-	if (s->start_ev != NULL)
-		evtimer_del(s->start_ev);
 	set_state(s, P3_DONE);
 }
 

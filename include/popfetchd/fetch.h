@@ -15,6 +15,7 @@ struct evdns_base;
 struct conf_set;
 struct conf_mailbox;
 struct fetch;
+struct tls_ctx;
 
 enum fetch_mode {
 	FETCH_ONE, /* MAIL_RECEIVE: the oldest message not yet received */
@@ -42,10 +43,11 @@ struct fetch_result {
 typedef void (*fetch_done_cb)(struct fetch *f, void *arg);
 
 /* Start one poll; done() is called from the loop (never from inside
- * fetch_start) when it has ended, successfully or not. */
+ * fetch_start) when it has ended, successfully or not. tls is the
+ * configuration's TLS context (opaque here), NULL for tls: none. */
 struct fetch *fetch_start(struct event_base *base, struct evdns_base *dns,
 			  const struct conf_set *set, const struct conf_mailbox *mb,
-			  enum fetch_mode mode, fetch_done_cb done, void *arg);
+			  struct tls_ctx *tls, enum fetch_mode mode, fetch_done_cb done, void *arg);
 const struct fetch_result *fetch_result(const struct fetch *f);
 void fetch_free(struct fetch *f);
 

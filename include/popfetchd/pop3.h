@@ -17,6 +17,7 @@
 struct event_base;
 struct evdns_base;
 struct pop3_session;
+struct tls_ctx;
 
 /* What went wrong; the owner maps each class to an exit code. */
 enum pop3_failure {
@@ -37,6 +38,7 @@ struct pop3_params {
 	const char *host;
 	uint16_t port;
 	enum pop3_tls_mode tls;
+	struct tls_ctx *tls_ctx; /* for implicit and explicit: built once per configuration */
 	const char *user;
 	const char *password;
 	/* allowed mechanisms in order of preference, NULL-terminated */

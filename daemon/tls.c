@@ -1,0 +1,216 @@
+/*
+ * tls — client contexts, connections and the verdict on certificates.
+ *
+ * The handshake itself runs with SSL_VERIFY_NONE: OpenSSL still builds and
+ * checks the chain and the name (SSL_set1_host) and keeps the result, and
+ * tls_check_peer() reads it before the session sends a single byte. That
+ * way a refused certificate can be described in full to the operator.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/x509v3.h>
+
+#include "popfetchd/tls.h"
+#include "popfetchd/util.h"
+
+struct tls_ctx {
+	SSL_CTX *ssl_ctx;
+	bool verify;
+	bool has_fingerprint;
+	unsigned char fingerprint[32];
+};
+
+void
+tls_error_string(unsigned long first, char *buf, size_t len)
+{
+	unsigned long e = first ? first : ERR_get_error();
+
+	if (e == 0) {
+		snprintf(buf, len, "%s", errno ? strerror(errno) : "the connection ended");
+		return;
+	}
+	ERR_error_string_n(e, buf, len);
+	ERR_clear_error();
+}
+
+int
+tls_ctx_new(const struct tls_params *p, struct tls_ctx **ret, char *err, size_t errlen)
+{
+	struct tls_ctx *ctx = xcalloc(1, sizeof(*ctx));
+	char why[256];
+
+	ctx->ssl_ctx = SSL_CTX_new(TLS_client_method());
+	if (ctx->ssl_ctx == NULL)
+		abort();
+	SSL_CTX_set_min_proto_version(ctx->ssl_ctx, TLS1_2_VERSION);
+	SSL_CTX_set_verify(ctx->ssl_ctx, SSL_VERIFY_NONE, NULL);
+	SSL_CTX_set_mode(ctx->ssl_ctx, SSL_MODE_RELEASE_BUFFERS);
+	ctx->verify = p->verify;
+	ctx->has_fingerprint = p->has_fingerprint;
+	memcpy(ctx->fingerprint, p->fingerprint, sizeof(ctx->fingerprint));
+	ERR_clear_error();
+	if (p->ca_file != NULL) {
+		if (SSL_CTX_load_verify_locations(ctx->ssl_ctx, p->ca_file, NULL) != 1) {
+			tls_error_string(0, why, sizeof(why));
+			snprintf(err, errlen, "tls_ca_file: cannot load %s: %s", p->ca_file, why);
+			tls_ctx_free(ctx);
+			return -EINVAL;
+		}
+	} else if (SSL_CTX_set_default_verify_paths(ctx->ssl_ctx) != 1) {
+		tls_error_string(0, why, sizeof(why));
+		snprintf(err, errlen, "cannot load the system trust store: %s", why);
+		tls_ctx_free(ctx);
+		return -EINVAL;
+	}
+	*ret = ctx;
+	return 0;
+}
+
+void
+tls_ctx_free(struct tls_ctx *ctx)
+{
+	if (ctx == NULL)
+		return;
+	SSL_CTX_free(ctx->ssl_ctx);
+	free(ctx);
+}
+
+static bool
+is_ip_literal(const char *host)
+{
+	unsigned char buf[sizeof(struct in6_addr)];
+
+	return inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1;
+}
+
+SSL *
+tls_ssl_new(struct tls_ctx *ctx, const char *host)
+{
+	SSL *ssl = SSL_new(ctx->ssl_ctx);
+
+	if (ssl == NULL)
+		abort();
+	if (is_ip_literal(host)) {
+		/* no SNI for an address (RFC 6066); check the address instead */
+		X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), host);
+	} else {
+		SSL_set_tlsext_host_name(ssl, host);
+		SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+		SSL_set1_host(ssl, host);
+	}
+	return ssl;
+}
+
+static void
+fingerprint_hex(const unsigned char *md, char *out)
+{
+	for (int i = 0; i < 32; i++)
+		sprintf(out + 3 * i, "%02X%s", md[i], i < 31 ? ":" : "");
+}
+
+static void
+name_line(X509_NAME *name, char *buf, size_t len)
+{
+	BIO *b = BIO_new(BIO_s_mem());
+	long n;
+	char *data;
+
+	X509_NAME_print_ex(b, name, 0, XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB);
+	n = BIO_get_mem_data(b, &data);
+	snprintf(buf, len, "%.*s", (int)(n > 0 ? n : 0), data);
+	BIO_free(b);
+}
+
+static void
+time_line(const ASN1_TIME *t, char *buf, size_t len)
+{
+	BIO *b = BIO_new(BIO_s_mem());
+	long n;
+	char *data;
+
+	ASN1_TIME_print(b, t);
+	n = BIO_get_mem_data(b, &data);
+	snprintf(buf, len, "%.*s", (int)(n > 0 ? n : 0), data);
+	BIO_free(b);
+}
+
+static void
+describe_cert(X509 *cert, char *buf, size_t len)
+{
+	char subject[256], issuer[256], from[64], until[64], fp[3 * 32];
+	unsigned char md[32];
+	unsigned int mdlen = 0;
+
+	if (cert == NULL) {
+		snprintf(buf, len, "no certificate");
+		return;
+	}
+	name_line(X509_get_subject_name(cert), subject, sizeof(subject));
+	name_line(X509_get_issuer_name(cert), issuer, sizeof(issuer));
+	time_line(X509_get0_notBefore(cert), from, sizeof(from));
+	time_line(X509_get0_notAfter(cert), until, sizeof(until));
+	X509_digest(cert, EVP_sha256(), md, &mdlen);
+	fingerprint_hex(md, fp);
+	snprintf(buf, len, "subject %s, issuer %s, valid from %s until %s, SHA-256 %s", subject,
+		 issuer, from, until, fp);
+}
+
+void
+tls_describe_peer(SSL *ssl, char *buf, size_t len)
+{
+	describe_cert(SSL_get0_peer_certificate(ssl), buf, len);
+}
+
+void
+tls_describe(SSL *ssl, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s %s", SSL_get_version(ssl), SSL_get_cipher_name(ssl));
+}
+
+int
+tls_check_peer(const struct tls_ctx *ctx, SSL *ssl, const char *host, char *err, size_t errlen)
+{
+	X509 *cert = SSL_get0_peer_certificate(ssl);
+	char presented[1024], want[3 * 32];
+	unsigned char md[32];
+	unsigned int mdlen = 0;
+	long result;
+
+	describe_cert(cert, presented, sizeof(presented));
+	if (cert == NULL) {
+		snprintf(err, errlen, "the server presented no certificate");
+		return -1;
+	}
+	if (ctx->has_fingerprint) {
+		X509_digest(cert, EVP_sha256(), md, &mdlen);
+		if (mdlen == 32 && CRYPTO_memcmp(md, ctx->fingerprint, 32) == 0)
+			return 0;
+		fingerprint_hex(ctx->fingerprint, want);
+		snprintf(err, errlen,
+			 "the certificate does not match tls_fingerprint sha256:%s; presented: %s",
+			 want, presented);
+		return -1;
+	}
+	if (!ctx->verify)
+		return 0;
+	result = SSL_get_verify_result(ssl);
+	if (result == X509_V_OK)
+		return 0;
+	if (result == X509_V_ERR_HOSTNAME_MISMATCH || result == X509_V_ERR_IP_ADDRESS_MISMATCH)
+		snprintf(err, errlen,
+			 "certificate verification failed: the certificate is not for %s; "
+			 "presented: %s",
+			 host, presented);
+	else
+		snprintf(err, errlen,
+			 "certificate verification failed: %s (expected a certificate for %s "
+			 "from a trusted CA); presented: %s",
+			 X509_verify_cert_error_string(result), host, presented);
+	return -1;
+}

@@ -1,0 +1,47 @@
+/*
+ * tls — the TLS client side: one context per configuration (trust anchors,
+ * TLS 1.2 minimum, verification or a pinned fingerprint), a connection
+ * object per session with SNI and the name to check, and the verdict on
+ * the certificate a server presented. Knows no POP3 command.
+ */
+#ifndef POPFETCHD_TLS_H
+#define POPFETCHD_TLS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include <openssl/ssl.h>
+
+struct tls_ctx;
+
+struct tls_params {
+	const char *ca_file; /* NULL: the system store */
+	bool verify;	     /* false: any certificate is accepted */
+	bool has_fingerprint;
+	unsigned char fingerprint[32]; /* SHA-256 of the leaf certificate (DER) */
+};
+
+/* Build the context once per configuration (and again on reload). -EINVAL
+ * with a line in err when the trust anchors cannot be loaded. */
+int tls_ctx_new(const struct tls_params *p, struct tls_ctx **ret, char *err, size_t errlen);
+void tls_ctx_free(struct tls_ctx *ctx);
+
+/* A client connection for host: SNI for a name, the name (or IP) to check. */
+SSL *tls_ssl_new(struct tls_ctx *ctx, const char *host);
+
+/*
+ * After the handshake, before anything is sent: 0 when the server's
+ * certificate is acceptable; -1 with a line in err that names what was
+ * expected and what was presented (subject, issuer, validity, SHA-256).
+ */
+int tls_check_peer(const struct tls_ctx *ctx, SSL *ssl, const char *host, char *err, size_t errlen);
+
+/* "TLSv1.3 TLS_AES_256_GCM_SHA384" and the like, for debug and test lines. */
+void tls_describe(SSL *ssl, char *buf, size_t len);
+/* The presented certificate in one line: subject, issuer, validity, SHA-256. */
+void tls_describe_peer(SSL *ssl, char *buf, size_t len);
+
+/* The OpenSSL error queue (or errno) in words, emptied. */
+void tls_error_string(unsigned long first, char *buf, size_t len);
+
+#endif
