@@ -315,6 +315,7 @@ class SessionRecord:
     committed: list = dataclasses.field(default_factory=list)   # UIDLs deleted
     tls: bool = False
     tls_error: str = None
+    tls_since: int = None          # commands received before TLS began (0: implicit TLS)
     ended: bool = False
 
 
@@ -492,7 +493,7 @@ class FakePOP3:
             if self.tls_context:
                 try:
                     conn.starttls(self.tls_context)
-                    record.tls = True
+                    record.tls, record.tls_since = True, 0
                 except (OSError, ssl.SSLError) as e:
                     record.tls_error = str(e)
                     return
@@ -675,7 +676,7 @@ class _GoodSession:
         def effect():
             try:
                 self.conn.starttls(self.srv.stls_context)
-                self.rec.tls = True
+                self.rec.tls, self.rec.tls_since = True, len(self.rec.commands)
             except (OSError, ssl.SSLError) as e:
                 self.rec.tls_error = str(e)
                 return False
