@@ -40,6 +40,8 @@ struct store {
 	char *state_path; /* state_dir/uidl */
 	char binding[2 * SHA256_DIGEST_LENGTH + 1];
 	int lock_fd;
+	int save_fd;  /* save_dir, kept open for its fsyncs */
+	long pid;     /* in staging names */
 	int state_fd; /* O_APPEND, or -1 until the first record */
 	struct strset uids;
 	bool rewrite; /* an append failed half-way: rewrite before the next */
@@ -499,7 +501,8 @@ store_open(const struct store_params *p, struct store **ret, char *err, size_t e
 	int r;
 
 	st->id = xstrdup(p->id);
-	st->lock_fd = st->state_fd = -1;
+	st->lock_fd = st->state_fd = st->save_fd = -1;
+	st->pid = (long)getpid();
 	st->state_dir = xasprintf("%s/%s", p->state_directory, p->id);
 	st->state_path = xasprintf("%s/uidl", st->state_dir);
 	compute_binding(st, p->server, p->user);
@@ -533,6 +536,11 @@ store_open(const struct store_params *p, struct store **ret, char *err, size_t e
 		seterr(st, -r, "cannot create %s", st->stage_dir);
 		goto fail;
 	}
+	if (st->save_dir != NULL &&
+	    (st->save_fd = open(st->save_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
+		r = seterr(st, errno, "cannot open the save directory %s", st->save_dir);
+		goto fail;
+	}
 	*ret = st;
 	return 0;
 fail:
@@ -550,6 +558,8 @@ store_close(struct store *st)
 		close(st->state_fd);
 	if (st->lock_fd >= 0)
 		close(st->lock_fd);
+	if (st->save_fd >= 0)
+		close(st->save_fd);
 	strset_clear(&st->uids);
 	free(st->id);
 	free(st->save_dir);
@@ -582,7 +592,7 @@ store_msg_begin(struct store *st, const char *uid, time_t received, struct store
 	m->fd = m->dirfd = -1;
 	m->uid = xstrdup(uid);
 	m->name = xstrdup(name);
-	m->stage = xasprintf("%s.%ld.%u", name, (long)getpid(), st->serial++);
+	m->stage = xasprintf("%s.%ld.%u", name, st->pid, st->serial++);
 	m->path = xasprintf("%s/%s", st->stage_dir, m->stage);
 	m->eml = xasprintf("%s/message.eml", m->path);
 	if (mkdir(m->path, 0750) < 0) {
@@ -728,7 +738,8 @@ store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder)
 		goto fail; /* the record is void: the staging folder stays until cleaned */
 	free(m->path);	   /* renamed: nothing left to remove */
 	m->path = NULL;
-	if ((r = fsync_dir(st->save_dir)) < 0) {
+	if (fsync(st->save_fd) < 0) {
+		r = -errno;
 		/* visible but perhaps not durable: not received as far as the
 		 * server is concerned, so no DELE; the record settles it later */
 		seterr(st, -r, "cannot fsync %s", st->save_dir);
