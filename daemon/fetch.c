@@ -15,10 +15,12 @@
 #include <event2/event.h>
 #include <jansson.h>
 
+#include "popfetchd/auth.h"
 #include "popfetchd/config.h"
 #include "popfetchd/fetch.h"
 #include "popfetchd/log.h"
 #include "popfetchd/mime.h"
+#include "popfetchd/oauth2.h"
 #include "popfetchd/pop3.h"
 #include "popfetchd/store.h"
 #include "popfetchd/util.h"
@@ -47,6 +49,13 @@ struct fetch {
 	fetch_done_cb done;
 	void *arg;
 
+	struct evdns_base *dns;
+	struct tls_ctx *tls;
+	struct oauth2_source *oauth2;
+	struct oauth2_request *token_req;
+	char *token; /* the access token of this poll (wiped) */
+	bool token_retried;
+
 	struct store *store;
 	struct pop3_session *pop3;
 	const char **mechanisms;
@@ -71,6 +80,9 @@ struct fetch {
 	bool finished;
 	char where[300]; /* "host:port" or "[v6]:port", for error lines */
 };
+
+static bool retry_with_new_token(struct fetch *f, const struct pop3_error *err);
+static void forget_token(struct fetch *f);
 
 static void add_error(struct fetch *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -113,6 +125,11 @@ finish(struct fetch *f)
 	if (f->finished)
 		return;
 	f->finished = true;
+	if (f->token_req != NULL) {
+		oauth2_cancel(f->token_req);
+		f->token_req = NULL;
+	}
+	forget_token(f);
 	store_msg_abort(f->msg);
 	f->msg = NULL;
 	if (f->pop3 != NULL) {
@@ -154,6 +171,8 @@ on_failed(void *arg, const struct pop3_error *err)
 {
 	struct fetch *f = arg;
 
+	if (retry_with_new_token(f, err))
+		return;
 	set_exit(f, failure_exit(err->fail));
 	if (err->login_delay > f->res.login_delay)
 		f->res.login_delay = err->login_delay;
@@ -212,6 +231,9 @@ on_ready(void *arg)
 	struct fetch *f = arg;
 
 	log_debug(f->mb->id, "logged in as %s with %s", f->mb->user, pop3_mechanism(f->pop3));
+	if (f->mb->tls == CONF_TLS_NONE && auth_cleartext(pop3_mechanism(f->pop3)))
+		log_warning(f->mb->id, "the password went to the server in clear (%s without TLS)",
+			    pop3_mechanism(f->pop3));
 	pop3_list(f->pop3);
 }
 
@@ -502,19 +524,11 @@ static const struct pop3_events fetch_events = {
 	.failed = on_failed,
 };
 
-struct fetch *
-fetch_start(struct event_base *base, struct evdns_base *dns, const struct conf_set *set,
-	    const struct conf_mailbox *mb, struct tls_ctx *tls, enum fetch_mode mode,
-	    fetch_done_cb done, void *arg)
+/* A new POP3 session of this poll (a second one only to retry a token). */
+static void
+start_session(struct fetch *f)
 {
-	struct fetch *f = xcalloc(1, sizeof(*f));
-	struct store_params sp = {
-		.id = mb->id,
-		.save_directory = mb->save_directory,
-		.state_directory = set->state_directory,
-		.server = mb->server,
-		.user = mb->user,
-	};
+	const struct conf_mailbox *mb = f->mb;
 	struct pop3_params pp = {
 		.id = mb->id,
 		.host = mb->server,
@@ -522,25 +536,93 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct conf_s
 		.tls = mb->tls == CONF_TLS_NONE	      ? POP3_TLS_NONE
 		       : mb->tls == CONF_TLS_IMPLICIT ? POP3_TLS_IMPLICIT
 						      : POP3_TLS_EXPLICIT,
-		.tls_ctx = tls,
+		.tls_ctx = f->tls,
 		.user = mb->user,
 		.password = mb->password,
+		.token = f->token,
+		.mechanisms = f->mechanisms,
 		.connect_timeout = (unsigned)mb->connect_timeout,
 		.command_timeout = (unsigned)mb->command_timeout,
 	};
+
+	f->pop3 = pop3_session_new(f->base, f->dns, &pp, &fetch_events, f);
+	pop3_session_start(f->pop3);
+}
+
+static void
+forget_token(struct fetch *f)
+{
+	if (f->token != NULL) {
+		explicit_bzero(f->token, strlen(f->token));
+		free(f->token);
+		f->token = NULL;
+	}
+}
+
+static void
+on_token(void *arg, enum oauth2_status status, const char *token, const char *detail)
+{
+	struct fetch *f = arg;
+
+	f->token_req = NULL;
+	if (status != OAUTH2_OK) {
+		set_exit(f, status == OAUTH2_REFUSED ? EX_NOPERM_
+			    : status == OAUTH2_LOCAL ? EX_IOERR_
+						     : EX_TEMPFAIL_);
+		add_error(f, "oauth2: %s", detail);
+		finish(f);
+		return;
+	}
+	forget_token(f);
+	f->token = xstrdup(token);
+	start_session(f);
+}
+
+/* The server refused the token: one fresh token, one new session. */
+static bool
+retry_with_new_token(struct fetch *f, const struct pop3_error *err)
+{
+	if (f->oauth2 == NULL || !err->token_rejected || f->token_retried || f->listing_done)
+		return false;
+	f->token_retried = true;
+	log_notice(f->mb->id, "the server refused the access token: fetching a new one and "
+			      "trying once more");
+	pop3_session_free_deferred(f->pop3);
+	f->pop3 = NULL;
+	f->token_req = oauth2_get_token(f->oauth2, true, on_token, f);
+	return true;
+}
+
+struct fetch *
+fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_params *p,
+	    fetch_done_cb done, void *arg)
+{
+	const struct conf_mailbox *mb = p->mb;
+	struct fetch *f = xcalloc(1, sizeof(*f));
+	struct store_params sp = {
+		.id = mb->id,
+		.save_directory = mb->save_directory,
+		.state_directory = p->set->state_directory,
+		.server = mb->server,
+		.user = mb->user,
+	};
 	char err[512];
+	size_t n;
 	int r;
 
 	f->base = base;
+	f->dns = dns;
 	f->mb = mb;
+	f->tls = p->tls;
+	f->oauth2 = p->oauth2;
+	f->mode = p->mode;
+	f->done = done;
+	f->arg = arg;
 	f->done_ev = evtimer_new(base, finish_cb, f);
 	if (f->done_ev == NULL)
 		abort();
 	snprintf(f->where, sizeof(f->where), strchr(mb->server, ':') ? "[%s]:%u" : "%s:%u",
 		 mb->server, mb->port);
-	f->mode = mode;
-	f->done = done;
-	f->arg = arg;
 
 	if (mb->tls == CONF_TLS_NONE)
 		log_warning(mb->id, "tls: none: the password and the mail cross the network in "
@@ -554,23 +636,28 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct conf_s
 		finish(f);
 		return f;
 	}
-	if (mb->sasl_mechanisms != NULL) {
+	if (mb->auth == CONF_AUTH_OAUTH2) {
+		f->mechanisms = xcalloc(2, sizeof(char *));
+		f->mechanisms[0] =
+			mb->oauth2.mechanism == CONF_OAUTH_XOAUTH2 ? "XOAUTH2" : "OAUTHBEARER";
+	} else if (mb->sasl_mechanisms != NULL) {
 		f->mechanisms = xcalloc(mb->n_sasl_mechanisms + 1, sizeof(char *));
 		for (size_t i = 0; i < mb->n_sasl_mechanisms; i++)
 			f->mechanisms[i] = mb->sasl_mechanisms[i];
-		pp.mechanisms = f->mechanisms;
 	} else {
-		pp.mechanisms = conf_default_sasl_mechanisms;
+		for (n = 0; conf_default_sasl_mechanisms[n] != NULL; n++)
+			;
+		f->mechanisms = xcalloc(n + 1, sizeof(char *));
+		memcpy(f->mechanisms, conf_default_sasl_mechanisms, n * sizeof(char *));
 	}
 	if (mb->auth == CONF_AUTH_OAUTH2) {
-		/* a configuration this build cannot serve: not a credential problem */
-		set_exit(f, EX_CONFIG_);
-		add_error(f, "auth: oauth2 is not available in this build yet (%s)", f->mb->file);
-		finish(f);
+		if (f->oauth2 == NULL)
+			abort(); /* the owner builds a token source for every oauth2 configuration
+				  */
+		f->token_req = oauth2_get_token(f->oauth2, false, on_token, f);
 		return f;
 	}
-	f->pop3 = pop3_session_new(base, dns, &pp, &fetch_events, f);
-	pop3_session_start(f->pop3);
+	start_session(f);
 	return f;
 }
 
@@ -588,6 +675,9 @@ fetch_free(struct fetch *f)
 	store_msg_abort(f->msg);
 	pop3_session_free(f->pop3);
 	store_close(f->store);
+	if (f->token_req != NULL)
+		oauth2_cancel(f->token_req);
+	forget_token(f);
 	for (size_t i = 0; i < f->res.nsaved; i++) {
 		free(f->res.saved[i].uid);
 		free(f->res.saved[i].folder);

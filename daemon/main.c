@@ -18,6 +18,7 @@
 #include "popfetchd/fetch.h"
 #include "popfetchd/log.h"
 #include "popfetchd/mime.h"
+#include "popfetchd/oauth2.h"
 #include "popfetchd/tls.h"
 #include "popfetchd/util.h"
 
@@ -251,6 +252,9 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 	struct evdns_base *dns;
 	struct fetch *f;
 	struct tls_ctx *tls = NULL;
+	struct oauth2_client *oauth = NULL;
+	struct oauth2_source *src = NULL;
+	char *state_dir = NULL;
 	char why[512];
 	int code;
 
@@ -275,15 +279,38 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 	base = event_base_new();
 	if (base == NULL)
 		abort();
+	state_dir = xasprintf("%s/%s", set->state_directory, mb->id);
 	dns = evdns_base_new(base,
 			     EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
 	if (dns == NULL)
 		dns = evdns_base_new(base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
-	f = fetch_start(base, dns, set, mb, tls, mode, on_fetch_done, base);
+	if (mb->auth == CONF_AUTH_OAUTH2) {
+		oauth = oauth2_client_new(base);
+		src = oauth2_source_new(
+			oauth, &(struct oauth2_params){
+				       .id = mb->id,
+				       .token_endpoint = mb->oauth2.token_endpoint,
+				       .client_id = mb->oauth2.client_id,
+				       .client_secret = mb->oauth2.client_secret,
+				       .scope = mb->oauth2.scope,
+				       .grant = mb->oauth2.grant == CONF_GRANT_REFRESH_TOKEN
+							? OAUTH2_GRANT_REFRESH_TOKEN
+							: OAUTH2_GRANT_CLIENT_CREDENTIALS,
+				       .refresh_token_file = mb->oauth2.refresh_token_file,
+				       .ca_file = mb->oauth2.ca_file,
+				       .state_dir = state_dir,
+				       .timeout = (unsigned)mb->connect_timeout,
+			       });
+	}
+	struct fetch_params fp = {.set = set, .mb = mb, .tls = tls, .oauth2 = src, .mode = mode};
+	f = fetch_start(base, dns, &fp, on_fetch_done, base);
 	event_base_dispatch(base);
 	code = fetch_result(f)->exit_code;
 	print_result(o, mb, fetch_result(f));
 	fetch_free(f);
+	oauth2_source_free(src);
+	oauth2_client_free(oauth);
+	free(state_dir);
 	tls_ctx_free(tls);
 	/* run what is still pending (deferred frees) */
 	event_base_loop(base, EVLOOP_NONBLOCK);

@@ -16,6 +16,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -27,6 +28,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+#include "popfetchd/auth.h"
 #include "popfetchd/log.h"
 #include "popfetchd/pop3.h"
 #include "popfetchd/tls.h"
@@ -41,6 +43,8 @@ enum pop3_state {
 	P3_HANDSHAKE,
 	P3_USER,
 	P3_PASS,
+	P3_AUTH,
+	P3_APOP,
 	P3_UTF8,
 	P3_IDLE,
 	P3_UIDL,
@@ -54,10 +58,10 @@ enum pop3_state {
 static const char *const state_names[] = {
 	[P3_INIT] = "INIT", [P3_CONNECT] = "CONNECT", [P3_GREETING] = "GREETING",
 	[P3_CAPA] = "CAPA", [P3_STLS] = "STLS",	      [P3_HANDSHAKE] = "HANDSHAKE",
-	[P3_USER] = "USER", [P3_PASS] = "PASS",	      [P3_UTF8] = "UTF8",
-	[P3_IDLE] = "IDLE", [P3_UIDL] = "UIDL",	      [P3_LIST] = "LIST",
-	[P3_RETR] = "RETR", [P3_DELE] = "DELE",	      [P3_QUIT] = "QUIT",
-	[P3_DONE] = "DONE",
+	[P3_USER] = "USER", [P3_PASS] = "PASS",	      [P3_AUTH] = "AUTH",
+	[P3_APOP] = "APOP", [P3_UTF8] = "UTF8",	      [P3_IDLE] = "IDLE",
+	[P3_UIDL] = "UIDL", [P3_LIST] = "LIST",	      [P3_RETR] = "RETR",
+	[P3_DELE] = "DELE", [P3_QUIT] = "QUIT",	      [P3_DONE] = "DONE",
 };
 
 /* A command the owner queued. */
@@ -93,6 +97,11 @@ struct pop3_session {
 	unsigned err_rcodes, err_login_delay; /* of the response that fails */
 	struct pop3_capa capa;
 	const char *mechanism;
+	char apop_ts[256];	       /* the greeting's <timestamp>, "" when none */
+	struct auth *auth;	       /* the SASL exchange in progress */
+	bool auth_cancelled;	       /* we sent "*": the server did not prove itself */
+	char *auth_pending;	       /* a first response that did not fit on the AUTH line */
+	char *cb_unique, *cb_exporter; /* channel bindings, base64, once TLS is on */
 
 	struct cmd *queue;
 	size_t qhead, qlen, qcap;
@@ -171,6 +180,7 @@ fail(struct pop3_session *s, enum pop3_failure failure, const char *fmt, ...)
 			       .rcodes = s->err_rcodes,
 			       .login_delay = s->err_login_delay ? s->err_login_delay
 								 : s->capa.login_delay,
+			       .token_rejected = s->auth != NULL && auth_token_rejected(s->auth),
 			       .detail = detail};
 	s->ev->failed(s->arg, &e);
 }
@@ -229,34 +239,134 @@ fail_login(struct pop3_session *s, const char *cmd, const struct pop3_reply *r)
 		fail(s, POP3_FAIL_AUTH, "%s refused (server said: %s)", cmd, text);
 }
 
+/* The SASL list of CAPA names the mechanism (as a whole word). */
+static bool
+sasl_listed(const struct pop3_session *s, const char *mech)
+{
+	size_t n = strlen(mech);
+
+	for (const char *p = s->capa.sasl; (p = strcasestr(p, mech)) != NULL; p += n)
+		if ((p == s->capa.sasl || p[-1] == ' ') && (p[n] == '\0' || p[n] == ' '))
+			return true;
+	return false;
+}
+
 static bool
 offered(const struct pop3_session *s, const char *mech)
 {
+	if (!auth_supported(mech))
+		return false;
 	if (strcmp(mech, "USER") == 0)
 		return s->capa.user || !s->capa.seen;
-	return false; /* SASL and APOP arrive with the authentication issue */
+	if (strcmp(mech, "APOP") == 0)
+		return s->apop_ts[0] != '\0';
+	if (auth_needs_binding(mech) && s->cb_unique == NULL && s->cb_exporter == NULL)
+		return false; /* channel binding needs TLS */
+	if ((strcmp(mech, "XOAUTH2") == 0 || strcmp(mech, "OAUTHBEARER") == 0) &&
+	    s->capa.sasl[0] == '\0')
+		return true; /* some servers do not list it: try */
+	return sasl_listed(s, mech);
 }
 
 static void
 start_login(struct pop3_session *s)
 {
-	char allowed[256] = "";
+	char allowed[256] = "", offers[320];
 
 	for (const char *const *m = s->p.mechanisms; *m != NULL; m++) {
 		if (offered(s, *m)) {
 			s->mechanism = *m;
 			log_debug(s->p.id, "pop3: logging in with %s", *m);
-			enter_state(s, P3_USER);
+			if (strcmp(*m, "USER") == 0)
+				enter_state(s, P3_USER);
+			else if (strcmp(*m, "APOP") == 0)
+				enter_state(s, P3_APOP);
+			else
+				enter_state(s, P3_AUTH);
 			return;
 		}
 		if (allowed[0] != '\0')
 			strncat(allowed, " ", sizeof(allowed) - strlen(allowed) - 1);
 		strncat(allowed, *m, sizeof(allowed) - strlen(allowed) - 1);
 	}
+	offers[0] = '\0';
+	if (s->capa.sasl[0])
+		snprintf(offers, sizeof(offers), "SASL %s", s->capa.sasl);
+	if (s->capa.user || !s->capa.seen)
+		strncat(offers, offers[0] ? ", USER" : "USER", sizeof(offers) - strlen(offers) - 1);
+	if (s->apop_ts[0])
+		strncat(offers, offers[0] ? ", APOP" : "APOP", sizeof(offers) - strlen(offers) - 1);
 	fail(s, POP3_FAIL_AUTH,
-	     "no usable login mechanism: the server offers %s%s, the configuration allows %s "
-	     "(this build logs in with USER/PASS only)",
-	     s->capa.sasl[0] ? "SASL " : "", s->capa.sasl[0] ? s->capa.sasl : "USER", allowed);
+	     "no usable login mechanism: the server offers %s; the configuration allows %s",
+	     offers[0] ? offers : "nothing", allowed);
+}
+
+/* Send a SASL response line; never the secret in a log line. */
+static void
+send_auth_line(struct pop3_session *s, const char *b64)
+{
+	log_debug(s->p.id, "C: <SASL response, %zu bytes>", strlen(b64));
+	send_line(s, "%s", b64);
+}
+
+/* AUTH MECH [initial response] (RFC 5034). XOAUTH2 and OAUTHBEARER wait
+ * for the "+" (Microsoft 365 refuses the message on the AUTH line). */
+static void
+send_auth(struct pop3_session *s)
+{
+	struct auth_params ap = {.user = s->p.user,
+				 .password = s->p.password,
+				 .token = s->p.token,
+				 .cb_tls_unique = s->cb_unique,
+				 .cb_tls_exporter = s->cb_exporter};
+	const char *mech = s->mechanism;
+	char err[256], *ir = NULL;
+	bool oauth = strcmp(mech, "XOAUTH2") == 0 || strcmp(mech, "OAUTHBEARER") == 0;
+
+	if (auth_start(mech, &ap, &s->auth, err, sizeof(err)) < 0) {
+		fail(s, POP3_FAIL_AUTH, "%s", err);
+		return;
+	}
+	if (auth_client_first(mech) && auth_step(s->auth, NULL, &ir) < 0) {
+		fail(s, POP3_FAIL_AUTH, "%s: cannot build the first message", mech);
+		return;
+	}
+	/* RFC 5034 §4: an AUTH line with its initial response stays within 255 octets */
+	if (ir != NULL && !oauth && strlen(mech) + strlen(ir) + 8 <= 255) {
+		log_debug(s->p.id, "C: AUTH %s <initial response>", mech);
+		send_line(s, "AUTH %s %s", mech, ir[0] ? ir : "=");
+		explicit_bzero(ir, strlen(ir));
+		free(ir);
+		return;
+	}
+	s->auth_pending = ir;
+	log_debug(s->p.id, "C: AUTH %s", mech);
+	send_line(s, "AUTH %s", mech);
+}
+
+/* "+ challenge" during AUTH. */
+static void
+on_auth_challenge(struct pop3_session *s, const struct pop3_reply *r)
+{
+	char challenge[POP3_LINE_MAX + 1], *resp = NULL;
+
+	if (s->auth_pending != NULL) {
+		send_auth_line(s, s->auth_pending);
+		explicit_bzero(s->auth_pending, strlen(s->auth_pending));
+		free(s->auth_pending);
+		s->auth_pending = NULL;
+		return;
+	}
+	snprintf(challenge, sizeof(challenge), "%.*s", (int)r->text_len, r->text);
+	if (auth_step(s->auth, challenge, &resp) < 0) {
+		/* cancel (RFC 5034), and fail on the server's -ERR to it */
+		send_line(s, "*");
+		s->auth_cancelled = true;
+		return;
+	}
+	send_auth_line(s, resp);
+	explicit_bzero(resp, strlen(resp));
+	free(resp);
 }
 
 static void
@@ -274,6 +384,17 @@ enter_state(struct pop3_session *s, enum pop3_state st)
 		log_debug(s->p.id, "C: STLS");
 		send_line(s, "STLS");
 		break;
+	case P3_AUTH:
+		send_auth(s);
+		break;
+	case P3_APOP: {
+		char digest[33];
+		auth_apop_digest(s->apop_ts, s->p.password ? s->p.password : "", digest);
+		log_debug(s->p.id, "C: APOP %s <digest>", s->p.user);
+		send_line(s, "APOP %s %s", s->p.user, digest);
+		explicit_bzero(digest, sizeof(digest));
+		break;
+	}
 	case P3_USER:
 		log_debug(s->p.id, "C: USER %s", s->p.user);
 		send_line(s, "USER %s", s->p.user);
@@ -381,6 +502,7 @@ tls_established(struct pop3_session *s)
 		return false;
 	}
 	s->tls_active = true;
+	tls_channel_binding(s->ssl, &s->cb_unique, &s->cb_exporter);
 	tls_describe(s->ssl, how, sizeof(how));
 	log_debug(s->p.id, "pop3: TLS established: %s", how);
 	return true;
@@ -523,6 +645,26 @@ on_listing_line(struct pop3_session *s, const char *line, size_t len)
 	}
 }
 
+/* RFC 1939 §7: a greeting "+OK ... <process-ID.clock@hostname>" offers APOP. */
+static void
+apop_timestamp(struct pop3_session *s, const struct pop3_reply *r)
+{
+	const char *end = r->text + r->text_len;
+	const char *lt = memchr(r->text, '<', r->text_len), *gt;
+
+	s->apop_ts[0] = '\0';
+	if (lt == NULL || (gt = memchr(lt, '>', (size_t)(end - lt))) == NULL)
+		return;
+	if ((size_t)(gt - lt + 1) >= sizeof(s->apop_ts) ||
+	    memchr(lt, '@', (size_t)(gt - lt)) == NULL)
+		return;
+	for (const char *p = lt; p <= gt; p++)
+		if ((unsigned char)*p <= 0x20 || (unsigned char)*p >= 0x7f)
+			return;
+	memcpy(s->apop_ts, lt, (size_t)(gt - lt + 1));
+	s->apop_ts[gt - lt + 1] = '\0';
+}
+
 static void
 on_status(struct pop3_session *s, const char *line, size_t len)
 {
@@ -532,7 +674,12 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 
 	pop3_parse_status(line, len, &r);
 	log_debug(s->p.id, "S: %s",
-		  s->state == P3_PASS ? "(reply to PASS)" : server_text(&r, text, sizeof(text)));
+		  s->state == P3_PASS || s->state == P3_AUTH ? "(reply to a login step)"
+							     : server_text(&r, text, sizeof(text)));
+	if (r.status == POP3_STATUS_CONT && s->state == P3_AUTH) {
+		on_auth_challenge(s, &r);
+		return;
+	}
 	if (r.status == POP3_STATUS_BAD || r.status == POP3_STATUS_CONT) {
 		fail(s, POP3_FAIL_PROTOCOL, "unexpected response in %s: \"%s\"",
 		     state_names[s->state], server_text(&r, text, 80));
@@ -548,6 +695,7 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 			     server_text(&r, text, sizeof(text)));
 			return;
 		}
+		apop_timestamp(s, &r);
 		enter_state(s, P3_CAPA);
 		break;
 	case P3_CAPA:
@@ -575,7 +723,16 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 		}
 		enter_state(s, P3_PASS);
 		break;
+	case P3_AUTH:
+	case P3_APOP:
 	case P3_PASS:
+		if (s->state == P3_AUTH && s->auth_cancelled) {
+			fail(s, POP3_FAIL_AUTH,
+			     "%s: the server's answer does not prove it knows the password (a "
+			     "wrong server, or someone in between): login cancelled",
+			     s->mechanism);
+			return;
+		}
 		if (!ok) {
 			fail_login(s, "login", &r);
 			return;
@@ -953,6 +1110,13 @@ free_now(struct pop3_session *s)
 		bufferevent_free(s->bev);
 	event_free(s->cmd_timer);
 	event_free(s->conn_timer);
+	auth_free(s->auth);
+	if (s->auth_pending != NULL) {
+		explicit_bzero(s->auth_pending, strlen(s->auth_pending));
+		free(s->auth_pending);
+	}
+	free(s->cb_unique);
+	free(s->cb_exporter);
 	free(s->queue);
 	free(s->uids);
 	free(s->msgs);

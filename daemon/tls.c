@@ -214,3 +214,31 @@ tls_check_peer(const struct tls_ctx *ctx, SSL *ssl, const char *host, char *err,
 			 X509_verify_cert_error_string(result), host, presented);
 	return -1;
 }
+
+static char *
+b64(const unsigned char *data, size_t len)
+{
+	char *out = xmalloc(4 * ((len + 2) / 3) + 1);
+
+	EVP_EncodeBlock((unsigned char *)out, data, (int)len);
+	return out;
+}
+
+void
+tls_channel_binding(SSL *ssl, char **ret_unique, char **ret_exporter)
+{
+	static const char label[] = "EXPORTER-Channel-Binding";
+	unsigned char buf[64];
+	size_t n;
+
+	*ret_unique = *ret_exporter = NULL;
+	if (SSL_version(ssl) >= TLS1_3_VERSION) {
+		if (SSL_export_keying_material(ssl, buf, 32, label, strlen(label), NULL, 0, 0) == 1)
+			*ret_exporter = b64(buf, 32);
+		return;
+	}
+	/* tls-unique: the first Finished of the handshake, ours (no resumption) */
+	n = SSL_get_finished(ssl, buf, sizeof(buf));
+	if (n > 0 && n <= sizeof(buf))
+		*ret_unique = b64(buf, n);
+}

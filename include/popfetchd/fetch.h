@@ -42,12 +42,21 @@ struct fetch_result {
 
 typedef void (*fetch_done_cb)(struct fetch *f, void *arg);
 
+struct oauth2_source;
+
+struct fetch_params {
+	const struct conf_set *set;
+	const struct conf_mailbox *mb;
+	struct tls_ctx *tls;	      /* the configuration's TLS context; NULL for tls: none */
+	struct oauth2_source *oauth2; /* its token source, for auth: oauth2 */
+	enum fetch_mode mode;
+};
+
 /* Start one poll; done() is called from the loop (never from inside
- * fetch_start) when it has ended, successfully or not. tls is the
- * configuration's TLS context (opaque here), NULL for tls: none. */
+ * fetch_start) when it has ended, successfully or not. What p points to
+ * must live until then. */
 struct fetch *fetch_start(struct event_base *base, struct evdns_base *dns,
-			  const struct conf_set *set, const struct conf_mailbox *mb,
-			  struct tls_ctx *tls, enum fetch_mode mode, fetch_done_cb done, void *arg);
+			  const struct fetch_params *p, fetch_done_cb done, void *arg);
 const struct fetch_result *fetch_result(const struct fetch *f);
 void fetch_free(struct fetch *f);
 

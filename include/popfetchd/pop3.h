@@ -41,6 +41,7 @@ struct pop3_params {
 	struct tls_ctx *tls_ctx; /* for implicit and explicit: built once per configuration */
 	const char *user;
 	const char *password;
+	const char *token; /* OAuth2 access token, for XOAUTH2 / OAUTHBEARER */
 	/* allowed mechanisms in order of preference, NULL-terminated */
 	const char *const *mechanisms;
 	unsigned connect_timeout; /* seconds: DNS + TCP (+ TLS) */
@@ -59,6 +60,7 @@ struct pop3_error {
 	enum pop3_failure fail;
 	unsigned rcodes;      /* enum pop3_rcode bits of the response that failed, if any */
 	unsigned login_delay; /* seconds, from [LOGIN-DELAY n] or CAPA LOGIN-DELAY */
+	bool token_rejected;  /* XOAUTH2/OAUTHBEARER: the server refused the token */
 	const char *detail;   /* one line: our words, the server's text quoted */
 };
 

@@ -41,6 +41,10 @@ void tls_describe(SSL *ssl, char *buf, size_t len);
 /* The presented certificate in one line: subject, issuer, validity, SHA-256. */
 void tls_describe_peer(SSL *ssl, char *buf, size_t len);
 
+/* Channel bindings for SCRAM-*-PLUS, base64, malloc'd: tls-unique under
+ * TLS 1.2, tls-exporter (RFC 9266) under TLS 1.3; the other one NULL. */
+void tls_channel_binding(SSL *ssl, char **ret_unique, char **ret_exporter);
+
 /* The OpenSSL error queue (or errno) in words, emptied. */
 void tls_error_string(unsigned long first, char *buf, size_t len);
 

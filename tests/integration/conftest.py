@@ -22,8 +22,27 @@ Fixtures:
     fake_config(server, id="fake", **keys) -> dict      a configuration for it
     run_popfetchd(args, confdir=None, timeout=60, env=None) -> Result(returncode, stdout, stderr)
     read_saved(save_dir) -> [SavedMessage]  the message folders in a save directory
+
+OAuth2 (tools/tokenserver.py, DESIGN.md §1 oauth2.*):
+    tokenserver              the session's token + introspection endpoint, reset
+                             before and after each test (tokenserver.TokenServer:
+                             .add_client() .refuse() .fail() .stall() .down() ...)
+    oauth_dovecot            a second session-wide Dovecot whose oauth2 passdb asks
+                             the tokenserver (XOAUTH2, OAUTHBEARER; passwords work too)
+    oauth_mailbox            a fresh user on oauth_dovecot per test
+    oauth_config(mailbox, id="oa", mechanism="XOAUTH2", grant="client_credentials",
+                 client=None, public=False, oauth2={...}, **keys) -> OAuthConfig (a dict; .client,
+                 .refresh_token_file)   pop3s + oauth2 against oauth_dovecot
+    token_cache_path(confdir, id) -> Path   state_directory/ID/oauth2-token
+    secret_registry          (autouse) .add(*secrets) .add_source(fn) .record(label, text);
+                             every popfetchd run's stdout and stderr is recorded, and
+                             at teardown no registered secret (nor a 12-character piece
+                             of it, nor its base64) may appear in any of them. The
+                             tokenserver registers every client secret, refresh token
+                             and access token it knows.
 """
 
+import base64
 import collections
 import dataclasses
 import json
@@ -42,6 +61,7 @@ sys.path.insert(0, str(ROOT / "tests" / "tools"))
 
 import dovecot as dovecot_tool  # noqa: E402  (tests/tools)
 import fakepop3  # noqa: E402
+import tokenserver as tokenserver_tool  # noqa: E402  (tests/tools)
 
 RUN_TIMEOUT = 60
 SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
@@ -346,11 +366,12 @@ def fake_config(tmp_path):
 
 
 @pytest.fixture
-def run_popfetchd(popfetchd_bin):
+def run_popfetchd(popfetchd_bin, secret_registry):
     """Factory: run_popfetchd(args, confdir=None, timeout=60, env=None) -> Result.
 
     With confdir, "-c DIR" goes first; otherwise args are passed as given.
-    Fails the test on a timeout or a sanitizer report.
+    Fails the test on a timeout or a sanitizer report. Every run's output
+    goes to the secret_registry (scanned at teardown).
     """
     def run(args, confdir=None, timeout=RUN_TIMEOUT, env=None):
         cmd = [popfetchd_bin] + (["-c", str(confdir)] if confdir is not None else [])
@@ -362,10 +383,13 @@ def run_popfetchd(popfetchd_bin):
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
             err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+            secret_registry.record(" ".join(cmd) + " (timed out)", (out or "") + (err or ""))
             pytest.fail(f"popfetchd did not finish within {timeout} s: {' '.join(cmd)}\n"
                         f"--- stdout\n{out or ''}--- stderr\n{err or ''}", pytrace=False)
         result = Result(proc.returncode, proc.stdout, proc.stderr)
         result.cmd = cmd
+        secret_registry.record(" ".join(cmd) + " (stdout)", proc.stdout)
+        secret_registry.record(" ".join(cmd) + " (stderr)", proc.stderr)
         print(result.describe())  # shown by pytest when the test fails
         _check_sanitizers(result)
         return result
@@ -376,3 +400,225 @@ def run_popfetchd(popfetchd_bin):
 def read_saved():
     """read_saved(save_dir) -> [SavedMessage], the folders in save_dir."""
     return read_saved_messages
+
+
+# --------------------------------------------------------------------------
+# secrets must never be printed
+
+
+SECRET_MIN_LEN = 8        # shorter values are not scanned (too many false alarms)
+SECRET_PIECE_LEN = 12     # a secret of 24+ characters: no piece this long may appear
+
+
+def _aligned_base64(secret):
+    """How `secret` shows inside any longer base64 text: for each of the three
+    alignments, the encoding of its bytes from offset k cut to whole 3-byte
+    groups (characters that do not depend on the neighbouring bytes)."""
+    raw = secret.encode()
+    forms = []
+    for k in range(3):
+        body = raw[k:]
+        body = body[:len(body) // 3 * 3]
+        if len(body) >= 9:
+            forms.append(base64.b64encode(body).decode())
+    return forms
+
+
+class SecretRegistry:
+    """Secrets of one test and the output of every program run in it.
+
+    add(*secrets) registers values; add_source(fn) a callable returning
+    more (evaluated at check time: tokens issued later count too);
+    record(label, text) adds output. leaks() -> [(masked secret, label,
+    how)]; check() fails the test if there is any. A secret of 24 or more
+    characters also leaks through any 12-character piece of it (a log line
+    that prints "the first few" characters), and through its base64 (an
+    XOAUTH2 line in a debug log).
+    """
+
+    def __init__(self):
+        self._secrets, self._sources, self.outputs = set(), [], []
+        self._reported = set()
+
+    def add(self, *secrets):
+        for value in secrets:
+            if value:
+                self._secrets.add(str(value))
+        return self
+
+    def add_source(self, fn):
+        self._sources.append(fn)
+        return self
+
+    def record(self, label, text):
+        if text:
+            self.outputs.append((label, text))
+
+    def secrets(self):
+        found = set(self._secrets)
+        for fn in self._sources:
+            found.update(str(v) for v in fn() if v)
+        return sorted(v for v in found if len(v) >= SECRET_MIN_LEN)
+
+    @staticmethod
+    def mask(secret):
+        return f"{secret[:4]}...({len(secret)} characters)"
+
+    def leaks(self, outputs=None):
+        found = []
+        for secret in self.secrets():
+            needles = [(secret, "in full")]
+            if len(secret) >= 2 * SECRET_PIECE_LEN:
+                needles += [(secret[i:i + SECRET_PIECE_LEN], f"a piece at offset {i}")
+                            for i in range(len(secret) - SECRET_PIECE_LEN + 1)]
+            needles += [(form, "as base64") for form in _aligned_base64(secret)]
+            for label, text in (outputs if outputs is not None else self.outputs):
+                for needle, how in needles:
+                    if needle in text:
+                        found.append((self.mask(secret), label, how))
+                        break
+        return found
+
+    def check(self):
+        """Fail if a secret is in the output (each leak is reported once)."""
+        leaks = [leak for leak in self.leaks() if leak not in self._reported]
+        self._reported.update(leaks)
+        if leaks:
+            pytest.fail("secrets in popfetchd's output:\n" + "\n".join(
+                f"  {secret} {how} in: {label}" for secret, label, how in leaks), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def secret_registry():
+    """The test's SecretRegistry; checked when the test ends."""
+    registry = SecretRegistry()
+    yield registry
+    registry.check()
+
+
+# --------------------------------------------------------------------------
+# OAuth2: a token endpoint and a Dovecot that asks it
+
+
+@pytest.fixture(scope="session")
+def _oauth_dir():
+    """A short directory for the OAuth2 Dovecot; its tls/ holds the test PKI
+    that the token server uses too."""
+    tmp = tempfile.mkdtemp(prefix="pfd-o", dir="/tmp")
+    os.chmod(tmp, 0o755)
+    os.makedirs(os.path.join(tmp, "tls"), exist_ok=True)
+    dovecot_tool.make_test_pki(os.path.join(tmp, "tls"))
+    yield tmp
+    if not os.environ.get("PFD_KEEP_DOVECOT"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tokenserver_session(_oauth_dir):
+    """The session's TokenServer (use `tokenserver`: it resets between tests)."""
+    server = tokenserver_tool.TokenServer.for_tls_dir(os.path.join(_oauth_dir, "tls")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tokenserver(tokenserver_session, secret_registry):
+    """The token endpoint, fresh for this test: no clients, no tokens, no
+    fault, token port up. Everything it knows or issues is a secret."""
+    tokenserver_session.reset()
+    secret_registry.add_source(tokenserver_session.secrets)
+    yield tokenserver_session
+    # release stalled requests and bring the port up for the next test; the
+    # secrets are read before (the registry checks after this teardown)
+    known = tokenserver_session.secrets()
+    secret_registry.add(*known)
+    tokenserver_session.reset()
+
+
+@pytest.fixture(scope="session")
+def oauth_dovecot(_oauth_dir, tokenserver_session):
+    """A private Dovecot with both passdbs: passwd-file (passwords) and
+    oauth2 (XOAUTH2, OAUTHBEARER) asking the token server's introspection
+    endpoint."""
+    server = dovecot_tool.Dovecot(_oauth_dir, users=1, pool=300,
+                                  oauth2_introspection_url=tokenserver_session.introspect_url)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def oauth_mailbox(oauth_dovecot):
+    """A new user with an empty Maildir on the OAuth2 Dovecot."""
+    box = oauth_dovecot.mailbox(oauth_dovecot.add_user())
+    yield box
+    box.reset()
+
+
+class OAuthConfig(dict):
+    """A configuration dict, plus what the test needs to know about it:
+    .client (tokenserver.Client) and .refresh_token_file (Path or None)."""
+    client = None
+    refresh_token_file = None
+
+
+OAUTH_SCOPE = "https://outlook.office365.com/.default"
+
+
+@pytest.fixture
+def oauth_config(oauth_dovecot, tokenserver, tmp_path, secret_registry):
+    """Factory: oauth_config(mailbox, id="oa", mechanism="XOAUTH2",
+    grant="client_credentials", client=None, public=False, oauth2=None,
+    **keys) -> OAuthConfig.
+
+    pop3s (tls: implicit, the test CA) with auth: oauth2 against
+    oauth_dovecot. Without `client`, one is registered on the token server
+    for mailbox.user (a public client, without secret, if `public`). For
+    grant refresh_token a fresh refresh token is written to
+    tmp_path/refresh-ID/refresh-token (mode 600, its own directory).
+    `oauth2` entries override the oauth2 mapping (None drops a key); other
+    keys override the top level.
+    """
+    def make(mailbox, id="oa", mechanism="XOAUTH2", grant="client_credentials", client=None,
+             public=False, oauth2=None, **overrides):
+        if client is None:
+            client = tokenserver.add_client(client_secret=None if public else "",
+                                            username=mailbox.user)
+        save = tmp_path / f"save-{id}"
+        save.mkdir(exist_ok=True)
+        o = {"token_endpoint": tokenserver.token_url, "client_id": client.client_id,
+             "client_secret": client.client_secret, "scope": OAUTH_SCOPE, "grant": grant,
+             "mechanism": mechanism, "ca_file": tokenserver.ca_file}
+        rt_file = None
+        if grant == "refresh_token":
+            rt_dir = tmp_path / f"refresh-{id}"
+            rt_dir.mkdir(exist_ok=True)
+            rt_file = rt_dir / "refresh-token"
+            _write_secret(rt_file, tokenserver.add_refresh_token(client) + "\n")
+            o["refresh_token_file"] = str(rt_file)
+            o["scope"] = None
+        o.update(oauth2 or {})
+        base = {"id": id, "server": oauth_dovecot.host, "port": oauth_dovecot.pop3s_port,
+                "tls": "implicit", "tls_ca_file": oauth_dovecot.ca_file,
+                "user": mailbox.user, "auth": "oauth2",
+                "oauth2": {k: v for k, v in o.items() if v is not None},
+                "save_directory": str(save), "remove_after_read": True,
+                "timeouts": {"connect": "10s", "command": "20s"}}
+        config = OAuthConfig(_config(base, overrides))
+        config.client, config.refresh_token_file = client, rt_file
+        secret_registry.add(client.client_secret)
+        return config
+    return make
+
+
+def token_cache_path(confdir, config_id):
+    """Where popfetchd caches a configuration's token (DESIGN.md §3)."""
+    return Path(confdir.state_directory) / config_id / "oauth2-token"
+
+
+@pytest.fixture(name="token_cache_path")
+def _token_cache_path_fixture():
+    """token_cache_path(confdir, id) -> Path of state_directory/ID/oauth2-token."""
+    return token_cache_path

@@ -6,11 +6,13 @@ each in its own thread, and records every command line it receives.
 Two modes:
 
 Good mode (the default) -- a correct RFC 1939 server holding a list of
-messages: CAPA, USER/PASS, APOP (if `apop`), AUTH PLAIN (if `sasl` lists it), STLS (if
-given `stls_context`), STAT, LIST, UIDL, RETR and TOP (dot-stuffed), DELE,
-RSET, NOOP, QUIT. Deletions are committed only when QUIT is answered +OK;
-a second concurrent login gets -ERR [IN-USE]. Faults are injected per
-command with `inject()`:
+messages: CAPA, USER/PASS, APOP (if `apop`), AUTH (RFC 5034) with PLAIN,
+LOGIN, CRAM-MD5, SCRAM-SHA-1, SCRAM-SHA-256 and their -PLUS variants (those
+that `sasl` lists; SCRAM per RFC 5802/7677, -PLUS with tls-unique channel
+binding, so under TLS 1.2 only), STLS (if given `stls_context`), STAT,
+LIST, UIDL, RETR and TOP (dot-stuffed), DELE, RSET, NOOP, QUIT. Deletions
+are committed only when QUIT is answered +OK; a second concurrent login gets
+-ERR [IN-USE]. Faults are injected per command with `inject()`:
 
     with FakePOP3([msg1, msg2]) as srv:
         srv.inject("RETR", Truncate(0.5))      # drop in the middle of the first RETR
@@ -36,6 +38,7 @@ SendThenClose, Overlong, Garbage, Stall, Trickle.
 import base64
 import dataclasses
 import hashlib
+import hmac
 import os
 import random
 import socket
@@ -317,6 +320,20 @@ class SessionRecord:
     tls_error: str = None
     tls_since: int = None          # commands received before TLS began (0: implicit TLS)
     ended: bool = False
+    sasl: list = dataclasses.field(default_factory=list)   # SaslExchange per AUTH
+
+
+@dataclasses.dataclass
+class SaslExchange:
+    """One AUTH exchange as the fake server saw it."""
+    mechanism: str
+    initial_response: bool = False   # the client's first message came on the AUTH line
+    client_messages: list = dataclasses.field(default_factory=list)   # decoded, in order
+    gs2_header: str = None           # SCRAM: e.g. "n,," or "p=tls-unique,,"
+    channel_binding: bytes = None    # SCRAM: the decoded c= attribute the client sent
+    expected_binding: bytes = None   # SCRAM: what the server expected in c=
+    aborted: bool = False            # the client cancelled with "*"
+    outcome: str = None              # "ok", "aborted" or why the server refused
 
 
 @dataclasses.dataclass
@@ -346,18 +363,27 @@ class FakePOP3:
 
     def __init__(self, messages=(), *, script=None, scripts=None, user="fakeuser",
                  password="fakepass", sasl=(), capabilities=None, uidls=None,
-                 crlf=True, apop=False, tls_context=None, stls_context=None, hook=None):
+                 crlf=True, apop=False, tls_context=None, stls_context=None, hook=None,
+                 scram_iterations=4096, sasl_faults=()):
         """messages: bytes (LF is turned into CRLF unless crlf=False) or
         (uidl, bytes) pairs; uidls: explicit UIDLs; script/scripts: scripted
         mode (scripts[i] serves connection i, the last one the rest);
-        sasl: SASL mechanisms offered ("PLAIN" is implemented); apop: put an
+        sasl: SASL mechanisms offered (see above for those
+        implemented; others are listed but refused); apop: put an
         APOP timestamp in the greeting and accept APOP (off by default, so
         that a client has nothing but USER/PASS unless asked);
         capabilities: the exact CAPA lines (default: derived);
         tls_context: implicit TLS; stls_context: offer STLS;
-        hook(session_record, line) -> Action or None: a fault decided per call."""
+        hook(session_record, line) -> Action or None: a fault decided per call;
+        scram_iterations: the i= of SCRAM's server-first message;
+        sasl_faults: misbehaviours of the SASL server, any of
+          "bad-server-signature"  SCRAM's server-final "v=" does not verify
+          "bad-channel-binding"   the server expects other channel-binding
+                                  data (as if a man in the middle ran TLS)
+        Each AUTH is recorded in SessionRecord.sasl (SaslExchange)."""
         self.user, self.password, self.apop = user, password, apop
         self.sasl = [m.upper() for m in sasl]
+        self.scram_iterations, self.sasl_faults = scram_iterations, set(sasl_faults)
         self.capabilities = capabilities
         self.tls_context, self.stls_context, self.hook = tls_context, stls_context, hook
         self.scripts = list(scripts or ([script] if script else []))
@@ -560,8 +586,21 @@ class FakePOP3:
             conn.send(b"-ERR unexpected command\r\n")
 
 
+class _SaslAbort(Exception):
+    """The client cancelled the exchange with "*"."""
+
+
+class _SaslGone(Exception):
+    """The connection ended in the middle of an exchange."""
+
+
+def _sasl_decode(text):
+    """An initial response: base64, "=" for an empty one (RFC 5034)."""
+    return b"" if text.strip() == "=" else base64.b64decode(text.strip(), validate=True)
+
+
 class _GoodSession:
-    """One session of the good server: RFC 1939 + CAPA, STLS, AUTH PLAIN."""
+    """One session of the good server: RFC 1939 + CAPA, STLS, AUTH (RFC 5034)."""
 
     def __init__(self, server, conn, record):
         self.srv, self.conn, self.rec = server, conn, record
@@ -713,23 +752,153 @@ class _GoodSession:
         if not arg:
             return ("+OK\r\n" + "".join(m + "\r\n" for m in self.srv.sasl) + ".\r\n").encode(), None
         mech, _, initial = arg.partition(" ")
-        if mech.upper() != "PLAIN" or "PLAIN" not in self.srv.sasl or self.in_transaction:
+        mech = mech.upper()
+        handler = _SASL_SERVERS.get(mech.removesuffix("-PLUS").replace("-", "_"))
+        if mech not in self.srv.sasl or handler is None or self.in_transaction \
+                or (mech.endswith("-PLUS") and not mech.startswith("SCRAM-")):
             return b"-ERR Unsupported authentication mechanism\r\n", None
-        if not initial:
-            self.conn.send(b"+ \r\n")
-            raw = self.conn.readline()
-            if raw is None:
-                return b"", None
-            initial = self.srv._record(self.rec, raw)
-        if initial == "*":
-            return b"-ERR Authentication aborted\r\n", None
+        ex = SaslExchange(mech, initial_response=bool(initial))
+        with self.srv._lock:
+            self.rec.sasl.append(ex)
         try:
-            _authzid, user, password = base64.b64decode(initial, validate=True).decode().split("\0")
-        except (ValueError, UnicodeDecodeError):
+            if initial == "*":
+                raise _SaslAbort()
+            first = _sasl_decode(initial) if initial else None
+            if first is not None:
+                ex.client_messages.append(first)
+            refusal = handler(self, ex, first)
+        except _SaslAbort:
+            ex.aborted, ex.outcome = True, "aborted"
+            return b"-ERR Authentication aborted\r\n", None
+        except _SaslGone:
+            ex.outcome = "connection closed"
+            return b"", None
+        except (ValueError, UnicodeDecodeError) as e:
+            ex.outcome = f"invalid message: {e}"
             return b"-ERR Invalid base64 data\r\n", None
-        if user != self.srv.user or password != self.srv.password:
+        if refusal is not None:
+            ex.outcome = refusal
             return b"-ERR [AUTH] Authentication failed.\r\n", None
-        return self._login(user)
+        ex.outcome = "ok"
+        return self._login(self.srv.user)
+
+    # -- SASL (each returns None when the credentials are right, else why not) --
+
+    def _challenge(self, ex, data=b""):
+        """Send "+ BASE64(data)"; the client's answer, decoded."""
+        if not self.conn.send(b"+ " + base64.b64encode(data) + b"\r\n"):
+            raise _SaslGone()
+        raw = self.conn.readline()
+        if raw is None:
+            raise _SaslGone()
+        line = self.srv._record(self.rec, raw)
+        if line.strip() == "*":
+            raise _SaslAbort()
+        message = base64.b64decode(line.strip(), validate=True)
+        ex.client_messages.append(message)
+        return message
+
+    def _sasl_PLAIN(self, ex, first):
+        message = first if first is not None else self._challenge(ex)
+        _authzid, user, password = message.decode().split("\0")
+        if user != self.srv.user or password != self.srv.password:
+            return "wrong user or password"
+        return None
+
+    def _sasl_LOGIN(self, ex, first):
+        user = first if first is not None else self._challenge(ex, b"Username:")
+        password = self._challenge(ex, b"Password:")
+        if user.decode() != self.srv.user or password.decode() != self.srv.password:
+            return "wrong user or password"
+        return None
+
+    def _sasl_CRAM_MD5(self, ex, first):
+        if first is not None:
+            raise ValueError("CRAM-MD5 has no initial response")
+        challenge = f"<{os.getpid()}.{time.time_ns()}@fakepop3.example>".encode()
+        user, _, digest = self._challenge(ex, challenge).decode().rpartition(" ")
+        expected = hmac.new(self.srv.password.encode(), challenge, hashlib.md5).hexdigest()
+        if user != self.srv.user or not hmac.compare_digest(digest.lower(), expected):
+            return "wrong user or digest"
+        return None
+
+    def _sasl_SCRAM_SHA_1(self, ex, first):
+        return self._scram(ex, first, "sha1")
+
+    def _sasl_SCRAM_SHA_256(self, ex, first):
+        return self._scram(ex, first, "sha256")
+
+    def _channel_binding(self, cb_type):
+        """This connection's channel-binding data of that type, or None."""
+        sock = self.conn.sock
+        if not isinstance(sock, ssl.SSLSocket):
+            return None
+        try:
+            data = sock.get_channel_binding(cb_type)   # Python has tls-unique only
+        except ValueError:
+            return None
+        if data is not None and "bad-channel-binding" in self.srv.sasl_faults:
+            data = bytes(b ^ 0x5A for b in data)
+        return data
+
+    def _scram(self, ex, first, hash_name):
+        """RFC 5802 server side. Goes through the whole exchange, then refuses
+        (with the reason) or sends the server-final "v=" and accepts."""
+        def H(data):
+            return hashlib.new(hash_name, data).digest()
+
+        def HMAC(key, data):
+            return hmac.new(key, data, hash_name).digest()
+
+        message = (first if first is not None else self._challenge(ex)).decode()
+        cb_flag, authzid, bare = message.split(",", 2)
+        ex.gs2_header = f"{cb_flag},{authzid},"
+        refusal = None
+        if ex.mechanism.endswith("-PLUS"):
+            cb_data = self._channel_binding(cb_flag[2:]) if cb_flag.startswith("p=") else None
+            if cb_data is None:
+                refusal = f"no usable channel binding in {cb_flag!r}"
+                cb_data = b""
+        else:
+            cb_data = b""
+            if cb_flag == "y" and self.rec.tls and any(m.endswith("-PLUS") for m in self.srv.sasl):
+                refusal = "'y' flag although the server offers -PLUS (a downgrade)"
+            elif cb_flag not in ("n", "y"):
+                refusal = f"channel binding {cb_flag!r} with a mechanism without -PLUS"
+        ex.expected_binding = ex.gs2_header.encode() + cb_data
+        attrs = dict(a.split("=", 1) for a in bare.split(","))
+        user = attrs["n"].replace("=2C", ",").replace("=3D", "=")
+        salt = os.urandom(16)
+        nonce = attrs["r"] + base64.b64encode(os.urandom(18)).decode()
+        server_first = f"r={nonce},s={base64.b64encode(salt).decode()},i={self.srv.scram_iterations}"
+
+        final = self._challenge(ex, server_first.encode()).decode()
+        without_proof, _, proof = final.rpartition(",p=")
+        fattrs = dict(a.split("=", 1) for a in without_proof.split(","))
+        ex.channel_binding = base64.b64decode(fattrs["c"], validate=True)
+        salted = hashlib.pbkdf2_hmac(hash_name, self.srv.password.encode(), salt,
+                                     self.srv.scram_iterations)
+        client_key = HMAC(salted, b"Client Key")
+        auth_message = f"{bare},{server_first},{without_proof}".encode()
+        signature = HMAC(H(client_key), auth_message)
+        proof = base64.b64decode(proof, validate=True)
+        recovered = bytes(a ^ b for a, b in zip(proof, signature))
+        if refusal is None and fattrs.get("r") != nonce:
+            refusal = "the client's final nonce differs"
+        if refusal is None and ex.channel_binding != ex.expected_binding:
+            refusal = "channel bindings do not match"
+        if refusal is None and (user != self.srv.user or len(proof) != len(signature)
+                                or H(recovered) != H(client_key)):
+            refusal = "wrong user or proof"
+        if refusal is not None:
+            return refusal
+        server_signature = HMAC(HMAC(salted, b"Server Key"), auth_message)
+        if "bad-server-signature" in self.srv.sasl_faults:
+            server_signature = HMAC(b"not the server key", auth_message)
+        last = self._challenge(ex, b"v=" + base64.b64encode(server_signature))
+        if last:
+            return f"a non-empty answer to the server-final message: {last!r}"
+        return None
 
     def cmd_STAT(self, arg):
         if not self.in_transaction:
@@ -784,3 +953,8 @@ class _GoodSession:
                 self.rec.quit_ok = True
             self._release()
         return b"+OK Logging out, messages deleted.\r\n", commit
+
+
+# mechanism (without -PLUS, "-" as "_") -> the _GoodSession method serving it
+_SASL_SERVERS = {name[len("_sasl_"):]: getattr(_GoodSession, name)
+                 for name in dir(_GoodSession) if name.startswith("_sasl_")}

@@ -1,0 +1,208 @@
+/*
+ * auth — login mechanisms as challenge/response steps. GNU SASL does the
+ * SCRAM, CRAM-MD5, PLAIN and LOGIN arithmetic; XOAUTH2 and OAUTHBEARER are
+ * a single message each and are built here. Secrets are wiped on free.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <gsasl.h>
+#include <openssl/evp.h>
+
+#include "popfetchd/auth.h"
+#include "popfetchd/util.h"
+
+struct auth {
+	char *mech;
+	Gsasl_session *sasl; /* NULL for XOAUTH2 / OAUTHBEARER */
+	char *oauth_message; /* the one message of XOAUTH2 / OAUTHBEARER */
+	bool sent;	     /* that message went out */
+	bool rejected;	     /* the server answered it with an error challenge */
+};
+
+static Gsasl *gsasl_ctx;
+
+static const char *const gsasl_mechs[] = {
+	"SCRAM-SHA-256-PLUS",
+	"SCRAM-SHA-256",
+	"SCRAM-SHA-1-PLUS",
+	"SCRAM-SHA-1",
+	"CRAM-MD5",
+	"PLAIN",
+	"LOGIN",
+	NULL,
+};
+
+static bool
+in_list(const char *const *list, const char *mech)
+{
+	for (; *list != NULL; list++)
+		if (strcasecmp(*list, mech) == 0)
+			return true;
+	return false;
+}
+
+static bool
+is_oauth(const char *mech)
+{
+	return strcasecmp(mech, "XOAUTH2") == 0 || strcasecmp(mech, "OAUTHBEARER") == 0;
+}
+
+bool
+auth_supported(const char *mech)
+{
+	return in_list(gsasl_mechs, mech) || is_oauth(mech) || strcasecmp(mech, "APOP") == 0 ||
+	       strcasecmp(mech, "USER") == 0;
+}
+
+bool
+auth_cleartext(const char *mech)
+{
+	return strcasecmp(mech, "PLAIN") == 0 || strcasecmp(mech, "LOGIN") == 0 ||
+	       strcasecmp(mech, "USER") == 0;
+}
+
+bool
+auth_client_first(const char *mech)
+{
+	return strcasecmp(mech, "LOGIN") != 0 && strcasecmp(mech, "CRAM-MD5") != 0;
+}
+
+bool
+auth_needs_binding(const char *mech)
+{
+	size_t n = strlen(mech);
+
+	return n > 5 && strcasecmp(mech + n - 5, "-PLUS") == 0;
+}
+
+static char *
+b64(const char *data, size_t len)
+{
+	char *out = xmalloc(4 * ((len + 2) / 3) + 1);
+
+	EVP_EncodeBlock((unsigned char *)out, (const unsigned char *)data, (int)len);
+	return out;
+}
+
+int
+auth_start(const char *mech, const struct auth_params *p, struct auth **ret, char *err,
+	   size_t errlen)
+{
+	struct auth *a;
+	int rc;
+
+	if (is_oauth(mech)) {
+		char *msg;
+		if (p->token == NULL) {
+			snprintf(err, errlen, "%s needs an access token", mech);
+			return -EINVAL;
+		}
+		if (strcasecmp(mech, "XOAUTH2") == 0)
+			msg = xasprintf("user=%s\001auth=Bearer %s\001\001", p->user, p->token);
+		else /* RFC 7628: gs2 header, then key=value pairs */
+			msg = xasprintf("n,a=%s,\001auth=Bearer %s\001\001", p->user, p->token);
+		a = xcalloc(1, sizeof(*a));
+		a->mech = xstrdup(mech);
+		a->oauth_message = b64(msg, strlen(msg));
+		explicit_bzero(msg, strlen(msg));
+		free(msg);
+		*ret = a;
+		return 0;
+	}
+	if (!in_list(gsasl_mechs, mech)) {
+		snprintf(err, errlen, "%s is not a SASL mechanism this build knows", mech);
+		return -EINVAL;
+	}
+	if (gsasl_ctx == NULL && (rc = gsasl_init(&gsasl_ctx)) != GSASL_OK) {
+		snprintf(err, errlen, "GNU SASL: %s", gsasl_strerror(rc));
+		return -EINVAL;
+	}
+	a = xcalloc(1, sizeof(*a));
+	a->mech = xstrdup(mech);
+	if ((rc = gsasl_client_start(gsasl_ctx, mech, &a->sasl)) != GSASL_OK) {
+		snprintf(err, errlen, "GNU SASL cannot start %s: %s", mech, gsasl_strerror(rc));
+		auth_free(a);
+		return -EINVAL;
+	}
+	gsasl_property_set(a->sasl, GSASL_AUTHID, p->user);
+	if (p->password != NULL)
+		gsasl_property_set(a->sasl, GSASL_PASSWORD, p->password);
+	gsasl_property_set(a->sasl, GSASL_SERVICE, "pop");
+	/* only for -PLUS: with binding data at hand, plain SCRAM in GNU SASL
+	 * 2.2 refuses to start ("y" flag negotiation) */
+	if (auth_needs_binding(mech) && p->cb_tls_exporter != NULL)
+		gsasl_property_set(a->sasl, GSASL_CB_TLS_EXPORTER, p->cb_tls_exporter);
+	if (auth_needs_binding(mech) && p->cb_tls_unique != NULL)
+		gsasl_property_set(a->sasl, GSASL_CB_TLS_UNIQUE, p->cb_tls_unique);
+	*ret = a;
+	return 0;
+}
+
+int
+auth_step(struct auth *a, const char *challenge_b64, char **ret_b64)
+{
+	char *out = NULL;
+	int rc;
+
+	if (a->sasl == NULL) {
+		if (!a->sent) {
+			a->sent = true;
+			*ret_b64 = xstrdup(a->oauth_message);
+			return 0;
+		}
+		/* an error challenge (JSON): answered empty (XOAUTH2) or with
+		 * %x01 (RFC 7628 §3.2.3), then the server says -ERR */
+		a->rejected = true;
+		*ret_b64 = xstrdup(strcasecmp(a->mech, "XOAUTH2") == 0 ? "" : "AQ==");
+		return 0;
+	}
+	rc = gsasl_step64(a->sasl, challenge_b64 ? challenge_b64 : "", &out);
+	if (rc != GSASL_OK && rc != GSASL_NEEDS_MORE) {
+		gsasl_free(out);
+		return -EPROTO;
+	}
+	*ret_b64 = xstrdup(out ? out : "");
+	gsasl_free(out);
+	return 0;
+}
+
+bool
+auth_token_rejected(const struct auth *a)
+{
+	return a->rejected;
+}
+
+void
+auth_free(struct auth *a)
+{
+	if (a == NULL)
+		return;
+	if (a->sasl != NULL)
+		gsasl_finish(a->sasl);
+	if (a->oauth_message != NULL) {
+		explicit_bzero(a->oauth_message, strlen(a->oauth_message));
+		free(a->oauth_message);
+	}
+	free(a->mech);
+	free(a);
+}
+
+void
+auth_apop_digest(const char *timestamp, const char *password, char out[33])
+{
+	unsigned char md[16];
+	unsigned int len = 0;
+	EVP_MD_CTX *c = EVP_MD_CTX_new();
+
+	if (c == NULL || EVP_DigestInit_ex(c, EVP_md5(), NULL) != 1 ||
+	    EVP_DigestUpdate(c, timestamp, strlen(timestamp)) != 1 ||
+	    EVP_DigestUpdate(c, password, strlen(password)) != 1 ||
+	    EVP_DigestFinal_ex(c, md, &len) != 1)
+		abort();
+	EVP_MD_CTX_free(c);
+	util_hex(md, sizeof(md), out);
+}

@@ -1,0 +1,52 @@
+/*
+ * auth — login mechanisms turned into what RFC 5034 AUTH (and RFC 1939 APOP)
+ * send: GNU SASL for SCRAM-SHA-256(-PLUS), SCRAM-SHA-1, CRAM-MD5, PLAIN and
+ * LOGIN; XOAUTH2 and OAUTHBEARER (RFC 7628) of our own. Knows no socket:
+ * it takes challenges and gives responses, base64 both ways.
+ */
+#ifndef POPFETCHD_AUTH_H
+#define POPFETCHD_AUTH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+struct auth;
+
+struct auth_params {
+	const char *user;
+	const char *password; /* SASL mechanisms and APOP */
+	const char *token;    /* XOAUTH2, OAUTHBEARER */
+	/* channel bindings for the -PLUS mechanisms, base64; NULL when none */
+	const char *cb_tls_unique;
+	const char *cb_tls_exporter;
+};
+
+/* Does this build implement the mechanism (SASL name, or APOP / USER)? */
+bool auth_supported(const char *mech);
+/* Does the mechanism send the password as it is (to warn without TLS)? */
+bool auth_cleartext(const char *mech);
+/* Does the client speak first (an initial response can go with AUTH)? */
+bool auth_client_first(const char *mech);
+/* Does it need channel binding (the -PLUS mechanisms)? */
+bool auth_needs_binding(const char *mech);
+
+/* 0, or -EINVAL with a line in err. */
+int auth_start(const char *mech, const struct auth_params *p, struct auth **ret, char *err,
+	       size_t errlen);
+/*
+ * The next response to a challenge (base64, "" for an empty one), malloc'd
+ * into *ret_b64; the first call of a client-first mechanism takes NULL.
+ * Returns 0, or -EPROTO when the server's message is wrong (a SCRAM server
+ * that cannot prove it knows the password): the caller cancels with "*".
+ * For XOAUTH2/OAUTHBEARER, a challenge after the token is the server's
+ * error: the response is the one RFC 7628 asks for, and
+ * auth_token_rejected() becomes true.
+ */
+int auth_step(struct auth *a, const char *challenge_b64, char **ret_b64);
+bool auth_token_rejected(const struct auth *a);
+void auth_free(struct auth *a);
+
+/* APOP (RFC 1939): MD5 of the greeting's timestamp and the password, hex. */
+void auth_apop_digest(const char *timestamp, const char *password, char out[33]);
+
+#endif

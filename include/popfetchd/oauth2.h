@@ -1,0 +1,84 @@
+/*
+ * oauth2 — OAuth2 access tokens for the configurations that log in with
+ * XOAUTH2 or OAUTHBEARER. Tokens are fetched from the token endpoint with
+ * libcurl's multi interface driven by the process's libevent loop (socket
+ * and timer callbacks, as curl's multi-event example: no blocking call, no
+ * thread), cached in state_directory/ID/oauth2-token (mode 0600) so that
+ * sessions and restarts reuse them, and refreshed in the background before
+ * they expire. Knows nothing of POP3. Never logs a token or a secret.
+ */
+#ifndef POPFETCHD_OAUTH2_H
+#define POPFETCHD_OAUTH2_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+struct event_base;
+struct oauth2_client;
+struct oauth2_source;
+struct oauth2_request;
+
+enum oauth2_grant { OAUTH2_GRANT_CLIENT_CREDENTIALS, OAUTH2_GRANT_REFRESH_TOKEN };
+
+struct oauth2_params {
+	const char *id;		    /* for log lines */
+	const char *token_endpoint; /* https URL */
+	const char *client_id;
+	const char *client_secret; /* may be NULL for a public client (refresh_token) */
+	const char *scope;	   /* may be NULL */
+	enum oauth2_grant grant;
+	const char *refresh_token_file; /* for OAUTH2_GRANT_REFRESH_TOKEN: read, and
+					 * rewritten atomically when the endpoint
+					 * rotates the refresh token */
+	const char *ca_file;		/* trust anchors for the endpoint; NULL: curl's default */
+	const char *state_dir;		/* state_directory/ID: the token cache lives there */
+	unsigned timeout;		/* seconds for one request to the endpoint */
+};
+
+enum oauth2_status {
+	OAUTH2_OK,
+	OAUTH2_REFUSED,	    /* the endpoint refused: invalid_client, invalid_grant, ... (77) */
+	OAUTH2_UNAVAILABLE, /* network error, timeout, 5xx, malformed answer (75) */
+	OAUTH2_LOCAL,	    /* the cache or the refresh token file cannot be written (74) */
+};
+
+/* token: the access token (valid during the callback only), NULL unless OK.
+ * detail: one line for the log (with the endpoint's error and
+ * error_description when it gave them), never a secret. */
+typedef void (*oauth2_token_cb)(void *arg, enum oauth2_status status, const char *token,
+				const char *detail);
+
+/* One per process: the curl multi handle on this event base. */
+struct oauth2_client *oauth2_client_new(struct event_base *base);
+/* Cancels everything still running; before event_base_free. NULL is a no-op. */
+void oauth2_client_free(struct oauth2_client *client);
+
+/* One per configuration (and per reload). Loads the cached token if any. */
+struct oauth2_source *oauth2_source_new(struct oauth2_client *client,
+					const struct oauth2_params *params);
+void oauth2_source_free(struct oauth2_source *src);
+
+/*
+ * A valid access token: the one in memory or the cache when it has more
+ * than a minute to live, else a fresh one from the endpoint (one request
+ * for all callers waiting at that moment). force: the server rejected the
+ * current token: fetch another even if it looks valid. cb is called from
+ * the loop, never from inside this call. The request may be cancelled
+ * until then.
+ */
+struct oauth2_request *oauth2_get_token(struct oauth2_source *src, bool force, oauth2_token_cb cb,
+					void *arg);
+void oauth2_cancel(struct oauth2_request *req);
+
+/*
+ * For the daemon: keep the token fresh without anyone asking: refresh it
+ * when 80% of its lifetime has passed (at the latest 5 minutes before it
+ * expires); a failing endpoint is retried with exponential backoff (from
+ * 10 s up to 10 min, with jitter). Off by default.
+ */
+void oauth2_source_keep_fresh(struct oauth2_source *src, bool on);
+
+/* How many requests went to the endpoint (for tests and status). */
+unsigned oauth2_source_requests(const struct oauth2_source *src);
+
+#endif

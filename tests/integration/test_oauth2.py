@@ -1,0 +1,430 @@
+"""OAuth2 logins against the contract (DESIGN.md §1 oauth2.*, §2 exit codes,
+§3 the token cache, §4 step 2).
+
+Against the OAuth2 Dovecot (oauth2 passdb asking tools/tokenserver.py's
+introspection endpoint) and the token server: XOAUTH2 and OAUTHBEARER end
+to end, the cached token reused by later runs, a cached token the server
+rejects (one new token, one retry), a token that is always rejected
+(exactly one retry, then 77), refresh-token rotation written back, and
+the endpoint refusing the client (77), failing (500), down or stalling
+(75). Against the fake POP3 server: the exact SASL exchange, including
+the answer to the failure challenge and the retry on a new connection.
+
+What popfetchd must do (the contract these tests hold it to):
+  - get a token from oauth2.token_endpoint (grant client_credentials with
+    client_id, client_secret, scope; or refresh_token with the token from
+    oauth2.refresh_token_file), POSTed form-encoded, trusting oauth2.ca_file;
+  - XOAUTH2: send "AUTH XOAUTH2", wait for the "+ " continuation, send
+    base64("user=USER\\x01auth=Bearer TOKEN\\x01\\x01"); OAUTHBEARER: the same
+    with base64("n,a=USER,\\x01auth=Bearer TOKEN\\x01\\x01") (RFC 7628);
+  - a failure challenge ("+ " base64 JSON) is answered with an empty line
+    (XOAUTH2) or "AQ==" (OAUTHBEARER); then, on the -ERR: fetch a new token
+    once, retry once on a new connection, and if that fails too exit 77;
+  - cache the token in state_directory/ID/oauth2-token (mode 0600) and reuse
+    it while it has more than a minute to live (the endpoint sees one
+    request for several runs);
+  - the endpoint refusing the client (invalid_client, invalid_grant) is
+    exit 77 and the endpoint's error_description is in stderr; the endpoint
+    down, answering 500 or stalling past the request timeout is exit 75;
+  - a rotated refresh token is written back to oauth2.refresh_token_file
+    (atomically, mode 0600) and used by the next run;
+  - no output ever holds the client secret, a refresh token or an access
+    token (conftest's secret_registry scans every run of every test).
+"""
+
+import base64
+import json
+import os
+import stat
+import time
+import types
+
+import pytest
+
+from conftest import OAUTH_SCOPE
+from fakepop3 import Script, SendThenClose
+from test_receive import (EX_NOPERM, EX_OK, EX_TEMPFAIL, assert_no_staging_leftovers,
+                          assert_saved_exactly, deliver_generated, server_listing)
+from test_tls import server_context, wait_for
+
+MECHANISMS = ["XOAUTH2", "OAUTHBEARER"]
+# popfetchd's default timeout for one token request (oauth2_params.timeout);
+# there is no configuration key for it, so a stalled endpoint costs this long
+TOKEN_REQUEST_TIMEOUT = 30
+STALL_SECONDS = 90
+XOAUTH2_CHALLENGE = {"status": "401", "schemes": "bearer", "scope": "mail"}
+OAUTHBEARER_CHALLENGE = {"status": "invalid_token"}
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def receive_all(run_popfetchd, cd, config, *options, timeout=60):
+    return run_popfetchd([*options, "receive-all", config["id"]], confdir=cd, timeout=timeout)
+
+
+def mode_of(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def assert_untouched(res, config, mailbox, count, read_saved, code):
+    """Exit `code`, nothing saved, the mailbox as it was."""
+    assert res.returncode == code, f"expected exit {code}, got {res.returncode}"
+    assert read_saved(config["save_directory"]) == [], "saved something without logging in"
+    assert_no_staging_leftovers(config["save_directory"])
+    assert mailbox.count() == count, "messages left the server"
+
+
+def xoauth2_payload(user, token):
+    return base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+
+
+def oauthbearer_payload(user, token):
+    return base64.b64encode(f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()).decode()
+
+
+def oauth2_failures(dovecot, user):
+    """Dovecot's log lines about tokens it did not accept for this user."""
+    return [l for l in dovecot.log_text().splitlines()
+            if f"oauth2({user}," in l and "oauth2 failed" in l]
+
+
+def logins(dovecot, user):
+    return dovecot.login_methods(user)
+
+
+# --------------------------------------------------------------------------
+# end to end against Dovecot
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_receive_all_with_oauth2(oauth_dovecot, oauth_mailbox, oauth_config, tokenserver,
+                                 confdir, run_popfetchd, read_saved, token_cache_path,
+                                 mechanism):
+    deliver_generated(oauth_mailbox, 3, 6000, seed=71)
+    listing = server_listing(oauth_dovecot, oauth_mailbox)    # USER/PASS: logs PLAIN
+    config = oauth_config(oauth_mailbox, mechanism=mechanism)
+    cd = confdir(config)
+
+    start = time.time()
+    res = receive_all(run_popfetchd, cd, config)
+    window = (start, time.time())
+
+    assert res.returncode == EX_OK
+    assert_saved_exactly(read_saved(config["save_directory"]), "oa", listing, window)
+    assert oauth_mailbox.count() == 0, "remove_after_read: true leaves the server empty"
+
+    assert tokenserver.token_count == 1, tokenserver.token_requests
+    req = tokenserver.token_requests[0]
+    assert req["grant_type"] == "client_credentials"
+    assert req["client_id"] == config.client.client_id
+    assert req["client_auth"] in ("post", "basic"), "the client secret was not sent"
+    assert req["scope"] == OAUTH_SCOPE
+    assert req["content_type"] == "application/x-www-form-urlencoded"
+    assert tokenserver.presented_tokens() == tokenserver.issued, \
+        "Dovecot was not shown exactly the one token issued"
+    assert wait_for(lambda: logins(oauth_dovecot, oauth_mailbox.user) == ["PLAIN", mechanism]), \
+        f"Dovecot's logins: {logins(oauth_dovecot, oauth_mailbox.user)}"
+    assert oauth2_failures(oauth_dovecot, oauth_mailbox.user) == []
+
+    cache = token_cache_path(cd, "oa")
+    assert cache.is_file(), f"no token cache at {cache}"
+    assert mode_of(cache) == 0o600, f"{cache} has mode {oct(mode_of(cache))}"
+
+
+def test_cached_token_is_reused_by_later_runs(oauth_dovecot, oauth_mailbox, oauth_config,
+                                              tokenserver, confdir, run_popfetchd, read_saved,
+                                              token_cache_path):
+    config = oauth_config(oauth_mailbox)
+    cd = confdir(config)
+    for run in range(3):
+        deliver_generated(oauth_mailbox, 1, 2000, seed=80 + run, with_dots=False)
+        res = receive_all(run_popfetchd, cd, config)
+        assert res.returncode == EX_OK, f"run {run + 1}"
+        assert len(read_saved(config["save_directory"])) == run + 1
+        assert mode_of(token_cache_path(cd, "oa")) == 0o600
+    assert tokenserver.token_count == 1, "the endpoint was asked again instead of using the cache"
+    assert len(tokenserver.issued) == 1
+    assert tokenserver.presented_tokens() == tokenserver.issued * 3
+    assert oauth_mailbox.count() == 0
+
+
+def test_token_about_to_expire_is_renewed_before_use(oauth_dovecot, oauth_mailbox,
+                                                     oauth_config, tokenserver, confdir,
+                                                     run_popfetchd, read_saved):
+    """A cached token with less than a minute to live is not presented: a
+    new one is fetched first (no login fails)."""
+    tokenserver.set_expires_in(30)
+    config = oauth_config(oauth_mailbox)
+    cd = confdir(config)
+    for run in range(2):
+        deliver_generated(oauth_mailbox, 1, 1500, seed=90 + run, with_dots=False)
+        assert receive_all(run_popfetchd, cd, config).returncode == EX_OK
+    assert tokenserver.token_count == 2
+    assert tokenserver.presented_tokens() == tokenserver.issued
+    assert all(p["active"] for p in tokenserver.presented)
+    assert len(read_saved(config["save_directory"])) == 2
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_rejected_cached_token_is_refreshed_once(oauth_dovecot, oauth_mailbox, oauth_config,
+                                                 tokenserver, confdir, run_popfetchd,
+                                                 read_saved, token_cache_path, mechanism):
+    config = oauth_config(oauth_mailbox, mechanism=mechanism)
+    cd = confdir(config)
+    deliver_generated(oauth_mailbox, 1, 3000, seed=101, with_dots=False)
+    assert receive_all(run_popfetchd, cd, config).returncode == EX_OK
+    cache = token_cache_path(cd, "oa")
+    cached = cache.read_bytes()
+
+    # the server forgets the token; the cache still says it is good for an hour
+    tokenserver.expire_all()
+    assert cache.read_bytes() == cached
+    deliver_generated(oauth_mailbox, 2, 3000, seed=102, with_dots=False)
+    listing = server_listing(oauth_dovecot, oauth_mailbox)
+    res = receive_all(run_popfetchd, cd, config)
+
+    assert res.returncode == EX_OK
+    assert tokenserver.token_count == 2, "expected exactly one new token"
+    t1, t2 = tokenserver.issued
+    assert tokenserver.presented_tokens() == [t1, t1, t2], \
+        "expected: the cached token, then (one retry) the new one"
+    assert [p["active"] for p in tokenserver.presented] == [True, False, True]
+    assert len(oauth2_failures(oauth_dovecot, oauth_mailbox.user)) == 1
+    saved = read_saved(config["save_directory"])
+    assert len(saved) == 3
+    assert_saved_exactly([s for s in saved if s.uidl in dict(listing)], "oa", listing)
+    assert oauth_mailbox.count() == 0
+    assert cache.read_bytes() != cached, "the new token was not cached"
+    assert mode_of(cache) == 0o600
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_token_always_rejected_is_retried_exactly_once(oauth_dovecot, oauth_mailbox,
+                                                       oauth_config, tokenserver, confdir,
+                                                       run_popfetchd, read_saved, mechanism):
+    tokenserver.reject_tokens(True)
+    deliver_generated(oauth_mailbox, 2, 2000, seed=111, with_dots=False)
+    config = oauth_config(oauth_mailbox, mechanism=mechanism)
+    res = receive_all(run_popfetchd, confdir(config), config)
+
+    assert_untouched(res, config, oauth_mailbox, 2, read_saved, EX_NOPERM)
+    assert tokenserver.token_count == 2, "one token, then exactly one new one"
+    t1, t2 = tokenserver.issued
+    assert t1 != t2
+    assert tokenserver.presented_tokens() == [t1, t2], "exactly two login attempts"
+    assert wait_for(lambda: len(oauth2_failures(oauth_dovecot, oauth_mailbox.user)) == 2)
+    assert logins(oauth_dovecot, oauth_mailbox.user) == []
+
+
+# --------------------------------------------------------------------------
+# refresh tokens
+
+
+@pytest.mark.parametrize("public", [True, False], ids=["public-client", "confidential-client"])
+def test_rotated_refresh_token_is_written_back_and_used(oauth_dovecot, oauth_mailbox,
+                                                        oauth_config, tokenserver, confdir,
+                                                        run_popfetchd, read_saved, public):
+    tokenserver.rotate_refresh_tokens(True)
+    config = oauth_config(oauth_mailbox, grant="refresh_token", public=public)
+    rt_file = config.refresh_token_file
+    rt0 = rt_file.read_text().strip()
+    cd = confdir(config)
+
+    deliver_generated(oauth_mailbox, 1, 2500, seed=121, with_dots=False)
+    assert receive_all(run_popfetchd, cd, config).returncode == EX_OK
+    req = tokenserver.token_requests[0]
+    assert (req["grant_type"], req["refresh_token"]) == ("refresh_token", rt0)
+    assert req["client_id"] == config.client.client_id
+    if not public:
+        assert req["client_auth"] in ("post", "basic"), "the client secret was not sent"
+    rt1 = tokenserver.issued_refresh[0]
+    assert rt_file.read_text().strip() == rt1, "the rotated refresh token was not written back"
+    assert mode_of(rt_file) == 0o600
+    assert sorted(os.listdir(rt_file.parent)) == [rt_file.name], "leftovers beside the file"
+
+    # the next token must come from the rotated refresh token (rt0 is used up)
+    tokenserver.expire_all()
+    deliver_generated(oauth_mailbox, 1, 2500, seed=122, with_dots=False)
+    assert receive_all(run_popfetchd, cd, config).returncode == EX_OK
+    assert [r["refresh_token"] for r in tokenserver.token_requests] == [rt0, rt1]
+    assert all(r["result"] == "ok" for r in tokenserver.token_requests)
+    rt2 = tokenserver.issued_refresh[1]
+    assert rt_file.read_text().strip() == rt2
+    assert mode_of(rt_file) == 0o600
+    assert sorted(os.listdir(rt_file.parent)) == [rt_file.name]
+    assert len(read_saved(config["save_directory"])) == 2
+    assert oauth_mailbox.count() == 0
+
+
+def test_revoked_refresh_token_is_an_authentication_failure(oauth_dovecot, oauth_mailbox,
+                                                            oauth_config, tokenserver, confdir,
+                                                            run_popfetchd, read_saved):
+    config = oauth_config(oauth_mailbox, grant="refresh_token")
+    tokenserver.revoke_refresh_token(config.refresh_token_file.read_text().strip())
+    deliver_generated(oauth_mailbox, 1, 1000, seed=131, with_dots=False)
+    res = receive_all(run_popfetchd, confdir(config), config)
+
+    assert_untouched(res, config, oauth_mailbox, 1, read_saved, EX_NOPERM)
+    assert "invalid_grant" in res.stderr
+    assert "AADSTS70000: The provided refresh token is invalid, expired or revoked." in res.stderr
+    assert tokenserver.presented == [], "logged in without a token"
+
+
+# --------------------------------------------------------------------------
+# the token endpoint failing
+
+
+@pytest.mark.parametrize("how", ["wrong secret", "refused"])
+def test_endpoint_refusing_the_client_is_an_authentication_failure(
+        oauth_dovecot, oauth_mailbox, oauth_config, tokenserver, confdir, run_popfetchd,
+        read_saved, secret_registry, how):
+    deliver_generated(oauth_mailbox, 1, 1000, seed=141, with_dots=False)
+    if how == "wrong secret":
+        wrong = "pfdcs_not-the-right-secret-0123456789"
+        secret_registry.add(wrong)
+        config = oauth_config(oauth_mailbox, oauth2={"client_secret": wrong})
+        description = "AADSTS7000215: Invalid client secret provided."
+    else:
+        config = oauth_config(oauth_mailbox)
+        description = "AADSTS7000222: The provided client secret keys for app 'pfd-test' are expired."
+        tokenserver.refuse("invalid_client", description)
+    res = receive_all(run_popfetchd, confdir(config), config)
+
+    assert_untouched(res, config, oauth_mailbox, 1, read_saved, EX_NOPERM)
+    assert description in res.stderr, "the endpoint's error_description is not in the log"
+    assert tokenserver.issued == [] and tokenserver.presented == []
+
+
+def test_endpoint_answering_500_is_temporary(oauth_dovecot, oauth_mailbox, oauth_config,
+                                             tokenserver, confdir, run_popfetchd, read_saved):
+    deliver_generated(oauth_mailbox, 1, 1000, seed=151, with_dots=False)
+    config = oauth_config(oauth_mailbox)
+    tokenserver.fail(500)
+    res = receive_all(run_popfetchd, confdir(config), config)
+
+    assert_untouched(res, config, oauth_mailbox, 1, read_saved, EX_TEMPFAIL)
+    assert "500" in res.stderr, "the log does not say what the endpoint answered"
+    assert tokenserver.stats().get("token_failed", 0) >= 1
+    assert tokenserver.presented == []
+
+
+def test_endpoint_down_is_temporary(oauth_dovecot, oauth_mailbox, oauth_config, tokenserver,
+                                    confdir, run_popfetchd, read_saved, token_cache_path):
+    deliver_generated(oauth_mailbox, 1, 1000, seed=161, with_dots=False)
+    config = oauth_config(oauth_mailbox)
+    cd = confdir(config)
+    tokenserver.down()
+    res = receive_all(run_popfetchd, cd, config)
+
+    assert_untouched(res, config, oauth_mailbox, 1, read_saved, EX_TEMPFAIL)
+    assert tokenserver.presented == []
+    # and once it is back, the next run works
+    tokenserver.up()
+    assert receive_all(run_popfetchd, cd, config).returncode == EX_OK
+    assert oauth_mailbox.count() == 0 and tokenserver.token_count == 1
+
+
+@pytest.mark.parametrize("phase", ["request", "handshake"])
+def test_stalled_endpoint_times_out_as_temporary(oauth_dovecot, oauth_mailbox, oauth_config,
+                                                 tokenserver, confdir, run_popfetchd,
+                                                 read_saved, phase):
+    """The endpoint accepts and never answers (for STALL_SECONDS, far past
+    popfetchd's token request timeout, TOKEN_REQUEST_TIMEOUT): popfetchd
+    gives up on its own. Slow: up to TOKEN_REQUEST_TIMEOUT seconds."""
+    deliver_generated(oauth_mailbox, 1, 1000, seed=171, with_dots=False)
+    config = oauth_config(oauth_mailbox, timeouts={"connect": "5s", "command": "10s"})
+    tokenserver.stall(STALL_SECONDS, phase=phase)
+    start = time.monotonic()
+    res = receive_all(run_popfetchd, confdir(config), config, timeout=STALL_SECONDS - 5)
+    elapsed = time.monotonic() - start
+
+    assert_untouched(res, config, oauth_mailbox, 1, read_saved, EX_TEMPFAIL)
+    assert elapsed < TOKEN_REQUEST_TIMEOUT + 15, \
+        f"took {elapsed:.0f} s: the request to the endpoint has no timeout of its own"
+    assert tokenserver.stats().get("token_stalled", 0) >= 1, "the endpoint was never reached"
+    assert tokenserver.presented == []
+
+
+# --------------------------------------------------------------------------
+# the SASL exchange on the wire (fake POP3 server over implicit TLS)
+
+
+def failing_login_script(mechanism, challenge):
+    """CAPA, AUTH MECH -> "+ ", payload -> failure challenge, answer -> -ERR."""
+    capa = (b"+OK\r\nSASL XOAUTH2 OAUTHBEARER\r\nUIDL\r\nTOP\r\n.\r\n")
+    encoded = base64.b64encode(json.dumps(challenge, separators=(",", ":")).encode())
+    return Script(steps=[
+        ("CAPA", capa),
+        ("AUTH", b"+ \r\n"),
+        ("*", b"+ " + encoded + b"\r\n"),
+        ("*", b"-ERR [AUTH] Authentication failed.\r\n"),
+    ], then=SendThenClose(b"+OK bye\r\n"))
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_sasl_exchange_answers_the_challenge_and_retries_once(
+        oauth_dovecot, fake_pop3, oauth_config, tokenserver, confdir, run_popfetchd,
+        read_saved, mechanism):
+    challenge = XOAUTH2_CHALLENGE if mechanism == "XOAUTH2" else OAUTHBEARER_CHALLENGE
+    server = fake_pop3(script=failing_login_script(mechanism, challenge),
+                       tls_context=server_context(oauth_dovecot))
+    account = types.SimpleNamespace(user="fakeuser@example.org")
+    config = oauth_config(account, id="wire", mechanism=mechanism, server=server.host,
+                          port=server.port, timeouts={"connect": "5s", "command": "10s"})
+    res = receive_all(run_popfetchd, confdir(config), config)
+
+    assert res.returncode == EX_NOPERM
+    assert server.wait_idle()
+    assert len(server.sessions) == 2, f"expected one retry on a new connection: {server.transcript}"
+    assert tokenserver.token_count == 2
+    t1, t2 = tokenserver.issued
+    assert t1 != t2
+    payload = xoauth2_payload if mechanism == "XOAUTH2" else oauthbearer_payload
+    answer = "" if mechanism == "XOAUTH2" else "AQ=="
+    for session, token in ((0, t1), (1, t2)):
+        commands = server.commands(session)
+        assert commands[:4] == ["CAPA", f"AUTH {mechanism}", payload(account.user, token), answer], \
+            f"session {session}: {commands}"
+        assert all(c.upper() in ("QUIT",) for c in commands[4:]), commands
+    assert read_saved(config["save_directory"]) == []
+
+
+# --------------------------------------------------------------------------
+# secrets
+
+
+def test_no_secret_in_any_output(oauth_dovecot, oauth_mailbox, oauth_config, tokenserver,
+                                 confdir, run_popfetchd, secret_registry):
+    """Every kind of run, at the most verbose log level and with --json:
+    no client secret, refresh token or access token (nor a piece of one, nor
+    its base64) in stdout or stderr. (Every other test is scanned as well.)"""
+    deliver_generated(oauth_mailbox, 1, 1000, seed=181, with_dots=False)
+    config = oauth_config(oauth_mailbox)
+    cd = confdir(config)
+    assert receive_all(run_popfetchd, cd, config, "-v").returncode == EX_OK
+    tokenserver.expire_all()                          # rejected, refreshed, retried
+    deliver_generated(oauth_mailbox, 1, 1000, seed=182, with_dots=False)
+    assert receive_all(run_popfetchd, cd, config, "-v", "--json").returncode == EX_OK
+    tokenserver.reject_tokens(True)                   # rejected twice
+    deliver_generated(oauth_mailbox, 1, 1000, seed=183, with_dots=False)
+    assert receive_all(run_popfetchd, cd, config, "-v").returncode == EX_NOPERM
+    assert receive_all(run_popfetchd, cd, config, "-v", "--json").returncode == EX_NOPERM
+    tokenserver.reject_tokens(False)
+
+    tokenserver.rotate_refresh_tokens(True)           # a refresh token, rotated
+    rt_config = oauth_config(oauth_mailbox, id="rt", grant="refresh_token")
+    rt_cd = confdir(rt_config)
+    assert receive_all(run_popfetchd, rt_cd, rt_config, "-v").returncode == EX_OK
+    tokenserver.refuse("invalid_client", "AADSTS7000215: Invalid client secret provided.")
+    assert receive_all(run_popfetchd, cd, config, "-v").returncode in (EX_OK, EX_NOPERM)
+    assert receive_all(run_popfetchd, rt_cd, rt_config, "-v", "--json").returncode in \
+        (EX_OK, EX_NOPERM)
+    tokenserver.normal()
+    assert run_popfetchd(["-v", "check"], confdir=cd).returncode == EX_OK
+    # `popfetchd test ID` joins this scan when it exists (the daemon issue)
+
+    assert len(secret_registry.secrets()) >= 6
+    assert len(secret_registry.outputs) >= 10
+    secret_registry.check()
