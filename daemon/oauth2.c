@@ -253,43 +253,6 @@ endpoint_host(const char *url)
 
 /* ---- files ---- */
 
-static int
-fsync_dir(const char *path)
-{
-	int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	int r = 0;
-
-	if (fd < 0)
-		return -errno;
-	if (fsync(fd) < 0)
-		r = -errno;
-	close(fd);
-	return r;
-}
-
-/* mkdir -p, each new level with mode. */
-static int
-mkdir_p(const char *path, mode_t mode)
-{
-	char buf[PATH_MAX];
-	size_t len = strlen(path);
-
-	if (len == 0 || len >= sizeof(buf))
-		return -ENAMETOOLONG;
-	memcpy(buf, path, len + 1);
-	for (char *p = buf + 1; *p; p++) {
-		if (*p != '/')
-			continue;
-		*p = '\0';
-		if (mkdir(buf, mode) < 0 && errno != EEXIST)
-			return -errno;
-		*p = '/';
-	}
-	if (mkdir(buf, mode) < 0 && errno != EEXIST)
-		return -errno;
-	return 0;
-}
-
 /* Replace path by data: a temporary file (mode 0600) in the same
  * directory, fsync, rename, fsync the directory. 0 or -errno. */
 static int
@@ -324,7 +287,7 @@ write_atomic(const char *path, const char *data, size_t len)
 	if (r < 0)
 		unlink(tmp);
 	else
-		r = fsync_dir(dir);
+		r = util_fsync_dir(dir);
 out:
 	free(tmp);
 	free(dir);
@@ -468,7 +431,7 @@ cache_save(struct oauth2_source *src)
 				 src->token, "expires_at", (json_int_t)src->expires_at,
 				 "obtained_at", (json_int_t)src->obtained_at);
 	char *text = root != NULL ? json_dumps(root, JSON_COMPACT) : NULL;
-	int r = text == NULL ? -ENOMEM : mkdir_p(src->state_dir, 0700);
+	int r = text == NULL ? -ENOMEM : util_mkdir_p(src->state_dir, 0700);
 
 	if (r == 0)
 		r = write_atomic(src->cache_path, text, strlen(text));
@@ -1227,7 +1190,7 @@ oauth2_source_new(struct oauth2_client *client, const struct oauth2_params *para
 	if (src->deliver_ev == NULL || src->fresh_ev == NULL)
 		abort(); /* out of memory, as xmalloc */
 	LIST_INSERT_HEAD(&client->sources, src, link);
-	if ((r = mkdir_p(src->state_dir, 0700)) < 0)
+	if ((r = util_mkdir_p(src->state_dir, 0700)) < 0)
 		log_warning(src->id, "cannot create the state directory %s: %s", src->state_dir,
 			    strerror(-r));
 	cache_load(src);

@@ -182,43 +182,6 @@ store_folder_name(const char *id, const char *uid, time_t received, char *out, s
 	snprintf(out, size, "%s-%.12s", when, hex);
 }
 
-static int
-fsync_dir(const char *path)
-{
-	int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	int r = 0;
-
-	if (fd < 0)
-		return -errno;
-	if (fsync(fd) < 0)
-		r = -errno;
-	close(fd);
-	return r;
-}
-
-/* mkdir -p, each new level with mode. */
-static int
-mkdir_p(const char *path, mode_t mode)
-{
-	char buf[PATH_MAX];
-	size_t len = strlen(path);
-
-	if (len == 0 || len >= sizeof(buf))
-		return -ENAMETOOLONG;
-	memcpy(buf, path, len + 1);
-	for (char *p = buf + 1; *p; p++) {
-		if (*p != '/')
-			continue;
-		*p = '\0';
-		if (mkdir(buf, mode) < 0 && errno != EEXIST)
-			return -errno;
-		*p = '/';
-	}
-	if (mkdir(buf, mode) < 0 && errno != EEXIST)
-		return -errno;
-	return 0;
-}
-
 /* Remove everything inside the directory dfd (not following symlinks). */
 static int
 remove_contents(int dfd, int depth)
@@ -316,7 +279,7 @@ write_state(struct store *st, const char *const *uids, size_t n)
 		r = seterr(st, errno, "cannot write %s", tmp);
 	if (r == 0 && rename(tmp, st->state_path) < 0)
 		r = seterr(st, errno, "cannot rename %s", tmp);
-	if (r == 0 && fsync_dir(st->state_dir) < 0)
+	if (r == 0 && util_fsync_dir(st->state_dir) < 0)
 		r = seterr(st, errno, "cannot fsync %s", st->state_dir);
 	if (r < 0)
 		unlink(tmp);
@@ -513,7 +476,7 @@ store_open(const struct store_params *p, struct store **ret, char *err, size_t e
 		st->stage_dir = xasprintf("%s/tmp", st->state_dir);
 	}
 
-	if ((r = mkdir_p(st->state_dir, 0700)) < 0) {
+	if ((r = util_mkdir_p(st->state_dir, 0700)) < 0) {
 		seterr(st, -r, "cannot create the state directory %s", st->state_dir);
 		goto fail;
 	}
@@ -528,11 +491,11 @@ store_open(const struct store_params *p, struct store **ret, char *err, size_t e
 		goto fail;
 	}
 	/* the consumer of the folders may be a group: folders 0750, files 0640 */
-	if (st->save_dir != NULL && (r = mkdir_p(st->save_dir, 0750)) < 0) {
+	if (st->save_dir != NULL && (r = util_mkdir_p(st->save_dir, 0750)) < 0) {
 		seterr(st, -r, "cannot create the save directory %s", st->save_dir);
 		goto fail;
 	}
-	if ((r = mkdir_p(st->stage_dir, 0700)) < 0) {
+	if ((r = util_mkdir_p(st->stage_dir, 0700)) < 0) {
 		seterr(st, -r, "cannot create %s", st->stage_dir);
 		goto fail;
 	}
@@ -613,28 +576,10 @@ store_msg_begin(struct store *st, const char *uid, time_t received, struct store
 	return 0;
 }
 
-static int
-write_all(int fd, const void *buf, size_t len)
-{
-	const char *p = buf;
-
-	while (len > 0) {
-		ssize_t n = write(fd, p, len);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
 int
 store_msg_write(struct store_msg *m, const void *buf, size_t len)
 {
-	int r = write_all(m->fd, buf, len);
+	int r = util_write_all(m->fd, buf, len);
 
 	if (r < 0)
 		return seterr(m->st, -r, "cannot write %s", m->eml);
@@ -672,7 +617,7 @@ store_msg_add_file(struct store_msg *m, const char *name, const void *data, size
 	fd = openat(m->dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
 	if (fd < 0)
 		return seterr(m->st, errno, "cannot create %s/%s", m->path, name);
-	r = write_all(fd, data, len);
+	r = util_write_all(fd, data, len);
 	if (r == 0 && fsync(fd) < 0)
 		r = -errno;
 	if (close(fd) < 0 && r == 0)
@@ -802,7 +747,7 @@ append_record(struct store *st, const char *uid, const char *stage)
 	}
 	if (fstat(st->state_fd, &sb) < 0)
 		return seterr(st, errno, "cannot stat the state %s", st->state_path);
-	r = write_all(st->state_fd, line, (size_t)n);
+	r = util_write_all(st->state_fd, line, (size_t)n);
 	if (r == 0 && fdatasync(st->state_fd) < 0)
 		r = -errno;
 	if (r < 0) {

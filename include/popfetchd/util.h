@@ -14,6 +14,12 @@ int util_parse_size(const char *s, uint64_t *ret);
 /* Lower-case hex of len bytes into out (2*len+1 bytes). */
 void util_hex(const unsigned char *in, size_t len, char *out);
 
+/* Local files: 0 or -errno. mkdir -p with mode for each new level; fsync
+ * of a directory by path; a write that goes on after short writes. */
+int util_mkdir_p(const char *path, unsigned mode);
+int util_fsync_dir(const char *path);
+int util_write_all(int fd, const void *buf, size_t len);
+
 /* Allocation that cannot fail (aborts on OOM, like xmalloc). */
 void *xmalloc(size_t n);
 void *xcalloc(size_t n, size_t size);
