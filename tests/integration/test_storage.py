@@ -182,13 +182,13 @@ def test_trickling_server_is_a_stalled_server(fake_pop3, fake_config, confdir, r
                                               read_saved):
     """During data, fewer than 1 KiB in a command-timeout window is a stall."""
     server = fake_pop3(mailgen.generate(1, 6000, seed=47))
-    server.inject("RETR", Trickle(delay=0.05, chunk=16))  # 320 bytes/s
+    server.inject("RETR", Trickle(delay=0.1, chunk=16))  # 160 bytes/s
     config = fake_config(server, timeouts={"connect": "5s", "command": "1s"})
     start = time.time()
     res = run_popfetchd(["receive-all", "fake"], confdir=confdir(config))
     assert res.returncode == EX_TEMPFAIL
     assert "stalled" in res.stderr
-    assert time.time() - start < 10
+    assert time.time() - start < 15
     assert read_saved(config["save_directory"]) == []
 
 
