@@ -1,0 +1,474 @@
+/*
+ * smime — PKCS#12 keys and CMS enveloped / signed data (OpenSSL 3).
+ *
+ * Everything here is parsed from bytes a stranger wrote: the DER is bounded
+ * before OpenSSL sees it (SMIME_MAX_SIZE), and since neither decryption nor
+ * unwrapping can produce more than the DER holds, that bound is also the
+ * bound on what we hand back. Decryption is only attempted for a recipient
+ * that names our certificate, so a message for someone else is told apart
+ * from a corrupt one, and the operator learns who it was for.
+ *
+ * The OpenSSL error queue is left empty on return: the TLS code of the same
+ * thread reads it.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <openssl/bn.h>
+#include <openssl/cms.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pkcs12.h>
+#include <openssl/x509.h>
+
+#include "popfetchd/smime.h"
+
+struct smime_key {
+	EVP_PKEY *pkey;
+	X509 *cert;
+};
+
+/* The reason of the last OpenSSL error, or fallback; clears the queue. */
+static const char *
+ssl_reason(const char *fallback)
+{
+	unsigned long e = ERR_peek_last_error();
+	const char *r = e ? ERR_reason_error_string(e) : NULL;
+
+	ERR_clear_error();
+	return r ? r : fallback;
+}
+
+static int
+unsupported_algorithm(void)
+{
+	unsigned long e;
+
+	while ((e = ERR_get_error()) != 0) {
+		int r = ERR_GET_REASON(e);
+
+		if (r == ERR_R_UNSUPPORTED || r == ERR_R_FETCH_FAILED ||
+		    (ERR_GET_LIB(e) == ERR_LIB_EVP && r == EVP_R_UNSUPPORTED_ALGORITHM)) {
+			ERR_clear_error();
+			return 1;
+		}
+	}
+	return 0;
+}
+
+static int
+load_fail(int rc, char *err, size_t errlen, const char *path, const char *what)
+{
+	if (err && errlen)
+		snprintf(err, errlen, "S/MIME key %s: %s", path, what);
+	ERR_clear_error();
+	return rc;
+}
+
+int
+smime_key_load(const char *p12_path, const char *password, struct smime_key **ret, char *err,
+	       size_t errlen)
+{
+	FILE *f;
+	struct stat st;
+	PKCS12 *p12;
+	EVP_PKEY *pkey = NULL;
+	X509 *cert = NULL;
+	STACK_OF(X509) *ca = NULL;
+	const char *pass = password;
+	struct smime_key *k;
+	char buf[256];
+
+	*ret = NULL;
+	ERR_clear_error();
+	f = fopen(p12_path, "rb");
+	if (!f) {
+		int e = errno;
+
+		return load_fail(-e, err, errlen, p12_path,
+				 e == ENOENT ? "no such file" : strerror(e));
+	}
+	if (fstat(fileno(f), &st) == 0 && !S_ISREG(st.st_mode)) {
+		fclose(f);
+		return load_fail(-EINVAL, err, errlen, p12_path, "not a regular file");
+	}
+	p12 = d2i_PKCS12_fp(f, NULL);
+	if (!p12 && ferror(f)) {
+		int e = errno ? errno : EIO;
+
+		fclose(f);
+		return load_fail(-e, err, errlen, p12_path, strerror(e));
+	}
+	fclose(f);
+	if (!p12)
+		return load_fail(-EINVAL, err, errlen, p12_path, "not a PKCS#12 file");
+
+	/* The MAC tells a wrong password from anything else. An empty or
+	 * absent password may have been used either way when exporting. */
+	if (PKCS12_mac_present(p12)) {
+		int ok;
+
+		if (!pass || !*pass) {
+			ok = PKCS12_verify_mac(p12, NULL, 0);
+			if (ok) {
+				pass = NULL;
+			} else {
+				ERR_clear_error();
+				ok = PKCS12_verify_mac(p12, "", 0);
+				pass = "";
+			}
+		} else {
+			ok = PKCS12_verify_mac(p12, pass, -1);
+		}
+		if (!ok) {
+			int unsup = unsupported_algorithm();
+
+			PKCS12_free(p12);
+			return load_fail(
+				-EINVAL, err, errlen, p12_path,
+				unsup ? "uses an algorithm this OpenSSL does not provide "
+					"(a legacy PKCS#12? re-export it with AES)"
+				: (password && *password)
+					? "wrong password (MAC verification failed)"
+					: "a password is needed (MAC verification failed)");
+		}
+	}
+	if (!PKCS12_parse(p12, pass, &pkey, &cert, &ca)) {
+		int unsup = unsupported_algorithm();
+
+		PKCS12_free(p12);
+		if (unsup)
+			return load_fail(
+				-EINVAL, err, errlen, p12_path,
+				"uses an algorithm this OpenSSL does not provide (a legacy "
+				"PKCS#12? re-export it with AES)");
+		snprintf(buf, sizeof(buf), "cannot be decoded (%s)", ssl_reason("parse error"));
+		return load_fail(-EINVAL, err, errlen, p12_path, buf);
+	}
+	PKCS12_free(p12);
+	if (!pkey) {
+		X509_free(cert);
+		sk_X509_pop_free(ca, X509_free);
+		return load_fail(-EINVAL, err, errlen, p12_path, "holds no private key");
+	}
+	/* PKCS12_parse matches the certificate by local key id; a file
+	 * without ids still carries the right one among the others. */
+	if (!cert) {
+		for (int i = 0; i < sk_X509_num(ca); i++) {
+			X509 *c = sk_X509_value(ca, i);
+
+			if (X509_check_private_key(c, pkey)) {
+				cert = c;
+				X509_up_ref(cert);
+				break;
+			}
+		}
+		ERR_clear_error();
+	}
+	sk_X509_pop_free(ca, X509_free);
+	if (!cert) {
+		EVP_PKEY_free(pkey);
+		return load_fail(-EINVAL, err, errlen, p12_path,
+				 "holds no certificate for its private key");
+	}
+	if (!X509_check_private_key(cert, pkey)) {
+		EVP_PKEY_free(pkey);
+		X509_free(cert);
+		return load_fail(-EINVAL, err, errlen, p12_path,
+				 "its certificate does not match its private key");
+	}
+	k = calloc(1, sizeof(*k));
+	if (!k) {
+		EVP_PKEY_free(pkey);
+		X509_free(cert);
+		return load_fail(-ENOMEM, err, errlen, p12_path, strerror(ENOMEM));
+	}
+	k->pkey = pkey;
+	k->cert = cert;
+	*ret = k;
+	ERR_clear_error();
+	return 0;
+}
+
+void
+smime_key_free(struct smime_key *k)
+{
+	if (!k)
+		return;
+	EVP_PKEY_free(k->pkey);
+	X509_free(k->cert);
+	free(k);
+}
+
+static void
+set_why(char *why, size_t whylen, const char *fmt, const char *arg)
+{
+	if (!why || !whylen)
+		return;
+	if (arg)
+		snprintf(why, whylen, fmt, arg);
+	else
+		snprintf(why, whylen, "%s", fmt);
+}
+
+static CMS_ContentInfo *
+parse(const void *der, size_t len)
+{
+	const unsigned char *p = der;
+
+	if (!der || len == 0 || len > SMIME_MAX_SIZE || len > LONG_MAX)
+		return NULL;
+	return d2i_CMS_ContentInfo(NULL, &p, (long)len);
+}
+
+int
+smime_kind(const void *der, size_t len)
+{
+	CMS_ContentInfo *cms = parse(der, len);
+	int kind = SMIME_KIND_OTHER;
+
+	if (!cms) {
+		ERR_clear_error();
+		return SMIME_KIND_OTHER;
+	}
+	switch (OBJ_obj2nid(CMS_get0_type(cms))) {
+	case NID_pkcs7_enveloped:
+	case NID_id_smime_ct_authEnvelopedData:
+		kind = SMIME_KIND_ENVELOPED;
+		break;
+	case NID_pkcs7_signed:
+		kind = SMIME_KIND_SIGNED;
+		break;
+	}
+	CMS_ContentInfo_free(cms);
+	ERR_clear_error();
+	return kind;
+}
+
+/* "issuer CN=x, serial 0x1f" or "subject key id 0a:..". into out. */
+static void
+describe_id(char *out, size_t outlen, const ASN1_OCTET_STRING *keyid, const X509_NAME *issuer,
+	    const ASN1_INTEGER *serial)
+{
+	*out = '\0';
+	if (issuer && serial) {
+		BIO *b = BIO_new(BIO_s_mem());
+		BIGNUM *bn = ASN1_INTEGER_to_BN(serial, NULL);
+		char *hex = bn ? BN_bn2hex(bn) : NULL;
+		char name[200] = "?";
+
+		if (b && X509_NAME_print_ex(b, issuer, 0, XN_FLAG_RFC2253) >= 0) {
+			int n = BIO_read(b, name, sizeof(name) - 1);
+
+			name[n > 0 ? n : 0] = '\0';
+		}
+		snprintf(out, outlen, "issuer %s, serial 0x%s", name, hex ? hex : "?");
+		OPENSSL_free(hex);
+		BN_free(bn);
+		BIO_free(b);
+	} else if (keyid) {
+		size_t o = 0;
+		int n = ASN1_STRING_length(keyid);
+		const unsigned char *d = ASN1_STRING_get0_data(keyid);
+
+		o = (size_t)snprintf(out, outlen, "subject key id ");
+		for (int i = 0; i < n && o + 4 < outlen; i++)
+			o += (size_t)snprintf(out + o, outlen - o, "%s%02x", i ? ":" : "", d[i]);
+	} else {
+		snprintf(out, outlen, "an unidentified recipient");
+	}
+}
+
+/* 1 if some recipient names our certificate (or we cannot tell, e.g. a
+ * password or KEK recipient: let OpenSSL decide), 0 if none does; then
+ * who[] describes the first recipient and *n counts them. */
+static int
+recipient_match(CMS_ContentInfo *cms, X509 *cert, char *who, size_t wholen, int *n)
+{
+	STACK_OF(CMS_RecipientInfo) *ris = CMS_get0_RecipientInfos(cms);
+	int undecided = 0;
+
+	*n = 0;
+	*who = '\0';
+	for (int i = 0; i < sk_CMS_RecipientInfo_num(ris); i++) {
+		CMS_RecipientInfo *ri = sk_CMS_RecipientInfo_value(ris, i);
+		ASN1_OCTET_STRING *keyid = NULL;
+		X509_NAME *issuer = NULL;
+		ASN1_INTEGER *serial = NULL;
+
+		switch (CMS_RecipientInfo_type(ri)) {
+		case CMS_RECIPINFO_TRANS:
+			if (CMS_RecipientInfo_ktri_cert_cmp(ri, cert) == 0)
+				return 1;
+			if (CMS_RecipientInfo_ktri_get0_signer_id(ri, &keyid, &issuer, &serial) &&
+			    (*n)++ == 0)
+				describe_id(who, wholen, keyid, issuer, serial);
+			break;
+		case CMS_RECIPINFO_AGREE: {
+			STACK_OF(CMS_RecipientEncryptedKey) *reks =
+				CMS_RecipientInfo_kari_get0_reks(ri);
+
+			for (int j = 0; j < sk_CMS_RecipientEncryptedKey_num(reks); j++) {
+				CMS_RecipientEncryptedKey *rek =
+					sk_CMS_RecipientEncryptedKey_value(reks, j);
+
+				if (CMS_RecipientEncryptedKey_cert_cmp(rek, cert) == 0)
+					return 1;
+				keyid = NULL;
+				issuer = NULL;
+				serial = NULL;
+				if (CMS_RecipientEncryptedKey_get0_id(rek, &keyid, NULL, NULL,
+								      &issuer, &serial) &&
+				    (*n)++ == 0)
+					describe_id(who, wholen, keyid, issuer, serial);
+			}
+			break;
+		}
+		default:
+			undecided = 1;
+			break;
+		}
+	}
+	ERR_clear_error();
+	return undecided;
+}
+
+/* Copy a memory BIO's bytes into a fresh NUL-terminated buffer. */
+static int
+take_bio(BIO *b, char **out, size_t *outlen, char *why, size_t whylen)
+{
+	char *data;
+	long n = BIO_get_mem_data(b, &data);
+	char *copy;
+
+	if (n < 0 || (size_t)n > SMIME_MAX_SIZE) {
+		set_why(why, whylen, "too large", NULL);
+		return -1;
+	}
+	copy = malloc((size_t)n + 1);
+	if (!copy) {
+		set_why(why, whylen, "out of memory", NULL);
+		return -1;
+	}
+	if (n > 0)
+		memcpy(copy, data, (size_t)n);
+	copy[n] = '\0';
+	*out = copy;
+	*outlen = (size_t)n;
+	return 0;
+}
+
+int
+smime_decrypt(const struct smime_key *k, const void *der, size_t len, char **out, size_t *outlen,
+	      char *why, size_t whylen)
+{
+	CMS_ContentInfo *cms;
+	BIO *b = NULL;
+	char who[300], buf[400];
+	int nid, n, rc = -1;
+
+	*out = NULL;
+	*outlen = 0;
+	ERR_clear_error();
+	if (len > SMIME_MAX_SIZE) {
+		set_why(why, whylen, "too large", NULL);
+		return -1;
+	}
+	cms = parse(der, len);
+	if (!cms) {
+		set_why(why, whylen, "corrupt (%s)", ssl_reason("not CMS"));
+		return -1;
+	}
+	nid = OBJ_obj2nid(CMS_get0_type(cms));
+	if (nid != NID_pkcs7_enveloped && nid != NID_id_smime_ct_authEnvelopedData) {
+		set_why(why, whylen, "not enveloped data", NULL);
+		goto done;
+	}
+	if (!k) {
+		set_why(why, whylen, "no key configured", NULL);
+		goto done;
+	}
+	if (!recipient_match(cms, k->cert, who, sizeof(who), &n)) {
+		if (n > 1)
+			snprintf(buf, sizeof(buf),
+				 "not for this key (the recipients are %s and %d more)", who,
+				 n - 1);
+		else if (n == 1)
+			snprintf(buf, sizeof(buf), "not for this key (the recipient is %s)", who);
+		else
+			snprintf(buf, sizeof(buf), "not for this key (no recipient)");
+		set_why(why, whylen, buf, NULL);
+		goto done;
+	}
+	b = BIO_new(BIO_s_mem());
+	if (!b) {
+		set_why(why, whylen, "out of memory", NULL);
+		goto done;
+	}
+	if (!CMS_decrypt(cms, k->pkey, k->cert, NULL, b, CMS_BINARY)) {
+		set_why(why, whylen, "corrupt (%s)", ssl_reason("decryption failed"));
+		goto done;
+	}
+	rc = take_bio(b, out, outlen, why, whylen);
+done:
+	BIO_free(b);
+	CMS_ContentInfo_free(cms);
+	ERR_clear_error();
+	return rc;
+}
+
+int
+smime_unwrap_signed(const void *der, size_t len, char **out, size_t *outlen, char *why,
+		    size_t whylen)
+{
+	CMS_ContentInfo *cms;
+	ASN1_OCTET_STRING **pos;
+	const unsigned char *d;
+	int n, rc = -1;
+
+	*out = NULL;
+	*outlen = 0;
+	ERR_clear_error();
+	if (len > SMIME_MAX_SIZE) {
+		set_why(why, whylen, "too large", NULL);
+		return -1;
+	}
+	cms = parse(der, len);
+	if (!cms) {
+		set_why(why, whylen, "corrupt (%s)", ssl_reason("not CMS"));
+		return -1;
+	}
+	if (OBJ_obj2nid(CMS_get0_type(cms)) != NID_pkcs7_signed) {
+		set_why(why, whylen, "not signed data", NULL);
+		goto done;
+	}
+	pos = CMS_get0_content(cms);
+	if (!pos || !*pos) {
+		set_why(why, whylen, "no encapsulated content (detached signature)", NULL);
+		goto done;
+	}
+	n = ASN1_STRING_length(*pos);
+	d = ASN1_STRING_get0_data(*pos);
+	if (n < 0 || (size_t)n > SMIME_MAX_SIZE) {
+		set_why(why, whylen, "too large", NULL);
+		goto done;
+	}
+	*out = malloc((size_t)n + 1);
+	if (!*out) {
+		set_why(why, whylen, "out of memory", NULL);
+		goto done;
+	}
+	if (n > 0)
+		memcpy(*out, d, (size_t)n);
+	(*out)[n] = '\0';
+	*outlen = (size_t)n;
+	rc = 0;
+done:
+	CMS_ContentInfo_free(cms);
+	ERR_clear_error();
+	return rc;
+}
