@@ -11,7 +11,7 @@ BUILD = pathlib.Path(os.environ.get("POPFETCHD_BUILD", ROOT / "build"))
 CORPUS = ROOT / "tests" / "fuzz" / "corpus"
 
 
-@pytest.mark.parametrize("name", ["pop3_parse", "mime_headers", "config"])
+@pytest.mark.parametrize("name", ["pop3_parse", "mime_headers", "config", "mime_extract"])
 def test_fuzz_corpus(name):
     exe = BUILD / "tests" / f"fuzz_{name}"
     inputs = sorted(str(p) for p in (CORPUS / name).iterdir())

@@ -1,0 +1,680 @@
+/*
+ * mime_extract — text bodies and attachments of a message already on disk.
+ * GMime parses the file with a persistent stream: part contents stay on
+ * disk and are decoded chunk by chunk while they are written, so memory
+ * does not grow with the size of an attachment.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <gmime/gmime.h>
+#include <openssl/evp.h>
+
+#include "popfetchd/mime.h"
+#include "popfetchd/mime_extract.h"
+#include "popfetchd/util.h"
+
+#define CHUNK		    65536
+#define FILE_FLAGS	    (O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC)
+#define FILE_MODE	    0640
+#define DIR_MODE	    0750
+#define MAX_UNIQUE_ATTEMPTS 10000
+#define EXT_MAX		    32 /* a longer "extension" is not one */
+#define LIMIT_HIT	    1  /* internal: a limit stopped the extraction */
+
+/* ---- safe names (pure) ---- */
+
+static const char *
+ext_for_type(const char *ct)
+{
+	static const struct {
+		const char *type, *ext;
+	} map[] = {
+		{"application/pdf", "pdf"}, {"image/png", "png"},
+		{"image/jpeg", "jpg"},	    {"image/jpg", "jpg"},
+		{"image/gif", "gif"},	    {"image/webp", "webp"},
+		{"image/svg+xml", "svg"},   {"text/plain", "txt"},
+		{"text/html", "html"},	    {"text/calendar", "ics"},
+		{"text/csv", "csv"},	    {"message/rfc822", "eml"},
+		{"application/zip", "zip"}, {"application/json", "json"},
+		{"application/xml", "xml"}, {"text/xml", "xml"},
+	};
+
+	if (ct == NULL)
+		return "bin";
+	for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++)
+		if (g_ascii_strcasecmp(ct, map[i].type) == 0)
+			return map[i].ext;
+	return "bin";
+}
+
+static bool
+bad_char(gunichar c)
+{
+	if (c < 0x20 || c == 0x7f || (c >= 0x80 && c <= 0x9f))
+		return true;
+	if (c < 0x80 && strchr("/\\<>:\"|?*", (int)c) != NULL)
+		return true;
+	/* bidi controls ("evil\u202Efdp.exe") and line/paragraph separators */
+	if ((c >= 0x200e && c <= 0x200f) || (c >= 0x2028 && c <= 0x202e) ||
+	    (c >= 0x2066 && c <= 0x2069) || c == 0xfeff)
+		return true;
+	return false;
+}
+
+/* Length of s cut to at most max bytes on a UTF-8 boundary. */
+static size_t
+utf8_cut(const char *s, size_t len, size_t max)
+{
+	if (len <= max)
+		return len;
+	while (max > 0 && ((unsigned char)s[max] & 0xc0) == 0x80)
+		max--;
+	return max;
+}
+
+/* Where the extension of name (len bytes) starts ('.' included); len when none. */
+static size_t
+ext_start(const char *name, size_t len)
+{
+	for (size_t i = len; i > 1; i--) {
+		if (name[i - 1] == '.')
+			return len - (i - 1) <= EXT_MAX ? i - 1 : len;
+	}
+	return len;
+}
+
+/* stem + suffix + ext into out, the stem cut so that all fits in limit bytes. */
+static void
+compose(const char *stem, size_t stemlen, const char *suffix, const char *ext, size_t extlen,
+	char *out, size_t size)
+{
+	size_t limit = size - 1 < MIME_NAME_MAX ? size - 1 : MIME_NAME_MAX;
+	size_t sufflen = strlen(suffix);
+
+	if (sufflen + extlen >= limit) {
+		/* absurdly small buffer: give up the extension */
+		extlen = 0;
+		if (sufflen >= limit)
+			sufflen = 0;
+	}
+	stemlen = utf8_cut(stem, stemlen, limit - sufflen - extlen);
+	memcpy(out, stem, stemlen);
+	memcpy(out + stemlen, suffix, sufflen);
+	memcpy(out + stemlen + sufflen, ext, extlen);
+	out[stemlen + sufflen + extlen] = '\0';
+}
+
+void
+mime_safe_name(const char *decoded, const char *content_type, unsigned n, char *out, size_t size)
+{
+	gchar *valid, *p, *start;
+	GString *s;
+	size_t len, e;
+
+	if (size == 0)
+		return;
+	valid = g_utf8_make_valid(decoded ? decoded : "", -1);
+	/* last path component */
+	start = valid;
+	for (p = valid; *p; p++)
+		if (*p == '/' || *p == '\\')
+			start = p + 1;
+	s = g_string_new(NULL);
+	for (p = start; *p; p = g_utf8_next_char(p)) {
+		gunichar c = g_utf8_get_char(p);
+		if (bad_char(c))
+			g_string_append_c(s, '_');
+		else
+			g_string_append_len(s, p, g_utf8_next_char(p) - p);
+	}
+	g_free(valid);
+	/* no white space around, no leading dot (so never "." or "..") */
+	start = s->str;
+	while (*start == '.' || g_ascii_isspace(*start))
+		start++;
+	len = strlen(start);
+	while (len > 0 && g_ascii_isspace(start[len - 1]))
+		len--;
+	if (len == 0) {
+		char tmp[64];
+		snprintf(tmp, sizeof(tmp), "attachment-%u.%s", n, ext_for_type(content_type));
+		compose(tmp, strlen(tmp), "", "", 0, out, size);
+	} else {
+		e = ext_start(start, len);
+		compose(start, e, "", start + e, len - e, out, size);
+	}
+	g_string_free(s, TRUE);
+}
+
+/* name for attempt k: k == 1 is the name itself, then "NAME (k).EXT". */
+static void
+name_variant(const char *name, unsigned k, char *out, size_t size)
+{
+	size_t len = strlen(name), e = ext_start(name, len);
+	char suffix[32] = "";
+
+	if (k > 1)
+		snprintf(suffix, sizeof(suffix), " (%u)", k);
+	compose(name, e, suffix, name + e, len - e, out, size);
+}
+
+static bool
+is_taken(const char *name, const char *const *taken, size_t ntaken)
+{
+	for (size_t i = 0; i < ntaken; i++)
+		if (taken[i] != NULL && g_ascii_strcasecmp(name, taken[i]) == 0)
+			return true;
+	return false;
+}
+
+void
+mime_unique_name(const char *name, const char *const *taken, size_t ntaken, char *out, size_t size)
+{
+	for (unsigned k = 1;; k++) {
+		name_variant(name, k, out, size);
+		if (!is_taken(out, taken, ntaken) || k >= UINT32_MAX - 1)
+			return;
+	}
+}
+
+/* ---- extraction ---- */
+
+struct ctx {
+	const struct mime_opts *o;
+	struct mime_result *r;
+	GString *note;
+	unsigned max_depth, max_parts, nparts;
+	unsigned long long max_decoded, decoded;
+	int attfd;
+	bool stopped, have_plain, have_html;
+	int err; /* first local I/O error, -errno */
+};
+
+static void add_note(struct ctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void
+add_note(struct ctx *c, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (c->note->len > 0)
+		g_string_append(c->note, "; ");
+	va_start(ap, fmt);
+	g_string_append_vprintf(c->note, fmt, ap);
+	va_end(ap);
+}
+
+/* A string from the message, fit for a note: printable ASCII, short. */
+static void
+printable(const char *s, char *out, size_t size)
+{
+	size_t i;
+
+	for (i = 0; s != NULL && s[i] && i + 1 < size; i++)
+		out[i] = (s[i] >= 0x20 && s[i] < 0x7f && s[i] != '"') ? s[i] : '?';
+	out[i] = '\0';
+}
+
+static void
+limit_bytes(struct ctx *c)
+{
+	if (!c->stopped)
+		add_note(c, "limit: more than %llu decoded bytes; extraction stopped",
+			 c->max_decoded);
+	c->stopped = true;
+}
+
+struct sink {
+	int fd;
+	EVP_MD_CTX *md;
+	unsigned long long size;
+};
+
+/* 0, LIMIT_HIT, or -errno. */
+static int
+sink_write(struct ctx *c, struct sink *s, const char *buf, size_t len)
+{
+	int r;
+
+	if (len > c->max_decoded - c->decoded) {
+		limit_bytes(c);
+		return LIMIT_HIT;
+	}
+	if ((r = util_write_all(s->fd, buf, len)) < 0)
+		return r;
+	if (s->md != NULL)
+		EVP_DigestUpdate(s->md, buf, len);
+	s->size += len;
+	c->decoded += len;
+	return 0;
+}
+
+/* All of in into the sink. 0, LIMIT_HIT, or -errno. */
+static int
+copy_stream(struct ctx *c, GMimeStream *in, struct sink *s)
+{
+	char *buf = xmalloc(CHUNK);
+	int r = 0;
+
+	for (;;) {
+		ssize_t n = g_mime_stream_read(in, buf, CHUNK);
+		if (n < 0) {
+			r = errno ? -errno : -EIO;
+			break;
+		}
+		if (n == 0)
+			break;
+		if ((r = sink_write(c, s, buf, (size_t)n)) != 0)
+			break;
+	}
+	free(buf);
+	return r;
+}
+
+static int
+finish_file(int fd)
+{
+	int r = 0;
+
+	if (fsync(fd) < 0)
+		r = -errno;
+	if (close(fd) < 0 && r == 0)
+		r = -errno;
+	return r;
+}
+
+/* The decoded content of part, for text converted from charset to UTF-8. */
+static GMimeStream *
+decoded_stream(struct ctx *c, GMimePart *part, const char *utf8_from, const char *what)
+{
+	GMimeDataWrapper *dw = g_mime_part_get_content(part);
+	GMimeStream *src, *f;
+	GMimeContentEncoding enc;
+
+	if (dw == NULL || (src = g_mime_data_wrapper_get_stream(dw)) == NULL)
+		return NULL;
+	g_mime_stream_reset(src);
+	f = g_mime_stream_filter_new(src);
+	enc = g_mime_data_wrapper_get_encoding(dw);
+	if (enc == GMIME_CONTENT_ENCODING_BASE64 || enc == GMIME_CONTENT_ENCODING_QUOTEDPRINTABLE ||
+	    enc == GMIME_CONTENT_ENCODING_UUENCODE) {
+		GMimeFilter *d = g_mime_filter_basic_new(enc, FALSE);
+		g_mime_stream_filter_add(GMIME_STREAM_FILTER(f), d);
+		g_object_unref(d);
+	}
+	if (utf8_from != NULL) {
+		GMimeFilter *cf = g_mime_filter_charset_new(utf8_from, "UTF-8");
+		if (cf != NULL) {
+			g_mime_stream_filter_add(GMIME_STREAM_FILTER(f), cf);
+			g_object_unref(cf);
+		} else {
+			char cs[48];
+			printable(utf8_from, cs, sizeof(cs));
+			add_note(c, "%s: unknown charset \"%s\", written unconverted", what, cs);
+		}
+	}
+	return f;
+}
+
+/*
+ * Write the decoded part as name in dfd. 0 (and the size and digest in
+ * *s), LIMIT_HIT (nothing left on disk), or -errno.
+ */
+static int
+write_part(struct ctx *c, int dfd, const char *name, GMimeStream *in, struct sink *s)
+{
+	int r, fd = openat(dfd, name, FILE_FLAGS, FILE_MODE);
+
+	if (fd < 0)
+		return -errno;
+	s->fd = fd;
+	r = in != NULL ? copy_stream(c, in, s) : 0;
+	if (r != 0) {
+		close(fd);
+		unlinkat(dfd, name, 0);
+		return r;
+	}
+	return finish_file(fd);
+}
+
+static void
+text_body(struct ctx *c, GMimePart *part, const char *name)
+{
+	const char *cs = g_mime_object_get_content_type_parameter(GMIME_OBJECT(part), "charset");
+	struct sink s = {.fd = -1};
+	GMimeStream *in;
+	int r;
+
+	if (cs != NULL &&
+	    (g_ascii_strcasecmp(cs, "utf-8") == 0 || g_ascii_strcasecmp(cs, "utf8") == 0 ||
+	     g_ascii_strcasecmp(cs, "us-ascii") == 0 || *cs == '\0'))
+		cs = NULL;
+	in = decoded_stream(c, part, cs, name);
+	r = write_part(c, c->o->dirfd, name, in, &s);
+	if (in != NULL)
+		g_object_unref(in);
+	if (r < 0) {
+		c->err = r;
+		c->stopped = true;
+	} else if (r == 0) {
+		c->r->text[c->r->ntext++] = xstrdup(name);
+	}
+}
+
+static int
+attachments_dir(struct ctx *c)
+{
+	if (c->attfd >= 0)
+		return c->attfd;
+	if (mkdirat(c->o->dirfd, "attachments", DIR_MODE) < 0 && errno != EEXIST)
+		return -errno;
+	c->attfd =
+		openat(c->o->dirfd, "attachments", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	return c->attfd < 0 ? -errno : c->attfd;
+}
+
+/* Create a unique file for want in attachments/: fd, name in out. */
+static int
+open_unique(struct ctx *c, const char *want, char *out, size_t size)
+{
+	const char **taken = xcalloc(c->r->natt + 1, sizeof(*taken));
+	int fd = -EEXIST;
+
+	for (size_t i = 0; i < c->r->natt; i++)
+		taken[i] = c->r->att[i].name;
+	for (unsigned k = 1; k < MAX_UNIQUE_ATTEMPTS && fd == -EEXIST; k++) {
+		name_variant(want, k, out, size);
+		if (is_taken(out, taken, c->r->natt))
+			continue;
+		fd = openat(c->attfd, out, FILE_FLAGS, FILE_MODE);
+		if (fd < 0)
+			fd = -errno;
+	}
+	free(taken);
+	return fd;
+}
+
+static struct mime_attachment *
+new_attachment(struct ctx *c)
+{
+	c->r->att = xrealloc(c->r->att, (c->r->natt + 1) * sizeof(*c->r->att));
+	return memset(&c->r->att[c->r->natt], 0, sizeof(*c->r->att));
+}
+
+static void
+digest_hex(EVP_MD_CTX *md, char out[65])
+{
+	unsigned char d[EVP_MAX_MD_SIZE];
+	unsigned int dlen = 0;
+
+	EVP_DigestFinal_ex(md, d, &dlen);
+	util_hex(d, dlen, out);
+}
+
+/* Write one attachment: in (NULL: empty) or, for a message, msg. */
+static void
+save_attachment(struct ctx *c, const char *want, const char *original, const char *ctype,
+		GMimeStream *in, GMimeObject *msg)
+{
+	char name[MIME_NAME_MAX + 1];
+	struct sink s = {.fd = -1};
+	int r, fd;
+
+	if ((r = attachments_dir(c)) < 0 || (fd = open_unique(c, want, name, sizeof(name))) < 0) {
+		c->err = r < 0 ? r : fd;
+		c->stopped = true;
+		return;
+	}
+	s.fd = fd;
+	s.md = EVP_MD_CTX_new();
+	if (s.md == NULL || !EVP_DigestInit_ex(s.md, EVP_sha256(), NULL))
+		abort();
+	if (msg != NULL) {
+		/* a message part is written out by GMime, then hashed from disk */
+		GMimeStream *out = g_mime_stream_fs_new(fd);
+		g_mime_stream_fs_set_owner(GMIME_STREAM_FS(out), FALSE);
+		r = g_mime_object_write_to_stream(msg, NULL, out) < 0 ||
+				    g_mime_stream_flush(out) < 0
+			    ? (errno ? -errno : -EIO)
+			    : 0;
+		g_object_unref(out);
+		if (r == 0) {
+			int rfd = openat(c->attfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+			char *buf = xmalloc(CHUNK);
+			ssize_t n = 0;
+			if (rfd < 0)
+				r = -errno;
+			while (rfd >= 0 && (n = read(rfd, buf, CHUNK)) != 0) {
+				if (n < 0 && errno == EINTR)
+					continue;
+				if (n < 0) {
+					r = -errno;
+					break;
+				}
+				EVP_DigestUpdate(s.md, buf, (size_t)n);
+				s.size += (unsigned long long)n;
+			}
+			if (rfd >= 0)
+				close(rfd);
+			free(buf);
+			if (r == 0 && s.size > c->max_decoded - c->decoded) {
+				limit_bytes(c);
+				r = LIMIT_HIT;
+			} else if (r == 0) {
+				c->decoded += s.size;
+			}
+		}
+	} else if (in != NULL) {
+		r = copy_stream(c, in, &s);
+	}
+	if (r != 0) {
+		close(fd);
+		unlinkat(c->attfd, name, 0);
+	} else {
+		r = finish_file(fd);
+	}
+	if (r < 0) {
+		c->err = r;
+		c->stopped = true;
+	}
+	if (r == 0) {
+		struct mime_attachment *a = new_attachment(c);
+		a->name = xstrdup(name);
+		a->original_name = original ? xstrdup(original) : NULL;
+		a->content_type = xstrdup(ctype);
+		a->size = s.size;
+		digest_hex(s.md, a->sha256);
+		c->r->natt++;
+	}
+	EVP_MD_CTX_free(s.md);
+}
+
+/* A name from the message (RFC 2231 already done by GMime) as UTF-8. */
+static char *
+decode_name(const char *raw)
+{
+	if (raw == NULL || *raw == '\0')
+		return NULL;
+	if (strstr(raw, "=?") != NULL || !g_utf8_validate(raw, -1, NULL))
+		return mime_decode_header(raw);
+	return xstrdup(raw);
+}
+
+static char *
+mime_type_of(GMimeObject *obj)
+{
+	GMimeContentType *ct = g_mime_object_get_content_type(obj);
+	gchar *t = ct ? g_mime_content_type_get_mime_type(ct) : NULL;
+	char *r = xstrdup(t ? t : "application/octet-stream");
+
+	g_free(t);
+	for (char *p = r; *p; p++)
+		*p = g_ascii_tolower(*p);
+	return r;
+}
+
+static void
+leaf(struct ctx *c, GMimePart *part)
+{
+	GMimeObject *obj = GMIME_OBJECT(part);
+	GMimeContentDisposition *disp = g_mime_object_get_content_disposition(obj);
+	char *ctype = mime_type_of(obj);
+	char *orig = decode_name(g_mime_part_get_filename(part));
+	bool attachment = orig != NULL || (disp && g_mime_content_disposition_is_attachment(disp));
+
+	if (!attachment && strcmp(ctype, "text/plain") == 0) {
+		if (c->o->save_text && !c->have_plain)
+			text_body(c, part, "text.txt");
+		c->have_plain = true;
+	} else if (!attachment && strcmp(ctype, "text/html") == 0) {
+		if (c->o->save_text && !c->have_html)
+			text_body(c, part, "text.html");
+		c->have_html = true;
+	} else if (strcmp(ctype, "application/pkcs7-signature") == 0 ||
+		   strcmp(ctype, "application/x-pkcs7-signature") == 0 ||
+		   strcmp(ctype, "application/pgp-signature") == 0) {
+		/* a signature is not content; it stays in message.eml */
+	} else if (c->o->save_attachments) {
+		char want[MIME_NAME_MAX + 1];
+		GMimeStream *in = decoded_stream(c, part, NULL, "attachment");
+		mime_safe_name(orig, ctype, (unsigned)c->r->natt + 1, want, sizeof(want));
+		save_attachment(c, want, orig, ctype, in, NULL);
+		if (in != NULL)
+			g_object_unref(in);
+	}
+	free(orig);
+	free(ctype);
+}
+
+static void
+message_part(struct ctx *c, GMimeMessagePart *mp)
+{
+	GMimeMessage *m = g_mime_message_part_get_message(mp);
+	GMimeObject *obj = GMIME_OBJECT(mp);
+	char *subject = NULL, *orig = NULL, *ctype, want[MIME_NAME_MAX + 1];
+	const char *s;
+
+	if (!c->o->save_attachments)
+		return;
+	ctype = mime_type_of(obj);
+	if (m != NULL && (s = g_mime_message_get_subject(m)) != NULL)
+		subject = decode_name(s);
+	{
+		GMimeContentDisposition *d = g_mime_object_get_content_disposition(obj);
+		const char *fn = d ? g_mime_content_disposition_get_parameter(d, "filename") : NULL;
+		if (fn == NULL)
+			fn = g_mime_object_get_content_type_parameter(obj, "name");
+		orig = decode_name(fn);
+	}
+	/* SUBJECT.eml; without a subject the file name, then attachment-N.eml */
+	if (subject != NULL) {
+		char *tmp = xasprintf("%s.eml", subject);
+		mime_safe_name(tmp, "message/rfc822", (unsigned)c->r->natt + 1, want, sizeof(want));
+		free(tmp);
+	} else {
+		mime_safe_name(orig, "message/rfc822", (unsigned)c->r->natt + 1, want,
+			       sizeof(want));
+	}
+	save_attachment(c, want, orig ? orig : subject, ctype, NULL, m ? GMIME_OBJECT(m) : NULL);
+	free(subject);
+	free(orig);
+	free(ctype);
+}
+
+static void
+walk(struct ctx *c, GMimeObject *obj, unsigned depth)
+{
+	if (c->stopped || obj == NULL)
+		return;
+	if (++c->nparts > c->max_parts) {
+		add_note(c, "limit: more than %u MIME parts; extraction stopped", c->max_parts);
+		c->stopped = true;
+		return;
+	}
+	if (depth > c->max_depth) {
+		add_note(c, "limit: MIME nesting deeper than %u; extraction stopped", c->max_depth);
+		c->stopped = true;
+		return;
+	}
+	if (GMIME_IS_MULTIPART(obj)) {
+		GMimeMultipart *mp = GMIME_MULTIPART(obj);
+		int n = g_mime_multipart_get_count(mp);
+		for (int i = 0; i < n && !c->stopped; i++)
+			walk(c, g_mime_multipart_get_part(mp, i), depth + 1);
+	} else if (GMIME_IS_MESSAGE_PART(obj)) {
+		message_part(c, GMIME_MESSAGE_PART(obj));
+	} else if (GMIME_IS_PART(obj)) {
+		leaf(c, GMIME_PART(obj));
+	}
+}
+
+int
+mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result *ret)
+{
+	struct ctx c = {
+		.o = o,
+		.r = ret,
+		.attfd = -1,
+		.max_depth = o->max_depth ? o->max_depth : MIME_DEFAULT_MAX_DEPTH,
+		.max_parts = o->max_parts ? o->max_parts : MIME_DEFAULT_MAX_PARTS,
+		.max_decoded = o->max_decoded ? o->max_decoded : MIME_DEFAULT_MAX_DECODED,
+	};
+	GMimeStream *stream;
+	GMimeParser *parser;
+	GMimeMessage *msg;
+	int fd;
+
+	memset(ret, 0, sizeof(*ret));
+	mime_init();
+	fd = open(eml_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return -errno;
+	if (!o->save_text && !o->save_attachments) {
+		close(fd);
+		return 0;
+	}
+	c.note = g_string_new(NULL);
+	stream = g_mime_stream_fs_new(fd); /* owns fd */
+	parser = g_mime_parser_new_with_stream(stream);
+	g_mime_parser_set_persist_stream(parser, TRUE);
+	msg = g_mime_parser_construct_message(parser, NULL);
+	if (msg == NULL)
+		add_note(&c, "not a MIME message; nothing extracted");
+	else
+		walk(&c, g_mime_message_get_mime_part(msg), 0);
+	if (c.attfd >= 0) {
+		if (fsync(c.attfd) < 0 && c.err == 0)
+			c.err = -errno;
+		close(c.attfd);
+	}
+	if (msg != NULL)
+		g_object_unref(msg);
+	g_object_unref(parser);
+	g_object_unref(stream);
+	if (c.note->len > 0)
+		ret->note = xstrdup(c.note->str);
+	g_string_free(c.note, TRUE);
+	return c.err;
+}
+
+void
+mime_result_clear(struct mime_result *r)
+{
+	for (size_t i = 0; i < r->ntext; i++)
+		free(r->text[i]);
+	for (size_t i = 0; i < r->natt; i++) {
+		free(r->att[i].name);
+		free(r->att[i].original_name);
+		free(r->att[i].content_type);
+	}
+	free(r->att);
+	free(r->note);
+	memset(r, 0, sizeof(*r));
+}

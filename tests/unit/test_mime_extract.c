@@ -1,0 +1,419 @@
+/* Unit tests: safe attachment names and extraction of crafted messages. */
+#include <fcntl.h>
+#include <ftw.h>
+#include <glib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
+
+#include "check.h"
+#include "popfetchd/mime_extract.h"
+
+static void
+safe(const char *in, const char *ct, const char *want)
+{
+	char out[MIME_NAME_MAX + 1];
+
+	mime_safe_name(in, ct, 1, out, sizeof(out));
+	CHECK_STR(out, want);
+}
+
+static void
+names(void)
+{
+	char out[MIME_NAME_MAX + 1], in[400];
+
+	safe("invoice.pdf", "application/pdf", "invoice.pdf");
+	safe("../../etc/passwd", NULL, "passwd");
+	safe("/etc/passwd", NULL, "passwd");
+	safe("..\\x\\y.pdf", NULL, "y.pdf");
+	safe("..\\..\\x", NULL, "x");
+	safe("a\x01"
+	     "b",
+	     NULL, "a_b");
+	safe("a\r\nb.txt", NULL, "a__b.txt");
+	safe("a<b>c:d\"e|f?g*h.txt", NULL, "a_b_c_d_e_f_g_h.txt");
+	safe(".hidden", NULL, "hidden");
+	safe("...", "application/pdf", "attachment-1.pdf");
+	safe("", "application/pdf", "attachment-1.pdf");
+	safe(NULL, "image/png", "attachment-1.png");
+	safe(".", "image/jpeg", "attachment-1.jpg");
+	safe("..", "text/plain", "attachment-1.txt");
+	safe("../", "message/rfc822", "attachment-1.eml");
+	safe("x/", "application/x-unknown", "attachment-1.bin");
+	safe("  spaced name.doc  ", NULL, "spaced name.doc");
+	safe("evil\xe2\x80\xae"
+	     "fdp.exe",
+	     NULL, "evil_fdp.exe");
+	safe("bad\xff.txt", NULL, "bad\xef\xbf\xbd.txt");
+	safe("Übersicht.pdf", NULL, "Übersicht.pdf");
+
+	/* 300 bytes + .pdf: 255 bytes, the extension kept */
+	memset(in, 'a', 300);
+	strcpy(in + 300, ".pdf");
+	mime_safe_name(in, NULL, 1, out, sizeof(out));
+	CHECK(strlen(out) == 255);
+	CHECK(g_str_has_suffix(out, ".pdf"));
+	/* cut on a UTF-8 boundary: 150 two-byte characters + .pdf */
+	in[0] = '\0';
+	for (int i = 0; i < 150; i++)
+		strcat(in, "é");
+	strcat(in, ".pdf");
+	mime_safe_name(in, NULL, 1, out, sizeof(out));
+	CHECK(strlen(out) <= 255 && g_utf8_validate(out, -1, NULL));
+	CHECK(g_str_has_suffix(out, ".pdf"));
+
+	/* unique names */
+	const char *taken[] = {"a.pdf", "a (2).pdf", "README"};
+	mime_unique_name("b.pdf", taken, 3, out, sizeof(out));
+	CHECK_STR(out, "b.pdf");
+	mime_unique_name("a.pdf", taken, 1, out, sizeof(out));
+	CHECK_STR(out, "a (2).pdf");
+	mime_unique_name("A.PDF", taken, 3, out, sizeof(out));
+	CHECK_STR(out, "A (3).PDF");
+	mime_unique_name("README", taken, 3, out, sizeof(out));
+	CHECK_STR(out, "README (2)");
+	memset(in, 'a', 251);
+	strcpy(in + 251, ".pdf");
+	const char *long_taken[] = {in};
+	mime_unique_name(in, long_taken, 1, out, sizeof(out));
+	CHECK(strlen(out) == 255 && g_str_has_suffix(out, "a (2).pdf"));
+}
+
+/* ---- extraction ---- */
+
+static char tmpdir[64];
+static int dirfd_;
+static struct mime_result res;
+
+static int
+rm_one(const char *p, const struct stat *st, int flag, struct FTW *f)
+{
+	(void)st;
+	(void)flag;
+	(void)f;
+	return remove(p);
+}
+
+static void
+cleanup(void)
+{
+	mime_result_clear(&res);
+	if (dirfd_ > 0)
+		close(dirfd_);
+	dirfd_ = 0;
+	if (tmpdir[0])
+		nftw(tmpdir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+	tmpdir[0] = '\0';
+}
+
+/* Extract msg (LF line ends turned into CRLF) into a fresh folder. */
+static int
+extract_opts(const char *msg, struct mime_opts *o)
+{
+	char path[128];
+	GString *crlf = g_string_new(NULL);
+	FILE *f;
+	int r;
+
+	cleanup();
+	snprintf(tmpdir, sizeof(tmpdir), "/tmp/test-mime-XXXXXX");
+	if (mkdtemp(tmpdir) == NULL)
+		abort();
+	snprintf(path, sizeof(path), "%s/message.eml", tmpdir);
+	for (const char *p = msg; *p; p++) {
+		if (*p == '\n')
+			g_string_append_c(crlf, '\r');
+		g_string_append_c(crlf, *p);
+	}
+	f = fopen(path, "wb");
+	fwrite(crlf->str, 1, crlf->len, f);
+	fclose(f);
+	g_string_free(crlf, TRUE);
+	dirfd_ = open(tmpdir, O_RDONLY | O_DIRECTORY);
+	o->dirfd = dirfd_;
+	r = mime_extract(path, o, &res);
+	return r;
+}
+
+static int
+extract(const char *msg)
+{
+	struct mime_opts o = {.save_text = true, .save_attachments = true};
+	return extract_opts(msg, &o);
+}
+
+static char *
+slurp(const char *rel, size_t *len)
+{
+	char path[512];
+	gchar *buf = NULL;
+	gsize n = 0;
+
+	snprintf(path, sizeof(path), "%s/%s", tmpdir, rel);
+	if (!g_file_get_contents(path, &buf, &n, NULL))
+		return NULL;
+	if (len)
+		*len = n;
+	return buf;
+}
+
+static void
+check_file(const char *rel, const char *want)
+{
+	char *got = slurp(rel, NULL);
+
+	CHECK_STR(got, want);
+	g_free(got);
+}
+
+static void
+check_sha(const struct mime_attachment *a, const char *content, size_t len)
+{
+	unsigned char d[32];
+	char hex[65];
+	unsigned int dl;
+
+	EVP_Digest(content, len, d, &dl, EVP_sha256(), NULL);
+	for (int i = 0; i < 32; i++)
+		snprintf(hex + 2 * i, 3, "%02x", d[i]);
+	CHECK_STR(a->sha256, hex);
+	CHECK(a->size == len);
+	if (a->size != len)
+		fprintf(stderr, "%s: %llu != %zu\n", a->name, a->size, len);
+}
+
+static void
+plain(void)
+{
+	CHECK(extract("From: a@example.org\nSubject: hi\n\nHello\nworld\n") == 0);
+	CHECK(res.ntext == 1 && res.natt == 0);
+	CHECK_STR(res.text[0], "text.txt");
+	check_file("text.txt", "Hello\r\nworld\r\n");
+	CHECK_STR(res.note, NULL);
+	CHECK(faccessat(dirfd_, "attachments", F_OK, 0) < 0);
+
+	struct mime_opts o = {.save_text = false, .save_attachments = true};
+	CHECK(extract_opts("Subject: hi\n\nHello\n", &o) == 0);
+	CHECK(res.ntext == 0 && faccessat(dirfd_, "text.txt", F_OK, 0) < 0);
+}
+
+static void
+alternative(void)
+{
+	CHECK(extract("Subject: alt\nMIME-Version: 1.0\n"
+		      "Content-Type: multipart/alternative; boundary=\"b1\"\n\n"
+		      "--b1\nContent-Type: text/plain; charset=utf-8\n"
+		      "Content-Transfer-Encoding: quoted-printable\n\n"
+		      "caf=C3=A9 soft=\nbreak\n"
+		      "--b1\nContent-Type: text/html; charset=utf-8\n"
+		      "Content-Transfer-Encoding: base64\n\n"
+		      "PHA+aGk8L3A+\n"
+		      "--b1--\n") == 0);
+	CHECK(res.ntext == 2 && res.natt == 0);
+	check_file("text.txt", "café softbreak");
+	check_file("text.html", "<p>hi</p>");
+}
+
+static void
+mixed(void)
+{
+	CHECK(extract("Subject: mixed\nMIME-Version: 1.0\n"
+		      "Content-Type: multipart/mixed; boundary=\"XX\"\n\n"
+		      "preamble\n"
+		      "--XX\nContent-Type: text/plain\n\nbody\n"
+		      "--XX\nContent-Type: application/pdf; name=\"ignored.pdf\"\n"
+		      "Content-Disposition: attachment; filename=\"../../invoice.pdf\"\n"
+		      "Content-Transfer-Encoding: base64\n\n"
+		      "JVBERi0xLjQKJcOkw7w=\n"
+		      "--XX\nContent-Type: application/octet-stream\n"
+		      "Content-Disposition: attachment;\n"
+		      " filename*0*=UTF-8''%C3%9Cber;\n"
+		      " filename*1*=sicht%20.pdf\n\n"
+		      "raw bytes\n"
+		      "--XX\nContent-Type: application/pdf\n"
+		      "Content-Disposition: attachment; filename=\"invoice.pdf\"\n\n"
+		      "second\n"
+		      "--XX\nContent-Type: image/png; name=\"=?UTF-8?B?QmlsZC5wbmc=?=\"\n"
+		      "Content-Disposition: inline\n"
+		      "Content-Transfer-Encoding: base64\n\n"
+		      "iVBORw==\n"
+		      "--XX\nContent-Type: application/pdf\n"
+		      "Content-Disposition: attachment\n\n"
+		      "noname\n"
+		      "--XX--\n") == 0);
+	CHECK(res.ntext == 1 && res.natt == 5);
+	check_file("text.txt", "body");
+	if (res.natt == 5) {
+		CHECK_STR(res.att[0].name, "invoice.pdf");
+		CHECK_STR(res.att[0].original_name, "../../invoice.pdf");
+		CHECK_STR(res.att[0].content_type, "application/pdf");
+		check_sha(&res.att[0], "%PDF-1.4\n%\xc3\xa4\xc3\xbc", 14);
+		check_file("attachments/invoice.pdf", "%PDF-1.4\n%äü");
+		CHECK_STR(res.att[1].name, "Übersicht .pdf");
+		CHECK_STR(res.att[1].original_name, "Übersicht .pdf");
+		check_file("attachments/Übersicht .pdf", "raw bytes");
+		CHECK_STR(res.att[2].name, "invoice (2).pdf");
+		check_file("attachments/invoice (2).pdf", "second");
+		CHECK_STR(res.att[3].name, "Bild.png");
+		CHECK_STR(res.att[3].original_name, "Bild.png");
+		check_sha(&res.att[3], "\x89PNG", 4);
+		CHECK_STR(res.att[4].name, "attachment-5.pdf");
+		CHECK_STR(res.att[4].original_name, NULL);
+	}
+	struct stat st;
+	CHECK(fstatat(dirfd_, "attachments", &st, 0) == 0 && (st.st_mode & 0777) == 0750);
+	CHECK(fstatat(dirfd_, "attachments/invoice.pdf", &st, 0) == 0 &&
+	      (st.st_mode & 0777) == 0640);
+
+	struct mime_opts o = {.save_text = true, .save_attachments = false};
+	CHECK(extract_opts("Content-Type: multipart/mixed; boundary=XX\n\n"
+			   "--XX\nContent-Type: text/plain\n\nbody\n"
+			   "--XX\nContent-Type: application/pdf\n"
+			   "Content-Disposition: attachment; filename=a.pdf\n\nx\n--XX--\n",
+			   &o) == 0);
+	CHECK(res.ntext == 1 && res.natt == 0);
+	CHECK(faccessat(dirfd_, "attachments", F_OK, 0) < 0);
+}
+
+static void
+nested(void)
+{
+	CHECK(extract("Subject: outer\nMIME-Version: 1.0\n"
+		      "Content-Type: multipart/mixed; boundary=\"o\"\n\n"
+		      "--o\nContent-Type: text/plain\n\nsee attached\n"
+		      "--o\nContent-Type: message/rfc822\n"
+		      "Content-Disposition: attachment\n\n"
+		      "Subject: =?UTF-8?Q?Re=3A_inner/../x?=\nFrom: b@example.org\n\n"
+		      "inner body\n"
+		      "--o--\n") == 0);
+	CHECK(res.ntext == 1 && res.natt == 1);
+	check_file("text.txt", "see attached");
+	if (res.natt == 1) {
+		CHECK_STR(res.att[0].name, "x.eml");
+		CHECK_STR(res.att[0].content_type, "message/rfc822");
+		size_t n;
+		char *e = slurp("attachments/x.eml", &n);
+		CHECK(e != NULL && strstr(e, "inner body") != NULL);
+		if (e)
+			check_sha(&res.att[0], e, n);
+		g_free(e);
+	}
+	/* a subject without slashes */
+	CHECK(extract("Content-Type: multipart/mixed; boundary=o\n\n"
+		      "--o\nContent-Type: message/rfc822\n\n"
+		      "Subject: Quarterly report\n\nx\n--o--\n") == 0);
+	CHECK(res.natt == 1 && strcmp(res.att[0].name, "Quarterly report.eml") == 0);
+}
+
+static void
+charsets(void)
+{
+	CHECK(extract("Subject: l1\nContent-Type: text/plain; charset=iso-8859-1\n"
+		      "Content-Transfer-Encoding: 8bit\n\ncaf\xe9 cr\xe8me\n") == 0);
+	check_file("text.txt", "café crème\r\n");
+	CHECK_STR(res.note, NULL);
+
+	CHECK(extract("Content-Type: text/plain; charset=windows-1252\n"
+		      "Content-Transfer-Encoding: quoted-printable\n\n=80 5\n") == 0);
+	check_file("text.txt", "€ 5\r\n");
+
+	CHECK(extract("Content-Type: text/plain; charset=x-bogus\n\nabc\n") == 0);
+	CHECK(res.ntext == 1);
+	check_file("text.txt", "abc\r\n");
+	CHECK(res.note != NULL && strstr(res.note, "x-bogus") != NULL);
+}
+
+static void
+limits(void)
+{
+	GString *m = g_string_new("Content-Type: multipart/mixed; boundary=B\n\n");
+	for (int i = 0; i < 1500; i++)
+		g_string_append_printf(m,
+				       "--B\nContent-Type: application/octet-stream\n"
+				       "Content-Disposition: attachment; filename=f.bin\n\n%d\n",
+				       i);
+	g_string_append(m, "--B--\n");
+	CHECK(extract(m->str) == 0);
+	CHECK(res.note != NULL && strstr(res.note, "more than 1000 MIME parts") != NULL);
+	CHECK(res.natt == 999);
+	if (res.natt == 999)
+		CHECK_STR(res.att[998].name, "f (999).bin");
+	g_string_free(m, TRUE);
+
+	m = g_string_new("");
+	for (int i = 0; i < 50; i++)
+		g_string_append_printf(m, "Content-Type: multipart/mixed; boundary=b%d\n\n--b%d\n",
+				       i, i);
+	g_string_append(m, "Content-Type: text/plain\n\ndeep\n");
+	for (int i = 49; i >= 0; i--)
+		g_string_append_printf(m, "--b%d--\n", i);
+	CHECK(extract(m->str) == 0);
+	CHECK(res.note != NULL && strstr(res.note, "nesting deeper than 20") != NULL);
+	CHECK(res.ntext == 0);
+	g_string_free(m, TRUE);
+
+	/* decoded bytes: the partly written file is removed */
+	struct mime_opts o = {.save_text = true, .save_attachments = true, .max_decoded = 10};
+	CHECK(extract_opts("Content-Type: multipart/mixed; boundary=B\n\n"
+			   "--B\nContent-Type: text/plain\n\nshort\n"
+			   "--B\nContent-Type: application/pdf\n"
+			   "Content-Disposition: attachment; filename=big.pdf\n\n"
+			   "0123456789abcdef\n--B--\n",
+			   &o) == 0);
+	CHECK(res.ntext == 1 && res.natt == 0);
+	CHECK(res.note != NULL && strstr(res.note, "decoded bytes") != NULL);
+	CHECK(faccessat(dirfd_, "attachments/big.pdf", F_OK, 0) < 0);
+}
+
+static void
+hostile(void)
+{
+	CHECK(extract("Content-Type: multipart/mixed; boundary=B\n\n"
+		      "--B\nContent-Type: application/octet-stream\n"
+		      "Content-Disposition: attachment; "
+		      "filename*=UTF-8''..%2F..%2Fetc%2Fpasswd\n\nx\n"
+		      "--B\nContent-Type: application/octet-stream\n"
+		      "Content-Disposition: attachment; filename=\"..\"\n\nx\n"
+		      "--B\nContent-Type: application/octet-stream\n"
+		      "Content-Disposition: attachment; filename=\"CON\"\n\nx\n"
+		      "--B\nContent-Type: application/octet-stream\n"
+		      "Content-Disposition: attachment; filename=\"con\"\n\nx\n"
+		      "--B\nContent-Type: application/octet-stream\n"
+		      "Content-Disposition: attachment; filename*=UTF-8''a%00b.txt\n\nx\n"
+		      "--B--\n") == 0);
+	CHECK(res.natt == 5);
+	if (res.natt == 5) {
+		CHECK_STR(res.att[0].name, "passwd");
+		CHECK_STR(res.att[1].name, "attachment-2.bin");
+		CHECK_STR(res.att[2].name, "CON");
+		CHECK_STR(res.att[3].name, "con (2)");
+		for (size_t i = 0; i < res.natt; i++)
+			CHECK(strchr(res.att[i].name, '/') == NULL && res.att[i].name[0] != '.');
+	}
+	/* not a message at all, and a missing file */
+	CHECK(extract("") == 0);
+	CHECK(res.ntext + res.natt == 0);
+	mime_result_clear(&res);
+	struct mime_opts o = {.save_text = true, .save_attachments = true, .dirfd = dirfd_};
+	CHECK(mime_extract("/nonexistent/x.eml", &o, &res) == -ENOENT);
+}
+
+int
+main(void)
+{
+	names();
+	plain();
+	alternative();
+	mixed();
+	nested();
+	charsets();
+	limits();
+	hostile();
+	cleanup();
+	CHECK_DONE();
+}
