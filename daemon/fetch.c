@@ -20,6 +20,7 @@
 #include "popfetchd/fetch.h"
 #include "popfetchd/log.h"
 #include "popfetchd/mime.h"
+#include "popfetchd/mime_extract.h"
 #include "popfetchd/oauth2.h"
 #include "popfetchd/pop3.h"
 #include "popfetchd/store.h"
@@ -350,7 +351,8 @@ str_or_null(const char *s)
 
 /* meta.json of DESIGN.md §3: what this issue knows of the message. */
 static char *
-build_meta(struct fetch *f, const char *uid, unsigned long long size, const struct mime_headers *h)
+build_meta(struct fetch *f, const char *uid, unsigned long long size, const struct mime_headers *h,
+	   const struct mime_result *mr)
 {
 	char *when = rfc3339(f->msg_time), *text;
 	json_t *o = json_object();
@@ -366,8 +368,23 @@ build_meta(struct fetch *f, const char *uid, unsigned long long size, const stru
 	json_object_set_new(o, "cc", str_or_null(h->cc));
 	json_object_set_new(o, "subject", str_or_null(h->subject));
 	json_object_set_new(o, "smime", json_string("none"));
-	json_object_set_new(o, "text", json_array());
-	json_object_set_new(o, "attachments", json_array());
+	json_t *texts = json_array(), *att = json_array();
+	for (size_t i = 0; i < mr->ntext; i++)
+		json_array_append_new(texts, json_string(mr->text[i]));
+	for (size_t i = 0; i < mr->natt; i++) {
+		const struct mime_attachment *a = &mr->att[i];
+		json_t *e = json_object();
+		json_object_set_new(e, "name", json_string(a->name));
+		json_object_set_new(e, "original_name", str_or_null(a->original_name));
+		json_object_set_new(e, "content_type", json_string(a->content_type));
+		json_object_set_new(e, "size", json_integer((json_int_t)a->size));
+		json_object_set_new(e, "sha256", json_string(a->sha256));
+		json_array_append_new(att, e);
+	}
+	json_object_set_new(o, "text", texts);
+	json_object_set_new(o, "attachments", att);
+	if (mr->note != NULL)
+		json_object_set_new(o, "note", json_string(mr->note));
 	/* invalid UTF-8 from a stranger is replaced, never fatal */
 	text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
 	json_decref(o);
@@ -393,7 +410,22 @@ commit_message(struct fetch *f, const struct candidate *c)
 		return -EIO;
 	if (mime_read_headers(store_msg_eml_path(f->msg), &h) < 0)
 		memset(&h, 0, sizeof(h));
-	meta = build_meta(f, c->uid, size, &h);
+	struct mime_result mr = {0};
+	if (f->mb->save_text || f->mb->save_attachments) {
+		struct mime_opts mo = {.save_text = f->mb->save_text,
+				       .save_attachments = f->mb->save_attachments,
+				       .dirfd = store_msg_dirfd(f->msg)};
+		/* hostile content is never an error; a disk that fails is */
+		if ((r = mime_extract(store_msg_eml_path(f->msg), &mo, &mr)) < 0) {
+			mime_result_clear(&mr);
+			mime_headers_clear(&h);
+			return r;
+		}
+		if (mr.note != NULL)
+			log_notice(f->mb->id, "message %lu (%s): %s", c->num, c->uid, mr.note);
+	}
+	meta = build_meta(f, c->uid, size, &h, &mr);
+	mime_result_clear(&mr);
 	mime_headers_clear(&h);
 	if (meta == NULL)
 		abort();

@@ -594,6 +594,12 @@ store_msg_eml_path(const struct store_msg *m)
 }
 
 int
+store_msg_dirfd(const struct store_msg *m)
+{
+	return m->dirfd;
+}
+
+int
 store_msg_finish_eml(struct store_msg *m, unsigned long long *ret_size)
 {
 	if (m->fd >= 0) {

@@ -39,6 +39,8 @@ int store_msg_begin(struct store *st, const char *uid, time_t received, struct s
 int store_msg_write(struct store_msg *m, const void *buf, size_t len);
 /* The staged message.eml, complete after store_msg_finish_eml. */
 const char *store_msg_eml_path(const struct store_msg *m);
+/* The staged folder, for files made inside it with openat (mime_extract). */
+int store_msg_dirfd(const struct store_msg *m);
 /* Flush and fsync message.eml; returns its size in *ret_size. */
 int store_msg_finish_eml(struct store_msg *m, unsigned long long *ret_size);
 /* Another file of the folder (relative name, e.g. "meta.json"), written
