@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sysexits.h>
 #include <time.h>
 
 #include <event2/event.h>
@@ -25,17 +26,6 @@
 #include "popfetchd/pop3.h"
 #include "popfetchd/store.h"
 #include "popfetchd/util.h"
-
-/* sysexits */
-enum {
-	EX_OK_ = 0,
-	EX_UNAVAILABLE_ = 69,
-	EX_IOERR_ = 74,
-	EX_TEMPFAIL_ = 75,
-	EX_PROTOCOL_ = 76,
-	EX_NOPERM_ = 77,
-	EX_CONFIG_ = 78,
-};
 
 struct candidate {
 	unsigned long num;
@@ -153,18 +143,18 @@ failure_exit(enum pop3_failure fail)
 	switch (fail) {
 	case POP3_FAIL_RESOLVE:
 	case POP3_FAIL_CONNECT:
-		return EX_UNAVAILABLE_;
+		return EX_UNAVAILABLE;
 	case POP3_FAIL_LOST:
 	case POP3_FAIL_TIMEOUT:
 	case POP3_FAIL_TEMP:
-		return EX_TEMPFAIL_;
+		return EX_TEMPFAIL;
 	case POP3_FAIL_PROTOCOL:
 	case POP3_FAIL_TLS:
-		return EX_PROTOCOL_;
+		return EX_PROTOCOL;
 	case POP3_FAIL_AUTH:
-		return EX_NOPERM_;
+		return EX_NOPERM;
 	}
-	return EX_PROTOCOL_;
+	return EX_PROTOCOL;
 }
 
 static void
@@ -218,7 +208,7 @@ next_message(struct fetch *f)
 	f->msg_limit = c->limit;
 	r = store_msg_begin(f->store, c->uid, f->msg_time, &f->msg);
 	if (r < 0) {
-		set_exit(f, EX_IOERR_);
+		set_exit(f, EX_IOERR);
 		add_error(f, "%s", store_error(f->store));
 		pop3_quit(f->pop3);
 		return;
@@ -261,7 +251,7 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 
 	f->listing_done = true;
 	if (!have_uidl && n > 0) {
-		set_exit(f, EX_PROTOCOL_);
+		set_exit(f, EX_PROTOCOL);
 		add_error(f,
 			  "%s: the server does not support UIDL: popfetchd cannot tell "
 			  "new messages from old ones there",
@@ -319,7 +309,7 @@ on_data(void *arg, const char *buf, size_t len)
 	f->msg_bytes += len;
 	if (f->msg_bytes > f->msg_limit) {
 		const struct candidate *c = &f->cand[f->next];
-		set_exit(f, EX_PROTOCOL_);
+		set_exit(f, EX_PROTOCOL);
 		add_error(f,
 			  "%s: message %lu (%s) goes on past %llu bytes, far more than LIST "
 			  "announced: the session is ended, nothing of it is kept",
@@ -458,7 +448,7 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		/* one message the server cannot send must not block the others */
 		store_msg_abort(f->msg);
 		f->msg = NULL;
-		set_exit(f, EX_TEMPFAIL_);
+		set_exit(f, EX_TEMPFAIL);
 		add_error(f, "%s: the server refused RETR %lu (%s): left there (server said: %s)",
 			  f->where, num, c->uid, error);
 		f->next++;
@@ -466,7 +456,7 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		return;
 	}
 	if (c->num != num || commit_message(f, c) < 0) {
-		set_exit(f, EX_IOERR_);
+		set_exit(f, EX_IOERR);
 		add_error(f, "message %lu (%s) not saved: %s", num, c->uid, store_error(f->store));
 		store_msg_abort(f->msg);
 		f->msg = NULL;
@@ -537,7 +527,7 @@ on_quit(void *arg, bool ok)
 		if (f->listing_done && f->res.exit_code == 0)
 			compact_state(f);
 	} else if (f->ndele > 0) {
-		set_exit(f, EX_TEMPFAIL_);
+		set_exit(f, EX_TEMPFAIL);
 		add_error(f,
 			  "%s: QUIT was not answered +OK: the server did not commit the "
 			  "deletions; the next poll deletes the saved messages",
@@ -598,9 +588,9 @@ on_token(void *arg, enum oauth2_status status, const char *token, const char *de
 
 	f->token_req = NULL;
 	if (status != OAUTH2_OK) {
-		set_exit(f, status == OAUTH2_REFUSED ? EX_NOPERM_
-			    : status == OAUTH2_LOCAL ? EX_IOERR_
-						     : EX_TEMPFAIL_);
+		set_exit(f, status == OAUTH2_REFUSED ? EX_NOPERM
+			    : status == OAUTH2_LOCAL ? EX_IOERR
+						     : EX_TEMPFAIL);
 		add_error(f, "oauth2: %s", detail);
 		finish(f);
 		return;
@@ -663,7 +653,7 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 		log_warning(mb->id, "tls_verify: false: the server's certificate is not checked; "
 				    "anyone in the path can read the password and the mail");
 	if ((r = store_open(&sp, &f->store, err, sizeof(err))) < 0) {
-		set_exit(f, r == -EBUSY ? EX_TEMPFAIL_ : EX_IOERR_);
+		set_exit(f, r == -EBUSY ? EX_TEMPFAIL : EX_IOERR);
 		add_error(f, "%s", err);
 		finish(f);
 		return f;

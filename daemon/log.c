@@ -21,12 +21,6 @@ log_set_level(enum log_level level)
 	threshold = level;
 }
 
-enum log_level
-log_get_level(void)
-{
-	return threshold;
-}
-
 int
 log_level_from_name(const char *name)
 {

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sysexits.h>
 
 #include <event2/dns.h>
 #include <event2/event.h>
@@ -21,9 +22,6 @@
 #include "popfetchd/oauth2.h"
 #include "popfetchd/tls.h"
 #include "popfetchd/util.h"
-
-#define EXIT_USAGE  64
-#define EXIT_CONFIG 78
 
 struct options {
 	const char *confdir;
@@ -124,7 +122,7 @@ cmd_check(const struct options *o)
 		} else {
 			json_decref(errors);
 		}
-		return EXIT_CONFIG;
+		return EX_CONFIG;
 	}
 	out = json_object();
 	json_t *list = json_array();
@@ -233,13 +231,13 @@ receive_refused(const struct options *o, json_t *errors, const char *line)
 		json_object_set_new(out, "left_too_big", json_integer(0));
 		json_object_set_new(out, "deleted", json_integer(0));
 		json_object_set_new(out, "errors", errors);
-		json_object_set_new(out, "exit_code", json_integer(EXIT_CONFIG));
+		json_object_set_new(out, "exit_code", json_integer(EX_CONFIG));
 		print_json(out);
 		json_decref(out);
 	} else {
 		json_decref(errors);
 	}
-	return EXIT_CONFIG;
+	return EX_CONFIG;
 }
 
 static int
@@ -357,7 +355,7 @@ main(int argc, char **argv)
 			return 0;
 		default:
 			usage(stderr);
-			return EXIT_USAGE;
+			return EX_USAGE;
 		}
 	}
 	o.command = optind < argc ? argv[optind++] : "run";
@@ -366,7 +364,7 @@ main(int argc, char **argv)
 	if (optind < argc) {
 		fprintf(stderr, "popfetchd: unexpected argument \"%s\"\n", argv[optind]);
 		usage(stderr);
-		return EXIT_USAGE;
+		return EX_USAGE;
 	}
 
 	log_set_prefix(getenv("JOURNAL_STREAM") != NULL);
@@ -383,12 +381,12 @@ main(int argc, char **argv)
 	if (needs_id && o.id == NULL) {
 		fprintf(stderr, "popfetchd: %s needs a configuration ID\n", o.command);
 		usage(stderr);
-		return EXIT_USAGE;
+		return EX_USAGE;
 	}
 	if (!needs_id && o.id != NULL) {
 		fprintf(stderr, "popfetchd: unexpected argument \"%s\"\n", o.id);
 		usage(stderr);
-		return EXIT_USAGE;
+		return EX_USAGE;
 	}
 	if (strcmp(o.command, "check") == 0)
 		return cmd_check(&o);
@@ -401,9 +399,9 @@ main(int argc, char **argv)
 			"popfetchd: \"%s\" is not available in this build yet: use receive or "
 			"receive-all (for example from a systemd timer)\n",
 			o.command);
-		return EXIT_USAGE;
+		return EX_USAGE;
 	}
 	fprintf(stderr, "popfetchd: unknown command \"%s\"\n", o.command);
 	usage(stderr);
-	return EXIT_USAGE;
+	return EX_USAGE;
 }

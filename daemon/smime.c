@@ -362,6 +362,24 @@ take_bio(BIO *b, char **out, size_t *outlen, char *why, size_t whylen)
 	return 0;
 }
 
+/* The CMS structure of der, after the checks both entry points share. */
+static CMS_ContentInfo *
+open_cms(const void *der, size_t len, char **out, size_t *outlen, char *why, size_t whylen)
+{
+	CMS_ContentInfo *cms;
+
+	*out = NULL;
+	*outlen = 0;
+	ERR_clear_error();
+	if (len > SMIME_MAX_SIZE) {
+		set_why(why, whylen, "too large", NULL);
+		return NULL;
+	}
+	if ((cms = parse(der, len)) == NULL)
+		set_why(why, whylen, "corrupt (%s)", ssl_reason("not CMS"));
+	return cms;
+}
+
 int
 smime_decrypt(const struct smime_key *k, const void *der, size_t len, char **out, size_t *outlen,
 	      char *why, size_t whylen)
@@ -371,18 +389,8 @@ smime_decrypt(const struct smime_key *k, const void *der, size_t len, char **out
 	char who[300], buf[400];
 	int nid, n, rc = -1;
 
-	*out = NULL;
-	*outlen = 0;
-	ERR_clear_error();
-	if (len > SMIME_MAX_SIZE) {
-		set_why(why, whylen, "too large", NULL);
+	if ((cms = open_cms(der, len, out, outlen, why, whylen)) == NULL)
 		return -1;
-	}
-	cms = parse(der, len);
-	if (!cms) {
-		set_why(why, whylen, "corrupt (%s)", ssl_reason("not CMS"));
-		return -1;
-	}
 	nid = OBJ_obj2nid(CMS_get0_type(cms));
 	if (nid != NID_pkcs7_enveloped && nid != NID_id_smime_ct_authEnvelopedData) {
 		set_why(why, whylen, "not enveloped data", NULL);
@@ -430,18 +438,8 @@ smime_unwrap_signed(const void *der, size_t len, char **out, size_t *outlen, cha
 	const unsigned char *d;
 	int n, rc = -1;
 
-	*out = NULL;
-	*outlen = 0;
-	ERR_clear_error();
-	if (len > SMIME_MAX_SIZE) {
-		set_why(why, whylen, "too large", NULL);
+	if ((cms = open_cms(der, len, out, outlen, why, whylen)) == NULL)
 		return -1;
-	}
-	cms = parse(der, len);
-	if (!cms) {
-		set_why(why, whylen, "corrupt (%s)", ssl_reason("not CMS"));
-		return -1;
-	}
 	if (OBJ_obj2nid(CMS_get0_type(cms)) != NID_pkcs7_signed) {
 		set_why(why, whylen, "not signed data", NULL);
 		goto done;

@@ -15,7 +15,6 @@ enum log_level {
 
 /* Set the threshold; lines above it are dropped. */
 void log_set_level(enum log_level level);
-enum log_level log_get_level(void);
 /* Parse "debug|info|notice|warning|error"; -1 when unknown. */
 int log_level_from_name(const char *name);
 /* Print "<N>" prefixes (when stderr goes to journald) or not. */
