@@ -650,6 +650,7 @@ static const struct key mailbox_keys[] = {
 	{"receive", h_enum, M(receive), receive_names},
 	{"poll_interval", h_num, M(m.poll_interval), &poll_num},
 	{"max_message_size", h_num, M(m.max_message_size), &size_num},
+	{"max_decoded_size", h_num, M(m.max_decoded_size), &size_num},
 	{"timeouts", h_map, 0, timeout_keys},
 	{NULL, NULL, 0, NULL},
 };
@@ -999,6 +1000,25 @@ finish_oauth2(struct pctx *c, struct mparse *mp)
 	require(c, m->oauth2.scope, "oauth2.scope", "required for grant client_credentials");
 }
 
+/* A PKCS#12 key readable by others is refused like a secret file. A missing
+ * one is not a configuration error: its messages are saved undecrypted. */
+static void
+check_key_file(struct pctx *c, const char *name)
+{
+	const char *ks = c->l->dp.keystore_directory;
+	char *dir = ks ? xstrdup(ks) : join(c->l->dir, "keys");
+	char *file = xasprintf("%s/%s.p12", dir, name), clean_name[256];
+	yaml_node_t *v = lookup(c, "smime.key_name");
+	struct stat st;
+
+	clean(clean_name, sizeof(clean_name), file);
+	if (stat(file, &st) == 0 && (st.st_mode & S_IROTH) != 0)
+		perr(c, v ? v->start_mark : mark_start, "smime.key_name",
+		     "%s is readable by others (chmod 600)", clean_name);
+	free(file);
+	free(dir);
+}
+
 static void
 finish_mailbox(struct pctx *c, struct mparse *mp)
 {
@@ -1036,6 +1056,8 @@ finish_mailbox(struct pctx *c, struct mparse *mp)
 		finish_oauth2(c, mp);
 	if (mp->kp.kind != SEC_NONE && m->smime.key_name == NULL)
 		perr(c, mp->kp.mark, mp->kp.path, "has no effect without smime.key_name");
+	if (m->smime.key_name != NULL)
+		check_key_file(c, m->smime.key_name);
 	if (m->save_text || m->save_attachments)
 		require(c, m->save_directory, "save_directory",
 			"required when save_text or save_attachments is true");

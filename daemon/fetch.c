@@ -43,6 +43,8 @@ struct fetch {
 	struct evdns_base *dns;
 	struct tls_ctx *tls;
 	struct oauth2_source *oauth2;
+	const struct smime_key *smime_key;
+	const char *smime_unavailable;
 	struct oauth2_request *token_req;
 	char *token; /* the access token of this poll (wiped) */
 	bool token_retried;
@@ -357,7 +359,7 @@ build_meta(struct fetch *f, const char *uid, unsigned long long size, const stru
 	json_object_set_new(o, "to", str_or_null(h->to));
 	json_object_set_new(o, "cc", str_or_null(h->cc));
 	json_object_set_new(o, "subject", str_or_null(h->subject));
-	json_object_set_new(o, "smime", json_string("none"));
+	json_object_set_new(o, "smime", json_string(mr->smime ? mr->smime : "none"));
 	json_t *texts = json_array(), *att = json_array();
 	for (size_t i = 0; i < mr->ntext; i++)
 		json_array_append_new(texts, json_string(mr->text[i]));
@@ -401,10 +403,13 @@ commit_message(struct fetch *f, const struct candidate *c)
 	if (mime_read_headers(store_msg_eml_path(f->msg), &h) < 0)
 		memset(&h, 0, sizeof(h));
 	struct mime_result mr = {0};
-	if (f->mb->save_text || f->mb->save_attachments) {
+	if (f->mb->save_directory != NULL) {
 		struct mime_opts mo = {.save_text = f->mb->save_text,
 				       .save_attachments = f->mb->save_attachments,
-				       .dirfd = store_msg_dirfd(f->msg)};
+				       .dirfd = store_msg_dirfd(f->msg),
+				       .max_decoded = f->mb->max_decoded_size,
+				       .smime_key = f->smime_key,
+				       .smime_unavailable = f->smime_unavailable};
 		/* hostile content is never an error; a disk that fails is */
 		if ((r = mime_extract(store_msg_eml_path(f->msg), &mo, &mr)) < 0) {
 			mime_result_clear(&mr);
@@ -413,6 +418,9 @@ commit_message(struct fetch *f, const struct candidate *c)
 		}
 		if (mr.note != NULL)
 			log_notice(f->mb->id, "message %lu (%s): %s", c->num, c->uid, mr.note);
+		if (mr.smime != NULL && strncmp(mr.smime, "not-", 4) == 0)
+			log_warning(f->mb->id, "message %lu (%s) is saved as it came, %s", c->num,
+				    c->uid, mr.smime);
 	}
 	meta = build_meta(f, c->uid, size, &h, &mr);
 	mime_result_clear(&mr);
@@ -637,6 +645,8 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 	f->mb = mb;
 	f->tls = p->tls;
 	f->oauth2 = p->oauth2;
+	f->smime_key = p->smime_key;
+	f->smime_unavailable = p->smime_unavailable;
 	f->mode = p->mode;
 	f->done = done;
 	f->arg = arg;

@@ -20,6 +20,7 @@
 #include "popfetchd/log.h"
 #include "popfetchd/mime.h"
 #include "popfetchd/oauth2.h"
+#include "popfetchd/smime.h"
 #include "popfetchd/tls.h"
 #include "popfetchd/util.h"
 
@@ -240,6 +241,22 @@ receive_refused(const struct options *o, json_t *errors, const char *line)
 	return EX_CONFIG;
 }
 
+/* A key that cannot be loaded does not stop the poll: its messages are
+ * saved as they came, and meta.json and the log say why. */
+static void
+load_smime_key(const struct conf_set *set, const struct conf_mailbox *mb, struct smime_key **key,
+	       char *why, size_t whylen)
+{
+	char *path = xasprintf("%s/%s.p12", set->keystore_directory, mb->smime.key_name);
+	char err[400];
+
+	if (smime_key_load(path, mb->smime.key_password, key, err, sizeof(err)) < 0) {
+		log_warning(mb->id, "%s: encrypted messages are saved undecrypted", err);
+		snprintf(why, whylen, "the key could not be loaded (%s)", err);
+	}
+	free(path);
+}
+
 static int
 cmd_receive(const struct options *o, enum fetch_mode mode)
 {
@@ -300,7 +317,17 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 				       .timeout = (unsigned)mb->connect_timeout,
 			       });
 	}
-	struct fetch_params fp = {.set = set, .mb = mb, .tls = tls, .oauth2 = src, .mode = mode};
+	struct smime_key *key = NULL;
+	char key_why[512] = "";
+	if (mb->smime.key_name != NULL)
+		load_smime_key(set, mb, &key, key_why, sizeof(key_why));
+	struct fetch_params fp = {.set = set,
+				  .mb = mb,
+				  .tls = tls,
+				  .oauth2 = src,
+				  .smime_key = key,
+				  .smime_unavailable = key_why[0] ? key_why : NULL,
+				  .mode = mode};
 	f = fetch_start(base, dns, &fp, on_fetch_done, base);
 	event_base_dispatch(base);
 	code = fetch_result(f)->exit_code;
@@ -308,6 +335,7 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 	fetch_free(f);
 	oauth2_source_free(src);
 	oauth2_client_free(oauth);
+	smime_key_free(key);
 	free(state_dir);
 	tls_ctx_free(tls);
 	/* run what is still pending (deferred frees) */

@@ -18,6 +18,7 @@
 
 #include "popfetchd/mime.h"
 #include "popfetchd/mime_extract.h"
+#include "popfetchd/smime.h"
 #include "popfetchd/util.h"
 
 #define CHUNK		    65536
@@ -27,6 +28,7 @@
 #define MAX_UNIQUE_ATTEMPTS 10000
 #define EXT_MAX		    32 /* a longer "extension" is not one */
 #define LIMIT_HIT	    1  /* internal: a limit stopped the extraction */
+#define SMIME_LAYERS	    4  /* S/MIME wrappings peeled off, at most */
 
 /* ---- safe names (pure) ---- */
 
@@ -195,6 +197,9 @@ struct ctx {
 	int attfd;
 	bool stopped, have_plain, have_html;
 	int err; /* first local I/O error, -errno */
+	/* S/MIME: the most telling state met, in this order of importance */
+	enum { SM_NONE, SM_SIGNED, SM_DECRYPTED, SM_FAILED } smime;
+	char smime_why[256];
 };
 
 static void add_note(struct ctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -615,6 +620,203 @@ walk(struct ctx *c, GMimeObject *obj, unsigned depth)
 	}
 }
 
+/* ---- S/MIME layers (RFC 8551) ---- */
+
+static void entity(struct ctx *c, GMimeObject *obj, unsigned layer);
+
+static void
+set_smime(struct ctx *c, int state, const char *why)
+{
+	if (state <= (int)c->smime)
+		return;
+	c->smime = state;
+	if (why != NULL)
+		printable(why, c->smime_why, sizeof(c->smime_why));
+}
+
+/* application/pkcs7-mime, its x- spelling, or octet-stream named *.p7m */
+static bool
+is_pkcs7_mime(GMimeObject *obj)
+{
+	char *t;
+	bool yes;
+
+	if (!GMIME_IS_PART(obj))
+		return false;
+	t = mime_type_of(obj);
+	yes = strcmp(t, "application/pkcs7-mime") == 0 ||
+	      strcmp(t, "application/x-pkcs7-mime") == 0;
+	if (!yes && strcmp(t, "application/octet-stream") == 0) {
+		const char *fn = g_mime_part_get_filename(GMIME_PART(obj));
+		size_t n = fn ? strlen(fn) : 0;
+		yes = n > 4 && g_ascii_strcasecmp(fn + n - 4, ".p7m") == 0;
+	}
+	free(t);
+	return yes;
+}
+
+/* The transfer-decoded content of part in memory, at most max bytes.
+ * 0, LIMIT_HIT or -errno. */
+static int
+read_content(struct ctx *c, GMimePart *part, size_t max, char **out, size_t *outlen)
+{
+	GMimeStream *in = decoded_stream(c, part, NULL, "S/MIME");
+	size_t len = 0, cap = 0;
+	char *buf = NULL;
+	int r = 0;
+
+	while (in != NULL) {
+		if (cap - len < CHUNK) {
+			cap = cap ? cap * 2 : 4 * CHUNK;
+			buf = xrealloc(buf, cap);
+		}
+		ssize_t n = g_mime_stream_read(in, buf + len, CHUNK);
+		if (n < 0) {
+			r = errno ? -errno : -EIO;
+			break;
+		}
+		if (n == 0)
+			break;
+		len += (size_t)n;
+		if (len > max) {
+			r = LIMIT_HIT;
+			break;
+		}
+	}
+	if (in != NULL)
+		g_object_unref(in);
+	if (r != 0) {
+		free(buf);
+		return r;
+	}
+	*out = buf;
+	*outlen = len;
+	return 0;
+}
+
+/*
+ * Go on with the MIME entity in data (decrypted or unwrapped; freed here).
+ * It is read from a hidden file in the folder, as the message itself is,
+ * so that its parts are decoded from disk; the file is gone on return.
+ */
+static void
+inner_entity(struct ctx *c, char *data, size_t len, unsigned layer)
+{
+	char name[32];
+	GMimeStream *stream;
+	GMimeParser *parser;
+	GMimeObject *obj;
+	int r, fd;
+
+	snprintf(name, sizeof(name), ".smime-%u.tmp", layer);
+	fd = openat(c->o->dirfd, name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	r = fd < 0 ? -errno : util_write_all(fd, data, len);
+	free(data);
+	if (r == 0 && lseek(fd, 0, SEEK_SET) < 0)
+		r = -errno;
+	if (r < 0) {
+		if (fd >= 0) {
+			close(fd);
+			unlinkat(c->o->dirfd, name, 0);
+		}
+		c->err = r;
+		c->stopped = true;
+		return;
+	}
+	stream = g_mime_stream_fs_new(fd); /* owns fd */
+	parser = g_mime_parser_new_with_stream(stream);
+	g_mime_parser_set_persist_stream(parser, TRUE);
+	obj = g_mime_parser_construct_part(parser, NULL);
+	if (obj == NULL) {
+		add_note(c, "the S/MIME content is not a MIME entity; nothing extracted");
+	} else {
+		entity(c, obj, layer + 1);
+		g_object_unref(obj);
+	}
+	g_object_unref(parser);
+	g_object_unref(stream);
+	unlinkat(c->o->dirfd, name, 0);
+}
+
+static void
+pkcs7(struct ctx *c, GMimePart *part, unsigned layer)
+{
+	const char *type = g_mime_object_get_content_type_parameter(GMIME_OBJECT(part), "smime-type");
+	size_t cap = SMIME_MAX_SIZE, len = 0, outlen = 0;
+	char *der = NULL, *out = NULL, why[256];
+	int r;
+
+	if (cap > c->max_decoded - c->decoded)
+		cap = (size_t)(c->max_decoded - c->decoded);
+	if ((r = read_content(c, part, cap, &der, &len)) < 0) {
+		c->err = r;
+		c->stopped = true;
+		return;
+	}
+	if (r == LIMIT_HIT) {
+		set_smime(c, SM_FAILED, "too large");
+		limit_bytes(c);
+		return;
+	}
+	switch (smime_kind(der, len)) {
+	case SMIME_KIND_ENVELOPED:
+		if (c->o->smime_key == NULL && c->o->smime_unavailable != NULL) {
+			snprintf(why, sizeof(why), "%s", c->o->smime_unavailable);
+			r = -1;
+		} else {
+			r = smime_decrypt(c->o->smime_key, der, len, &out, &outlen, why,
+					  sizeof(why));
+		}
+		free(der);
+		if (r < 0) {
+			set_smime(c, SM_FAILED, why);
+			return;
+		}
+		set_smime(c, SM_DECRYPTED, NULL);
+		inner_entity(c, out, outlen, layer);
+		return;
+	case SMIME_KIND_SIGNED:
+		r = smime_unwrap_signed(der, len, &out, &outlen, why, sizeof(why));
+		free(der);
+		if (r < 0) {
+			char tmp[300];
+			snprintf(tmp, sizeof(tmp), "signed data: %s", why);
+			set_smime(c, SM_FAILED, tmp);
+			return;
+		}
+		set_smime(c, SM_SIGNED, NULL);
+		inner_entity(c, out, outlen, layer);
+		return;
+	default:
+		free(der);
+		if (type != NULL && (g_ascii_strcasecmp(type, "enveloped-data") == 0 ||
+				     g_ascii_strcasecmp(type, "authEnveloped-data") == 0)) {
+			set_smime(c, SM_FAILED, "corrupt (not CMS enveloped data)");
+			return;
+		}
+		/* certs-only, compressed, or not CMS: an attachment like any other */
+		walk(c, GMIME_OBJECT(part), layer);
+	}
+}
+
+/* The entity that holds the content, S/MIME wrappings peeled off first. */
+static void
+entity(struct ctx *c, GMimeObject *obj, unsigned layer)
+{
+	if (c->stopped || obj == NULL)
+		return;
+	if (layer < SMIME_LAYERS && is_pkcs7_mime(obj)) {
+		pkcs7(c, GMIME_PART(obj), layer);
+	} else if (layer < SMIME_LAYERS && GMIME_IS_MULTIPART_SIGNED(obj) &&
+		   g_mime_multipart_get_count(GMIME_MULTIPART(obj)) >= 1) {
+		/* the first part is the content, the second the signature */
+		set_smime(c, SM_SIGNED, NULL);
+		entity(c, g_mime_multipart_get_part(GMIME_MULTIPART(obj), 0), layer + 1);
+	} else {
+		walk(c, obj, layer);
+	}
+}
+
 int
 mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result *ret)
 {
@@ -636,10 +838,6 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 	fd = open(eml_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	if (fd < 0)
 		return -errno;
-	if (!o->save_text && !o->save_attachments) {
-		close(fd);
-		return 0;
-	}
 	c.note = g_string_new(NULL);
 	stream = g_mime_stream_fs_new(fd); /* owns fd */
 	parser = g_mime_parser_new_with_stream(stream);
@@ -648,7 +846,7 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 	if (msg == NULL)
 		add_note(&c, "not a MIME message; nothing extracted");
 	else
-		walk(&c, g_mime_message_get_mime_part(msg), 0);
+		entity(&c, g_mime_message_get_mime_part(msg), 0);
 	if (c.attfd >= 0) {
 		if (fsync(c.attfd) < 0 && c.err == 0)
 			c.err = -errno;
@@ -660,6 +858,9 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 	g_object_unref(stream);
 	if (c.note->len > 0)
 		ret->note = xstrdup(c.note->str);
+	static const char *const state[] = {"none", "signed", "decrypted"};
+	ret->smime = c.smime == SM_FAILED ? xasprintf("not-decrypted: %s", c.smime_why)
+					  : xstrdup(state[c.smime]);
 	g_string_free(c.note, TRUE);
 	return c.err;
 }
@@ -676,5 +877,6 @@ mime_result_clear(struct mime_result *r)
 	}
 	free(r->att);
 	free(r->note);
+	free(r->smime);
 	memset(r, 0, sizeof(*r));
 }

@@ -59,6 +59,7 @@ struct conf_mailbox {
 	enum conf_receive receive;
 	uint64_t poll_interval;	   /* seconds */
 	uint64_t max_message_size; /* bytes, 0 = no limit */
+	uint64_t max_decoded_size; /* bytes written beside message.eml, 0 = the default */
 	uint64_t connect_timeout;  /* seconds */
 	uint64_t command_timeout;  /* seconds */
 };

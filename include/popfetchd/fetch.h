@@ -43,12 +43,15 @@ struct fetch_result {
 typedef void (*fetch_done_cb)(struct fetch *f, void *arg);
 
 struct oauth2_source;
+struct smime_key;
 
 struct fetch_params {
 	const struct conf_set *set;
 	const struct conf_mailbox *mb;
 	struct tls_ctx *tls;	      /* the configuration's TLS context; NULL for tls: none */
 	struct oauth2_source *oauth2; /* its token source, for auth: oauth2 */
+	const struct smime_key *smime_key; /* its S/MIME key, NULL when none */
+	const char *smime_unavailable;	   /* why not, when smime.key_name is set */
 	enum fetch_mode mode;
 };
 

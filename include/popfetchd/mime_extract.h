@@ -28,7 +28,10 @@ struct mime_result {
 	struct mime_attachment *att;
 	size_t natt;
 	char *note; /* limits hit, charset trouble...; NULL when nothing to say */
+	char *smime; /* "none", "decrypted", "signed" or "not-decrypted: REASON" */
 };
+
+struct smime_key;
 
 struct mime_opts {
 	bool save_text, save_attachments;
@@ -36,6 +39,8 @@ struct mime_opts {
 	unsigned max_depth;		/* MIME nesting, MIME_DEFAULT_MAX_DEPTH when 0 */
 	unsigned max_parts;		/* MIME_DEFAULT_MAX_PARTS when 0 */
 	unsigned long long max_decoded; /* total bytes written, MIME_DEFAULT_MAX_DECODED when 0 */
+	const struct smime_key *smime_key; /* NULL: no key to decrypt with */
+	const char *smime_unavailable;	   /* why there is none though one was configured */
 };
 
 /*
@@ -46,6 +51,13 @@ struct mime_opts {
  * save_attachments; a nested message/rfc822 becomes attachments/SUBJECT.eml.
  * Files are created with O_EXCL|O_NOFOLLOW, mode 0640, and fsync'd, as is
  * attachments/ (0750).
+ *
+ * S/MIME (RFC 8551): a top-level application/pkcs7-mime enveloped entity is
+ * decrypted with o->smime_key, signed data and multipart/signed are
+ * unwrapped, and text and attachments come from the entity inside (written
+ * to a hidden file in the folder while it is read, removed before return).
+ * ret->smime says what was found; an entity that cannot be decrypted is
+ * "not-decrypted: REASON" and nothing is extracted from it.
  *
  * Beyond a limit (depth, parts, decoded bytes) extraction stops: what was
  * written completely stays, a partly written file is removed, and ret->note
