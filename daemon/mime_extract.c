@@ -655,72 +655,84 @@ is_pkcs7_mime(GMimeObject *obj)
 	return yes;
 }
 
-/* The transfer-decoded content of part in memory, at most max bytes.
- * 0, LIMIT_HIT or -errno. */
+/*
+ * A scratch file for an S/MIME layer: unnamed (O_TMPFILE) in the message
+ * folder, or named and unlinked at once where the file system cannot do
+ * that. Nothing of it is ever visible, even if the process dies. fd or -errno.
+ */
 static int
-read_content(struct ctx *c, GMimePart *part, size_t max, char **out, size_t *outlen)
+scratch(struct ctx *c)
+{
+	char name[64];
+	int fd = openat(c->o->dirfd, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+
+	if (fd >= 0 || (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL))
+		return fd >= 0 ? fd : -errno;
+	for (unsigned i = 0; i < MAX_UNIQUE_ATTEMPTS; i++) {
+		snprintf(name, sizeof(name), ".smime.%ld.%u", (long)getpid(), i);
+		fd = openat(c->o->dirfd, name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+			    0600);
+		if (fd >= 0) {
+			unlinkat(c->o->dirfd, name, 0);
+			return fd;
+		}
+		if (errno != EEXIST)
+			break;
+	}
+	return -errno;
+}
+
+/* The transfer-decoded content of part into fd, at most max bytes, and
+ * fd rewound. 0, LIMIT_HIT or -errno. */
+static int
+spool(struct ctx *c, GMimePart *part, int fd, unsigned long long max)
 {
 	GMimeStream *in = decoded_stream(c, part, NULL, "S/MIME");
-	size_t len = 0, cap = 0;
-	char *buf = NULL;
+	char *buf = xmalloc(CHUNK);
+	unsigned long long len = 0;
 	int r = 0;
 
 	while (in != NULL) {
-		if (cap - len < CHUNK) {
-			cap = cap ? cap * 2 : 4 * CHUNK;
-			buf = xrealloc(buf, cap);
-		}
-		ssize_t n = g_mime_stream_read(in, buf + len, CHUNK);
+		ssize_t n = g_mime_stream_read(in, buf, CHUNK);
 		if (n < 0) {
 			r = errno ? -errno : -EIO;
 			break;
 		}
 		if (n == 0)
 			break;
-		len += (size_t)n;
-		if (len > max) {
+		if ((len += (size_t)n) > max) {
 			r = LIMIT_HIT;
 			break;
 		}
+		if ((r = util_write_all(fd, buf, (size_t)n)) < 0)
+			break;
 	}
+	free(buf);
 	if (in != NULL)
 		g_object_unref(in);
-	if (r != 0) {
-		free(buf);
-		return r;
-	}
-	*out = buf;
-	*outlen = len;
-	return 0;
+	if (r == 0 && lseek(fd, 0, SEEK_SET) < 0)
+		r = -errno;
+	return r;
 }
 
-/*
- * Go on with the MIME entity in data (decrypted or unwrapped; freed here).
- * It is read from a hidden file in the folder, as the message itself is,
- * so that its parts are decoded from disk; the file is gone on return.
- */
 static void
-inner_entity(struct ctx *c, char *data, size_t len, unsigned layer)
+local_error(struct ctx *c, int r)
 {
-	char name[32];
+	c->err = r;
+	c->stopped = true;
+}
+
+/* Go on with the MIME entity in fd (decrypted or unwrapped; closed here). */
+static void
+inner_entity(struct ctx *c, int fd, unsigned layer)
+{
 	GMimeStream *stream;
 	GMimeParser *parser;
 	GMimeObject *obj;
-	int r, fd;
 
-	snprintf(name, sizeof(name), ".smime-%u.tmp", layer);
-	fd = openat(c->o->dirfd, name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	r = fd < 0 ? -errno : util_write_all(fd, data, len);
-	free(data);
-	if (r == 0 && lseek(fd, 0, SEEK_SET) < 0)
-		r = -errno;
-	if (r < 0) {
-		if (fd >= 0) {
-			close(fd);
-			unlinkat(c->o->dirfd, name, 0);
-		}
-		c->err = r;
-		c->stopped = true;
+	if (lseek(fd, 0, SEEK_SET) < 0) {
+		local_error(c, -errno);
+		close(fd);
 		return;
 	}
 	stream = g_mime_stream_fs_new(fd); /* owns fd */
@@ -735,68 +747,97 @@ inner_entity(struct ctx *c, char *data, size_t len, unsigned layer)
 	}
 	g_object_unref(parser);
 	g_object_unref(stream);
-	unlinkat(c->o->dirfd, name, 0);
 }
 
+static bool
+says_enveloped(GMimePart *part)
+{
+	const char *t = g_mime_object_get_content_type_parameter(GMIME_OBJECT(part), "smime-type");
+
+	return t != NULL && (g_ascii_strcasecmp(t, "enveloped-data") == 0 ||
+			     g_ascii_strcasecmp(t, "authEnveloped-data") == 0);
+}
+
+/*
+ * An application/pkcs7-mime part. Its DER goes to a scratch file, OpenSSL
+ * reads the CMS structure from there (the only copy held in memory), and
+ * the decrypted or unwrapped entity goes to another scratch file that GMime
+ * then parses like the message itself.
+ */
 static void
 pkcs7(struct ctx *c, GMimePart *part, unsigned layer)
 {
-	const char *type = g_mime_object_get_content_type_parameter(GMIME_OBJECT(part), "smime-type");
-	size_t cap = SMIME_MAX_SIZE, len = 0, outlen = 0;
-	char *der = NULL, *out = NULL, why[256];
-	int r;
+	unsigned long long cap = c->max_decoded - c->decoded;
+	struct smime_cms *cms = NULL;
+	char why[256], tmp[300];
+	int r, der, out;
 
-	if (cap > c->max_decoded - c->decoded)
-		cap = (size_t)(c->max_decoded - c->decoded);
-	if ((r = read_content(c, part, cap, &der, &len)) < 0) {
-		c->err = r;
-		c->stopped = true;
+	if (cap > SMIME_MAX_SIZE)
+		cap = SMIME_MAX_SIZE;
+	if ((der = scratch(c)) < 0) {
+		local_error(c, der);
 		return;
 	}
+	r = spool(c, part, der, cap);
+	if (r == 0)
+		r = smime_cms_read(der, &cms, why, sizeof(why));
+	close(der);
 	if (r == LIMIT_HIT) {
 		set_smime(c, SM_FAILED, "too large");
 		limit_bytes(c);
 		return;
 	}
-	switch (smime_kind(der, len)) {
+	if (r < -1) {
+		local_error(c, r);
+		return;
+	}
+	if (r == -1) {
+		if (says_enveloped(part))
+			set_smime(c, SM_FAILED, why);
+		else /* not CMS: an attachment like any other */
+			walk(c, GMIME_OBJECT(part), layer);
+		return;
+	}
+	switch (smime_cms_kind(cms)) {
 	case SMIME_KIND_ENVELOPED:
+	case SMIME_KIND_SIGNED:
+		break;
+	default:
+		/* certs-only, compressed...: an attachment like any other */
+		smime_cms_free(cms);
+		walk(c, GMIME_OBJECT(part), layer);
+		return;
+	}
+	if ((out = scratch(c)) < 0) {
+		smime_cms_free(cms);
+		local_error(c, out);
+		return;
+	}
+	if (smime_cms_kind(cms) == SMIME_KIND_ENVELOPED) {
 		if (c->o->smime_key == NULL && c->o->smime_unavailable != NULL) {
 			snprintf(why, sizeof(why), "%s", c->o->smime_unavailable);
 			r = -1;
 		} else {
-			r = smime_decrypt(c->o->smime_key, der, len, &out, &outlen, why,
-					  sizeof(why));
+			r = smime_cms_decrypt(c->o->smime_key, cms, out, why, sizeof(why));
 		}
-		free(der);
-		if (r < 0) {
-			set_smime(c, SM_FAILED, why);
-			return;
-		}
-		set_smime(c, SM_DECRYPTED, NULL);
-		inner_entity(c, out, outlen, layer);
-		return;
-	case SMIME_KIND_SIGNED:
-		r = smime_unwrap_signed(der, len, &out, &outlen, why, sizeof(why));
-		free(der);
-		if (r < 0) {
-			char tmp[300];
-			snprintf(tmp, sizeof(tmp), "signed data: %s", why);
-			set_smime(c, SM_FAILED, tmp);
-			return;
-		}
-		set_smime(c, SM_SIGNED, NULL);
-		inner_entity(c, out, outlen, layer);
-		return;
-	default:
-		free(der);
-		if (type != NULL && (g_ascii_strcasecmp(type, "enveloped-data") == 0 ||
-				     g_ascii_strcasecmp(type, "authEnveloped-data") == 0)) {
-			set_smime(c, SM_FAILED, "corrupt (not CMS enveloped data)");
-			return;
-		}
-		/* certs-only, compressed, or not CMS: an attachment like any other */
-		walk(c, GMIME_OBJECT(part), layer);
+		snprintf(tmp, sizeof(tmp), "%s", why);
+	} else {
+		r = smime_cms_unwrap_signed(cms, out, why, sizeof(why));
+		snprintf(tmp, sizeof(tmp), "signed data: %s", why);
 	}
+	if (r == 0) {
+		set_smime(c, smime_cms_kind(cms) == SMIME_KIND_ENVELOPED ? SM_DECRYPTED : SM_SIGNED,
+			  NULL);
+		smime_cms_free(cms);
+		inner_entity(c, out, layer);
+		return;
+	}
+	smime_cms_free(cms);
+	close(out);
+	if (r < -1)
+		local_error(c, r);
+	else
+		set_smime(c, SM_FAILED, tmp);
 }
 
 /* The entity that holds the content, S/MIME wrappings peeled off first. */

@@ -13,10 +13,12 @@
  */
 #include <errno.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <openssl/bn.h>
 #include <openssl/cms.h>
@@ -380,25 +382,21 @@ open_cms(const void *der, size_t len, char **out, size_t *outlen, char *why, siz
 	return cms;
 }
 
-int
-smime_decrypt(const struct smime_key *k, const void *der, size_t len, char **out, size_t *outlen,
-	      char *why, size_t whylen)
+/* Decrypt cms into out. 0, or -1 with why. */
+static int
+decrypt_cms(const struct smime_key *k, CMS_ContentInfo *cms, BIO *out, char *why, size_t whylen)
 {
-	CMS_ContentInfo *cms;
-	BIO *b = NULL;
 	char who[300], buf[400];
-	int nid, n, rc = -1;
+	int nid, n;
 
-	if ((cms = open_cms(der, len, out, outlen, why, whylen)) == NULL)
-		return -1;
 	nid = OBJ_obj2nid(CMS_get0_type(cms));
 	if (nid != NID_pkcs7_enveloped && nid != NID_id_smime_ct_authEnvelopedData) {
 		set_why(why, whylen, "not enveloped data", NULL);
-		goto done;
+		return -1;
 	}
 	if (!k) {
 		set_why(why, whylen, "no key configured", NULL);
-		goto done;
+		return -1;
 	}
 	if (!recipient_match(cms, k->cert, who, sizeof(who), &n)) {
 		if (n > 1)
@@ -410,19 +408,57 @@ smime_decrypt(const struct smime_key *k, const void *der, size_t len, char **out
 		else
 			snprintf(buf, sizeof(buf), "not for this key (no recipient)");
 		set_why(why, whylen, buf, NULL);
-		goto done;
+		return -1;
 	}
-	b = BIO_new(BIO_s_mem());
-	if (!b) {
-		set_why(why, whylen, "out of memory", NULL);
-		goto done;
-	}
-	if (!CMS_decrypt(cms, k->pkey, k->cert, NULL, b, CMS_BINARY)) {
+	if (!CMS_decrypt(cms, k->pkey, k->cert, NULL, out, CMS_BINARY)) {
 		set_why(why, whylen, "corrupt (%s)", ssl_reason("decryption failed"));
-		goto done;
+		return -1;
 	}
-	rc = take_bio(b, out, outlen, why, whylen);
-done:
+	return 0;
+}
+
+/* The encapsulated content of signed data, not copied. 0, or -1 with why. */
+static int
+signed_content(CMS_ContentInfo *cms, const unsigned char **data, size_t *len, char *why,
+	       size_t whylen)
+{
+	ASN1_OCTET_STRING **pos;
+	int n;
+
+	if (OBJ_obj2nid(CMS_get0_type(cms)) != NID_pkcs7_signed) {
+		set_why(why, whylen, "not signed data", NULL);
+		return -1;
+	}
+	pos = CMS_get0_content(cms);
+	if (!pos || !*pos) {
+		set_why(why, whylen, "no encapsulated content (detached signature)", NULL);
+		return -1;
+	}
+	n = ASN1_STRING_length(*pos);
+	if (n < 0 || (size_t)n > SMIME_MAX_SIZE) {
+		set_why(why, whylen, "too large", NULL);
+		return -1;
+	}
+	*data = ASN1_STRING_get0_data(*pos);
+	*len = (size_t)n;
+	return 0;
+}
+
+int
+smime_decrypt(const struct smime_key *k, const void *der, size_t len, char **out, size_t *outlen,
+	      char *why, size_t whylen)
+{
+	CMS_ContentInfo *cms;
+	BIO *b = NULL;
+	int rc = -1;
+
+	if ((cms = open_cms(der, len, out, outlen, why, whylen)) == NULL)
+		return -1;
+	b = BIO_new(BIO_s_mem());
+	if (!b)
+		set_why(why, whylen, "out of memory", NULL);
+	else if (decrypt_cms(k, cms, b, why, whylen) == 0)
+		rc = take_bio(b, out, outlen, why, whylen);
 	BIO_free(b);
 	CMS_ContentInfo_free(cms);
 	ERR_clear_error();
@@ -434,39 +470,142 @@ smime_unwrap_signed(const void *der, size_t len, char **out, size_t *outlen, cha
 		    size_t whylen)
 {
 	CMS_ContentInfo *cms;
-	ASN1_OCTET_STRING **pos;
 	const unsigned char *d;
-	int n, rc = -1;
+	size_t n;
+	int rc = -1;
 
 	if ((cms = open_cms(der, len, out, outlen, why, whylen)) == NULL)
 		return -1;
-	if (OBJ_obj2nid(CMS_get0_type(cms)) != NID_pkcs7_signed) {
-		set_why(why, whylen, "not signed data", NULL);
+	if (signed_content(cms, &d, &n, why, whylen) < 0)
 		goto done;
-	}
-	pos = CMS_get0_content(cms);
-	if (!pos || !*pos) {
-		set_why(why, whylen, "no encapsulated content (detached signature)", NULL);
-		goto done;
-	}
-	n = ASN1_STRING_length(*pos);
-	d = ASN1_STRING_get0_data(*pos);
-	if (n < 0 || (size_t)n > SMIME_MAX_SIZE) {
-		set_why(why, whylen, "too large", NULL);
-		goto done;
-	}
-	*out = malloc((size_t)n + 1);
+	*out = malloc(n + 1);
 	if (!*out) {
 		set_why(why, whylen, "out of memory", NULL);
 		goto done;
 	}
 	if (n > 0)
-		memcpy(*out, d, (size_t)n);
+		memcpy(*out, d, n);
 	(*out)[n] = '\0';
-	*outlen = (size_t)n;
+	*outlen = n;
 	rc = 0;
 done:
 	CMS_ContentInfo_free(cms);
 	ERR_clear_error();
 	return rc;
+}
+
+/* ---- from and to files: only the CMS structure is held in memory ---- */
+
+struct smime_cms {
+	CMS_ContentInfo *cms;
+};
+
+int
+smime_cms_read(int fd, struct smime_cms **ret, char *why, size_t whylen)
+{
+	struct stat st;
+	BIO *b;
+	CMS_ContentInfo *cms;
+
+	*ret = NULL;
+	ERR_clear_error();
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if ((unsigned long long)st.st_size > SMIME_MAX_SIZE) {
+		set_why(why, whylen, "too large", NULL);
+		return -1;
+	}
+	if ((b = BIO_new_fd(fd, BIO_NOCLOSE)) == NULL) {
+		set_why(why, whylen, "out of memory", NULL);
+		return -1;
+	}
+	cms = st.st_size > 0 ? d2i_CMS_bio(b, NULL) : NULL;
+	BIO_free(b);
+	if (cms == NULL) {
+		set_why(why, whylen, "corrupt (%s)", ssl_reason("not CMS"));
+		return -1;
+	}
+	*ret = calloc(1, sizeof(**ret));
+	if (*ret == NULL) {
+		CMS_ContentInfo_free(cms);
+		set_why(why, whylen, "out of memory", NULL);
+		return -1;
+	}
+	(*ret)->cms = cms;
+	ERR_clear_error();
+	return 0;
+}
+
+int
+smime_cms_kind(const struct smime_cms *c)
+{
+	switch (OBJ_obj2nid(CMS_get0_type(c->cms))) {
+	case NID_pkcs7_enveloped:
+	case NID_id_smime_ct_authEnvelopedData:
+		return SMIME_KIND_ENVELOPED;
+	case NID_pkcs7_signed:
+		return SMIME_KIND_SIGNED;
+	}
+	return SMIME_KIND_OTHER;
+}
+
+/* A write to the output file failed: a local error, not the message's. */
+static bool
+write_failed(int e)
+{
+	return e == ENOSPC || e == EIO || e == EDQUOT || e == EFBIG || e == EBADF || e == EROFS;
+}
+
+int
+smime_cms_decrypt(const struct smime_key *k, struct smime_cms *c, int out_fd, char *why,
+		  size_t whylen)
+{
+	BIO *b = BIO_new_fd(out_fd, BIO_NOCLOSE);
+	int rc;
+
+	if (!b) {
+		set_why(why, whylen, "out of memory", NULL);
+		return -1;
+	}
+	errno = 0;
+	rc = decrypt_cms(k, c->cms, b, why, whylen);
+	if (rc < 0 && write_failed(errno)) {
+		int e = errno;
+		set_why(why, whylen, "cannot write: %s", strerror(e));
+		rc = -e;
+	}
+	BIO_free(b);
+	ERR_clear_error();
+	return rc;
+}
+
+int
+smime_cms_unwrap_signed(struct smime_cms *c, int out_fd, char *why, size_t whylen)
+{
+	const unsigned char *d;
+	size_t n, done = 0;
+
+	if (signed_content(c->cms, &d, &n, why, whylen) < 0)
+		return -1;
+	while (done < n) {
+		ssize_t w = write(out_fd, d + done, n - done);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0) {
+			int e = errno;
+			set_why(why, whylen, "cannot write: %s", strerror(e));
+			return -e;
+		}
+		done += (size_t)w;
+	}
+	return 0;
+}
+
+void
+smime_cms_free(struct smime_cms *c)
+{
+	if (c == NULL)
+		return;
+	CMS_ContentInfo_free(c->cms);
+	free(c);
 }

@@ -48,4 +48,20 @@ int smime_unwrap_signed(const void *der, size_t len, char **out, size_t *outlen,
  * SMIME_KIND_OTHER (0, also for garbage). */
 int smime_kind(const void *der, size_t len);
 
+/*
+ * The same from and to files, for large mail: only the CMS structure is
+ * held in memory, the content goes straight to out_fd.
+ * smime_cms_read: the DER in fd (read from its current offset): 0, -1 with
+ * why ("corrupt (...)", "too large"), or -errno when fd cannot be read.
+ * smime_cms_decrypt / smime_cms_unwrap_signed: 0, -1 with why (as the
+ * functions above), or -errno when out_fd cannot be written (why says so).
+ */
+struct smime_cms;
+int smime_cms_read(int fd, struct smime_cms **ret, char *why, size_t whylen);
+int smime_cms_kind(const struct smime_cms *c);
+int smime_cms_decrypt(const struct smime_key *k, struct smime_cms *c, int out_fd, char *why,
+		      size_t whylen);
+int smime_cms_unwrap_signed(struct smime_cms *c, int out_fd, char *why, size_t whylen);
+void smime_cms_free(struct smime_cms *c);
+
 #endif

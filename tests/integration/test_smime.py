@@ -276,3 +276,21 @@ def test_decrypted_plaintext_is_not_left_behind(fake_pop3, fake_config, confdir,
     leftovers = [p for p in save.rglob("*") if p.is_file() and not p.is_relative_to(folder)]
     assert leftovers == [], leftovers
     assert not any(p.name.startswith(".smime") for p in save.rglob("*"))
+
+
+def test_encrypted_message_over_the_decoded_ceiling(fake_pop3, fake_config, confdir,
+                                                    run_popfetchd, pki, secret_registry):
+    """The enveloped data is read into memory to be decrypted: max_decoded_size bounds it."""
+    data = message(pki.encrypt(content_entity()))
+    secret_registry.add(P12_PASSWORD)
+    server = fake_pop3([data])
+    config = fake_config(server, max_decoded_size="20k",
+                         smime={"key_name": "alice", "key_password": P12_PASSWORD})
+    res = run_popfetchd(["receive-all", "fake"], confdir=keystore_conf(confdir, config, pki))
+    assert res.returncode == EX_OK
+    folder = Path(res.lines[0])
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["smime"] == "not-decrypted: too large"
+    assert "more than 20480 decoded bytes" in meta["note"]
+    assert_nothing_extracted(folder, meta)
+    assert server.remaining() == []

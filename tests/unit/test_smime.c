@@ -383,6 +383,101 @@ test_garbage(void)
 	smime_key_free(NULL);
 }
 
+/* Everything of a file descriptor's file, from the start. */
+static char *
+read_fd(int fd, size_t *len)
+{
+	char *buf = calloc(1, 65536);
+	ssize_t n = pread(fd, buf, 65535, 0);
+
+	*len = n > 0 ? (size_t)n : 0;
+	return buf;
+}
+
+static void
+test_files(void)
+{
+	struct smime_key *alice = load("alice.p12", "s3cret-alice");
+	struct smime_key *bob = load("bob.p12", "s3cret-bob");
+	struct smime_cms *cms = NULL;
+	char why[512], *got;
+	size_t len;
+	int in, out, full, rc;
+
+	/* decrypted straight into a file */
+	in = open(path("enc.der"), O_RDONLY);
+	CHECK(smime_cms_read(in, &cms, why, sizeof(why)) == 0);
+	close(in);
+	CHECK(cms != NULL && smime_cms_kind(cms) == SMIME_KIND_ENVELOPED);
+	out = open(path("dec.out"), O_RDWR | O_CREAT | O_TRUNC, 0600);
+	CHECK(cms && smime_cms_decrypt(alice, cms, out, why, sizeof(why)) == 0);
+	got = read_fd(out, &len);
+	CHECK(len == sizeof(entity) - 1 && memcmp(got, entity, len) == 0);
+	free(got);
+	close(out);
+
+	/* other recipient and no key: -1 with the same reasons as in memory */
+	rc = smime_cms_decrypt(bob, cms, -1, why, sizeof(why));
+	CHECK(rc == -1 && strstr(why, "not for this key") != NULL);
+	rc = smime_cms_decrypt(NULL, cms, -1, why, sizeof(why));
+	CHECK(rc == -1);
+	CHECK_STR(why, "no key configured");
+
+	/* a full disk is a local error (-ENOSPC), not a corrupt message */
+	full = open("/dev/full", O_WRONLY);
+	if (full >= 0 && cms) {
+		rc = smime_cms_decrypt(alice, cms, full, why, sizeof(why));
+		fprintf(stderr, "decrypt to /dev/full: %d %s\n", rc, why);
+		CHECK(rc == -ENOSPC);
+		CHECK(strstr(why, "cannot write") != NULL);
+	}
+	smime_cms_free(cms);
+	cms = NULL;
+
+	/* signed data unwrapped into a file; to /dev/full: -ENOSPC */
+	in = open(path("signed.der"), O_RDONLY);
+	CHECK(smime_cms_read(in, &cms, why, sizeof(why)) == 0);
+	close(in);
+	CHECK(cms != NULL && smime_cms_kind(cms) == SMIME_KIND_SIGNED);
+	out = open(path("unwrapped.out"), O_RDWR | O_CREAT | O_TRUNC, 0600);
+	CHECK(cms && smime_cms_unwrap_signed(cms, out, why, sizeof(why)) == 0);
+	got = read_fd(out, &len);
+	CHECK(len == sizeof(entity) - 1 && memcmp(got, entity, len) == 0);
+	free(got);
+	close(out);
+	CHECK(cms && smime_cms_decrypt(alice, cms, -1, why, sizeof(why)) == -1);
+	CHECK_STR(why, "not enveloped data");
+	if (full >= 0 && cms)
+		CHECK(smime_cms_unwrap_signed(cms, full, why, sizeof(why)) == -ENOSPC);
+	smime_cms_free(cms);
+	cms = NULL;
+
+	/* detached signature: nothing to unwrap */
+	in = open(path("detached.der"), O_RDONLY);
+	CHECK(smime_cms_read(in, &cms, why, sizeof(why)) == 0);
+	close(in);
+	CHECK(cms && smime_cms_unwrap_signed(cms, -1, why, sizeof(why)) == -1);
+	CHECK(strstr(why, "detached") != NULL);
+	smime_cms_free(cms);
+	cms = NULL;
+
+	/* garbage and an empty file: corrupt, no structure */
+	in = open(path("entity.txt"), O_RDONLY);
+	CHECK(smime_cms_read(in, &cms, why, sizeof(why)) == -1 && cms == NULL);
+	CHECK(strncmp(why, "corrupt", 7) == 0);
+	close(in);
+	in = open(path("empty"), O_RDWR | O_CREAT | O_TRUNC, 0600);
+	CHECK(smime_cms_read(in, &cms, why, sizeof(why)) == -1 && cms == NULL);
+	close(in);
+	/* an unreadable descriptor: -errno */
+	CHECK(smime_cms_read(-1, &cms, why, sizeof(why)) == -EBADF);
+	if (full >= 0)
+		close(full);
+	smime_cms_free(NULL);
+	smime_key_free(alice);
+	smime_key_free(bob);
+}
+
 int
 main(void)
 {
@@ -399,6 +494,7 @@ main(void)
 	test_decrypt();
 	test_signed();
 	test_garbage();
+	test_files();
 	cleanup();
 	CHECK_DONE();
 }
