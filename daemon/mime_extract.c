@@ -6,7 +6,9 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <iconv.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -295,9 +297,9 @@ finish_file(int fd)
 	return r;
 }
 
-/* The decoded content of part, for text converted from charset to UTF-8. */
+/* The transfer-decoded content of part. */
 static GMimeStream *
-decoded_stream(struct ctx *c, GMimePart *part, const char *utf8_from, const char *what)
+decoded_stream(GMimePart *part)
 {
 	GMimeDataWrapper *dw = g_mime_part_get_content(part);
 	GMimeStream *src, *f;
@@ -314,63 +316,208 @@ decoded_stream(struct ctx *c, GMimePart *part, const char *utf8_from, const char
 		g_mime_stream_filter_add(GMIME_STREAM_FILTER(f), d);
 		g_object_unref(d);
 	}
-	if (utf8_from != NULL) {
-		GMimeFilter *cf = g_mime_filter_charset_new(utf8_from, "UTF-8");
-		if (cf != NULL) {
-			g_mime_stream_filter_add(GMIME_STREAM_FILTER(f), cf);
-			g_object_unref(cf);
-		} else {
-			char cs[48];
-			printable(utf8_from, cs, sizeof(cs));
-			add_note(c, "%s: unknown charset \"%s\", written unconverted", what, cs);
-		}
-	}
 	return f;
 }
 
 /*
- * Write the decoded part as name in dfd. 0 (and the size and digest in
- * *s), LIMIT_HIT (nothing left on disk), or -errno.
+ * ---- text to UTF-8, best effort ----
+ *
+ * A stranger's charset label is a hint. Text declared UTF-8, US-ASCII or
+ * nothing is checked, and a byte that is not UTF-8 is read as Windows-1252
+ * (the usual truth of mislabelled mail). Any other charset goes through
+ * iconv; a byte it cannot read becomes U+FFFD. Either way the file is valid
+ * UTF-8 and the note counts what was guessed or replaced.
  */
-static int
-write_part(struct ctx *c, int dfd, const char *name, GMimeStream *in, struct sink *s)
-{
-	int r, fd = openat(dfd, name, FILE_FLAGS, FILE_MODE);
 
-	if (fd < 0)
-		return -errno;
-	s->fd = fd;
-	r = in != NULL ? copy_stream(c, in, s) : 0;
-	if (r != 0) {
-		close(fd);
-		unlinkat(dfd, name, 0);
-		return r;
+/* Windows-1252 0x80..0x9f; the rest of its upper half is Latin-1. */
+static const uint16_t cp1252_high[32] = {
+	0x20ac, 0xfffd, 0x201a, 0x0192, 0x201e, 0x2026, 0x2020, 0x2021, 0x02c6, 0x2030, 0x0160,
+	0x2039, 0x0152, 0xfffd, 0x017d, 0xfffd, 0xfffd, 0x2018, 0x2019, 0x201c, 0x201d, 0x2022,
+	0x2013, 0x2014, 0x02dc, 0x2122, 0x0161, 0x203a, 0x0153, 0xfffd, 0x017e, 0x0178};
+
+struct conv {
+	iconv_t cd;	   /* from the declared charset; (iconv_t)-1: UTF-8, checked */
+	char pend[16];	   /* an incomplete sequence at the end of a chunk */
+	size_t npend;
+	unsigned long bad; /* bytes guessed (UTF-8) or replaced (iconv) */
+};
+
+static void
+put_unichar(GString *out, gunichar u)
+{
+	char b[6];
+
+	g_string_append_len(out, b, g_unichar_to_utf8(u, b));
+}
+
+static void
+conv_utf8(struct conv *v, const char *p, size_t n, bool final, GString *out)
+{
+	size_t i = 0;
+
+	while (i < n) {
+		unsigned char ch = (unsigned char)p[i];
+		if (ch < 0x80) {
+			size_t j = i + 1;
+			while (j < n && (unsigned char)p[j] < 0x80)
+				j++;
+			g_string_append_len(out, p + i, (gssize)(j - i));
+			i = j;
+			continue;
+		}
+		gunichar u = g_utf8_get_char_validated(p + i, (gssize)(n - i));
+		if (u == (gunichar)-2 && !final && n - i < sizeof(v->pend)) {
+			memcpy(v->pend, p + i, n - i);
+			v->npend = n - i;
+			return;
+		}
+		if (u == (gunichar)-1 || u == (gunichar)-2) {
+			put_unichar(out, ch < 0xa0 ? cp1252_high[ch - 0x80] : ch);
+			v->bad++;
+			i++;
+			continue;
+		}
+		size_t len = (size_t)(g_utf8_next_char(p + i) - (p + i));
+		g_string_append_len(out, p + i, (gssize)len);
+		i += len;
 	}
-	return finish_file(fd);
+}
+
+static void
+conv_iconv(struct conv *v, char *p, size_t n, bool final, GString *out)
+{
+	char buf[4096], *o;
+	size_t ol;
+
+	while (n > 0) {
+		o = buf;
+		ol = sizeof(buf);
+		size_t r = iconv(v->cd, &p, &n, &o, &ol);
+		int e = errno;
+		g_string_append_len(out, buf, o - buf);
+		if (r != (size_t)-1 || e == E2BIG)
+			continue;
+		if (e == EINVAL && !final && n < sizeof(v->pend)) {
+			memcpy(v->pend, p, n);
+			v->npend = n;
+			return;
+		}
+		/* EILSEQ, or a sequence cut off at the very end */
+		put_unichar(out, 0xfffd);
+		v->bad++;
+		p++;
+		n--;
+	}
+	if (final) { /* back to the initial shift state */
+		o = buf;
+		ol = sizeof(buf);
+		iconv(v->cd, NULL, NULL, &o, &ol);
+		g_string_append_len(out, buf, o - buf);
+	}
+}
+
+/* Convert one chunk of in (the last when final) onto out. */
+static void
+conv_feed(struct conv *v, const char *in, size_t len, bool final, GString *out)
+{
+	char *p = (char *)in, *joined = NULL;
+	size_t n = len;
+
+	if (v->npend > 0) {
+		joined = xmalloc(v->npend + len);
+		memcpy(joined, v->pend, v->npend);
+		memcpy(joined + v->npend, in, len);
+		p = joined;
+		n = v->npend + len;
+		v->npend = 0;
+	}
+	if (v->cd == (iconv_t)-1)
+		conv_utf8(v, p, n, final, out);
+	else
+		conv_iconv(v, p, n, final, out);
+	free(joined);
+}
+
+static bool
+is_utf8_label(const char *cs)
+{
+	return cs == NULL || *cs == '\0' || g_ascii_strcasecmp(cs, "utf-8") == 0 ||
+	       g_ascii_strcasecmp(cs, "utf8") == 0 || g_ascii_strcasecmp(cs, "us-ascii") == 0 ||
+	       g_ascii_strcasecmp(cs, "ascii") == 0;
+}
+
+/* The decoded body, converted (struct conv), into fd. 0, LIMIT_HIT or -errno. */
+static int
+convert_into(struct ctx *c, GMimeStream *in, struct conv *v, struct sink *s)
+{
+	char *buf = xmalloc(CHUNK);
+	GString *out = g_string_sized_new(CHUNK + CHUNK / 2);
+	bool final = false;
+	int r = 0;
+
+	while (r == 0 && !final) {
+		ssize_t n = in != NULL ? g_mime_stream_read(in, buf, CHUNK) : 0;
+		if (n < 0) {
+			r = errno ? -errno : -EIO;
+			break;
+		}
+		final = n == 0;
+		conv_feed(v, buf, (size_t)n, final, out);
+		r = sink_write(c, s, out->str, out->len);
+		g_string_truncate(out, 0);
+	}
+	g_string_free(out, TRUE);
+	free(buf);
+	return r;
 }
 
 static void
 text_body(struct ctx *c, GMimePart *part, const char *name)
 {
 	const char *cs = g_mime_object_get_content_type_parameter(GMIME_OBJECT(part), "charset");
+	struct conv v = {.cd = (iconv_t)-1};
 	struct sink s = {.fd = -1};
+	bool unknown = false;
+	char label[48];
 	GMimeStream *in;
 	int r;
 
-	if (cs != NULL &&
-	    (g_ascii_strcasecmp(cs, "utf-8") == 0 || g_ascii_strcasecmp(cs, "utf8") == 0 ||
-	     g_ascii_strcasecmp(cs, "us-ascii") == 0 || *cs == '\0'))
-		cs = NULL;
-	in = decoded_stream(c, part, cs, name);
-	r = write_part(c, c->o->dirfd, name, in, &s);
-	if (in != NULL)
-		g_object_unref(in);
+	printable(cs && *cs ? cs : "us-ascii", label, sizeof(label));
+	if (!is_utf8_label(cs) && (v.cd = g_mime_iconv_open("UTF-8", cs)) == (iconv_t)-1)
+		unknown = true;
+	if ((s.fd = openat(c->o->dirfd, name, FILE_FLAGS, FILE_MODE)) < 0) {
+		r = -errno;
+	} else {
+		in = decoded_stream(part);
+		r = convert_into(c, in, &v, &s);
+		if (in != NULL)
+			g_object_unref(in);
+		if (r != 0) {
+			close(s.fd);
+			unlinkat(c->o->dirfd, name, 0);
+		} else {
+			r = finish_file(s.fd);
+		}
+	}
+	if (v.cd != (iconv_t)-1)
+		g_mime_iconv_close(v.cd);
 	if (r < 0) {
 		c->err = r;
 		c->stopped = true;
-	} else if (r == 0) {
-		c->r->text[c->r->ntext++] = xstrdup(name);
+		return;
 	}
+	if (r != 0)
+		return;
+	c->r->text[c->r->ntext++] = xstrdup(name);
+	if (unknown)
+		add_note(c, "%s: unknown charset \"%s\", read as UTF-8 (Windows-1252 where not)",
+			 name, label);
+	else if (v.bad > 0 && v.cd == (iconv_t)-1)
+		add_note(c, "%s: %lu byte(s) not valid in charset \"%s\", read as Windows-1252",
+			 name, v.bad, label);
+	else if (v.bad > 0)
+		add_note(c, "%s: %lu byte(s) invalid in charset \"%s\", replaced by U+FFFD", name,
+			 v.bad, label);
 }
 
 static int
@@ -445,10 +592,14 @@ save_attachment(struct ctx *c, const char *want, const char *original, const cha
 		/* a message part is written out by GMime, then hashed from disk */
 		GMimeStream *out = g_mime_stream_fs_new(fd);
 		g_mime_stream_fs_set_owner(GMIME_STREAM_FS(out), FALSE);
-		r = g_mime_object_write_to_stream(msg, NULL, out) < 0 ||
+		/* GMime writes what it parsed, with the message's CRLF line ends */
+		GMimeFormatOptions *fo = g_mime_format_options_new();
+		g_mime_format_options_set_newline_format(fo, GMIME_NEWLINE_FORMAT_DOS);
+		r = g_mime_object_write_to_stream(msg, fo, out) < 0 ||
 				    g_mime_stream_flush(out) < 0
 			    ? (errno ? -errno : -EIO)
 			    : 0;
+		g_mime_format_options_free(fo);
 		g_object_unref(out);
 		if (r == 0) {
 			int rfd = openat(c->attfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
@@ -512,6 +663,62 @@ decode_name(const char *raw)
 	return xstrdup(raw);
 }
 
+/* header's value with every RFC 2231 "%00" turned into "%5F" ('_'), or
+ * NULL when it has none. */
+static char *
+without_encoded_nul(GMimeObject *obj, const char *header)
+{
+	const char *raw = g_mime_object_get_header(obj, header);
+	GString *g;
+
+	if (raw == NULL || strstr(raw, "%00") == NULL)
+		return NULL;
+	g = g_string_new(NULL);
+	for (const char *p = raw; *p; p++) {
+		if (p[0] == '%' && p[1] == '0' && p[2] == '0') {
+			g_string_append(g, "%5F");
+			p += 2;
+		} else {
+			g_string_append_c(g, *p);
+		}
+	}
+	return g_string_free(g, FALSE);
+}
+
+/*
+ * The part's file name, decoded. GMime decodes RFC 2231 values into C
+ * strings, so an encoded NUL (%00) would cut the name short and drop its
+ * extension; such a header is read again with the NUL as '_', which the
+ * safe name rules would have made of it anyway.
+ */
+static char *
+filename_of(GMimePart *part)
+{
+	GMimeObject *obj = GMIME_OBJECT(part);
+	char *fixed, *name = NULL;
+
+	if ((fixed = without_encoded_nul(obj, "Content-Disposition")) != NULL) {
+		GMimeContentDisposition *d = g_mime_content_disposition_parse(NULL, fixed);
+		const char *fn = d ? g_mime_content_disposition_get_parameter(d, "filename") : NULL;
+		name = decode_name(fn);
+		if (d != NULL)
+			g_object_unref(d);
+		g_free(fixed);
+		fixed = NULL;
+	}
+	GMimeContentDisposition *disp = g_mime_object_get_content_disposition(obj);
+	bool from_type = disp == NULL || g_mime_content_disposition_get_parameter(disp, "filename") == NULL;
+	if (name == NULL && from_type &&
+	    (fixed = without_encoded_nul(obj, "Content-Type")) != NULL) {
+		GMimeContentType *ct = g_mime_content_type_parse(NULL, fixed);
+		name = decode_name(ct ? g_mime_content_type_get_parameter(ct, "name") : NULL);
+		if (ct != NULL)
+			g_object_unref(ct);
+	}
+	g_free(fixed);
+	return name != NULL ? name : decode_name(g_mime_part_get_filename(part));
+}
+
 static char *
 mime_type_of(GMimeObject *obj)
 {
@@ -531,7 +738,7 @@ leaf(struct ctx *c, GMimePart *part)
 	GMimeObject *obj = GMIME_OBJECT(part);
 	GMimeContentDisposition *disp = g_mime_object_get_content_disposition(obj);
 	char *ctype = mime_type_of(obj);
-	char *orig = decode_name(g_mime_part_get_filename(part));
+	char *orig = filename_of(part);
 	bool attachment = orig != NULL || (disp && g_mime_content_disposition_is_attachment(disp));
 
 	if (!attachment && strcmp(ctype, "text/plain") == 0) {
@@ -548,7 +755,7 @@ leaf(struct ctx *c, GMimePart *part)
 		/* a signature is not content; it stays in message.eml */
 	} else if (c->o->save_attachments) {
 		char want[MIME_NAME_MAX + 1];
-		GMimeStream *in = decoded_stream(c, part, NULL, "attachment");
+		GMimeStream *in = decoded_stream(part);
 		mime_safe_name(orig, ctype, (unsigned)c->r->natt + 1, want, sizeof(want));
 		save_attachment(c, want, orig, ctype, in, NULL);
 		if (in != NULL)
@@ -581,6 +788,10 @@ message_part(struct ctx *c, GMimeMessagePart *mp)
 	/* SUBJECT.eml; without a subject the file name, then attachment-N.eml */
 	if (subject != NULL) {
 		char *tmp = xasprintf("%s.eml", subject);
+		/* a subject is not a path: "Re: A/B" keeps both sides */
+		for (char *p = tmp; *p; p++)
+			if (*p == '/' || *p == '\\')
+				*p = '_';
 		mime_safe_name(tmp, "message/rfc822", (unsigned)c->r->natt + 1, want, sizeof(want));
 		free(tmp);
 	} else {
@@ -685,9 +896,9 @@ scratch(struct ctx *c)
 /* The transfer-decoded content of part into fd, at most max bytes, and
  * fd rewound. 0, LIMIT_HIT or -errno. */
 static int
-spool(struct ctx *c, GMimePart *part, int fd, unsigned long long max)
+spool(GMimePart *part, int fd, unsigned long long max)
 {
-	GMimeStream *in = decoded_stream(c, part, NULL, "S/MIME");
+	GMimeStream *in = decoded_stream(part);
 	char *buf = xmalloc(CHUNK);
 	unsigned long long len = 0;
 	int r = 0;
@@ -778,7 +989,7 @@ pkcs7(struct ctx *c, GMimePart *part, unsigned layer)
 		local_error(c, der);
 		return;
 	}
-	r = spool(c, part, der, cap);
+	r = spool(part, der, cap);
 	if (r == 0)
 		r = smime_cms_read(der, &cms, why, sizeof(why));
 	close(der);

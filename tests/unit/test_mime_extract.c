@@ -294,10 +294,12 @@ nested(void)
 	CHECK(res.ntext == 1 && res.natt == 1);
 	check_file("text.txt", "see attached");
 	if (res.natt == 1) {
-		CHECK_STR(res.att[0].name, "x.eml");
+		/* a subject is not a path: the slashes are replaced, not followed */
+		CHECK_STR(res.att[0].name, "Re_ inner_.._x.eml");
+		CHECK_STR(res.att[0].original_name, "Re: inner/../x");
 		CHECK_STR(res.att[0].content_type, "message/rfc822");
 		size_t n;
-		char *e = slurp("attachments/x.eml", &n);
+		char *e = slurp("attachments/Re_ inner_.._x.eml", &n);
 		CHECK(e != NULL && strstr(e, "inner body") != NULL);
 		if (e)
 			check_sha(&res.att[0], e, n);
@@ -326,6 +328,53 @@ charsets(void)
 	CHECK(res.ntext == 1);
 	check_file("text.txt", "abc\r\n");
 	CHECK(res.note != NULL && strstr(res.note, "x-bogus") != NULL);
+
+	/* bodies over one 64 KiB read, with characters cut at every read
+	 * boundary: nothing is lost or replaced there */
+	const char *head[] = {"Content-Type: text/plain; charset=utf-8\n"
+			      "Content-Transfer-Encoding: 8bit\n\n",
+			      "Content-Type: text/plain; charset=shift_jis\n"
+			      "Content-Transfer-Encoding: 8bit\n\n",
+			      "Content-Type: text/plain; charset=iso-2022-jp\n\n"};
+	const char *unit[] = {"\xe3\x81\x82", "\x82\xa0", NULL};
+	for (int k = 0; k < 3; k++) {
+		for (int shift = 0; shift < 3; shift++) {
+			GString *m = g_string_new(head[k]), *want = g_string_new(NULL);
+			for (int i = 0; i < shift; i++)
+				g_string_append_c(m, 'x'), g_string_append_c(want, 'x');
+			if (k == 2)
+				g_string_append(m, "\x1b$B");
+			for (int i = 0; i < 50000; i++) {
+				g_string_append(m, k == 2 ? "$\"" : unit[k]);
+				g_string_append(want, "\xe3\x81\x82"); /* HIRAGANA A */
+			}
+			if (k == 2)
+				g_string_append(m, "\x1b(B");
+			g_string_append(m, "\n");
+			g_string_append(want, "\r\n");
+			CHECK(extract(m->str) == 0);
+			check_file("text.txt", want->str);
+			CHECK_STR(res.note, NULL);
+			g_string_free(m, TRUE);
+			g_string_free(want, TRUE);
+		}
+	}
+
+	/* mislabelled: bytes that are not UTF-8 read as Windows-1252, noted */
+	CHECK(extract("Content-Type: text/plain; charset=utf-8\n"
+		      "Content-Transfer-Encoding: 8bit\n\ncaf\xe9 \x93q\x94 \xe2\x82\xac\n") == 0);
+	check_file("text.txt", "café \xe2\x80\x9cq\xe2\x80\x9d €\r\n");
+	CHECK(res.note != NULL && strstr(res.note, "3 byte(s) not valid in charset") != NULL);
+	/* no charset at all: the same */
+	CHECK(extract("Content-Type: text/plain\n\nna\xefve\n") == 0);
+	check_file("text.txt", "naïve\r\n");
+	/* invalid in a known charset: U+FFFD, noted */
+	CHECK(extract("Content-Type: text/plain; charset=shift_jis\n\n\x82\xa0\xfd!\n") == 0);
+	check_file("text.txt", "\xe3\x81\x82\xef\xbf\xbd!\r\n");
+	CHECK(res.note != NULL && strstr(res.note, "replaced by U+FFFD") != NULL);
+	/* a sequence cut off by the end of the body */
+	CHECK(extract("Content-Type: text/plain; charset=utf-8\n\nend \xe3\x81") == 0);
+	check_file("text.txt", "end \xc3\xa3\xef\xbf\xbd"); /* 0x81: none in 1252 */
 }
 
 static void
