@@ -66,6 +66,7 @@ struct secret {
 struct dparse {
 	char *state_directory, *keystore_directory;
 	unsigned max_sessions; /* 0: unset */
+	uint64_t stop_timeout; /* 0: unset */
 	int log_level;	       /* -1: unset */
 	struct defaults {
 		char *server, *user, *tls_ca_file;
@@ -671,6 +672,7 @@ static const struct key daemon_keys[] = {
 	{"state_directory", h_str, D(state_directory), &absolute_check},
 	{"keystore_directory", h_str, D(keystore_directory), &absolute_check},
 	{"max_sessions", h_num, D(max_sessions), &sessions_num},
+	{"stop_timeout", h_num, D(stop_timeout), &timeout_num},
 	{"log_level", h_loglevel, D(log_level), NULL},
 	{"defaults", h_map, 0, defaults_keys},
 	{NULL, NULL, 0, NULL},
@@ -1183,6 +1185,7 @@ build_set(struct loader *l)
 	set->keystore_directory =
 		dp->keystore_directory ? xstrdup(dp->keystore_directory) : join(l->dir, "keys");
 	set->max_sessions = dp->max_sessions ? dp->max_sessions : 64;
+	set->stop_timeout = dp->stop_timeout ? (unsigned)dp->stop_timeout : 60;
 	set->log_level_set = dp->log_level >= 0;
 	set->log_level = set->log_level_set ? dp->log_level : LOG_LVL_INFO;
 	set->mailboxes = xcalloc(l->n_mbx, sizeof(*set->mailboxes));

@@ -67,6 +67,7 @@ struct fetch {
 	char **deleted_uids; /* UIDLs the server accepted a DELE for */
 	size_t ndeleted_uids;
 	bool listing_done;
+	bool stopping; /* fetch_stop(): QUIT after the message in hand */
 	struct event *done_ev;
 
 	struct fetch_result res;
@@ -132,8 +133,9 @@ finish(struct fetch *f)
 	/* the lock is released now: the next poll may start at once */
 	store_close(f->store);
 	f->store = NULL;
-	log_info(f->mb->id, "%zu saved, %zu already received, %zu deleted%s", f->res.nsaved,
-		 f->res.skipped, f->res.deleted, f->res.exit_code ? " (with errors)" : "");
+	log_msg(f->res.nsaved || f->res.deleted || f->res.exit_code ? LOG_LVL_INFO : LOG_LVL_DEBUG,
+		f->mb->id, "%zu saved, %zu already received, %zu deleted%s", f->res.nsaved,
+		f->res.skipped, f->res.deleted, f->res.exit_code ? " (with errors)" : "");
 	static const struct timeval zero = {0, 0};
 
 	evtimer_add(f->done_ev, &zero);
@@ -199,7 +201,7 @@ next_message(struct fetch *f)
 	struct candidate *c;
 	int r;
 
-	if (f->next >= f->ncand) {
+	if (f->next >= f->ncand || f->stopping) {
 		pop3_quit(f->pop3);
 		return;
 	}
@@ -691,6 +693,36 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 	}
 	start_session(f);
 	return f;
+}
+
+void
+fetch_stop(struct fetch *f)
+{
+	if (f->finished || f->stopping)
+		return;
+	f->stopping = true;
+	if (f->pop3 != NULL && f->listing_done)
+		return; /* next_message() sends QUIT once the message in hand is saved */
+	/* not logged in yet (or waiting for a token): nothing to finish */
+	if (f->pop3 != NULL)
+		pop3_abort(f->pop3);
+	add_error(f, "%s: stopped before the session began", f->where);
+	set_exit(f, EX_TEMPFAIL);
+	finish(f);
+}
+
+void
+fetch_abort(struct fetch *f, const char *why)
+{
+	if (f->finished)
+		return;
+	if (f->pop3 != NULL)
+		pop3_abort(f->pop3);
+	set_exit(f, EX_TEMPFAIL);
+	add_error(f, "%s: %s: the session was ended without QUIT; nothing it marked for deletion "
+		     "is deleted",
+		  f->where, why);
+	finish(f);
 }
 
 const struct fetch_result *

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,7 +20,10 @@
 #include "popfetchd/fetch.h"
 #include "popfetchd/log.h"
 #include "popfetchd/mime.h"
+#include "popfetchd/notify.h"
 #include "popfetchd/oauth2.h"
+#include "popfetchd/runtime.h"
+#include "popfetchd/scheduler.h"
 #include "popfetchd/smime.h"
 #include "popfetchd/tls.h"
 #include "popfetchd/util.h"
@@ -209,6 +213,189 @@ print_result(const struct options *o, const struct conf_mailbox *mb, const struc
 	json_decref(out);
 }
 
+/* ---- the daemon ---- */
+
+#define RELOAD_SETTLE  200 /* ms: a burst of SIGHUPs is one reload */
+
+struct daemon {
+	const struct options *o;
+	struct event_base *base;
+	struct scheduler *sched;
+	struct event *sig_hup, *sig_term, *sig_int, *reload, *watchdog;
+	bool stopping;
+	unsigned stop_timeout; /* of the set in force */
+	char reload_error[400]; /* the last reload that was refused, "" when none */
+	char status[1024];
+};
+
+static void
+update_status(void *arg)
+{
+	struct daemon *d = arg;
+	struct sched_stats st;
+	char line[1024];
+	int n;
+
+	if (d->sched == NULL)
+		return;
+	scheduler_stats(d->sched, &st);
+	n = snprintf(line, sizeof(line),
+		     "%s%zu configuration(s), %zu session(s) running, %zu queued, %llu message(s) "
+		     "saved since start, %zu failing",
+		     d->stopping ? "stopping: " : "", st.configurations, st.running, st.queued,
+		     st.saved, st.failing);
+	if (st.failing > 0 && st.last_error[0] && n > 0 && (size_t)n < sizeof(line))
+		n += snprintf(line + n, sizeof(line) - (size_t)n, "; last error: %s",
+			      st.last_error);
+	if (d->reload_error[0] && n > 0 && (size_t)n < sizeof(line))
+		snprintf(line + n, sizeof(line) - (size_t)n,
+			 "; reload refused, still running the previous configuration: %s",
+			 d->reload_error);
+	if (strcmp(line, d->status) != 0) {
+		snprintf(d->status, sizeof(d->status), "%s", line);
+		notify_status(line);
+	}
+}
+
+static void
+do_reload(evutil_socket_t fd, short what, void *arg)
+{
+	struct daemon *d = arg;
+	struct conf_errors errs = {0};
+	struct conf_set *set = NULL;
+
+	(void)fd;
+	(void)what;
+	if (d->stopping)
+		return;
+	notify_reloading();
+	log_info(NULL, "reloading %s", d->o->confdir);
+	if (conf_load(d->o->confdir, &set, &errs) < 0) {
+		for (size_t i = 0; i < errs.n; i++)
+			log_error(NULL, "%s", errs.lines[i]);
+		log_error(NULL, "reload refused: %zu configuration error(s); the previous "
+				"configuration keeps running",
+			  errs.n);
+		snprintf(d->reload_error, sizeof(d->reload_error), "%zu error(s), first: %s",
+			 errs.n, errs.n ? errs.lines[0] : "?");
+	} else {
+		d->reload_error[0] = '\0';
+		if (d->o->verbosity == 0)
+			log_set_level(set->log_level_set ? (enum log_level)set->log_level
+							 : LOG_LVL_INFO);
+		log_info(NULL, "reloaded: %zu configuration(s)", set->n_mailboxes);
+		d->stop_timeout = set->stop_timeout;
+		scheduler_swap(d->sched, set);
+	}
+	conf_errors_clear(&errs);
+	d->status[0] = '\0';
+	update_status(d);
+	notify_ready(d->status);
+}
+
+static void
+on_hup(evutil_socket_t fd, short what, void *arg)
+{
+	struct daemon *d = arg;
+	struct timeval settle = {0, RELOAD_SETTLE * 1000};
+
+	(void)fd;
+	(void)what;
+	if (!d->stopping && !evtimer_pending(d->reload, NULL))
+		evtimer_add(d->reload, &settle);
+}
+
+static void
+on_stopped(void *arg)
+{
+	struct daemon *d = arg;
+
+	event_base_loopbreak(d->base);
+}
+
+static void
+on_term(evutil_socket_t fd, short what, void *arg)
+{
+	struct daemon *d = arg;
+
+	(void)what;
+	if (d->stopping)
+		return;
+	d->stopping = true;
+	log_info(NULL, "%s: stopping", fd == SIGINT ? "SIGINT" : "SIGTERM");
+	notify_stopping();
+	evtimer_del(d->reload);
+	scheduler_stop(d->sched, d->stop_timeout, on_stopped, d);
+	update_status(d);
+}
+
+static void
+on_watchdog(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	(void)arg;
+	notify_watchdog();
+}
+
+static int
+cmd_run(const struct options *o)
+{
+	struct daemon d = {.o = o};
+	struct conf_set *set = load(o, NULL);
+	struct evdns_base *dns;
+	uint64_t wd;
+
+	if (set == NULL) {
+		notify_status("configuration errors: see the log");
+		return EX_CONFIG;
+	}
+	if (set->n_mailboxes == 0)
+		log_warning(NULL, "no configurations in %s/conf.d: idle until a reload brings some",
+			    o->confdir);
+	d.base = event_base_new();
+	if (d.base == NULL)
+		abort();
+	dns = evdns_base_new(d.base,
+			     EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+	if (dns == NULL)
+		dns = evdns_base_new(d.base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+	d.sig_hup = evsignal_new(d.base, SIGHUP, on_hup, &d);
+	d.sig_term = evsignal_new(d.base, SIGTERM, on_term, &d);
+	d.sig_int = evsignal_new(d.base, SIGINT, on_term, &d);
+	d.reload = evtimer_new(d.base, do_reload, &d);
+	d.watchdog = event_new(d.base, -1, EV_PERSIST, on_watchdog, &d);
+	if (!d.sig_hup || !d.sig_term || !d.sig_int || !d.reload || !d.watchdog)
+		abort();
+	evsignal_add(d.sig_hup, NULL);
+	evsignal_add(d.sig_term, NULL);
+	evsignal_add(d.sig_int, NULL);
+	if ((wd = notify_watchdog_usec()) > 0) {
+		struct timeval half = {(time_t)(wd / 2000000), (suseconds_t)(wd / 2 % 1000000)};
+		event_add(d.watchdog, &half);
+	}
+	log_info(NULL, "popfetchd %s: %zu configuration(s) in %s, at most %u session(s) at once",
+		 POPFETCHD_VERSION, set->n_mailboxes, o->confdir, set->max_sessions);
+	d.stop_timeout = set->stop_timeout;
+	d.sched = scheduler_new(d.base, dns, set, update_status, &d);
+	update_status(&d);
+	notify_ready(d.status);
+	event_base_dispatch(d.base);
+	/* the polls' leftovers (freed from the loop), then the rest */
+	event_base_loop(d.base, EVLOOP_NONBLOCK);
+	scheduler_free(d.sched);
+	event_base_loop(d.base, EVLOOP_NONBLOCK);
+	event_free(d.sig_hup);
+	event_free(d.sig_term);
+	event_free(d.sig_int);
+	event_free(d.reload);
+	event_free(d.watchdog);
+	evdns_base_free(dns, 0);
+	event_base_free(d.base);
+	log_info(NULL, "stopped");
+	return 0;
+}
+
 static void
 libevent_log(int severity, const char *msg)
 {
@@ -241,22 +428,6 @@ receive_refused(const struct options *o, json_t *errors, const char *line)
 	return EX_CONFIG;
 }
 
-/* A key that cannot be loaded does not stop the poll: its messages are
- * saved as they came, and meta.json and the log say why. */
-static void
-load_smime_key(const struct conf_set *set, const struct conf_mailbox *mb, struct smime_key **key,
-	       char *why, size_t whylen)
-{
-	char *path = xasprintf("%s/%s.p12", set->keystore_directory, mb->smime.key_name);
-	char err[400];
-
-	if (smime_key_load(path, mb->smime.key_password, key, err, sizeof(err)) < 0) {
-		log_warning(mb->id, "%s: encrypted messages are saved undecrypted", err);
-		snprintf(why, whylen, "the key could not be loaded (%s)", err);
-	}
-	free(path);
-}
-
 static int
 cmd_receive(const struct options *o, enum fetch_mode mode)
 {
@@ -265,11 +436,10 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 	const struct conf_mailbox *mb;
 	struct event_base *base;
 	struct evdns_base *dns;
+	struct oauth2_client *oauth;
+	struct fetch_params fp;
+	struct runtime rt;
 	struct fetch *f;
-	struct tls_ctx *tls = NULL;
-	struct oauth2_client *oauth = NULL;
-	struct oauth2_source *src = NULL;
-	char *state_dir = NULL;
 	char why[512];
 	int code;
 
@@ -280,64 +450,28 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 		conf_set_free(set);
 		return receive_refused(o, NULL, why);
 	}
-	if (mb->tls != CONF_TLS_NONE) {
-		struct tls_params tp = {.ca_file = mb->tls_ca_file,
-					.verify = mb->tls_verify,
-					.has_fingerprint = mb->has_fingerprint};
-		memcpy(tp.fingerprint, mb->tls_fingerprint, sizeof(tp.fingerprint));
-		if (tls_ctx_new(&tp, &tls, why, sizeof(why)) < 0) {
-			fprintf(stderr, "popfetchd: %s: %s (%s)\n", mb->id, why, mb->file);
-			conf_set_free(set);
-			return receive_refused(o, NULL, why);
-		}
-	}
 	base = event_base_new();
 	if (base == NULL)
 		abort();
-	state_dir = xasprintf("%s/%s", set->state_directory, mb->id);
 	dns = evdns_base_new(base,
 			     EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
 	if (dns == NULL)
 		dns = evdns_base_new(base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
-	if (mb->auth == CONF_AUTH_OAUTH2) {
-		oauth = oauth2_client_new(base);
-		src = oauth2_source_new(
-			oauth, &(struct oauth2_params){
-				       .id = mb->id,
-				       .token_endpoint = mb->oauth2.token_endpoint,
-				       .client_id = mb->oauth2.client_id,
-				       .client_secret = mb->oauth2.client_secret,
-				       .scope = mb->oauth2.scope,
-				       .grant = mb->oauth2.grant == CONF_GRANT_REFRESH_TOKEN
-							? OAUTH2_GRANT_REFRESH_TOKEN
-							: OAUTH2_GRANT_CLIENT_CREDENTIALS,
-				       .refresh_token_file = mb->oauth2.refresh_token_file,
-				       .ca_file = mb->oauth2.ca_file,
-				       .state_dir = state_dir,
-				       .timeout = (unsigned)mb->connect_timeout,
-			       });
+	oauth = mb->auth == CONF_AUTH_OAUTH2 ? oauth2_client_new(base) : NULL;
+	if (runtime_init(&rt, set, mb, oauth, false, why, sizeof(why)) < 0) {
+		fprintf(stderr, "popfetchd: %s: %s (%s)\n", mb->id, why, mb->file);
+		code = receive_refused(o, NULL, why);
+		f = NULL;
+	} else {
+		runtime_fetch_params(&rt, mode, &fp);
+		f = fetch_start(base, dns, &fp, on_fetch_done, base);
+		event_base_dispatch(base);
+		code = fetch_result(f)->exit_code;
+		print_result(o, mb, fetch_result(f));
 	}
-	struct smime_key *key = NULL;
-	char key_why[512] = "";
-	if (mb->smime.key_name != NULL)
-		load_smime_key(set, mb, &key, key_why, sizeof(key_why));
-	struct fetch_params fp = {.set = set,
-				  .mb = mb,
-				  .tls = tls,
-				  .oauth2 = src,
-				  .smime_key = key,
-				  .smime_unavailable = key_why[0] ? key_why : NULL,
-				  .mode = mode};
-	f = fetch_start(base, dns, &fp, on_fetch_done, base);
-	event_base_dispatch(base);
-	code = fetch_result(f)->exit_code;
-	print_result(o, mb, fetch_result(f));
 	fetch_free(f);
-	oauth2_source_free(src);
+	runtime_clear(&rt);
 	oauth2_client_free(oauth);
-	smime_key_free(key);
-	free(state_dir);
-	tls_ctx_free(tls);
 	/* run what is still pending (deferred frees) */
 	event_base_loop(base, EVLOOP_NONBLOCK);
 	evdns_base_free(dns, 0);
@@ -422,6 +556,8 @@ main(int argc, char **argv)
 		return cmd_receive(&o, FETCH_ONE);
 	if (strcmp(o.command, "receive-all") == 0)
 		return cmd_receive(&o, FETCH_ALL);
+	if (strcmp(o.command, "run") == 0)
+		return cmd_run(&o);
 	if (strcmp(o.command, "run") == 0 || strcmp(o.command, "test") == 0) {
 		fprintf(stderr,
 			"popfetchd: \"%s\" is not available in this build yet: use receive or "

@@ -60,6 +60,13 @@ struct fetch_params {
  * must live until then. */
 struct fetch *fetch_start(struct event_base *base, struct evdns_base *dns,
 			  const struct fetch_params *p, fetch_done_cb done, void *arg);
+/* The daemon is stopping: no further RETR. A session in its message loop
+ * saves the message in hand, then QUITs (so its deletions commit); one not
+ * logged in yet ends at once. done() follows as usual. */
+void fetch_stop(struct fetch *f);
+/* End now, without QUIT (nothing is deleted; the message in hand is not
+ * kept): the stop took too long. done() follows. */
+void fetch_abort(struct fetch *f, const char *why);
 const struct fetch_result *fetch_result(const struct fetch *f);
 void fetch_free(struct fetch *f);
 

@@ -307,6 +307,25 @@ class _Conn:
         self.sock.close()
 
 
+class Meter:
+    """Counts connections open at once across the servers that share it
+    (FakePOP3(meter=...)): `current`, and `peak` since it was made."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.current = self.peak = self.total = 0
+
+    def enter(self):
+        with self._lock:
+            self.current += 1
+            self.total += 1
+            self.peak = max(self.peak, self.current)
+
+    def leave(self):
+        with self._lock:
+            self.current -= 1
+
+
 @dataclasses.dataclass
 class SessionRecord:
     """What happened in one connection."""
@@ -364,7 +383,7 @@ class FakePOP3:
     def __init__(self, messages=(), *, script=None, scripts=None, user="fakeuser",
                  password="fakepass", sasl=(), capabilities=None, uidls=None,
                  crlf=True, apop=False, tls_context=None, stls_context=None, hook=None,
-                 scram_iterations=4096, sasl_faults=()):
+                 scram_iterations=4096, sasl_faults=(), meter=None):
         """messages: bytes (LF is turned into CRLF unless crlf=False) or
         (uidl, bytes) pairs; uidls: explicit UIDLs; script/scripts: scripted
         mode (scripts[i] serves connection i, the last one the rest);
@@ -380,7 +399,9 @@ class FakePOP3:
           "bad-server-signature"  SCRAM's server-final "v=" does not verify
           "bad-channel-binding"   the server expects other channel-binding
                                   data (as if a man in the middle ran TLS)
-        Each AUTH is recorded in SessionRecord.sasl (SaslExchange)."""
+        Each AUTH is recorded in SessionRecord.sasl (SaslExchange);
+        meter: a Meter counting this server's open connections."""
+        self.meter = meter
         self.user, self.password, self.apop = user, password, apop
         self.sasl = [m.upper() for m in sasl]
         self.scram_iterations, self.sasl_faults = scram_iterations, set(sasl_faults)
@@ -485,6 +506,14 @@ class FakePOP3:
         """True if the client sent a command matching the pattern."""
         return self.count(pattern, session) > 0
 
+    def add(self, data, uidl=None):
+        """Put one more message into the maildrop (as new mail arrives)."""
+        with self._lock:
+            [m] = self._make_mailbox([(uidl, data)], None, True)
+            if uidl is None:
+                m.uidl = f"fake-add-{len(self.mailbox)}-{hashlib.sha256(m.data).hexdigest()[:12]}"
+            self.mailbox.append(m)
+
     def remaining(self):
         """The messages still on the server (bytes, as served)."""
         with self._lock:
@@ -515,6 +544,8 @@ class FakePOP3:
             self._threads.append(t)
 
     def _serve(self, conn, record):
+        if self.meter:
+            self.meter.enter()
         try:
             if self.tls_context:
                 try:
@@ -532,6 +563,8 @@ class FakePOP3:
             raise
         finally:
             conn.close()
+            if self.meter:
+                self.meter.leave()
             with self._lock:
                 if self._locked_by is record:
                     self._locked_by = None

@@ -1,0 +1,96 @@
+/*
+ * runtime — a configuration's TLS context, OAuth2 token source and S/MIME
+ * key (see runtime.h).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "popfetchd/config.h"
+#include "popfetchd/log.h"
+#include "popfetchd/oauth2.h"
+#include "popfetchd/runtime.h"
+#include "popfetchd/smime.h"
+#include "popfetchd/tls.h"
+#include "popfetchd/util.h"
+
+/* A key that cannot be loaded does not stop the polls: its messages are
+ * saved as they came, and meta.json and the log say why. */
+static void
+load_smime_key(struct runtime *rt)
+{
+	const struct conf_mailbox *mb = rt->mb;
+	char *path = xasprintf("%s/%s.p12", rt->set->keystore_directory, mb->smime.key_name);
+	char err[400];
+
+	if (smime_key_load(path, mb->smime.key_password, &rt->smime_key, err, sizeof(err)) < 0) {
+		log_warning(mb->id, "%s: encrypted messages are saved undecrypted", err);
+		snprintf(rt->smime_why, sizeof(rt->smime_why), "the key could not be loaded (%s)",
+			 err);
+	}
+	free(path);
+}
+
+int
+runtime_init(struct runtime *rt, const struct conf_set *set, const struct conf_mailbox *mb,
+	     struct oauth2_client *oauth, bool keep_fresh, char *why, size_t whylen)
+{
+	memset(rt, 0, sizeof(*rt));
+	rt->set = set;
+	rt->mb = mb;
+	if (mb->tls != CONF_TLS_NONE) {
+		struct tls_params tp = {.ca_file = mb->tls_ca_file,
+					.verify = mb->tls_verify,
+					.has_fingerprint = mb->has_fingerprint};
+		memcpy(tp.fingerprint, mb->tls_fingerprint, sizeof(tp.fingerprint));
+		if (tls_ctx_new(&tp, &rt->tls, why, whylen) < 0)
+			return -1;
+	}
+	rt->state_dir = xasprintf("%s/%s", set->state_directory, mb->id);
+	if (mb->auth == CONF_AUTH_OAUTH2 && oauth != NULL) {
+		struct oauth2_params op = {
+			.id = mb->id,
+			.token_endpoint = mb->oauth2.token_endpoint,
+			.client_id = mb->oauth2.client_id,
+			.client_secret = mb->oauth2.client_secret,
+			.scope = mb->oauth2.scope,
+			.grant = mb->oauth2.grant == CONF_GRANT_REFRESH_TOKEN
+					 ? OAUTH2_GRANT_REFRESH_TOKEN
+					 : OAUTH2_GRANT_CLIENT_CREDENTIALS,
+			.refresh_token_file = mb->oauth2.refresh_token_file,
+			.ca_file = mb->oauth2.ca_file,
+			.state_dir = rt->state_dir,
+			.timeout = (unsigned)mb->connect_timeout,
+		};
+		rt->oauth2 = oauth2_source_new(oauth, &op);
+		if (keep_fresh)
+			oauth2_source_keep_fresh(rt->oauth2, true);
+	}
+	if (mb->smime.key_name != NULL)
+		load_smime_key(rt);
+	return 0;
+}
+
+void
+runtime_clear(struct runtime *rt)
+{
+	oauth2_source_free(rt->oauth2);
+	smime_key_free(rt->smime_key);
+	tls_ctx_free(rt->tls);
+	free(rt->state_dir);
+	memset(rt, 0, sizeof(*rt));
+}
+
+void
+runtime_fetch_params(const struct runtime *rt, enum fetch_mode mode, struct fetch_params *fp)
+{
+	*fp = (struct fetch_params){
+		.set = rt->set,
+		.mb = rt->mb,
+		.tls = rt->tls,
+		.oauth2 = rt->oauth2,
+		.smime_key = rt->smime_key,
+		.smime_unavailable = rt->smime_why[0] ? rt->smime_why : NULL,
+		.mode = mode,
+	};
+}

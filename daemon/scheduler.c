@@ -1,0 +1,521 @@
+/*
+ * scheduler — timers, backoff, the session limit and the reload swap (see
+ * scheduler.h).
+ *
+ * A configuration set is shared by reference: every job's current settings
+ * (a struct cfg: the mailbox, its TLS context, token source and S/MIME key)
+ * hold the set they come from, and so does a running poll through the cfg
+ * it began with. A reload swaps the jobs' cfgs; an old set is freed when the
+ * last poll that uses it ends.
+ */
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "popfetchd/config.h"
+#include "popfetchd/fetch.h"
+#include "popfetchd/log.h"
+#include "popfetchd/oauth2.h"
+#include "popfetchd/runtime.h"
+#include "popfetchd/scheduler.h"
+#include "popfetchd/util.h"
+
+struct setref {
+	struct conf_set *set;
+	unsigned refs;
+};
+
+struct cfg {
+	unsigned refs;
+	struct setref *sr;
+	const struct conf_mailbox *mb;
+	struct runtime rt;
+	bool broken; /* its runtime could not be built: not polled */
+};
+
+struct job {
+	struct scheduler *s;
+	char *id;
+	struct cfg *cfg;     /* for the next poll */
+	struct cfg *running; /* what the running poll uses */
+	struct fetch *fetch;
+	struct event *timer;
+	unsigned failures;
+	bool queued, removed, seen;
+	TAILQ_ENTRY(job) all;
+	TAILQ_ENTRY(job) queue;
+};
+
+TAILQ_HEAD(jobs, job);
+
+struct scheduler {
+	struct event_base *base;
+	struct evdns_base *dns;
+	struct oauth2_client *oauth;
+	struct setref *current;
+	struct jobs jobs, queue;
+	size_t nrunning, nqueued, max_sessions;
+	unsigned long long saved;
+	char last_error[400];
+	uint64_t rng;
+	sched_changed_cb changed;
+	void *arg;
+	bool stopping;
+	struct event *grace;
+	void (*stopped)(void *arg);
+	void *stopped_arg;
+};
+
+static void pump(struct scheduler *s);
+static void on_grace(evutil_socket_t fd, short what, void *arg);
+
+/* ---- helpers ---- */
+
+static double
+rnd(struct scheduler *s)
+{
+	/* splitmix64: jitter needs spread, not secrecy */
+	uint64_t z = (s->rng += 0x9e3779b97f4a7c15ULL);
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	z ^= z >> 31;
+	return (double)(z >> 11) / (double)(1ULL << 53);
+}
+
+static void
+arm(struct job *j, double seconds)
+{
+	struct timeval tv;
+
+	if (seconds < 0)
+		seconds = 0;
+	tv.tv_sec = (time_t)seconds;
+	tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
+	evtimer_add(j->timer, &tv);
+}
+
+static void
+changed(struct scheduler *s)
+{
+	if (s->changed != NULL)
+		s->changed(s->arg);
+}
+
+static struct setref *
+setref_new(struct conf_set *set)
+{
+	struct setref *sr = xcalloc(1, sizeof(*sr));
+
+	sr->set = set;
+	sr->refs = 1;
+	return sr;
+}
+
+static void
+setref_unref(struct setref *sr)
+{
+	if (sr != NULL && --sr->refs == 0) {
+		conf_set_free(sr->set);
+		free(sr);
+	}
+}
+
+static struct cfg *
+cfg_new(struct scheduler *s, struct setref *sr, const struct conf_mailbox *mb)
+{
+	struct cfg *c = xcalloc(1, sizeof(*c));
+	char why[512];
+
+	c->refs = 1;
+	c->sr = sr;
+	sr->refs++;
+	c->mb = mb;
+	if (runtime_init(&c->rt, sr->set, mb, s->oauth, true, why, sizeof(why)) < 0) {
+		log_error(mb->id, "%s (%s): not polled until this is fixed and reloaded", why,
+			  mb->file);
+		snprintf(s->last_error, sizeof(s->last_error), "%s: %.300s", mb->id, why);
+		c->broken = true;
+	}
+	return c;
+}
+
+static struct cfg *
+cfg_ref(struct cfg *c)
+{
+	c->refs++;
+	return c;
+}
+
+static void
+cfg_unref(struct cfg *c)
+{
+	if (c != NULL && --c->refs == 0) {
+		runtime_clear(&c->rt);
+		setref_unref(c->sr);
+		free(c);
+	}
+}
+
+/* ---- jobs ---- */
+
+static void
+dequeue(struct job *j)
+{
+	if (j->queued) {
+		TAILQ_REMOVE(&j->s->queue, j, queue);
+		j->queued = false;
+		j->s->nqueued--;
+	}
+}
+
+static void
+job_free(struct job *j)
+{
+	dequeue(j);
+	TAILQ_REMOVE(&j->s->jobs, j, all);
+	event_free(j->timer);
+	cfg_unref(j->cfg);
+	free(j->id);
+	free(j);
+}
+
+static void on_fetch_done(struct fetch *f, void *arg);
+
+static void
+start(struct job *j)
+{
+	struct scheduler *s = j->s;
+	struct fetch_params fp;
+
+	j->running = cfg_ref(j->cfg);
+	runtime_fetch_params(&j->running->rt,
+			     j->running->mb->receive == CONF_RECEIVE_ONE ? FETCH_ONE : FETCH_ALL,
+			     &fp);
+	s->nrunning++;
+	log_debug(j->id, "poll starts (%zu of %zu sessions)", s->nrunning, s->max_sessions);
+	j->fetch = fetch_start(s->base, s->dns, &fp, on_fetch_done, j);
+}
+
+/* Start queued polls while there are free session slots. */
+static void
+pump(struct scheduler *s)
+{
+	struct job *j;
+
+	while (!s->stopping && s->nrunning < s->max_sessions && (j = TAILQ_FIRST(&s->queue))) {
+		dequeue(j);
+		start(j);
+	}
+}
+
+static void
+on_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct job *j = arg;
+	struct scheduler *s = j->s;
+
+	(void)fd;
+	(void)what;
+	if (s->stopping || j->removed || j->fetch != NULL || j->queued || j->cfg->broken)
+		return;
+	TAILQ_INSERT_TAIL(&s->queue, j, queue);
+	j->queued = true;
+	s->nqueued++;
+	pump(s);
+	changed(s);
+}
+
+/* Seconds to the next poll after one that ended with r. */
+static double
+next_delay(struct job *j, const struct fetch_result *r)
+{
+	double interval = (double)j->cfg->mb->poll_interval, cap, d;
+
+	if (r->exit_code == 0) {
+		j->failures = 0;
+		return interval;
+	}
+	j->failures++;
+	cap = interval > SCHED_MAX_BACKOFF ? interval : SCHED_MAX_BACKOFF;
+	d = interval;
+	for (unsigned i = 0; i < j->failures && d < cap; i++)
+		d *= 2;
+	if (d > cap)
+		d = cap;
+	d *= 0.75 + 0.25 * rnd(j->s); /* failing configurations do not retry in step */
+	if (r->login_delay > d)
+		d = r->login_delay;
+	return d;
+}
+
+struct reap {
+	struct fetch *f;
+	struct cfg *cfg;
+};
+
+/* A poll's leftovers are freed from the loop, not from its own callback. */
+static void
+reap_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct reap *r = arg;
+
+	(void)fd;
+	(void)what;
+	fetch_free(r->f);
+	cfg_unref(r->cfg);
+	free(r);
+}
+
+static void
+on_fetch_done(struct fetch *f, void *arg)
+{
+	struct job *j = arg;
+	struct scheduler *s = j->s;
+	const struct fetch_result *r = fetch_result(f);
+	struct reap *rp = xmalloc(sizeof(*rp));
+	static const struct timeval zero = {0, 0};
+
+	s->nrunning--;
+	s->saved += r->nsaved;
+	if (r->exit_code != 0) {
+		snprintf(s->last_error, sizeof(s->last_error), "%s: %s", j->id,
+			 r->nerrors > 0 ? r->errors[0] : "failed");
+		for (size_t i = 0; i < r->nerrors; i++)
+			log_error(j->id, "%s", r->errors[i]);
+	}
+	if (!s->stopping && !j->removed) {
+		double d = next_delay(j, r);
+		if (r->exit_code != 0)
+			log_notice(j->id, "poll failed (exit %d): next try in %.0f s", r->exit_code, d);
+		arm(j, d);
+	}
+	rp->f = f;
+	rp->cfg = j->running;
+	j->fetch = NULL;
+	j->running = NULL;
+	if (event_base_once(s->base, -1, EV_TIMEOUT, reap_cb, rp, &zero) < 0)
+		abort();
+	if (j->removed)
+		job_free(j);
+	pump(s);
+	changed(s);
+	if (s->stopping && s->nrunning == 0 && s->stopped != NULL) {
+		void (*done)(void *) = s->stopped;
+		s->stopped = NULL;
+		event_del(s->grace);
+		done(s->stopped_arg);
+	}
+}
+
+static struct job *
+find(struct scheduler *s, const char *id)
+{
+	struct job *j;
+
+	TAILQ_FOREACH(j, &s->jobs, all)
+		if (!j->removed && strcmp(j->id, id) == 0)
+			return j;
+	return NULL;
+}
+
+static void
+add_job(struct scheduler *s, struct cfg *c)
+{
+	struct job *j = xcalloc(1, sizeof(*j));
+
+	j->s = s;
+	j->id = xstrdup(c->mb->id);
+	j->cfg = c;
+	j->seen = true;
+	j->timer = evtimer_new(s->base, on_timer, j);
+	if (j->timer == NULL)
+		abort();
+	TAILQ_INSERT_TAIL(&s->jobs, j, all);
+	/* first polls spread over the first interval, never all at once */
+	arm(j, rnd(s) * (double)c->mb->poll_interval);
+}
+
+/* Make the jobs match set: the heart of start-up and reload alike. */
+static void
+apply(struct scheduler *s, struct conf_set *set)
+{
+	struct setref *sr = setref_new(set);
+	struct job *j, *next;
+
+	TAILQ_FOREACH(j, &s->jobs, all)
+		j->seen = false;
+	for (size_t i = 0; i < set->n_mailboxes; i++) {
+		const struct conf_mailbox *mb = set->mailboxes[i];
+		if (!mb->active)
+			continue;
+		struct cfg *c = cfg_new(s, sr, mb);
+		if ((j = find(s, mb->id)) != NULL) {
+			/* takes effect at its next poll; a running one keeps its own */
+			cfg_unref(j->cfg);
+			j->cfg = c;
+			j->seen = true;
+			if (c->broken)
+				dequeue(j);
+		} else {
+			add_job(s, c);
+		}
+	}
+	for (j = TAILQ_FIRST(&s->jobs); j != NULL; j = next) {
+		next = TAILQ_NEXT(j, all);
+		if (j->seen || j->removed)
+			continue;
+		log_info(j->id, "removed from the configuration%s",
+			 j->fetch ? ": its running session finishes first" : "");
+		evtimer_del(j->timer);
+		dequeue(j);
+		if (j->fetch != NULL)
+			j->removed = true;
+		else
+			job_free(j);
+	}
+	setref_unref(s->current);
+	s->current = sr;
+	s->max_sessions = set->max_sessions;
+	pump(s);
+}
+
+/* ---- the interface ---- */
+
+struct scheduler *
+scheduler_new(struct event_base *base, struct evdns_base *dns, struct conf_set *set,
+	      sched_changed_cb changed_cb, void *arg)
+{
+	struct scheduler *s = xcalloc(1, sizeof(*s));
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	s->rng = (uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 32) ^ (uint64_t)ts.tv_sec;
+	s->base = base;
+	s->dns = dns;
+	s->changed = changed_cb;
+	s->arg = arg;
+	s->oauth = oauth2_client_new(base);
+	s->grace = evtimer_new(base, on_grace, s);
+	if (s->grace == NULL)
+		abort();
+	TAILQ_INIT(&s->jobs);
+	TAILQ_INIT(&s->queue);
+	apply(s, set);
+	return s;
+}
+
+void
+scheduler_swap(struct scheduler *s, struct conf_set *set)
+{
+	if (s->stopping) {
+		conf_set_free(set);
+		return;
+	}
+	apply(s, set);
+	changed(s);
+}
+
+static void
+on_grace(evutil_socket_t fd, short what, void *arg)
+{
+	struct scheduler *s = arg;
+	struct job *j;
+
+	(void)fd;
+	(void)what;
+	TAILQ_FOREACH(j, &s->jobs, all)
+		if (j->fetch != NULL) {
+			log_warning(j->id, "still running at the end of the stop grace time: ended "
+					   "without QUIT");
+			fetch_abort(j->fetch, "the daemon is stopping");
+		}
+}
+
+static void
+stopped_now(evutil_socket_t fd, short what, void *arg)
+{
+	struct scheduler *s = arg;
+	void (*done)(void *) = s->stopped;
+
+	(void)fd;
+	(void)what;
+	if (done != NULL) {
+		s->stopped = NULL;
+		done(s->stopped_arg);
+	}
+}
+
+void
+scheduler_stop(struct scheduler *s, unsigned grace, void (*done)(void *arg), void *arg)
+{
+	struct job *j;
+	struct timeval tv = {grace, 0};
+	static const struct timeval zero = {0, 0};
+
+	s->stopping = true;
+	s->stopped = done;
+	s->stopped_arg = arg;
+	TAILQ_FOREACH(j, &s->jobs, all) {
+		evtimer_del(j->timer);
+		dequeue(j);
+	}
+	if (s->nrunning == 0) {
+		if (event_base_once(s->base, -1, EV_TIMEOUT, stopped_now, s, &zero) < 0)
+			abort();
+		return;
+	}
+	log_info(NULL, "stopping: %zu session(s) finish the message in hand (at most %u s)",
+		 s->nrunning, grace);
+	evtimer_add(s->grace, &tv);
+	TAILQ_FOREACH(j, &s->jobs, all)
+		if (j->fetch != NULL)
+			fetch_stop(j->fetch);
+	changed(s);
+}
+
+void
+scheduler_stats(const struct scheduler *s, struct sched_stats *st)
+{
+	const struct job *j;
+
+	memset(st, 0, sizeof(*st));
+	TAILQ_FOREACH(j, &s->jobs, all) {
+		if (j->removed)
+			continue;
+		st->configurations++;
+		if (j->failures > 0 || j->cfg->broken)
+			st->failing++;
+	}
+	st->running = s->nrunning;
+	st->queued = s->nqueued;
+	st->saved = s->saved;
+	snprintf(st->last_error, sizeof(st->last_error), "%s", s->last_error);
+}
+
+void
+scheduler_free(struct scheduler *s)
+{
+	struct job *j;
+
+	if (s == NULL)
+		return;
+	while ((j = TAILQ_FIRST(&s->jobs)) != NULL) {
+		if (j->fetch != NULL) {
+			fetch_free(j->fetch);
+			cfg_unref(j->running);
+		}
+		job_free(j);
+	}
+	setref_unref(s->current);
+	event_free(s->grace);
+	oauth2_client_free(s->oauth);
+	free(s);
+}

@@ -1,0 +1,41 @@
+/*
+ * runtime — what one configuration needs to be polled besides its settings:
+ * its TLS context, its OAuth2 token source and its S/MIME key, built once
+ * and shared by every poll of it (receive builds one, the daemon one per
+ * configuration and reload).
+ */
+#ifndef POPFETCHD_RUNTIME_H
+#define POPFETCHD_RUNTIME_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "popfetchd/fetch.h"
+
+struct conf_set;
+struct conf_mailbox;
+struct oauth2_client;
+
+struct runtime {
+	const struct conf_set *set;
+	const struct conf_mailbox *mb;
+	struct tls_ctx *tls;	      /* NULL for tls: none */
+	struct oauth2_source *oauth2; /* for auth: oauth2 */
+	struct smime_key *smime_key;  /* NULL when none, or it could not be loaded */
+	char smime_why[512];	      /* why not, when smime.key_name is set */
+	char *state_dir;	      /* state_directory/ID */
+};
+
+/*
+ * Build it. oauth may be NULL when mb does not use OAuth2; keep_fresh
+ * refreshes the token in the background (the daemon). An S/MIME key that
+ * cannot be loaded is logged and noted, not an error. 0, or -1 with why
+ * (the TLS context cannot be built: a bad tls_ca_file).
+ */
+int runtime_init(struct runtime *rt, const struct conf_set *set, const struct conf_mailbox *mb,
+		 struct oauth2_client *oauth, bool keep_fresh, char *why, size_t whylen);
+void runtime_clear(struct runtime *rt);
+/* The parameters of a poll with it. */
+void runtime_fetch_params(const struct runtime *rt, enum fetch_mode mode, struct fetch_params *fp);
+
+#endif

@@ -1,0 +1,414 @@
+"""The daemon (`popfetchd run`, DESIGN.md §5): scheduling against real and
+fake servers, the sd_notify conversation with systemd (a NOTIFY_SOCKET the
+test owns), reload on SIGHUP, and the graceful stop on SIGTERM."""
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import mailgen
+from conftest import SANITIZER_MARKERS, _popfetchd_env
+from fakepop3 import Meter, Trickle
+
+EX_OK = 0
+
+
+# --------------------------------------------------------------------------
+# the systemd side: a notify socket, a running daemon
+
+
+class NotifySocket:
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET; every
+    datagram is kept as (monotonic time, {FIELD: value})."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+            with self._lock:
+                self.messages.append((time.monotonic(), fields))
+
+    def events(self):
+        """The messages as event names, in order: READY, RELOADING, STOPPING,
+        WATCHDOG, or STATUS for a message that only carries a status."""
+        out = []
+        with self._lock:
+            for _, f in self.messages:
+                kinds = [k for k in ("RELOADING", "READY", "STOPPING", "WATCHDOG") if k in f]
+                out.extend(kinds or ["STATUS"])
+        return out
+
+    def fields(self, name):
+        with self._lock:
+            return [f for _, f in self.messages if name in f]
+
+    def status(self):
+        with self._lock:
+            for _, f in reversed(self.messages):
+                if "STATUS" in f:
+                    return f["STATUS"]
+        return None
+
+    def close(self):
+        self._stop.set()
+        self.sock.close()
+        self._thread.join(2)
+
+
+def wait_for(predicate, timeout=30, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+class Daemon:
+    """`popfetchd -c DIR run` in the background, talking to a NotifySocket."""
+
+    def __init__(self, binary, confdir, notify, env=None, args=()):
+        self.log = Path(confdir) / "daemon.log"
+        self.logf = open(self.log, "w")
+        extra = {"NOTIFY_SOCKET": notify.path, **(env or {})}
+        self.proc = subprocess.Popen([binary, "-c", str(confdir), *args, "run"],
+                                     stdout=self.logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=_popfetchd_env(extra))
+        self.notify = notify
+
+    @property
+    def output(self):
+        return self.log.read_text(errors="replace")
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait_ready(self, count=1, timeout=20):
+        wait_for(lambda: self.notify.events().count("READY") >= count, timeout,
+                 f"READY=1 #{count}\n{self.output}")
+
+    def stop(self, timeout=30):
+        """SIGTERM and wait: the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"the daemon did not stop within {timeout} s after SIGTERM:\n"
+                        f"{self.output}")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.logf.close()
+
+
+@pytest.fixture
+def daemon(popfetchd_bin, tmp_path, secret_registry):
+    """Factory: daemon(confdir, env=None, args=()) -> a running Daemon.
+
+    At teardown it is killed if still running, its output is scanned for
+    secrets and sanitizer reports."""
+    started = []
+
+    def start(confdir, env=None, args=()):
+        notify = NotifySocket(tmp_path / f"notify{len(started)}.sock")
+        d = Daemon(popfetchd_bin, confdir, notify, env=env, args=args)
+        started.append(d)
+        return d
+    yield start
+    for d in started:
+        d.close()
+        d.notify.close()
+        out = d.output
+        secret_registry.record("popfetchd run", out)
+        for marker in SANITIZER_MARKERS:
+            assert marker not in out, f"sanitizer report in the daemon's output:\n{out}"
+
+
+def saved_folders(save_dir):
+    return sorted(p for p in Path(save_dir).iterdir() if not p.name.startswith("."))
+
+
+def messages(n, seed, size=3000):
+    return [m.data for m in mailgen.generate_messages(n, size, seed=seed)]
+
+
+# --------------------------------------------------------------------------
+# sd_notify
+
+
+def test_notify_sequence(fake_pop3, fake_config, confdir, daemon):
+    """READY=1 once loaded (with STATUS), WATCHDOG=1 at half the interval,
+    RELOADING=1 with MONOTONIC_USEC then READY=1 on SIGHUP, STOPPING=1 on
+    SIGTERM, exit 0 — in that order."""
+    server = fake_pop3(messages(2, seed=301))
+    cd = confdir(fake_config(server, poll_interval="1s"))
+    d = daemon(cd, env={"WATCHDOG_USEC": "400000"})
+    d.wait_ready()
+    wait_for(lambda: d.notify.events().count("WATCHDOG") >= 3, 10, "three WATCHDOG=1")
+    wait_for(lambda: len(server.remaining()) == 0, 20, "the messages fetched")
+    d.signal(signal.SIGHUP)
+    d.wait_ready(2)
+    assert d.stop() == EX_OK, d.output
+    events = [e for e in d.notify.events() if e not in ("WATCHDOG", "STATUS")]
+    print("notify sequence:", events)
+    assert events == ["READY", "RELOADING", "READY", "STOPPING"], d.notify.messages
+    [reloading] = d.notify.fields("RELOADING")
+    assert int(reloading["MONOTONIC_USEC"]) > 0
+    ready = d.notify.fields("READY")
+    assert all("STATUS" in f for f in ready)
+    assert "1 configuration(s)" in ready[0]["STATUS"]
+    assert "2 message(s) saved since start" in d.notify.status() or \
+        "2 message(s) saved since start" in ready[-1]["STATUS"]
+    # the watchdog keeps its rhythm: 400 ms interval, a ping every ~200 ms
+    times = [t for t, f in d.notify.messages if "WATCHDOG" in f]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert max(gaps[:5]) < 0.6, gaps
+
+
+def test_no_watchdog_unless_asked(fake_pop3, fake_config, confdir, daemon):
+    server = fake_pop3([])
+    d = daemon(confdir(fake_config(server, poll_interval="1s")))
+    d.wait_ready()
+    time.sleep(1.2)
+    assert d.stop() == EX_OK
+    assert "WATCHDOG" not in d.notify.events()
+
+
+def test_invalid_configuration_at_start_exits_78(fake_pop3, fake_config, confdir, daemon):
+    server = fake_pop3([])
+    cd = confdir(fake_config(server, poll_interval="soon"))
+    d = daemon(cd)
+    assert d.proc.wait(20) == 78
+    assert "poll_interval" in d.output and str(cd.files["fake"]) in d.output
+    assert "READY" not in d.notify.events()
+
+
+# --------------------------------------------------------------------------
+# scheduling
+
+
+def test_polls_deliver_everything_and_later_mail(dovecot, dovecot_config, confdir, daemon,
+                                                 fake_pop3, fake_config):
+    """Three configurations on one Dovecot, polled every second: all mail
+    arrives, mail delivered later arrives at the next poll, an inactive
+    configuration is never contacted."""
+    boxes = [dovecot.mailbox(dovecot.add_user()) for _ in range(3)]
+    configs = []
+    for i, box in enumerate(boxes):
+        box.deliver(*messages(5, seed=310 + i))
+        configs.append(dovecot_config(box, id=f"dv{i}", poll_interval="1s"))
+    never = fake_pop3(messages(1, seed=319))
+    configs.append(fake_config(never, id="sleeping", status="inactive", poll_interval="1s"))
+    cd = confdir(*configs)
+    d = daemon(cd)
+    d.wait_ready()
+    saves = [c["save_directory"] for c in configs[:3]]
+    wait_for(lambda: all(len(saved_folders(s)) == 5 for s in saves), 30, "15 messages saved")
+    assert all(b.count() == 0 for b in boxes)
+    boxes[1].deliver(*messages(2, seed=318))
+    wait_for(lambda: len(saved_folders(saves[1])) == 7, 15, "later mail saved")
+    wait_for(lambda: "17 message(s) saved since start" in (d.notify.status() or ""), 10,
+             "the status to count 17")
+    assert "3 configuration(s)" in d.notify.status()
+    assert d.stop() == EX_OK
+    assert never.sessions == [], "an inactive configuration was contacted"
+    for b in boxes:
+        b.reset()
+
+
+def test_max_sessions_bounds_concurrent_sessions(fake_pop3, fake_config, confdir, daemon):
+    """Ten configurations, max_sessions: 2, slow servers: never more than two
+    sessions open at once (counted by the servers), and all mail arrives."""
+    meter = Meter()
+    servers, configs = [], []
+    for i in range(10):
+        srv = fake_pop3(messages(2, seed=320 + i), meter=meter)
+        srv.inject("RETR", Trickle(delay=0.02, chunk=400), times=2)
+        servers.append(srv)
+        configs.append(fake_config(srv, id=f"slow{i}", poll_interval="1s"))
+    d = daemon(confdir(*configs, daemon={"max_sessions": 2}))
+    d.wait_ready()
+    wait_for(lambda: all(not s.remaining() for s in servers), 60, "all 20 messages fetched")
+    assert d.stop() == EX_OK
+    print(f"peak concurrent sessions: {meter.peak} of {meter.total}")
+    assert meter.peak <= 2, meter.peak
+    assert meter.peak == 2, "the limit was never reached: the test proves nothing"
+    for c in configs:
+        assert len(saved_folders(c["save_directory"])) == 2
+
+
+def test_failing_configuration_backs_off(fake_pop3, fake_config, confdir, daemon):
+    """A server refusing the password is not hammered every second: the
+    retries spread out (1 s interval: 2 s, 4 s... with jitter), and the
+    STATUS names it as failing with its error."""
+    server = fake_pop3([], password="other")
+    d = daemon(confdir(fake_config(server, poll_interval="1s", password="wrongpass1")))
+    d.wait_ready()
+    time.sleep(6)
+    n = len(server.sessions)
+    assert d.stop() == EX_OK
+    # without backoff: ~6 sessions; with it: 1 (t~0.5), 2 (+1.5..2), 3 (+3..4)
+    assert 1 <= n <= 4, n
+    status = [f["STATUS"] for f in d.notify.fields("STATUS")]
+    assert any("1 failing" in s and "last error: fake:" in s for s in status), status
+
+
+# --------------------------------------------------------------------------
+# reload
+
+
+def test_reload_adds_removes_and_changes(fake_pop3, fake_config, confdir, daemon, tmp_path):
+    a = fake_pop3(messages(1, seed=330))
+    b = fake_pop3(messages(1, seed=331))
+    c = fake_pop3(messages(2, seed=332))
+    ca, cb = fake_config(a, id="a", poll_interval="1s"), fake_config(b, id="b", poll_interval="1s")
+    cd = confdir(ca, cb)
+    d = daemon(cd)
+    d.wait_ready()
+    wait_for(lambda: not a.remaining() and not b.remaining(), 20, "a and b fetched")
+    # change a (a new save directory), remove b, add c
+    new_save = tmp_path / "a-moved"
+    new_save.mkdir()
+    cd.add({**ca, "save_directory": str(new_save)})
+    os.unlink(cd.files["b"])
+    cd.add(fake_config(c, id="c", poll_interval="1s"))
+    d.signal(signal.SIGHUP)
+    d.wait_ready(2)
+    b_sessions = len(b.sessions)
+    a.add(messages(1, seed=333)[0])
+    b.add(messages(1, seed=334)[0])
+    wait_for(lambda: not c.remaining(), 20, "c fetched")
+    wait_for(lambda: len(saved_folders(new_save)) == 1, 20, "a's new mail in its new folder")
+    time.sleep(2.5)
+    assert d.stop() == EX_OK
+    assert len(b.sessions) <= b_sessions + 1 and len(b.remaining()) == 1, "b still polled"
+    assert len(saved_folders(ca["save_directory"])) == 1
+    assert "2 configuration(s)" in d.notify.status()
+
+
+def test_broken_file_on_reload_keeps_the_old_set(fake_pop3, fake_config, confdir, daemon):
+    a = fake_pop3(messages(1, seed=340))
+    ca = fake_config(a, id="a", poll_interval="1s")
+    cd = confdir(ca)
+    d = daemon(cd)
+    d.wait_ready()
+    wait_for(lambda: not a.remaining(), 20, "a fetched")
+    bad = cd.write_raw("bad.yaml", "id: bad\nserver: mail.example.org\nport: 70000\n"
+                                   "user: u\npassword: p\nsave_directory: /tmp\n")
+    d.signal(signal.SIGHUP)
+    d.wait_ready(2)
+    ready = d.notify.fields("READY")[-1]["STATUS"]
+    assert "reload refused" in ready and "bad.yaml" in ready, ready
+    assert f"{bad}:3:7: port" in d.output, d.output
+    # the old set keeps running
+    a.add(messages(1, seed=341)[0])
+    wait_for(lambda: not a.remaining(), 20, "a still polled after the refused reload")
+    bad.unlink()
+    d.signal(signal.SIGHUP)
+    d.wait_ready(3)
+    assert "reload refused" not in d.notify.fields("READY")[-1]["STATUS"]
+    assert d.stop() == EX_OK
+
+
+def test_sighup_burst_is_coalesced(fake_pop3, fake_config, confdir, daemon):
+    a = fake_pop3(messages(1, seed=350))
+    d = daemon(confdir(fake_config(a, id="a", poll_interval="1s")))
+    d.wait_ready()
+    for _ in range(50):
+        d.signal(signal.SIGHUP)
+        time.sleep(0.002)
+    wait_for(lambda: d.notify.events().count("READY") >= 2, 10, "READY after the burst")
+    time.sleep(1)
+    reloads = d.notify.events().count("RELOADING")
+    print(f"50 SIGHUPs -> {reloads} reload(s)")
+    assert 1 <= reloads <= 5, reloads
+    assert d.notify.events().count("READY") == reloads + 1
+    a.add(messages(1, seed=351)[0])
+    wait_for(lambda: not a.remaining(), 20, "polls go on after the burst")
+    assert d.stop() == EX_OK
+
+
+# --------------------------------------------------------------------------
+# stop
+
+
+def test_sigterm_finishes_the_message_in_hand(fake_pop3, fake_config, confdir, daemon,
+                                              run_popfetchd):
+    """SIGTERM during a RETR: that message is saved and deleted, the session
+    QUITs, nothing else is taken; the next run saves the rest once."""
+    data = messages(3, seed=360, size=20000)
+    server = fake_pop3(data)
+    server.inject("RETR", Trickle(delay=0.05, chunk=1000))  # ~1 s for the first message
+    config = fake_config(server, poll_interval="1s")
+    cd = confdir(config)
+    d = daemon(cd)
+    d.wait_ready()
+    wait_for(lambda: server.sent("RETR"), 20, "the first RETR")
+    d.signal(signal.SIGTERM)
+    assert d.stop() == EX_OK, d.output
+    assert "STOPPING" in d.notify.events()
+    assert server.count("RETR") == 1 and server.sent("QUIT")
+    assert len(server.remaining()) == 2
+    [folder] = saved_folders(config["save_directory"])
+    assert (folder / "message.eml").read_bytes() == data[0].replace(b"\n", b"\r\n")
+    res = run_popfetchd(["receive-all", "fake"], confdir=cd)
+    assert res.returncode == EX_OK
+    assert len(saved_folders(config["save_directory"])) == 3 and not server.remaining()
+
+
+def test_sigterm_past_stop_timeout_leaves_nothing_partial(fake_pop3, fake_config, confdir,
+                                                          daemon, run_popfetchd):
+    """A RETR slower than stop_timeout: the session is cut without QUIT —
+    nothing partial is visible, nothing is deleted — and the next run saves
+    the message exactly once."""
+    data = messages(1, seed=370, size=60000)
+    server = fake_pop3(data)
+    server.inject("RETR", Trickle(delay=0.1, chunk=500))  # ~12 s
+    config = fake_config(server, poll_interval="1s", timeouts={"connect": "5s", "command": "30s"})
+    cd = confdir(config, daemon={"stop_timeout": "1s"})
+    d = daemon(cd)
+    d.wait_ready()
+    wait_for(lambda: server.sent("RETR"), 20, "the RETR")
+    time.sleep(0.5)
+    started = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.stop() == EX_OK, d.output
+    assert time.monotonic() - started < 5
+    assert "ended without QUIT" in d.output
+    assert saved_folders(config["save_directory"]) == []
+    assert not server.sent("DELE") and not server.sent("QUIT")
+    assert len(server.remaining()) == 1
+    server.clear_faults()
+    server.wait_idle(20)  # the server notices the cut connection and unlocks
+    res = run_popfetchd(["receive-all", "fake"], confdir=cd)
+    assert res.returncode == EX_OK
+    [folder] = saved_folders(config["save_directory"])
+    assert (folder / "message.eml").read_bytes() == data[0].replace(b"\n", b"\r\n")
+    assert not server.remaining()
