@@ -412,3 +412,10 @@ def test_sigterm_past_stop_timeout_leaves_nothing_partial(fake_pop3, fake_config
     [folder] = saved_folders(config["save_directory"])
     assert (folder / "message.eml").read_bytes() == data[0].replace(b"\n", b"\r\n")
     assert not server.remaining()
+
+
+def test_stop_timeout_is_validated(fake_pop3, fake_config, confdir, run_popfetchd):
+    cd = confdir(fake_config(fake_pop3([])), daemon={"stop_timeout": "2h"})
+    res = run_popfetchd(["check"], confdir=cd)
+    assert res.returncode == 78
+    assert f"{cd.main}:" in res.stderr and "stop_timeout" in res.stderr and "1h" in res.stderr
