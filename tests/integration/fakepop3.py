@@ -340,6 +340,7 @@ class SessionRecord:
     tls_since: int = None          # commands received before TLS began (0: implicit TLS)
     ended: bool = False
     sasl: list = dataclasses.field(default_factory=list)   # SaslExchange per AUTH
+    started: float = dataclasses.field(default_factory=time.monotonic)  # accepted at
 
 
 @dataclasses.dataclass

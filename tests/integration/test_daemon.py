@@ -419,3 +419,36 @@ def test_stop_timeout_is_validated(fake_pop3, fake_config, confdir, run_popfetch
     res = run_popfetchd(["check"], confdir=cd)
     assert res.returncode == 78
     assert f"{cd.main}:" in res.stderr and "stop_timeout" in res.stderr and "1h" in res.stderr
+
+
+def test_first_polls_are_spread(fake_pop3, fake_config, confdir, daemon):
+    """Twenty configurations with a 4 s interval do not all connect at once:
+    their first sessions spread over the first interval."""
+    servers = [fake_pop3([]) for _ in range(20)]
+    configs = [fake_config(s, id=f"s{i}", poll_interval="4s") for i, s in enumerate(servers)]
+    d = daemon(confdir(*configs))
+    d.wait_ready()
+    t0 = time.monotonic()
+    wait_for(lambda: all(s.sessions for s in servers), 10, "every first poll")
+    assert d.stop() == EX_OK
+    firsts = sorted(s.sessions[0].started - t0 for s in servers)
+    print("first polls at", [round(t, 2) for t in firsts])
+    assert firsts[-1] < 4.5
+    assert firsts[-1] - firsts[0] > 1.5, firsts     # spread, not a burst
+    # no quarter of the interval holds more than half of them
+    for q in range(4):
+        assert sum(q <= t < q + 1 for t in firsts) <= 10, firsts
+
+
+def test_login_delay_is_honoured(fake_pop3, fake_config, confdir, daemon):
+    """-ERR [LOGIN-DELAY 4]: the next try waits 4 s although the interval is
+    1 s; after a success the interval is 1 s again."""
+    server = fake_pop3([])
+    server.inject("PASS", b"-ERR [LOGIN-DELAY 4] not so often\r\n")
+    d = daemon(confdir(fake_config(server, poll_interval="1s")))
+    d.wait_ready()
+    wait_for(lambda: len(server.sessions) >= 4, 20, "four sessions")
+    assert d.stop() == EX_OK
+    t = [s.started for s in server.sessions]
+    assert t[1] - t[0] >= 3.9, t
+    assert t[2] - t[1] < 1.5 and t[3] - t[2] < 1.5, t   # back to the interval
