@@ -22,6 +22,7 @@
 #include "popfetchd/mime.h"
 #include "popfetchd/notify.h"
 #include "popfetchd/oauth2.h"
+#include "popfetchd/probe.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/scheduler.h"
 #include "popfetchd/smime.h"
@@ -558,13 +559,9 @@ main(int argc, char **argv)
 		return cmd_receive(&o, FETCH_ALL);
 	if (strcmp(o.command, "run") == 0)
 		return cmd_run(&o);
-	if (strcmp(o.command, "run") == 0 || strcmp(o.command, "test") == 0) {
-		fprintf(stderr,
-			"popfetchd: \"%s\" is not available in this build yet: use receive or "
-			"receive-all (for example from a systemd timer)\n",
-			o.command);
-		return EX_USAGE;
-	}
+	if (strcmp(o.command, "test") == 0)
+		return probe_run(&(struct probe_options){
+			.confdir = o.confdir, .id = o.id, .json = o.json, .verbosity = o.verbosity});
 	fprintf(stderr, "popfetchd: unknown command \"%s\"\n", o.command);
 	usage(stderr);
 	return EX_USAGE;

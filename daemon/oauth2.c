@@ -1308,3 +1308,9 @@ oauth2_source_requests(const struct oauth2_source *src)
 {
 	return src != NULL ? src->requests : 0;
 }
+
+time_t
+oauth2_source_expiry(const struct oauth2_source *src)
+{
+	return src != NULL && src->token != NULL ? src->expires_at : 0;
+}

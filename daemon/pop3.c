@@ -46,9 +46,11 @@ enum pop3_state {
 	P3_AUTH,
 	P3_APOP,
 	P3_UTF8,
+	P3_HOLD,
 	P3_IDLE,
 	P3_UIDL,
 	P3_LIST,
+	P3_STAT,
 	P3_RETR,
 	P3_DELE,
 	P3_QUIT,
@@ -59,14 +61,15 @@ static const char *const state_names[] = {
 	[P3_INIT] = "INIT", [P3_CONNECT] = "CONNECT", [P3_GREETING] = "GREETING",
 	[P3_CAPA] = "CAPA", [P3_STLS] = "STLS",	      [P3_HANDSHAKE] = "HANDSHAKE",
 	[P3_USER] = "USER", [P3_PASS] = "PASS",	      [P3_AUTH] = "AUTH",
-	[P3_APOP] = "APOP", [P3_UTF8] = "UTF8",	      [P3_IDLE] = "IDLE",
-	[P3_UIDL] = "UIDL", [P3_LIST] = "LIST",	      [P3_RETR] = "RETR",
-	[P3_DELE] = "DELE", [P3_QUIT] = "QUIT",	      [P3_DONE] = "DONE",
+	[P3_APOP] = "APOP", [P3_UTF8] = "UTF8",	      [P3_HOLD] = "HOLD",
+	[P3_IDLE] = "IDLE", [P3_UIDL] = "UIDL",	      [P3_LIST] = "LIST",
+	[P3_STAT] = "STAT", [P3_RETR] = "RETR",	      [P3_DELE] = "DELE",
+	[P3_QUIT] = "QUIT", [P3_DONE] = "DONE",
 };
 
 /* A command the owner queued. */
 struct cmd {
-	enum pop3_state state; /* P3_UIDL (listing), P3_RETR, P3_DELE, P3_QUIT */
+	enum pop3_state state; /* P3_UIDL (listing), P3_STAT, P3_RETR, P3_DELE, P3_QUIT */
 	unsigned long num;
 };
 
@@ -98,6 +101,7 @@ struct pop3_session {
 	struct pop3_capa capa;
 	const char *mechanism;
 	char apop_ts[256];	       /* the greeting's <timestamp>, "" when none */
+	char greeting[128];	       /* the greeting's text, printable, "" before it */
 	struct auth *auth;	       /* the SASL exchange in progress */
 	bool auth_cancelled;	       /* we sent "*": the server did not prove itself */
 	char *auth_pending;	       /* a first response that did not fit on the AUTH line */
@@ -152,6 +156,15 @@ set_state(struct pop3_session *s, enum pop3_state st)
 	if (s->state != st)
 		log_debug(s->p.id, "pop3: %s -> %s", state_names[s->state], state_names[st]);
 	s->state = st;
+}
+
+/* Tell an owner that wants to know; false when the session ended meanwhile. */
+static bool
+progress(struct pop3_session *s, enum pop3_progress step)
+{
+	if (s->ev->progress != NULL)
+		s->ev->progress(s->arg, step);
+	return !s->dead;
 }
 
 static void fail(struct pop3_session *s, enum pop3_failure fail, const char *fmt, ...)
@@ -418,6 +431,10 @@ enter_state(struct pop3_session *s, enum pop3_state st)
 		log_debug(s->p.id, "C: LIST");
 		send_line(s, "LIST");
 		break;
+	case P3_STAT:
+		log_debug(s->p.id, "C: STAT");
+		send_line(s, "STAT");
+		break;
 	case P3_RETR:
 		log_debug(s->p.id, "C: RETR %lu", s->cur_num);
 		send_line(s, "RETR %lu", s->cur_num);
@@ -430,6 +447,7 @@ enter_state(struct pop3_session *s, enum pop3_state st)
 		log_debug(s->p.id, "C: QUIT");
 		send_line(s, "QUIT");
 		break;
+	case P3_HOLD:
 	case P3_IDLE:
 		evtimer_del(s->cmd_timer);
 		break;
@@ -438,12 +456,18 @@ enter_state(struct pop3_session *s, enum pop3_state st)
 	}
 }
 
-/* What follows CAPA: the STLS upgrade (explicit TLS, once), or the login. */
+/* What follows CAPA: the STLS upgrade (explicit TLS, once), or the login
+ * (held for the owner when it asked). */
 static void
 after_capa(struct pop3_session *s)
 {
 	if (s->p.tls != POP3_TLS_EXPLICIT || s->tls_active) {
-		start_login(s);
+		if (!progress(s, POP3_PROGRESS_CAPA))
+			return;
+		if (s->p.hold_login)
+			enter_state(s, P3_HOLD);
+		else
+			start_login(s);
 		return;
 	}
 	if (!s->capa.stls) {
@@ -505,7 +529,7 @@ tls_established(struct pop3_session *s)
 	tls_channel_binding(s->ssl, &s->cb_unique, &s->cb_exporter);
 	tls_describe(s->ssl, how, sizeof(how));
 	log_debug(s->p.id, "pop3: TLS established: %s", how);
-	return true;
+	return progress(s, POP3_PROGRESS_TLS);
 }
 
 /* Why the handshake failed, in words: the most telling OpenSSL reason. */
@@ -688,6 +712,7 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 	bool ok = r.status == POP3_STATUS_OK;
 	switch (s->state) {
 	case P3_GREETING:
+		server_text(&r, s->greeting, sizeof(s->greeting));
 		if (!ok) {
 			s->err_rcodes = r.rcodes;
 			s->err_login_delay = r.login_delay;
@@ -764,6 +789,29 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 		s->multiline = true;
 		arm_timer(s);
 		break;
+	case P3_STAT: {
+		unsigned long count;
+		uint64_t size;
+
+		if (!ok) {
+			s->err_rcodes = r.rcodes;
+			fail(s,
+			     r.rcodes & (POP3_RC_IN_USE | POP3_RC_SYS_TEMP) ? POP3_FAIL_TEMP
+									    : POP3_FAIL_PROTOCOL,
+			     "STAT refused (server said: %s)", server_text(&r, text, sizeof(text)));
+			return;
+		}
+		if (pop3_parse_stat(r.text, r.text_len, &count, &size) < 0) {
+			fail(s, POP3_FAIL_PROTOCOL, "malformed answer to STAT: \"%s\"",
+			     server_text(&r, text, 80));
+			return;
+		}
+		enter_state(s, P3_IDLE);
+		s->ev->stat(s->arg, count, size);
+		if (!s->dead)
+			pump(s);
+		break;
+	}
 	case P3_RETR:
 		if (!ok) {
 			/* that message only: the session goes on */
@@ -877,7 +925,8 @@ on_read(struct bufferevent *bev, void *arg)
 		}
 		if (read_line(s, in, line, &len) <= 0)
 			break;
-		if (s->state == P3_IDLE || s->state == P3_CONNECT || s->state == P3_HANDSHAKE) {
+		if (s->state == P3_IDLE || s->state == P3_HOLD || s->state == P3_CONNECT ||
+		    s->state == P3_HANDSHAKE) {
 			fail(s, POP3_FAIL_PROTOCOL, "unsolicited data from the server");
 			break;
 		}
@@ -975,6 +1024,26 @@ on_resolved(int result, struct evutil_addrinfo *res, void *arg)
 	connect_next(s);
 }
 
+/* Did the TCP connection come up? When it did not, *err gets the reason
+ * if the socket still holds one. */
+static bool
+tcp_connected(struct bufferevent *bev, int *err)
+{
+	evutil_socket_t fd = bufferevent_getfd(bev);
+	struct sockaddr_storage peer;
+	socklen_t len = sizeof(peer);
+	int soerr = 0;
+	socklen_t solen = sizeof(soerr);
+
+	if (fd < 0)
+		return false;
+	if (getpeername(fd, (struct sockaddr *)&peer, &len) == 0)
+		return true;
+	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &solen) == 0 && soerr != 0)
+		*err = soerr;
+	return false;
+}
+
 static void
 on_event(struct bufferevent *bev, short what, void *arg)
 {
@@ -983,8 +1052,11 @@ on_event(struct bufferevent *bev, short what, void *arg)
 
 	if (what & BEV_EVENT_CONNECTED) {
 		evtimer_del(s->conn_timer);
-		if (s->state == P3_CONNECT)
+		if (s->state == P3_CONNECT) {
 			set_nodelay(bev);
+			if (!progress(s, POP3_PROGRESS_CONNECTED))
+				return;
+		}
 		if ((s->p.tls == POP3_TLS_IMPLICIT && s->state == P3_CONNECT) ||
 		    s->state == P3_HANDSHAKE) {
 			if (!tls_established(s))
@@ -1004,10 +1076,13 @@ on_event(struct bufferevent *bev, short what, void *arg)
 		return;
 	}
 	if (s->state == P3_CONNECT) {
-		/* with implicit TLS, a refused TCP connection has no TLS error */
-		if (s->p.tls == POP3_TLS_IMPLICIT &&
+		/* with implicit TLS, a refused TCP connection has no TLS error, but
+		 * libevent may report it as the end of the handshake */
+		if (s->p.tls == POP3_TLS_IMPLICIT && tcp_connected(bev, &err) &&
 		    ((what & BEV_EVENT_EOF) || bufferevent_get_openssl_error(bev) != 0)) {
-			fail_handshake(s, what, err);
+			/* TCP was up: the handshake failed */
+			if (progress(s, POP3_PROGRESS_CONNECTED))
+				fail_handshake(s, what, err);
 			return;
 		}
 		connect_failed(s, err);
@@ -1171,6 +1246,34 @@ pop3_mechanism(const struct pop3_session *s)
 	return s->mechanism;
 }
 
+const char *
+pop3_address(const struct pop3_session *s)
+{
+	return s->addr_text;
+}
+
+const char *
+pop3_greeting(const struct pop3_session *s)
+{
+	return s->greeting;
+}
+
+struct ssl_st *
+pop3_ssl(const struct pop3_session *s)
+{
+	return s->ssl;
+}
+
+void
+pop3_login(struct pop3_session *s, const char *token)
+{
+	if (s->dead || s->state != P3_HOLD)
+		return;
+	if (token != NULL)
+		s->p.token = token;
+	start_login(s);
+}
+
 static void
 enqueue(struct pop3_session *s, enum pop3_state st, unsigned long num)
 {
@@ -1225,8 +1328,20 @@ pop3_dele(struct pop3_session *s, unsigned long num)
 }
 
 void
+pop3_stat(struct pop3_session *s)
+{
+	enqueue(s, P3_STAT, 0);
+	pump(s);
+}
+
+void
 pop3_quit(struct pop3_session *s)
 {
+	if (s->state == P3_HOLD) {
+		/* not logged in: nothing is queued */
+		enter_state(s, P3_QUIT);
+		return;
+	}
 	/* after what is queued already: those DELEs are for durable messages */
 	enqueue(s, P3_QUIT, 0);
 	pump(s);

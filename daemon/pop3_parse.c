@@ -234,6 +234,25 @@ pop3_parse_list_line(const char *line, size_t len, unsigned long *num, uint64_t 
 }
 
 int
+pop3_parse_stat(const char *text, size_t len, unsigned long *count, uint64_t *size)
+{
+	const char *p = text, *end = text + len;
+	uint64_t n, sz;
+
+	if (parse_number(&p, end, 0xffffffffu, &n) < 0 || p == end || *p != ' ')
+		return -EINVAL;
+	while (p < end && *p == ' ')
+		p++;
+	if (parse_number(&p, end, UINT64_MAX / 16, &sz) < 0)
+		return -EINVAL;
+	if (p != end && *p != ' ')
+		return -EINVAL;
+	*count = (unsigned long)n;
+	*size = sz;
+	return 0;
+}
+
+int
 pop3_listing_line(const char **line, size_t *len)
 {
 	if (*len == 1 && (*line)[0] == '.')

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <openssl/bn.h>
@@ -204,6 +205,29 @@ smime_key_free(struct smime_key *k)
 	EVP_PKEY_free(k->pkey);
 	X509_free(k->cert);
 	free(k);
+}
+
+void
+smime_key_info(const struct smime_key *k, struct smime_key_info *ret)
+{
+	const ASN1_TIME *until = X509_get0_notAfter(k->cert);
+	BIO *b = BIO_new(BIO_s_mem());
+	char *data;
+	long n;
+	struct tm tm;
+
+	memset(ret, 0, sizeof(*ret));
+	if (b != NULL) {
+		X509_NAME_print_ex(b, X509_get_subject_name(k->cert), 0,
+				   XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB);
+		n = BIO_get_mem_data(b, &data);
+		snprintf(ret->subject, sizeof(ret->subject), "%.*s", (int)(n > 0 ? n : 0), data);
+		BIO_free(b);
+	}
+	if (until != NULL && ASN1_TIME_to_tm(until, &tm) == 1)
+		strftime(ret->not_after, sizeof(ret->not_after), "%Y-%m-%dT%H:%M:%SZ", &tm);
+	ret->expired = until != NULL && X509_cmp_current_time(until) < 0;
+	ERR_clear_error();
 }
 
 static void

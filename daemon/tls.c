@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -159,6 +160,46 @@ describe_cert(X509 *cert, char *buf, size_t len)
 	fingerprint_hex(md, fp);
 	snprintf(buf, len, "subject %s, issuer %s, valid from %s until %s, SHA-256 %s", subject,
 		 issuer, from, until, fp);
+}
+
+/* RFC 3339 in UTC, or "" for a time OpenSSL cannot read. */
+static void
+time_rfc3339(const ASN1_TIME *t, char *buf, size_t len)
+{
+	struct tm tm;
+
+	if (t == NULL || ASN1_TIME_to_tm(t, &tm) != 1 ||
+	    strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+		buf[0] = '\0';
+}
+
+void
+tls_peer(SSL *ssl, struct tls_peer *ret)
+{
+	X509 *cert = SSL_get0_peer_certificate(ssl);
+	long result = SSL_get_verify_result(ssl);
+	unsigned char md[32];
+	unsigned int mdlen = 0;
+
+	memset(ret, 0, sizeof(*ret));
+	if (SSL_is_init_finished(ssl)) {
+		snprintf(ret->protocol, sizeof(ret->protocol), "%s", SSL_get_version(ssl));
+		snprintf(ret->cipher, sizeof(ret->cipher), "%s",
+			 SSL_get_cipher_name(ssl) ? SSL_get_cipher_name(ssl) : "");
+	}
+	ret->chain_ok = cert != NULL && result == X509_V_OK;
+	ret->chain_verdict =
+		cert == NULL ? "no certificate" : X509_verify_cert_error_string(result);
+	if (cert == NULL)
+		return;
+	ret->has_cert = true;
+	name_line(X509_get_subject_name(cert), ret->subject, sizeof(ret->subject));
+	name_line(X509_get_issuer_name(cert), ret->issuer, sizeof(ret->issuer));
+	time_rfc3339(X509_get0_notBefore(cert), ret->not_before, sizeof(ret->not_before));
+	time_rfc3339(X509_get0_notAfter(cert), ret->not_after, sizeof(ret->not_after));
+	ret->expired = X509_cmp_current_time(X509_get0_notAfter(cert)) < 0;
+	if (X509_digest(cert, EVP_sha256(), md, &mdlen) == 1 && mdlen == 32)
+		fingerprint_hex(md, ret->sha256);
 }
 
 void

@@ -12,6 +12,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <time.h>
 
 struct event_base;
 struct oauth2_client;
@@ -80,5 +81,8 @@ void oauth2_source_keep_fresh(struct oauth2_source *src, bool on);
 
 /* How many requests went to the endpoint (for tests and status). */
 unsigned oauth2_source_requests(const struct oauth2_source *src);
+/* When the access token in hand expires (the endpoint's expires_in from
+ * when it was obtained); 0 when there is none. */
+time_t oauth2_source_expiry(const struct oauth2_source *src);
 
 #endif

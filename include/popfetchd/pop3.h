@@ -1,7 +1,7 @@
 /*
  * pop3 — one POP3 client session over a libevent bufferevent (RFC 1939,
  * RFC 2449). It connects, reads the greeting, asks CAPA, logs in, then runs
- * the commands its owner queues (listing, RETR, DELE, QUIT). Message bytes go
+ * the commands its owner queues (listing, STAT, RETR, DELE, QUIT). Message bytes go
  * to the owner through a callback; the session writes no file and decides no
  * policy. It logs nothing above debug: the owner turns failures into lines.
  */
@@ -17,6 +17,7 @@
 struct event_base;
 struct evdns_base;
 struct pop3_session;
+struct ssl_st;
 struct tls_ctx;
 
 /* What went wrong; the owner maps each class to an exit code. */
@@ -46,6 +47,17 @@ struct pop3_params {
 	const char *const *mechanisms;
 	unsigned connect_timeout; /* seconds: DNS + TCP (+ TLS) */
 	unsigned command_timeout; /* seconds: see DESIGN.md §1 timeouts.command */
+	/* after POP3_PROGRESS_CAPA, wait for pop3_login() (or pop3_quit()) */
+	bool hold_login;
+};
+
+/* How far the opening of a session got: for an owner that reports each
+ * step as it succeeds (the test command). */
+enum pop3_progress {
+	POP3_PROGRESS_CONNECTED, /* TCP connected: pop3_address(); with implicit TLS
+				  * reported when the handshake has ended, either way */
+	POP3_PROGRESS_TLS,	 /* handshake done, certificate accepted: pop3_ssl() */
+	POP3_PROGRESS_CAPA,	 /* the capabilities the login goes by: pop3_capa() */
 };
 
 /* One message of the maildrop, from LIST, with its UIDL when the server has one. */
@@ -79,6 +91,10 @@ struct pop3_events {
 	void (*deleted)(void *arg, unsigned long num, bool ok);
 	void (*quit)(void *arg, bool ok); /* ok: the server committed the deletions */
 	void (*failed)(void *arg, const struct pop3_error *err);
+	/* optional (NULL: not told); the session must not be ended from it */
+	void (*progress)(void *arg, enum pop3_progress step);
+	/* the answer to pop3_stat(): messages and octets in the maildrop */
+	void (*stat)(void *arg, unsigned long count, uint64_t size);
 };
 
 /* Most messages a listing may hold: a bound on what a server can make us allocate. */
@@ -96,11 +112,26 @@ void pop3_session_free_deferred(struct pop3_session *s);
 const struct pop3_capa *pop3_capa(const struct pop3_session *s);
 /* The mechanism used to log in, after ready(). */
 const char *pop3_mechanism(const struct pop3_session *s);
+/* The address connected to, or last tried: "192.0.2.7", "[2001:db8::7]"; "" before. */
+const char *pop3_address(const struct pop3_session *s);
+/* The server's greeting (its text, made printable); "" before it came. */
+const char *pop3_greeting(const struct pop3_session *s);
+/* The TLS connection once a handshake has begun, else NULL. Valid until the
+ * session is freed, also after failed(): what the server presented can be
+ * described (tls_describe, tls_describe_peer) when its certificate was refused. */
+struct ssl_st *pop3_ssl(const struct pop3_session *s);
+
+/* With params.hold_login, after POP3_PROGRESS_CAPA: log in now, with this
+ * OAuth2 access token (NULL: params.token), which must live until the
+ * session is freed. failed() may be called from inside this call. */
+void pop3_login(struct pop3_session *s, const char *token);
 
 /* Commands, valid after ready(); queued and answered in order. */
 void pop3_list(struct pop3_session *s); /* UIDL (if any) + LIST -> listing() */
 void pop3_retr(struct pop3_session *s, unsigned long num);
 void pop3_dele(struct pop3_session *s, unsigned long num);
+void pop3_stat(struct pop3_session *s); /* STAT -> stat() */
+/* Also valid while a held login waits: then the session ends without logging in. */
 void pop3_quit(struct pop3_session *s);
 
 /* End the session at once, without QUIT (nothing is committed) and

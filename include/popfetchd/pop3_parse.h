@@ -67,6 +67,10 @@ void pop3_parse_capa_line(struct pop3_capa *capa, const char *line, size_t len);
 int pop3_parse_uidl_line(const char *line, size_t len, unsigned long *num, char *uid);
 /* "n size" of a LIST listing. */
 int pop3_parse_list_line(const char *line, size_t len, unsigned long *num, uint64_t *size);
+/* The text of a +OK to STAT (RFC 1939 §5): "nn mm", the number of messages
+ * and the size of the maildrop in octets; anything after the size is
+ * ignored (the RFC allows it). 0, or -EINVAL. */
+int pop3_parse_stat(const char *text, size_t len, unsigned long *count, uint64_t *size);
 /* A multi-line listing line (CAPA/UIDL/LIST): the terminator "." -> 1;
  * a dot-stuffed line has its first dot removed (*line, *len adjusted); 0. */
 int pop3_listing_line(const char **line, size_t *len);

@@ -7,6 +7,7 @@
 #ifndef POPFETCHD_SMIME_H
 #define POPFETCHD_SMIME_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 /* Ceiling on the DER handed in and on what comes out (decrypted or
@@ -28,6 +29,14 @@ struct smime_key;
 int smime_key_load(const char *p12_path, const char *password, struct smime_key **ret, char *err,
 		   size_t errlen);
 void smime_key_free(struct smime_key *k);
+
+/* The key's certificate, for the test command. */
+struct smime_key_info {
+	char subject[256];  /* RFC 2253 */
+	char not_after[24]; /* RFC 3339, UTC; "" when unreadable */
+	bool expired;	    /* now is past not_after */
+};
+void smime_key_info(const struct smime_key *k, struct smime_key_info *ret);
 
 /* Decrypt CMS enveloped data with the key and its certificate: 0 and the
  * decrypted MIME entity in *out (malloc'd, NUL-terminated, *outlen bytes

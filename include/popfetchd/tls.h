@@ -41,6 +41,24 @@ void tls_describe(SSL *ssl, char *buf, size_t len);
 /* The presented certificate in one line: subject, issuer, validity, SHA-256. */
 void tls_describe_peer(SSL *ssl, char *buf, size_t len);
 
+/* The same in pieces, for the test command and its JSON. */
+struct tls_peer {
+	char protocol[16]; /* "TLSv1.3"; "" when the handshake did not finish */
+	char cipher[64];   /* "TLS_AES_256_GCM_SHA384"; "" likewise */
+	bool has_cert;	   /* the rest is "" without a certificate */
+	char subject[256]; /* RFC 2253 */
+	char issuer[256];
+	char not_before[24]; /* RFC 3339, UTC: "2036-11-26T10:15:02Z" */
+	char not_after[24];
+	bool expired;	     /* now is past not_after */
+	char sha256[3 * 32]; /* "AB:CD:..." of the certificate (DER) */
+	/* OpenSSL's verdict on the chain and the name, whatever the
+	 * configuration makes of it: "ok", or why not */
+	bool chain_ok;
+	const char *chain_verdict;
+};
+void tls_peer(SSL *ssl, struct tls_peer *ret);
+
 /* Channel bindings for SCRAM-*-PLUS, base64, malloc'd: tls-unique under
  * TLS 1.2, tls-exporter (RFC 9266) under TLS 1.3; the other one NULL. */
 void tls_channel_binding(SSL *ssl, char **ret_unique, char **ret_exporter);

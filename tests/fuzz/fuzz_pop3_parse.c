@@ -32,6 +32,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (pop3_parse_uidl_line(s, size, &num, uid) == 0 && (strlen(uid) == 0 || strlen(uid) > 70))
 		abort();
 	pop3_parse_list_line(s, size, &num, &sz);
+	pop3_parse_stat(s, size, &num, &sz);
 	pop3_listing_line(&line, &len);
 
 	/* unstuff in pieces whose sizes come from the data itself */

@@ -71,6 +71,17 @@ class NotifySocket:
                     return f["STATUS"]
         return None
 
+    def settle(self, quiet=0.3, timeout=5):
+        """Wait until no datagram has come for `quiet` seconds: the last
+        ones a process sent just before it exited are read."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                last = self.messages[-1][0] if self.messages else 0
+            if time.monotonic() - last >= quiet:
+                return
+            time.sleep(0.05)
+
     def close(self):
         self._stop.set()
         self.sock.close()
@@ -115,7 +126,9 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
+            self.notify.settle()
+            return code
         except subprocess.TimeoutExpired:
             self.proc.kill()
             pytest.fail(f"the daemon did not stop within {timeout} s after SIGTERM:\n"

@@ -421,10 +421,13 @@ def test_no_secret_in_any_output(oauth_dovecot, oauth_mailbox, oauth_config, tok
     assert receive_all(run_popfetchd, cd, config, "-v").returncode in (EX_OK, EX_NOPERM)
     assert receive_all(run_popfetchd, rt_cd, rt_config, "-v", "--json").returncode in \
         (EX_OK, EX_NOPERM)
+    # the test command always asks the endpoint: refused now
+    assert run_popfetchd(["-v", "test", "oa"], confdir=cd).returncode == EX_NOPERM
     tokenserver.normal()
     assert run_popfetchd(["-v", "check"], confdir=cd).returncode == EX_OK
-    # `popfetchd test ID` joins this scan when it exists (the daemon issue)
+    assert run_popfetchd(["-v", "test", "oa"], confdir=cd).returncode == EX_OK
+    assert run_popfetchd(["-v", "--json", "test", "rt"], confdir=rt_cd).returncode == EX_OK
 
     assert len(secret_registry.secrets()) >= 6
-    assert len(secret_registry.outputs) >= 10
+    assert len(secret_registry.outputs) >= 16
     secret_registry.check()

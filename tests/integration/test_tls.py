@@ -26,7 +26,8 @@ import pytest
 
 import mailgen
 from fakepop3 import Reply
-from test_receive import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, assert_no_staging_leftovers,
+from test_receive import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE,
+                          assert_no_staging_leftovers,
                           assert_saved_exactly, deliver_generated, fake_expected,
                           server_listing)
 
@@ -318,6 +319,21 @@ def test_stls_failure_never_continues_in_clear(dovecot, fake_pop3, fake_config, 
         assert [c.upper() for c in server.commands()] == ["CAPA", "STLS"], \
             "something was sent after the injected bytes"
         assert not server.sessions[0].tls
+
+
+def test_refused_port_with_implicit_tls_is_unreachable(mailbox, dovecot_config, confdir,
+                                                       run_popfetchd, read_saved):
+    """A refused TCP connection is exit 69 with implicit TLS too (libevent
+    reports it as the end of a TLS handshake that never began)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = dovecot_config(mailbox, port=port, tls="implicit")
+
+    res = receive_all(run_popfetchd, confdir, config)
+    assert res.returncode == EX_UNAVAILABLE, res.stderr
+    assert "refused" in res.stderr.lower() and "handshake" not in res.stderr.lower()
+    assert read_saved(config["save_directory"]) == []
 
 
 @pytest.mark.parametrize("where", ["fake", "dovecot"])

@@ -99,7 +99,7 @@ capa(void)
 static void
 listings(void)
 {
-	unsigned long n;
+	unsigned long n, cnt;
 	uint64_t sz;
 	char uid[POP3_UIDL_MAX + 1];
 	const char *l;
@@ -125,6 +125,15 @@ listings(void)
 	CHECK(pop3_parse_list_line("3 12x", 5, &n, &sz) == -EINVAL);
 	CHECK(pop3_parse_list_line("3", 1, &n, &sz) == -EINVAL);
 	CHECK(pop3_parse_list_line("3 99999999999999999999999", 25, &n, &sz) == -EINVAL);
+
+	CHECK(pop3_parse_stat("2 320", 5, &cnt, &sz) == 0 && cnt == 2 && sz == 320);
+	CHECK(pop3_parse_stat("0 0", 3, &cnt, &sz) == 0 && cnt == 0 && sz == 0);
+	CHECK(pop3_parse_stat("3  1234 messages", 16, &cnt, &sz) == 0 && cnt == 3 && sz == 1234);
+	CHECK(pop3_parse_stat("3", 1, &cnt, &sz) == -EINVAL);
+	CHECK(pop3_parse_stat("3 12x", 5, &cnt, &sz) == -EINVAL);
+	CHECK(pop3_parse_stat("", 0, &cnt, &sz) == -EINVAL);
+	CHECK(pop3_parse_stat("Logged in.", 10, &cnt, &sz) == -EINVAL);
+	CHECK(pop3_parse_stat("1 99999999999999999999999", 25, &cnt, &sz) == -EINVAL);
 
 	l = ".";
 	len = 1;
