@@ -53,6 +53,7 @@ struct store_msg {
 	struct store *st;
 	char *uid;
 	char *name;  /* folder name */
+	time_t received;
 	char *stage; /* staging folder's name in stage_dir */
 	char *path;  /* staging folder */
 	char *eml;   /* staging folder/message.eml */
@@ -555,6 +556,7 @@ store_msg_begin(struct store *st, const char *uid, time_t received, struct store
 	m->fd = m->dirfd = -1;
 	m->uid = xstrdup(uid);
 	m->name = xstrdup(name);
+	m->received = received;
 	m->stage = xasprintf("%s.%ld.%u", name, st->pid, st->serial++);
 	m->path = xasprintf("%s/%s", st->stage_dir, m->stage);
 	m->eml = xasprintf("%s/message.eml", m->path);
@@ -574,6 +576,18 @@ store_msg_begin(struct store *st, const char *uid, time_t received, struct store
 	}
 	*ret = m;
 	return 0;
+}
+
+void
+store_msg_set_uid(struct store_msg *m, const char *uid)
+{
+	char name[64];
+
+	store_folder_name(m->st->id, uid, m->received, name, sizeof(name));
+	free(m->uid);
+	free(m->name);
+	m->uid = xstrdup(uid);
+	m->name = xstrdup(name);
 }
 
 int

@@ -36,6 +36,9 @@ bool store_has(struct store *st, const char *uid);
 
 /* Stage a new message folder; message.eml is open for store_msg_write. */
 int store_msg_begin(struct store *st, const char *uid, time_t received, struct store_msg **ret);
+/* The message's key is known only once it is all there (a server without
+ * UIDL: a key from its content): set it before store_msg_commit. */
+void store_msg_set_uid(struct store_msg *m, const char *uid);
 int store_msg_write(struct store_msg *m, const void *buf, size_t len);
 /* The staged message.eml, complete after store_msg_finish_eml. */
 const char *store_msg_eml_path(const struct store_msg *m);
