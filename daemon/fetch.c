@@ -15,6 +15,7 @@
 
 #include <event2/event.h>
 #include <jansson.h>
+#include <openssl/evp.h>
 
 #include "popfetchd/auth.h"
 #include "popfetchd/config.h"
@@ -29,9 +30,16 @@
 
 struct candidate {
 	unsigned long num;
-	char uid[POP3_UIDL_MAX + 1];
+	char uid[POP3_UIDL_MAX + 1]; /* "" until keyed, for a message without UIDL */
 	uint64_t limit; /* bytes accepted before the server is taken for a liar */
 };
+
+/*
+ * A message the server gives no (valid) UIDL for is keyed by its content
+ * (DESIGN.md §4.3): "h" and the SHA-256 of its bytes, known once it is all
+ * there. Byte-identical messages are one message.
+ */
+#define CONTENT_KEY_PREFIX "h"
 
 struct fetch {
 	struct event_base *base;
@@ -58,6 +66,8 @@ struct fetch {
 	char **listed; /* UIDLs on the server, for compaction after QUIT */
 	size_t nlisted;
 	struct store_msg *msg; /* the message being received */
+	EVP_MD_CTX *md;	       /* its content key in the making, when it has no UIDL */
+	size_t unkeyed;	       /* listed messages without UIDL not keyed in this session */
 	time_t msg_time;
 	int msg_error;		       /* a write of the current message failed */
 	uint64_t msg_bytes, msg_limit; /* received so far, most accepted */
@@ -201,11 +211,13 @@ next_message(struct fetch *f)
 	struct candidate *c;
 	int r;
 
-	if (f->next >= f->ncand || f->stopping) {
+	if (f->next >= f->ncand || f->stopping || (f->mode == FETCH_ONE && f->res.nsaved > 0)) {
 		pop3_quit(f->pop3);
 		return;
 	}
 	c = &f->cand[f->next];
+	if (c->uid[0] == '\0' && !EVP_DigestInit_ex(f->md, EVP_sha256(), NULL))
+		abort();
 	f->msg_time = time(NULL);
 	f->msg_error = 0;
 	f->msg_bytes = 0;
@@ -247,56 +259,86 @@ message_limit(const struct fetch *f, uint64_t listed)
 	return limit;
 }
 
+static int
+cmp_uid(const void *a, const void *b)
+{
+	return strcmp((*(const struct pop3_msg *const *)a)->uid,
+		      (*(const struct pop3_msg *const *)b)->uid);
+}
+
+/* A UIDL the server gives two messages names neither (RFC 1939 §7: unique
+ * per message): dup[i] is set for both, and they are keyed by content. */
+static bool *
+duplicate_uids(const struct pop3_msg *msgs, size_t n)
+{
+	const struct pop3_msg **by = xcalloc(n ? n : 1, sizeof(*by));
+	bool *dup = xcalloc(n ? n : 1, sizeof(*dup));
+
+	for (size_t i = 0; i < n; i++)
+		by[i] = &msgs[i];
+	qsort(by, n, sizeof(*by), cmp_uid);
+	for (size_t i = 1; i < n; i++)
+		if (by[i]->uid[0] != '\0' && strcmp(by[i]->uid, by[i - 1]->uid) == 0)
+			dup[by[i] - msgs] = dup[by[i - 1] - msgs] = true;
+	free(by);
+	return dup;
+}
+
 static void
 on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 {
 	struct fetch *f = arg;
-	size_t stale = 0;
+	bool *dup = duplicate_uids(msgs, n);
+	size_t stale = 0, ndup = 0;
 
 	f->listing_done = true;
-	if (!have_uidl && n > 0) {
-		set_exit(f, EX_PROTOCOL);
-		add_error(f,
-			  "%s: the server does not support UIDL: popfetchd cannot tell "
-			  "new messages from old ones there",
-			  f->where);
-		pop3_quit(f->pop3);
-		return;
-	}
 	f->cand = xcalloc(n, sizeof(*f->cand));
 	f->listed = xcalloc(n, sizeof(char *));
 	for (size_t i = 0; i < n; i++) {
 		const struct pop3_msg *m = &msgs[i];
-		if (m->uid[0] == '\0') {
-			log_warning(f->mb->id, "message %lu has no valid UIDL: left on the server",
-				    m->num);
-			continue;
-		}
-		f->listed[f->nlisted++] = xstrdup(m->uid);
-		if (store_has(f->store, m->uid)) {
-			f->res.skipped++;
-			if (f->mb->remove_after_read) {
-				/* saved before; its deletion was never committed */
-				send_dele(f, m->num, m->uid);
-				stale++;
+		bool keyed = m->uid[0] != '\0' && !dup[i];
+		ndup += dup[i];
+		if (keyed) {
+			f->listed[f->nlisted++] = xstrdup(m->uid);
+			if (store_has(f->store, m->uid)) {
+				f->res.skipped++;
+				if (f->mb->remove_after_read) {
+					/* saved before; its deletion was never committed */
+					send_dele(f, m->num, m->uid);
+					stale++;
+				}
+				continue;
 			}
-			continue;
 		}
 		if (f->mb->max_message_size && m->size > f->mb->max_message_size) {
 			log_notice(f->mb->id,
-				   "message %lu (%s) is %llu bytes, over max_message_size: left on "
-				   "the server",
-				   m->num, m->uid, (unsigned long long)m->size);
+				   "message %lu%s%s%s is %llu bytes, over max_message_size: left "
+				   "on the server",
+				   m->num, keyed ? " (" : "", m->uid, keyed ? ")" : "",
+				   (unsigned long long)m->size);
 			f->res.too_big++;
 			continue;
 		}
-		if (f->mode == FETCH_ONE && f->ncand == 1)
-			continue;
+		/* one without UIDL is keyed by its content once it is here */
+		f->unkeyed += !keyed;
 		f->cand[f->ncand].num = m->num;
-		memcpy(f->cand[f->ncand].uid, m->uid, sizeof(f->cand[f->ncand].uid));
+		if (keyed)
+			memcpy(f->cand[f->ncand].uid, m->uid, sizeof(f->cand[f->ncand].uid));
 		f->cand[f->ncand].limit = message_limit(f, m->size);
 		f->ncand++;
 	}
+	free(dup);
+	if (ndup > 0)
+		log_warning(f->mb->id, "%s: %zu messages share UIDLs with others: they are known "
+				       "by their content instead",
+			    f->where, ndup);
+	if (f->unkeyed > 0)
+		log_notice(f->mb->id,
+			   "%s: %s: %zu message(s) are downloaded to be known by their content",
+			   f->where,
+			   have_uidl ? "some messages have no valid UIDL"
+				     : "the server does not support UIDL",
+			   f->unkeyed);
 	if (stale > 0)
 		log_info(f->mb->id, "deleting %zu message(s) saved by an earlier session", stale);
 	log_debug(f->mb->id, "%zu message(s) on the server, %zu to receive", n, f->ncand);
@@ -322,8 +364,24 @@ on_data(void *arg, const char *buf, size_t len)
 		finish(f);
 		return;
 	}
+	if (f->cand[f->next].uid[0] == '\0')
+		EVP_DigestUpdate(f->md, buf, len);
 	if (store_msg_write(f->msg, buf, len) < 0)
 		f->msg_error = 1;
+}
+
+/* The content key of the message just received (one without UIDL). */
+static void
+content_key(struct fetch *f, struct candidate *c)
+{
+	unsigned char d[EVP_MAX_MD_SIZE];
+	unsigned int dlen = 0;
+
+	EVP_DigestFinal_ex(f->md, d, &dlen);
+	memcpy(c->uid, CONTENT_KEY_PREFIX, sizeof(CONTENT_KEY_PREFIX) - 1);
+	util_hex(d, dlen, c->uid + sizeof(CONTENT_KEY_PREFIX) - 1);
+	f->unkeyed--;
+	f->listed[f->nlisted++] = xstrdup(c->uid);
 }
 
 static char *
@@ -452,18 +510,35 @@ static void
 on_retrieved(void *arg, unsigned long num, const char *error)
 {
 	struct fetch *f = arg;
-	const struct candidate *c = &f->cand[f->next];
+	struct candidate *c = &f->cand[f->next];
 
 	if (error != NULL) {
 		/* one message the server cannot send must not block the others */
 		store_msg_abort(f->msg);
 		f->msg = NULL;
 		set_exit(f, EX_TEMPFAIL);
-		add_error(f, "%s: the server refused RETR %lu (%s): left there (server said: %s)",
-			  f->where, num, c->uid, error);
+		add_error(f, "%s: the server refused RETR %lu%s%s%s: left there (server said: %s)",
+			  f->where, num, c->uid[0] ? " (" : "", c->uid, c->uid[0] ? ")" : "",
+			  error);
 		f->next++;
 		next_message(f);
 		return;
+	}
+	if (c->num == num && c->uid[0] == '\0') {
+		content_key(f, c);
+		if (store_has(f->store, c->uid)) {
+			/* saved by an earlier session: this copy is not kept */
+			log_debug(f->mb->id, "message %lu (%s) was saved before", num, c->uid);
+			store_msg_abort(f->msg);
+			f->msg = NULL;
+			f->res.skipped++;
+			if (f->mb->remove_after_read)
+				send_dele(f, num, c->uid);
+			f->next++;
+			next_message(f);
+			return;
+		}
+		store_msg_set_uid(f->msg, c->uid);
 	}
 	if (c->num != num || commit_message(f, c) < 0) {
 		set_exit(f, EX_IOERR);
@@ -534,7 +609,9 @@ on_quit(void *arg, bool ok)
 
 	if (ok) {
 		f->res.deleted = f->dele_ok;
-		if (f->listing_done && f->res.exit_code == 0)
+		/* only when every message is known: a record kept for a message
+		 * without UIDL that was not downloaded this time must stay */
+		if (f->listing_done && f->res.exit_code == 0 && f->unkeyed == 0)
 			compact_state(f);
 	} else if (f->ndele > 0) {
 		set_exit(f, EX_TEMPFAIL);
@@ -653,7 +730,8 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 	f->done = done;
 	f->arg = arg;
 	f->done_ev = evtimer_new(base, finish_cb, f);
-	if (f->done_ev == NULL)
+	f->md = EVP_MD_CTX_new();
+	if (f->done_ev == NULL || f->md == NULL)
 		abort();
 	snprintf(f->where, sizeof(f->where), strchr(mb->server, ':') ? "[%s]:%u" : "%s:%u",
 		 mb->server, mb->port);
@@ -759,6 +837,7 @@ fetch_free(struct fetch *f)
 	free(f->cand);
 	free(f->dele);
 	free(f->mechanisms);
+	EVP_MD_CTX_free(f->md);
 	event_free(f->done_ev);
 	free(f);
 }
