@@ -151,8 +151,8 @@ finish(struct fetch *f)
 	evtimer_add(f->done_ev, &zero);
 }
 
-static int
-failure_exit(enum pop3_failure fail)
+int
+fetch_failure_exit(enum pop3_failure fail)
 {
 	switch (fail) {
 	case POP3_FAIL_RESOLVE:
@@ -178,7 +178,7 @@ on_failed(void *arg, const struct pop3_error *err)
 
 	if (retry_with_new_token(f, err))
 		return;
-	set_exit(f, failure_exit(err->fail));
+	set_exit(f, fetch_failure_exit(err->fail));
 	if (err->login_delay > f->res.login_delay)
 		f->res.login_delay = err->login_delay;
 	add_error(f, "%s: %s", f->where, err->detail);

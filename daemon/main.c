@@ -86,12 +86,7 @@ load(const struct options *o, json_t **ret_errors)
 		return NULL;
 	}
 	conf_errors_clear(&errs);
-	if (o->verbosity > 0)
-		log_set_level(LOG_LVL_DEBUG);
-	else if (o->verbosity < 0)
-		log_set_level(LOG_LVL_WARNING);
-	else if (set->log_level_set)
-		log_set_level((enum log_level)set->log_level);
+	runtime_log_level(set, o->verbosity);
 	return set;
 }
 
@@ -281,9 +276,7 @@ do_reload(evutil_socket_t fd, short what, void *arg)
 			 errs.n, errs.n ? errs.lines[0] : "?");
 	} else {
 		d->reload_error[0] = '\0';
-		if (d->o->verbosity == 0)
-			log_set_level(set->log_level_set ? (enum log_level)set->log_level
-							 : LOG_LVL_INFO);
+		runtime_log_level(set, d->o->verbosity);
 		log_info(NULL, "reloaded: %zu configuration(s)", set->n_mailboxes);
 		d->stop_timeout = set->stop_timeout;
 		scheduler_swap(d->sched, set);

@@ -32,10 +32,12 @@
 
 #include "popfetchd/auth.h"
 #include "popfetchd/config.h"
+#include "popfetchd/fetch.h"
 #include "popfetchd/log.h"
 #include "popfetchd/oauth2.h"
 #include "popfetchd/pop3.h"
 #include "popfetchd/probe.h"
+#include "popfetchd/runtime.h"
 #include "popfetchd/smime.h"
 #include "popfetchd/tls.h"
 #include "popfetchd/util.h"
@@ -163,26 +165,6 @@ network_done(struct probe *p)
 		p->token_req = NULL;
 	}
 	event_base_loopbreak(p->base);
-}
-
-static int
-failure_exit(enum pop3_failure fail)
-{
-	switch (fail) {
-	case POP3_FAIL_RESOLVE:
-	case POP3_FAIL_CONNECT:
-		return EX_UNAVAILABLE;
-	case POP3_FAIL_LOST:
-	case POP3_FAIL_TIMEOUT:
-	case POP3_FAIL_TEMP:
-		return EX_TEMPFAIL;
-	case POP3_FAIL_PROTOCOL:
-	case POP3_FAIL_TLS:
-		return EX_PROTOCOL;
-	case POP3_FAIL_AUTH:
-		return EX_NOPERM;
-	}
-	return EX_PROTOCOL;
 }
 
 static const char *
@@ -556,10 +538,10 @@ on_failed(void *arg, const struct pop3_error *err)
 		json_object_set_new(f, "user", json_string(p->mb->user));
 	}
 	if (st == ST_CONNECT)
-		fail_step(p, st, failure_exit(err->fail), f, "%s (port %u)", err->detail,
+		fail_step(p, st, fetch_failure_exit(err->fail), f, "%s (port %u)", err->detail,
 			  p->mb->port);
 	else
-		fail_step(p, st, failure_exit(err->fail), f, "%s", err->detail);
+		fail_step(p, st, fetch_failure_exit(err->fail), f, "%s", err->detail);
 	network_done(p);
 }
 
@@ -612,21 +594,9 @@ token_source_new(struct probe *p)
 	}
 	p->token_dir = dir;
 	p->oauth = oauth2_client_new(p->base);
-	p->src = oauth2_source_new(p->oauth,
-				   &(struct oauth2_params){
-					   .id = mb->id,
-					   .token_endpoint = mb->oauth2.token_endpoint,
-					   .client_id = mb->oauth2.client_id,
-					   .client_secret = mb->oauth2.client_secret,
-					   .scope = mb->oauth2.scope,
-					   .grant = mb->oauth2.grant == CONF_GRANT_REFRESH_TOKEN
-							    ? OAUTH2_GRANT_REFRESH_TOKEN
-							    : OAUTH2_GRANT_CLIENT_CREDENTIALS,
-					   .refresh_token_file = mb->oauth2.refresh_token_file,
-					   .ca_file = mb->oauth2.ca_file,
-					   .state_dir = dir,
-					   .timeout = (unsigned)mb->connect_timeout,
-				   });
+	struct oauth2_params op;
+	runtime_oauth2_params(mb, dir, &op);
+	p->src = oauth2_source_new(p->oauth, &op);
 }
 
 /* Remove the temporary token directory and what the source wrote in it. */
@@ -880,12 +850,7 @@ load(struct probe *p, const struct probe_options *o)
 		return NULL;
 	}
 	conf_errors_clear(&errs);
-	if (o->verbosity > 0)
-		log_set_level(LOG_LVL_DEBUG);
-	else if (o->verbosity < 0)
-		log_set_level(LOG_LVL_WARNING);
-	else if (set->log_level_set)
-		log_set_level((enum log_level)set->log_level);
+	runtime_log_level(set, o->verbosity);
 	return set;
 }
 

@@ -31,6 +31,36 @@ load_smime_key(struct runtime *rt)
 	free(path);
 }
 
+void
+runtime_oauth2_params(const struct conf_mailbox *mb, const char *state_dir,
+		      struct oauth2_params *op)
+{
+	*op = (struct oauth2_params){
+		.id = mb->id,
+		.token_endpoint = mb->oauth2.token_endpoint,
+		.client_id = mb->oauth2.client_id,
+		.client_secret = mb->oauth2.client_secret,
+		.scope = mb->oauth2.scope,
+		.grant = mb->oauth2.grant == CONF_GRANT_REFRESH_TOKEN ? OAUTH2_GRANT_REFRESH_TOKEN
+								      : OAUTH2_GRANT_CLIENT_CREDENTIALS,
+		.refresh_token_file = mb->oauth2.refresh_token_file,
+		.ca_file = mb->oauth2.ca_file,
+		.state_dir = state_dir,
+		.timeout = (unsigned)mb->connect_timeout,
+	};
+}
+
+void
+runtime_log_level(const struct conf_set *set, int verbosity)
+{
+	if (verbosity > 0)
+		log_set_level(LOG_LVL_DEBUG);
+	else if (verbosity < 0)
+		log_set_level(LOG_LVL_WARNING);
+	else
+		log_set_level(set->log_level_set ? (enum log_level)set->log_level : LOG_LVL_INFO);
+}
+
 int
 runtime_init(struct runtime *rt, const struct conf_set *set, const struct conf_mailbox *mb,
 	     struct oauth2_client *oauth, bool keep_fresh, char *why, size_t whylen)
@@ -48,20 +78,8 @@ runtime_init(struct runtime *rt, const struct conf_set *set, const struct conf_m
 	}
 	rt->state_dir = xasprintf("%s/%s", set->state_directory, mb->id);
 	if (mb->auth == CONF_AUTH_OAUTH2 && oauth != NULL) {
-		struct oauth2_params op = {
-			.id = mb->id,
-			.token_endpoint = mb->oauth2.token_endpoint,
-			.client_id = mb->oauth2.client_id,
-			.client_secret = mb->oauth2.client_secret,
-			.scope = mb->oauth2.scope,
-			.grant = mb->oauth2.grant == CONF_GRANT_REFRESH_TOKEN
-					 ? OAUTH2_GRANT_REFRESH_TOKEN
-					 : OAUTH2_GRANT_CLIENT_CREDENTIALS,
-			.refresh_token_file = mb->oauth2.refresh_token_file,
-			.ca_file = mb->oauth2.ca_file,
-			.state_dir = rt->state_dir,
-			.timeout = (unsigned)mb->connect_timeout,
-		};
+		struct oauth2_params op;
+		runtime_oauth2_params(mb, rt->state_dir, &op);
 		rt->oauth2 = oauth2_source_new(oauth, &op);
 		if (keep_fresh)
 			oauth2_source_keep_fresh(rt->oauth2, true);

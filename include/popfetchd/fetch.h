@@ -10,6 +10,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "popfetchd/pop3.h"
+
 struct event_base;
 struct evdns_base;
 struct conf_set;
@@ -54,6 +56,9 @@ struct fetch_params {
 	const char *smime_unavailable;	   /* why not, when smime.key_name is set */
 	enum fetch_mode mode;
 };
+
+/* The exit code (sysexits, DESIGN.md §2) of a session that failed so. */
+int fetch_failure_exit(enum pop3_failure fail);
 
 /* Start one poll; done() is called from the loop (never from inside
  * fetch_start) when it has ended, successfully or not. What p points to

@@ -15,6 +15,7 @@
 struct conf_set;
 struct conf_mailbox;
 struct oauth2_client;
+struct oauth2_params;
 
 struct runtime {
 	const struct conf_set *set;
@@ -35,6 +36,11 @@ struct runtime {
 int runtime_init(struct runtime *rt, const struct conf_set *set, const struct conf_mailbox *mb,
 		 struct oauth2_client *oauth, bool keep_fresh, char *why, size_t whylen);
 void runtime_clear(struct runtime *rt);
+/* The token source parameters of mb, its cache in state_dir. */
+void runtime_oauth2_params(const struct conf_mailbox *mb, const char *state_dir,
+			   struct oauth2_params *op);
+/* The log level: -v / -q (verbosity 1 / -1) over the set's log_level. */
+void runtime_log_level(const struct conf_set *set, int verbosity);
 /* The parameters of a poll with it. */
 void runtime_fetch_params(const struct runtime *rt, enum fetch_mode mode, struct fetch_params *fp);
 
