@@ -450,7 +450,7 @@ build_meta(struct fetch *f, const char *uid, unsigned long long size, const stru
 
 /* The message is in the staged folder: complete it and make it durable. */
 static int
-commit_message(struct fetch *f, const struct candidate *c)
+commit_message(struct fetch *f, const struct candidate *c, char *why, size_t whylen)
 {
 	struct mime_headers h;
 	unsigned long long size;
@@ -458,8 +458,12 @@ commit_message(struct fetch *f, const struct candidate *c)
 	struct fetch_saved *sv;
 	int r;
 
-	if (f->msg_error || store_msg_finish_eml(f->msg, &size) < 0)
+	/* the store's own words, unless said otherwise below */
+	snprintf(why, whylen, "%s", store_error(f->store));
+	if (f->msg_error || store_msg_finish_eml(f->msg, &size) < 0) {
+		snprintf(why, whylen, "%s", store_error(f->store));
 		return -EIO;
+	}
 	if (mime_read_headers(store_msg_eml_path(f->msg), &h) < 0)
 		memset(&h, 0, sizeof(h));
 	struct mime_result mr = {0};
@@ -472,6 +476,8 @@ commit_message(struct fetch *f, const struct candidate *c)
 				       .smime_unavailable = f->smime_unavailable};
 		/* hostile content is never an error; a disk that fails is */
 		if ((r = mime_extract(store_msg_eml_path(f->msg), &mo, &mr)) < 0) {
+			snprintf(why, whylen, "cannot write its text or attachments beside %s: %s",
+				 store_msg_eml_path(f->msg), strerror(-r));
 			mime_result_clear(&mr);
 			mime_headers_clear(&h);
 			return r;
@@ -489,13 +495,17 @@ commit_message(struct fetch *f, const struct candidate *c)
 		abort();
 	r = store_msg_add_file(f->msg, "meta.json", meta, strlen(meta));
 	free(meta);
-	if (r < 0)
+	if (r < 0) {
+		snprintf(why, whylen, "%s", store_error(f->store));
 		return r;
+	}
 	/* durable and recorded when this returns 0: only then may DELE go */
 	r = store_msg_commit(f->msg, f->mb->save_text, &folder);
 	f->msg = NULL;
-	if (r < 0)
+	if (r < 0) {
+		snprintf(why, whylen, "%s", store_error(f->store));
 		return r;
+	}
 	f->res.saved = xrealloc(f->res.saved, (f->res.nsaved + 1) * sizeof(*f->res.saved));
 	sv = &f->res.saved[f->res.nsaved++];
 	sv->uid = xstrdup(c->uid);
@@ -540,9 +550,19 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		}
 		store_msg_set_uid(f->msg, c->uid);
 	}
-	if (c->num != num || commit_message(f, c) < 0) {
+	char why[600] = "";
+	if (c->num != num) {
+		set_exit(f, EX_PROTOCOL);
+		add_error(f, "%s: the server sent message %lu for RETR %lu: not saved", f->where,
+			  num, c->num);
+		store_msg_abort(f->msg);
+		f->msg = NULL;
+		pop3_quit(f->pop3);
+		return;
+	}
+	if (commit_message(f, c, why, sizeof(why)) < 0) {
 		set_exit(f, EX_IOERR);
-		add_error(f, "message %lu (%s) not saved: %s", num, c->uid, store_error(f->store));
+		add_error(f, "message %lu (%s) not saved: %s", num, c->uid, why);
 		store_msg_abort(f->msg);
 		f->msg = NULL;
 		/* what is durable stays durable; stop before anything else */
@@ -597,8 +617,12 @@ compact_state(struct fetch *f)
 		    bsearch(&f->listed[i], f->deleted_uids, f->ndeleted_uids, sizeof(char *),
 			    cmp_str) == NULL)
 			keep[n++] = f->listed[i];
-	if (store_compact(f->store, keep, n) < 0)
-		log_warning(f->mb->id, "%s", store_error(f->store));
+	if (store_compact(f->store, keep, n) < 0) {
+		/* nothing is lost (the old state stays), but the state is not
+		 * writable: that is exit 74 */
+		set_exit(f, EX_IOERR);
+		add_error(f, "%s", store_error(f->store));
+	}
 	free(keep);
 }
 

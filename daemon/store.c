@@ -60,6 +60,10 @@ struct store_msg {
 	int dirfd;
 	int fd; /* message.eml */
 	unsigned long long size;
+	/* a record naming the staging folder may be on disk: from then on only
+	 * the rename, or the next store_open once it has settled that record,
+	 * may remove the staging folder (its absence means "renamed") */
+	bool recorded;
 };
 
 static int append_record(struct store *st, const char *uid, const char *stage);
@@ -346,6 +350,22 @@ parse_record(struct store *st, char *line, size_t len)
 	return r;
 }
 
+/* "popfetchd-uidl 1 " and a binding: a state of ours, perhaps of another
+ * server or user. Anything else in the first line is damage. */
+static bool
+is_header(const char *line)
+{
+	size_t n = strlen(STATE_MAGIC);
+
+	if (strncmp(line, STATE_MAGIC " ", n + 1) != 0 ||
+	    strlen(line + n + 1) != 2 * SHA256_DIGEST_LENGTH)
+		return false;
+	for (const char *p = line + n + 1; *p; p++)
+		if (!isxdigit((unsigned char)*p) || isupper((unsigned char)*p))
+			return false;
+	return true;
+}
+
 /*
  * Read the state. Anything odd (another server or user, a damaged header,
  * a torn last line, invalid lines) is reported, kept where sound, and the
@@ -358,7 +378,7 @@ load_state(struct store *st)
 {
 	FILE *f = fopen(st->state_path, "re");
 	char *line = NULL;
-	size_t cap = 0, bad = 0, unfinished = 0;
+	size_t cap = 0, bad = 0, unfinished = 0, renamed = 0;
 	ssize_t len;
 	bool rewrite = false, first = true;
 	int r = 0;
@@ -377,7 +397,7 @@ load_state(struct store *st)
 			char want[128];
 			snprintf(want, sizeof(want), "%s %s", STATE_MAGIC, st->binding);
 			if (!complete || strcmp(line, want) != 0) {
-				if (strncmp(line, STATE_MAGIC " ", strlen(STATE_MAGIC) + 1) == 0)
+				if (complete && is_header(line))
 					log_notice(st->id,
 						   "server or user changed: starting a fresh UIDL "
 						   "state in %s",
@@ -399,11 +419,13 @@ load_state(struct store *st)
 			rewrite = true;
 			continue;
 		}
-		if (memchr(line, ' ', (size_t)len) != NULL)
+		bool staged = memchr(line, ' ', (size_t)len) != NULL;
+		if (staged)
 			rewrite = true; /* settle it now, before staging is cleaned */
 		switch (parse_record(st, line, (size_t)len)) {
 		case 1:
 			strset_add(&st->uids, line);
+			renamed += staged;
 			break;
 		case 0:
 			unfinished++;
@@ -420,8 +442,14 @@ load_state(struct store *st)
 	fclose(f);
 	if (r < 0)
 		return r;
-	if (first)
-		rewrite = true; /* empty file */
+	if (first) {
+		/* never written so: every state starts with its header line */
+		log_warning(st->id,
+			    "the UIDL state %s is empty (truncated): starting afresh; mail left "
+			    "on the server may be saved again",
+			    st->state_path);
+		rewrite = true;
+	}
 	if (bad > 0)
 		log_warning(st->id,
 			    "the UIDL state %s has %zu damaged line(s), ignored; the messages "
@@ -432,6 +460,17 @@ load_state(struct store *st)
 			   "%zu message(s) were not saved completely by an interrupted "
 			   "session; they are received again",
 			   unfinished);
+	/*
+	 * A folder renamed by a session that ended before its fsync of
+	 * save_directory succeeded (killed, or the fsync failed) is visible but
+	 * perhaps not durable, and once its record is settled here it is
+	 * deleted from the server. So save_directory is fsync'd first; should
+	 * that fail, the records stay as they are and nothing is deleted.
+	 * (A save_directory that is gone has nothing left to make durable.)
+	 */
+	if (renamed > 0 && st->save_dir != NULL && (r = util_fsync_dir(st->save_dir)) < 0 &&
+	    r != -ENOENT)
+		return seterr(st, -r, "cannot fsync %s", st->save_dir);
 	return rewrite ? rewrite_state(st) : 0;
 }
 
@@ -696,7 +735,13 @@ store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder)
 	}
 	/* the record first, naming the staged folder: should the process die
 	 * after this, the next start tells by the staging folder whether the
-	 * rename happened, wherever a consumer has taken the folder since */
+	 * rename happened, wherever a consumer has taken the folder since.
+	 * Even a failed append may have left the line on disk (a write that
+	 * went through, then a failed fdatasync and a failed cut back), so
+	 * from here on a failure keeps the staging folder: removing it would
+	 * turn that record into "renamed", and the message, never renamed
+	 * into place, would be taken for saved and deleted from the server. */
+	m->recorded = true;
 	if ((r = append_record(st, m->uid, m->stage)) < 0)
 		goto fail;
 	if ((r = rename_into_place(m, &folder)) < 0)
@@ -730,7 +775,8 @@ store_msg_abort(struct store_msg *m)
 		close(m->fd);
 	if (m->dirfd >= 0)
 		close(m->dirfd);
-	if (m->path != NULL)
+	/* a recorded staging folder is left for store_open to settle, then clean */
+	if (m->path != NULL && !m->recorded)
 		remove_tree(m->path);
 	free(m->uid);
 	free(m->name);

@@ -30,8 +30,8 @@ struct store_params {
 int store_open(const struct store_params *p, struct store **ret, char *err, size_t errlen);
 void store_close(struct store *st);
 
-/* Was this UIDL saved before (in the state, or as a folder of a session that
- * died between the rename and the state record)? */
+/* Was this UIDL saved before? The state knows: a record written just before
+ * a rename counts once its staging folder is gone (settled by store_open). */
 bool store_has(struct store *st, const char *uid);
 
 /* Stage a new message folder; message.eml is open for store_msg_write. */
@@ -54,7 +54,9 @@ int store_msg_add_file(struct store_msg *m, const char *name, const void *data, 
  * save_directory (never replacing anything), fsync save_directory. With
  * keep_eml false, message.eml is removed first. *ret_folder (malloc'd,
  * absolute when save_directory is) is NULL when nothing is kept.
- * The message is freed in all cases.
+ * The message is freed in all cases; a failure after its record was
+ * written leaves the staging folder (the record is void while it is
+ * there) for the next store_open to settle and remove.
  */
 int store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder);
 /* Remove the staged folder. NULL is a no-op. */

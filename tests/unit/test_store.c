@@ -195,6 +195,59 @@ interrupted_commit(void)
 	store_close(st);
 }
 
+/* A rename that fails after the record was written: the record must stay
+ * void (its staging folder kept), or the next start would take the message
+ * for saved — and delete it from the server — though it never appeared. */
+static void
+failed_rename_is_not_saved(void)
+{
+	char name[64], path[600], stage[512], *folder = NULL;
+	struct store *st = open_store("pop.example", "dave");
+	struct store_msg *m;
+	time_t when = 1795688102;
+
+	CHECK(st != NULL);
+	if (st == NULL)
+		return;
+	/* every name the rename may take is taken: it fails with EEXIST */
+	store_folder_name("box", "R1", when, name, sizeof(name));
+	for (unsigned i = 1; i < 1000; i++) {
+		if (i == 1)
+			snprintf(path, sizeof(path), "%s/%s", save, name);
+		else
+			snprintf(path, sizeof(path), "%s/%s-%u", save, name, i);
+		CHECK(mkdir(path, 0700) == 0);
+	}
+	CHECK(store_msg_begin(st, "R1", when, &m) == 0);
+	CHECK(store_msg_write(m, "Subject: r\r\n\r\n", 14) == 0);
+	snprintf(stage, sizeof(stage), "%s", store_msg_eml_path(m));
+	*strrchr(stage, '/') = '\0';
+	CHECK(store_msg_commit(m, true, &folder) < 0 && folder == NULL);
+	CHECK(!store_has(st, "R1"));
+	CHECK(exists(stage)); /* kept: it makes the record on disk void */
+	snprintf(path, sizeof(path), "%s/box/uidl", state);
+	char *text = slurp(path);
+	CHECK(strstr(text, "R1 ") != NULL); /* the record went to disk first */
+	free(text);
+	store_close(st);
+
+	/* the next start: not saved, so received again; staging cleaned */
+	st = open_store("pop.example", "dave");
+	CHECK(st != NULL && !store_has(st, "R1") && store_count(st) == 0);
+	CHECK(!exists(stage));
+	store_close(st);
+	text = slurp(path);
+	CHECK(strstr(text, "R1") == NULL);
+	free(text);
+	for (unsigned i = 1; i < 1000; i++) {
+		if (i == 1)
+			snprintf(path, sizeof(path), "%s/%s", save, name);
+		else
+			snprintf(path, sizeof(path), "%s/%s-%u", save, name, i);
+		CHECK(rmdir(path) == 0);
+	}
+}
+
 static void
 lock_and_staging(void)
 {
@@ -234,6 +287,7 @@ main(void)
 	commit_and_state();
 	binding_and_damage();
 	interrupted_commit();
+	failed_rename_is_not_saved();
 	lock_and_staging();
 	char cmd[600];
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", root);
