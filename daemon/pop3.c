@@ -67,6 +67,13 @@ static const char *const state_names[] = {
 	[P3_QUIT] = "QUIT", [P3_DONE] = "DONE",
 };
 
+/* Bounds on what a server may make a session do (a stall needs only 1 KiB
+ * per command timeout, so these end what would otherwise never end): a
+ * server lists its capabilities in a few dozen lines, and a SASL mechanism
+ * needs at most three challenges. */
+#define CAPA_MAX_LINES 256
+#define AUTH_MAX_STEPS 16
+
 /* A command the owner queued. */
 struct cmd {
 	enum pop3_state state; /* P3_UIDL (listing), P3_STAT, P3_RETR, P3_DELE, P3_QUIT */
@@ -95,8 +102,9 @@ struct pop3_session {
 	struct event *cmd_timer;
 	struct event *conn_timer;
 	enum pop3_state state;
-	bool multiline; /* inside the multi-line body of the current response */
-	bool dead;	/* failed() or quit() was called */
+	bool multiline;	  /* inside the multi-line body of the current response */
+	bool dead;	  /* failed() or quit() was called */
+	bool unsolicited; /* bytes were waiting when a command was due: it was not sent */
 	unsigned err_rcodes, err_login_delay; /* of the response that fails */
 	struct pop3_capa capa;
 	const char *mechanism;
@@ -104,6 +112,8 @@ struct pop3_session {
 	char greeting[128];	       /* the greeting's text, printable, "" before it */
 	struct auth *auth;	       /* the SASL exchange in progress */
 	bool auth_cancelled;	       /* we sent "*": the server did not prove itself */
+	unsigned auth_steps;	       /* challenges answered in this exchange */
+	unsigned capa_lines;	       /* lines of the CAPA listing so far */
 	char *auth_pending;	       /* a first response that did not fit on the AUTH line */
 	char *cb_unique, *cb_exporter; /* channel bindings, base64, once TLS is on */
 
@@ -216,6 +226,21 @@ send_line(struct pop3_session *s, const char *fmt, ...)
 	struct evbuffer *out = bufferevent_get_output(s->bev);
 	va_list ap;
 
+	/*
+	 * No pipelining: a command goes out only once every byte of the
+	 * responses before it was read. Bytes still waiting now came before
+	 * the server heard this command, so they answer nothing; taken for
+	 * its answer, they would shift every later response by one (a RETR's
+	 * status line saved as message data). The command is not sent, and
+	 * on_read() ends the session.
+	 */
+	if (evbuffer_get_length(bufferevent_get_input(s->bev)) > 0) {
+		s->unsolicited = true;
+		bufferevent_trigger(s->bev, EV_READ,
+				    BEV_TRIG_IGNORE_WATERMARKS | BEV_TRIG_DEFER_CALLBACKS);
+		arm_timer(s);
+		return;
+	}
 	va_start(ap, fmt);
 	evbuffer_add_vprintf(out, fmt, ap);
 	va_end(ap);
@@ -223,17 +248,43 @@ send_line(struct pop3_session *s, const char *fmt, ...)
 	arm_timer(s);
 }
 
-/* The server's text, cut to a printable length, for details and debug lines. */
+/*
+ * The server's text, for details and debug lines: printable ASCII as it is,
+ * a backslash doubled, every other byte (controls, the ESC of a terminal
+ * sequence, DEL, 8-bit bytes, invalid UTF-8) as \xHH; cut to fit size (at
+ * least 8), "..." marking the cut.
+ */
 static const char *
 server_text(const struct pop3_reply *r, char *buf, size_t size)
 {
-	size_t n = r->text_len < size - 1 ? r->text_len : size - 1;
+	static const char hex[] = "0123456789abcdef";
+	size_t o = 0;
 
-	for (size_t i = 0; i < n; i++) {
+	for (size_t i = 0; i < r->text_len; i++) {
 		unsigned char c = (unsigned char)r->text[i];
-		buf[i] = c < 0x20 || c == 0x7f ? '?' : (char)c;
+		char esc[4];
+		size_t n = 0;
+
+		if (c == '\\') {
+			esc[n++] = '\\';
+			esc[n++] = '\\';
+		} else if (c >= 0x20 && c < 0x7f) {
+			esc[n++] = (char)c;
+		} else {
+			esc[n++] = '\\';
+			esc[n++] = 'x';
+			esc[n++] = hex[c >> 4];
+			esc[n++] = hex[c & 0xf];
+		}
+		if (o + n > size - 4) {
+			memcpy(buf + o, "...", 3);
+			o += 3;
+			break;
+		}
+		memcpy(buf + o, esc, n);
+		o += n;
 	}
-	buf[n] = '\0';
+	buf[o] = '\0';
 	return buf;
 }
 
@@ -336,6 +387,7 @@ send_auth(struct pop3_session *s)
 	char err[256], *ir = NULL;
 	bool oauth = strcmp(mech, "XOAUTH2") == 0 || strcmp(mech, "OAUTHBEARER") == 0;
 
+	s->auth_steps = 0;
 	if (auth_start(mech, &ap, &s->auth, err, sizeof(err)) < 0) {
 		fail(s, POP3_FAIL_AUTH, "%s", err);
 		return;
@@ -363,6 +415,11 @@ on_auth_challenge(struct pop3_session *s, const struct pop3_reply *r)
 {
 	char challenge[POP3_LINE_MAX + 1], *resp = NULL;
 
+	if (s->auth_cancelled || ++s->auth_steps > AUTH_MAX_STEPS) {
+		fail(s, POP3_FAIL_PROTOCOL, "%s: the server's exchange goes on %s", s->mechanism,
+		     s->auth_cancelled ? "after it was cancelled" : "and on: login abandoned");
+		return;
+	}
 	if (s->auth_pending != NULL) {
 		send_auth_line(s, s->auth_pending);
 		explicit_bzero(s->auth_pending, strlen(s->auth_pending));
@@ -390,6 +447,7 @@ enter_state(struct pop3_session *s, enum pop3_state st)
 	switch (st) {
 	case P3_CAPA:
 		pop3_capa_init(&s->capa);
+		s->capa_lines = 0;
 		log_debug(s->p.id, "C: CAPA");
 		send_line(s, "CAPA");
 		break;
@@ -550,7 +608,7 @@ fail_handshake(struct pop3_session *s, short what, int err)
 				" (is this a TLS port? plain POP3 there needs tls: explicit or "
 				"none)",
 				sizeof(why) - strlen(why) - 1);
-	} else if (what & BEV_EVENT_EOF) {
+	} else if ((what & BEV_EVENT_EOF) || err == EPIPE || err == ECONNRESET) {
 		snprintf(why, sizeof(why), "the server closed the connection");
 	} else if (what & BEV_EVENT_ERROR && err != 0) {
 		snprintf(why, sizeof(why), "%s", evutil_socket_error_to_string(err));
@@ -595,6 +653,10 @@ finish_listing(struct pop3_session *s)
 		qsort(s->msgs, s->nmsgs, sizeof(*s->msgs), cmp_msg);
 	if (s->nuids > 1)
 		qsort(s->uids, s->nuids, sizeof(*s->uids), cmp_uid);
+	/* a message the UIDL listing names twice has no UIDL one can trust */
+	for (size_t k = 1; k < s->nuids; k++)
+		if (s->uids[k].num == s->uids[k - 1].num)
+			s->uids[k].uid[0] = s->uids[k - 1].uid[0] = '\0';
 	for (size_t i = 0; i < s->nmsgs; i++) {
 		while (j < s->nuids && s->uids[j].num < s->msgs[i].num)
 			j++;
@@ -627,6 +689,11 @@ on_listing_line(struct pop3_session *s, const char *line, size_t len)
 	}
 	switch (s->state) {
 	case P3_CAPA:
+		if (++s->capa_lines > CAPA_MAX_LINES) {
+			fail(s, POP3_FAIL_PROTOCOL, "CAPA lists more than %d lines",
+			     CAPA_MAX_LINES);
+			return;
+		}
 		pop3_parse_capa_line(&s->capa, line, len);
 		break;
 	case P3_UIDL:
@@ -918,6 +985,13 @@ on_read(struct bufferevent *bev, void *arg)
 	while (!s->dead && bev == s->bev && evbuffer_get_length(in) > 0) {
 		if (s->state == P3_HANDSHAKE)
 			break;
+		if (s->unsolicited) {
+			fail(s, POP3_FAIL_PROTOCOL,
+			     "%zu byte(s) from the server that answer no command (before %s): "
+			     "nothing more is sent",
+			     evbuffer_get_length(in), state_names[s->state]);
+			break;
+		}
 		if (s->state == P3_RETR && s->multiline) {
 			if (!read_data(s, in))
 				break;
@@ -1044,6 +1118,15 @@ tcp_connected(struct bufferevent *bev, int *err)
 	return false;
 }
 
+/* Implicit TLS: did the ClientHello (a byte of it) reach the socket? */
+static bool
+hello_sent(const struct pop3_session *s)
+{
+	BIO *wbio = s->ssl != NULL ? SSL_get_wbio(s->ssl) : NULL;
+
+	return wbio != NULL && BIO_number_written(wbio) > 0;
+}
+
 static void
 on_event(struct bufferevent *bev, short what, void *arg)
 {
@@ -1077,9 +1160,13 @@ on_event(struct bufferevent *bev, short what, void *arg)
 	}
 	if (s->state == P3_CONNECT) {
 		/* with implicit TLS, a refused TCP connection has no TLS error, but
-		 * libevent may report it as the end of the handshake */
-		if (s->p.tls == POP3_TLS_IMPLICIT && tcp_connected(bev, &err) &&
-		    ((what & BEV_EVENT_EOF) || bufferevent_get_openssl_error(bev) != 0)) {
+		 * libevent may report it as the end of the handshake; TCP was up
+		 * when a byte of the ClientHello went out (the peer may have reset
+		 * the connection since, and getpeername() fail) */
+		if (s->p.tls == POP3_TLS_IMPLICIT &&
+		    (hello_sent(s) ||
+		     (tcp_connected(bev, &err) &&
+		      ((what & BEV_EVENT_EOF) || bufferevent_get_openssl_error(bev) != 0)))) {
 			/* TCP was up: the handshake failed */
 			if (progress(s, POP3_PROGRESS_CONNECTED))
 				fail_handshake(s, what, err);

@@ -118,12 +118,26 @@ word_is(const char *w, size_t n, const char *name)
 	return n == strlen(name) && strncasecmp(w, name, n) == 0;
 }
 
+/* RFC 4422 §3.1: a mechanism name is 1 to 20 of A-Z, 0-9, "-" and "_". */
+static bool
+sasl_name_ok(const char *w, size_t n)
+{
+	if (n == 0 || n > 20)
+		return false;
+	for (size_t i = 0; i < n; i++)
+		if (!isalnum((unsigned char)w[i]) && w[i] != '-' && w[i] != '_')
+			return false;
+	return true;
+}
+
+/* Another name the server offers; anything that is no mechanism name (a
+ * terminal escape sequence, say) is not kept: the list reaches log lines. */
 static void
 capa_add_sasl(struct pop3_capa *capa, const char *w, size_t n)
 {
 	size_t used = strlen(capa->sasl);
 
-	if (n == 0 || used + n + 2 > sizeof(capa->sasl))
+	if (!sasl_name_ok(w, n) || used + n + 2 > sizeof(capa->sasl))
 		return;
 	if (used > 0)
 		capa->sasl[used++] = ' ';

@@ -94,6 +94,13 @@ capa(void)
 	pop3_capa_init(&c);
 	pop3_parse_capa_line(&c, big, sizeof(big));
 	CHECK(strlen(c.sasl) < sizeof(c.sasl));
+	/* only mechanism names (RFC 4422: 1-20 of A-Z 0-9 - _) are kept: the
+	 * list is shown in log lines, and a server's escape sequences are not */
+	const char hostile[] = "SASL PLAIN \x1b[31mRED X\x07Y caf\xc3\xa9 \xe2\x80\xae "
+			       "A23456789012345678901 x_oauth2 12345678901234567890 LOGIN";
+	pop3_capa_init(&c);
+	pop3_parse_capa_line(&c, hostile, sizeof(hostile) - 1);
+	CHECK_STR(c.sasl, "PLAIN X_OAUTH2 12345678901234567890 LOGIN");
 }
 
 static void
