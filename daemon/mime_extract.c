@@ -980,7 +980,7 @@ pkcs7(struct ctx *c, GMimePart *part, unsigned layer)
 {
 	unsigned long long cap = c->max_decoded - c->decoded;
 	struct smime_cms *cms = NULL;
-	char why[256], tmp[300];
+	char why[256] = "", tmp[300];
 	int r, der, out;
 
 	if (cap > SMIME_MAX_SIZE)
