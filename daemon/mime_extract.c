@@ -960,6 +960,20 @@ inner_entity(struct ctx *c, int fd, unsigned layer)
 	g_object_unref(stream);
 }
 
+/* Does the file at fd begin with a header field ("Name:")? RFC 8551: what
+ * is encrypted is a MIME entity, so its first line is a header field. */
+static bool
+starts_with_header(int fd)
+{
+	char buf[80];
+	ssize_t n = pread(fd, buf, sizeof(buf), 0);
+	ssize_t i = 0;
+
+	while (i < n && buf[i] > ' ' && buf[i] < 0x7f && buf[i] != ':')
+		i++;
+	return i > 0 && i < n && buf[i] == ':';
+}
+
 static bool
 says_enveloped(GMimePart *part)
 {
@@ -1035,6 +1049,12 @@ pkcs7(struct ctx *c, GMimePart *part, unsigned layer)
 	} else {
 		r = smime_cms_unwrap_signed(cms, out, why, sizeof(why));
 		snprintf(tmp, sizeof(tmp), "signed data: %s", why);
+	}
+	if (r == 0 && smime_cms_kind(cms) == SMIME_KIND_ENVELOPED && !starts_with_header(out)) {
+		/* a corrupt key transport decrypts with a random key (OpenSSL's
+		 * defence against padding oracles): 1 in 256 passes the padding */
+		snprintf(tmp, sizeof(tmp), "corrupt (the decrypted content is not a MIME entity)");
+		r = -1;
 	}
 	if (r == 0) {
 		set_smime(c, smime_cms_kind(cms) == SMIME_KIND_ENVELOPED ? SM_DECRYPTED : SM_SIGNED,

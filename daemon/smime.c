@@ -406,6 +406,46 @@ open_cms(const void *der, size_t len, char **out, size_t *outlen, char *why, siz
 	return cms;
 }
 
+/*
+ * A key-agreement recipient (EC keys) whose key is wrapped with AES key
+ * wrap with padding (RFC 5649). OpenSSL 3.0's unwrap of it writes past its
+ * buffer on a malformed wrapped key (upstream PR #30663; Debian 12's 3.0.19
+ * has it), and the message comes from a stranger: such mail is refused.
+ */
+static bool
+kari_wrap_pad(CMS_ContentInfo *cms)
+{
+	STACK_OF(CMS_RecipientInfo) *ris = CMS_get0_RecipientInfos(cms);
+
+	for (int i = 0; i < sk_CMS_RecipientInfo_num(ris); i++) {
+		CMS_RecipientInfo *ri = sk_CMS_RecipientInfo_value(ris, i);
+		X509_ALGOR *alg = NULL, *wrap;
+		ASN1_OCTET_STRING *ukm = NULL;
+		const ASN1_OBJECT *obj;
+		const void *pval;
+		const unsigned char *p;
+		int ptype, nid;
+
+		if (CMS_RecipientInfo_type(ri) != CMS_RECIPINFO_AGREE ||
+		    !CMS_RecipientInfo_kari_get0_alg(ri, &alg, &ukm) || alg == NULL)
+			continue;
+		X509_ALGOR_get0(&obj, &ptype, &pval, alg);
+		if (ptype != V_ASN1_SEQUENCE || pval == NULL)
+			continue;
+		p = ASN1_STRING_get0_data(pval);
+		wrap = d2i_X509_ALGOR(NULL, &p, ASN1_STRING_length(pval));
+		if (wrap == NULL)
+			continue;
+		X509_ALGOR_get0(&obj, NULL, NULL, wrap);
+		nid = OBJ_obj2nid(obj);
+		X509_ALGOR_free(wrap);
+		if (nid == NID_id_aes128_wrap_pad || nid == NID_id_aes192_wrap_pad ||
+		    nid == NID_id_aes256_wrap_pad)
+			return true;
+	}
+	return false;
+}
+
 /* Decrypt cms into out. 0, or -1 with why. */
 static int
 decrypt_cms(const struct smime_key *k, CMS_ContentInfo *cms, BIO *out, char *why, size_t whylen)
@@ -432,6 +472,14 @@ decrypt_cms(const struct smime_key *k, CMS_ContentInfo *cms, BIO *out, char *why
 		else
 			snprintf(buf, sizeof(buf), "not for this key (no recipient)");
 		set_why(why, whylen, buf, NULL);
+		return -1;
+	}
+	if (kari_wrap_pad(cms)) {
+		set_why(why, whylen,
+			"unsupported (key agreement with AES key wrap with padding is refused: "
+			"OpenSSL 3.0 mishandles it)",
+			NULL);
+		ERR_clear_error();
 		return -1;
 	}
 	if (!CMS_decrypt(cms, k->pkey, k->cert, NULL, out, CMS_BINARY)) {

@@ -294,3 +294,15 @@ def test_encrypted_message_over_the_decoded_ceiling(fake_pop3, fake_config, conf
     assert "more than 20480 decoded bytes" in meta["note"]
     assert_nothing_extracted(folder, meta)
     assert server.remaining() == []
+
+
+def test_decrypted_content_must_be_a_mime_entity(fake_pop3, fake_config, confdir,
+                                                 run_popfetchd, pki, secret_registry):
+    """What decrypts to something that is no MIME entity (a corrupt key
+    transport decrypts with a random key 1 time in 256) is not taken for
+    decrypted content: saved raw, with the reason."""
+    data = message(pki.encrypt(b"\x8b\x02garbage that is no header\r\n"))
+    _, folder, meta = receive_one(fake_pop3, fake_config, confdir, run_popfetchd, pki, data,
+                                  secret_registry, key_name="alice", key_password=P12_PASSWORD)
+    assert meta["smime"] == "not-decrypted: corrupt (the decrypted content is not a MIME entity)"
+    assert_nothing_extracted(folder, meta)
