@@ -1,5 +1,5 @@
 """Replay each fuzz harness over its seed corpus (a regression test; real
-fuzzing: see tests/fuzz/README.md)."""
+fuzzing: README.md, "Fuzzing", and test_fuzz_run.py)."""
 import os
 import pathlib
 import subprocess
@@ -9,9 +9,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUILD = pathlib.Path(os.environ.get("POPFETCHD_BUILD", ROOT / "build"))
 CORPUS = ROOT / "tests" / "fuzz" / "corpus"
+HARNESSES = ["pop3_parse", "pop3_framing", "mime_headers", "config", "mime_extract", "smime"]
 
 
-@pytest.mark.parametrize("name", ["pop3_parse", "mime_headers", "config", "mime_extract"])
+@pytest.mark.parametrize("name", HARNESSES)
 def test_fuzz_corpus(name):
     exe = BUILD / "tests" / f"fuzz_{name}"
     inputs = sorted(str(p) for p in (CORPUS / name).iterdir())
