@@ -25,6 +25,7 @@
 #include "popfetchd/mime_extract.h"
 #include "popfetchd/oauth2.h"
 #include "popfetchd/pop3.h"
+#include "popfetchd/runtime.h"
 #include "popfetchd/store.h"
 #include "popfetchd/util.h"
 
@@ -661,23 +662,9 @@ static const struct pop3_events fetch_events = {
 static void
 start_session(struct fetch *f)
 {
-	const struct conf_mailbox *mb = f->mb;
-	struct pop3_params pp = {
-		.id = mb->id,
-		.host = mb->server,
-		.port = mb->port,
-		.tls = mb->tls == CONF_TLS_NONE	      ? POP3_TLS_NONE
-		       : mb->tls == CONF_TLS_IMPLICIT ? POP3_TLS_IMPLICIT
-						      : POP3_TLS_EXPLICIT,
-		.tls_ctx = f->tls,
-		.user = mb->user,
-		.password = mb->password,
-		.token = f->token,
-		.mechanisms = f->mechanisms,
-		.connect_timeout = (unsigned)mb->connect_timeout,
-		.command_timeout = (unsigned)mb->command_timeout,
-	};
+	struct pop3_params pp;
 
+	runtime_pop3_params(f->mb, f->tls, f->mechanisms, f->token, &pp);
 	f->pop3 = pop3_session_new(f->base, f->dns, &pp, &fetch_events, f);
 	pop3_session_start(f->pop3);
 }
@@ -740,7 +727,6 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 		.user = mb->user,
 	};
 	char err[512];
-	size_t n;
 	int r;
 
 	f->base = base;
@@ -772,20 +758,7 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 		finish(f);
 		return f;
 	}
-	if (mb->auth == CONF_AUTH_OAUTH2) {
-		f->mechanisms = xcalloc(2, sizeof(char *));
-		f->mechanisms[0] =
-			mb->oauth2.mechanism == CONF_OAUTH_XOAUTH2 ? "XOAUTH2" : "OAUTHBEARER";
-	} else if (mb->sasl_mechanisms != NULL) {
-		f->mechanisms = xcalloc(mb->n_sasl_mechanisms + 1, sizeof(char *));
-		for (size_t i = 0; i < mb->n_sasl_mechanisms; i++)
-			f->mechanisms[i] = mb->sasl_mechanisms[i];
-	} else {
-		for (n = 0; conf_default_sasl_mechanisms[n] != NULL; n++)
-			;
-		f->mechanisms = xcalloc(n + 1, sizeof(char *));
-		memcpy(f->mechanisms, conf_default_sasl_mechanisms, n * sizeof(char *));
-	}
+	f->mechanisms = runtime_mechanisms(mb);
 	if (mb->auth == CONF_AUTH_OAUTH2) {
 		if (f->oauth2 == NULL)
 			abort(); /* the owner builds a token source for every oauth2 configuration

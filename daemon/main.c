@@ -350,10 +350,7 @@ cmd_run(const struct options *o)
 	d.base = event_base_new();
 	if (d.base == NULL)
 		abort();
-	dns = evdns_base_new(d.base,
-			     EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
-	if (dns == NULL)
-		dns = evdns_base_new(d.base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+	dns = runtime_dns_new(d.base);
 	d.sig_hup = evsignal_new(d.base, SIGHUP, on_hup, &d);
 	d.sig_term = evsignal_new(d.base, SIGTERM, on_term, &d);
 	d.sig_int = evsignal_new(d.base, SIGINT, on_term, &d);
@@ -447,10 +444,7 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 	base = event_base_new();
 	if (base == NULL)
 		abort();
-	dns = evdns_base_new(base,
-			     EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
-	if (dns == NULL)
-		dns = evdns_base_new(base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+	dns = runtime_dns_new(base);
 	oauth = mb->auth == CONF_AUTH_OAUTH2 ? oauth2_client_new(base) : NULL;
 	if (runtime_init(&rt, set, mb, oauth, false, why, sizeof(why)) < 0) {
 		fprintf(stderr, "popfetchd: %s: %s (%s)\n", mb->id, why, mb->file);

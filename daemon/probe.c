@@ -556,28 +556,6 @@ static const struct pop3_events probe_events = {
 
 /* ---- setting up and tearing down ---- */
 
-static const char **
-mechanisms_of(const struct conf_mailbox *mb)
-{
-	const char **m;
-	size_t n;
-
-	if (mb->auth == CONF_AUTH_OAUTH2) {
-		m = xcalloc(2, sizeof(char *));
-		m[0] = mb->oauth2.mechanism == CONF_OAUTH_XOAUTH2 ? "XOAUTH2" : "OAUTHBEARER";
-	} else if (mb->sasl_mechanisms != NULL) {
-		m = xcalloc(mb->n_sasl_mechanisms + 1, sizeof(char *));
-		for (size_t i = 0; i < mb->n_sasl_mechanisms; i++)
-			m[i] = mb->sasl_mechanisms[i];
-	} else {
-		for (n = 0; conf_default_sasl_mechanisms[n] != NULL; n++)
-			;
-		m = xcalloc(n + 1, sizeof(char *));
-		memcpy(m, conf_default_sasl_mechanisms, n * sizeof(char *));
-	}
-	return m;
-}
-
 /* A token source of the test's own, its cache in a temporary directory. */
 static void
 token_source_new(struct probe *p)
@@ -626,32 +604,16 @@ run_network(struct probe *p)
 	p->base = event_base_new();
 	if (p->base == NULL)
 		abort();
-	dns = evdns_base_new(p->base,
-			     EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
-	if (dns == NULL)
-		dns = evdns_base_new(p->base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+	dns = runtime_dns_new(p->base);
 	if (mb->auth == CONF_AUTH_OAUTH2)
 		token_source_new(p);
-	p->mechanisms = mechanisms_of(mb);
+	p->mechanisms = runtime_mechanisms(mb);
 	p->login_ev = event_new(p->base, -1, 0, resume_login, p);
 	if (p->login_ev == NULL)
 		abort();
 
-	pp = (struct pop3_params){
-		.id = mb->id,
-		.host = mb->server,
-		.port = mb->port,
-		.tls = mb->tls == CONF_TLS_NONE	      ? POP3_TLS_NONE
-		       : mb->tls == CONF_TLS_IMPLICIT ? POP3_TLS_IMPLICIT
-						      : POP3_TLS_EXPLICIT,
-		.tls_ctx = p->tls,
-		.user = mb->user,
-		.password = mb->password,
-		.mechanisms = p->mechanisms,
-		.connect_timeout = (unsigned)mb->connect_timeout,
-		.command_timeout = (unsigned)mb->command_timeout,
-		.hold_login = true,
-	};
+	runtime_pop3_params(mb, p->tls, p->mechanisms, NULL, &pp);
+	pp.hold_login = true;
 	p->cur = ST_CONNECT;
 	p->pop3 = pop3_session_new(p->base, dns, &pp, &probe_events, p);
 	pop3_session_start(p->pop3);

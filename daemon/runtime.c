@@ -6,9 +6,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <event2/dns.h>
+
 #include "popfetchd/config.h"
 #include "popfetchd/log.h"
 #include "popfetchd/oauth2.h"
+#include "popfetchd/pop3.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/smime.h"
 #include "popfetchd/tls.h"
@@ -48,6 +51,59 @@ runtime_oauth2_params(const struct conf_mailbox *mb, const char *state_dir,
 		.state_dir = state_dir,
 		.timeout = (unsigned)mb->connect_timeout,
 	};
+}
+
+const char **
+runtime_mechanisms(const struct conf_mailbox *mb)
+{
+	const char **m;
+	size_t n;
+
+	if (mb->auth == CONF_AUTH_OAUTH2) {
+		m = xcalloc(2, sizeof(char *));
+		m[0] = mb->oauth2.mechanism == CONF_OAUTH_XOAUTH2 ? "XOAUTH2" : "OAUTHBEARER";
+	} else if (mb->sasl_mechanisms != NULL) {
+		m = xcalloc(mb->n_sasl_mechanisms + 1, sizeof(char *));
+		for (size_t i = 0; i < mb->n_sasl_mechanisms; i++)
+			m[i] = mb->sasl_mechanisms[i];
+	} else {
+		for (n = 0; conf_default_sasl_mechanisms[n] != NULL; n++)
+			;
+		m = xcalloc(n + 1, sizeof(char *));
+		memcpy(m, conf_default_sasl_mechanisms, n * sizeof(char *));
+	}
+	return m;
+}
+
+void
+runtime_pop3_params(const struct conf_mailbox *mb, struct tls_ctx *tls, const char **mechanisms,
+		    const char *token, struct pop3_params *pp)
+{
+	*pp = (struct pop3_params){
+		.id = mb->id,
+		.host = mb->server,
+		.port = mb->port,
+		.tls = mb->tls == CONF_TLS_NONE	      ? POP3_TLS_NONE
+		       : mb->tls == CONF_TLS_IMPLICIT ? POP3_TLS_IMPLICIT
+						      : POP3_TLS_EXPLICIT,
+		.tls_ctx = tls,
+		.user = mb->user,
+		.password = mb->password,
+		.token = token,
+		.mechanisms = mechanisms,
+		.connect_timeout = (unsigned)mb->connect_timeout,
+		.command_timeout = (unsigned)mb->command_timeout,
+	};
+}
+
+struct evdns_base *
+runtime_dns_new(struct event_base *base)
+{
+	struct evdns_base *dns = evdns_base_new(
+		base, EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+
+	/* no resolv.conf: IP literals still work */
+	return dns != NULL ? dns : evdns_base_new(base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
 }
 
 void

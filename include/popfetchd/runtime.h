@@ -16,6 +16,9 @@ struct conf_set;
 struct conf_mailbox;
 struct oauth2_client;
 struct oauth2_params;
+struct pop3_params;
+struct event_base;
+struct evdns_base;
 
 struct runtime {
 	const struct conf_set *set;
@@ -41,6 +44,14 @@ void runtime_oauth2_params(const struct conf_mailbox *mb, const char *state_dir,
 			   struct oauth2_params *op);
 /* The log level: -v / -q (verbosity 1 / -1) over the set's log_level. */
 void runtime_log_level(const struct conf_set *set, int verbosity);
+/* The SASL mechanisms to offer mb's server, in order, NULL-terminated: a
+ * malloc'd array of borrowed strings (free() it). */
+const char **runtime_mechanisms(const struct conf_mailbox *mb);
+/* A POP3 session's parameters for mb (token: for OAuth2, may be NULL). */
+void runtime_pop3_params(const struct conf_mailbox *mb, struct tls_ctx *tls,
+			 const char **mechanisms, const char *token, struct pop3_params *pp);
+/* An evdns base with the system's resolvers (or none, for IP literals). */
+struct evdns_base *runtime_dns_new(struct event_base *base);
 /* The parameters of a poll with it. */
 void runtime_fetch_params(const struct runtime *rt, enum fetch_mode mode, struct fetch_params *fp);
 
