@@ -227,13 +227,14 @@ pop3_parse_uidl_line(const char *line, size_t len, unsigned long *num, char *uid
 	return 0;
 }
 
-int
-pop3_parse_list_line(const char *line, size_t len, unsigned long *num, uint64_t *size)
+/* "N SIZE", as STAT answers and LIST lines are. */
+static int
+number_and_size(const char *text, size_t len, unsigned long *num, uint64_t *size)
 {
-	const char *p = line, *end = line + len;
+	const char *p = text, *end = text + len;
 	uint64_t n, sz;
 
-	if (parse_number(&p, end, 0xffffffffu, &n) < 0 || n == 0 || p == end || *p != ' ')
+	if (parse_number(&p, end, 0xffffffffu, &n) < 0 || p == end || *p != ' ')
 		return -EINVAL;
 	while (p < end && *p == ' ')
 		p++;
@@ -248,22 +249,22 @@ pop3_parse_list_line(const char *line, size_t len, unsigned long *num, uint64_t 
 }
 
 int
-pop3_parse_stat(const char *text, size_t len, unsigned long *count, uint64_t *size)
+pop3_parse_list_line(const char *line, size_t len, unsigned long *num, uint64_t *size)
 {
-	const char *p = text, *end = text + len;
-	uint64_t n, sz;
+	unsigned long n;
+	uint64_t sz;
 
-	if (parse_number(&p, end, 0xffffffffu, &n) < 0 || p == end || *p != ' ')
+	if (number_and_size(line, len, &n, &sz) < 0 || n == 0)
 		return -EINVAL;
-	while (p < end && *p == ' ')
-		p++;
-	if (parse_number(&p, end, UINT64_MAX / 16, &sz) < 0)
-		return -EINVAL;
-	if (p != end && *p != ' ')
-		return -EINVAL;
-	*count = (unsigned long)n;
+	*num = n;
 	*size = sz;
 	return 0;
+}
+
+int
+pop3_parse_stat(const char *text, size_t len, unsigned long *count, uint64_t *size)
+{
+	return number_and_size(text, len, count, size);
 }
 
 int
