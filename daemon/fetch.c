@@ -32,7 +32,7 @@
 struct candidate {
 	unsigned long num;
 	char uid[POP3_UIDL_MAX + 1]; /* "" until keyed, for a message without UIDL */
-	uint64_t limit; /* bytes accepted before the server is taken for a liar */
+	uint64_t limit;		     /* bytes accepted before the server is taken for a liar */
 };
 
 /*
@@ -330,8 +330,9 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 	}
 	free(dup);
 	if (ndup > 0)
-		log_warning(f->mb->id, "%s: %zu messages share UIDLs with others: they are known "
-				       "by their content instead",
+		log_warning(f->mb->id,
+			    "%s: %zu messages share UIDLs with others: they are known "
+			    "by their content instead",
 			    f->where, ndup);
 	if (f->unkeyed > 0)
 		log_notice(f->mb->id,
@@ -459,8 +460,6 @@ commit_message(struct fetch *f, const struct candidate *c, char *why, size_t why
 	struct fetch_saved *sv;
 	int r;
 
-	/* the store's own words, unless said otherwise below */
-	snprintf(why, whylen, "%s", store_error(f->store));
 	if (f->msg_error || store_msg_finish_eml(f->msg, &size) < 0) {
 		snprintf(why, whylen, "%s", store_error(f->store));
 		return -EIO;
@@ -794,8 +793,9 @@ fetch_abort(struct fetch *f, const char *why)
 	if (f->pop3 != NULL)
 		pop3_abort(f->pop3);
 	set_exit(f, EX_TEMPFAIL);
-	add_error(f, "%s: %s: the session was ended without QUIT; nothing it marked for deletion "
-		     "is deleted",
+	add_error(f,
+		  "%s: %s: the session was ended without QUIT; nothing it marked for deletion "
+		  "is deleted",
 		  f->where, why);
 	finish(f);
 }

@@ -211,7 +211,7 @@ print_result(const struct options *o, const struct conf_mailbox *mb, const struc
 
 /* ---- the daemon ---- */
 
-#define RELOAD_SETTLE  200 /* ms: a burst of SIGHUPs is one reload */
+#define RELOAD_SETTLE 200 /* ms: a burst of SIGHUPs is one reload */
 
 struct daemon {
 	const struct options *o;
@@ -219,7 +219,7 @@ struct daemon {
 	struct scheduler *sched;
 	struct event *sig_hup, *sig_term, *sig_int, *reload, *watchdog;
 	bool stopping;
-	unsigned stop_timeout; /* of the set in force */
+	unsigned stop_timeout;	/* of the set in force */
 	char reload_error[400]; /* the last reload that was refused, "" when none */
 	char status[1024];
 };
@@ -269,8 +269,9 @@ do_reload(evutil_socket_t fd, short what, void *arg)
 	if (conf_load(d->o->confdir, &set, &errs) < 0) {
 		for (size_t i = 0; i < errs.n; i++)
 			log_error(NULL, "%s", errs.lines[i]);
-		log_error(NULL, "reload refused: %zu configuration error(s); the previous "
-				"configuration keeps running",
+		log_error(NULL,
+			  "reload refused: %zu configuration error(s); the previous "
+			  "configuration keeps running",
 			  errs.n);
 		snprintf(d->reload_error, sizeof(d->reload_error), "%zu error(s), first: %s",
 			 errs.n, errs.n ? errs.lines[0] : "?");
@@ -547,8 +548,10 @@ main(int argc, char **argv)
 	if (strcmp(o.command, "run") == 0)
 		return cmd_run(&o);
 	if (strcmp(o.command, "test") == 0)
-		return probe_run(&(struct probe_options){
-			.confdir = o.confdir, .id = o.id, .json = o.json, .verbosity = o.verbosity});
+		return probe_run(&(struct probe_options){.confdir = o.confdir,
+							 .id = o.id,
+							 .json = o.json,
+							 .verbosity = o.verbosity});
 	fprintf(stderr, "popfetchd: unknown command \"%s\"\n", o.command);
 	usage(stderr);
 	return EX_USAGE;

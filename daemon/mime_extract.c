@@ -336,8 +336,8 @@ static const uint16_t cp1252_high[32] = {
 	0x2013, 0x2014, 0x02dc, 0x2122, 0x0161, 0x203a, 0x0153, 0xfffd, 0x017e, 0x0178};
 
 struct conv {
-	iconv_t cd;	   /* from the declared charset; (iconv_t)-1: UTF-8, checked */
-	char pend[16];	   /* an incomplete sequence at the end of a chunk */
+	iconv_t cd;    /* from the declared charset; (iconv_t)-1: UTF-8, checked */
+	char pend[16]; /* an incomplete sequence at the end of a chunk */
 	size_t npend;
 	unsigned long bad; /* bytes guessed (UTF-8) or replaced (iconv) */
 };
@@ -595,8 +595,7 @@ save_attachment(struct ctx *c, const char *want, const char *original, const cha
 		/* GMime writes what it parsed, with the message's CRLF line ends */
 		GMimeFormatOptions *fo = g_mime_format_options_new();
 		g_mime_format_options_set_newline_format(fo, GMIME_NEWLINE_FORMAT_DOS);
-		r = g_mime_object_write_to_stream(msg, fo, out) < 0 ||
-				    g_mime_stream_flush(out) < 0
+		r = g_mime_object_write_to_stream(msg, fo, out) < 0 || g_mime_stream_flush(out) < 0
 			    ? (errno ? -errno : -EIO)
 			    : 0;
 		g_mime_format_options_free(fo);
@@ -707,7 +706,8 @@ filename_of(GMimePart *part)
 		fixed = NULL;
 	}
 	GMimeContentDisposition *disp = g_mime_object_get_content_disposition(obj);
-	bool from_type = disp == NULL || g_mime_content_disposition_get_parameter(disp, "filename") == NULL;
+	bool from_type =
+		disp == NULL || g_mime_content_disposition_get_parameter(disp, "filename") == NULL;
 	if (name == NULL && from_type &&
 	    (fixed = without_encoded_nul(obj, "Content-Type")) != NULL) {
 		GMimeContentType *ct = g_mime_content_type_parse(NULL, fixed);

@@ -44,8 +44,9 @@ runtime_oauth2_params(const struct conf_mailbox *mb, const char *state_dir,
 		.client_id = mb->oauth2.client_id,
 		.client_secret = mb->oauth2.client_secret,
 		.scope = mb->oauth2.scope,
-		.grant = mb->oauth2.grant == CONF_GRANT_REFRESH_TOKEN ? OAUTH2_GRANT_REFRESH_TOKEN
-								      : OAUTH2_GRANT_CLIENT_CREDENTIALS,
+		.grant = mb->oauth2.grant == CONF_GRANT_REFRESH_TOKEN
+				 ? OAUTH2_GRANT_REFRESH_TOKEN
+				 : OAUTH2_GRANT_CLIENT_CREDENTIALS,
 		.refresh_token_file = mb->oauth2.refresh_token_file,
 		.ca_file = mb->oauth2.ca_file,
 		.state_dir = state_dir,
@@ -99,8 +100,8 @@ runtime_pop3_params(const struct conf_mailbox *mb, struct tls_ctx *tls, const ch
 struct evdns_base *
 runtime_dns_new(struct event_base *base)
 {
-	struct evdns_base *dns = evdns_base_new(
-		base, EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+	struct evdns_base *dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS |
+							      EVDNS_BASE_DISABLE_WHEN_INACTIVE);
 
 	/* no resolv.conf: IP literals still work */
 	return dns != NULL ? dns : evdns_base_new(base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);

@@ -294,7 +294,8 @@ on_fetch_done(struct fetch *f, void *arg)
 	if (!s->stopping && !j->removed) {
 		double d = next_delay(j, r);
 		if (r->exit_code != 0)
-			log_notice(j->id, "poll failed (exit %d): next try in %.0f s", r->exit_code, d);
+			log_notice(j->id, "poll failed (exit %d): next try in %.0f s", r->exit_code,
+				   d);
 		arm(j, d);
 	}
 	rp->f = f;
@@ -321,8 +322,8 @@ find(struct scheduler *s, const char *id)
 	struct job *j;
 
 	TAILQ_FOREACH(j, &s->jobs, all)
-		if (!j->removed && strcmp(j->id, id) == 0)
-			return j;
+	if (!j->removed && strcmp(j->id, id) == 0)
+		return j;
 	return NULL;
 }
 
@@ -351,7 +352,7 @@ apply(struct scheduler *s, struct conf_set *set)
 	struct job *j, *next;
 
 	TAILQ_FOREACH(j, &s->jobs, all)
-		j->seen = false;
+	j->seen = false;
 	for (size_t i = 0; i < set->n_mailboxes; i++) {
 		const struct conf_mailbox *mb = set->mailboxes[i];
 		if (!mb->active)
@@ -432,11 +433,11 @@ on_grace(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	TAILQ_FOREACH(j, &s->jobs, all)
-		if (j->fetch != NULL) {
-			log_warning(j->id, "still running at the end of the stop grace time: ended "
-					   "without QUIT");
-			fetch_abort(j->fetch, "the daemon is stopping");
-		}
+	if (j->fetch != NULL) {
+		log_warning(j->id, "still running at the end of the stop grace time: ended "
+				   "without QUIT");
+		fetch_abort(j->fetch, "the daemon is stopping");
+	}
 }
 
 static void
@@ -463,7 +464,8 @@ scheduler_stop(struct scheduler *s, unsigned grace, void (*done)(void *arg), voi
 	s->stopping = true;
 	s->stopped = done;
 	s->stopped_arg = arg;
-	TAILQ_FOREACH(j, &s->jobs, all) {
+	TAILQ_FOREACH(j, &s->jobs, all)
+	{
 		evtimer_del(j->timer);
 		dequeue(j);
 	}
@@ -476,8 +478,8 @@ scheduler_stop(struct scheduler *s, unsigned grace, void (*done)(void *arg), voi
 		 s->nrunning, grace);
 	evtimer_add(s->grace, &tv);
 	TAILQ_FOREACH(j, &s->jobs, all)
-		if (j->fetch != NULL)
-			fetch_stop(j->fetch);
+	if (j->fetch != NULL)
+		fetch_stop(j->fetch);
 	changed(s);
 }
 
@@ -487,7 +489,8 @@ scheduler_stats(const struct scheduler *s, struct sched_stats *st)
 	const struct job *j;
 
 	memset(st, 0, sizeof(*st));
-	TAILQ_FOREACH(j, &s->jobs, all) {
+	TAILQ_FOREACH(j, &s->jobs, all)
+	{
 		if (j->removed)
 			continue;
 		st->configurations++;

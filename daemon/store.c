@@ -52,7 +52,7 @@ struct store {
 struct store_msg {
 	struct store *st;
 	char *uid;
-	char *name;  /* folder name */
+	char *name; /* folder name */
 	time_t received;
 	char *stage; /* staging folder's name in stage_dir */
 	char *path;  /* staging folder */

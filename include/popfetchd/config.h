@@ -70,7 +70,7 @@ struct conf_set {
 	char *keystore_directory; /* never NULL */
 	unsigned max_sessions;
 	unsigned stop_timeout; /* seconds a stopping daemon waits for running sessions */
-	int log_level; /* enum log_level; LOG_LVL_INFO when unset */
+	int log_level;	       /* enum log_level; LOG_LVL_INFO when unset */
 	bool log_level_set;
 	struct conf_mailbox **mailboxes; /* sorted by id */
 	size_t n_mailboxes;

@@ -50,8 +50,8 @@ struct smime_key;
 struct fetch_params {
 	const struct conf_set *set;
 	const struct conf_mailbox *mb;
-	struct tls_ctx *tls;	      /* the configuration's TLS context; NULL for tls: none */
-	struct oauth2_source *oauth2; /* its token source, for auth: oauth2 */
+	struct tls_ctx *tls;		   /* the configuration's TLS context; NULL for tls: none */
+	struct oauth2_source *oauth2;	   /* its token source, for auth: oauth2 */
 	const struct smime_key *smime_key; /* its S/MIME key, NULL when none */
 	const char *smime_unavailable;	   /* why not, when smime.key_name is set */
 	enum fetch_mode mode;

@@ -27,7 +27,7 @@ struct mime_result {
 	size_t ntext;
 	struct mime_attachment *att;
 	size_t natt;
-	char *note; /* limits hit, charset trouble...; NULL when nothing to say */
+	char *note;  /* limits hit, charset trouble...; NULL when nothing to say */
 	char *smime; /* "none", "decrypted", "signed" or "not-decrypted: REASON" */
 };
 

@@ -19,10 +19,10 @@ struct scheduler;
 #define SCHED_MAX_BACKOFF 3600 /* seconds: a failing configuration is tried at least hourly */
 
 struct sched_stats {
-	size_t configurations; /* active ones */
-	size_t running;	       /* sessions now */
-	size_t queued;	       /* due, waiting for a session slot */
-	size_t failing;	       /* whose last poll failed */
+	size_t configurations;	  /* active ones */
+	size_t running;		  /* sessions now */
+	size_t queued;		  /* due, waiting for a session slot */
+	size_t failing;		  /* whose last poll failed */
 	unsigned long long saved; /* messages saved since start */
 	char last_error[400];	  /* "ID: line" of the latest failure, "" when none */
 };
