@@ -66,6 +66,7 @@ struct secret {
 struct dparse {
 	char *state_directory, *keystore_directory;
 	unsigned max_sessions; /* 0: unset */
+	unsigned commit_batch; /* 0: unset */
 	uint64_t stop_timeout; /* 0: unset */
 	int log_level;	       /* -1: unset */
 	struct defaults {
@@ -455,6 +456,7 @@ struct num {
 #define DURATION "a duration (90, 90s, 5m, 1h, 1d)"
 static const struct num port_num = {parse_uint, 1, 65535, "a number", "between 1 and 65535", 1};
 static const struct num sessions_num = {parse_uint, 1, 10000, "a number", "between 1 and 10000", 1};
+static const struct num batch_num = {parse_uint, 1, 1000, "a number", "between 1 and 1000", 1};
 static const struct num poll_num = {util_parse_duration, 1, 7 * 86400, DURATION,
 				    "between 1s and 7d", 0};
 static const struct num timeout_num = {util_parse_duration, 1, 3600, DURATION,
@@ -672,6 +674,7 @@ static const struct key daemon_keys[] = {
 	{"state_directory", h_str, D(state_directory), &absolute_check},
 	{"keystore_directory", h_str, D(keystore_directory), &absolute_check},
 	{"max_sessions", h_num, D(max_sessions), &sessions_num},
+	{"commit_batch", h_num, D(commit_batch), &batch_num},
 	{"stop_timeout", h_num, D(stop_timeout), &timeout_num},
 	{"log_level", h_loglevel, D(log_level), NULL},
 	{"defaults", h_map, 0, defaults_keys},
@@ -1186,6 +1189,7 @@ build_set(struct loader *l)
 		dp->keystore_directory ? xstrdup(dp->keystore_directory) : join(l->dir, "keys");
 	set->max_sessions = dp->max_sessions ? dp->max_sessions : 64;
 	set->stop_timeout = dp->stop_timeout ? (unsigned)dp->stop_timeout : 60;
+	set->commit_batch = dp->commit_batch ? dp->commit_batch : 64;
 	set->log_level_set = dp->log_level >= 0;
 	set->log_level = set->log_level_set ? dp->log_level : LOG_LVL_INFO;
 	set->mailboxes = xcalloc(l->n_mbx, sizeof(*set->mailboxes));

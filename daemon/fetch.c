@@ -1,8 +1,11 @@
 /*
  * fetch — one poll of one configuration. The order of every message's life
  * is the durability rule of DESIGN.md §4: RETR streamed into a staged
- * folder, headers read, meta.json written, folder fsync'd and renamed, UIDL
- * recorded and fsync'd — and only then DELE.
+ * folder, headers read, text and attachments extracted, meta.json written;
+ * then, for a batch of such messages at once (group commit), the folders
+ * made durable, their UIDLs recorded and fdatasync'd, the folders renamed
+ * into place and save_directory fsync'd — and only then their DELEs. With
+ * a server that offers PIPELINING a window of RETRs is kept in flight.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -33,6 +36,7 @@ struct candidate {
 	unsigned long num;
 	char uid[POP3_UIDL_MAX + 1]; /* "" until keyed, for a message without UIDL */
 	uint64_t limit;		     /* bytes accepted before the server is taken for a liar */
+	uint64_t size;		     /* as LIST says */
 };
 
 /*
@@ -41,6 +45,17 @@ struct candidate {
  * there. Byte-identical messages are one message.
  */
 #define CONTENT_KEY_PREFIX "h"
+
+/* RETRs kept in flight when the server offers PIPELINING (RFC 2449): at
+ * most RETR_WINDOW, and beyond the first no more than RETR_WINDOW_BYTES as
+ * LIST counts them (what a stopping daemon still waits for). */
+#define RETR_WINDOW 16
+#define RETR_WINDOW_BYTES (1024 * 1024)
+/* A batch is committed at conf_set.commit_batch messages, at BATCH_BYTES of
+ * message data, or BATCH_SECONDS after its first message, whichever comes
+ * first (and when there is nothing more to receive). */
+#define BATCH_BYTES (32ULL * 1024 * 1024)
+#define BATCH_SECONDS 1
 
 struct fetch {
 	struct event_base *base;
@@ -63,7 +78,21 @@ struct fetch {
 	const char **mechanisms;
 
 	struct candidate *cand;
-	size_t ncand, next;
+	size_t ncand;
+	size_t next;   /* the candidate whose response is being read */
+	size_t issued; /* RETRs asked for: cand[next..issued) are in flight */
+	size_t window; /* most RETRs in flight */
+	/* after a refused pipelined RETR: the answers to cand[next..redo_until)
+	 * are dropped, and those from redo_from asked for again one at a time */
+	size_t redo_from, redo_until;
+	size_t *pend;  /* candidates sealed in the batch, in order */
+	size_t npend, pend_done;
+	unsigned batch_max;
+	struct event *commit_ev; /* the batch's time bound */
+	bool halted;		 /* save nothing more: what is in flight is dropped */
+	bool no_dele;		 /* commit without DELE (the session is gone, or confused) */
+	bool quit_sent;
+	bool aborted; /* fetch_abort: the batch is dropped, not committed */
 	char **listed; /* UIDLs on the server, for compaction after QUIT */
 	size_t nlisted;
 	struct store_msg *msg; /* the message being received */
@@ -88,6 +117,7 @@ struct fetch {
 
 static bool retry_with_new_token(struct fetch *f, const struct pop3_error *err);
 static void forget_token(struct fetch *f);
+static bool commit_batch(struct fetch *f);
 
 static void add_error(struct fetch *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -137,6 +167,12 @@ finish(struct fetch *f)
 	forget_token(f);
 	store_msg_abort(f->msg);
 	f->msg = NULL;
+	evtimer_del(f->commit_ev);
+	/* complete messages of a session that ended are kept: no DELE can go
+	 * out now, the next poll deletes them */
+	f->no_dele = true;
+	if (!f->aborted)
+		commit_batch(f);
 	if (f->pop3 != NULL) {
 		pop3_session_free_deferred(f->pop3);
 		f->pop3 = NULL;
@@ -205,18 +241,69 @@ send_dele(struct fetch *f, unsigned long num, const char *uid)
 	pop3_dele(f->pop3, num);
 }
 
-/* Queue the next RETR, or QUIT when every candidate is done. */
-static void
-next_message(struct fetch *f)
+/* More RETRs to ask for in this session? */
+static bool
+more_to_ask(const struct fetch *f)
 {
-	struct candidate *c;
+	if (f->halted || f->stopping || f->issued >= f->ncand)
+		return false;
+	/* receive: one: the oldest message the server gives */
+	return f->mode != FETCH_ONE || (f->res.nsaved == 0 && f->npend == 0);
+}
+
+/* Keep the window of RETRs full. */
+static void
+request_more(struct fetch *f)
+{
+	while (more_to_ask(f) && f->issued - f->next < f->window) {
+		uint64_t bytes = f->cand[f->issued].size;
+		for (size_t i = f->next; i < f->issued; i++)
+			bytes += f->cand[i].size;
+		if (f->issued > f->next && bytes > RETR_WINDOW_BYTES)
+			break;
+		pop3_retr(f->pop3, f->cand[f->issued++].num);
+	}
+}
+
+/* Commit what is sealed (its DELEs go out), then QUIT: the server answers
+ * what is in flight first. */
+static void
+wind_up(struct fetch *f)
+{
+	if (f->quit_sent || f->finished)
+		return;
+	commit_batch(f);
+	f->quit_sent = true;
+	pop3_quit(f->pop3);
+}
+
+/* A response to a RETR has been dealt with. */
+static void
+after_response(struct fetch *f)
+{
+	if (f->finished)
+		return;
+	request_more(f);
+	if (f->halted || (!more_to_ask(f) && f->next == f->issued))
+		wind_up(f);
+}
+
+/* Stop saving: the sealed messages are committed, the rest dropped. */
+static void
+halt(struct fetch *f)
+{
+	f->halted = true;
+	store_msg_abort(f->msg);
+	f->msg = NULL;
+}
+
+/* The first bytes (or the end) of the message at the head: stage it. */
+static int
+begin_message(struct fetch *f)
+{
+	const struct candidate *c = &f->cand[f->next];
 	int r;
 
-	if (f->next >= f->ncand || f->stopping || (f->mode == FETCH_ONE && f->res.nsaved > 0)) {
-		pop3_quit(f->pop3);
-		return;
-	}
-	c = &f->cand[f->next];
 	if (c->uid[0] == '\0' && !EVP_DigestInit_ex(f->md, EVP_sha256(), NULL))
 		abort();
 	f->msg_time = time(NULL);
@@ -227,10 +314,9 @@ next_message(struct fetch *f)
 	if (r < 0) {
 		set_exit(f, EX_IOERR);
 		add_error(f, "%s", store_error(f->store));
-		pop3_quit(f->pop3);
-		return;
+		halt(f);
 	}
-	pop3_retr(f->pop3, c->num);
+	return r;
 }
 
 static void
@@ -239,6 +325,7 @@ on_ready(void *arg)
 	struct fetch *f = arg;
 
 	log_debug(f->mb->id, "logged in as %s with %s", f->mb->user, pop3_mechanism(f->pop3));
+	f->window = f->mode == FETCH_ALL && pop3_capa(f->pop3)->pipelining ? RETR_WINDOW : 1;
 	if (f->mb->tls == CONF_TLS_NONE && auth_cleartext(pop3_mechanism(f->pop3)))
 		log_warning(f->mb->id, "the password went to the server in clear (%s without TLS)",
 			    pop3_mechanism(f->pop3));
@@ -326,6 +413,7 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 		if (keyed)
 			memcpy(f->cand[f->ncand].uid, m->uid, sizeof(f->cand[f->ncand].uid));
 		f->cand[f->ncand].limit = message_limit(f, m->size);
+		f->cand[f->ncand].size = m->size;
 		f->ncand++;
 	}
 	free(dup);
@@ -344,7 +432,8 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 	if (stale > 0)
 		log_info(f->mb->id, "deleting %zu message(s) saved by an earlier session", stale);
 	log_debug(f->mb->id, "%zu message(s) on the server, %zu to receive", n, f->ncand);
-	next_message(f);
+	f->pend = xcalloc(f->ncand ? f->ncand : 1, sizeof(*f->pend));
+	after_response(f);
 }
 
 static void
@@ -352,7 +441,11 @@ on_data(void *arg, const char *buf, size_t len)
 {
 	struct fetch *f = arg;
 
-	if (f->msg == NULL || f->msg_error)
+	if (f->halted || f->finished || f->next < f->redo_until)
+		return;
+	if (f->msg == NULL && begin_message(f) < 0)
+		return;
+	if (f->msg_error)
 		return;
 	f->msg_bytes += len;
 	if (f->msg_bytes > f->msg_limit) {
@@ -450,14 +543,68 @@ build_meta(struct fetch *f, const char *uid, unsigned long long size, const stru
 	return line;
 }
 
-/* The message is in the staged folder: complete it and make it durable. */
+/* A message of the batch is durable: count it, and now it may be deleted. */
+static void
+on_committed(void *arg, const char *uid, char *folder, unsigned long long size)
+{
+	struct fetch *f = arg;
+	const struct candidate *c = &f->cand[f->pend[f->pend_done++]];
+	struct fetch_saved *sv;
+
+	f->res.saved = xrealloc(f->res.saved, (f->res.nsaved + 1) * sizeof(*f->res.saved));
+	sv = &f->res.saved[f->res.nsaved++];
+	sv->uid = xstrdup(uid);
+	sv->folder = folder;
+	sv->size = size;
+	log_debug(f->mb->id, "saved message %lu (%s) in %s", c->num, uid,
+		  folder ? folder : "(nothing kept)");
+	if (f->mb->remove_after_read && !f->no_dele && f->pop3 != NULL)
+		send_dele(f, c->num, c->uid);
+}
+
+/* Group commit of the sealed messages; false when it failed (the session
+ * then saves nothing more). */
+static bool
+commit_batch(struct fetch *f)
+{
+	size_t n = f->npend;
+	int r;
+
+	if (n == 0)
+		return true;
+	evtimer_del(f->commit_ev);
+	f->pend_done = 0;
+	r = store_commit(f->store, on_committed, f);
+	f->npend = 0;
+	if (r < 0) {
+		set_exit(f, EX_IOERR);
+		add_error(f, "%zu of %zu message(s) not saved: %s", n - f->pend_done, n,
+			  store_error(f->store));
+		f->halted = true;
+		return false;
+	}
+	log_debug(f->mb->id, "committed %zu message(s)", n);
+	return true;
+}
+
+static void
+commit_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct fetch *f = arg;
+
+	(void)fd;
+	(void)what;
+	if (!commit_batch(f))
+		wind_up(f);
+}
+
+/* The message is in the staged folder: complete it and add it to the batch. */
 static int
-commit_message(struct fetch *f, const struct candidate *c, char *why, size_t whylen)
+seal_message(struct fetch *f, const struct candidate *c, char *why, size_t whylen)
 {
 	struct mime_headers h;
 	unsigned long long size;
-	char *meta, *folder = NULL;
-	struct fetch_saved *sv;
+	char *meta;
 	int r;
 
 	if (f->msg_error || store_msg_finish_eml(f->msg, &size) < 0) {
@@ -499,21 +646,26 @@ commit_message(struct fetch *f, const struct candidate *c, char *why, size_t why
 		snprintf(why, whylen, "%s", store_error(f->store));
 		return r;
 	}
-	/* durable and recorded when this returns 0: only then may DELE go */
-	r = store_msg_commit(f->msg, f->mb->save_text, &folder);
+	/* the store owns it from here, also when sealing fails */
+	r = store_msg_seal(f->msg, f->mb->save_text);
 	f->msg = NULL;
 	if (r < 0) {
 		snprintf(why, whylen, "%s", store_error(f->store));
 		return r;
 	}
-	f->res.saved = xrealloc(f->res.saved, (f->res.nsaved + 1) * sizeof(*f->res.saved));
-	sv = &f->res.saved[f->res.nsaved++];
-	sv->uid = xstrdup(c->uid);
-	sv->folder = folder;
-	sv->size = size;
-	log_debug(f->mb->id, "saved message %lu (%s) in %s", c->num, c->uid,
-		  folder ? folder : "(nothing kept)");
+	f->pend[f->npend++] = (size_t)(c - f->cand);
 	return 0;
+}
+
+/* Is a message with this key in the batch? (Byte-identical messages
+ * without UIDL have one key.) */
+static bool
+pending_has(const struct fetch *f, const char *uid)
+{
+	for (size_t i = 0; i < f->npend; i++)
+		if (strcmp(f->cand[f->pend[i]].uid, uid) == 0)
+			return true;
+	return false;
 }
 
 static void
@@ -521,7 +673,20 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 {
 	struct fetch *f = arg;
 	struct candidate *c = &f->cand[f->next];
+	char why[600] = "";
 
+	if (f->halted || f->next < f->redo_until) {
+		/* in flight when the session stopped saving, or behind a refused
+		 * pipelined RETR: not kept */
+		store_msg_abort(f->msg);
+		f->msg = NULL;
+		if (++f->next == f->redo_until) {
+			f->next = f->issued = f->redo_from;
+			f->redo_until = 0;
+		}
+		after_response(f);
+		return;
+	}
 	if (error != NULL) {
 		/* one message the server cannot send must not block the others */
 		store_msg_abort(f->msg);
@@ -531,13 +696,47 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 			  f->where, num, c->uid[0] ? " (" : "", c->uid, c->uid[0] ? ")" : "",
 			  error);
 		f->next++;
-		next_message(f);
+		if (f->window > 1) {
+			/* an -ERR that answers nothing (a line the server added)
+			 * would put the answers in flight out of step, each taken for
+			 * the message before: those are dropped, and the rest of the
+			 * session asks one message at a time, never with unread bytes
+			 * waiting (pop3.c), where a shift is seen */
+			f->window = 1;
+			if (f->issued > f->next) {
+				f->redo_from = f->next;
+				f->redo_until = f->issued;
+			}
+		}
+		after_response(f);
 		return;
 	}
-	if (c->num == num && c->uid[0] == '\0') {
+	if (c->num != num) {
+		set_exit(f, EX_PROTOCOL);
+		add_error(f, "%s: the server sent message %lu for RETR %lu: not saved", f->where,
+			  num, c->num);
+		/* what is sealed is sound, but a DELE by number could hit another */
+		f->no_dele = true;
+		halt(f);
+		f->next++;
+		after_response(f);
+		return;
+	}
+	if (f->msg == NULL && begin_message(f) < 0) { /* an empty message */
+		f->next++;
+		after_response(f);
+		return;
+	}
+	if (c->uid[0] == '\0') {
 		content_key(f, c);
+		if (pending_has(f, c->uid) && !commit_batch(f)) {
+			halt(f);
+			f->next++;
+			after_response(f);
+			return;
+		}
 		if (store_has(f->store, c->uid)) {
-			/* saved by an earlier session: this copy is not kept */
+			/* saved before (or a copy earlier in this session): not kept again */
 			log_debug(f->mb->id, "message %lu (%s) was saved before", num, c->uid);
 			store_msg_abort(f->msg);
 			f->msg = NULL;
@@ -545,34 +744,31 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 			if (f->mb->remove_after_read)
 				send_dele(f, num, c->uid);
 			f->next++;
-			next_message(f);
+			after_response(f);
 			return;
 		}
 		store_msg_set_uid(f->msg, c->uid);
 	}
-	char why[600] = "";
-	if (c->num != num) {
-		set_exit(f, EX_PROTOCOL);
-		add_error(f, "%s: the server sent message %lu for RETR %lu: not saved", f->where,
-			  num, c->num);
-		store_msg_abort(f->msg);
-		f->msg = NULL;
-		pop3_quit(f->pop3);
-		return;
-	}
-	if (commit_message(f, c, why, sizeof(why)) < 0) {
+	if (seal_message(f, c, why, sizeof(why)) < 0) {
 		set_exit(f, EX_IOERR);
 		add_error(f, "message %lu (%s) not saved: %s", num, c->uid, why);
-		store_msg_abort(f->msg);
-		f->msg = NULL;
-		/* what is durable stays durable; stop before anything else */
-		pop3_quit(f->pop3);
+		/* what is sealed before it is sound: committed, then QUIT */
+		halt(f);
+		f->next++;
+		after_response(f);
 		return;
 	}
-	if (f->mb->remove_after_read)
-		send_dele(f, num, c->uid);
 	f->next++;
-	next_message(f);
+	unsigned long long bytes;
+	size_t n = store_pending(f->store, &bytes);
+	if (n >= f->batch_max || bytes >= BATCH_BYTES || f->mode == FETCH_ONE) {
+		if (!commit_batch(f))
+			halt(f);
+	} else if (n == 1) {
+		static const struct timeval bound = {BATCH_SECONDS, 0};
+		evtimer_add(f->commit_ev, &bound);
+	}
+	after_response(f);
 }
 
 static void
@@ -739,8 +935,10 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 	f->done = done;
 	f->arg = arg;
 	f->done_ev = evtimer_new(base, finish_cb, f);
+	f->commit_ev = evtimer_new(base, commit_timer_cb, f);
 	f->md = EVP_MD_CTX_new();
-	if (f->done_ev == NULL || f->md == NULL)
+	f->batch_max = p->set->commit_batch ? p->set->commit_batch : 64;
+	if (f->done_ev == NULL || f->commit_ev == NULL || f->md == NULL)
 		abort();
 	snprintf(f->where, sizeof(f->where), strchr(mb->server, ':') ? "[%s]:%u" : "%s:%u",
 		 mb->server, mb->port);
@@ -775,8 +973,12 @@ fetch_stop(struct fetch *f)
 	if (f->finished || f->stopping)
 		return;
 	f->stopping = true;
-	if (f->pop3 != NULL && f->listing_done)
-		return; /* next_message() sends QUIT once the message in hand is saved */
+	if (f->pop3 != NULL && f->listing_done) {
+		/* QUIT once the messages in flight are saved and committed */
+		if (f->next == f->issued)
+			wind_up(f);
+		return;
+	}
 	/* not logged in yet (or waiting for a token): nothing to finish */
 	if (f->pop3 != NULL)
 		pop3_abort(f->pop3);
@@ -790,6 +992,7 @@ fetch_abort(struct fetch *f, const char *why)
 {
 	if (f->finished)
 		return;
+	f->aborted = true;
 	if (f->pop3 != NULL)
 		pop3_abort(f->pop3);
 	set_exit(f, EX_TEMPFAIL);
@@ -832,9 +1035,11 @@ fetch_free(struct fetch *f)
 		free(f->deleted_uids[i]);
 	free(f->deleted_uids);
 	free(f->cand);
+	free(f->pend);
 	free(f->dele);
 	free(f->mechanisms);
 	EVP_MD_CTX_free(f->md);
 	event_free(f->done_ev);
+	event_free(f->commit_ev);
 	free(f);
 }

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -285,16 +286,11 @@ copy_stream(struct ctx *c, GMimeStream *in, struct sink *s)
 	return r;
 }
 
+/* No fsync: the caller makes the whole folder durable at once (store_commit). */
 static int
 finish_file(int fd)
 {
-	int r = 0;
-
-	if (fsync(fd) < 0)
-		r = -errno;
-	if (close(fd) < 0 && r == 0)
-		r = -errno;
-	return r;
+	return close(fd) < 0 ? -errno : 0;
 }
 
 /* The transfer-decoded content of part. */
@@ -1089,6 +1085,28 @@ entity(struct ctx *c, GMimeObject *obj, unsigned layer)
 	}
 }
 
+/*
+ * The message for the parser. The parser reads each part's content again
+ * through the stream when it is decoded (a seek and a read, each a system
+ * call, per piece); a small message is mapped instead, so that reading it is
+ * copying. A large one is read: its mapped pages would count in the
+ * process's resident memory, which stays flat whatever the message's size.
+ */
+#define MMAP_MAX (4 * 1024 * 1024)
+
+static GMimeStream *
+eml_stream(int fd)
+{
+	struct stat sb;
+
+	if (fstat(fd, &sb) == 0 && sb.st_size > 0 && sb.st_size <= MMAP_MAX) {
+		GMimeStream *m = g_mime_stream_mmap_new(fd, PROT_READ, MAP_PRIVATE);
+		if (m != NULL)
+			return m; /* owns fd */
+	}
+	return g_mime_stream_fs_new(fd);
+}
+
 int
 mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result *ret)
 {
@@ -1111,7 +1129,7 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 	if (fd < 0)
 		return -errno;
 	c.note = g_string_new(NULL);
-	stream = g_mime_stream_fs_new(fd); /* owns fd */
+	stream = eml_stream(fd); /* owns fd */
 	parser = g_mime_parser_new_with_stream(stream);
 	g_mime_parser_set_persist_stream(parser, TRUE);
 	msg = g_mime_parser_construct_message(parser, NULL);
@@ -1119,11 +1137,8 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 		add_note(&c, "not a MIME message; nothing extracted");
 	else
 		entity(&c, g_mime_message_get_mime_part(msg), 0);
-	if (c.attfd >= 0) {
-		if (fsync(c.attfd) < 0 && c.err == 0)
-			c.err = -errno;
+	if (c.attfd >= 0)
 		close(c.attfd);
-	}
 	if (msg != NULL)
 		g_object_unref(msg);
 	g_object_unref(parser);

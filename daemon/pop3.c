@@ -74,6 +74,10 @@ static const char *const state_names[] = {
 #define CAPA_MAX_LINES 256
 #define AUTH_MAX_STEPS 16
 
+/* Most commands in flight at once when the server offers PIPELINING
+ * (RFC 2449 §6.6): RETR, DELE and a final QUIT. */
+#define PIPE_MAX 32
+
 /* A command the owner queued. */
 struct cmd {
 	enum pop3_state state; /* P3_UIDL (listing), P3_STAT, P3_RETR, P3_DELE, P3_QUIT */
@@ -117,11 +121,14 @@ struct pop3_session {
 	char *auth_pending;	       /* a first response that did not fit on the AUTH line */
 	char *cb_unique, *cb_exporter; /* channel bindings, base64, once TLS is on */
 
-	struct cmd *queue;
+	struct cmd *queue; /* queued by the owner, not sent yet */
 	size_t qhead, qlen, qcap;
-	unsigned long cur_num;
+	struct cmd inflight[PIPE_MAX]; /* sent, answered in this order */
+	size_t ihead, ilen;
+	unsigned long cur_num; /* of the response being read */
 
 	struct pop3_dot dot;
+	bool data_start;  /* a pipelined RETR's data is to begin: see out_of_step() */
 	size_t rx_window; /* bytes received since the command timer was armed */
 
 	struct uid_entry *uids;
@@ -135,6 +142,8 @@ struct pop3_session {
 
 static void enter_state(struct pop3_session *s, enum pop3_state st);
 static void pump(struct pop3_session *s);
+static void end_response(struct pop3_session *s);
+static void set_read_size(struct bufferevent *bev);
 
 const char *
 pop3_failure_name(enum pop3_failure fail)
@@ -220,20 +229,20 @@ arm_timer(struct pop3_session *s)
 static void send_line(struct pop3_session *s, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 
+/*
+ * Send a command when none is in flight. Every byte of the responses before
+ * it was read, so bytes still waiting now came before the server heard this
+ * command: they answer nothing; taken for its answer, they would shift every
+ * later response by one (a RETR's status line saved as message data). The
+ * command is not sent, and on_read() ends the session. (A command pipelined
+ * behind others goes out with pipe_line.)
+ */
 static void
 send_line(struct pop3_session *s, const char *fmt, ...)
 {
 	struct evbuffer *out = bufferevent_get_output(s->bev);
 	va_list ap;
 
-	/*
-	 * No pipelining: a command goes out only once every byte of the
-	 * responses before it was read. Bytes still waiting now came before
-	 * the server heard this command, so they answer nothing; taken for
-	 * its answer, they would shift every later response by one (a RETR's
-	 * status line saved as message data). The command is not sent, and
-	 * on_read() ends the session.
-	 */
 	if (evbuffer_get_length(bufferevent_get_input(s->bev)) > 0) {
 		s->unsolicited = true;
 		bufferevent_trigger(s->bev, EV_READ,
@@ -565,6 +574,7 @@ start_tls_upgrade(struct pop3_session *s)
 	if (tls == NULL)
 		abort();
 	bufferevent_openssl_set_allow_dirty_shutdown(tls, 1);
+	set_read_size(tls);
 	s->bev = tls;
 	bufferevent_setcb(s->bev, on_read, NULL, on_event, s);
 	bufferevent_enable(s->bev, EV_READ | EV_WRITE);
@@ -665,7 +675,7 @@ finish_listing(struct pop3_session *s)
 		else
 			s->msgs[i].uid[0] = '\0';
 	}
-	enter_state(s, P3_IDLE);
+	end_response(s);
 	s->ev->listing(s->arg, s->msgs, s->nmsgs, s->have_uidl);
 	if (!s->dead)
 		pump(s);
@@ -873,7 +883,7 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 			     server_text(&r, text, 80));
 			return;
 		}
-		enter_state(s, P3_IDLE);
+		end_response(s);
 		s->ev->stat(s->arg, count, size);
 		if (!s->dead)
 			pump(s);
@@ -882,7 +892,7 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 	case P3_RETR:
 		if (!ok) {
 			/* that message only: the session goes on */
-			enter_state(s, P3_IDLE);
+			end_response(s);
 			s->ev->retrieved(s->arg, num, server_text(&r, text, sizeof(text)));
 			if (!s->dead)
 				pump(s);
@@ -890,10 +900,11 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 		}
 		pop3_dot_init(&s->dot);
 		s->multiline = true;
+		s->data_start = s->capa.pipelining;
 		arm_timer(s);
 		break;
 	case P3_DELE:
-		enter_state(s, P3_IDLE);
+		end_response(s);
 		s->ev->deleted(s->arg, num, ok);
 		if (!s->dead)
 			pump(s);
@@ -917,12 +928,55 @@ on_status(struct pop3_session *s, const char *line, size_t len)
  * the scratch buffer, and hand it to the owner. Returns false when more
  * input is needed.
  */
+/*
+ * With commands pipelined, a server that added a line to one response puts
+ * every later response out of step by one: the real status line of a RETR
+ * would be taken for the first line of its message. No message begins so (a
+ * header field has a colon before any space), so the session ends there.
+ * 1: out of step, 0: in step, -1: too few bytes to tell.
+ */
+static int
+out_of_step(struct evbuffer *in)
+{
+	static const char *const status[] = {"+OK", "-ERR"};
+	size_t have = evbuffer_get_length(in);
+	unsigned char buf[5];
+
+	if (have > sizeof(buf))
+		have = sizeof(buf);
+	evbuffer_copyout(in, buf, have);
+	for (size_t i = 0; i < 2; i++) {
+		size_t n = strlen(status[i]);
+		if (have <= n) {
+			if (memcmp(buf, status[i], have) == 0)
+				return -1;
+			continue;
+		}
+		if (memcmp(buf, status[i], n) == 0 && (buf[n] == ' ' || buf[n] == '\r'))
+			return 1;
+	}
+	return 0;
+}
+
 static bool
 read_data(struct pop3_session *s, struct evbuffer *in)
 {
 	struct evbuffer_iovec v;
 	size_t used, outlen;
 
+	if (s->data_start) {
+		int r = out_of_step(in);
+		if (r < 0)
+			return false;
+		if (r > 0) {
+			fail(s, POP3_FAIL_PROTOCOL,
+			     "the data of RETR %lu begins with a status line: the server's "
+			     "responses are out of step with the commands",
+			     s->cur_num);
+			return false;
+		}
+		s->data_start = false;
+	}
 	if (evbuffer_peek(in, -1, NULL, &v, 1) < 1 || v.iov_len == 0)
 		return false;
 	/* pop3_dot_feed may write one byte more than it reads */
@@ -937,7 +991,7 @@ read_data(struct pop3_session *s, struct evbuffer *in)
 		return false;
 	if (s->dot.done) {
 		unsigned long num = s->cur_num;
-		enter_state(s, P3_IDLE);
+		end_response(s);
 		s->ev->retrieved(s->arg, num, NULL);
 		if (!s->dead)
 			pump(s);
@@ -1011,6 +1065,16 @@ on_read(struct bufferevent *bev, void *arg)
 	}
 }
 
+/* libevent reads at most 16 KiB per readiness by default: a message of
+ * 16 KiB cost several reads, FIONREADs and loop turns. */
+#define READ_SIZE (256 * 1024)
+
+static void
+set_read_size(struct bufferevent *bev)
+{
+	bufferevent_set_max_single_read(bev, READ_SIZE);
+}
+
 static void
 set_nodelay(struct bufferevent *bev)
 {
@@ -1069,6 +1133,7 @@ connect_next(struct pop3_session *s)
 	}
 	if (s->bev == NULL)
 		abort();
+	set_read_size(s->bev);
 	bufferevent_setcb(s->bev, on_read, NULL, on_event, s);
 	bufferevent_enable(s->bev, EV_READ | EV_WRITE);
 	log_debug(s->p.id, "pop3: connecting to %s port %u", s->addr_text, s->p.port);
@@ -1377,20 +1442,91 @@ enqueue(struct pop3_session *s, enum pop3_state st, unsigned long num)
 	s->qlen++;
 }
 
-/* Send the next queued command when none is in flight. */
+/* QUIT is not: it goes out alone, once every response before it was read
+ * and nothing else waits (send_line), so that a server whose responses got
+ * out of step (an extra line) is caught before it commits deletions. */
+static bool
+pipelinable(enum pop3_state st)
+{
+	return st == P3_RETR || st == P3_DELE;
+}
+
+/* A command behind others in flight: they were sent, so whatever waits in
+ * the input is theirs. */
+static void
+pipe_line(struct pop3_session *s, const struct cmd *c)
+{
+	struct evbuffer *out = bufferevent_get_output(s->bev);
+
+	switch (c->state) {
+	case P3_RETR:
+		log_debug(s->p.id, "C: RETR %lu (pipelined)", c->num);
+		evbuffer_add_printf(out, "RETR %lu\r\n", c->num);
+		break;
+	case P3_DELE:
+		log_debug(s->p.id, "C: DELE %lu (pipelined)", c->num);
+		evbuffer_add_printf(out, "DELE %lu\r\n", c->num);
+		break;
+	default:
+		abort(); /* pump() pipelines nothing else */
+	}
+}
+
+/*
+ * Send what the owner queued: one command at a time, or, when the server
+ * offers PIPELINING, RETR and DELE without waiting for the responses
+ * before, up to PIPE_MAX in flight. The listing, STAT and QUIT go out alone.
+ */
 static void
 pump(struct pop3_session *s)
 {
-	struct cmd c;
+	while (!s->dead && s->qlen > 0) {
+		struct cmd c = s->queue[s->qhead];
+		if (s->ilen == 0) {
+			if (s->state != P3_IDLE)
+				return;
+		} else {
+			enum pop3_state last =
+				s->inflight[(s->ihead + s->ilen - 1) % PIPE_MAX].state;
+			if (!s->capa.pipelining || s->ilen == PIPE_MAX || !pipelinable(c.state) ||
+			    !pipelinable(last))
+				return;
+		}
+		s->qhead++;
+		if (--s->qlen == 0)
+			s->qhead = 0;
+		s->inflight[(s->ihead + s->ilen) % PIPE_MAX] = c;
+		if (++s->ilen == 1) {
+			s->cur_num = c.num;
+			enter_state(s, c.state);
+		} else {
+			pipe_line(s, &c);
+		}
+	}
+}
 
-	if (s->dead || s->state != P3_IDLE || s->qlen == 0)
-		return;
-	c = s->queue[s->qhead++];
-	s->qlen--;
-	if (s->qlen == 0)
-		s->qhead = 0;
-	s->cur_num = c.num;
-	enter_state(s, c.state);
+/* Read the response to the oldest command in flight. */
+static void
+begin_response(struct pop3_session *s)
+{
+	const struct cmd *c = &s->inflight[s->ihead];
+
+	set_state(s, c->state);
+	s->multiline = false;
+	s->cur_num = c->num;
+	arm_timer(s);
+}
+
+/* The response to the oldest command in flight is complete: on to the
+ * next one's, or idle. */
+static void
+end_response(struct pop3_session *s)
+{
+	s->ihead = (s->ihead + 1) % PIPE_MAX;
+	if (--s->ilen > 0)
+		begin_response(s);
+	else
+		enter_state(s, P3_IDLE);
 }
 
 void

@@ -46,6 +46,9 @@ struct store {
 	struct strset uids;
 	bool rewrite; /* an append failed half-way: rewrite before the next */
 	unsigned serial;
+	struct store_msg **batch; /* sealed, not yet durable: store_commit */
+	size_t nbatch, capbatch;
+	unsigned long long batch_bytes;
 	char error[512];
 };
 
@@ -66,7 +69,8 @@ struct store_msg {
 	bool recorded;
 };
 
-static int append_record(struct store *st, const char *uid, const char *stage);
+static int append_lines(struct store *st, const char *lines, size_t len);
+static int record_line(struct store *st, const char *uid, const char *stage, char *line, size_t size);
 
 static uint64_t
 strhash(const char *s)
@@ -557,6 +561,8 @@ store_close(struct store *st)
 {
 	if (st == NULL)
 		return;
+	store_discard(st);
+	free(st->batch);
 	if (st->state_fd >= 0)
 		close(st->state_fd);
 	if (st->lock_fd >= 0)
@@ -655,10 +661,9 @@ store_msg_dirfd(const struct store_msg *m)
 int
 store_msg_finish_eml(struct store_msg *m, unsigned long long *ret_size)
 {
+	/* no fsync: the folder is made durable as a whole by store_commit */
 	if (m->fd >= 0) {
-		int r = fsync(m->fd) < 0 ? -errno : 0;
-		if (close(m->fd) < 0 && r == 0)
-			r = -errno;
+		int r = close(m->fd) < 0 ? -errno : 0;
 		m->fd = -1;
 		if (r < 0)
 			return seterr(m->st, -r, "cannot write %s", m->eml);
@@ -677,8 +682,6 @@ store_msg_add_file(struct store_msg *m, const char *name, const void *data, size
 	if (fd < 0)
 		return seterr(m->st, errno, "cannot create %s/%s", m->path, name);
 	r = util_write_all(fd, data, len);
-	if (r == 0 && fsync(fd) < 0)
-		r = -errno;
 	if (close(fd) < 0 && r == 0)
 		r = -errno;
 	if (r < 0)
@@ -709,61 +712,147 @@ rename_into_place(struct store_msg *m, char **ret_folder)
 }
 
 int
-store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder)
+store_msg_seal(struct store_msg *m, bool keep_eml)
 {
 	struct store *st = m->st;
-	char *folder = NULL;
 	int r;
 
-	if ((r = store_msg_finish_eml(m, NULL)) < 0)
-		goto fail;
-	if (st->save_dir == NULL) {
-		/* nothing is kept: the UIDL record is all that remains */
-		if ((r = append_record(st, m->uid, NULL)) < 0)
-			goto fail;
-		store_msg_abort(m);
-		*ret_folder = NULL;
-		return 0;
-	}
-	if (!keep_eml && unlinkat(m->dirfd, "message.eml", 0) < 0) {
-		r = seterr(st, errno, "cannot remove %s", m->eml);
-		goto fail;
-	}
-	if (fsync(m->dirfd) < 0) {
-		r = seterr(st, errno, "cannot fsync %s", m->path);
-		goto fail;
-	}
-	/* the record first, naming the staged folder: should the process die
-	 * after this, the next start tells by the staging folder whether the
-	 * rename happened, wherever a consumer has taken the folder since.
-	 * Even a failed append may have left the line on disk (a write that
-	 * went through, then a failed fdatasync and a failed cut back), so
-	 * from here on a failure keeps the staging folder: removing it would
-	 * turn that record into "renamed", and the message, never renamed
-	 * into place, would be taken for saved and deleted from the server. */
-	m->recorded = true;
-	if ((r = append_record(st, m->uid, m->stage)) < 0)
-		goto fail;
-	if ((r = rename_into_place(m, &folder)) < 0)
-		goto fail; /* the record is void: the staging folder stays until cleaned */
-	free(m->path);	   /* renamed: nothing left to remove */
-	m->path = NULL;
-	if (fsync(st->save_fd) < 0) {
-		r = -errno;
-		/* visible but perhaps not durable: not received as far as the
-		 * server is concerned, so no DELE; the record settles it later */
-		seterr(st, -r, "cannot fsync %s", st->save_dir);
-		free(folder);
+	if ((r = store_msg_finish_eml(m, NULL)) < 0) {
 		store_msg_abort(m);
 		return r;
 	}
-	strset_add(&st->uids, m->uid);
-	store_msg_abort(m);
-	*ret_folder = folder;
+	if (st->save_dir != NULL && !keep_eml && unlinkat(m->dirfd, "message.eml", 0) < 0) {
+		r = seterr(st, errno, "cannot remove %s", m->eml);
+		store_msg_abort(m);
+		return r;
+	}
+	close(m->dirfd);
+	m->dirfd = -1;
+	if (st->nbatch == st->capbatch) {
+		st->capbatch = st->capbatch ? 2 * st->capbatch : 16;
+		st->batch = xrealloc(st->batch, st->capbatch * sizeof(*st->batch));
+	}
+	st->batch[st->nbatch++] = m;
+	st->batch_bytes += m->size;
 	return 0;
-fail:
-	store_msg_abort(m);
+}
+
+size_t
+store_pending(const struct store *st, unsigned long long *ret_bytes)
+{
+	if (ret_bytes != NULL)
+		*ret_bytes = st->batch_bytes;
+	return st->nbatch;
+}
+
+void
+store_discard(struct store *st)
+{
+	for (size_t i = 0; i < st->nbatch; i++)
+		store_msg_abort(st->batch[i]);
+	st->nbatch = 0;
+	st->batch_bytes = 0;
+}
+
+/*
+ * Group commit (DESIGN.md §4): the order of one message's commit, once for
+ * the whole batch.
+ *  1. syncfs: every file and folder of the batch is on disk (one flush of
+ *     the file system instead of one fsync per file, per folder);
+ *  2. the batch's records, each naming its staged folder, appended in one
+ *     write and one fdatasync;
+ *  3. the renames into save_directory;
+ *  4. one fsync of save_directory.
+ * Only then is a message committed, and may its DELE go out. A process that
+ * dies anywhere in between leaves records that the next store_open settles
+ * by what is still staged.
+ */
+int
+store_commit(struct store *st, store_commit_cb cb, void *arg)
+{
+	size_t n = st->nbatch, renamed = 0, len = 0;
+	char **folders = NULL, *lines = NULL;
+	int r = 0;
+
+	if (n == 0)
+		return 0;
+	if (st->save_dir != NULL && syncfs(st->save_fd) < 0) {
+		r = seterr(st, errno, "cannot make %zu message(s) durable (syncfs of %s)", n,
+			   st->save_dir);
+		goto out;
+	}
+	lines = xmalloc(n * (POP3_UIDL_MAX + 128));
+	for (size_t i = 0; i < n; i++) {
+		struct store_msg *m = st->batch[i];
+		int k = record_line(st, m->uid, st->save_dir ? m->stage : NULL, lines + len,
+				    POP3_UIDL_MAX + 128);
+		if (k < 0) {
+			r = k;
+			goto out;
+		}
+		len += (size_t)k;
+	}
+	/* even a failed append may have left the lines on disk (a write that
+	 * went through, then a failed fdatasync and a failed cut back): from
+	 * here on a failure keeps the staging folders, whose presence makes
+	 * those records void */
+	for (size_t i = 0; i < n; i++)
+		st->batch[i]->recorded = st->save_dir != NULL;
+	if ((r = append_lines(st, lines, len)) < 0)
+		goto out;
+	folders = xcalloc(n, sizeof(char *));
+	if (st->save_dir == NULL) {
+		renamed = n; /* nothing is kept: the records are all that remains */
+		goto committed;
+	}
+	for (; renamed < n; renamed++) {
+		struct store_msg *m = st->batch[renamed];
+		if ((r = rename_into_place(m, &folders[renamed])) < 0)
+			break; /* its record is void: the staging folder stays until cleaned */
+		free(m->path); /* renamed: nothing left to remove */
+		m->path = NULL;
+	}
+	if (renamed > 0 && fsync(st->save_fd) < 0) {
+		/* visible but perhaps not durable: not received as far as the
+		 * server is concerned, so no DELE; the records settle it later */
+		r = seterr(st, errno, "cannot fsync %s", st->save_dir);
+		for (size_t i = 0; i < renamed; i++)
+			free(folders[i]);
+		renamed = 0;
+	}
+committed:
+	for (size_t i = 0; i < renamed; i++) {
+		struct store_msg *m = st->batch[i];
+		strset_add(&st->uids, m->uid);
+		cb(arg, m->uid, folders[i], m->size); /* takes the folder */
+	}
+out:
+	free(folders);
+	free(lines);
+	store_discard(st);
 	return r;
+}
+
+static void
+take_folder(void *arg, const char *uid, char *folder, unsigned long long size)
+{
+	(void)uid;
+	(void)size;
+	*(char **)arg = folder;
+}
+
+int
+store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder)
+{
+	struct store *st = m->st;
+	int r;
+
+	*ret_folder = NULL;
+	if (st->nbatch > 0)
+		return seterr(st, EBUSY, "a batch is pending");
+	if ((r = store_msg_seal(m, keep_eml)) < 0)
+		return r;
+	return store_commit(st, take_folder, ret_folder);
 }
 
 void
@@ -786,24 +875,31 @@ store_msg_abort(struct store_msg *m)
 	free(m);
 }
 
-/*
- * Append one record line and fdatasync it. A failed append is cut back (or
- * the file rewritten whole before the next one), so that a torn line never
- * joins the next record.
- */
+/* "UIDL\n", or "UIDL STAGE\n": its length, or -errno. */
 static int
-append_record(struct store *st, const char *uid, const char *stage)
+record_line(struct store *st, const char *uid, const char *stage, char *line, size_t size)
 {
-	char line[POP3_UIDL_MAX + 128];
-	struct stat sb;
-	int n, r;
+	int n;
 
 	if (!valid_uid(uid, strlen(uid)))
 		return seterr(st, EINVAL, "invalid UIDL");
-	n = stage ? snprintf(line, sizeof(line), "%s %s\n", uid, stage)
-		  : snprintf(line, sizeof(line), "%s\n", uid);
-	if (n < 0 || (size_t)n >= sizeof(line))
+	n = stage ? snprintf(line, size, "%s %s\n", uid, stage) : snprintf(line, size, "%s\n", uid);
+	if (n < 0 || (size_t)n >= size)
 		return seterr(st, ENAMETOOLONG, "cannot record %s", uid);
+	return n;
+}
+
+/*
+ * Append record lines in one write and fdatasync them. A failed append is
+ * cut back (or the file rewritten whole before the next one), so that a
+ * torn line never joins the next record.
+ */
+static int
+append_lines(struct store *st, const char *lines, size_t len)
+{
+	struct stat sb;
+	int r;
+
 	if (st->rewrite && (r = rewrite_state(st)) < 0)
 		return r;
 	if (st->state_fd < 0) {
@@ -813,7 +909,7 @@ append_record(struct store *st, const char *uid, const char *stage)
 	}
 	if (fstat(st->state_fd, &sb) < 0)
 		return seterr(st, errno, "cannot stat the state %s", st->state_path);
-	r = util_write_all(st->state_fd, line, (size_t)n);
+	r = util_write_all(st->state_fd, lines, len);
 	if (r == 0 && fdatasync(st->state_fd) < 0)
 		r = -errno;
 	if (r < 0) {
@@ -827,8 +923,12 @@ append_record(struct store *st, const char *uid, const char *stage)
 int
 store_record(struct store *st, const char *uid)
 {
-	int r = append_record(st, uid, NULL);
+	char line[POP3_UIDL_MAX + 128];
+	int n = record_line(st, uid, NULL, line, sizeof(line)), r;
 
+	if (n < 0)
+		return n;
+	r = append_lines(st, line, (size_t)n);
 	if (r == 0)
 		strset_add(&st->uids, uid);
 	return r;

@@ -49,8 +49,8 @@ struct mime_opts {
  * and text.html (the first text/html body) when save_text, and every
  * attachment into attachments/ under a safe unique name when
  * save_attachments; a nested message/rfc822 becomes attachments/SUBJECT.eml.
- * Files are created with O_EXCL|O_NOFOLLOW, mode 0640, and fsync'd, as is
- * attachments/ (0750).
+ * Files are created with O_EXCL|O_NOFOLLOW, mode 0640, attachments/ 0750;
+ * none is fsync'd: the caller makes the folder durable as a whole.
  *
  * S/MIME (RFC 8551): a top-level application/pkcs7-mime enveloped entity is
  * decrypted with o->smime_key, signed data and multipart/signed are

@@ -44,20 +44,41 @@ int store_msg_write(struct store_msg *m, const void *buf, size_t len);
 const char *store_msg_eml_path(const struct store_msg *m);
 /* The staged folder, for files made inside it with openat (mime_extract). */
 int store_msg_dirfd(const struct store_msg *m);
-/* Flush and fsync message.eml; returns its size in *ret_size. */
+/* Close message.eml; returns its size in *ret_size. Nothing is fsync'd
+ * here: store_commit makes the folder durable as a whole. */
 int store_msg_finish_eml(struct store_msg *m, unsigned long long *ret_size);
 /* Another file of the folder (relative name, e.g. "meta.json"), written
- * with O_EXCL|O_NOFOLLOW and fsync'd. */
+ * with O_EXCL|O_NOFOLLOW (made durable by store_commit). */
 int store_msg_add_file(struct store_msg *m, const char *name, const void *data, size_t len);
+
 /*
- * Make the folder durable and visible: fsync it, rename it into
- * save_directory (never replacing anything), fsync save_directory. With
- * keep_eml false, message.eml is removed first. *ret_folder (malloc'd,
- * absolute when save_directory is) is NULL when nothing is kept.
- * The message is freed in all cases; a failure after its record was
- * written leaves the staging folder (the record is void while it is
- * there) for the next store_open to settle and remove.
+ * Group commit (DESIGN.md §4). store_msg_seal ends a complete message (with
+ * keep_eml false, message.eml is removed first) and adds it to the store's
+ * batch; the store owns it from then on, also when sealing fails. The
+ * message is not durable, not visible, not recorded.
  */
+int store_msg_seal(struct store_msg *m, bool keep_eml);
+/* Messages in the batch, and their message bytes in *ret_bytes (may be NULL). */
+size_t store_pending(const struct store *st, unsigned long long *ret_bytes);
+/* A message of the batch is committed: durable, recorded, visible at
+ * folder (malloc'd, the callee's; NULL when nothing is kept). */
+typedef void (*store_commit_cb)(void *arg, const char *uid, char *folder,
+				unsigned long long size);
+/*
+ * Make the batch durable and visible: one syncfs of save_directory's file
+ * system, the batch's records in one append and fdatasync, the renames into
+ * save_directory (never replacing anything), one fsync of save_directory.
+ * cb is called, in seal order, for each message committed, before it
+ * returns; on an error (-errno, store_error() says what) the messages not
+ * committed are dropped (a recorded staging folder is left for the next
+ * store_open to settle). The batch is empty afterwards.
+ */
+int store_commit(struct store *st, store_commit_cb cb, void *arg);
+/* Drop the batch: nothing of it was recorded; the staging is removed. */
+void store_discard(struct store *st);
+/* Seal and commit one message alone (the batch must be empty). *ret_folder
+ * (malloc'd) is NULL when nothing is kept. The message is freed in all
+ * cases. */
 int store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder);
 /* Remove the staged folder. NULL is a no-op. */
 void store_msg_abort(struct store_msg *m);

@@ -384,7 +384,7 @@ class FakePOP3:
     def __init__(self, messages=(), *, script=None, scripts=None, user="fakeuser",
                  password="fakepass", sasl=(), capabilities=None, uidls=None,
                  crlf=True, apop=False, tls_context=None, stls_context=None, hook=None,
-                 scram_iterations=4096, sasl_faults=(), meter=None):
+                 scram_iterations=4096, sasl_faults=(), meter=None, pipelining=True):
         """messages: bytes (LF is turned into CRLF unless crlf=False) or
         (uidl, bytes) pairs; uidls: explicit UIDLs; script/scripts: scripted
         mode (scripts[i] serves connection i, the last one the rest);
@@ -393,6 +393,8 @@ class FakePOP3:
         APOP timestamp in the greeting and accept APOP (off by default, so
         that a client has nothing but USER/PASS unless asked);
         capabilities: the exact CAPA lines (default: derived);
+        pipelining: list PIPELINING among the derived capabilities (commands
+          are answered in order either way);
         tls_context: implicit TLS; stls_context: offer STLS;
         hook(session_record, line) -> Action or None: a fault decided per call;
         scram_iterations: the i= of SCRAM's server-first message;
@@ -407,6 +409,7 @@ class FakePOP3:
         self.sasl = [m.upper() for m in sasl]
         self.scram_iterations, self.sasl_faults = scram_iterations, set(sasl_faults)
         self.capabilities = capabilities
+        self.pipelining = pipelining
         self.tls_context, self.stls_context, self.hook = tls_context, stls_context, hook
         self.scripts = list(scripts or ([script] if script else []))
         self.mailbox = self._make_mailbox(messages, uidls, crlf)
@@ -727,6 +730,8 @@ class _GoodSession:
         if srv.capabilities is not None:
             return list(srv.capabilities)
         caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "USER"]
+        if not srv.pipelining:
+            caps.remove("PIPELINING")
         if srv.sasl:
             caps.append("SASL " + " ".join(srv.sasl))
         if srv.stls_context and not self.rec.tls:

@@ -7,6 +7,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 import mailgen
 from daemonutil import daemon, wait_for  # noqa: F401  (daemon: a fixture)
 from fakepop3 import Meter, Trickle
@@ -222,13 +224,16 @@ def test_sighup_burst_is_coalesced(fake_pop3, fake_config, confdir, daemon):
 # stop
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["lockstep", "pipelined"])
 def test_sigterm_finishes_the_message_in_hand(fake_pop3, fake_config, confdir, daemon,
-                                              run_popfetchd):
-    """SIGTERM during a RETR: that message is saved and deleted, the session
-    QUITs, nothing else is taken; the next run saves the rest once."""
+                                              run_popfetchd, pipelining):
+    """SIGTERM during a RETR: that message (pipelined: the messages whose
+    RETR is in flight, at most 1 MiB beyond the first) is saved and deleted,
+    the session QUITs, nothing else is taken; the next run saves the rest
+    once."""
     data = messages(3, seed=360, size=20000)
-    server = fake_pop3(data)
-    server.inject("RETR", Trickle(delay=0.05, chunk=1000))  # ~1 s for the first message
+    server = fake_pop3(data, pipelining=pipelining)
+    server.inject("RETR", Trickle(delay=0.05, chunk=1000))  # ~1 s a message
     config = fake_config(server, poll_interval="1s")
     cd = confdir(config)
     d = daemon(cd)
@@ -237,10 +242,12 @@ def test_sigterm_finishes_the_message_in_hand(fake_pop3, fake_config, confdir, d
     d.signal(signal.SIGTERM)
     assert d.stop() == EX_OK, d.output
     assert "STOPPING" in d.notify.events()
-    assert server.count("RETR") == 1 and server.sent("QUIT")
-    assert len(server.remaining()) == 2
-    [folder] = saved_folders(config["save_directory"])
-    assert (folder / "message.eml").read_bytes() == data[0].replace(b"\n", b"\r\n")
+    taken = 3 if pipelining else 1
+    assert server.count("RETR") == taken and server.sent("QUIT")
+    assert len(server.remaining()) == 3 - taken
+    folders = saved_folders(config["save_directory"])
+    assert sorted((f / "message.eml").read_bytes() for f in folders) == \
+        sorted(m.replace(b"\n", b"\r\n") for m in data[:taken])
     res = run_popfetchd(["receive-all", "fake"], confdir=cd)
     assert res.returncode == EX_OK
     assert len(saved_folders(config["save_directory"])) == 3 and not server.remaining()

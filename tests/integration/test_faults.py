@@ -316,7 +316,8 @@ DROPS = [
     ("uidl-mid-listing", "UIDL", Truncate(0.5), {}, {}, 0),
     ("list-closed", "LIST", Close(), {}, {}, 0),
     ("list-mid-listing", "LIST", Truncate(0.5), {}, {}, 0),
-    ("dele-closed", "DELE 1", Close(), {}, {}, 1),
+    # the three are committed as one batch before the first DELE
+    ("dele-closed", "DELE 1", Close(), {}, {}, 3),
     ("between-dele-and-quit", "DELE 3", SendThenClose(b"+OK Marked to be deleted.\r\n"), {}, {}, 3),
     ("quit-status-without-crlf", "QUIT", Truncate(3), {}, {}, 3),
     ("quit-half-line", "QUIT", Truncate(10), {}, {}, 3),
@@ -742,6 +743,7 @@ def test_nul_bare_cr_bare_lf(fake_pop3, fake_config, confdir, run_popfetchd, whe
 
 
 # (id, command, extra line after its response, expected exit, messages saved)
+# Both messages are committed as one batch before the first DELE.
 UNSOLICITED = [
     ("after-greeting", "GREETING", b"+OK extra\r\n", EX_PROTOCOL, 0),
     ("after-capa", "CAPA", b"+OK extra\r\n", EX_PROTOCOL, 0),
@@ -750,31 +752,47 @@ UNSOLICITED = [
     ("after-uidl", "UIDL", b"+OK\r\n", EX_PROTOCOL, 0),
     ("after-list", "LIST", b"-ERR extra\r\n", EX_PROTOCOL, 0),
     ("after-retr", "RETR 1", b"+OK\r\n", EX_PROTOCOL, 1),
-    ("after-dele", "DELE 1", b"+OK 20 octets\r\n", EX_PROTOCOL, 1),
+    ("after-retr-err", "RETR 1", b"-ERR extra\r\n", EX_PROTOCOL, 1),
+    ("after-dele", "DELE 2", b"+OK 20 octets\r\n", EX_PROTOCOL, 2),
     ("after-quit", "QUIT", b"+OK extra\r\n", EX_OK, 2),
 ]
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["lockstep", "pipelined"])
 @pytest.mark.parametrize("mode", ["none", "implicit"])
 @pytest.mark.parametrize("where, extra, code, nsaved", [u[1:] for u in UNSOLICITED],
                          ids=[u[0] for u in UNSOLICITED])
 def test_unsolicited_line_after_a_response(fake_pop3, fake_config, confdir, run_popfetchd, pki,
-                                           where, extra, code, nsaved, mode):
-    """A line nobody asked for, sent with a response: popfetchd sends no
-    command while unread bytes wait (it does not pipeline), so the line
-    cannot be the answer to its next command. Taking it for one would
-    shift every later response by one — e.g. the real answer to RETR
-    saved as part of the message. Exit 76, nothing more sent; after QUIT
-    it does not matter."""
+                                           where, extra, code, nsaved, mode, pipelining):
+    """A line nobody asked for, sent with a response. Taking it for the
+    answer to the next command would shift every later response by one —
+    e.g. the real answer to RETR saved as part of the message, or one
+    message saved under the next one's UIDL. popfetchd sends no command
+    while unread bytes wait, and QUIT never pipelined; with PIPELINING a
+    RETR whose data begins with a status line ends the session, and after
+    a refused RETR the answers in flight are dropped and asked for again
+    one at a time. Exit 76, no QUIT; after QUIT it does not matter."""
     server_kw, config_kw = tls_keys(pki, mode)
-    server = pop3(fake_pop3, small_messages(2, seed=110), **server_kw)
+    server = pop3(fake_pop3, small_messages(3 if "retr" in where.lower() else 2, seed=110),
+                  pipelining=pipelining, **server_kw)
     expected = snapshot(server)
     server.inject(where, Append(extra))
     config = fake_config(server, **config_kw)
     cd = confdir(config)
-    saved = run_fault(run_popfetchd, cd, server, config, code)
-    assert len(saved) == nsaved
-    assert_saved_exactly(saved, "fake", expected[:nsaved])
+    refused = pipelining and where == "RETR 1" and extra.startswith(b"-ERR")
+    # pipelined, the extra -ERR is first taken for the answer to RETR 2
+    # (exit 75, a message refused), the shift seen after it
+    saved = run_fault(run_popfetchd, cd, server, config, EX_TEMPFAIL if refused else code)
+    if refused:
+        # message 2 taken for refused, 3 asked for again alone: saved when
+        # its answer in flight had not arrived before the new RETR went out
+        assert len(saved) in (1, 2)
+        keep = {s.uidl for s in saved}
+        assert_saved_exactly(saved, "fake", [e for e in expected if e[0] in keep])
+        assert expected[0][0] in keep and expected[1][0] not in keep
+    else:
+        assert len(saved) == nsaved
+        assert_saved_exactly(saved, "fake", expected[:nsaved])
     if code != EX_OK:
         assert not server.sent("QUIT"), "the session went on after the unsolicited line"
         recover(run_popfetchd, cd, server, config, expected)

@@ -46,7 +46,10 @@ def test_killed_mid_session_loses_nothing(fake_pop3, fake_config, confdir, run_p
 
     proc = start_popfetchd(popfetchd_bin, cd, "receive-all", "fake")
     assert wait_for(lambda: server.sent("RETR 3")), "the session never reached RETR 3"
-    time.sleep(0.3)  # let it write the partial message into staging
+    # messages 1 and 2 wait in a batch while 3 trickles: the batch's time
+    # bound (1 s) commits them, and only then are they deleted
+    assert wait_for(lambda: len(read_saved(config["save_directory"])) == 2, timeout=5), \
+        "the batch of messages 1 and 2 was not committed within its time bound"
     assert proc.poll() is None, "popfetchd ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)

@@ -12,6 +12,7 @@
  *
  *   OP     write (write, writev, pwrite: the file the fd names)
  *          fsync, fdatasync (the file or directory the fd names)
+ *          syncfs (the file or directory the fd names: its file system)
  *          open (open, openat, creat and their 64 forms: the path opened)
  *          mkdir (mkdir, mkdirat)
  *          rename (rename, renameat, renameat2: the source or the target)
@@ -251,6 +252,15 @@ fsync(int fd)
 	REAL(fsync);
 	FAIL_IF("fsync", fd_path(fd, p, sizeof(p)));
 	return real_fsync(fd);
+}
+
+int
+syncfs(int fd)
+{
+	char p[PATH_MAX];
+	REAL(syncfs);
+	FAIL_IF("syncfs", fd_path(fd, p, sizeof(p)));
+	return real_syncfs(fd);
 }
 
 int
