@@ -46,6 +46,10 @@ struct job {
 	struct cfg *cfg;     /* for the next poll */
 	struct cfg *running; /* what the running poll uses */
 	struct fetch *fetch;
+	/* an OAuth2 poll gets its token before it takes a session slot: a
+	 * slow token endpoint holds no slot another configuration could use */
+	struct oauth2_request *token_req;
+	struct cfg *token_cfg; /* whose token source it asks */
 	struct event *timer;
 	unsigned failures;
 	bool queued, removed, seen;
@@ -177,8 +181,20 @@ dequeue(struct job *j)
 }
 
 static void
+cancel_token(struct job *j)
+{
+	if (j->token_req != NULL) {
+		oauth2_cancel(j->token_req);
+		j->token_req = NULL;
+	}
+	cfg_unref(j->token_cfg);
+	j->token_cfg = NULL;
+}
+
+static void
 job_free(struct job *j)
 {
+	cancel_token(j);
 	dequeue(j);
 	TAILQ_REMOVE(&j->s->jobs, j, all);
 	event_free(j->timer);
@@ -217,13 +233,10 @@ pump(struct scheduler *s)
 }
 
 static void
-on_timer(evutil_socket_t fd, short what, void *arg)
+enqueue(struct job *j)
 {
-	struct job *j = arg;
 	struct scheduler *s = j->s;
 
-	(void)fd;
-	(void)what;
 	if (s->stopping || j->removed || j->fetch != NULL || j->queued || j->cfg->broken)
 		return;
 	TAILQ_INSERT_TAIL(&s->queue, j, queue);
@@ -231,6 +244,38 @@ on_timer(evutil_socket_t fd, short what, void *arg)
 	s->nqueued++;
 	pump(s);
 	changed(s);
+}
+
+/* The token is in the cache (or the endpoint failed: the poll asks again
+ * and reports it): now the poll may wait for a session slot. */
+static void
+on_token(void *arg, enum oauth2_status status, const char *token, const char *detail)
+{
+	struct job *j = arg;
+
+	(void)status;
+	(void)token;
+	(void)detail;
+	j->token_req = NULL;
+	cancel_token(j);
+	enqueue(j);
+}
+
+static void
+on_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct job *j = arg;
+
+	(void)fd;
+	(void)what;
+	if (j->token_req != NULL || j->s->stopping || j->cfg->broken)
+		return;
+	if (j->cfg->rt.oauth2 != NULL && j->fetch == NULL && !j->queued && !j->removed) {
+		j->token_cfg = cfg_ref(j->cfg);
+		j->token_req = oauth2_get_token(j->token_cfg->rt.oauth2, false, on_token, j);
+		return;
+	}
+	enqueue(j);
 }
 
 /* Seconds to the next poll after one that ended with r. */
@@ -286,10 +331,9 @@ on_fetch_done(struct fetch *f, void *arg)
 	s->nrunning--;
 	s->saved += r->nsaved;
 	if (r->exit_code != 0) {
+		/* each error was logged when it happened (fetch) */
 		snprintf(s->last_error, sizeof(s->last_error), "%s: %s", j->id,
 			 r->nerrors > 0 ? r->errors[0] : "failed");
-		for (size_t i = 0; i < r->nerrors; i++)
-			log_error(j->id, "%s", r->errors[i]);
 	}
 	if (!s->stopping && !j->removed) {
 		double d = next_delay(j, r);
@@ -467,6 +511,7 @@ scheduler_stop(struct scheduler *s, unsigned grace, void (*done)(void *arg), voi
 	TAILQ_FOREACH(j, &s->jobs, all)
 	{
 		evtimer_del(j->timer);
+		cancel_token(j);
 		dequeue(j);
 	}
 	if (s->nrunning == 0) {

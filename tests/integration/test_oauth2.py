@@ -38,10 +38,12 @@ import os
 import stat
 import time
 import types
+from pathlib import Path
 
 import pytest
 
 from conftest import OAUTH_SCOPE
+from daemonutil import daemon  # noqa: F401  (a fixture)
 from fakepop3 import Script, SendThenClose
 from test_receive import (EX_NOPERM, EX_OK, EX_TEMPFAIL, assert_no_staging_leftovers,
                           assert_saved_exactly, deliver_generated, server_listing)
@@ -431,3 +433,31 @@ def test_no_secret_in_any_output(oauth_dovecot, oauth_mailbox, oauth_config, tok
     assert len(secret_registry.secrets()) >= 6
     assert len(secret_registry.outputs) >= 16
     secret_registry.check()
+
+
+def test_slow_token_endpoint_holds_no_session_slot(oauth_dovecot, oauth_mailbox, oauth_config,
+                                                   tokenserver, fake_pop3, fake_config,
+                                                   confdir, daemon):
+    """max_sessions: 1. An OAuth2 poll waits 6 s for its token endpoint
+    before it takes a session slot, so a password configuration beside it
+    keeps polling every second meanwhile; then the OAuth2 one saves its mail
+    too (the endpoint answered nothing the first time: the poll asks again)."""
+    deliver_generated(oauth_mailbox, 2, 4000, seed=75)
+    waiting = oauth_mailbox.count()
+    other = fake_pop3([])
+    oa = oauth_config(oauth_mailbox, poll_interval="60s")
+    pw = fake_config(other, id="pw", poll_interval="1s")
+    cd = confdir(oa, pw, daemon={"max_sessions": 1})
+    tokenserver.stall(seconds=6, times=1)
+    d = daemon(cd)
+    d.wait_ready()
+    assert wait_for(lambda: tokenserver.stats().get("token_stalled", 0) >= 1, 10), d.output
+    t0 = time.monotonic()
+    assert wait_for(lambda: len(other.sessions) >= 4, 5), \
+        f"the password configuration waited: {len(other.sessions)} sessions in " \
+        f"{time.monotonic() - t0:.1f} s\n{d.output}"
+    assert oauth_mailbox.count() == waiting, "the OAuth2 poll had its token already?"
+    assert wait_for(lambda: oauth_mailbox.count() == 0, 30), d.output
+    assert d.stop() == EX_OK, d.output
+    assert len([p for p in Path(oa["save_directory"]).iterdir()
+                if not p.name.startswith(".")]) == waiting
