@@ -611,16 +611,20 @@ seal_message(struct fetch *f, const struct candidate *c, char *why, size_t whyle
 		snprintf(why, whylen, "%s", store_error(f->store));
 		return -EIO;
 	}
-	if (mime_read_headers(store_msg_eml_path(f->msg), &h) < 0)
-		memset(&h, 0, sizeof(h));
+	memset(&h, 0, sizeof(h));
 	struct mime_result mr = {0};
-	if (f->mb->save_directory != NULL) {
+	if (f->mb->save_directory == NULL) {
+		if (mime_read_headers(store_msg_eml_path(f->msg), &h) < 0)
+			memset(&h, 0, sizeof(h));
+	} else {
+		/* one parse gives the header fields and the content */
 		struct mime_opts mo = {.save_text = f->mb->save_text,
 				       .save_attachments = f->mb->save_attachments,
 				       .dirfd = store_msg_dirfd(f->msg),
 				       .max_decoded = f->mb->max_decoded_size,
 				       .smime_key = f->smime_key,
-				       .smime_unavailable = f->smime_unavailable};
+				       .smime_unavailable = f->smime_unavailable,
+				       .headers = &h};
 		/* hostile content is never an error; a disk that fails is */
 		if ((r = mime_extract(store_msg_eml_path(f->msg), &mo, &mr)) < 0) {
 			snprintf(why, whylen, "cannot write its text or attachments beside %s: %s",

@@ -225,16 +225,25 @@ mime_parse_headers(const char *buf, size_t len, struct mime_headers *ret)
 	parser = g_mime_parser_new_with_stream(stream);
 	msg = g_mime_parser_construct_message(parser, NULL);
 	if (msg != NULL) {
-		h.message_id = dup_or_null(g_mime_message_get_message_id(msg));
-		h.date = decoded_field(GMIME_OBJECT(msg), "Date");
-		h.subject = decoded_field(GMIME_OBJECT(msg), "Subject");
-		h.from = decoded_field(GMIME_OBJECT(msg), "From");
-		h.to = decoded_field(GMIME_OBJECT(msg), "To");
-		h.cc = decoded_field(GMIME_OBJECT(msg), "Cc");
+		mime_message_headers(msg, &h);
 		g_object_unref(msg);
 	}
 	g_object_unref(parser);
 	g_object_unref(stream);
+	*ret = h;
+}
+
+void
+mime_message_headers(GMimeMessage *msg, struct mime_headers *ret)
+{
+	struct mime_headers h = {0};
+
+	h.message_id = dup_or_null(g_mime_message_get_message_id(msg));
+	h.date = decoded_field(GMIME_OBJECT(msg), "Date");
+	h.subject = decoded_field(GMIME_OBJECT(msg), "Subject");
+	h.from = decoded_field(GMIME_OBJECT(msg), "From");
+	h.to = decoded_field(GMIME_OBJECT(msg), "To");
+	h.cc = decoded_field(GMIME_OBJECT(msg), "Cc");
 	*ret = h;
 }
 

@@ -1133,6 +1133,12 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 	parser = g_mime_parser_new_with_stream(stream);
 	g_mime_parser_set_persist_stream(parser, TRUE);
 	msg = g_mime_parser_construct_message(parser, NULL);
+	if (o->headers != NULL) {
+		if (msg != NULL)
+			mime_message_headers(msg, o->headers);
+		else
+			memset(o->headers, 0, sizeof(*o->headers));
+	}
 	if (msg == NULL)
 		add_note(&c, "not a MIME message; nothing extracted");
 	else

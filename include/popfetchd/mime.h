@@ -26,6 +26,9 @@ int mime_read_headers(const char *path, struct mime_headers *ret);
 /* The same, from bytes in memory (the header block, or a whole message). */
 void mime_parse_headers(const char *buf, size_t len, struct mime_headers *ret);
 void mime_headers_clear(struct mime_headers *h);
+/* The same, from a message GMime has parsed already (a GMimeMessage *). */
+struct _GMimeMessage;
+void mime_message_headers(struct _GMimeMessage *msg, struct mime_headers *ret);
 /* A raw header value (folded, RFC 2047 encoded words, any charset) as
  * UTF-8; NULL when it is empty. Never fails on bad input: best effort. */
 char *mime_decode_header(const char *raw);

@@ -9,6 +9,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+struct mime_headers;
+
 #define MIME_DEFAULT_MAX_DEPTH	 20
 #define MIME_DEFAULT_MAX_PARTS	 1000
 #define MIME_DEFAULT_MAX_DECODED (1024ULL * 1024 * 1024)
@@ -41,6 +43,10 @@ struct mime_opts {
 	unsigned long long max_decoded; /* total bytes written, MIME_DEFAULT_MAX_DECODED when 0 */
 	const struct smime_key *smime_key; /* NULL: no key to decrypt with */
 	const char *smime_unavailable;	   /* why there is none though one was configured */
+	/* when not NULL: the message's header fields for meta.json, read from
+	 * the same parse (as mime_read_headers gives them; all NULL when it is
+	 * not a MIME message) */
+	struct mime_headers *headers;
 };
 
 /*
