@@ -341,6 +341,9 @@ class SessionRecord:
     ended: bool = False
     sasl: list = dataclasses.field(default_factory=list)   # SaslExchange per AUTH
     started: float = dataclasses.field(default_factory=time.monotonic)  # accepted at
+    # per command read: the command lines that were already waiting behind
+    # it (sent before its answer: pipelined), as received
+    ahead: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -656,6 +659,8 @@ class _GoodSession:
             if raw is None:
                 return
             line = self.srv._record(self.rec, raw)
+            waiting = self.conn.buf.split(b"\n")[:-1]
+            self.rec.ahead.append((line, [w.rstrip(b"\r").decode("latin-1") for w in waiting]))
             verb, _, arg = line.partition(" ")
             handler = getattr(self, f"cmd_{verb.upper()}", None)
             if handler is None or not verb.isalnum():
