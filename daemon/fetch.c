@@ -119,10 +119,13 @@ static bool retry_with_new_token(struct fetch *f, const struct pop3_error *err);
 static void forget_token(struct fetch *f);
 static bool commit_batch(struct fetch *f);
 
-static void add_error(struct fetch *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void add_error_at(struct fetch *f, int level, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+#define add_error(f, ...) add_error_at(f, LOG_LVL_ERROR, __VA_ARGS__)
 
+/* An error of this poll: logged at level, and kept for the result. */
 static void
-add_error(struct fetch *f, const char *fmt, ...)
+add_error_at(struct fetch *f, int level, const char *fmt, ...)
 {
 	va_list ap;
 	char *line;
@@ -131,7 +134,7 @@ add_error(struct fetch *f, const char *fmt, ...)
 	if (vasprintf(&line, fmt, ap) < 0)
 		abort();
 	va_end(ap);
-	log_error(f->mb->id, "%s", line);
+	log_msg(level, f->mb->id, "%s", line);
 	f->res.errors = xrealloc(f->res.errors, (f->res.nerrors + 1) * sizeof(char *));
 	f->res.errors[f->res.nerrors++] = line;
 }
@@ -986,7 +989,8 @@ fetch_stop(struct fetch *f)
 	/* not logged in yet (or waiting for a token): nothing to finish */
 	if (f->pop3 != NULL)
 		pop3_abort(f->pop3);
-	add_error(f, "%s: stopped before the session began", f->where);
+	/* a routine stop: not worth an error line per configuration */
+	add_error_at(f, LOG_LVL_INFO, "%s: stopped before the session began", f->where);
 	set_exit(f, EX_TEMPFAIL);
 	finish(f);
 }

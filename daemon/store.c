@@ -62,6 +62,8 @@ struct store_msg {
 	char *eml;   /* staging folder/message.eml */
 	int dirfd;
 	int fd; /* message.eml */
+	char *wbuf; /* what is not written to it yet: one write per STORE_WBUF */
+	size_t wlen;
 	unsigned long long size;
 	/* a record naming the staging folder may be on disk: from then on only
 	 * the rename, or the next store_open once it has settled that record,
@@ -635,14 +637,41 @@ store_msg_set_uid(struct store_msg *m, const char *uid)
 	m->name = xstrdup(name);
 }
 
+/* message.eml is written in pieces of this size (the network gives a few
+ * KiB at a time: a write each would be several system calls per message). */
+#define STORE_WBUF (64 * 1024)
+
+static int
+flush_eml(struct store_msg *m)
+{
+	int r;
+
+	if (m->wlen == 0)
+		return 0;
+	r = util_write_all(m->fd, m->wbuf, m->wlen);
+	m->wlen = 0;
+	if (r < 0)
+		return seterr(m->st, -r, "cannot write %s", m->eml);
+	return 0;
+}
+
 int
 store_msg_write(struct store_msg *m, const void *buf, size_t len)
 {
-	int r = util_write_all(m->fd, buf, len);
+	int r;
 
-	if (r < 0)
-		return seterr(m->st, -r, "cannot write %s", m->eml);
+	if (m->wlen + len > STORE_WBUF && (r = flush_eml(m)) < 0)
+		return r;
 	m->size += len;
+	if (len >= STORE_WBUF) {
+		if ((r = util_write_all(m->fd, buf, len)) < 0)
+			return seterr(m->st, -r, "cannot write %s", m->eml);
+		return 0;
+	}
+	if (m->wbuf == NULL)
+		m->wbuf = xmalloc(STORE_WBUF);
+	memcpy(m->wbuf + m->wlen, buf, len);
+	m->wlen += len;
 	return 0;
 }
 
@@ -663,10 +692,14 @@ store_msg_finish_eml(struct store_msg *m, unsigned long long *ret_size)
 {
 	/* no fsync: the folder is made durable as a whole by store_commit */
 	if (m->fd >= 0) {
-		int r = close(m->fd) < 0 ? -errno : 0;
+		int r = flush_eml(m);
+		if (close(m->fd) < 0 && r == 0)
+			r = seterr(m->st, errno, "cannot write %s", m->eml);
 		m->fd = -1;
+		free(m->wbuf);
+		m->wbuf = NULL;
 		if (r < 0)
-			return seterr(m->st, -r, "cannot write %s", m->eml);
+			return r;
 	}
 	if (ret_size != NULL)
 		*ret_size = m->size;
@@ -862,6 +895,7 @@ store_msg_abort(struct store_msg *m)
 		return;
 	if (m->fd >= 0)
 		close(m->fd);
+	free(m->wbuf);
 	if (m->dirfd >= 0)
 		close(m->dirfd);
 	/* a recorded staging folder is left for store_open to settle, then clean */
