@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <stdbool.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include <openssl/err.h>
@@ -21,12 +22,52 @@
 #include "popfetchd/tls.h"
 #include "popfetchd/util.h"
 
+/*
+ * A context holds nothing of one configuration but its parameters, so the
+ * configurations with the same ones share it (a daemon with a thousand
+ * mailboxes on one server has one, not a thousand of ~19 KB each). A CA
+ * file that changed on disk since (a reload after it was replaced) makes a
+ * new one.
+ */
 struct tls_ctx {
 	SSL_CTX *ssl_ctx;
 	bool verify;
 	bool has_fingerprint;
 	unsigned char fingerprint[32];
+	char *ca_file; /* NULL: the system store */
+	struct stat ca_st;
+	unsigned refs;
+	struct tls_ctx *next; /* the contexts in use */
 };
+
+static struct tls_ctx *contexts;
+
+static bool
+same_file(const struct stat *a, const struct stat *b)
+{
+	return a->st_dev == b->st_dev && a->st_ino == b->st_ino && a->st_size == b->st_size &&
+	       a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
+	       a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
+}
+
+/* A context in use with these parameters (and the CA file unchanged). */
+static struct tls_ctx *
+find_shared(const struct tls_params *p, const struct stat *ca_st)
+{
+	for (struct tls_ctx *c = contexts; c != NULL; c = c->next) {
+		if (c->verify != p->verify || c->has_fingerprint != p->has_fingerprint ||
+		    (p->has_fingerprint &&
+		     memcmp(c->fingerprint, p->fingerprint, sizeof(c->fingerprint)) != 0))
+			continue;
+		if ((c->ca_file == NULL) != (p->ca_file == NULL))
+			continue;
+		if (p->ca_file != NULL &&
+		    (strcmp(c->ca_file, p->ca_file) != 0 || !same_file(&c->ca_st, ca_st)))
+			continue;
+		return c;
+	}
+	return NULL;
+}
 
 void
 tls_error_string(unsigned long first, char *buf, size_t len)
@@ -44,9 +85,21 @@ tls_error_string(unsigned long first, char *buf, size_t len)
 int
 tls_ctx_new(const struct tls_params *p, struct tls_ctx **ret, char *err, size_t errlen)
 {
-	struct tls_ctx *ctx = xcalloc(1, sizeof(*ctx));
+	struct tls_ctx *ctx;
+	struct stat ca_st = {0};
 	char why[256];
 
+	if (p->ca_file == NULL || stat(p->ca_file, &ca_st) == 0) {
+		if ((ctx = find_shared(p, &ca_st)) != NULL) {
+			ctx->refs++;
+			*ret = ctx;
+			return 0;
+		}
+	}
+	ctx = xcalloc(1, sizeof(*ctx));
+	ctx->refs = 1;
+	ctx->ca_st = ca_st;
+	ctx->ca_file = p->ca_file ? xstrdup(p->ca_file) : NULL;
 	ctx->ssl_ctx = SSL_CTX_new(TLS_client_method());
 	if (ctx->ssl_ctx == NULL)
 		abort();
@@ -70,6 +123,8 @@ tls_ctx_new(const struct tls_params *p, struct tls_ctx **ret, char *err, size_t 
 		tls_ctx_free(ctx);
 		return -EINVAL;
 	}
+	ctx->next = contexts;
+	contexts = ctx;
 	*ret = ctx;
 	return 0;
 }
@@ -77,9 +132,15 @@ tls_ctx_new(const struct tls_params *p, struct tls_ctx **ret, char *err, size_t 
 void
 tls_ctx_free(struct tls_ctx *ctx)
 {
-	if (ctx == NULL)
+	if (ctx == NULL || --ctx->refs > 0)
 		return;
+	for (struct tls_ctx **pp = &contexts; *pp != NULL; pp = &(*pp)->next)
+		if (*pp == ctx) {
+			*pp = ctx->next;
+			break;
+		}
 	SSL_CTX_free(ctx->ssl_ctx);
+	free(ctx->ca_file);
 	free(ctx);
 }
 

@@ -21,8 +21,10 @@ struct tls_params {
 	unsigned char fingerprint[32]; /* SHA-256 of the leaf certificate (DER) */
 };
 
-/* Build the context once per configuration (and again on reload). -EINVAL
- * with a line in err when the trust anchors cannot be loaded. */
+/* The context for a configuration (and again on reload): one shared by
+ * every configuration with the same parameters while the CA file is
+ * unchanged on disk; each tls_ctx_new needs its tls_ctx_free. -EINVAL with
+ * a line in err when the trust anchors cannot be loaded. */
 int tls_ctx_new(const struct tls_params *p, struct tls_ctx **ret, char *err, size_t errlen);
 void tls_ctx_free(struct tls_ctx *ctx);
 
