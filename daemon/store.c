@@ -881,8 +881,11 @@ store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder)
 	int r;
 
 	*ret_folder = NULL;
-	if (st->nbatch > 0)
-		return seterr(st, EBUSY, "a batch is pending");
+	if (st->nbatch > 0) {
+		r = seterr(st, EBUSY, "a batch is pending");
+		store_msg_abort(m);
+		return r;
+	}
 	if ((r = store_msg_seal(m, keep_eml)) < 0)
 		return r;
 	return store_commit(st, take_folder, ret_folder);

@@ -31,6 +31,15 @@ open_store(const char *server, const char *user)
 	return st;
 }
 
+static const char *
+state_path_of(const char *id)
+{
+	static char path[512];
+
+	snprintf(path, sizeof(path), "%s/%s/uidl", state, id);
+	return path;
+}
+
 static bool
 exists(const char *path)
 {
@@ -276,6 +285,89 @@ lock_and_staging(void)
 	store_msg_abort(m);
 }
 
+struct committed {
+	char uid[8][16];
+	char *folder[8];
+	unsigned long long size[8];
+	size_t n;
+};
+
+static void
+collect(void *arg, const char *uid, char *folder, unsigned long long size)
+{
+	struct committed *c = arg;
+
+	if (c->n < 8) {
+		snprintf(c->uid[c->n], sizeof(c->uid[0]), "%s", uid);
+		c->folder[c->n] = folder;
+		c->size[c->n] = size;
+		c->n++;
+	} else {
+		free(folder);
+	}
+}
+
+/* Group commit: sealed messages are neither visible nor recorded until
+ * store_commit, which makes them all so, in order; a discarded batch
+ * leaves nothing. */
+static void
+batches(void)
+{
+	struct store *st = open_store("batch.example", "bob");
+	struct committed c = {0};
+	struct store_msg *m;
+	unsigned long long bytes = 0;
+	char stage[512], path[600];
+
+	CHECK(st != NULL);
+	if (st == NULL)
+		return;
+	for (int i = 1; i <= 3; i++) {
+		char uid[8];
+		snprintf(uid, sizeof(uid), "B%d", i);
+		CHECK(store_msg_begin(st, uid, 1795688102 + i, &m) == 0);
+		CHECK(store_msg_write(m, "Subject: b\r\n\r\nbody\r\n", (size_t)(15 + i)) == 0);
+		if (i == 1)
+			snprintf(stage, sizeof(stage), "%s", store_msg_eml_path(m));
+		CHECK(store_msg_seal(m, true) == 0);
+	}
+	CHECK(store_pending(st, &bytes) == 3 && bytes == 16 + 17 + 18);
+	CHECK(!store_has(st, "B1") && exists(stage));
+	char *text = slurp(state_path_of("box"));
+	CHECK(strstr(text, "B1") == NULL);
+	free(text);
+	CHECK(store_commit(st, collect, &c) == 0);
+	CHECK(c.n == 3 && store_pending(st, NULL) == 0);
+	CHECK(strcmp(c.uid[0], "B1") == 0 && strcmp(c.uid[1], "B2") == 0 &&
+	      strcmp(c.uid[2], "B3") == 0);
+	CHECK(c.size[0] == 16 && c.size[2] == 18);
+	for (size_t i = 0; i < c.n; i++) {
+		snprintf(path, sizeof(path), "%s/message.eml", c.folder[i] ? c.folder[i] : "");
+		CHECK(c.folder[i] != NULL && exists(path));
+		free(c.folder[i]);
+	}
+	CHECK(store_has(st, "B1") && store_has(st, "B3") && !exists(stage));
+	text = slurp(state_path_of("box"));
+	CHECK(strstr(text, "B1 ") != NULL && strstr(text, "B3 ") != NULL);
+	free(text);
+	/* nothing to commit is no error */
+	CHECK(store_commit(st, collect, &c) == 0 && c.n == 3);
+	/* a discarded batch: its staging is gone, nothing recorded */
+	CHECK(store_msg_begin(st, "B4", 1795688110, &m) == 0);
+	snprintf(stage, sizeof(stage), "%s", store_msg_eml_path(m));
+	CHECK(store_msg_seal(m, true) == 0 && exists(stage));
+	store_discard(st);
+	CHECK(!exists(stage) && !store_has(st, "B4") && store_pending(st, NULL) == 0);
+	/* store_msg_commit refuses to jump a pending batch */
+	CHECK(store_msg_begin(st, "B5", 1795688111, &m) == 0 && store_msg_seal(m, true) == 0);
+	struct store_msg *m6;
+	char *folder = NULL;
+	CHECK(store_msg_begin(st, "B6", 1795688112, &m6) == 0);
+	CHECK(store_msg_commit(m6, true, &folder) < 0 && folder == NULL);
+	CHECK(store_pending(st, NULL) == 1);
+	store_close(st); /* a pending batch is dropped with the store */
+}
+
 int
 main(void)
 {
@@ -289,6 +381,7 @@ main(void)
 	interrupted_commit();
 	failed_rename_is_not_saved();
 	lock_and_staging();
+	batches();
 	char cmd[600];
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", root);
 	if (system(cmd) != 0)
