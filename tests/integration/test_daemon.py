@@ -228,7 +228,7 @@ def test_sighup_burst_is_coalesced(fake_pop3, fake_config, confdir, daemon):
 def test_sigterm_finishes_the_message_in_hand(fake_pop3, fake_config, confdir, daemon,
                                               run_popfetchd, pipelining):
     """SIGTERM during a RETR: that message (pipelined: the messages whose
-    RETR is in flight, at most 1 MiB beyond the first) is saved and deleted,
+    RETR is in flight, at most 4 MiB beyond the first) is saved and deleted,
     the session QUITs, nothing else is taken; the next run saves the rest
     once."""
     data = messages(3, seed=360, size=20000)
