@@ -66,7 +66,8 @@ struct secret {
 struct dparse {
 	char *state_directory, *keystore_directory;
 	unsigned max_sessions; /* 0: unset */
-	unsigned commit_batch; /* 0: unset */
+	unsigned commit_batch;	 /* 0: unset */
+	uint64_t commit_interval; /* 0: unset */
 	uint64_t stop_timeout; /* 0: unset */
 	int log_level;	       /* -1: unset */
 	struct defaults {
@@ -675,6 +676,7 @@ static const struct key daemon_keys[] = {
 	{"keystore_directory", h_str, D(keystore_directory), &absolute_check},
 	{"max_sessions", h_num, D(max_sessions), &sessions_num},
 	{"commit_batch", h_num, D(commit_batch), &batch_num},
+	{"commit_interval", h_num, D(commit_interval), &timeout_num},
 	{"stop_timeout", h_num, D(stop_timeout), &timeout_num},
 	{"log_level", h_loglevel, D(log_level), NULL},
 	{"defaults", h_map, 0, defaults_keys},
@@ -1190,6 +1192,7 @@ build_set(struct loader *l)
 	set->max_sessions = dp->max_sessions ? dp->max_sessions : 64;
 	set->stop_timeout = dp->stop_timeout ? (unsigned)dp->stop_timeout : 60;
 	set->commit_batch = dp->commit_batch ? dp->commit_batch : 64;
+	set->commit_interval = dp->commit_interval ? (unsigned)dp->commit_interval : 1;
 	set->log_level_set = dp->log_level >= 0;
 	set->log_level = set->log_level_set ? dp->log_level : LOG_LVL_INFO;
 	set->mailboxes = xcalloc(l->n_mbx, sizeof(*set->mailboxes));

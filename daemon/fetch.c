@@ -53,10 +53,10 @@ struct candidate {
 #define RETR_WINDOW 16
 #define RETR_WINDOW_BYTES (4 * 1024 * 1024)
 /* A batch is committed at conf_set.commit_batch messages, at BATCH_BYTES of
- * message data, or BATCH_SECONDS after its first message, whichever comes
- * first (and when there is nothing more to receive). */
+ * message data, or conf_set.commit_interval seconds after its first
+ * message, whichever comes first (and when there is nothing more to
+ * receive). */
 #define BATCH_BYTES (32ULL * 1024 * 1024)
-#define BATCH_SECONDS 1
 
 struct fetch {
 	struct event_base *base;
@@ -88,7 +88,7 @@ struct fetch {
 	size_t redo_from, redo_until;
 	size_t *pend;  /* candidates sealed in the batch, in order */
 	size_t npend, pend_done;
-	unsigned batch_max;
+	unsigned batch_max, batch_seconds;
 	struct event *commit_ev; /* the batch's time bound */
 	bool halted;		 /* save nothing more: what is in flight is dropped */
 	bool no_dele;		 /* commit without DELE (the session is gone, or confused) */
@@ -773,7 +773,7 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		if (!commit_batch(f))
 			halt(f);
 	} else if (n == 1) {
-		static const struct timeval bound = {BATCH_SECONDS, 0};
+		struct timeval bound = {(time_t)f->batch_seconds, 0};
 		evtimer_add(f->commit_ev, &bound);
 	}
 	after_response(f);
@@ -946,6 +946,7 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 	f->commit_ev = evtimer_new(base, commit_timer_cb, f);
 	f->md = EVP_MD_CTX_new();
 	f->batch_max = p->set->commit_batch ? p->set->commit_batch : 64;
+	f->batch_seconds = p->set->commit_interval ? p->set->commit_interval : 1;
 	if (f->done_ev == NULL || f->commit_ev == NULL || f->md == NULL)
 		abort();
 	snprintf(f->where, sizeof(f->where), strchr(mb->server, ':') ? "[%s]:%u" : "%s:%u",

@@ -70,7 +70,8 @@ struct conf_set {
 	char *keystore_directory; /* never NULL */
 	unsigned max_sessions;
 	unsigned stop_timeout; /* seconds a stopping daemon waits for running sessions */
-	unsigned commit_batch; /* most messages made durable by one group commit */
+	unsigned commit_batch;	  /* most messages made durable by one group commit */
+	unsigned commit_interval; /* seconds a batch's first message waits at most */
 	int log_level;	       /* enum log_level; LOG_LVL_INFO when unset */
 	bool log_level_set;
 	struct conf_mailbox **mailboxes; /* sorted by id */

@@ -674,8 +674,13 @@ class _GoodSession:
         """Send the response (or the injected action); apply the effect if the
         action commits. False when the session ends."""
         action = self.srv._fault_for(self.rec, line) or Default()
+        # a real server has committed QUIT's deletions when it answers: so
+        # has this one (a client that exits on the +OK finds them done)
+        early = line.upper() == "QUIT" and action.commit and effect is not None
+        if early:
+            effect()
         go_on = action.perform(self.conn, response)
-        if action.commit and effect is not None:
+        if action.commit and effect is not None and not early:
             go_on = effect() is not False and go_on
         return go_on
 

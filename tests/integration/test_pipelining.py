@@ -114,15 +114,26 @@ def test_commits_per_batch_of_messages(fake_pop3, fake_config, confdir, run_trac
 
 
 def test_a_batch_is_bounded_by_bytes(fake_pop3, fake_config, confdir, run_traced, read_saved):
-    """40 messages of 1 MiB, commit_batch 1000: a batch ends at 32 MiB, so
-    two commits."""
+    """40 messages of 1 MiB, commit_batch 1000, commit_interval 1h: the
+    first batch ends with the message that takes it to 32 MiB, the rest is
+    the second."""
     body = [m.data for m in mailgen.generate_messages(40, 1024 * 1024, seed=905)]
     server = fake_pop3(body)
     expected = fake_expected(server)
     config = fake_config(server, timeouts={"connect": "5s", "command": "30s"})
-    cd = confdir(config, daemon={"commit_batch": 1000})
-    res, log = run_traced(["-e", "trace=syncfs"], ["receive-all", "fake"], cd, timeout=120)
+    cd = confdir(config, daemon={"commit_batch": 1000, "commit_interval": "1h"})
+    res, log = run_traced(["-e", "trace=syncfs,renameat2"], ["receive-all", "fake"], cd,
+                          timeout=120)
     assert res.returncode == EX_OK, res.describe()
     assert server.wait_idle() and server.remaining() == []
     assert_saved_exactly(read_saved(config["save_directory"]), "fake", expected)
-    assert syncfs_calls(log) == 2, log
+    # the folders renamed after each syncfs: one batch each, in message order
+    batches = []
+    for line in log.splitlines():
+        if re.search(r"\bsyncfs\(", line):
+            batches.append(0)
+        elif re.search(r"\brenameat2\(", line) and batches:
+            batches[-1] += 1
+    sizes = [len(data) for _, data in expected]
+    first = next(k for k in range(1, 41) if sum(sizes[:k]) >= 32 * 1024 * 1024)
+    assert batches == [first, 40 - first], batches

@@ -69,6 +69,7 @@ def test_killed_mid_session_loses_nothing(fake_pop3, fake_config, confdir, run_p
     assert_no_staging_leftovers(config["save_directory"])
     doc = res.json()
     assert (len(doc["saved"]), doc["skipped"], doc["deleted"]) == (2, 2, 4)
+    assert server.wait_idle()  # deletions land just after the +OK to QUIT
     assert server.remaining() == []
 
 
@@ -229,6 +230,7 @@ def test_save_text_false_keeps_only_meta(fake_pop3, fake_config, confdir, run_po
     assert len(folders) == 2
     for f in folders:
         assert sorted(p.name for p in f.iterdir()) == ["meta.json"]
+    assert server.wait_idle()  # deletions land just after the +OK to QUIT
     assert server.remaining() == []
 
 
@@ -303,6 +305,7 @@ def test_refused_dele_keeps_the_record(fake_pop3, fake_config, confdir, run_popf
     assert second.returncode == EX_OK
     doc = second.json()
     assert (doc["saved"], doc["skipped"], doc["deleted"]) == ([], 2, 2)
+    assert server.wait_idle()  # deletions land just after the +OK to QUIT
     assert server.remaining() == []
 
 
@@ -318,6 +321,8 @@ def test_refused_retr_does_not_block_the_others(fake_pop3, fake_config, confdir,
     assert server.sent("QUIT"), "the session must end with QUIT"
     assert [s.uidl for s in read_saved(config["save_directory"])] == [expected[0][0],
                                                                       expected[2][0]]
+    # the server applies the deletions just after its +OK to QUIT
+    assert server.wait_idle()
     assert server.remaining() == [expected[1][1]]
     assert "message is unavailable" in res.stderr
     assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
@@ -354,5 +359,6 @@ def test_same_uidls_in_another_mailbox_are_new(fake_pop3, fake_config, confdir, 
     res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
     assert res.returncode == EX_OK
     assert (len(res.json()["saved"]), res.json()["skipped"]) == (2, 0)
+    assert second.wait_idle()  # deletions land just after the +OK to QUIT
     assert second.remaining() == []
     assert len(read_saved(config["save_directory"])) == 4
