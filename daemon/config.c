@@ -65,11 +65,11 @@ struct secret {
 /* popfetchd.yaml, as parsed. */
 struct dparse {
 	char *state_directory, *keystore_directory;
-	unsigned max_sessions; /* 0: unset */
-	unsigned commit_batch;	 /* 0: unset */
+	unsigned max_sessions;	  /* 0: unset */
+	unsigned commit_batch;	  /* 0: unset */
 	uint64_t commit_interval; /* 0: unset */
-	uint64_t stop_timeout; /* 0: unset */
-	int log_level;	       /* -1: unset */
+	uint64_t stop_timeout;	  /* 0: unset */
+	int log_level;		  /* -1: unset */
 	struct defaults {
 		char *server, *user, *tls_ca_file;
 		unsigned port; /* 0: unset */

@@ -50,7 +50,7 @@ struct candidate {
  * most RETR_WINDOW, and beyond the first no more than RETR_WINDOW_BYTES as
  * LIST counts them (what a stopping daemon still waits for). 4 MiB rather
  * than 1: 200 messages of 1 MB took 15% less time (tests/bench/peers). */
-#define RETR_WINDOW 16
+#define RETR_WINDOW	  16
 #define RETR_WINDOW_BYTES (4 * 1024 * 1024)
 /* A batch is committed at conf_set.commit_batch messages, at BATCH_BYTES of
  * message data, or conf_set.commit_interval seconds after its first
@@ -86,14 +86,14 @@ struct fetch {
 	/* after a refused pipelined RETR: the answers to cand[next..redo_until)
 	 * are dropped, and those from redo_from asked for again one at a time */
 	size_t redo_from, redo_until;
-	size_t *pend;  /* candidates sealed in the batch, in order */
+	size_t *pend; /* candidates sealed in the batch, in order */
 	size_t npend, pend_done;
 	unsigned batch_max, batch_seconds;
 	struct event *commit_ev; /* the batch's time bound */
 	bool halted;		 /* save nothing more: what is in flight is dropped */
 	bool no_dele;		 /* commit without DELE (the session is gone, or confused) */
 	bool quit_sent;
-	bool aborted; /* fetch_abort: the batch is dropped, not committed */
+	bool aborted;  /* fetch_abort: the batch is dropped, not committed */
 	char **listed; /* UIDLs on the server, for compaction after QUIT */
 	size_t nlisted;
 	struct store_msg *msg; /* the message being received */

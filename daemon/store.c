@@ -61,7 +61,7 @@ struct store_msg {
 	char *path;  /* staging folder */
 	char *eml;   /* staging folder/message.eml */
 	int dirfd;
-	int fd; /* message.eml */
+	int fd;	    /* message.eml */
 	char *wbuf; /* what is not written to it yet: one write per STORE_WBUF */
 	size_t wlen;
 	unsigned long long size;
@@ -72,7 +72,8 @@ struct store_msg {
 };
 
 static int append_lines(struct store *st, const char *lines, size_t len);
-static int record_line(struct store *st, const char *uid, const char *stage, char *line, size_t size);
+static int record_line(struct store *st, const char *uid, const char *stage, char *line,
+		       size_t size);
 
 static uint64_t
 strhash(const char *s)

@@ -69,10 +69,10 @@ struct conf_set {
 	char *state_directory;	  /* never NULL */
 	char *keystore_directory; /* never NULL */
 	unsigned max_sessions;
-	unsigned stop_timeout; /* seconds a stopping daemon waits for running sessions */
+	unsigned stop_timeout;	  /* seconds a stopping daemon waits for running sessions */
 	unsigned commit_batch;	  /* most messages made durable by one group commit */
 	unsigned commit_interval; /* seconds a batch's first message waits at most */
-	int log_level;	       /* enum log_level; LOG_LVL_INFO when unset */
+	int log_level;		  /* enum log_level; LOG_LVL_INFO when unset */
 	bool log_level_set;
 	struct conf_mailbox **mailboxes; /* sorted by id */
 	size_t n_mailboxes;

@@ -62,8 +62,7 @@ int store_msg_seal(struct store_msg *m, bool keep_eml);
 size_t store_pending(const struct store *st, unsigned long long *ret_bytes);
 /* A message of the batch is committed: durable, recorded, visible at
  * folder (malloc'd, the callee's; NULL when nothing is kept). */
-typedef void (*store_commit_cb)(void *arg, const char *uid, char *folder,
-				unsigned long long size);
+typedef void (*store_commit_cb)(void *arg, const char *uid, char *folder, unsigned long long size);
 /*
  * Make the batch durable and visible: one syncfs of save_directory's file
  * system, the batch's records in one append and fdatasync, the renames into
