@@ -83,9 +83,9 @@ struct fetch {
 	size_t next;   /* the candidate whose response is being read */
 	size_t issued; /* RETRs asked for: cand[next..issued) are in flight */
 	size_t window; /* most RETRs in flight */
-	/* after a refused pipelined RETR: the answers to cand[next..redo_until)
-	 * are dropped, and those from redo_from asked for again one at a time */
-	size_t redo_from, redo_until;
+	/* a refused pipelined RETR: this session saves nothing more, and a new
+	 * one asks one message at a time (lockstep) */
+	bool again, lockstep;
 	size_t *pend; /* candidates sealed in the batch, in order */
 	size_t npend, pend_done;
 	unsigned batch_max, batch_seconds;
@@ -329,7 +329,9 @@ on_ready(void *arg)
 	struct fetch *f = arg;
 
 	log_debug(f->mb->id, "logged in as %s with %s", f->mb->user, pop3_mechanism(f->pop3));
-	f->window = f->mode == FETCH_ALL && pop3_capa(f->pop3)->pipelining ? RETR_WINDOW : 1;
+	f->window = f->mode == FETCH_ALL && !f->lockstep && pop3_capa(f->pop3)->pipelining
+			    ? RETR_WINDOW
+			    : 1;
 	if (f->mb->tls == CONF_TLS_NONE && auth_cleartext(pop3_mechanism(f->pop3)))
 		log_warning(f->mb->id, "the password went to the server in clear (%s without TLS)",
 			    pop3_mechanism(f->pop3));
@@ -445,7 +447,7 @@ on_data(void *arg, const char *buf, size_t len)
 {
 	struct fetch *f = arg;
 
-	if (f->halted || f->finished || f->next < f->redo_until)
+	if (f->halted || f->finished)
 		return;
 	if (f->msg == NULL && begin_message(f) < 0)
 		return;
@@ -562,8 +564,6 @@ on_committed(void *arg, const char *uid, char *folder, unsigned long long size)
 	sv->size = size;
 	log_debug(f->mb->id, "saved message %lu (%s) in %s", c->num, uid,
 		  folder ? folder : "(nothing kept)");
-	if (f->mb->remove_after_read && !f->no_dele && f->pop3 != NULL)
-		send_dele(f, c->num, c->uid);
 }
 
 /* Group commit of the sealed messages; false when it failed (the session
@@ -580,6 +580,11 @@ commit_batch(struct fetch *f)
 	f->pend_done = 0;
 	r = store_commit(f->store, on_committed, f);
 	f->npend = 0;
+	/* the DELEs once the store is done with the batch: nothing the session
+	 * may call back into runs inside store_commit */
+	for (size_t i = 0; i < f->pend_done; i++)
+		if (f->mb->remove_after_read && !f->no_dele && f->pop3 != NULL)
+			send_dele(f, f->cand[f->pend[i]].num, f->cand[f->pend[i]].uid);
 	if (r < 0) {
 		set_exit(f, EX_IOERR);
 		add_error(f, "%zu of %zu message(s) not saved: %s", n - f->pend_done, n,
@@ -683,15 +688,31 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 	struct candidate *c = &f->cand[f->next];
 	char why[600] = "";
 
-	if (f->halted || f->next < f->redo_until) {
-		/* in flight when the session stopped saving, or behind a refused
-		 * pipelined RETR: not kept */
+	if (f->halted) {
+		/* in flight when the session stopped saving: not kept */
 		store_msg_abort(f->msg);
 		f->msg = NULL;
-		if (++f->next == f->redo_until) {
-			f->next = f->issued = f->redo_from;
-			f->redo_until = 0;
-		}
+		f->next++;
+		after_response(f);
+		return;
+	}
+	if (error != NULL && f->window > 1) {
+		/*
+		 * Pipelined, an -ERR may answer nothing (a line the server
+		 * added): every answer after it would then be taken for the
+		 * command before, a message saved under another's UIDL and the
+		 * other deleted unseen. What is sealed was read before it, in
+		 * step: it is committed, the rest dropped, QUIT sent alone (where
+		 * a shift shows); then a new session asks one message at a time,
+		 * where a message the server cannot send is skipped as usual.
+		 */
+		log_notice(f->mb->id,
+			   "%s: the server refused RETR %lu among pipelined commands: starting "
+			   "over one command at a time (server said: %s)",
+			   f->where, num, error);
+		f->again = true;
+		halt(f);
+		f->next++;
 		after_response(f);
 		return;
 	}
@@ -704,18 +725,6 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 			  f->where, num, c->uid[0] ? " (" : "", c->uid, c->uid[0] ? ")" : "",
 			  error);
 		f->next++;
-		if (f->window > 1) {
-			/* an -ERR that answers nothing (a line the server added)
-			 * would put the answers in flight out of step, each taken for
-			 * the message before: those are dropped, and the rest of the
-			 * session asks one message at a time, never with unread bytes
-			 * waiting (pop3.c), where a shift is seen */
-			f->window = 1;
-			if (f->issued > f->next) {
-				f->redo_from = f->next;
-				f->redo_until = f->issued;
-			}
-		}
 		after_response(f);
 		return;
 	}
@@ -830,13 +839,50 @@ compact_state(struct fetch *f)
 	free(keep);
 }
 
+static void start_session(struct fetch *f);
+
+/* After a refused pipelined RETR: the same poll goes on in a new session,
+ * one command at a time. What the first one saved and deleted stays so. */
+static void
+restart_lockstep(struct fetch *f)
+{
+	pop3_session_free_deferred(f->pop3);
+	f->pop3 = NULL;
+	for (size_t i = 0; i < f->nlisted; i++)
+		free(f->listed[i]);
+	free(f->listed);
+	free(f->cand);
+	free(f->pend);
+	f->listed = NULL;
+	f->cand = NULL;
+	f->pend = NULL;
+	f->nlisted = f->ncand = f->next = f->issued = f->npend = 0;
+	f->ndele = f->dele_ok = f->unkeyed = 0;
+	f->res.skipped = f->res.too_big = 0; /* counted anew from the new listing */
+	f->listing_done = f->halted = f->no_dele = f->quit_sent = f->again = false;
+	f->lockstep = true;
+	start_session(f);
+}
+
 static void
 on_quit(void *arg, bool ok)
 {
 	struct fetch *f = arg;
 
+	if (ok && f->again && !f->stopping) {
+		f->res.deleted += f->dele_ok;
+		restart_lockstep(f);
+		return;
+	}
+	if (f->again) {
+		set_exit(f, EX_TEMPFAIL);
+		add_error(f,
+			  "%s: the server refused a pipelined RETR and the session ended before "
+			  "asking again one at a time: the rest stays for the next poll",
+			  f->where);
+	}
 	if (ok) {
-		f->res.deleted = f->dele_ok;
+		f->res.deleted += f->dele_ok;
 		/* only when every message is known: a record kept for a message
 		 * without UIDL that was not downloaded this time must stay */
 		if (f->listing_done && f->res.exit_code == 0 && f->unkeyed == 0)
@@ -868,6 +914,7 @@ start_session(struct fetch *f)
 	struct pop3_params pp;
 
 	runtime_pop3_params(f->mb, f->tls, f->mechanisms, f->token, &pp);
+	pp.lockstep = f->lockstep;
 	f->pop3 = pop3_session_new(f->base, f->dns, &pp, &fetch_events, f);
 	pop3_session_start(f->pop3);
 }

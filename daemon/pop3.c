@@ -900,7 +900,7 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 		}
 		pop3_dot_init(&s->dot);
 		s->multiline = true;
-		s->data_start = s->capa.pipelining;
+		s->data_start = s->capa.pipelining && !s->p.lockstep;
 		arm_timer(s);
 		break;
 	case P3_DELE:
@@ -952,7 +952,8 @@ out_of_step(struct evbuffer *in)
 				return -1;
 			continue;
 		}
-		if (memcmp(buf, status[i], n) == 0 && (buf[n] == ' ' || buf[n] == '\r'))
+		if (memcmp(buf, status[i], n) == 0 &&
+		    (buf[n] == ' ' || buf[n] == '\r' || buf[n] == '\n'))
 			return 1;
 	}
 	return 0;
@@ -1488,8 +1489,8 @@ pump(struct pop3_session *s)
 		} else {
 			enum pop3_state last =
 				s->inflight[(s->ihead + s->ilen - 1) % PIPE_MAX].state;
-			if (!s->capa.pipelining || s->ilen == PIPE_MAX || !pipelinable(c.state) ||
-			    !pipelinable(last))
+			if (!s->capa.pipelining || s->p.lockstep || s->unsolicited ||
+			    s->ilen == PIPE_MAX || !pipelinable(c.state) || !pipelinable(last))
 				return;
 		}
 		s->qhead++;

@@ -49,6 +49,8 @@ struct pop3_params {
 	unsigned command_timeout; /* seconds: see DESIGN.md §1 timeouts.command */
 	/* after POP3_PROGRESS_CAPA, wait for pop3_login() (or pop3_quit()) */
 	bool hold_login;
+	/* one command at a time even when the server offers PIPELINING */
+	bool lockstep;
 };
 
 /* How far the opening of a session got: for an owner that reports each

@@ -309,11 +309,26 @@ def test_refused_dele_keeps_the_record(fake_pop3, fake_config, confdir, run_popf
     assert server.remaining() == []
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["lockstep", "pipelined"])
 def test_refused_retr_does_not_block_the_others(fake_pop3, fake_config, confdir, run_popfetchd,
-                                                read_saved):
-    server = fake_pop3(mailgen.generate(3, 2000, seed=53))
+                                                read_saved, pipelining):
+    """The server cannot send message 2 (by identity, whatever its number in a
+    session): 1 and 3 are saved, 2 stays. Pipelined, the session commits
+    what it has, QUITs and starts over one command at a time."""
+    views, refusing = {}, [True]
+
+    def refuse_second(record, line):
+        if line == "GREETING":
+            views[record.index] = server.uidls()
+        elif refusing[0] and line.startswith("RETR "):
+            view, n = views.get(record.index, []), int(line.split()[1])
+            if 0 < n <= len(view) and view[n - 1] == expected[1][0]:
+                return Reply(b"-ERR message is unavailable\r\n")
+        return None
+
+    server = fake_pop3(mailgen.generate(3, 2000, seed=53), hook=refuse_second,
+                       pipelining=pipelining)
     expected = fake_expected(server)
-    server.inject("RETR 2", Reply(b"-ERR message is unavailable\r\n"))
     config = fake_config(server)
     cd = confdir(config)
     res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
@@ -325,6 +340,9 @@ def test_refused_retr_does_not_block_the_others(fake_pop3, fake_config, confdir,
     assert server.wait_idle()
     assert server.remaining() == [expected[1][1]]
     assert "message is unavailable" in res.stderr
+    assert len(server.sessions) == (2 if pipelining else 1)
+    assert res.json()["deleted"] == 2
+    refusing[0] = False
     assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
     assert_saved_exactly(read_saved(config["save_directory"]), "fake", expected)
 
