@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <openssl/evp.h>
@@ -45,6 +46,7 @@ struct store {
 	int state_fd; /* O_APPEND, or -1 until the first record */
 	struct strset uids;
 	bool rewrite; /* an append failed half-way: rewrite before the next */
+	bool sync_per_file;
 	unsigned serial;
 	struct store_msg **batch; /* sealed, not yet durable: store_commit */
 	size_t nbatch, capbatch;
@@ -551,6 +553,11 @@ store_open(const struct store_params *p, struct store **ret, char *err, size_t e
 		r = seterr(st, errno, "cannot open the save directory %s", st->save_dir);
 		goto fail;
 	}
+	/* syncfs does not reach a FUSE daemon; an fsync does (FUSE_FSYNC) */
+	struct statfs sfs;
+	st->sync_per_file =
+		p->sync_per_file || (st->save_fd >= 0 && fstatfs(st->save_fd, &sfs) == 0 &&
+				     sfs.f_type == 0x65735546 /* FUSE_SUPER_MAGIC */);
 	*ret = st;
 	return 0;
 fail:
@@ -788,6 +795,62 @@ store_discard(struct store *st)
 	st->batch_bytes = 0;
 }
 
+/* fsync every file and folder under the directory dfd (closed here). */
+static int
+sync_tree(int dfd, int depth)
+{
+	DIR *d;
+	struct dirent *e;
+	int r = 0;
+
+	if (depth > 8) {
+		close(dfd);
+		return -ELOOP;
+	}
+	if ((d = fdopendir(dfd)) == NULL) {
+		close(dfd);
+		return -errno;
+	}
+	while (r == 0 && (e = readdir(d)) != NULL) {
+		if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+			continue;
+		int fd = openat(dirfd(d), e->d_name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+		struct stat sb;
+		if (fd < 0 || fstat(fd, &sb) < 0) {
+			r = -errno;
+			if (fd >= 0)
+				close(fd);
+			break;
+		}
+		if (S_ISDIR(sb.st_mode)) {
+			r = sync_tree(fd, depth + 1);
+			continue;
+		}
+		if (fsync(fd) < 0)
+			r = -errno;
+		close(fd);
+	}
+	if (r == 0 && fsync(dirfd(d)) < 0)
+		r = -errno;
+	closedir(d);
+	return r;
+}
+
+/* The batch's files and folders on disk: one syncfs, or one fsync each. */
+static int
+sync_batch(struct store *st)
+{
+	if (!st->sync_per_file)
+		return syncfs(st->save_fd) < 0 ? -errno : 0;
+	for (size_t i = 0; i < st->nbatch; i++) {
+		int fd = open(st->batch[i]->path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		int r = fd < 0 ? -errno : sync_tree(fd, 0);
+		if (r < 0)
+			return r;
+	}
+	return util_fsync_dir(st->stage_dir);
+}
+
 /*
  * Group commit (DESIGN.md §4): the order of one message's commit, once for
  * the whole batch.
@@ -810,9 +873,9 @@ store_commit(struct store *st, store_commit_cb cb, void *arg)
 
 	if (n == 0)
 		return 0;
-	if (st->save_dir != NULL && syncfs(st->save_fd) < 0) {
-		r = seterr(st, errno, "cannot make %zu message(s) durable (syncfs of %s)", n,
-			   st->save_dir);
+	if (st->save_dir != NULL && (r = sync_batch(st)) < 0) {
+		r = seterr(st, -r, "cannot make %zu message(s) durable (%s of %s)", n,
+			   st->sync_per_file ? "fsync" : "syncfs", st->save_dir);
 		goto out;
 	}
 	lines = xmalloc(n * (POP3_UIDL_MAX + 128));

@@ -27,7 +27,7 @@
  * configurations with the same ones share it (a daemon with a thousand
  * mailboxes on one server has one, not a thousand of ~19 KB each). A CA
  * file that changed on disk since (a reload after it was replaced) makes a
- * new one.
+ * new one; without a CA file, the system's default bundle is that file.
  */
 struct tls_ctx {
 	SSL_CTX *ssl_ctx;
@@ -61,8 +61,9 @@ find_shared(const struct tls_params *p, const struct stat *ca_st)
 			continue;
 		if ((c->ca_file == NULL) != (p->ca_file == NULL))
 			continue;
-		if (p->ca_file != NULL &&
-		    (strcmp(c->ca_file, p->ca_file) != 0 || !same_file(&c->ca_st, ca_st)))
+		if (p->ca_file != NULL && strcmp(c->ca_file, p->ca_file) != 0)
+			continue;
+		if (!same_file(&c->ca_st, ca_st))
 			continue;
 		return c;
 	}
@@ -89,7 +90,9 @@ tls_ctx_new(const struct tls_params *p, struct tls_ctx **ret, char *err, size_t 
 	struct stat ca_st = {0};
 	char why[256];
 
-	if (p->ca_file == NULL || stat(p->ca_file, &ca_st) == 0) {
+	if (stat(p->ca_file ? p->ca_file : X509_get_default_cert_file(), &ca_st) < 0)
+		memset(&ca_st, 0, sizeof(ca_st)); /* none: compared as such */
+	if (p->ca_file == NULL || ca_st.st_ino != 0) {
 		if ((ctx = find_shared(p, &ca_st)) != NULL) {
 			ctx->refs++;
 			*ret = ctx;

@@ -20,6 +20,10 @@ struct store_params {
 	const char *state_directory;
 	const char *server; /* the state is bound to server and user */
 	const char *user;
+	/* make a batch durable with an fsync per file and folder instead of
+	 * one syncfs; store_open sets it by itself where syncfs does not reach
+	 * the storage (FUSE: sshfs and the like) */
+	bool sync_per_file;
 };
 
 /*
@@ -65,7 +69,8 @@ size_t store_pending(const struct store *st, unsigned long long *ret_bytes);
 typedef void (*store_commit_cb)(void *arg, const char *uid, char *folder, unsigned long long size);
 /*
  * Make the batch durable and visible: one syncfs of save_directory's file
- * system, the batch's records in one append and fdatasync, the renames into
+ * system (with sync_per_file: an fsync of each file and folder of the
+ * batch), the batch's records in one append and fdatasync, the renames into
  * save_directory (never replacing anything), one fsync of save_directory.
  * cb is called, in seal order, for each message committed, before it
  * returns; on an error (-errno, store_error() says what) the messages not

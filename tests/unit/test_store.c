@@ -368,6 +368,47 @@ batches(void)
 	store_close(st); /* a pending batch is dropped with the store */
 }
 
+/* The same with an fsync per file and folder (as on FUSE), attachments/
+ * included. */
+static void
+batch_synced_per_file(void)
+{
+	struct store_params p = {.id = "perfile",
+				 .save_directory = save,
+				 .state_directory = state,
+				 .server = "s",
+				 .user = "u",
+				 .sync_per_file = true};
+	struct store *st = NULL;
+	struct committed c = {0};
+	struct store_msg *m;
+	char err[256], path[700];
+
+	CHECK(store_open(&p, &st, err, sizeof(err)) == 0);
+	if (st == NULL)
+		return;
+	for (int i = 1; i <= 2; i++) {
+		char uid[8];
+		snprintf(uid, sizeof(uid), "P%d", i);
+		CHECK(store_msg_begin(st, uid, 1795688102 + i, &m) == 0);
+		CHECK(store_msg_write(m, "Subject: p\r\n\r\nx\r\n", 17) == 0);
+		CHECK(mkdirat(store_msg_dirfd(m), "attachments", 0750) == 0);
+		int fd = openat(store_msg_dirfd(m), "attachments/a.pdf", O_WRONLY | O_CREAT, 0640);
+		CHECK(fd >= 0 && write(fd, "%PDF", 4) == 4);
+		close(fd);
+		CHECK(store_msg_add_file(m, "meta.json", "{}", 2) == 0);
+		CHECK(store_msg_seal(m, true) == 0);
+	}
+	CHECK(store_commit(st, collect, &c) == 0 && c.n == 2);
+	for (size_t i = 0; i < c.n; i++) {
+		snprintf(path, sizeof(path), "%s/attachments/a.pdf", c.folder[i]);
+		CHECK(exists(path));
+		free(c.folder[i]);
+	}
+	CHECK(store_has(st, "P1") && store_has(st, "P2"));
+	store_close(st);
+}
+
 int
 main(void)
 {
@@ -382,6 +423,7 @@ main(void)
 	failed_rename_is_not_saved();
 	lock_and_staging();
 	batches();
+	batch_synced_per_file();
 	char cmd[600];
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", root);
 	if (system(cmd) != 0)
