@@ -607,47 +607,37 @@ commit_timer_cb(evutil_socket_t fd, short what, void *arg)
 		wind_up(f);
 }
 
-/* The message is in the staged folder: complete it and add it to the batch. */
+/* Beside message.eml in the staged folder: its text and attachments, and
+ * meta.json, the header fields read by the same parse. */
 static int
-seal_message(struct fetch *f, const struct candidate *c, char *why, size_t whylen)
+describe_message(struct fetch *f, const struct candidate *c, unsigned long long size, char *why,
+		 size_t whylen)
 {
-	struct mime_headers h;
-	unsigned long long size;
+	struct mime_headers h = {0};
+	struct mime_result mr = {0};
+	struct mime_opts mo = {.save_text = f->mb->save_text,
+			       .save_attachments = f->mb->save_attachments,
+			       .dirfd = store_msg_dirfd(f->msg),
+			       .max_decoded = f->mb->max_decoded_size,
+			       .smime_key = f->smime_key,
+			       .smime_unavailable = f->smime_unavailable,
+			       .headers = &h};
 	char *meta;
 	int r;
 
-	if (f->msg_error || store_msg_finish_eml(f->msg, &size) < 0) {
-		snprintf(why, whylen, "%s", store_error(f->store));
-		return -EIO;
+	/* hostile content is never an error; a disk that fails is */
+	if ((r = mime_extract(store_msg_eml_path(f->msg), &mo, &mr)) < 0) {
+		snprintf(why, whylen, "cannot write its text or attachments beside %s: %s",
+			 store_msg_eml_path(f->msg), strerror(-r));
+		mime_result_clear(&mr);
+		mime_headers_clear(&h);
+		return r;
 	}
-	memset(&h, 0, sizeof(h));
-	struct mime_result mr = {0};
-	if (f->mb->save_directory == NULL) {
-		if (mime_read_headers(store_msg_eml_path(f->msg), &h) < 0)
-			memset(&h, 0, sizeof(h));
-	} else {
-		/* one parse gives the header fields and the content */
-		struct mime_opts mo = {.save_text = f->mb->save_text,
-				       .save_attachments = f->mb->save_attachments,
-				       .dirfd = store_msg_dirfd(f->msg),
-				       .max_decoded = f->mb->max_decoded_size,
-				       .smime_key = f->smime_key,
-				       .smime_unavailable = f->smime_unavailable,
-				       .headers = &h};
-		/* hostile content is never an error; a disk that fails is */
-		if ((r = mime_extract(store_msg_eml_path(f->msg), &mo, &mr)) < 0) {
-			snprintf(why, whylen, "cannot write its text or attachments beside %s: %s",
-				 store_msg_eml_path(f->msg), strerror(-r));
-			mime_result_clear(&mr);
-			mime_headers_clear(&h);
-			return r;
-		}
-		if (mr.note != NULL)
-			log_notice(f->mb->id, "message %lu (%s): %s", c->num, c->uid, mr.note);
-		if (mr.smime != NULL && strncmp(mr.smime, "not-", 4) == 0)
-			log_warning(f->mb->id, "message %lu (%s) is saved as it came, %s", c->num,
-				    c->uid, mr.smime);
-	}
+	if (mr.note != NULL)
+		log_notice(f->mb->id, "message %lu (%s): %s", c->num, c->uid, mr.note);
+	if (mr.smime != NULL && strncmp(mr.smime, "not-", 4) == 0)
+		log_warning(f->mb->id, "message %lu (%s) is saved as it came, %s", c->num, c->uid,
+			    mr.smime);
 	meta = build_meta(f, c->uid, size, &h, &mr);
 	mime_result_clear(&mr);
 	mime_headers_clear(&h);
@@ -655,10 +645,25 @@ seal_message(struct fetch *f, const struct candidate *c, char *why, size_t whyle
 		abort();
 	r = store_msg_add_file(f->msg, "meta.json", meta, strlen(meta));
 	free(meta);
-	if (r < 0) {
+	if (r < 0)
 		snprintf(why, whylen, "%s", store_error(f->store));
-		return r;
+	return r;
+}
+
+/* The message is in the staged folder: complete it and add it to the batch. */
+static int
+seal_message(struct fetch *f, const struct candidate *c, char *why, size_t whylen)
+{
+	unsigned long long size;
+	int r;
+
+	if (f->msg_error || store_msg_finish_eml(f->msg, &size) < 0) {
+		snprintf(why, whylen, "%s", store_error(f->store));
+		return -EIO;
 	}
+	/* with nothing kept, only the UIDL record remains: no text, no meta.json */
+	if (f->mb->save_directory != NULL && (r = describe_message(f, c, size, why, whylen)) < 0)
+		return r;
 	/* the store owns it from here, also when sealing fails */
 	r = store_msg_seal(f->msg, f->mb->save_text);
 	f->msg = NULL;

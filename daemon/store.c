@@ -930,31 +930,6 @@ out:
 	return r;
 }
 
-static void
-take_folder(void *arg, const char *uid, char *folder, unsigned long long size)
-{
-	(void)uid;
-	(void)size;
-	*(char **)arg = folder;
-}
-
-int
-store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder)
-{
-	struct store *st = m->st;
-	int r;
-
-	*ret_folder = NULL;
-	if (st->nbatch > 0) {
-		r = seterr(st, EBUSY, "a batch is pending");
-		store_msg_abort(m);
-		return r;
-	}
-	if ((r = store_msg_seal(m, keep_eml)) < 0)
-		return r;
-	return store_commit(st, take_folder, ret_folder);
-}
-
 void
 store_msg_abort(struct store_msg *m)
 {

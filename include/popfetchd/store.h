@@ -41,7 +41,7 @@ bool store_has(struct store *st, const char *uid);
 /* Stage a new message folder; message.eml is open for store_msg_write. */
 int store_msg_begin(struct store *st, const char *uid, time_t received, struct store_msg **ret);
 /* The message's key is known only once it is all there (a server without
- * UIDL: a key from its content): set it before store_msg_commit. */
+ * UIDL: a key from its content): set it before store_msg_seal. */
 void store_msg_set_uid(struct store_msg *m, const char *uid);
 int store_msg_write(struct store_msg *m, const void *buf, size_t len);
 /* The staged message.eml, complete after store_msg_finish_eml. */
@@ -80,10 +80,6 @@ typedef void (*store_commit_cb)(void *arg, const char *uid, char *folder, unsign
 int store_commit(struct store *st, store_commit_cb cb, void *arg);
 /* Drop the batch: nothing of it was recorded; the staging is removed. */
 void store_discard(struct store *st);
-/* Seal and commit one message alone (the batch must be empty). *ret_folder
- * (malloc'd) is NULL when nothing is kept. The message is freed in all
- * cases. */
-int store_msg_commit(struct store_msg *m, bool keep_eml, char **ret_folder);
 /* Remove the staged folder. NULL is a no-op. */
 void store_msg_abort(struct store_msg *m);
 
