@@ -75,7 +75,7 @@ static const char *const state_names[] = {
 #define AUTH_MAX_STEPS 16
 
 /* Most commands in flight at once when the server offers PIPELINING
- * (RFC 2449 §6.6): RETR, DELE and a final QUIT. */
+ * (RFC 2449 §6.6): RETR and DELE (QUIT always goes alone). */
 #define PIPE_MAX 32
 
 /* A command the owner queued. */
