@@ -305,9 +305,10 @@ def test_first_polls_are_spread(fake_pop3, fake_config, confdir, daemon):
     print("first polls at", [round(t, 2) for t in firsts])
     assert firsts[-1] < 4.5
     assert firsts[-1] - firsts[0] > 1.5, firsts     # spread, not a burst
-    # no quarter of the interval holds more than half of them
+    # no quarter of the interval holds most of them (a burst puts all 20 in
+    # one; a uniform spread puts 14 or more in one once in 65000 runs)
     for q in range(4):
-        assert sum(q <= t < q + 1 for t in firsts) <= 10, firsts
+        assert sum((q == 0 or q <= t) and t < q + 1 for t in firsts) <= 13, firsts
 
 
 def test_login_delay_is_honoured(fake_pop3, fake_config, confdir, daemon):

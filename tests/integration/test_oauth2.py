@@ -438,24 +438,30 @@ def test_no_secret_in_any_output(oauth_dovecot, oauth_mailbox, oauth_config, tok
 def test_slow_token_endpoint_holds_no_session_slot(oauth_dovecot, oauth_mailbox, oauth_config,
                                                    tokenserver, fake_pop3, fake_config,
                                                    confdir, daemon):
-    """max_sessions: 1. An OAuth2 poll waits 6 s for its token endpoint
-    before it takes a session slot, so a password configuration beside it
-    keeps polling every second meanwhile; then the OAuth2 one saves its mail
-    too (the endpoint answered nothing the first time: the poll asks again)."""
+    """max_sessions: 1. An OAuth2 poll waits for a token endpoint that
+    stalls 10 s before it takes a session slot, so a password configuration
+    beside it keeps polling every second meanwhile; then the OAuth2 one saves
+    its mail too (the endpoint answered nothing the first time: the poll asks
+    again). The OAuth2 configuration polls every 5 s so that its first poll
+    (spread at random over the first interval) surely falls in the stall."""
     deliver_generated(oauth_mailbox, 2, 4000, seed=75)
     waiting = oauth_mailbox.count()
     other = fake_pop3([])
-    oa = oauth_config(oauth_mailbox, poll_interval="60s")
+    oa = oauth_config(oauth_mailbox, poll_interval="5s")
     pw = fake_config(other, id="pw", poll_interval="1s")
     cd = confdir(oa, pw, daemon={"max_sessions": 1})
-    tokenserver.stall(seconds=6, times=1)
+    tokenserver.stall(seconds=10, times=1)
     d = daemon(cd)
     d.wait_ready()
     assert wait_for(lambda: tokenserver.stats().get("token_stalled", 0) >= 1, 10), d.output
     t0 = time.monotonic()
-    assert wait_for(lambda: len(other.sessions) >= 4, 5), \
-        f"the password configuration waited: {len(other.sessions)} sessions in " \
-        f"{time.monotonic() - t0:.1f} s\n{d.output}"
+    # 5 s after the start the OAuth2 poll is due and waits for its token;
+    # the stall lasts 10 s: between the two the password one must go on
+    time.sleep(max(0.0, t0 + 5.3 - time.monotonic()))
+    n = len(other.sessions)
+    assert wait_for(lambda: len(other.sessions) >= n + 3, t0 + 9.5 - time.monotonic()), \
+        f"the password configuration waited: {len(other.sessions) - n} sessions between " \
+        f"5.3 s and {time.monotonic() - t0:.1f} s into the stall\n{d.output}"
     assert oauth_mailbox.count() == waiting, "the OAuth2 poll had its token already?"
     assert wait_for(lambda: oauth_mailbox.count() == 0, 30), d.output
     assert d.stop() == EX_OK, d.output
