@@ -339,6 +339,7 @@ class SessionRecord:
     tls_error: str = None
     tls_since: int = None          # commands received before TLS began (0: implicit TLS)
     ended: bool = False
+    maildrop: list = None          # [(uidl, bytes)] fixed at login: what this session sees
     sasl: list = dataclasses.field(default_factory=list)   # SaslExchange per AUTH
     started: float = dataclasses.field(default_factory=time.monotonic)  # accepted at
     # per command read: the command lines that were already waiting behind
@@ -702,6 +703,7 @@ class _GoodSession:
             with srv._lock:
                 srv._locked_by = self.rec
                 self.view = list(srv.mailbox)
+                self.rec.maildrop = [(m.uidl, m.data) for m in self.view]
             self.rec.authenticated, self.rec.user = True, user
         return f"+OK Logged in, {count} messages ({size} octets)\r\n".encode(), effect
 

@@ -151,18 +151,21 @@ class HandshakeDrop(Action):
 
 
 class Views:
-    """A fake-server hook noting the maildrop each session starts with (the
-    sessions of these tests never overlap: the maildrop at the greeting is
-    the one at login), so that "DELE n" can be mapped to its message. It
-    passes every call on to `inner` (an Action for the command, or None)."""
+    """The maildrop each session saw, as the server fixed it at login (mail
+    added during the session's greeting is in it or not, as the server
+    decided), so that "DELE n" can be mapped to its message. As the fake
+    server's hook it passes every call on to `inner` (an Action for the
+    command, or None)."""
 
     def __init__(self, inner=None):
-        self.server, self.inner, self.by_session = None, inner, {}
+        self.server, self.inner = None, inner
+
+    @property
+    def by_session(self):
+        return {rec.index: rec.maildrop for rec in self.server.sessions
+                if rec.maildrop is not None}
 
     def __call__(self, record, line):
-        if line == "GREETING" and self.server is not None:
-            self.by_session[record.index] = list(zip(self.server.uidls(),
-                                                     self.server.remaining()))
         return self.inner(record, line) if self.inner else None
 
 

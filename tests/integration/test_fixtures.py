@@ -231,6 +231,25 @@ def test_fake_good_mode(fake_pop3):
     assert server.errors == []
 
 
+def test_fake_maildrop_is_fixed_at_login(fake_pop3):
+    """Mail that arrives after the greeting but before the login is in the
+    session's maildrop (as in a real server); after the login it is not. The
+    record keeps that maildrop: the fault tests map DELE n through it."""
+    first, second, third = mailgen.generate(3, 700, seed=12)
+    server = fake_pop3([first])
+    client = poplib.POP3(server.host, server.port, timeout=TIMEOUT)
+    server.add(second)                     # after the greeting
+    client.user(server.user)
+    client.pass_(server.password)
+    server.add(third)                      # after the login
+    assert client.stat()[0] == 2
+    client.quit()
+    assert server.wait_idle()
+    rec = server.sessions[0]
+    assert [d for _, d in rec.maildrop] == [mailgen.to_crlf(m) for m in (first, second)]
+    assert [u for u, _ in rec.maildrop] == server.uidls()[:2]
+
+
 def test_fake_deletions_need_quit(fake_pop3):
     server = fake_pop3([b"Subject: a\n\nx\n", b"Subject: b\n\ny\n"])
     client = fake_client(server)
