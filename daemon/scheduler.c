@@ -366,8 +366,8 @@ find(struct scheduler *s, const char *id)
 	struct job *j;
 
 	TAILQ_FOREACH(j, &s->jobs, all)
-	if (!j->removed && strcmp(j->id, id) == 0)
-		return j;
+		if (!j->removed && strcmp(j->id, id) == 0)
+			return j;
 	return NULL;
 }
 
@@ -396,7 +396,7 @@ apply(struct scheduler *s, struct conf_set *set)
 	struct job *j, *next;
 
 	TAILQ_FOREACH(j, &s->jobs, all)
-	j->seen = false;
+		j->seen = false;
 	for (size_t i = 0; i < set->n_mailboxes; i++) {
 		const struct conf_mailbox *mb = set->mailboxes[i];
 		if (!mb->active)
@@ -477,11 +477,11 @@ on_grace(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	TAILQ_FOREACH(j, &s->jobs, all)
-	if (j->fetch != NULL) {
-		log_warning(j->id, "still running at the end of the stop grace time: ended "
-				   "without QUIT");
-		fetch_abort(j->fetch, "the daemon is stopping");
-	}
+		if (j->fetch != NULL) {
+			log_warning(j->id, "still running at the end of the stop grace time: ended "
+					   "without QUIT");
+			fetch_abort(j->fetch, "the daemon is stopping");
+		}
 }
 
 static void
@@ -508,8 +508,7 @@ scheduler_stop(struct scheduler *s, unsigned grace, void (*done)(void *arg), voi
 	s->stopping = true;
 	s->stopped = done;
 	s->stopped_arg = arg;
-	TAILQ_FOREACH(j, &s->jobs, all)
-	{
+	TAILQ_FOREACH(j, &s->jobs, all) {
 		evtimer_del(j->timer);
 		cancel_token(j);
 		dequeue(j);
@@ -523,8 +522,8 @@ scheduler_stop(struct scheduler *s, unsigned grace, void (*done)(void *arg), voi
 		 s->nrunning, grace);
 	evtimer_add(s->grace, &tv);
 	TAILQ_FOREACH(j, &s->jobs, all)
-	if (j->fetch != NULL)
-		fetch_stop(j->fetch);
+		if (j->fetch != NULL)
+			fetch_stop(j->fetch);
 	changed(s);
 }
 
@@ -534,8 +533,7 @@ scheduler_stats(const struct scheduler *s, struct sched_stats *st)
 	const struct job *j;
 
 	memset(st, 0, sizeof(*st));
-	TAILQ_FOREACH(j, &s->jobs, all)
-	{
+	TAILQ_FOREACH(j, &s->jobs, all) {
 		if (j->removed)
 			continue;
 		st->configurations++;
