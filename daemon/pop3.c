@@ -924,11 +924,6 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 }
 
 /*
- * The body of a RETR response: unstuff what is there, in pieces of at most
- * the scratch buffer, and hand it to the owner. Returns false when more
- * input is needed.
- */
-/*
  * With commands pipelined, a server that added a line to one response puts
  * every later response out of step by one: the real status line of a RETR
  * would be taken for the first line of its message. No message begins so (a
@@ -959,6 +954,11 @@ out_of_step(struct evbuffer *in)
 	return 0;
 }
 
+/*
+ * The body of a RETR response: unstuff what is there, in pieces of at most
+ * the scratch buffer, and hand it to the owner. Returns false when more
+ * input is needed.
+ */
 static bool
 read_data(struct pop3_session *s, struct evbuffer *in)
 {
