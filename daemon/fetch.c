@@ -997,8 +997,8 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 	f->done_ev = evtimer_new(base, finish_cb, f);
 	f->commit_ev = evtimer_new(base, commit_timer_cb, f);
 	f->md = EVP_MD_CTX_new();
-	f->batch_max = p->set->commit_batch ? p->set->commit_batch : 64;
-	f->batch_seconds = p->set->commit_interval ? p->set->commit_interval : 1;
+	f->batch_max = p->set->commit_batch; /* config.c gives the defaults */
+	f->batch_seconds = p->set->commit_interval;
 	if (f->done_ev == NULL || f->commit_ev == NULL || f->md == NULL)
 		abort();
 	snprintf(f->where, sizeof(f->where), strchr(mb->server, ':') ? "[%s]:%u" : "%s:%u",

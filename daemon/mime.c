@@ -1,14 +1,12 @@
 /*
- * mime — header fields of a message already on disk, decoded with GMime.
- * Only the header block is read, and only up to MIME_HEADER_MAX bytes.
+ * mime — a message's header fields for meta.json, decoded with GMime: from
+ * a message mime_extract has parsed (mime_message_headers), or from bytes in
+ * memory, of which only the header block up to MIME_HEADER_MAX is parsed.
  */
-#include <errno.h>
 #include <stdbool.h>
 #include <stdio.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include <gmime/gmime.h>
 
@@ -245,40 +243,6 @@ mime_message_headers(GMimeMessage *msg, struct mime_headers *ret)
 	h.to = decoded_field(GMIME_OBJECT(msg), "To");
 	h.cc = decoded_field(GMIME_OBJECT(msg), "Cc");
 	*ret = h;
-}
-
-int
-mime_read_headers(const char *path, struct mime_headers *ret)
-{
-	char *buf = xmalloc(MIME_HEADER_MAX);
-	size_t len = 0;
-	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-
-	if (fd < 0) {
-		free(buf);
-		return -errno;
-	}
-	while (len < MIME_HEADER_MAX) {
-		ssize_t n = read(fd, buf + len, MIME_HEADER_MAX - len);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0) {
-			int r = -errno;
-			close(fd);
-			free(buf);
-			return r;
-		}
-		if (n == 0)
-			break;
-		len += (size_t)n;
-		/* stop as soon as the header block is complete */
-		if (header_block_len(buf, len) < len)
-			break;
-	}
-	close(fd);
-	mime_parse_headers(buf, len, ret);
-	free(buf);
-	return 0;
 }
 
 void

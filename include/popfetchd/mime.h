@@ -20,10 +20,8 @@ struct mime_headers {
 };
 
 void mime_init(void);
-/* Parse the header block of the message in the file. 0, or -errno when the
- * file cannot be read (a malformed header is not an error: fields stay NULL). */
-int mime_read_headers(const char *path, struct mime_headers *ret);
-/* The same, from bytes in memory (the header block, or a whole message). */
+/* Parse the header block of a message in memory (the header block, or a
+ * whole message; a malformed header is not an error: fields stay NULL). */
 void mime_parse_headers(const char *buf, size_t len, struct mime_headers *ret);
 void mime_headers_clear(struct mime_headers *h);
 /* The same, from a message GMime has parsed already (a GMimeMessage *). */

@@ -44,7 +44,7 @@ struct mime_opts {
 	const struct smime_key *smime_key; /* NULL: no key to decrypt with */
 	const char *smime_unavailable;	   /* why there is none though one was configured */
 	/* when not NULL: the message's header fields for meta.json, read from
-	 * the same parse (as mime_read_headers gives them; all NULL when it is
+	 * the same parse (as mime_parse_headers gives them; all NULL when it is
 	 * not a MIME message) */
 	struct mime_headers *headers;
 };
