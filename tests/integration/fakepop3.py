@@ -697,13 +697,17 @@ class _GoodSession:
         with srv._lock:
             if srv._locked_by is not None and not srv._locked_by.ended:
                 return b"-ERR [IN-USE] Mailbox is locked by another session\r\n", None
-            count, size = len(srv.mailbox), sum(len(m.data) for m in srv.mailbox)
+            # The maildrop is the one the +OK describes: taken here, before
+            # the reply goes out, not in the effect (which runs after it, when
+            # the client may already have had more mail added).
+            view = list(srv.mailbox)
+            count, size = len(view), sum(len(m.data) for m in view)
 
         def effect():
             with srv._lock:
                 srv._locked_by = self.rec
-                self.view = list(srv.mailbox)
-                self.rec.maildrop = [(m.uidl, m.data) for m in self.view]
+                self.view = view
+                self.rec.maildrop = [(m.uidl, m.data) for m in view]
             self.rec.authenticated, self.rec.user = True, user
         return f"+OK Logged in, {count} messages ({size} octets)\r\n".encode(), effect
 
