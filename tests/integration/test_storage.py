@@ -69,7 +69,7 @@ def test_killed_mid_session_loses_nothing(fake_pop3, fake_config, confdir, run_p
     assert_no_staging_leftovers(config["save_directory"])
     doc = res.json()
     assert (len(doc["saved"]), doc["skipped"], doc["deleted"]) == (2, 2, 4)
-    assert server.wait_idle()  # deletions land just after the +OK to QUIT
+    assert server.wait_idle()  # and the server has ended the session too
     assert server.remaining() == []
 
 
@@ -230,7 +230,7 @@ def test_save_text_false_keeps_only_meta(fake_pop3, fake_config, confdir, run_po
     assert len(folders) == 2
     for f in folders:
         assert sorted(p.name for p in f.iterdir()) == ["meta.json"]
-    assert server.wait_idle()  # deletions land just after the +OK to QUIT
+    assert server.wait_idle()  # and the server has ended the session too
     assert server.remaining() == []
 
 
@@ -305,7 +305,7 @@ def test_refused_dele_keeps_the_record(fake_pop3, fake_config, confdir, run_popf
     assert second.returncode == EX_OK
     doc = second.json()
     assert (doc["saved"], doc["skipped"], doc["deleted"]) == ([], 2, 2)
-    assert server.wait_idle()  # deletions land just after the +OK to QUIT
+    assert server.wait_idle()  # and the server has ended the session too
     assert server.remaining() == []
 
 
@@ -377,6 +377,6 @@ def test_same_uidls_in_another_mailbox_are_new(fake_pop3, fake_config, confdir, 
     res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
     assert res.returncode == EX_OK
     assert (len(res.json()["saved"]), res.json()["skipped"]) == (2, 0)
-    assert second.wait_idle()  # deletions land just after the +OK to QUIT
+    assert second.wait_idle()  # and the server has ended the session too
     assert second.remaining() == []
     assert len(read_saved(config["save_directory"])) == 4
