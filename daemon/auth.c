@@ -21,7 +21,7 @@ struct auth {
 	char *oauth_message; /* the one message of XOAUTH2 / OAUTHBEARER */
 	bool sent;	     /* that message went out */
 	bool rejected;	     /* the server answered it with an error challenge */
-	bool complete;	     /* GNU SASL said GSASL_OK: for SCRAM, the server proved itself */
+	bool complete;	     /* our side is over (GSASL_OK): for SCRAM, the server proved itself */
 };
 
 static Gsasl *gsasl_ctx;

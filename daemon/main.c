@@ -41,8 +41,8 @@ struct options {
 
 /*
  * Memory holds passwords, client secrets, tokens and PKCS#12 keys: a crash
- * writes no core file, and the process is not dumpable (no core, and no
- * ptrace or /proc/PID/mem by another process of the same user).
+ * writes no core file, and the process is not dumpable (nor open to ptrace
+ * or /proc/PID/mem by another process of the same user).
  */
 static void
 no_core_dumps(void)
