@@ -21,6 +21,7 @@ struct auth {
 	char *oauth_message; /* the one message of XOAUTH2 / OAUTHBEARER */
 	bool sent;	     /* that message went out */
 	bool rejected;	     /* the server answered it with an error challenge */
+	bool complete;	     /* our side is over (GSASL_OK): for SCRAM, the server proved itself */
 };
 
 static Gsasl *gsasl_ctx;
@@ -150,13 +151,14 @@ auth_step(struct auth *a, const char *challenge_b64, char **ret_b64)
 
 	if (a->sasl == NULL) {
 		if (!a->sent) {
-			a->sent = true;
+			a->sent = a->complete = true;
 			*ret_b64 = xstrdup(a->oauth_message);
 			return 0;
 		}
 		/* an error challenge (JSON): answered empty (XOAUTH2) or with
 		 * %x01 (RFC 7628 §3.2.3), then the server says -ERR */
 		a->rejected = true;
+		a->complete = false;
 		*ret_b64 = xstrdup(strcasecmp(a->mech, "XOAUTH2") == 0 ? "" : "AQ==");
 		return 0;
 	}
@@ -165,9 +167,45 @@ auth_step(struct auth *a, const char *challenge_b64, char **ret_b64)
 		gsasl_free(out);
 		return -EPROTO;
 	}
+	a->complete = rc == GSASL_OK;
 	*ret_b64 = xstrdup(out ? out : "");
 	gsasl_free(out);
 	return 0;
+}
+
+static bool
+is_scram(const char *mech)
+{
+	return strncasecmp(mech, "SCRAM-", 6) == 0;
+}
+
+int
+auth_finish(struct auth *a, const char *success_b64, char *err, size_t errlen)
+{
+	bool given = success_b64 != NULL && success_b64[0] != '\0', said_more;
+	char *resp = NULL;
+
+	if (a->complete)
+		return 0;
+	if (a->sasl != NULL && given && auth_step(a, success_b64, &resp) == 0) {
+		said_more = resp[0] != '\0';
+		explicit_bzero(resp, strlen(resp));
+		free(resp);
+		if (a->complete && !said_more)
+			return 0;
+		a->complete = false; /* the mechanism still had something to say */
+	}
+	if (!is_scram(a->mech))
+		snprintf(err, errlen, "the server accepted before the exchange was complete");
+	else if (!given)
+		snprintf(err, errlen,
+			 "the server did not prove it knows the password: its SCRAM signature is "
+			 "missing");
+	else
+		snprintf(err, errlen,
+			 "the server did not prove it knows the password: its SCRAM signature is "
+			 "wrong");
+	return -EPROTO;
 }
 
 bool

@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sysexits.h>
 
 #include <event2/dns.h>
@@ -36,6 +38,23 @@ struct options {
 	const char *command;
 	const char *id;
 };
+
+/*
+ * Memory holds passwords, client secrets, tokens and PKCS#12 keys: a crash
+ * writes no core file, and the process is not dumpable (nor open to ptrace
+ * or /proc/PID/mem by another process of the same user).
+ */
+static void
+no_core_dumps(void)
+{
+	const struct rlimit none = {.rlim_cur = 0, .rlim_max = 0};
+
+	if (setrlimit(RLIMIT_CORE, &none) < 0)
+		log_warning(NULL, "cannot turn core dumps off (RLIMIT_CORE: %s)", strerror(errno));
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+		log_warning(NULL, "cannot make the process non-dumpable (PR_SET_DUMPABLE: %s)",
+			    strerror(errno));
+}
 
 static void
 usage(FILE *f)
@@ -523,6 +542,7 @@ main(int argc, char **argv)
 		log_set_level(LOG_LVL_DEBUG);
 	else if (o.verbosity < 0)
 		log_set_level(LOG_LVL_WARNING);
+	no_core_dumps();
 	event_set_log_callback(libevent_log);
 	signal(SIGPIPE, SIG_IGN);
 	mime_init();

@@ -448,6 +448,26 @@ on_auth_challenge(struct pop3_session *s, const struct pop3_reply *r)
 	free(resp);
 }
 
+/*
+ * +OK to AUTH counts only once the exchange is over on our side: for SCRAM,
+ * the server-final message (in a "+" continuation, or as the +OK's
+ * additional data, RFC 5034) verified. Otherwise the session ends and
+ * nothing more is sent.
+ */
+static bool
+auth_accepted(struct pop3_session *s, const struct pop3_reply *r)
+{
+	char data[POP3_LINE_MAX + 1], err[160];
+
+	snprintf(data, sizeof(data), "%.*s", (int)r->text_len, r->text);
+	if (auth_finish(s->auth, data, err, sizeof(err)) == 0)
+		return true;
+	fail(s, POP3_FAIL_AUTH,
+	     "%s: %s (a wrong server, or someone in between): login not accepted", s->mechanism,
+	     err);
+	return false;
+}
+
 static void
 enter_state(struct pop3_session *s, enum pop3_state st)
 {
@@ -839,6 +859,8 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 			fail_login(s, "login", &r);
 			return;
 		}
+		if (s->state == P3_AUTH && !auth_accepted(s, &r))
+			return;
 		if (s->capa.utf8)
 			enter_state(s, P3_UTF8);
 		else

@@ -43,6 +43,14 @@ int auth_start(const char *mech, const struct auth_params *p, struct auth **ret,
  * auth_token_rejected() becomes true.
  */
 int auth_step(struct auth *a, const char *challenge_b64, char **ret_b64);
+/*
+ * The server said +OK to AUTH: is the exchange over on our side? For SCRAM
+ * that means the server-final message verified (the server proved it knows
+ * the password), whether it came in a "+" continuation or as the +OK's
+ * additional data (RFC 5034), given here as success_b64 (NULL or "" when
+ * none). 0, or -EPROTO with a line in err: then the login does not count.
+ */
+int auth_finish(struct auth *a, const char *success_b64, char *err, size_t errlen);
 bool auth_token_rejected(const struct auth *a);
 void auth_free(struct auth *a);
 

@@ -358,6 +358,7 @@ class SaslExchange:
     expected_binding: bytes = None   # SCRAM: what the server expected in c=
     aborted: bool = False            # the client cancelled with "*"
     outcome: str = None              # "ok", "aborted" or why the server refused
+    success_data: bytes = None       # base64 sent on the +OK (SCRAM's server-final)
 
 
 @dataclasses.dataclass
@@ -404,6 +405,11 @@ class FakePOP3:
         scram_iterations: the i= of SCRAM's server-first message;
         sasl_faults: misbehaviours of the SASL server, any of
           "bad-server-signature"  SCRAM's server-final "v=" does not verify
+          "no-server-final"       SCRAM: +OK right after the client's proof,
+                                  without the server-final message
+          "server-final-in-ok"    SCRAM: the server-final message as the
+                                  +OK's additional data (RFC 5034), not in
+                                  a "+" continuation
           "bad-channel-binding"   the server expects other channel-binding
                                   data (as if a man in the middle ran TLS)
         Each AUTH is recorded in SessionRecord.sasl (SaslExchange);
@@ -835,7 +841,10 @@ class _GoodSession:
             ex.outcome = refusal
             return b"-ERR [AUTH] Authentication failed.\r\n", None
         ex.outcome = "ok"
-        return self._login(self.srv.user)
+        response, effect = self._login(self.srv.user)
+        if ex.success_data is not None and response.startswith(b"+OK"):
+            response = b"+OK " + ex.success_data + b"\r\n"
+        return response, effect
 
     # -- SASL (each returns None when the credentials are right, else why not) --
 
@@ -950,7 +959,13 @@ class _GoodSession:
         server_signature = HMAC(HMAC(salted, b"Server Key"), auth_message)
         if "bad-server-signature" in self.srv.sasl_faults:
             server_signature = HMAC(b"not the server key", auth_message)
-        last = self._challenge(ex, b"v=" + base64.b64encode(server_signature))
+        server_final = b"v=" + base64.b64encode(server_signature)
+        if "no-server-final" in self.srv.sasl_faults:
+            return None
+        if "server-final-in-ok" in self.srv.sasl_faults:
+            ex.success_data = base64.b64encode(server_final)
+            return None
+        last = self._challenge(ex, server_final)
         if last:
             return f"a non-empty answer to the server-final message: {last!r}"
         return None

@@ -7,7 +7,9 @@ preference, and a configuration that allows nothing the server offers.
 
 Against the fake server (fakepop3's SASL server: PLAIN, LOGIN, CRAM-MD5,
 SCRAM-SHA-1/-256 and -PLUS with tls-unique): SCRAM verified both ways (a
-server-final "v=" that does not verify is cancelled with "*"), channel
+server-final "v=" that does not verify is cancelled with "*"; a +OK without
+a server-final that verifies, in a continuation or on the +OK, is no
+login), channel
 binding under TLS 1.2 (and its type under TLS 1.3), the RFC 5034 framing
 of the initial response (the 255-octet limit), resp-codes to AUTH, the
 warning for a password sent in clear, and that no password and no SASL
@@ -502,6 +504,52 @@ def test_scram_server_signature_wrong(fake_pop3, fake_config, confdir, run_popfe
     i = next(k for k, c in enumerate(auth) if c.upper().startswith("AUTH "))
     assert auth[i + 2:i + 3] == ["*"], f"'*' is not the answer to 'v=': {auth}"
     assert len(server.remaining()) == 2
+    assert_no_secrets(res, FAKE_PASSWORD, server=server)
+
+
+@pytest.mark.parametrize("mech", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+@pytest.mark.parametrize("faults", [("no-server-final",),
+                                    ("server-final-in-ok", "bad-server-signature")],
+                         ids=["no-server-final", "wrong-signature-on-ok"])
+def test_scram_ok_without_server_proof(fake_pop3, fake_config, confdir, run_popfetchd,
+                                       read_saved, mech, faults):
+    """+OK to the client's proof is no login while the server has not proved
+    it knows the password: no server-final message at all, or one on the
+    +OK (RFC 5034 additional data) that does not verify. Exit 77, and
+    nothing more is sent (no STAT, no QUIT)."""
+    server = fake_for(fake_pop3, mech, seed=255, sasl_faults=set(faults))
+    config = fake_config(server, password=FAKE_PASSWORD, sasl_mechanisms=[mech])
+
+    res = run_receive(run_popfetchd, confdir(config), config)
+
+    assert_refused(res, config, read_saved, server=server)
+    [ex] = exchanges(server)
+    assert ex.outcome == "ok", "the premise: the fake server accepted the proof"
+    commands = server.commands()
+    i = next(k for k, c in enumerate(commands) if c.upper().startswith("AUTH "))
+    assert commands[i + 2:] == [], f"sent after the unproven +OK: {commands[i + 2:]}"
+    assert "did not prove it knows the password" in res.stderr, res.stderr
+    assert len(server.remaining()) == 2
+    assert_no_secrets(res, FAKE_PASSWORD, server=server)
+
+
+@pytest.mark.parametrize("mech", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+def test_scram_server_final_on_ok(fake_pop3, fake_config, confdir, run_popfetchd, read_saved,
+                                  mech):
+    """A server-final message that verifies is as good on the +OK (RFC 5034
+    additional data) as in a "+" continuation: the login counts, and no
+    empty answer goes out for it."""
+    server = fake_for(fake_pop3, mech, seed=256, sasl_faults={"server-final-in-ok"})
+    expected = fake_expected(server)
+    config = fake_config(server, password=FAKE_PASSWORD, sasl_mechanisms=[mech])
+
+    res = run_receive(run_popfetchd, confdir(config), config)
+
+    assert res.returncode == EX_OK, res.stderr
+    assert_saved_exactly(read_saved(config["save_directory"]), "fake", expected)
+    [ex] = exchanges(server)
+    assert ex.outcome == "ok" and ex.success_data
+    assert len(ex.client_messages) == 2, ex.client_messages
     assert_no_secrets(res, FAKE_PASSWORD, server=server)
 
 

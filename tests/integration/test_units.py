@@ -231,6 +231,7 @@ def test_unit_runs_the_daemon_as_designed(unitdir, name):
         "WatchdogSec": "60s",
         "Restart": "on-failure",
         "TimeoutStopSec": "90s",
+        "LimitCORE": "0",
         "User": "popfetchd",
         "Group": "popfetchd",
         "StateDirectoryMode": "0700",

@@ -1,4 +1,7 @@
 /* Unit tests: APOP, XOAUTH2 / OAUTHBEARER messages, mechanism facts, SCRAM steps. */
+#include <errno.h>
+
+#include <gsasl.h>
 #include <openssl/evp.h>
 
 #include "check.h"
@@ -99,6 +102,122 @@ sasl(void)
 	CHECK(auth_start("GSSAPI", &p, &a, err, sizeof(err)) < 0);
 }
 
+static char *
+b64(const char *in)
+{
+	size_t n = strlen(in);
+	char *out = calloc(1, 4 * ((n + 2) / 3) + 1);
+
+	EVP_EncodeBlock((unsigned char *)out, (const unsigned char *)in, (int)n);
+	return out;
+}
+
+static int
+server_props(Gsasl *ctx, Gsasl_session *sctx, Gsasl_property prop)
+{
+	(void)ctx;
+	if (prop != GSASL_PASSWORD)
+		return GSASL_NO_CALLBACK;
+	return gsasl_property_set(sctx, GSASL_PASSWORD, "tanstaaftanstaaf");
+}
+
+enum server_final { SF_NONE, SF_WRONG, SF_ON_OK, SF_CONTINUATION };
+
+/*
+ * One SCRAM exchange against GNU SASL's server side, up to the +OK: what
+ * auth_finish() says when the server-final message is missing, wrong, on
+ * the +OK, or was answered in a continuation.
+ */
+static int
+scram_with_server(const char *mech, enum server_final how)
+{
+	struct auth_params p = {.user = "tim", .password = "tanstaaftanstaaf"};
+	struct auth *a = NULL;
+	Gsasl *srv_ctx = NULL;
+	Gsasl_session *srv = NULL;
+	char err[160] = "", *c_first = NULL, *s_first = NULL, *c_final = NULL, *s_final = NULL;
+	char *plain, *given = NULL, *out = NULL;
+	int rc;
+
+	CHECK(gsasl_init(&srv_ctx) == GSASL_OK);
+	gsasl_callback_set(srv_ctx, server_props);
+	CHECK(gsasl_server_start(srv_ctx, mech, &srv) == GSASL_OK);
+	gsasl_property_set(srv, GSASL_SCRAM_ITER, "4096");
+	CHECK(auth_start(mech, &p, &a, err, sizeof(err)) == 0);
+	CHECK(auth_step(a, NULL, &c_first) == 0);
+	CHECK(gsasl_step64(srv, c_first, &s_first) == GSASL_NEEDS_MORE);
+	CHECK(auth_step(a, s_first, &c_final) == 0);
+	CHECK(gsasl_step64(srv, c_final, &s_final) == GSASL_OK);
+	switch (how) {
+	case SF_NONE:
+		rc = auth_finish(a, "", err, sizeof(err));
+		CHECK(rc == 0 || strstr(err, "missing") != NULL);
+		break;
+	case SF_WRONG:
+		plain = unb64(s_final);
+		CHECK(strncmp(plain, "v=", 2) == 0);
+		plain[2] = plain[2] == 'A' ? 'B' : 'A';
+		given = b64(plain);
+		free(plain);
+		rc = auth_finish(a, given, err, sizeof(err));
+		CHECK(rc == 0 || strstr(err, "wrong") != NULL);
+		break;
+	case SF_ON_OK:
+		rc = auth_finish(a, s_final, err, sizeof(err));
+		break;
+	case SF_CONTINUATION:
+	default:
+		CHECK(auth_step(a, s_final, &out) == 0);
+		CHECK_STR(out, "");
+		/* the +OK's text is then only words */
+		rc = auth_finish(a, "Logged in.", err, sizeof(err));
+		break;
+	}
+	if (rc < 0)
+		CHECK(strstr(err, "did not prove it knows the password") != NULL);
+	free(out);
+	free(given);
+	free(c_first);
+	free(c_final);
+	gsasl_free(s_first);
+	gsasl_free(s_final);
+	auth_free(a);
+	gsasl_finish(srv);
+	gsasl_done(srv_ctx);
+	return rc;
+}
+
+static void
+server_proof(void)
+{
+	struct auth_params p = {.user = "tim", .password = "tanstaaftanstaaf"};
+	struct auth *a = NULL;
+	char err[160], *out = NULL;
+
+	for (const char *const *m = (const char *const[]){"SCRAM-SHA-256", "SCRAM-SHA-1", NULL};
+	     *m != NULL; m++) {
+		CHECK(scram_with_server(*m, SF_NONE) == -EPROTO);
+		CHECK(scram_with_server(*m, SF_WRONG) == -EPROTO);
+		CHECK(scram_with_server(*m, SF_ON_OK) == 0);
+		CHECK(scram_with_server(*m, SF_CONTINUATION) == 0);
+	}
+
+	/* PLAIN is over once its one message is built */
+	CHECK(auth_start("PLAIN", &p, &a, err, sizeof(err)) == 0);
+	CHECK(auth_finish(a, NULL, err, sizeof(err)) == -EPROTO);
+	CHECK(auth_step(a, NULL, &out) == 0);
+	free(out);
+	CHECK(auth_finish(a, NULL, err, sizeof(err)) == 0);
+	auth_free(a);
+
+	/* LOGIN accepted after the user name: data that asks for more is no end */
+	CHECK(auth_start("LOGIN", &p, &a, err, sizeof(err)) == 0);
+	CHECK(auth_step(a, "VXNlcm5hbWU6", &out) == 0);
+	free(out);
+	CHECK(auth_finish(a, "UGFzc3dvcmQ6", err, sizeof(err)) == -EPROTO);
+	auth_free(a);
+}
+
 int
 main(void)
 {
@@ -108,5 +227,6 @@ main(void)
 		      "n,a=someuser@example.com,\001auth=Bearer ya29.vF9dft4\001\001");
 	facts();
 	sasl();
+	server_proof();
 	CHECK_DONE();
 }
