@@ -23,6 +23,8 @@ struct sched_stats {
 	size_t running;		  /* sessions now */
 	size_t queued;		  /* due, waiting for a session slot */
 	size_t failing;		  /* whose last poll failed */
+	size_t broken;		  /* whose setup failed (a tls_ca_file that cannot be
+				   * loaded): not polled, the setup retried */
 	unsigned long long saved; /* messages saved since start */
 	char last_error[400];	  /* "ID: line" of the latest failure, "" when none */
 };
