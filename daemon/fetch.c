@@ -941,9 +941,7 @@ on_token(void *arg, enum oauth2_status status, const char *token, const char *de
 
 	f->token_req = NULL;
 	if (status != OAUTH2_OK) {
-		set_exit(f, status == OAUTH2_REFUSED ? EX_NOPERM
-			    : status == OAUTH2_LOCAL ? EX_IOERR
-						     : EX_TEMPFAIL);
+		set_exit(f, oauth2_exit_code(status));
 		add_error(f, "oauth2: %s", detail);
 		finish(f);
 		return;

@@ -256,10 +256,10 @@ update_status(void *arg)
 	scheduler_stats(d->sched, &st);
 	n = snprintf(line, sizeof(line),
 		     "%s%zu configuration(s), %zu session(s) running, %zu queued, %llu message(s) "
-		     "saved since start, %zu failing",
+		     "saved since start, %zu failing, %zu broken",
 		     d->stopping ? "stopping: " : "", st.configurations, st.running, st.queued,
-		     st.saved, st.failing);
-	if (st.failing > 0 && st.last_error[0] && n > 0 && (size_t)n < sizeof(line))
+		     st.saved, st.failing, st.broken);
+	if (st.failing + st.broken > 0 && st.last_error[0] && n > 0 && (size_t)n < sizeof(line))
 		n += snprintf(line + n, sizeof(line) - (size_t)n, "; last error: %s",
 			      st.last_error);
 	if (d->reload_error[0] && n > 0 && (size_t)n < sizeof(line))

@@ -45,8 +45,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/queue.h>
 #include <sys/stat.h>
+#include <sysexits.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -73,6 +75,8 @@
 #define BACKOFF_MIN	10
 #define BACKOFF_MAX	600
 #define CACHE_NAME	"oauth2-token"
+#define LOCK_NAME	"oauth2.lock"
+#define LOCK_RETRY_MS	100 /* another process refreshes: try its lock again this soon */
 
 TAILQ_HEAD(request_list, oauth2_request);
 
@@ -115,6 +119,7 @@ struct oauth2_request {
 struct oauth2_source {
 	LIST_ENTRY(oauth2_source) link;
 	struct oauth2_client *client; /* NULL once the client is freed */
+	unsigned refs;
 	char *id;
 	char *endpoint;
 	char *host; /* host[:port] of the endpoint, for details */
@@ -126,6 +131,7 @@ struct oauth2_source {
 	char *ca_file;
 	char *state_dir;
 	char *cache_path;
+	char *lock_path;
 	long timeout;
 	char binding[2 * SHA256_DIGEST_LENGTH + 1];
 
@@ -133,6 +139,12 @@ struct oauth2_source {
 	time_t obtained_at, expires_at;
 	char *unsaved_refresh_token; /* rotated, not yet written back */
 
+	/* a refresh holds LOCK_NAME from before it reads the refresh token
+	 * until the rotated one is written back: one process at a time */
+	int lock_fd;		     /* -1 when not held */
+	bool locking;		     /* waiting for another process's lock */
+	time_t lock_deadline;	     /* when waiting ends in failure */
+	struct event *lock_ev;	     /* the next try */
 	struct transfer *xfer;	     /* in flight, or NULL */
 	struct request_list waiting; /* for xfer */
 	struct request_list ready;   /* for the deliver event */
@@ -148,6 +160,7 @@ struct oauth2_source {
 };
 
 static void start_transfer(struct oauth2_source *src);
+static void lock_release(struct oauth2_source *src);
 
 static const char *
 grant_name(enum oauth2_grant grant)
@@ -367,8 +380,16 @@ read_refresh_token(const char *path, char **ret)
 	return r;
 }
 
-static void
-cache_load(struct oauth2_source *src)
+/* A token as the cache holds it. */
+struct cached {
+	char *token;
+	time_t obtained_at, expires_at;
+};
+
+/* The cached token, when the cache holds a valid one for this source with
+ * more than MIN_TTL to live. */
+static bool
+cache_read(struct oauth2_source *src, struct cached *ret)
 {
 	json_t *root = NULL, *jtoken, *jexpires, *jobtained;
 	json_error_t jerr;
@@ -376,13 +397,14 @@ cache_load(struct oauth2_source *src)
 	char *buf;
 	size_t len;
 	time_t now = time(NULL);
+	bool ok = false;
 	int r;
 
 	if ((r = read_small_file(src->cache_path, true, &buf, &len)) < 0) {
 		if (r != -ENOENT)
 			log_warning(src->id, "cannot read the token cache %s: %s; ignored",
 				    src->cache_path, strerror(-r));
-		return;
+		return false;
 	}
 	root = json_loadb(buf, len, 0, &jerr);
 	explicit_bzero(buf, len);
@@ -412,16 +434,30 @@ cache_load(struct oauth2_source *src)
 		log_debug(src->id, "the cached access token has expired");
 		goto out;
 	}
-	src->token = xstrdup(json_string_value(jtoken));
-	src->expires_at = (time_t)json_integer_value(jexpires);
-	src->obtained_at = jobtained != NULL ? (time_t)json_integer_value(jobtained)
-					     : src->expires_at - DEFAULT_EXPIRES;
-	if (src->obtained_at > now || src->obtained_at >= src->expires_at)
-		src->obtained_at = now;
-	log_debug(src->id, "using the cached access token, valid for %lld s",
-		  (long long)(src->expires_at - now));
+	ret->token = xstrdup(json_string_value(jtoken));
+	ret->expires_at = (time_t)json_integer_value(jexpires);
+	ret->obtained_at = jobtained != NULL ? (time_t)json_integer_value(jobtained)
+					     : ret->expires_at - DEFAULT_EXPIRES;
+	if (ret->obtained_at > now || ret->obtained_at >= ret->expires_at)
+		ret->obtained_at = now;
+	ok = true;
 out:
 	json_decref(root);
+	return ok;
+}
+
+static void
+cache_load(struct oauth2_source *src)
+{
+	struct cached c;
+
+	if (!cache_read(src, &c))
+		return;
+	src->token = c.token;
+	src->obtained_at = c.obtained_at;
+	src->expires_at = c.expires_at;
+	log_debug(src->id, "using the cached access token, valid for %lld s",
+		  (long long)(src->expires_at - time(NULL)));
 }
 
 static void
@@ -537,17 +573,30 @@ deliver_cb(evutil_socket_t fd, short what, void *arg)
 /* ---- keep_fresh ---- */
 
 static time_t
+refresh_at(time_t obtained_at, time_t expires_at)
+{
+	time_t lifetime = expires_at - obtained_at;
+	time_t at = obtained_at + lifetime / 10 * 8 + lifetime % 10 * 8 / 10;
+
+	if (at > expires_at - FRESH_LATEST)
+		at = expires_at - FRESH_LATEST;
+	/* a short-lived token is refreshed at half-life, not over and over */
+	if (at < obtained_at + lifetime / 2)
+		at = obtained_at + lifetime / 2;
+	return at;
+}
+
+static time_t
 refresh_time(const struct oauth2_source *src)
 {
-	time_t lifetime = src->expires_at - src->obtained_at;
-	time_t at = src->obtained_at + lifetime / 10 * 8 + lifetime % 10 * 8 / 10;
+	return refresh_at(src->obtained_at, src->expires_at);
+}
 
-	if (at > src->expires_at - FRESH_LATEST)
-		at = src->expires_at - FRESH_LATEST;
-	/* a short-lived token is refreshed at half-life, not over and over */
-	if (at < src->obtained_at + lifetime / 2)
-		at = src->obtained_at + lifetime / 2;
-	return at;
+/* A transfer is in flight, or waits for another process's lock. */
+static bool
+busy(const struct oauth2_source *src)
+{
+	return src->xfer != NULL || src->locking;
 }
 
 static void
@@ -570,8 +619,9 @@ fresh_arm_next(struct oauth2_source *src)
 		fresh_arm(src, refresh_time(src) - now);
 }
 
+/* quiet: a caller was waiting for this token, and reports the failure */
 static void
-fresh_retry(struct oauth2_source *src, const char *detail)
+fresh_retry(struct oauth2_source *src, const char *detail, bool quiet)
 {
 	unsigned delay;
 
@@ -580,8 +630,9 @@ fresh_retry(struct oauth2_source *src, const char *detail)
 							 : src->backoff * 2;
 	/* jitter: 80% to 120% */
 	delay = src->backoff * (80 + arc4random_uniform(41)) / 100;
-	log_warning(src->id, "cannot refresh the access token: %s; next attempt in %u s",
-		    detail != NULL ? detail : "unknown error", delay);
+	log_msg(quiet ? LOG_LVL_DEBUG : LOG_LVL_WARNING, src->id,
+		"cannot refresh the access token: %s; next attempt in %u s",
+		detail != NULL ? detail : "unknown error", delay);
 	fresh_arm(src, (time_t)delay);
 }
 
@@ -593,10 +644,10 @@ fresh_cb(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	if (src->xfer != NULL)
+	if (busy(src))
 		return; /* its end re-arms */
 	if (src->unsaved_refresh_token != NULL && save_refresh_token(src, &detail) < 0) {
-		fresh_retry(src, detail);
+		fresh_retry(src, detail, false);
 		free(detail);
 		return;
 	}
@@ -611,6 +662,9 @@ fresh_cb(evutil_socket_t fd, short what, void *arg)
 static void
 finish(struct oauth2_source *src, enum oauth2_status status, const char *detail)
 {
+	bool reported = !TAILQ_EMPTY(&src->waiting);
+
+	lock_release(src);
 	if (status != OAUTH2_OK)
 		log_debug(src->id, "no access token: %s", detail);
 	complete_waiting(src, status, status == OAUTH2_OK ? src->token : NULL, detail);
@@ -620,7 +674,7 @@ finish(struct oauth2_source *src, enum oauth2_status status, const char *detail)
 		src->backoff = 0;
 		fresh_arm_next(src);
 	} else {
-		fresh_retry(src, detail);
+		fresh_retry(src, detail, reported);
 	}
 }
 
@@ -646,6 +700,10 @@ transfer_free(struct transfer *x)
 static void
 abort_transfer(struct oauth2_source *src)
 {
+	lock_release(src);
+	src->locking = false;
+	if (src->lock_ev != NULL)
+		evtimer_del(src->lock_ev);
 	if (src->xfer == NULL)
 		return;
 	if (src->client != NULL)
@@ -732,16 +790,15 @@ transfer_setup(struct oauth2_source *src, struct transfer *x)
 	return ok;
 }
 
+/* Ask the endpoint (the lock is held, or cannot be had at all). */
 static void
-start_transfer(struct oauth2_source *src)
+send_request(struct oauth2_source *src)
 {
 	struct transfer *x;
 	char *detail = NULL;
 	enum oauth2_status status = OAUTH2_UNAVAILABLE;
 	int r;
 
-	if (src->client == NULL)
-		return;
 	x = xcalloc(1, sizeof(*x));
 	x->src = src;
 	if (src->grant == OAUTH2_GRANT_REFRESH_TOKEN) {
@@ -781,6 +838,110 @@ fail:
 	transfer_free(x);
 	finish(src, status, detail);
 	free(detail);
+}
+
+/* ---- one refresh at a time across processes ---- */
+
+static void
+lock_release(struct oauth2_source *src)
+{
+	if (src->lock_fd >= 0) {
+		close(src->lock_fd); /* releases the flock */
+		src->lock_fd = -1;
+	}
+}
+
+/* 0 when held, -EWOULDBLOCK when another process holds it, another -errno
+ * when there is no lock to take (then the refresh goes on without). */
+static int
+lock_take(struct oauth2_source *src)
+{
+	int fd = open(src->lock_path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+
+	if (fd < 0)
+		return -errno;
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		int r = -errno;
+
+		close(fd);
+		return r;
+	}
+	src->lock_fd = fd;
+	return 0;
+}
+
+/* Another process may have refreshed while this one waited for the lock:
+ * a token in the cache that is not ours and not yet due for refresh is
+ * taken instead of asking the endpoint. */
+static bool
+adopt_cached(struct oauth2_source *src)
+{
+	struct cached c;
+
+	if (!cache_read(src, &c))
+		return false;
+	if ((src->token != NULL && strcmp(c.token, src->token) == 0) ||
+	    time(NULL) >= refresh_at(c.obtained_at, c.expires_at)) {
+		free_secret(c.token);
+		return false;
+	}
+	free_secret(src->token);
+	src->token = c.token;
+	src->obtained_at = c.obtained_at;
+	src->expires_at = c.expires_at;
+	log_debug(src->id, "another process has just refreshed the access token: using it");
+	return true;
+}
+
+static void
+lock_attempt(struct oauth2_source *src)
+{
+	static const struct timeval retry = {0, LOCK_RETRY_MS * 1000};
+	int r = lock_take(src);
+
+	if (r == -EWOULDBLOCK && time(NULL) < src->lock_deadline) {
+		evtimer_add(src->lock_ev, &retry);
+		return;
+	}
+	src->locking = false;
+	if (r == -EWOULDBLOCK) {
+		char *detail = xasprintf("another process has been refreshing this token for %ld s "
+					 "(it holds %s)",
+					 src->timeout, src->lock_path);
+
+		finish(src, OAUTH2_UNAVAILABLE, detail);
+		free(detail);
+		return;
+	}
+	if (r < 0)
+		log_warning(src->id, "cannot lock %s: %s; refreshing without it", src->lock_path,
+			    strerror(-r));
+	if (adopt_cached(src)) {
+		finish(src, OAUTH2_OK, NULL);
+		return;
+	}
+	send_request(src);
+}
+
+static void
+lock_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	lock_attempt(arg);
+}
+
+/* A refresh: take the lock (waiting at most the request timeout for
+ * another process), then ask the endpoint unless that process's token
+ * can be had. */
+static void
+start_transfer(struct oauth2_source *src)
+{
+	if (src->client == NULL || busy(src))
+		return;
+	src->locking = true;
+	src->lock_deadline = time(NULL) + src->timeout;
+	lock_attempt(src);
 }
 
 /* What the endpoint answered. */
@@ -1112,7 +1273,9 @@ source_detach(struct oauth2_source *src)
 		event_free(src->deliver_ev);
 	if (src->fresh_ev != NULL)
 		event_free(src->fresh_ev);
-	src->deliver_ev = src->fresh_ev = NULL;
+	if (src->lock_ev != NULL)
+		event_free(src->lock_ev);
+	src->deliver_ev = src->fresh_ev = src->lock_ev = NULL;
 	LIST_REMOVE(src, link);
 	src->client = NULL;
 }
@@ -1170,6 +1333,8 @@ oauth2_source_new(struct oauth2_client *client, const struct oauth2_params *para
 		return NULL;
 	src = xcalloc(1, sizeof(*src));
 	src->client = client;
+	src->refs = 1;
+	src->lock_fd = -1;
 	src->id = xstrdup_or_null(params->id);
 	src->endpoint = xstrdup(params->token_endpoint);
 	src->host = endpoint_host(params->token_endpoint);
@@ -1181,13 +1346,15 @@ oauth2_source_new(struct oauth2_client *client, const struct oauth2_params *para
 	src->ca_file = xstrdup_or_null(params->ca_file);
 	src->state_dir = xstrdup(params->state_dir);
 	src->cache_path = xasprintf("%s/%s", params->state_dir, CACHE_NAME);
+	src->lock_path = xasprintf("%s/%s", params->state_dir, LOCK_NAME);
 	src->timeout = params->timeout > 0 ? (long)params->timeout : DEFAULT_TIMEOUT;
 	compute_binding(src);
 	TAILQ_INIT(&src->waiting);
 	TAILQ_INIT(&src->ready);
 	src->deliver_ev = event_new(client->base, -1, 0, deliver_cb, src);
 	src->fresh_ev = evtimer_new(client->base, fresh_cb, src);
-	if (src->deliver_ev == NULL || src->fresh_ev == NULL)
+	src->lock_ev = evtimer_new(client->base, lock_cb, src);
+	if (src->deliver_ev == NULL || src->fresh_ev == NULL || src->lock_ev == NULL)
 		abort(); /* out of memory, as xmalloc */
 	LIST_INSERT_HEAD(&client->sources, src, link);
 	if ((r = util_mkdir_p(src->state_dir, 0700)) < 0)
@@ -1222,15 +1389,23 @@ source_destroy(struct oauth2_source *src)
 	free(src->ca_file);
 	free(src->state_dir);
 	free(src->cache_path);
+	free(src->lock_path);
 	free_secret(src->token);
 	free_secret(src->unsaved_refresh_token);
 	free(src);
 }
 
+struct oauth2_source *
+oauth2_source_ref(struct oauth2_source *src)
+{
+	src->refs++;
+	return src;
+}
+
 void
 oauth2_source_free(struct oauth2_source *src)
 {
-	if (src == NULL || src->dead)
+	if (src == NULL || src->dead || --src->refs > 0)
 		return;
 	if (src->delivering) {
 		/* inside one of its callbacks: deliver_cb destroys it */
@@ -1273,8 +1448,7 @@ oauth2_get_token(struct oauth2_source *src, bool force, oauth2_token_cb cb, void
 	}
 	req->list = &src->waiting;
 	TAILQ_INSERT_TAIL(&src->waiting, req, link);
-	if (src->xfer == NULL)
-		start_transfer(src);
+	start_transfer(src); /* or join the one under way */
 	return req;
 }
 
@@ -1299,8 +1473,24 @@ oauth2_source_keep_fresh(struct oauth2_source *src, bool on)
 		return;
 	if (!on)
 		evtimer_del(src->fresh_ev);
-	else if (src->xfer == NULL)
+	else if (!busy(src))
 		fresh_arm_next(src);
+}
+
+int
+oauth2_exit_code(enum oauth2_status status)
+{
+	switch (status) {
+	case OAUTH2_OK:
+		return EX_OK;
+	case OAUTH2_REFUSED:
+		return EX_NOPERM;
+	case OAUTH2_LOCAL:
+		return EX_IOERR;
+	case OAUTH2_UNAVAILABLE:
+		break;
+	}
+	return EX_TEMPFAIL;
 }
 
 unsigned

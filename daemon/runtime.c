@@ -118,9 +118,43 @@ runtime_log_level(const struct conf_set *set, int verbosity)
 		log_set_level(set->log_level_set ? (enum log_level)set->log_level : LOG_LVL_INFO);
 }
 
+static bool
+same_string(const char *a, const char *b)
+{
+	return a == NULL || b == NULL ? a == b : strcmp(a, b) == 0;
+}
+
+/* Would a token source for b be the one prev has? Every oauth2.* setting,
+ * the client secret's value, and what the source derives from the rest. */
+static bool
+same_oauth2(const struct runtime *prev, const struct conf_set *set, const struct conf_mailbox *b)
+{
+	const struct conf_mailbox *a = prev->mb;
+
+	return prev->oauth2 != NULL && b->auth == CONF_AUTH_OAUTH2 &&
+	       same_string(a->oauth2.token_endpoint, b->oauth2.token_endpoint) &&
+	       same_string(a->oauth2.client_id, b->oauth2.client_id) &&
+	       same_string(a->oauth2.client_secret, b->oauth2.client_secret) &&
+	       same_string(a->oauth2.scope, b->oauth2.scope) &&
+	       a->oauth2.grant == b->oauth2.grant &&
+	       same_string(a->oauth2.refresh_token_file, b->oauth2.refresh_token_file) &&
+	       a->oauth2.mechanism == b->oauth2.mechanism &&
+	       same_string(a->oauth2.ca_file, b->oauth2.ca_file) &&
+	       a->connect_timeout == b->connect_timeout && strcmp(a->id, b->id) == 0 &&
+	       strcmp(prev->set->state_directory, set->state_directory) == 0;
+}
+
 int
 runtime_init(struct runtime *rt, const struct conf_set *set, const struct conf_mailbox *mb,
 	     struct oauth2_client *oauth, bool keep_fresh, char *why, size_t whylen)
+{
+	return runtime_reinit(rt, NULL, set, mb, oauth, keep_fresh, why, whylen);
+}
+
+int
+runtime_reinit(struct runtime *rt, const struct runtime *prev, const struct conf_set *set,
+	       const struct conf_mailbox *mb, struct oauth2_client *oauth, bool keep_fresh,
+	       char *why, size_t whylen)
 {
 	memset(rt, 0, sizeof(*rt));
 	rt->set = set;
@@ -134,7 +168,9 @@ runtime_init(struct runtime *rt, const struct conf_set *set, const struct conf_m
 			return -1;
 	}
 	rt->state_dir = xasprintf("%s/%s", set->state_directory, mb->id);
-	if (mb->auth == CONF_AUTH_OAUTH2 && oauth != NULL) {
+	if (prev != NULL && same_oauth2(prev, set, mb)) {
+		rt->oauth2 = oauth2_source_ref(prev->oauth2);
+	} else if (mb->auth == CONF_AUTH_OAUTH2 && oauth != NULL) {
 		struct oauth2_params op;
 		runtime_oauth2_params(mb, rt->state_dir, &op);
 		rt->oauth2 = oauth2_source_new(oauth, &op);

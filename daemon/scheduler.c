@@ -7,6 +7,11 @@
  * hold the set they come from, and so does a running poll through the cfg
  * it began with. A reload swaps the jobs' cfgs; an old set is freed when the
  * last poll that uses it ends.
+ *
+ * A configuration whose runtime cannot be built (a tls_ca_file that cannot
+ * be loaded) is broken: it is not polled, its setup is tried again with the
+ * backoff of a failed poll, and it is polled as soon as a try, or a reload,
+ * succeeds.
  */
 #include <stdbool.h>
 #include <stdint.h>
@@ -37,7 +42,7 @@ struct cfg {
 	struct setref *sr;
 	const struct conf_mailbox *mb;
 	struct runtime rt;
-	bool broken; /* its runtime could not be built: not polled */
+	char *broken; /* why its runtime could not be built (not polled), or NULL */
 };
 
 struct job {
@@ -132,8 +137,11 @@ setref_unref(struct setref *sr)
 	}
 }
 
+/* mb's settings and runtime; prev: the cfg it replaces (its token source
+ * is kept when the OAuth2 settings are the same), or NULL. */
 static struct cfg *
-cfg_new(struct scheduler *s, struct setref *sr, const struct conf_mailbox *mb)
+cfg_new(struct scheduler *s, struct setref *sr, const struct conf_mailbox *mb,
+	const struct cfg *prev)
 {
 	struct cfg *c = xcalloc(1, sizeof(*c));
 	char why[512];
@@ -142,12 +150,9 @@ cfg_new(struct scheduler *s, struct setref *sr, const struct conf_mailbox *mb)
 	c->sr = sr;
 	sr->refs++;
 	c->mb = mb;
-	if (runtime_init(&c->rt, sr->set, mb, s->oauth, true, why, sizeof(why)) < 0) {
-		log_error(mb->id, "%s (%s): not polled until this is fixed and reloaded", why,
-			  mb->file);
-		snprintf(s->last_error, sizeof(s->last_error), "%s: %.300s", mb->id, why);
-		c->broken = true;
-	}
+	if (runtime_reinit(&c->rt, prev != NULL ? &prev->rt : NULL, sr->set, mb, s->oauth, true,
+			   why, sizeof(why)) < 0)
+		c->broken = xstrdup(why);
 	return c;
 }
 
@@ -163,12 +168,47 @@ cfg_unref(struct cfg *c)
 {
 	if (c != NULL && --c->refs == 0) {
 		runtime_clear(&c->rt);
+		free(c->broken);
 		setref_unref(c->sr);
 		free(c);
 	}
 }
 
 /* ---- jobs ---- */
+
+/* Seconds to the next try after another consecutive failure: the poll
+ * interval doubled per failure, up to an hour (or the interval), with
+ * jitter so that failing configurations do not retry in step. */
+static double
+failure_delay(struct job *j)
+{
+	double interval = (double)j->cfg->mb->poll_interval, cap, d;
+
+	j->failures++;
+	cap = interval > SCHED_MAX_BACKOFF ? interval : SCHED_MAX_BACKOFF;
+	d = interval;
+	for (unsigned i = 0; i < j->failures && d < cap; i++)
+		d *= 2;
+	if (d > cap)
+		d = cap;
+	return d * (0.75 + 0.25 * rnd(j->s));
+}
+
+/* Seconds to the next poll after one that ended with r. */
+static double
+next_delay(struct job *j, const struct fetch_result *r)
+{
+	double d;
+
+	if (r->exit_code == 0) {
+		j->failures = 0;
+		return (double)j->cfg->mb->poll_interval;
+	}
+	d = failure_delay(j);
+	if (r->login_delay > d)
+		d = r->login_delay;
+	return d;
+}
 
 static void
 dequeue(struct job *j)
@@ -204,6 +244,40 @@ job_free(struct job *j)
 }
 
 static void on_fetch_done(struct fetch *f, void *arg);
+
+/* Its runtime cannot be built: no poll; say why each time and try again
+ * with the backoff of a failed poll. */
+static void
+setup_failed(struct job *j)
+{
+	double d = failure_delay(j);
+
+	log_error(j->id, "cannot be polled: %s (%s); next try in %.0f s", j->cfg->broken,
+		  j->cfg->mb->file, d);
+	snprintf(j->s->last_error, sizeof(j->s->last_error), "%s: %.300s", j->id, j->cfg->broken);
+	cancel_token(j);
+	dequeue(j);
+	arm(j, d);
+	changed(j->s);
+}
+
+/* A broken configuration's retry, from the same settings: the file it
+ * could not load may have been fixed. true when it can be polled now. */
+static bool
+retry_setup(struct job *j)
+{
+	struct cfg *c = cfg_new(j->s, j->cfg->sr, j->cfg->mb, NULL);
+
+	cfg_unref(j->cfg);
+	j->cfg = c;
+	if (c->broken != NULL) {
+		setup_failed(j);
+		return false;
+	}
+	log_notice(j->id, "set up now: polled again");
+	changed(j->s);
+	return true;
+}
 
 static void
 start(struct job *j)
@@ -246,19 +320,35 @@ enqueue(struct job *j)
 	changed(s);
 }
 
-/* The token is in the cache (or the endpoint failed: the poll asks again
- * and reports it): now the poll may wait for a session slot. */
+/* No token, no poll: a failed poll that took no session slot. */
+static void
+token_failed(struct job *j, enum oauth2_status status, const char *detail)
+{
+	struct fetch_result r = {.exit_code = oauth2_exit_code(status)};
+	double d = next_delay(j, &r);
+
+	log_error(j->id, "poll failed (exit %d): no access token: %s; next try in %.0f s",
+		  r.exit_code, detail, d);
+	snprintf(j->s->last_error, sizeof(j->s->last_error), "%s: no access token: %.300s", j->id,
+		 detail);
+	arm(j, d);
+	changed(j->s);
+}
+
+/* The token is in hand (and in the cache): now the poll may wait for a
+ * session slot. */
 static void
 on_token(void *arg, enum oauth2_status status, const char *token, const char *detail)
 {
 	struct job *j = arg;
 
-	(void)status;
 	(void)token;
-	(void)detail;
 	j->token_req = NULL;
 	cancel_token(j);
-	enqueue(j);
+	if (status != OAUTH2_OK)
+		token_failed(j, status, detail);
+	else
+		enqueue(j);
 }
 
 static void
@@ -268,7 +358,9 @@ on_timer(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	if (j->token_req != NULL || j->s->stopping || j->cfg->broken)
+	if (j->token_req != NULL || j->s->stopping || j->removed)
+		return;
+	if (j->cfg->broken != NULL && !retry_setup(j))
 		return;
 	if (j->cfg->rt.oauth2 != NULL && j->fetch == NULL && !j->queued && !j->removed) {
 		j->token_cfg = cfg_ref(j->cfg);
@@ -276,29 +368,6 @@ on_timer(evutil_socket_t fd, short what, void *arg)
 		return;
 	}
 	enqueue(j);
-}
-
-/* Seconds to the next poll after one that ended with r. */
-static double
-next_delay(struct job *j, const struct fetch_result *r)
-{
-	double interval = (double)j->cfg->mb->poll_interval, cap, d;
-
-	if (r->exit_code == 0) {
-		j->failures = 0;
-		return interval;
-	}
-	j->failures++;
-	cap = interval > SCHED_MAX_BACKOFF ? interval : SCHED_MAX_BACKOFF;
-	d = interval;
-	for (unsigned i = 0; i < j->failures && d < cap; i++)
-		d *= 2;
-	if (d > cap)
-		d = cap;
-	d *= 0.75 + 0.25 * rnd(j->s); /* failing configurations do not retry in step */
-	if (r->login_delay > d)
-		d = r->login_delay;
-	return d;
 }
 
 struct reap {
@@ -384,8 +453,10 @@ add_job(struct scheduler *s, struct cfg *c)
 	if (j->timer == NULL)
 		abort();
 	TAILQ_INSERT_TAIL(&s->jobs, j, all);
-	/* first polls spread over the first interval, never all at once */
-	arm(j, rnd(s) * (double)c->mb->poll_interval);
+	if (c->broken != NULL)
+		setup_failed(j);
+	else /* first polls spread over the first interval, never all at once */
+		arm(j, rnd(s) * (double)c->mb->poll_interval);
 }
 
 /* Make the jobs match set: the heart of start-up and reload alike. */
@@ -401,16 +472,21 @@ apply(struct scheduler *s, struct conf_set *set)
 		const struct conf_mailbox *mb = set->mailboxes[i];
 		if (!mb->active)
 			continue;
-		struct cfg *c = cfg_new(s, sr, mb);
-		if ((j = find(s, mb->id)) != NULL) {
-			/* takes effect at its next poll; a running one keeps its own */
-			cfg_unref(j->cfg);
-			j->cfg = c;
-			j->seen = true;
-			if (c->broken)
-				dequeue(j);
-		} else {
-			add_job(s, c);
+		if ((j = find(s, mb->id)) == NULL) {
+			add_job(s, cfg_new(s, sr, mb, NULL));
+			continue;
+		}
+		/* takes effect at its next poll; a running one keeps its own */
+		struct cfg *c = cfg_new(s, sr, mb, j->cfg);
+		bool was_broken = j->cfg->broken != NULL;
+		cfg_unref(j->cfg);
+		j->cfg = c;
+		j->seen = true;
+		if (c->broken != NULL) {
+			setup_failed(j);
+		} else if (was_broken) {
+			log_notice(j->id, "set up after the reload: polled now");
+			arm(j, 0);
 		}
 	}
 	for (j = TAILQ_FIRST(&s->jobs); j != NULL; j = next) {
@@ -537,7 +613,9 @@ scheduler_stats(const struct scheduler *s, struct sched_stats *st)
 		if (j->removed)
 			continue;
 		st->configurations++;
-		if (j->failures > 0 || j->cfg->broken)
+		if (j->cfg->broken != NULL)
+			st->broken++;
+		else if (j->failures > 0)
 			st->failing++;
 	}
 	st->running = s->nrunning;

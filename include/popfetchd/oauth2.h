@@ -54,9 +54,21 @@ struct oauth2_client *oauth2_client_new(struct event_base *base);
 /* Cancels everything still running; before event_base_free. NULL is a no-op. */
 void oauth2_client_free(struct oauth2_client *client);
 
-/* One per configuration (and per reload). Loads the cached token if any. */
+/*
+ * One per configuration; a reload that leaves its settings alone keeps it
+ * (the access token, its expiry and a rotated refresh token not yet
+ * written back live in memory only). Loads the cached token if any.
+ *
+ * A refresh holds state_dir/oauth2.lock (flock) from before it reads the
+ * refresh token file until the rotated one is written back, so that two
+ * processes never present the same refresh token; one that finds the lock
+ * taken tries again every 100 ms, at most the request timeout, and then
+ * uses the token the other process cached, if it is fresh.
+ */
 struct oauth2_source *oauth2_source_new(struct oauth2_client *client,
 					const struct oauth2_params *params);
+/* Another owner: each one calls oauth2_source_free. */
+struct oauth2_source *oauth2_source_ref(struct oauth2_source *src);
 void oauth2_source_free(struct oauth2_source *src);
 
 /*
@@ -78,6 +90,9 @@ void oauth2_cancel(struct oauth2_request *req);
  * 10 s up to 10 min, with jitter). Off by default.
  */
 void oauth2_source_keep_fresh(struct oauth2_source *src, bool on);
+
+/* The exit code (sysexits, DESIGN.md §2) of a poll that got no token so. */
+int oauth2_exit_code(enum oauth2_status status);
 
 /* How many requests went to the endpoint (for tests and status). */
 unsigned oauth2_source_requests(const struct oauth2_source *src);

@@ -38,6 +38,16 @@ struct runtime {
  */
 int runtime_init(struct runtime *rt, const struct conf_set *set, const struct conf_mailbox *mb,
 		 struct oauth2_client *oauth, bool keep_fresh, char *why, size_t whylen);
+/*
+ * The same after a reload, prev being the runtime of the configuration's
+ * previous settings (NULL: none). When no OAuth2 setting changed (every
+ * oauth2.* key, the secret's value, the timeout, the state directory) the
+ * token source is prev's, shared: its access token and a rotated refresh
+ * token held in memory survive the reload.
+ */
+int runtime_reinit(struct runtime *rt, const struct runtime *prev, const struct conf_set *set,
+		   const struct conf_mailbox *mb, struct oauth2_client *oauth, bool keep_fresh,
+		   char *why, size_t whylen);
 void runtime_clear(struct runtime *rt);
 /* The token source parameters of mb, its cache in state_dir. */
 void runtime_oauth2_params(const struct conf_mailbox *mb, const char *state_dir,

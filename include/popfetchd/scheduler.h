@@ -4,6 +4,10 @@
  * never two for one configuration, first polls spread over the first
  * interval, exponential backoff with jitter after a failure ([LOGIN-DELAY]
  * honoured), the swap to a reloaded configuration set, and a graceful stop.
+ * A configuration whose runtime cannot be built (TLS context) is broken:
+ * never polled, its setup retried with the same backoff, polled as soon as
+ * a retry or a reload builds it. An OAuth2 poll gets its token before it
+ * takes a session slot; without one it is a failed poll that took none.
  * Knows no protocol: a poll is fetch_start() and its result.
  */
 #ifndef POPFETCHD_SCHEDULER_H
@@ -23,6 +27,8 @@ struct sched_stats {
 	size_t running;		  /* sessions now */
 	size_t queued;		  /* due, waiting for a session slot */
 	size_t failing;		  /* whose last poll failed */
+	size_t broken;		  /* whose setup failed (a tls_ca_file that cannot be
+				   * loaded): not polled, the setup retried */
 	unsigned long long saved; /* messages saved since start */
 	char last_error[400];	  /* "ID: line" of the latest failure, "" when none */
 };

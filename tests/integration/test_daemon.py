@@ -324,3 +324,53 @@ def test_login_delay_is_honoured(fake_pop3, fake_config, confdir, daemon):
     t = [s.started for s in server.sessions]
     assert t[1] - t[0] >= 3.9, t
     assert t[2] - t[1] < 1.5 and t[3] - t[2] < 1.5, t   # back to the interval
+
+
+# --------------------------------------------------------------------------
+# a configuration that cannot be set up
+
+
+def broken_ca_config(dovecot, dovecot_config, mailbox, tmp_path, **keys):
+    """pop3s to Dovecot, trusting a CA file that holds garbage for now."""
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    return ca, dovecot_config(mailbox, id="tlsca", server="127.0.0.1", port=dovecot.pop3s_port,
+                              tls="implicit", tls_ca_file=str(ca), **keys)
+
+
+def broken_lines(output):
+    return [l for l in output.splitlines() if "tlsca" in l and "cannot be polled" in l]
+
+
+@pytest.mark.parametrize("how", ["reload", "retry"])
+def test_broken_configuration_is_polled_once_fixed(dovecot, dovecot_config, mailbox, confdir,
+                                                   daemon, tmp_path, how):
+    """A tls_ca_file that cannot be loaded: the configuration shows as
+    broken (STATUS, an error line naming it and the reason at every retry),
+    is retried with backoff, and once the file is fixed it is polled and its
+    mail saved: at once after SIGHUP (how=reload; a 1 min interval puts the
+    first retry 90 s away), or at its next retry (how=retry; 1 s interval:
+    retries after ~2 s, ~4 s, ...)."""
+    from test_receive import deliver_generated
+    deliver_generated(mailbox, 2, 3000, seed=351, with_dots=False)
+    ca, config = broken_ca_config(dovecot, dovecot_config, mailbox, tmp_path,
+                                  poll_interval="1m" if how == "reload" else "1s")
+    d = daemon(confdir(config))
+    d.wait_ready()
+    wait_for(lambda: "1 broken" in (d.notify.status() or ""), 10, f"STATUS: 1 broken\n{d.output}")
+    assert "last error: tlsca:" in d.notify.status()
+    assert broken_lines(d.output), d.output
+    assert str(ca) in broken_lines(d.output)[0], d.output
+    if how == "retry":
+        wait_for(lambda: len(broken_lines(d.output)) >= 2, 10, f"a second try\n{d.output}")
+        delays = [float(l.rsplit("next try in ", 1)[1].split()[0]) for l in broken_lines(d.output)]
+        assert delays[1] > delays[0], f"no backoff: {delays}"
+    assert mailbox.count() == 2
+    ca.write_bytes(Path(dovecot.ca_file).read_bytes())
+    if how == "reload":
+        d.signal(signal.SIGHUP)
+        d.wait_ready(2)
+    wait_for(lambda: mailbox.count() == 0, 15, f"the mail fetched\n{d.output}")
+    assert len(saved_folders(config["save_directory"])) == 2
+    wait_for(lambda: "0 broken" in (d.notify.status() or ""), 5, f"STATUS: 0 broken\n{d.output}")
+    assert d.stop() == EX_OK, d.output

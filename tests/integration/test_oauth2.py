@@ -33,6 +33,7 @@ What popfetchd must do (the contract these tests hold it to):
 """
 
 import base64
+import collections
 import json
 import os
 import stat
@@ -40,10 +41,13 @@ import time
 import types
 from pathlib import Path
 
+import signal
+
 import pytest
 
 from conftest import OAUTH_SCOPE
 from daemonutil import daemon  # noqa: F401  (a fixture)
+from daemonutil import wait_for as wait_until
 from fakepop3 import Script, SendThenClose
 from test_receive import (EX_NOPERM, EX_OK, EX_TEMPFAIL, assert_no_staging_leftovers,
                           assert_saved_exactly, deliver_generated, server_listing)
@@ -467,3 +471,120 @@ def test_slow_token_endpoint_holds_no_session_slot(oauth_dovecot, oauth_mailbox,
     assert d.stop() == EX_OK, d.output
     assert len([p for p in Path(oa["save_directory"]).iterdir()
                 if not p.name.startswith(".")]) == waiting
+
+
+def test_token_that_cannot_be_had_takes_no_session_slot(oauth_dovecot, oauth_mailbox,
+                                                        oauth_config, tokenserver, fake_pop3,
+                                                        fake_config, confdir, daemon):
+    """max_sessions: 1, a token endpoint that never answers (each request
+    gives up after timeouts.connect, 3 s). The OAuth2 configuration's polls
+    fail without a session: the password configuration beside it polls every
+    second all along, the OAuth2 one is not asked for a token again inside a
+    slot, its failures back off (1 s interval: ~2 s, ~4 s, ~8 s), each
+    logged once, and STATUS counts it as failing."""
+    deliver_generated(oauth_mailbox, 1, 2000, seed=77, with_dots=False)
+    other = fake_pop3([])
+    oa = oauth_config(oauth_mailbox, poll_interval="1s",
+                      timeouts={"connect": "3s", "command": "5s"})
+    pw = fake_config(other, id="pw", poll_interval="1s")
+    cd = confdir(oa, pw, daemon={"max_sessions": 1})
+    tokenserver.stall(seconds=120)
+    d = daemon(cd)
+    d.wait_ready()
+    t0 = time.monotonic()
+    time.sleep(16)
+    starts = [s.started for s in other.sessions if s.started >= t0 + 1]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    stalled = tokenserver.stats().get("token_stalled", 0)
+    assert d.stop() == EX_OK, d.output
+    assert len(starts) >= 9 and max(gaps) < 2.5, \
+        f"the password configuration waited for a slot: gaps {gaps}\n{d.output}"
+    # 16 s: polls fail at ~3, ~8, ~14.5 (3 s each, then 2 s, 4 s... later);
+    # the background refresh retries on its own (after ~10 s) and may add one
+    assert 2 <= stalled <= 5, f"{stalled} token requests in 16 s\n{d.output}"
+    failed = [l for l in d.output.splitlines() if "oa:" in l and "poll failed" in l]
+    assert 2 <= len(failed) <= stalled, d.output
+    assert not any("oa: oauth2:" in l for l in d.output.splitlines()), \
+        f"a poll asked for the token inside a session slot\n{d.output}"
+    assert all("no access token" in l and "(exit 75)" in l for l in failed), failed
+    delays = [float(l.rsplit("next try in ", 1)[1].split()[0]) for l in failed]
+    assert delays == sorted(delays) and delays[-1] > delays[0], delays
+    status = [f["STATUS"] for f in d.notify.fields("STATUS")]
+    assert any("1 failing" in s and "last error: oa: no access token" in s for s in status), \
+        status
+    assert tokenserver.presented == [] and oauth_mailbox.count() == 1
+
+
+# --------------------------------------------------------------------------
+# refresh tokens across a reload and across processes
+
+
+def start_refreshing_daemon(oauth_mailbox, oauth_config, tokenserver, confdir, daemon):
+    """A daemon keeping a rotated refresh-token grant fresh: 4 s tokens are
+    refreshed every ~2 s, and the endpoint takes 1 s to answer, so that a
+    refresh is in flight a third of the time. No poll is due (1 h)."""
+    tokenserver.rotate_refresh_tokens(True)
+    tokenserver.set_expires_in(4)
+    tokenserver.delay(1.0)
+    config = oauth_config(oauth_mailbox, grant="refresh_token", poll_interval="1h")
+    cd = confdir(config)
+    d = daemon(cd)
+    d.wait_ready()
+    return config, cd, d
+
+
+def new_refresh_in_flight(tokenserver, seen):
+    """A request to /token is in its delay, and it is not among the first
+    `seen` delayed ones."""
+    st = tokenserver.stats()
+    delayed = st.get("token_delayed", 0)
+    return delayed > st.get("token", 0) and delayed > seen
+
+
+def assert_refresh_tokens_used_once(tokenserver, min_requests):
+    reqs = [r for r in tokenserver.token_requests if r.get("grant_type") == "refresh_token"]
+    used = collections.Counter(r["refresh_token"] for r in reqs)
+    assert len(reqs) >= min_requests, reqs
+    assert max(used.values()) == 1, f"a refresh token presented twice: {used.values()}"
+    assert all(r["result"] == "ok" for r in reqs), [r["result"] for r in reqs]
+
+
+def test_reload_during_a_refresh_keeps_the_rotated_refresh_token(
+        oauth_dovecot, oauth_mailbox, oauth_config, tokenserver, confdir, daemon):
+    """SIGHUP while a refresh is in flight (three times): the token source
+    and its refresh carry over, the rotated refresh token is written back,
+    and the refreshes after the reload keep working."""
+    config, cd, d = start_refreshing_daemon(oauth_mailbox, oauth_config, tokenserver, confdir,
+                                            daemon)
+    for k in range(3):
+        wait_until(lambda: new_refresh_in_flight(tokenserver, k), 10,
+                   f"refresh #{k + 1} in flight\n{d.output}")
+        d.signal(signal.SIGHUP)
+        d.wait_ready(2 + k)
+    wait_until(lambda: tokenserver.token_count >= 5, 15, f"two more refreshes\n{d.output}")
+    assert_refresh_tokens_used_once(tokenserver, 5)
+    assert config.refresh_token_file.read_text().strip() in tokenserver.issued_refresh[-2:]
+    assert "invalid_grant" not in d.output
+    assert d.stop() == EX_OK, d.output
+
+
+def test_receive_beside_the_daemon_never_reuses_a_refresh_token(
+        oauth_dovecot, oauth_mailbox, oauth_config, tokenserver, confdir, daemon,
+        run_popfetchd):
+    """`receive-all` started while the daemon's refresh is in flight (five
+    times): it waits for the daemon's lock and takes the token it cached
+    (or refreshes with the rotated refresh token), never presenting the
+    refresh token the daemon is using."""
+    config, cd, d = start_refreshing_daemon(oauth_mailbox, oauth_config, tokenserver, confdir,
+                                            daemon)
+    deliver_generated(oauth_mailbox, 1, 2000, seed=78, with_dots=False)
+    for _ in range(5):
+        seen = tokenserver.stats().get("token_delayed", 0)
+        wait_until(lambda: new_refresh_in_flight(tokenserver, seen), 10,
+                   f"a refresh of the daemon in flight\n{d.output}")
+        res = receive_all(run_popfetchd, cd, config)
+        assert res.returncode == EX_OK, res.stderr
+    assert oauth_mailbox.count() == 0
+    assert_refresh_tokens_used_once(tokenserver, 5)
+    assert "invalid_grant" not in d.output
+    assert d.stop() == EX_OK, d.output

@@ -50,6 +50,7 @@ As a module (in the test process; every control is a method):
     ts.token_url, ts.introspect_url, ts.ca_file
     ts.refuse("invalid_client", "AADSTS7000215: Invalid client secret provided.")
     ts.fail(500); ts.stall(60); ts.stall(60, phase="handshake"); ts.drop()
+    ts.delay(1.5)                                  # answer normally, but late
     ts.down(); ts.up(); ts.normal()                # faults, `times=N` for the next N only
     ts.expire_all(); ts.set_expires_in(30); ts.reject_tokens(True)
     ts.rotate_refresh_tokens(True); rt = ts.add_refresh_token(client)
@@ -95,7 +96,7 @@ MAX_BODY = 1 << 20
 
 # the methods POST /control may call (with the JSON object's other members
 # as keyword arguments)
-CONTROL_ACTIONS = ("reset", "normal", "refuse", "fail", "stall", "drop", "down", "up",
+CONTROL_ACTIONS = ("reset", "normal", "refuse", "fail", "stall", "delay", "drop", "down", "up",
                    "expire_all", "set_expires_in", "reject_tokens", "rotate_refresh_tokens",
                    "add_client", "add_refresh_token", "revoke_refresh_token", "stats",
                    "dump")
@@ -328,6 +329,12 @@ class TokenServer:
             raise ValueError("phase is request or handshake")
         self._set_fault(Fault("stall", times, seconds=float(seconds), phase=phase))
 
+    def delay(self, seconds=1.0, times=None):
+        """Read the request, wait `seconds`, then answer it as usual (a slow
+        endpoint: a refresh stays in flight that long). Counted as
+        token_delayed when the wait begins."""
+        self._set_fault(Fault("delay", times, seconds=float(seconds)))
+
     def drop(self, times=None):
         """Read the request, then close the connection without a response."""
         self._set_fault(Fault("drop", times))
@@ -409,7 +416,7 @@ class TokenServer:
     def stats(self):
         """Counts: connections (to the token port), token (requests to
         /token that were read), token_ok, token_error (OAuth errors),
-        token_failed (HTTP failures), token_stalled, token_dropped,
+        token_failed (HTTP failures), token_stalled, token_delayed, token_dropped,
         grant:client_credentials, grant:refresh_token, introspect,
         introspect_active, introspect_inactive."""
         with self._lock:
@@ -737,6 +744,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 wake.wait(fault.args["seconds"])
                 self.close_connection = True
                 return
+            if kind == "delay":
+                with owner._lock:
+                    owner.counts["token_delayed"] += 1
+                wake.wait(fault.args["seconds"])
             if kind == "drop":
                 with owner._lock:
                     owner.counts["token_dropped"] += 1
