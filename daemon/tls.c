@@ -29,7 +29,7 @@
  * file replaced on disk with other certificates (a reload after it was
  * replaced) makes a new one; one rewritten with the same bytes, as
  * update-ca-certificates and configuration management do, does not: loading
- * a bundle again on every reload leaves ~1 MB of the heap fragmented for
+ * a bundle again on every reload leaves up to ~1 MB of the heap fragmented for
  * each. Without a CA file, the system's default bundle is that file.
  */
 struct tls_ctx {
@@ -145,7 +145,7 @@ tls_ctx_new(const struct tls_params *p, struct tls_ctx **ret, char *err, size_t 
 	}
 	ctx = xcalloc(1, sizeof(*ctx));
 	ctx->refs = 1;
-	/* read before OpenSSL reads it: a change in between changes ca_st too */
+	/* the bytes before OpenSSL reads them: a change after the stat shows in the next one */
 	ctx->ca_st = ca_st;
 	ctx->has_digest = ca_st.st_ino != 0 && file_digest(path, ctx->ca_digest) == 0;
 	ctx->ca_file = p->ca_file ? xstrdup(p->ca_file) : NULL;
