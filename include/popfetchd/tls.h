@@ -22,9 +22,9 @@ struct tls_params {
 };
 
 /* The context for a configuration (and again on reload): one shared by
- * every configuration with the same parameters while the CA file is
- * unchanged on disk; each tls_ctx_new needs its tls_ctx_free. -EINVAL with
- * a line in err when the trust anchors cannot be loaded. */
+ * every configuration with the same parameters while the CA file holds the
+ * same bytes; each tls_ctx_new needs its tls_ctx_free. -EINVAL with a line
+ * in err when the trust anchors cannot be loaded. */
 int tls_ctx_new(const struct tls_params *p, struct tls_ctx **ret, char *err, size_t errlen);
 void tls_ctx_free(struct tls_ctx *ctx);
 

@@ -43,11 +43,29 @@ write_ca(const char *path, const char *cn)
 	EVP_PKEY_free(key);
 }
 
+/* A copy of from at to, byte for byte. */
+static void
+copy_file(const char *from, const char *to)
+{
+	FILE *in = fopen(from, "r"), *out = fopen(to, "w");
+	char buf[4096];
+	size_t n;
+
+	if (in == NULL || out == NULL)
+		abort();
+	while ((n = fread(buf, 1, sizeof(buf), in)) > 0)
+		if (fwrite(buf, 1, n, out) != n)
+			abort();
+	fclose(in);
+	if (fclose(out) != 0)
+		abort();
+}
+
 int
 main(void)
 {
 	char ca[300], ca2[300], bad[300], tmp[300], err[256];
-	struct tls_ctx *a, *b, *c, *d, *e, *f, *g;
+	struct tls_ctx *a, *b, *c, *d, *e, *f, *g, *h, *i;
 
 	if (mkdtemp(root) == NULL)
 		return 2;
@@ -85,6 +103,14 @@ main(void)
 	SSL *s = tls_ssl_new(a, "pop.example.com");
 	CHECK(s != NULL);
 	SSL_free(s);
+	/* rewritten with the same bytes (a new inode and mtime, as
+	 * update-ca-certificates does): the same context, nothing loaded again */
+	copy_file(ca, tmp);
+	CHECK(rename(tmp, ca) == 0);
+	CHECK(tls_ctx_new(&p, &h, err, sizeof(err)) == 0 && h == f);
+	write_ca(tmp, "one, renewed again");
+	CHECK(rename(tmp, ca) == 0);
+	CHECK(tls_ctx_new(&p, &i, err, sizeof(err)) == 0 && i != f && i != a);
 
 	struct tls_params r = {.ca_file = bad, .verify = true};
 	CHECK(tls_ctx_new(&r, &g, err, sizeof(err)) == -EINVAL && strstr(err, bad) != NULL);
@@ -102,6 +128,8 @@ main(void)
 	tls_ctx_free(d);
 	tls_ctx_free(e);
 	tls_ctx_free(f);
+	tls_ctx_free(h);
+	tls_ctx_free(i);
 	tls_ctx_free(s1);
 	tls_ctx_free(s2);
 	tls_ctx_free(NULL);
