@@ -1059,9 +1059,9 @@ static void
 keep_in_doubt(struct store *st, const struct store_msg *m)
 {
 	char line[POP3_UIDL_MAX + 128];
-	int n = snprintf(line, sizeof(line), "%s %s %s\n", m->uid, m->stage, m->final);
+	int n = record_line(st, m->uid, m, line, sizeof(line)); /* as it was written */
 
-	if (n < 0 || (size_t)n >= sizeof(line))
+	if (n < 0)
 		return;
 	st->doubt = xrealloc(st->doubt, st->ndoubt + (size_t)n + 1);
 	memcpy(st->doubt + st->ndoubt, line, (size_t)n + 1);
