@@ -626,7 +626,7 @@ describe_message(struct fetch *f, const struct candidate *c, unsigned long long 
 	int r;
 
 	/* hostile content is never an error; a disk that fails is */
-	if ((r = mime_extract(store_msg_eml_path(f->msg), &mo, &mr)) < 0) {
+	if ((r = mime_extract("message.eml", &mo, &mr)) < 0) {
 		snprintf(why, whylen, "cannot write its text or attachments beside %s: %s",
 			 store_msg_eml_path(f->msg), strerror(-r));
 		mime_result_clear(&mr);

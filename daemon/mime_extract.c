@@ -1125,7 +1125,8 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 
 	memset(ret, 0, sizeof(*ret));
 	mime_init();
-	fd = open(eml_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	fd = openat(o->dirfd >= 0 ? o->dirfd : AT_FDCWD, eml_path,
+		    O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	if (fd < 0)
 		return -errno;
 	c.note = g_string_new(NULL);

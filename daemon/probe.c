@@ -770,7 +770,12 @@ check_save(struct probe *p)
 	}
 	/* messages are staged in .tmp, then renamed into save_directory */
 	tmp = xasprintf("%s/.tmp", save);
-	if (lstat(tmp, &st) == 0 && !S_ISDIR(st.st_mode)) {
+	if (lstat(tmp, &st) == 0 && S_ISLNK(st.st_mode)) {
+		fail_step(p, ST_SAVE, EX_IOERR, f,
+			  "%s is a symbolic link: popfetchd never follows one in its staging "
+			  "(remove it)",
+			  tmp);
+	} else if (lstat(tmp, &st) == 0 && !S_ISDIR(st.st_mode)) {
 		fail_step(p, ST_SAVE, EX_IOERR, f,
 			  "%s is not a directory: messages cannot be staged there", tmp);
 	} else if ((r = probe_file(lstat(tmp, &st) == 0 ? tmp : save, &path)) < 0) {

@@ -41,11 +41,24 @@ struct store {
 	char *state_path; /* state_dir/uidl */
 	char binding[2 * SHA256_DIGEST_LENGTH + 1];
 	int lock_fd;
-	int save_fd;  /* save_dir, kept open for its fsyncs */
+	/* save_dir is opened once, by its path; the staging below it only
+	 * through these, never by a path (see open_staging) */
+	int save_fd;  /* save_dir, -1 when nothing is kept */
+	int tmp_fd;   /* the staging's parent: save_dir/.tmp, or state_dir */
+	int stage_fd; /* stage_dir */
 	long pid;     /* in staging names */
 	int state_fd; /* O_APPEND, or -1 until the first record */
 	struct strset uids;
 	bool rewrite; /* an append failed half-way: rewrite before the next */
+	/* records naming a rename were appended: rewritten as plain records
+	 * once the renames are done (a consumer may take a folder away at
+	 * once, and a record naming a folder that is not there is void) */
+	bool unsettled;
+	/* the record lines of messages recorded but not committed (a failed
+	 * rename or fsync of save_dir): kept as they are by every rewrite, for
+	 * the next store_open to settle */
+	char *doubt;
+	size_t ndoubt;
 	bool sync_per_file;
 	unsigned serial;
 	struct store_msg **batch; /* sealed, not yet durable: store_commit */
@@ -60,21 +73,24 @@ struct store_msg {
 	char *name; /* folder name */
 	time_t received;
 	char *stage; /* staging folder's name in stage_dir */
-	char *path;  /* staging folder */
-	char *eml;   /* staging folder/message.eml */
+	char *path;  /* staging folder, for messages; NULL once renamed */
+	char *eml;   /* staging folder/message.eml, for messages */
+	char *final; /* its name in save_dir, chosen before its record */
 	int dirfd;
+	dev_t dev; /* the staging folder made, known again at the rename */
+	ino_t ino;
 	int fd;	    /* message.eml */
 	char *wbuf; /* what is not written to it yet: one write per STORE_WBUF */
 	size_t wlen;
 	unsigned long long size;
 	/* a record naming the staging folder may be on disk: from then on only
 	 * the rename, or the next store_open once it has settled that record,
-	 * may remove the staging folder (its absence means "renamed") */
+	 * may remove the staging folder (its presence means "not renamed") */
 	bool recorded;
 };
 
 static int append_lines(struct store *st, const char *lines, size_t len);
-static int record_line(struct store *st, const char *uid, const char *stage, char *line,
+static int record_line(struct store *st, const char *uid, const struct store_msg *m, char *line,
 		       size_t size);
 
 static uint64_t
@@ -204,8 +220,10 @@ remove_contents(int dfd, int depth)
 	struct dirent *e;
 	int r = 0;
 
-	if (depth > 8)
+	if (depth > 8) {
+		close(dfd);
 		return -ELOOP;
+	}
 	d = fdopendir(dfd);
 	if (d == NULL) {
 		close(dfd);
@@ -236,16 +254,23 @@ remove_contents(int dfd, int depth)
 	return r;
 }
 
+/* Remove the entry name of the directory parent, a folder with all it holds
+ * (a symlink is removed itself, never followed). */
 static int
-remove_tree(const char *path)
+remove_at(int parent, const char *name)
 {
-	int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 	int r;
 
-	if (fd < 0)
-		return errno == ENOENT ? 0 : -errno;
+	if (fd < 0) {
+		if (errno == ENOENT)
+			return 0;
+		if (errno != ENOTDIR && errno != ELOOP)
+			return -errno;
+		return unlinkat(parent, name, 0) < 0 && errno != ENOENT ? -errno : 0;
+	}
 	r = remove_contents(fd, 0);
-	if (rmdir(path) < 0 && r == 0)
+	if (unlinkat(parent, name, AT_REMOVEDIR) < 0 && r == 0)
 		r = -errno;
 	return r;
 }
@@ -287,6 +312,8 @@ write_state(struct store *st, const char *const *uids, size_t n)
 	fprintf(f, "%s %s\n", STATE_MAGIC, st->binding);
 	for (size_t i = 0; i < n; i++)
 		fprintf(f, "%s\n", uids[i]);
+	if (st->ndoubt > 0)
+		fwrite(st->doubt, 1, st->ndoubt, f);
 	if (fflush(f) != 0 || fsync(fd) < 0)
 		r = seterr(st, errno, "cannot write %s", tmp);
 	if (fclose(f) != 0 && r == 0)
@@ -298,6 +325,8 @@ write_state(struct store *st, const char *const *uids, size_t n)
 	if (r < 0)
 		unlink(tmp);
 	free(tmp);
+	if (r == 0)
+		st->unsettled = false;
 	if (r == 0 && st->state_fd >= 0) {
 		close(st->state_fd);
 		st->state_fd = -1;
@@ -335,28 +364,58 @@ valid_stage(const char *s)
 	return true;
 }
 
+/* Is name a folder in save_dir holding its meta.json, as a rename of ours
+ * leaves it? (Never following a symlink.) */
+static bool
+in_place(const struct store *st, const char *name)
+{
+	struct stat sb;
+	bool ok;
+	int fd;
+
+	if (st->save_fd < 0)
+		return false;
+	fd = openat(st->save_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return false;
+	ok = fstatat(fd, "meta.json", &sb, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(sb.st_mode);
+	close(fd);
+	return ok;
+}
+
+/* What a record line says, checked against the disk. */
+enum record {
+	REC_DAMAGED,
+	REC_RECEIVED,	/* "UIDL", or "UIDL STAGE FINAL" with FINAL in place */
+	REC_UNFINISHED, /* STAGE is still staged: the rename never happened */
+	/* neither staged nor in place (the staging was cleaned, save_directory
+	 * changed, a consumer took the folder), or a record of a version that
+	 * did not name FINAL: nothing proves the message is on disk */
+	REC_UNPROVEN,
+};
+
 /*
- * One record line: "UIDL" (received), or "UIDL STAGE" (written just before
- * the folder STAGE was renamed into place: received if the staging folder
- * is gone, since only the rename removes it). Returns 1 when received, 0
- * when the rename never happened, -1 when the line is damaged.
+ * One record line: "UIDL" (received), or "UIDL STAGE FINAL", written just
+ * before the staging folder STAGE was renamed to save_dir/FINAL. The line
+ * is cut at its first space (line is then the UIDL).
  */
-static int
+static enum record
 parse_record(struct store *st, char *line, size_t len)
 {
-	char *sp = memchr(line, ' ', len), *path;
+	char *stage = memchr(line, ' ', len), *final;
 	struct stat sb;
-	int r;
 
-	if (sp == NULL)
-		return valid_uid(line, len) ? 1 : -1;
-	*sp = '\0';
-	if (!valid_uid(line, (size_t)(sp - line)) || !valid_stage(sp + 1))
-		return -1;
-	path = xasprintf("%s/%s", st->stage_dir, sp + 1);
-	r = lstat(path, &sb) == 0 ? 0 : 1;
-	free(path);
-	return r;
+	if (stage == NULL)
+		return valid_uid(line, len) ? REC_RECEIVED : REC_DAMAGED;
+	*stage++ = '\0';
+	if ((final = strchr(stage, ' ')) != NULL)
+		*final++ = '\0';
+	if (!valid_uid(line, strlen(line)) || !valid_stage(stage) ||
+	    (final != NULL && !valid_stage(final)))
+		return REC_DAMAGED;
+	if (fstatat(st->stage_fd, stage, &sb, AT_SYMLINK_NOFOLLOW) == 0)
+		return REC_UNFINISHED;
+	return final != NULL && in_place(st, final) ? REC_RECEIVED : REC_UNPROVEN;
 }
 
 /* "popfetchd-uidl 1 " and a binding: a state of ours, perhaps of another
@@ -375,21 +434,93 @@ is_header(const char *line)
 	return true;
 }
 
+/* What reading the state found. */
+struct settled {
+	size_t bad, unfinished, unproven, renamed;
+	bool rewrite, empty;
+};
+
+/* The header line: false when the state is not this binding's. */
+static bool
+check_header(struct store *st, const char *line, bool complete)
+{
+	char want[128];
+
+	snprintf(want, sizeof(want), "%s %s", STATE_MAGIC, st->binding);
+	if (complete && strcmp(line, want) == 0)
+		return true;
+	if (complete && is_header(line))
+		log_notice(st->id, "server or user changed: starting a fresh UIDL state in %s",
+			   st->state_path);
+	else
+		log_warning(st->id,
+			    "the UIDL state %s is damaged (bad header): starting afresh; mail "
+			    "left on the server may be saved again",
+			    st->state_path);
+	return false;
+}
+
+/* Every line of the state into st->uids, settling the records of renames. */
+static void
+read_records(struct store *st, FILE *f, struct settled *s)
+{
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t len;
+
+	s->empty = true;
+	while ((len = getline(&line, &cap, f)) >= 0) {
+		bool complete = len > 0 && line[len - 1] == '\n';
+		if (complete)
+			line[--len] = '\0';
+		if (s->empty) {
+			s->empty = false;
+			if (check_header(st, line, complete))
+				continue;
+			strset_clear(&st->uids);
+			s->rewrite = true;
+			break;
+		}
+		if (!complete) {
+			s->bad++; /* torn by a crash during the append */
+			s->rewrite = true;
+			continue;
+		}
+		bool staged = memchr(line, ' ', (size_t)len) != NULL;
+		if (staged)
+			s->rewrite = true; /* settle it now, before staging is cleaned */
+		switch (parse_record(st, line, (size_t)len)) {
+		case REC_RECEIVED:
+			strset_add(&st->uids, line);
+			s->renamed += staged;
+			break;
+		case REC_UNFINISHED:
+			s->unfinished++;
+			break;
+		case REC_UNPROVEN:
+			s->unproven++;
+			break;
+		case REC_DAMAGED:
+			s->bad++;
+			s->rewrite = true;
+			break;
+		}
+	}
+	free(line);
+}
+
 /*
  * Read the state. Anything odd (another server or user, a damaged header,
  * a torn last line, invalid lines) is reported, kept where sound, and the
  * file rewritten clean: at worst some mail is downloaded again, never lost.
- * Records of folders whose rename is settled by now are rewritten as
- * plain records, before the staging folders are cleaned.
+ * Records of renames are settled by what is staged and what is in place,
+ * and rewritten as plain records, before the staging folders are cleaned.
  */
 static int
 load_state(struct store *st)
 {
 	FILE *f = fopen(st->state_path, "re");
-	char *line = NULL;
-	size_t cap = 0, bad = 0, unfinished = 0, renamed = 0;
-	ssize_t len;
-	bool rewrite = false, first = true;
+	struct settled s = {0};
 	int r = 0;
 
 	if (f == NULL) {
@@ -397,90 +528,45 @@ load_state(struct store *st)
 			return write_state(st, NULL, 0);
 		return seterr(st, errno, "cannot read the state %s", st->state_path);
 	}
-	while ((len = getline(&line, &cap, f)) >= 0) {
-		bool complete = len > 0 && line[len - 1] == '\n';
-		if (complete)
-			line[--len] = '\0';
-		if (first) {
-			first = false;
-			char want[128];
-			snprintf(want, sizeof(want), "%s %s", STATE_MAGIC, st->binding);
-			if (!complete || strcmp(line, want) != 0) {
-				if (complete && is_header(line))
-					log_notice(st->id,
-						   "server or user changed: starting a fresh UIDL "
-						   "state in %s",
-						   st->state_path);
-				else
-					log_warning(st->id,
-						    "the UIDL state %s is damaged (bad header): "
-						    "starting afresh; mail left on the server "
-						    "may be saved again",
-						    st->state_path);
-				strset_clear(&st->uids);
-				rewrite = true;
-				break;
-			}
-			continue;
-		}
-		if (!complete) {
-			bad++; /* torn by a crash during the append */
-			rewrite = true;
-			continue;
-		}
-		bool staged = memchr(line, ' ', (size_t)len) != NULL;
-		if (staged)
-			rewrite = true; /* settle it now, before staging is cleaned */
-		switch (parse_record(st, line, (size_t)len)) {
-		case 1:
-			strset_add(&st->uids, line);
-			renamed += staged;
-			break;
-		case 0:
-			unfinished++;
-			break;
-		default:
-			bad++;
-			rewrite = true;
-			break;
-		}
-	}
+	read_records(st, f, &s);
 	if (ferror(f))
 		r = seterr(st, errno, "cannot read the state %s", st->state_path);
-	free(line);
 	fclose(f);
 	if (r < 0)
 		return r;
-	if (first) {
+	if (s.empty) {
 		/* never written so: every state starts with its header line */
 		log_warning(st->id,
 			    "the UIDL state %s is empty (truncated): starting afresh; mail left "
 			    "on the server may be saved again",
 			    st->state_path);
-		rewrite = true;
+		s.rewrite = true;
 	}
-	if (bad > 0)
+	if (s.bad > 0)
 		log_warning(st->id,
 			    "the UIDL state %s has %zu damaged line(s), ignored; the messages "
 			    "they named may be saved again",
-			    st->state_path, bad);
-	if (unfinished > 0)
+			    st->state_path, s.bad);
+	if (s.unfinished > 0)
 		log_notice(st->id,
 			   "%zu message(s) were not saved completely by an interrupted "
 			   "session; they are received again",
-			   unfinished);
+			   s.unfinished);
+	if (s.unproven > 0)
+		log_warning(st->id,
+			    "%zu message(s) recorded by an interrupted session are neither "
+			    "staged nor in %s; they are received again, not deleted",
+			    s.unproven, st->save_dir ? st->save_dir : "a save directory");
 	/*
 	 * A folder renamed by a session that ended before its fsync of
 	 * save_directory succeeded (killed, or the fsync failed) is visible but
 	 * perhaps not durable, and once its record is settled here it is
 	 * deleted from the server. So save_directory is fsync'd first; should
 	 * that fail, the records stay as they are and nothing is deleted.
-	 * (A save_directory that is gone has nothing left to make durable.)
 	 */
-	if (renamed > 0 && st->save_dir != NULL && (r = util_fsync_dir(st->save_dir)) < 0 &&
-	    r != -ENOENT)
-		return seterr(st, -r, "cannot fsync %s", st->save_dir);
-	return rewrite ? rewrite_state(st) : 0;
+	if (s.renamed > 0 && fsync(st->save_fd) < 0)
+		return seterr(st, errno, "cannot fsync %s", st->save_dir);
+	return s.rewrite ? rewrite_state(st) : 0;
 }
 
 static int
@@ -506,14 +592,79 @@ take_lock(struct store *st)
 	return 0;
 }
 
+/*
+ * Open (creating it) the directory name in parent, never following a
+ * symlink: whoever can write save_directory could otherwise point the
+ * staging, and what is removed in it, anywhere.
+ */
+static int
+open_dir_at(struct store *st, int parent, const char *parent_path, const char *name, int *ret_fd)
+{
+	struct stat sb;
+	int fd;
+
+	if (mkdirat(parent, name, 0700) < 0 && errno != EEXIST)
+		return seterr(st, errno, "cannot create %s/%s", parent_path, name);
+	fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd >= 0) {
+		*ret_fd = fd;
+		return 0;
+	}
+	if ((errno == ENOTDIR || errno == ELOOP) &&
+	    fstatat(parent, name, &sb, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(sb.st_mode)) {
+		snprintf(st->error, sizeof(st->error),
+			 "%s/%s is a symbolic link: popfetchd never follows one in its staging "
+			 "(remove it)",
+			 parent_path, name);
+		return -ELOOP;
+	}
+	return seterr(st, errno, "cannot open %s/%s", parent_path, name);
+}
+
+/*
+ * The staging directory, as file descriptors. save_directory itself is
+ * opened by its path, once, following the symlinks an administrator may
+ * have put in it (/srv/mail -> /data/mail); .tmp, .tmp/ID and everything
+ * below are ours, used only relative to these descriptors.
+ */
+static int
+open_staging(struct store *st)
+{
+	const char *parent = st->state_dir, *name = "tmp";
+	char *tmp_path = NULL;
+	int r;
+
+	if (st->save_dir != NULL) {
+		/* the consumer of the folders may be a group: folders 0750, files 0640 */
+		if ((r = util_mkdir_p(st->save_dir, 0750)) < 0)
+			return seterr(st, -r, "cannot create the save directory %s", st->save_dir);
+		st->save_fd = open(st->save_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (st->save_fd < 0)
+			return seterr(st, errno, "cannot open the save directory %s", st->save_dir);
+		if ((r = open_dir_at(st, st->save_fd, st->save_dir, ".tmp", &st->tmp_fd)) < 0)
+			return r;
+		parent = tmp_path = xasprintf("%s/.tmp", st->save_dir);
+		name = st->id;
+	} else {
+		st->tmp_fd = open(st->state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (st->tmp_fd < 0)
+			return seterr(st, errno, "cannot open the state directory %s",
+				      st->state_dir);
+	}
+	r = open_dir_at(st, st->tmp_fd, parent, name, &st->stage_fd);
+	free(tmp_path);
+	return r;
+}
+
 int
 store_open(const struct store_params *p, struct store **ret, char *err, size_t errlen)
 {
 	struct store *st = xcalloc(1, sizeof(*st));
-	int r;
+	struct statfs sfs;
+	int r, fd;
 
 	st->id = xstrdup(p->id);
-	st->lock_fd = st->state_fd = st->save_fd = -1;
+	st->lock_fd = st->state_fd = st->save_fd = st->tmp_fd = st->stage_fd = -1;
 	st->pid = (long)getpid();
 	st->state_dir = xasprintf("%s/%s", p->state_directory, p->id);
 	st->state_path = xasprintf("%s/uidl", st->state_dir);
@@ -529,32 +680,18 @@ store_open(const struct store_params *p, struct store **ret, char *err, size_t e
 		seterr(st, -r, "cannot create the state directory %s", st->state_dir);
 		goto fail;
 	}
-	if ((r = take_lock(st)) < 0)
+	if ((r = take_lock(st)) < 0 || (r = open_staging(st)) < 0)
 		goto fail;
 	/* settles the records of an interrupted session by what is staged */
 	if ((r = load_state(st)) < 0)
 		goto fail;
 	/* a session that died left its staging behind: nobody else uses it */
-	if ((r = remove_tree(st->stage_dir)) < 0) {
-		seterr(st, -r, "cannot remove stale staging %s", st->stage_dir);
-		goto fail;
-	}
-	/* the consumer of the folders may be a group: folders 0750, files 0640 */
-	if (st->save_dir != NULL && (r = util_mkdir_p(st->save_dir, 0750)) < 0) {
-		seterr(st, -r, "cannot create the save directory %s", st->save_dir);
-		goto fail;
-	}
-	if ((r = util_mkdir_p(st->stage_dir, 0700)) < 0) {
-		seterr(st, -r, "cannot create %s", st->stage_dir);
-		goto fail;
-	}
-	if (st->save_dir != NULL &&
-	    (st->save_fd = open(st->save_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
-		r = seterr(st, errno, "cannot open the save directory %s", st->save_dir);
+	fd = dup(st->stage_fd);
+	if ((r = fd < 0 ? -errno : remove_contents(fd, 0)) < 0) {
+		seterr(st, -r, "cannot remove stale staging in %s", st->stage_dir);
 		goto fail;
 	}
 	/* syncfs does not reach a FUSE daemon; an fsync does (FUSE_FSYNC) */
-	struct statfs sfs;
 	st->sync_per_file =
 		p->sync_per_file || (st->save_fd >= 0 && fstatfs(st->save_fd, &sfs) == 0 &&
 				     sfs.f_type == 0x65735546 /* FUSE_SUPER_MAGIC */);
@@ -573,13 +710,28 @@ store_close(struct store *st)
 		return;
 	store_discard(st);
 	free(st->batch);
+	if (st->unsettled && rewrite_state(st) < 0)
+		log_warning(st->id,
+			    "%s; the state names folders of this session by their renames, "
+			    "and one that a consumer takes away before the next poll counts as "
+			    "not received: its message may be saved again",
+			    st->error);
+	/* the staging is empty unless a recorded folder waits to be settled:
+	 * not left behind, while the lock still keeps others off it */
+	if (st->stage_fd >= 0)
+		unlinkat(st->tmp_fd, st->save_dir ? st->id : "tmp", AT_REMOVEDIR);
 	if (st->state_fd >= 0)
 		close(st->state_fd);
 	if (st->lock_fd >= 0)
 		close(st->lock_fd);
 	if (st->save_fd >= 0)
 		close(st->save_fd);
+	if (st->tmp_fd >= 0)
+		close(st->tmp_fd);
+	if (st->stage_fd >= 0)
+		close(st->stage_fd);
 	strset_clear(&st->uids);
+	free(st->doubt);
 	free(st->id);
 	free(st->save_dir);
 	free(st->state_dir);
@@ -604,6 +756,7 @@ int
 store_msg_begin(struct store *st, const char *uid, time_t received, struct store_msg **ret)
 {
 	struct store_msg *m = xcalloc(1, sizeof(*m));
+	struct stat sb;
 	char name[64];
 
 	store_folder_name(st->id, uid, received, name, sizeof(name));
@@ -615,15 +768,22 @@ store_msg_begin(struct store *st, const char *uid, time_t received, struct store
 	m->stage = xasprintf("%s.%ld.%u", name, st->pid, st->serial++);
 	m->path = xasprintf("%s/%s", st->stage_dir, m->stage);
 	m->eml = xasprintf("%s/message.eml", m->path);
-	if (mkdir(m->path, 0750) < 0) {
+	if (mkdirat(st->stage_fd, m->stage, 0750) < 0) {
 		int r = seterr(st, errno, "cannot create %s", m->path);
+		free(m->path); /* not made: nothing to remove */
+		m->path = NULL;
 		store_msg_abort(m);
 		return r;
 	}
-	m->dirfd = open(m->path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	if (m->dirfd >= 0)
+	/* from here on, what is written goes where this descriptor is, even if
+	 * the folder is moved or replaced by a symlink */
+	m->dirfd = openat(st->stage_fd, m->stage, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (m->dirfd >= 0 && fstat(m->dirfd, &sb) == 0) {
+		m->dev = sb.st_dev;
+		m->ino = sb.st_ino;
 		m->fd = openat(m->dirfd, "message.eml",
 			       O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
+	}
 	if (m->fd < 0) {
 		int r = seterr(st, errno, "cannot create %s", m->eml);
 		store_msg_abort(m);
@@ -730,26 +890,68 @@ store_msg_add_file(struct store_msg *m, const char *name, const void *data, size
 	return 0;
 }
 
-/* Rename the staged folder into save_dir under its name, never replacing
- * anything: a taken name gets "-2", "-3", ... */
+/* Is the name free in save_dir (not even a dangling symlink there), and
+ * not taken by a message before this one in the batch? */
+static bool
+name_free(const struct store *st, size_t upto, const char *name)
+{
+	struct stat sb;
+
+	if (fstatat(st->save_fd, name, &sb, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
+		return false;
+	for (size_t i = 0; i < upto; i++)
+		if (strcmp(st->batch[i]->final, name) == 0)
+			return false;
+	return true;
+}
+
+/* The name in save_dir of the batch's message i, chosen before its record
+ * names it: its own name, or, should that be taken, "-2", "-3", ... */
+static int
+choose_final(struct store *st, size_t i)
+{
+	struct store_msg *m = st->batch[i];
+
+	for (unsigned k = 1; k < 1000; k++) {
+		free(m->final);
+		m->final = k == 1 ? xstrdup(m->name) : xasprintf("%s-%u", m->name, k);
+		if (name_free(st, i, m->final))
+			return 0;
+	}
+	return seterr(st, EEXIST, "no free name for %s in %s", m->name, st->save_dir);
+}
+
+/*
+ * Rename the staged folder to save_dir/final, never replacing anything: a
+ * name taken since it was chosen is a failure (the record names it). The
+ * staging entry must still be the folder made for it: not a symlink, not
+ * another folder put in its place.
+ */
 static int
 rename_into_place(struct store_msg *m, char **ret_folder)
 {
 	struct store *st = m->st;
+	struct stat sb;
 
-	for (unsigned i = 1; i < 1000; i++) {
-		char *dst = i == 1 ? xasprintf("%s/%s", st->save_dir, m->name)
-				   : xasprintf("%s/%s-%u", st->save_dir, m->name, i);
-		if (renameat2(AT_FDCWD, m->path, AT_FDCWD, dst, RENAME_NOREPLACE) == 0) {
-			*ret_folder = dst;
-			return 0;
-		}
-		int e = errno;
-		free(dst);
-		if (e != EEXIST && e != ENOTEMPTY)
-			return seterr(st, e, "cannot rename %s into %s", m->path, st->save_dir);
+	if (fstatat(st->stage_fd, m->stage, &sb, AT_SYMLINK_NOFOLLOW) < 0)
+		return seterr(st, errno, "cannot rename %s into %s", m->path, st->save_dir);
+	if (S_ISLNK(sb.st_mode)) {
+		snprintf(st->error, sizeof(st->error),
+			 "%s is a symbolic link: popfetchd never follows one in its staging "
+			 "(remove it)",
+			 m->path);
+		return -ELOOP;
 	}
-	return seterr(st, EEXIST, "cannot rename %s into %s", m->path, st->save_dir);
+	if (sb.st_dev != m->dev || sb.st_ino != m->ino) {
+		snprintf(st->error, sizeof(st->error),
+			 "%s is not the folder popfetchd staged there: it was replaced", m->path);
+		return -ESTALE;
+	}
+	if (renameat2(st->stage_fd, m->stage, st->save_fd, m->final, RENAME_NOREPLACE) < 0)
+		return seterr(st, errno, "cannot rename %s to %s/%s", m->path, st->save_dir,
+			      m->final);
+	*ret_folder = xasprintf("%s/%s", st->save_dir, m->final);
+	return 0;
 }
 
 int
@@ -843,12 +1045,27 @@ sync_batch(struct store *st)
 	if (!st->sync_per_file)
 		return syncfs(st->save_fd) < 0 ? -errno : 0;
 	for (size_t i = 0; i < st->nbatch; i++) {
-		int fd = open(st->batch[i]->path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		int fd = openat(st->stage_fd, st->batch[i]->stage,
+				O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 		int r = fd < 0 ? -errno : sync_tree(fd, 0);
 		if (r < 0)
 			return r;
 	}
-	return util_fsync_dir(st->stage_dir);
+	return fsync(st->stage_fd) < 0 ? -errno : 0;
+}
+
+/* The record of m, on disk perhaps, though m is not committed. */
+static void
+keep_in_doubt(struct store *st, const struct store_msg *m)
+{
+	char line[POP3_UIDL_MAX + 128];
+	int n = record_line(st, m->uid, m, line, sizeof(line)); /* as it was written */
+
+	if (n < 0)
+		return;
+	st->doubt = xrealloc(st->doubt, st->ndoubt + (size_t)n + 1);
+	memcpy(st->doubt + st->ndoubt, line, (size_t)n + 1);
+	st->ndoubt += (size_t)n;
 }
 
 /*
@@ -881,8 +1098,10 @@ store_commit(struct store *st, store_commit_cb cb, void *arg)
 	lines = xmalloc(n * (POP3_UIDL_MAX + 128));
 	for (size_t i = 0; i < n; i++) {
 		struct store_msg *m = st->batch[i];
-		int k = record_line(st, m->uid, st->save_dir ? m->stage : NULL, lines + len,
-				    POP3_UIDL_MAX + 128);
+		int k = st->save_dir != NULL ? choose_final(st, i) : 0;
+		if (k == 0)
+			k = record_line(st, m->uid, st->save_dir ? m : NULL, lines + len,
+					POP3_UIDL_MAX + 128);
 		if (k < 0) {
 			r = k;
 			goto out;
@@ -897,6 +1116,7 @@ store_commit(struct store *st, store_commit_cb cb, void *arg)
 		st->batch[i]->recorded = st->save_dir != NULL;
 	if ((r = append_lines(st, lines, len)) < 0)
 		goto out;
+	st->unsettled = st->save_dir != NULL;
 	folders = xcalloc(n, sizeof(char *));
 	if (st->save_dir == NULL) {
 		renamed = n; /* nothing is kept: the records are all that remains */
@@ -924,6 +1144,9 @@ committed:
 		cb(arg, m->uid, folders[i], m->size); /* takes the folder */
 	}
 out:
+	for (size_t i = renamed; i < n; i++)
+		if (st->batch[i]->recorded)
+			keep_in_doubt(st, st->batch[i]);
 	free(folders);
 	free(lines);
 	store_discard(st);
@@ -942,24 +1165,27 @@ store_msg_abort(struct store_msg *m)
 		close(m->dirfd);
 	/* a recorded staging folder is left for store_open to settle, then clean */
 	if (m->path != NULL && !m->recorded)
-		remove_tree(m->path);
+		remove_at(m->st->stage_fd, m->stage);
 	free(m->uid);
 	free(m->name);
+	free(m->final);
 	free(m->stage);
 	free(m->path);
 	free(m->eml);
 	free(m);
 }
 
-/* "UIDL\n", or "UIDL STAGE\n": its length, or -errno. */
+/* "UIDL\n", or "UIDL STAGE FINAL\n" for the message m about to be renamed:
+ * its length, or -errno. */
 static int
-record_line(struct store *st, const char *uid, const char *stage, char *line, size_t size)
+record_line(struct store *st, const char *uid, const struct store_msg *m, char *line, size_t size)
 {
 	int n;
 
 	if (!valid_uid(uid, strlen(uid)))
 		return seterr(st, EINVAL, "invalid UIDL");
-	n = stage ? snprintf(line, size, "%s %s\n", uid, stage) : snprintf(line, size, "%s\n", uid);
+	n = m ? snprintf(line, size, "%s %s %s\n", uid, m->stage, m->final)
+	      : snprintf(line, size, "%s\n", uid);
 	if (n < 0 || (size_t)n >= size)
 		return seterr(st, ENAMETOOLONG, "cannot record %s", uid);
 	return n;
@@ -1023,7 +1249,7 @@ store_compact(struct store *st, const char *const *uids, size_t n)
 			strset_add(&keep, uids[i]);
 			list[k++] = uids[i];
 		}
-	if (k == st->uids.n) {
+	if (k == st->uids.n && !st->unsettled) {
 		/* nothing to drop */
 		strset_clear(&keep);
 		free(list);

@@ -50,9 +50,11 @@ struct mime_opts {
 };
 
 /*
- * Parse the message in eml_path and write, inside o->dirfd, text.txt (the
- * first text/plain body, transfer-decoded, converted to UTF-8 best effort)
- * and text.html (the first text/html body) when save_text, and every
+ * Parse the message in eml_path (a relative path is relative to o->dirfd:
+ * "message.eml" of the staged folder, wherever that folder is by now) and
+ * write, inside o->dirfd, text.txt (the first text/plain body,
+ * transfer-decoded, converted to UTF-8 best effort) and text.html (the
+ * first text/html body) when save_text, and every
  * attachment into attachments/ under a safe unique name when
  * save_attachments; a nested message/rfc822 becomes attachments/SUBJECT.eml.
  * Files are created with O_EXCL|O_NOFOLLOW, mode 0640, attachments/ 0750;

@@ -27,15 +27,18 @@ struct store_params {
 };
 
 /*
- * Take the configuration's lock, remove staging leftovers, load the UIDL
- * state. -EBUSY when another process holds the lock, another -errno for
- * local I/O errors; err gets a line an operator can act on.
+ * Take the configuration's lock, open the staging (save_directory by its
+ * path; .tmp and .tmp/ID below it never through a symlink: -ELOOP), load
+ * the UIDL state, remove staging leftovers. -EBUSY when another process
+ * holds the lock, another -errno for local I/O errors; err gets a line an
+ * operator can act on.
  */
 int store_open(const struct store_params *p, struct store **ret, char *err, size_t errlen);
 void store_close(struct store *st);
 
 /* Was this UIDL saved before? The state knows: a record written just before
- * a rename counts once its staging folder is gone (settled by store_open). */
+ * a rename counts once its staging folder is gone and the folder it names
+ * is in save_directory with its meta.json (settled by store_open). */
 bool store_has(struct store *st, const char *uid);
 
 /* Stage a new message folder; message.eml is open for store_msg_write. */
@@ -44,7 +47,8 @@ int store_msg_begin(struct store *st, const char *uid, time_t received, struct s
  * UIDL: a key from its content): set it before store_msg_seal. */
 void store_msg_set_uid(struct store_msg *m, const char *uid);
 int store_msg_write(struct store_msg *m, const void *buf, size_t len);
-/* The staged message.eml, complete after store_msg_finish_eml. */
+/* The staged message.eml's path, for messages (the folder is used through
+ * store_msg_dirfd), complete after store_msg_finish_eml. */
 const char *store_msg_eml_path(const struct store_msg *m);
 /* The staged folder, for files made inside it with openat (mime_extract). */
 int store_msg_dirfd(const struct store_msg *m);
@@ -70,8 +74,10 @@ typedef void (*store_commit_cb)(void *arg, const char *uid, char *folder, unsign
 /*
  * Make the batch durable and visible: one syncfs of save_directory's file
  * system (with sync_per_file: an fsync of each file and folder of the
- * batch), the batch's records in one append and fdatasync, the renames into
- * save_directory (never replacing anything), one fsync of save_directory.
+ * batch), the batch's records (each naming its staging folder and its
+ * folder's name in save_directory) in one append and fdatasync, the renames
+ * into save_directory (never replacing anything, never of a staging entry
+ * that is not the folder made for the message), one fsync of save_directory.
  * cb is called, in seal order, for each message committed, before it
  * returns; on an error (-errno, store_error() says what) the messages not
  * committed are dropped (a recorded staging folder is left for the next

@@ -14,8 +14,8 @@ import pytest
 
 import mailgen
 from fakepop3 import Reply, Stall, Trickle
-from test_receive import (EX_CONFIG, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, assert_no_staging_leftovers,
-                          assert_saved_exactly, fake_expected)
+from test_receive import (EX_CONFIG, EX_IOERR, EX_OK, EX_PROTOCOL, EX_TEMPFAIL,
+                          assert_no_staging_leftovers, assert_saved_exactly, fake_expected)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,33 +76,116 @@ def test_killed_mid_session_loses_nothing(fake_pop3, fake_config, confdir, run_p
 def test_record_of_an_interrupted_rename_is_settled(fake_pop3, fake_config, confdir,
                                                     run_popfetchd, read_saved):
     """The record is written just before the rename and names the staging
-    folder. At the next start, a record whose staging folder is gone counts
-    as saved (even if a consumer took the folder away since); one whose
-    staging folder is still there does not."""
-    server = fake_pop3(mailgen.generate(3, 3000, seed=42))
+    folder and the folder it becomes. At the next start, a record counts as
+    saved only when its staging folder is gone and its folder is in
+    save_directory with its meta.json. A record whose staging folder is
+    still there, whose folder is nowhere, or that names no folder (as an
+    older version wrote them) means: received again."""
+    server = fake_pop3(mailgen.generate(5, 3000, seed=42))
     expected = fake_expected(server)
     config = fake_config(server, remove_after_read=False)
     cd = confdir(config)
     assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
-    for folder in read_saved(config["save_directory"]):
+    saved = read_saved(config["save_directory"])
+    for folder in saved:
         shutil.rmtree(folder.path)  # the consumer took them all
 
     state = cd.state_directory / "fake" / "uidl"
     header = state.read_text().splitlines()[0]
-    (u1, _), (u2, _), (u3, _) = expected
+    (u1, _), (u2, _), (u3, _), (u4, _), (u5, _) = expected
     stage = Path(config["save_directory"]) / ".tmp" / "fake" / "20261126T000000Z-000000000002.9.1"
     stage.mkdir(parents=True)
     (stage / "message.eml").write_bytes(b"half")
-    state.write_text(f"{header}\n{u1}\n{u2} {stage.name}\n"
-                     f"{u3} 20261126T000000Z-000000000003.9.2\n")
+    in_place = Path(config["save_directory"]) / "20261126T000000Z-000000000004"
+    in_place.mkdir()
+    (in_place / "meta.json").write_text("{}")
+    state.write_text(f"{header}\n{u1}\n{u2} {stage.name} 20261126T000000Z-000000000002\n"
+                     f"{u3} 20261126T000000Z-000000000003.9.2\n"
+                     f"{u4} 20261126T000000Z-000000000004.9.3 {in_place.name}\n"
+                     f"{u5} 20261126T000000Z-000000000005.9.4 20261126T000000Z-000000000005\n")
 
     res = run_popfetchd(["receive-all", "fake", "--json"], confdir=cd)
     assert res.returncode == EX_OK
     doc = res.json()
-    assert [s["uidl"] for s in doc["saved"]] == [u2], "only the unrenamed one comes again"
+    assert [s["uidl"] for s in doc["saved"]] == [u2, u3, u5], "only the one in place is skipped"
     assert doc["skipped"] == 2
+    assert "neither staged nor in" in res.stderr
     assert not stage.exists()
-    assert sorted(l.split()[0] for l in state.read_text().splitlines()[1:]) == sorted([u1, u2, u3])
+    lines = state.read_text().splitlines()[1:]
+    assert sorted(lines) == sorted([u1, u2, u3, u4, u5]), "settled as plain records"
+
+
+def test_symlinked_staging_leftovers_are_removed_not_followed(fake_pop3, fake_config, confdir,
+                                                               run_popfetchd, read_saved,
+                                                               tmp_path):
+    """Leftovers in .tmp/ID that are symlinks (or hold one) are removed as
+    links: what they point at is never touched."""
+    server = fake_pop3(mailgen.generate(1, 2000, seed=45))
+    config = fake_config(server)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "canary").write_text("keep me")
+    stage = Path(config["save_directory"]) / ".tmp" / "fake"
+    stage.mkdir(parents=True)
+    (stage / "20260101T000000Z-000000000000.1.1").symlink_to(victim)
+    (stage / "20260101T000000Z-000000000000.1.2").mkdir()
+    (stage / "20260101T000000Z-000000000000.1.2" / "attachments").symlink_to(victim)
+    res = run_popfetchd(["receive-all", "fake"], confdir=confdir(config))
+    assert res.returncode == EX_OK, res.describe()
+    assert (victim / "canary").read_text() == "keep me"
+    assert not stage.exists() or list(stage.iterdir()) == []
+    assert len(read_saved(config["save_directory"])) == 1
+
+
+@pytest.mark.parametrize("where", [".tmp", ".tmp/fake"])
+def test_symlinked_staging_is_refused(fake_pop3, fake_config, confdir, run_popfetchd, read_saved,
+                                      tmp_path, where):
+    """Whoever can write save_directory (the consumer that removes the
+    folders) can put a symlink where the staging is, pointing at, say, the
+    state directory. popfetchd never follows it: nothing is fetched, nothing
+    there is removed, exit 74 with a line that names the symlink."""
+    server = fake_pop3(mailgen.generate(2, 2000, seed=46))
+    config = fake_config(server)
+    cd = confdir(config)
+    victim = tmp_path / "victim"  # looks like a state directory
+    (victim / "fake").mkdir(parents=True)
+    (victim / "fake" / "uidl").write_text("canary\n")
+    save = Path(config["save_directory"])
+    save.mkdir(parents=True, exist_ok=True)
+    if where == ".tmp":
+        (save / ".tmp").symlink_to(victim)
+    else:
+        (save / ".tmp").mkdir()
+        (save / ".tmp" / "fake").symlink_to(victim / "fake")
+
+    res = run_popfetchd(["receive-all", "fake"], confdir=cd)
+    assert res.returncode == EX_IOERR, res.describe()
+    assert f"{save}/{where} is a symbolic link" in res.stderr, res.describe()
+    assert (victim / "fake" / "uidl").read_text() == "canary\n"
+    assert sorted(p.name for p in (victim / "fake").iterdir()) == ["uidl"]
+    assert read_saved(save) == []
+    assert server.wait_idle()
+    assert not any(c.startswith("DELE") for c in server.commands())
+    assert len(server.remaining()) == 2
+
+    (save / where).unlink()
+    res = run_popfetchd(["receive-all", "fake"], confdir=cd)
+    assert res.returncode == EX_OK, res.describe()
+    assert len(read_saved(save)) == 2 and server.remaining() == []
+
+
+def test_no_empty_staging_folder_is_left(fake_pop3, fake_config, confdir, run_popfetchd,
+                                         read_saved):
+    """After a run, save_directory/.tmp holds no staging folder of the
+    configuration, not even an empty one."""
+    server = fake_pop3(mailgen.generate(2, 2000, seed=47))
+    config = fake_config(server)
+    cd = confdir(config)
+    for _ in range(2):  # with mail, and with none
+        res = run_popfetchd(["receive-all", "fake"], confdir=cd)
+        assert res.returncode == EX_OK, res.describe()
+        assert not (Path(config["save_directory"]) / ".tmp" / "fake").exists()
+    assert len(read_saved(config["save_directory"])) == 2
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])

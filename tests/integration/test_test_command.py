@@ -541,6 +541,25 @@ def test_save_directory_not_writable(fake_pop3, fake_config, confdir, run_popfet
     assert blocker.read_text() == "not a directory\n"
 
 
+def test_save_directory_staging_is_a_symlink(fake_pop3, fake_config, confdir, run_popfetchd,
+                                             tmp_path):
+    """save_directory/.tmp made a symlink (by whoever can write there): the
+    test says so and writes nothing where it points."""
+    server = fake_pop3(mailgen.generate(1, 2000, seed=316))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / ".tmp").symlink_to(victim)
+    res = run_test(run_popfetchd, confdir(fake_config(server, save_directory=str(save))), "fake")
+
+    steps = steps_of(res)
+    assert res.returncode == EX_IOERR
+    assert steps["save"][0] == "FAILED"
+    assert f"{save}/.tmp is a symbolic link" in steps["save"][1]
+    assert list(victim.iterdir()) == []
+
+
 def test_save_directory_created_later(fake_pop3, fake_config, confdir, run_popfetchd, tmp_path):
     """A save_directory that does not exist yet is created by the first
     receive: the test checks its parent, and creates nothing."""

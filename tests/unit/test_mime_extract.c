@@ -452,6 +452,26 @@ hostile(void)
 	CHECK(mime_extract("/nonexistent/x.eml", &o, &res) == -ENOENT);
 }
 
+/* A relative message path is the staged folder's own message.eml, read
+ * through its descriptor: the folder moved away (and something else put
+ * in its place) is still the one read. */
+static void
+relative_to_dirfd(void)
+{
+	char moved[160];
+
+	CHECK(extract("Subject: hi\n\nHello\n") == 0);
+	CHECK(unlinkat(dirfd_, "text.txt", 0) == 0);
+	mime_result_clear(&res);
+	snprintf(moved, sizeof(moved), "%s-moved", tmpdir);
+	CHECK(rename(tmpdir, moved) == 0 && mkdir(tmpdir, 0700) == 0);
+	struct mime_opts o = {.save_text = true, .dirfd = dirfd_};
+	CHECK(mime_extract("message.eml", &o, &res) == 0);
+	CHECK(res.ntext == 1);
+	CHECK(rmdir(tmpdir) == 0 && rename(moved, tmpdir) == 0);
+	check_file("text.txt", "Hello\r\n");
+}
+
 int
 main(void)
 {
@@ -463,6 +483,7 @@ main(void)
 	charsets();
 	limits();
 	hostile();
+	relative_to_dirfd();
 	cleanup();
 	CHECK_DONE();
 }

@@ -1,8 +1,10 @@
 /* Unit tests: folder naming, staging, commit, UIDL state, lock. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdbool.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <openssl/sha.h>
@@ -45,6 +47,33 @@ exists(const char *path)
 {
 	struct stat sb;
 	return lstat(path, &sb) == 0;
+}
+
+/* Entries in a directory (-1 when it cannot be read). */
+static int
+entries(const char *path)
+{
+	DIR *d = opendir(path);
+	struct dirent *e;
+	int n = 0;
+
+	if (d == NULL)
+		return -1;
+	while ((e = readdir(d)) != NULL)
+		n += strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
+	closedir(d);
+	return n;
+}
+
+static void
+put(const char *path, const char *text)
+{
+	FILE *f = fopen(path, "w");
+
+	if (f != NULL) {
+		fputs(text, f);
+		fclose(f);
+	}
 }
 
 static char *
@@ -124,7 +153,7 @@ commit_and_state(void)
 	free(eml);
 	/* nothing left in staging */
 	snprintf(path, sizeof(path), "%s/.tmp/box", save);
-	CHECK(rmdir(path) == 0 && mkdir(path, 0700) == 0);
+	CHECK(entries(path) == 0);
 	free(folder);
 
 	/* the same UIDL in the same second: a new name, nothing replaced */
@@ -136,10 +165,16 @@ commit_and_state(void)
 	free(folder);
 	store_close(st);
 
+	/* closed: no empty staging folder is left behind (.tmp itself stays:
+	 * other configurations may be staging in it) */
+	snprintf(path, sizeof(path), "%s/.tmp/box", save);
+	CHECK(!exists(path));
+
 	/* reopened: the state survived */
 	st = open_store("pop.example", "alice");
 	CHECK(st != NULL && store_has(st, "U1") && store_count(st) == 1);
 	store_close(st);
+	CHECK(!exists(path));
 }
 
 static void
@@ -191,44 +226,78 @@ binding_and_damage(void)
 	store_close(st);
 }
 
-/* A record written before a rename names the staging folder: the rename
- * happened exactly when that folder is gone. */
+/* A folder in save_dir as a rename leaves it, with its meta.json or not. */
+static void
+make_folder(const char *name, bool meta)
+{
+	char path[600];
+
+	snprintf(path, sizeof(path), "%s/%s", save, name);
+	CHECK(mkdir(path, 0750) == 0);
+	snprintf(path, sizeof(path), "%s/%s/meta.json", save, name);
+	if (meta)
+		put(path, "{}");
+}
+
+/*
+ * A record written before a rename names the staging folder and the folder
+ * it becomes: the message counts as received only when the staging folder
+ * is gone and the folder is in save_dir, a directory with its meta.json.
+ * Anything else (staging cleaned, save_directory changed, a record of an
+ * older version that names no folder) means "received again", never
+ * "deleted from the server though on disk nowhere".
+ */
 static void
 interrupted_commit(void)
 {
-	char path[512], stage[512];
+	char path[512], stage[512], link[600];
 	struct store *st = open_store("pop.example", "carol");
 	FILE *f;
 
 	CHECK(st != NULL);
 	store_close(st);
+	make_folder("20261126T101502Z-aaaaaaaaaaaa", true);
+	make_folder("20261126T101502Z-cccccccccccc", false);
+	make_folder("real-dddddddddddd", true);
+	snprintf(path, sizeof(path), "%s/real-dddddddddddd", save);
+	snprintf(link, sizeof(link), "%s/20261126T101502Z-dddddddddddd", save);
+	CHECK(symlink(path, link) == 0);
 	snprintf(path, sizeof(path), "%s/box/uidl", state);
 	f = fopen(path, "a");
-	fputs("RENAMED 20261126T101502Z-aaaaaaaaaaaa.99.0\n", f);
-	fputs("NOT-RENAMED 20261126T101502Z-bbbbbbbbbbbb.99.1\n", f);
+	fputs("RENAMED 20261126T101502Z-aaaaaaaaaaaa.99.0 20261126T101502Z-aaaaaaaaaaaa\n", f);
+	fputs("NOT-RENAMED 20261126T101502Z-bbbbbbbbbbbb.99.1 20261126T101502Z-bbbbbbbbbbbb\n", f);
+	fputs("NOWHERE 20261126T101502Z-eeeeeeeeeeee.99.2 20261126T101502Z-eeeeeeeeeeee\n", f);
+	fputs("NO-META 20261126T101502Z-cccccccccccc.99.3 20261126T101502Z-cccccccccccc\n", f);
+	fputs("LINKED 20261126T101502Z-dddddddddddd.99.4 20261126T101502Z-dddddddddddd\n", f);
+	fputs("OLD-FORMAT 20261126T101502Z-ffffffffffff.99.5\n", f);
 	fputs("BAD ../../etc\n", f);
+	fputs("BAD-FINAL 20261126T101502Z-ffffffffffff.99.6 ../x\n", f);
 	fclose(f);
+	snprintf(stage, sizeof(stage), "%s/.tmp/box", save);
+	CHECK(mkdir(stage, 0700) == 0);
 	snprintf(stage, sizeof(stage), "%s/.tmp/box/20261126T101502Z-bbbbbbbbbbbb.99.1", save);
 	CHECK(mkdir(stage, 0700) == 0);
 	st = open_store("pop.example", "carol");
 	CHECK(st != NULL && store_has(st, "RENAMED") && !store_has(st, "NOT-RENAMED"));
-	CHECK(!store_has(st, "BAD"));
+	CHECK(!store_has(st, "NOWHERE") && !store_has(st, "NO-META") && !store_has(st, "LINKED"));
+	CHECK(!store_has(st, "OLD-FORMAT"));
+	CHECK(!store_has(st, "BAD") && !store_has(st, "BAD-FINAL"));
 	CHECK(!exists(stage)); /* cleaned after the records were settled */
 	store_close(st);
 	/* settled for good: the file holds plain records now */
 	char *text = slurp(path);
 	CHECK(strstr(text, "\nRENAMED\n") != NULL && strstr(text, "NOT-RENAMED") == NULL);
+	CHECK(strstr(text, "NOWHERE") == NULL && strstr(text, "OLD-FORMAT") == NULL);
 	free(text);
 	st = open_store("pop.example", "carol");
 	CHECK(st != NULL && store_has(st, "RENAMED") && store_count(st) == 1);
 	store_close(st);
 }
 
-/* A rename that fails after the record was written: the record must stay
- * void (its staging folder kept), or the next start would take the message
- * for saved — and delete it from the server — though it never appeared. */
+/* Every name a message's folder may take is taken: nothing is recorded,
+ * nothing renamed, the staging removed. */
 static void
-failed_rename_is_not_saved(void)
+no_free_name(void)
 {
 	char name[64], path[600], stage[512], *folder = NULL;
 	struct store *st = open_store("pop.example", "dave");
@@ -238,7 +307,6 @@ failed_rename_is_not_saved(void)
 	CHECK(st != NULL);
 	if (st == NULL)
 		return;
-	/* every name the rename may take is taken: it fails with EEXIST */
 	store_folder_name("box", "R1", when, name, sizeof(name));
 	for (unsigned i = 1; i < 1000; i++) {
 		if (i == 1)
@@ -252,22 +320,13 @@ failed_rename_is_not_saved(void)
 	snprintf(stage, sizeof(stage), "%s", store_msg_eml_path(m));
 	*strrchr(stage, '/') = '\0';
 	CHECK(commit_one(st, m, true, &folder) < 0 && folder == NULL);
-	CHECK(!store_has(st, "R1"));
-	CHECK(exists(stage)); /* kept: it makes the record on disk void */
+	CHECK(strstr(store_error(st), "no free name") != NULL);
+	CHECK(!store_has(st, "R1") && !exists(stage));
 	snprintf(path, sizeof(path), "%s/box/uidl", state);
 	char *text = slurp(path);
-	CHECK(strstr(text, "R1 ") != NULL); /* the record went to disk first */
-	free(text);
-	store_close(st);
-
-	/* the next start: not saved, so received again; staging cleaned */
-	st = open_store("pop.example", "dave");
-	CHECK(st != NULL && !store_has(st, "R1") && store_count(st) == 0);
-	CHECK(!exists(stage));
-	store_close(st);
-	text = slurp(path);
 	CHECK(strstr(text, "R1") == NULL);
 	free(text);
+	store_close(st);
 	for (unsigned i = 1; i < 1000; i++) {
 		if (i == 1)
 			snprintf(path, sizeof(path), "%s/%s", save, name);
@@ -275,6 +334,116 @@ failed_rename_is_not_saved(void)
 			snprintf(path, sizeof(path), "%s/%s-%u", save, name, i);
 		CHECK(rmdir(path) == 0);
 	}
+}
+
+/*
+ * The staging folder is moved away and a symlink put in its place while the
+ * message is written (whoever can write there could): what is written
+ * still goes to the folder made for it, and the rename refuses the symlink
+ * after the record was written. That record stays void (the staging entry
+ * is kept), or the next start would take the message for saved, and
+ * delete it from the server, though it never appeared.
+ */
+static void
+replaced_staging_folder(void)
+{
+	char victim[512], moved[512], stage[512], path[700], *folder = NULL;
+	struct store *st = open_store("pop.example", "erin");
+	struct store_msg *m;
+
+	CHECK(st != NULL);
+	if (st == NULL)
+		return;
+	snprintf(victim, sizeof(victim), "%s/victim", root);
+	CHECK(mkdir(victim, 0700) == 0);
+	snprintf(path, sizeof(path), "%s/canary", victim);
+	put(path, "canary");
+	CHECK(store_msg_begin(st, "S1", 1795688102, &m) == 0);
+	CHECK(store_msg_write(m, "Subject: s\r\n\r\n", 14) == 0);
+	snprintf(stage, sizeof(stage), "%s", store_msg_eml_path(m));
+	*strrchr(stage, '/') = '\0';
+	snprintf(moved, sizeof(moved), "%s/moved", root);
+	CHECK(rename(stage, moved) == 0 && symlink(victim, stage) == 0);
+	CHECK(store_msg_add_file(m, "meta.json", "{}", 2) == 0);
+	snprintf(path, sizeof(path), "%s/meta.json", moved);
+	CHECK(exists(path)); /* written where the folder is, not where the link points */
+	CHECK(commit_one(st, m, true, &folder) == -ELOOP && folder == NULL);
+	CHECK(strstr(store_error(st), "is a symbolic link") != NULL);
+	CHECK(!store_has(st, "S1"));
+	CHECK(entries(victim) == 1);
+	snprintf(path, sizeof(path), "%s/box/uidl", state);
+	char *text = slurp(path);
+	CHECK(strstr(text, "S1 ") != NULL); /* the record went to disk first */
+	free(text);
+	store_close(st);
+	CHECK(exists(stage)); /* kept: it makes the record void */
+
+	/* the next start: not saved, so received again; the link removed, not
+	 * followed */
+	st = open_store("pop.example", "erin");
+	CHECK(st != NULL && !store_has(st, "S1") && store_count(st) == 0);
+	CHECK(!exists(stage) && entries(victim) == 1);
+	store_close(st);
+	text = slurp(path);
+	CHECK(strstr(text, "S1") == NULL);
+	free(text);
+	/* no folder of save_dir is a symlink */
+	DIR *d = opendir(save);
+	struct dirent *e;
+	while (d != NULL && (e = readdir(d)) != NULL)
+		CHECK(e->d_type != DT_LNK || strstr(e->d_name, "dddddddddddd") != NULL);
+	if (d != NULL)
+		closedir(d);
+}
+
+/* .tmp, or .tmp/ID, made a symlink (to the state directory, say): never
+ * followed, never emptied; store_open fails and says why. */
+static void
+symlinked_staging(void)
+{
+	struct store_params p = {.id = "box",
+				 .save_directory = save,
+				 .state_directory = state,
+				 .server = "s",
+				 .user = "u"};
+	char tmp[600], aside[700], victim[400], canary[600], err[512];
+	struct store *st = NULL;
+
+	snprintf(victim, sizeof(victim), "%s/victim2", root);
+	snprintf(canary, sizeof(canary), "%s/box/uidl", victim);
+	CHECK(mkdir(victim, 0700) == 0);
+	snprintf(tmp, sizeof(tmp), "%s/box", victim);
+	CHECK(mkdir(tmp, 0700) == 0);
+	put(canary, "canary");
+
+	snprintf(tmp, sizeof(tmp), "%s/.tmp", save);
+	snprintf(aside, sizeof(aside), "%s/.tmp-aside", save);
+	CHECK(rename(tmp, aside) == 0 && symlink(victim, tmp) == 0);
+	CHECK(store_open(&p, &st, err, sizeof(err)) == -ELOOP && st == NULL);
+	CHECK(strstr(err, "/.tmp is a symbolic link") != NULL);
+	CHECK(exists(canary));
+	CHECK(unlink(tmp) == 0 && rename(aside, tmp) == 0);
+
+	snprintf(tmp, sizeof(tmp), "%s/.tmp/box", save);
+	rmdir(tmp);
+	CHECK(symlink(victim, tmp) == 0);
+	CHECK(store_open(&p, &st, err, sizeof(err)) == -ELOOP && st == NULL);
+	CHECK(strstr(err, "/.tmp/box is a symbolic link") != NULL);
+	CHECK(exists(canary));
+	CHECK(unlink(tmp) == 0);
+
+	/* a symlink among the leftovers, and one inside a leftover folder:
+	 * removed, their targets untouched */
+	CHECK(mkdir(tmp, 0700) == 0);
+	snprintf(aside, sizeof(aside), "%s/stale.1.1", tmp);
+	CHECK(symlink(victim, aside) == 0);
+	snprintf(aside, sizeof(aside), "%s/stale.1.2", tmp);
+	CHECK(mkdir(aside, 0700) == 0);
+	snprintf(aside, sizeof(aside), "%s/stale.1.2/attachments", tmp);
+	CHECK(symlink(victim, aside) == 0);
+	CHECK(store_open(&p, &st, err, sizeof(err)) == 0);
+	CHECK(st != NULL && entries(tmp) == 0 && exists(canary));
+	store_close(st);
 }
 
 static void
@@ -292,17 +461,28 @@ lock_and_staging(void)
 	CHECK(a != NULL);
 	CHECK(store_open(&p, &b, err, sizeof(err)) == -EBUSY);
 	CHECK(strstr(err, "another popfetchd process") != NULL);
-	/* a staged message left by a "crash" */
-	CHECK(store_msg_begin(a, "Z", 1795688102, &m) == 0);
-	CHECK(store_msg_write(m, "partial", 7) == 0);
-	snprintf(stale, sizeof(stale), "%s", store_msg_eml_path(m));
-	CHECK(exists(stale));
-	store_close(a); /* the process "dies" with m staged */
+	store_close(a);
+	/* a staged message left by a process that died */
+	int pipefd[2], status = 0;
+	CHECK(pipe(pipefd) == 0);
+	pid_t pid = fork();
+	if (pid == 0) {
+		a = open_store("s", "u");
+		if (a == NULL || store_msg_begin(a, "Z", 1795688102, &m) < 0 ||
+		    store_msg_write(m, "partial", 7) < 0 || store_msg_finish_eml(m, NULL) < 0)
+			_exit(1);
+		snprintf(stale, sizeof(stale), "%s", store_msg_eml_path(m));
+		_exit(write(pipefd[1], stale, strlen(stale) + 1) > 0 ? 0 : 1);
+	}
+	CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && status == 0);
+	close(pipefd[1]);
+	ssize_t n = read(pipefd[0], stale, sizeof(stale) - 1);
+	close(pipefd[0]);
+	stale[n > 0 ? n : 0] = '\0';
+	CHECK(n > 0 && exists(stale));
 	a = open_store("s", "u");
 	CHECK(a != NULL && !exists(stale));
 	store_close(a);
-	/* m's memory only: its files are gone already */
-	store_msg_abort(m);
 }
 
 struct committed {
@@ -441,7 +621,9 @@ main(void)
 	commit_and_state();
 	binding_and_damage();
 	interrupted_commit();
-	failed_rename_is_not_saved();
+	no_free_name();
+	replaced_staging_folder();
+	symlinked_staging();
 	lock_and_staging();
 	batches();
 	batch_synced_per_file();
