@@ -45,7 +45,10 @@ struct pop3_params {
 	const char *token; /* OAuth2 access token, for XOAUTH2 / OAUTHBEARER */
 	/* allowed mechanisms in order of preference, NULL-terminated */
 	const char *const *mechanisms;
-	unsigned connect_timeout; /* seconds: DNS + TCP (+ TLS) */
+	/* seconds: DNS + TCP (+ TLS). The host's addresses are tried in turn,
+	 * the next one when the one before has failed or not connected within
+	 * 250 ms (RFC 8305); the first to connect is used. */
+	unsigned connect_timeout;
 	unsigned command_timeout; /* seconds: see DESIGN.md §1 timeouts.command */
 	/* after POP3_PROGRESS_CAPA, wait for pop3_login() (or pop3_quit()) */
 	bool hold_login;
@@ -57,7 +60,7 @@ struct pop3_params {
  * step as it succeeds (the test command). */
 enum pop3_progress {
 	POP3_PROGRESS_CONNECTED, /* TCP connected: pop3_address(); with implicit TLS
-				  * reported when the handshake has ended, either way */
+				  * the handshake comes next */
 	POP3_PROGRESS_TLS,	 /* handshake done, certificate accepted: pop3_ssl() */
 	POP3_PROGRESS_CAPA,	 /* the capabilities the login goes by: pop3_capa() */
 };

@@ -1,0 +1,162 @@
+"""A hostile or broken server against the session (issue 14): what a
+timeout says, connecting when one address of a host does not answer, the
+memory a large listing costs, and a message that begins like a status line
+over a pipelined session.
+
+Run with Debian's python from the repository root:
+    /usr/bin/python3 -m pytest tests/integration/test_pop3_hardening.py -q
+"""
+
+import os
+import resource
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import SANITIZER_MARKERS, _popfetchd_env, read_saved_messages
+from fakepop3 import Action, Script, Stall, matches
+from test_faults import (check_invariants, pki, pop3, receive_all, server_context,  # noqa: F401
+                         small_messages, snapshot, tls_keys)
+from test_receive import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, assert_saved_exactly
+
+
+def sanitized(binary):
+    ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
+    return "libasan" in ldd or "libubsan" in ldd
+
+
+def errors_of(res):
+    return " | ".join(res.json()["errors"])
+
+
+# ==========================================================================
+# a timeout says what was waited for (DESIGN.md §2: once TCP is up, 75)
+# ==========================================================================
+
+
+@pytest.mark.parametrize("mode", ["implicit", "explicit"])
+def test_stalled_tls_handshake_is_a_timeout_that_names_the_handshake(
+        fake_pop3, fake_config, confdir, run_popfetchd, pki, mode):
+    """implicit: the server accepts TCP and never speaks TLS; explicit: it
+    answers STLS +OK and then says nothing. TCP was up: exit 75 (not 69,
+    "no connection") after timeouts.connect, and the message names the
+    TLS handshake."""
+    _, config_kw = tls_keys(pki, mode)
+    if mode == "implicit":
+        server = pop3(fake_pop3, script=Script(greeting=Stall()))
+    else:
+        server = pop3(fake_pop3, small_messages(1, seed=1401), stls_context=server_context(pki))
+        server.inject("STLS", Stall(data=b"+OK Begin TLS negotiation now\r\n"))
+    config = fake_config(server, timeouts={"connect": "1s", "command": "10s"}, **config_kw)
+    start = time.monotonic()
+    res = receive_all(run_popfetchd, confdir(config))
+    elapsed = time.monotonic() - start
+    assert res.returncode == EX_TEMPFAIL, res.describe()
+    assert 0.9 < elapsed < 4, elapsed
+    errors = errors_of(res)
+    assert "TLS handshake" in errors and "did not complete within 1 s" in errors, errors
+    assert "timeouts.connect" in errors, errors
+    assert "no connection" not in errors, errors
+    check_invariants(server, config)
+    assert not server.sent("USER") and not server.sent("PASS")
+
+
+# (the command whose answer never comes, what the message must say)
+STALLS = [
+    ("GREETING", "waiting for the server's greeting"),
+    ("CAPA", "waiting for the answer to CAPA"),
+    ("USER", "waiting for the answer to USER"),
+    ("PASS", "waiting for the answer to PASS"),
+    ("UIDL", "waiting for the answer to UIDL"),
+    ("LIST", "waiting for the answer to LIST"),
+    ("RETR", "waiting for the answer to RETR 1"),
+    ("QUIT", "waiting for the answer to QUIT"),
+]
+
+
+@pytest.mark.parametrize("where, words", STALLS, ids=[s[0] for s in STALLS])
+def test_a_stall_names_what_was_waited_for(fake_pop3, fake_config, confdir, run_popfetchd,
+                                           where, words):
+    """Whatever the step, a response that does not come is exit 75 and the
+    message says what was waited for (not only a state name)."""
+    server = pop3(fake_pop3, small_messages(1, seed=1402), pipelining=False)
+    server.inject(where, Stall())
+    config = fake_config(server, timeouts={"connect": "5s", "command": "1s"})
+    res = receive_all(run_popfetchd, confdir(config))
+    assert res.returncode == EX_TEMPFAIL, res.describe()
+    errors = errors_of(res)
+    assert words in errors and "nothing within 1 s (timeouts.command)" in errors, errors
+
+
+class TrickleAfterStatus(Action):
+    """The status line at once, then the rest a byte every 0.1 s."""
+    commit = True
+
+    def perform(self, conn, default):
+        head, _, rest = default.partition(b"\r\n")
+        if not conn.send(head + b"\r\n"):
+            return False
+        for k in range(len(rest)):
+            if not conn.send(rest[k:k + 1]) or conn.server.stopping.wait(0.1):
+                return False
+        return True
+
+
+@pytest.mark.parametrize("where, words", [
+    ("UIDL", "waiting for the rest of the UIDL listing"),
+    ("RETR", "waiting for the data of message 1 (RETR 1)")])
+def test_trickled_data_names_what_stalled(fake_pop3, fake_config, confdir, run_popfetchd,
+                                          where, words):
+    """Multi-line data that trickles (less than 1 KiB per command timeout):
+    the message names the listing or the message, and how little came."""
+    server = pop3(fake_pop3, small_messages(1, seed=1403, size=3000), pipelining=False)
+    server.inject(where, TrickleAfterStatus())
+    config = fake_config(server, timeouts={"connect": "5s", "command": "1s"})
+    res = receive_all(run_popfetchd, confdir(config))
+    assert res.returncode == EX_TEMPFAIL, res.describe()
+    errors = errors_of(res)
+    assert words in errors and "bytes in 1 s" in errors, errors
+
+
+# ==========================================================================
+# the memory a listing costs
+# ==========================================================================
+
+
+LISTED = 200_000
+RSS_BOUND_MB = 64
+
+
+def tiny_messages(n):
+    return [(f"m{i:06d}", b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(n)]
+
+
+def test_a_listing_of_200000_messages_stays_well_under_64_mb(fake_pop3, fake_config, confdir,
+                                                             popfetchd_bin):
+    """200 000 messages listed (UIDL and LIST), one received (receive: the
+    oldest): the listing is kept compact, and popfetchd's peak RSS stays
+    under 64 MB (the fake server's maildrop costs the test, not popfetchd)."""
+    if sanitized(popfetchd_bin):
+        pytest.skip("a sanitizer build's memory is not the program's")
+    server = fake_pop3(tiny_messages(LISTED))
+    config = fake_config(server, remove_after_read=False,
+                         timeouts={"connect": "5s", "command": "30s"})
+    cd = confdir(config)
+    cmd = [popfetchd_bin, "-c", str(cd), "receive", "fake"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=_popfetchd_env(None))
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    err = err.decode(errors="replace")
+    assert proc.returncode == EX_OK, err[-3000:]
+    saved = read_saved_messages(config["save_directory"])
+    assert [s.uidl for s in saved] == ["m000000"]
+    # ru_maxrss of the children: the largest of any child so far (KiB)
+    peak_mb = usage.ru_maxrss / 1024
+    print(f"popfetchd peak RSS {peak_mb:.1f} MB for {LISTED} listed messages")
+    assert peak_mb < RSS_BOUND_MB, f"peak RSS {peak_mb:.1f} MB"
