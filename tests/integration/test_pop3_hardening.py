@@ -160,3 +160,120 @@ def test_a_listing_of_200000_messages_stays_well_under_64_mb(fake_pop3, fake_con
     peak_mb = usage.ru_maxrss / 1024
     print(f"popfetchd peak RSS {peak_mb:.1f} MB for {LISTED} listed messages")
     assert peak_mb < RSS_BOUND_MB, f"peak RSS {peak_mb:.1f} MB"
+
+
+# ==========================================================================
+# connecting: one address that never answers does not take the budget
+# ==========================================================================
+
+
+DUAL = "dual.pfd.test"
+
+
+def can_unshare():
+    return os.geteuid() == 0 and subprocess.run(["unshare", "-m", "true"]).returncode == 0
+
+
+def run_with_hosts(binary, hosts_text, tmp_path, args, timeout=60):
+    """popfetchd in a private mount namespace whose /etc/hosts is
+    hosts_text (evdns reads it, and keeps its order); returns
+    (returncode, stdout, stderr)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(hosts_text)
+    cmd = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
+           str(binary), *[str(a) for a in args]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=_popfetchd_env(None), stdin=subprocess.DEVNULL, errors="replace")
+    for marker in SANITIZER_MARKERS:
+        assert marker not in proc.stderr, proc.stderr
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+class SilentListener:
+    """A listening socket on host:port whose accept queue is full: the
+    kernel drops further SYNs, so a connect there neither succeeds nor
+    fails (a host that does not answer). A closed port would refuse at once."""
+
+    def __init__(self, family, host, port):
+        self.sock = socket.socket(family)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(0)
+        self.fill = []
+        for _ in range(3):
+            c = socket.socket(family)
+            c.setblocking(False)
+            try:
+                c.connect((host, port))
+            except BlockingIOError:
+                pass
+            self.fill.append(c)
+        time.sleep(0.2)
+        probe = socket.socket(family)
+        probe.settimeout(0.5)
+        try:
+            probe.connect((host, port))
+            raise AssertionError("the silent listener accepted a connection")
+        except socket.timeout:
+            pass
+        finally:
+            probe.close()
+
+    def close(self):
+        for c in self.fill:
+            c.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def needs_unshare():
+    if not can_unshare():
+        pytest.skip("needs root and unshare -m (a private /etc/hosts)")
+
+
+def test_an_address_that_does_not_answer_is_passed_over(needs_unshare, fake_pop3, fake_config,
+                                                        confdir, popfetchd_bin, tmp_path):
+    """The host name has [::1] (tried first: the resolver's order) and
+    127.0.0.1. [::1] never completes the TCP handshake; 127.0.0.1 serves.
+    With timeouts.connect 10 s the poll is done in well under 3 s: the
+    second address is tried while the first is still pending."""
+    server = pop3(fake_pop3, small_messages(2, seed=1404))
+    expected = snapshot(server)
+    silent = SilentListener(socket.AF_INET6, "::1", server.port)
+    try:
+        config = fake_config(server, timeouts={"connect": "10s", "command": "10s"})
+        config["server"] = DUAL
+        start = time.monotonic()
+        code, out, err = run_with_hosts(popfetchd_bin, f"::1 {DUAL}\n127.0.0.1 {DUAL}\n",
+                                        tmp_path, ["-c", confdir(config), "-v", "receive-all",
+                                                   "fake"])
+        elapsed = time.monotonic() - start
+    finally:
+        silent.close()
+    assert code == EX_OK, err[-3000:]
+    tried = [line.split("connecting to ")[1].split()[0] for line in err.splitlines()
+             if "connecting to " in line]
+    assert tried == ["[::1]", "127.0.0.1"], err[-3000:]
+    assert elapsed < 3, f"{elapsed:.1f} s: the silent address held up the poll"
+    assert_saved_exactly(read_saved_messages(config["save_directory"]), "fake", expected)
+
+
+def test_every_address_refused_is_69_at_once(needs_unshare, fake_config, confdir, popfetchd_bin,
+                                             tmp_path):
+    """Nothing listens on either address: exit 69 without waiting for the
+    connect timeout, and the message names each address and why."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+
+    class Nowhere:
+        host, user, password = DUAL, "u", "p"
+    Nowhere.port = port
+    config = fake_config(Nowhere, timeouts={"connect": "10s", "command": "10s"})
+    start = time.monotonic()
+    code, out, err = run_with_hosts(popfetchd_bin, f"::1 {DUAL}\n127.0.0.1 {DUAL}\n", tmp_path,
+                                    ["-c", confdir(config), "receive-all", "fake"])
+    assert code == EX_UNAVAILABLE, err
+    assert time.monotonic() - start < 3
+    assert "[::1]: Connection refused" in err and "127.0.0.1: Connection refused" in err, err
