@@ -96,10 +96,14 @@ struct attempt {
 	char addr[INET6_ADDRSTRLEN + 8]; /* "192.0.2.7", "[2001:db8::7]" */
 };
 
+/* A UIDL listing entry: the UIDL itself is at uid_bytes + off. */
 struct uid_entry {
 	unsigned long num;
-	char uid[POP3_UIDL_MAX + 1];
+	uint32_t off;
 };
+
+/* No UIDL: an entry whose UIDL is no key (it names two messages). */
+#define UID_NONE UINT32_MAX
 
 struct pop3_session {
 	struct event_base *base;
@@ -147,8 +151,13 @@ struct pop3_session {
 	bool data_start;  /* a pipelined RETR's data is to begin: see out_of_step() */
 	size_t rx_window; /* bytes received since the command timer was armed */
 
+	/* The listing, compact (a server decides how long it is): the UIDLs,
+	 * NUL-terminated, one after the other in uid_bytes; msgs[i].uid
+	 * points there once the listing is complete. */
 	struct uid_entry *uids;
 	size_t nuids, capuids;
+	char *uid_bytes;
+	size_t uid_used, uid_cap;
 	bool have_uidl;
 	struct pop3_msg *msgs;
 	size_t nmsgs, capmsgs;
@@ -508,6 +517,7 @@ enter_state(struct pop3_session *s, enum pop3_state st)
 	case P3_UIDL:
 		s->nuids = 0;
 		s->nmsgs = 0;
+		s->uid_used = 0;
 		s->have_uidl = true;
 		log_debug(s->p.id, "C: UIDL");
 		send_line(s, "UIDL");
@@ -684,19 +694,52 @@ finish_listing(struct pop3_session *s)
 	/* a message the UIDL listing names twice has no UIDL one can trust */
 	for (size_t k = 1; k < s->nuids; k++)
 		if (s->uids[k].num == s->uids[k - 1].num)
-			s->uids[k].uid[0] = s->uids[k - 1].uid[0] = '\0';
+			s->uids[k].off = s->uids[k - 1].off = UID_NONE;
 	for (size_t i = 0; i < s->nmsgs; i++) {
 		while (j < s->nuids && s->uids[j].num < s->msgs[i].num)
 			j++;
-		if (j < s->nuids && s->uids[j].num == s->msgs[i].num)
-			memcpy(s->msgs[i].uid, s->uids[j].uid, sizeof(s->msgs[i].uid));
+		if (j < s->nuids && s->uids[j].num == s->msgs[i].num && s->uids[j].off != UID_NONE)
+			s->msgs[i].uid = s->uid_bytes + s->uids[j].off;
 		else
-			s->msgs[i].uid[0] = '\0';
+			s->msgs[i].uid = "";
 	}
+	/* what joined them is not needed any more */
+	free(s->uids);
+	s->uids = NULL;
+	s->nuids = s->capuids = 0;
 	end_response(s);
 	s->ev->listing(s->arg, s->msgs, s->nmsgs, s->have_uidl);
 	if (!s->dead)
 		pump(s);
+}
+
+/* One line of the UIDL listing, kept: its UIDL in uid_bytes. */
+static void
+add_uid(struct pop3_session *s, const char *line, size_t len)
+{
+	char uid[POP3_UIDL_MAX + 1];
+	unsigned long num;
+	size_t n;
+
+	if (pop3_parse_uidl_line(line, len, &num, uid) < 0) {
+		/* a malformed entry: that message gets no UIDL */
+		log_debug(s->p.id, "pop3: ignoring malformed UIDL line");
+		return;
+	}
+	n = strlen(uid) + 1;
+	if (s->uid_used + n > s->uid_cap) {
+		s->uid_cap = s->uid_cap ? 2 * s->uid_cap : 4096;
+		s->uid_bytes = xrealloc(s->uid_bytes, s->uid_cap);
+	}
+	if (s->nuids == s->capuids) {
+		s->capuids = s->capuids ? 2 * s->capuids : 64;
+		s->uids = xrealloc(s->uids, s->capuids * sizeof(*s->uids));
+	}
+	memcpy(s->uid_bytes + s->uid_used, uid, n);
+	s->uids[s->nuids].num = num;
+	s->uids[s->nuids].off = (uint32_t)s->uid_used;
+	s->nuids++;
+	s->uid_used += n;
 }
 
 static void
@@ -730,16 +773,7 @@ on_listing_line(struct pop3_session *s, const char *line, size_t len)
 			     POP3_MAX_MESSAGES);
 			return;
 		}
-		if (s->nuids == s->capuids) {
-			s->capuids = s->capuids ? 2 * s->capuids : 64;
-			s->uids = xrealloc(s->uids, s->capuids * sizeof(*s->uids));
-		}
-		if (pop3_parse_uidl_line(line, len, &num, s->uids[s->nuids].uid) < 0) {
-			/* a malformed entry: that message gets no UIDL */
-			log_debug(s->p.id, "pop3: ignoring malformed UIDL line");
-			return;
-		}
-		s->uids[s->nuids++].num = num;
+		add_uid(s, line, len);
 		break;
 	case P3_LIST:
 		if (pop3_parse_list_line(line, len, &num, &size) < 0) {
@@ -757,6 +791,7 @@ on_listing_line(struct pop3_session *s, const char *line, size_t len)
 		}
 		s->msgs[s->nmsgs].num = num;
 		s->msgs[s->nmsgs].size = size;
+		s->msgs[s->nmsgs].uid = NULL;
 		s->nmsgs++;
 		break;
 	default:
@@ -1530,6 +1565,7 @@ free_now(struct pop3_session *s)
 	free(s->cb_exporter);
 	free(s->queue);
 	free(s->uids);
+	free(s->uid_bytes);
 	free(s->msgs);
 	free(s);
 }

@@ -69,7 +69,9 @@ enum pop3_progress {
 struct pop3_msg {
 	unsigned long num;
 	uint64_t size;
-	char uid[POP3_UIDL_MAX + 1]; /* "" when the server has no UIDL */
+	/* "" when the server has no UIDL for it; the bytes are the session's,
+	 * valid until it is freed (a listing of many messages is kept once) */
+	const char *uid;
 };
 
 /* A failure as the owner hears of it. */
