@@ -695,6 +695,43 @@ pending_has(const struct fetch *f, const char *uid)
 	return false;
 }
 
+/*
+ * What this session read after a response it could not trust is dropped.
+ * What is sealed was read before, in step: it is committed, QUIT goes out
+ * alone (where a shift shows), and then a new session of this poll asks one
+ * command at a time (restart_lockstep).
+ */
+static void
+start_over_in_lockstep(struct fetch *f)
+{
+	f->again = true;
+	halt(f);
+	f->next++;
+	after_response(f);
+}
+
+/* Pipelined, the data of RETR num began like a status line: a message that
+ * begins so, or a server out of step. One command at a time tells. */
+static void
+on_ambiguous(void *arg, unsigned long num, const char *first_line)
+{
+	struct fetch *f = arg;
+
+	store_msg_abort(f->msg);
+	f->msg = NULL;
+	if (f->halted) {
+		f->next++;
+		after_response(f);
+		return;
+	}
+	log_notice(f->mb->id,
+		   "%s: the data of RETR %lu begins like a status line (\"%s\"): the message "
+		   "may begin so, or the server's answers are out of step with the commands; "
+		   "starting over one command at a time",
+		   f->where, num, first_line);
+	start_over_in_lockstep(f);
+}
+
 static void
 on_retrieved(void *arg, unsigned long num, const char *error)
 {
@@ -715,19 +752,15 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		 * Pipelined, an -ERR may answer nothing (a line the server
 		 * added): every answer after it would then be taken for the
 		 * command before, a message saved under another's UIDL and the
-		 * other deleted unseen. What is sealed was read before it, in
-		 * step: it is committed, the rest dropped, QUIT sent alone (where
-		 * a shift shows); then a new session asks one message at a time,
-		 * where a message the server cannot send is skipped as usual.
+		 * other deleted unseen. A new session asks one message at a
+		 * time, where a message the server cannot send is skipped as
+		 * usual.
 		 */
 		log_notice(f->mb->id,
 			   "%s: the server refused RETR %lu among pipelined commands: starting "
 			   "over one command at a time (server said: %s)",
 			   f->where, num, error);
-		f->again = true;
-		halt(f);
-		f->next++;
-		after_response(f);
+		start_over_in_lockstep(f);
 		return;
 	}
 	if (error != NULL) {
@@ -911,8 +944,9 @@ on_quit(void *arg, bool ok)
 	if (f->again) {
 		set_exit(f, EX_TEMPFAIL);
 		add_error(f,
-			  "%s: the server refused a pipelined RETR and the session ended before "
-			  "asking again one at a time: the rest stays for the next poll",
+			  "%s: a pipelined RETR was refused, or its answer could not be trusted, "
+			  "and the session ended before asking again one at a time: the rest "
+			  "stays for the next poll",
 			  f->where);
 	}
 	if (ok) {
@@ -936,6 +970,7 @@ static const struct pop3_events fetch_events = {
 	.listing = on_listing,
 	.data = on_data,
 	.retrieved = on_retrieved,
+	.ambiguous = on_ambiguous,
 	.deleted = on_deleted,
 	.quit = on_quit,
 	.failed = on_failed,

@@ -148,8 +148,10 @@ struct pop3_session {
 	unsigned long cur_num; /* of the response being read */
 
 	struct pop3_dot dot;
-	bool data_start;  /* a pipelined RETR's data is to begin: see out_of_step() */
-	size_t rx_window; /* bytes received since the command timer was armed */
+	bool data_start;     /* a pipelined RETR's data is to begin: see check_data_start() */
+	bool discard;	     /* the data of this RETR is dropped: it began like a status line */
+	char first_line[96]; /* that line, printable */
+	size_t rx_window;    /* bytes received since the command timer was armed */
 
 	/* The listing, compact (a server decides how long it is): the UIDLs,
 	 * NUL-terminated, one after the other in uid_bytes; msgs[i].uid
@@ -978,33 +980,43 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 
 /*
  * With commands pipelined, a server that added a line to one response puts
- * every later response out of step by one: the real status line of a RETR
- * would be taken for the first line of its message. No message begins so (a
- * header field has a colon before any space), so the session ends there.
- * 1: out of step, 0: in step, -1: too few bytes to tell.
+ * later responses out of step: the real status line of a RETR is taken for
+ * the first line of its message, and when that is an -ERR, the responses
+ * after it for the rest of the message (one message saved under another's
+ * number). A message may also begin with such a line ("+OK ..." is a line
+ * like any other): the session cannot tell the two apart. The data of that
+ * RETR is read to its end and dropped, and the owner hears of it
+ * (ambiguous()): it asks again one command at a time, where no response can
+ * be out of step unseen (send_line). Without an owner that can, the session
+ * ends. Returns false when more input is needed to tell.
  */
-static int
-out_of_step(struct evbuffer *in)
+static bool
+check_data_start(struct pop3_session *s, struct evbuffer *in)
 {
-	static const char *const status[] = {"+OK", "-ERR"};
-	size_t have = evbuffer_get_length(in);
-	unsigned char buf[5];
+	char first[80];
+	ev_ssize_t got = evbuffer_copyout(in, first, sizeof(first));
+	size_t have = got > 0 ? (size_t)got : 0;
+	int r = pop3_looks_like_status(first, have);
 
-	if (have > sizeof(buf))
-		have = sizeof(buf);
-	evbuffer_copyout(in, buf, have);
-	for (size_t i = 0; i < 2; i++) {
-		size_t n = strlen(status[i]);
-		if (have <= n) {
-			if (memcmp(buf, status[i], have) == 0)
-				return -1;
-			continue;
-		}
-		if (memcmp(buf, status[i], n) == 0 &&
-		    (buf[n] == ' ' || buf[n] == '\r' || buf[n] == '\n'))
-			return 1;
+	if (r < 0)
+		return false;
+	s->data_start = false;
+	if (r == 0)
+		return true;
+	const char *eol = memchr(first, '\r', have);
+	struct pop3_reply line = {.text = first, .text_len = eol ? (size_t)(eol - first) : have};
+	server_text(&line, s->first_line, sizeof(s->first_line));
+	if (s->ev->ambiguous == NULL) {
+		fail(s, POP3_FAIL_PROTOCOL,
+		     "the data of RETR %lu begins with a status line (\"%s\"): the server's "
+		     "responses are out of step with the commands",
+		     s->cur_num, s->first_line);
+		return false;
 	}
-	return 0;
+	log_debug(s->p.id, "pop3: the data of RETR %lu begins like a status line: dropped",
+		  s->cur_num);
+	s->discard = true;
+	return true;
 }
 
 /*
@@ -1018,19 +1030,10 @@ read_data(struct pop3_session *s, struct evbuffer *in)
 	struct evbuffer_iovec v;
 	size_t used, outlen;
 
-	if (s->data_start) {
-		int r = out_of_step(in);
-		if (r < 0)
-			return false;
-		if (r > 0) {
-			fail(s, POP3_FAIL_PROTOCOL,
-			     "the data of RETR %lu begins with a status line: the server's "
-			     "responses are out of step with the commands",
-			     s->cur_num);
-			return false;
-		}
-		s->data_start = false;
-	}
+	if (s->data_start && !check_data_start(s, in))
+		return false;
+	if (s->dead)
+		return false;
 	if (evbuffer_peek(in, -1, NULL, &v, 1) < 1 || v.iov_len == 0)
 		return false;
 	/* pop3_dot_feed may write one byte more than it reads */
@@ -1039,14 +1042,19 @@ read_data(struct pop3_session *s, struct evbuffer *in)
 	used = pop3_dot_feed(&s->dot, v.iov_base, v.iov_len, s->scratch, &outlen);
 	evbuffer_drain(in, used);
 	s->rx_window += used;
-	if (outlen > 0)
+	if (outlen > 0 && !s->discard)
 		s->ev->data(s->arg, s->scratch, outlen);
 	if (s->dead)
 		return false;
 	if (s->dot.done) {
 		unsigned long num = s->cur_num;
+		bool dropped = s->discard;
+		s->discard = false;
 		end_response(s);
-		s->ev->retrieved(s->arg, num, NULL);
+		if (dropped)
+			s->ev->ambiguous(s->arg, num, s->first_line);
+		else
+			s->ev->retrieved(s->arg, num, NULL);
 		if (!s->dead)
 			pump(s);
 	}

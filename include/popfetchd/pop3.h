@@ -95,6 +95,13 @@ struct pop3_events {
 	/* the whole message was sent; or error (the server's text) when it
 	 * refused the RETR: the session goes on */
 	void (*retrieved)(void *arg, unsigned long num, const char *error);
+	/* pipelined, the data of RETR num began with a line that reads as a
+	 * status line (first_line, made printable): the message may begin so,
+	 * or the server's responses are out of step with the commands; the
+	 * session cannot tell. The data was read to its end and dropped, the
+	 * session goes on; a session with params.lockstep can tell. NULL: the
+	 * session fails instead (POP3_FAIL_PROTOCOL). */
+	void (*ambiguous)(void *arg, unsigned long num, const char *first_line);
 	void (*deleted)(void *arg, unsigned long num, bool ok);
 	void (*quit)(void *arg, bool ok); /* ok: the server committed the deletions */
 	void (*failed)(void *arg, const struct pop3_error *err);

@@ -774,9 +774,13 @@ def test_unsolicited_line_after_a_response(fake_pop3, fake_config, confdir, run_
     e.g. the real answer to RETR saved as part of the message, or one
     message saved under the next one's UIDL. popfetchd sends no command
     while unread bytes wait, and QUIT never pipelined; with PIPELINING a
-    RETR whose data begins with a status line ends the session, and a
-    refused pipelined RETR makes it save nothing more and QUIT (where the
-    shift shows). Exit 76, no QUIT; after QUIT it does not matter."""
+    refused pipelined RETR, or one whose data begins with a status line,
+    makes it save nothing more and QUIT (where the shift shows). Exit 76,
+    no QUIT; after QUIT it does not matter. An extra +OK after a pipelined
+    RETR only puts the next RETR's real status line in its data: the
+    session asks again one command at a time, and all is saved as sent."""
+    if pipelining and where.startswith("RETR") and extra.startswith(b"+OK"):
+        code, nsaved = EX_OK, 3
     server_kw, config_kw = tls_keys(pki, mode)
     server = pop3(fake_pop3, small_messages(3 if "retr" in where.lower() else 2, seed=110),
                   pipelining=pipelining, **server_kw)

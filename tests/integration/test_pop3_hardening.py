@@ -275,3 +275,59 @@ def test_every_address_refused_is_69_at_once(needs_unshare, fake_config, confdir
     assert code == EX_UNAVAILABLE, err
     assert time.monotonic() - start < 3
     assert "[::1]: Connection refused" in err and "127.0.0.1: Connection refused" in err, err
+
+
+# ==========================================================================
+# a message that begins like a status line, pipelined
+# ==========================================================================
+
+
+def status_like_messages():
+    """Five messages; the 2nd begins with "+OK ", the 4th with "-ERR "
+    (odd, or hostile, mail: a line like any other)."""
+    plain = small_messages(3, seed=1405)
+    return [plain[0],
+            b"+OK this line is part of the message\nFrom: a@example.org\nSubject: odd\n\nbody\n",
+            plain[1],
+            b"-ERR so is this one\nFrom: b@example.org\nSubject: odder\n\nbody\n",
+            plain[2]]
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "lockstep"])
+def test_a_message_beginning_with_a_status_line_is_saved(fake_pop3, fake_config, confdir,
+                                                         run_popfetchd, pipelining):
+    """Pipelined, such a message cannot be told from the answers of a
+    server out of step with the commands: the session asks again one
+    command at a time, and every message is saved byte-exact, once."""
+    server = pop3(fake_pop3, status_like_messages(), pipelining=pipelining)
+    expected = snapshot(server)
+    config = fake_config(server)
+    res = receive_all(run_popfetchd, confdir(config))
+    assert res.returncode == EX_OK, res.describe()
+    saved = check_invariants(server, config)
+    # (meta.json's header fields are another matter: such a first line
+    # is not a header field)
+    assert sorted(s.uidl for s in saved) == sorted(u for u, _ in expected)
+    assert {s.uidl: s.eml for s in saved} == dict(expected)
+    assert server.remaining() == []
+    if pipelining:
+        # one RETR of each message in the session that saved it, none twice
+        assert len(server.sessions) == 2, server.transcript
+        assert server.sessions[1].commands.count("RETR 1") == 1
+
+
+def test_a_server_out_of_step_is_still_caught(fake_pop3, fake_config, confdir, run_popfetchd):
+    """A server that adds a line to every DELE answer: pipelined, the next
+    RETR's real status line comes as its data; one command at a time the
+    extra line is waiting when the next command is due. Exit 76, nothing
+    saved under a wrong UIDL, no deletion committed after the shift."""
+    from test_faults import Append
+    server = pop3(fake_pop3, small_messages(6, seed=1406))
+    expected = snapshot(server)
+    server.inject("DELE", Append(b"+OK extra\r\n"), times=None)
+    config = fake_config(server, timeouts={"connect": "5s", "command": "3s"})
+    cd = confdir(config, daemon={"commit_batch": 1})
+    res = receive_all(run_popfetchd, cd)
+    assert res.returncode == 76, res.describe()
+    saved = check_invariants(server, config)
+    assert_saved_exactly(saved, "fake", [e for e in expected if e[0] in {s.uidl for s in saved}])
