@@ -32,11 +32,13 @@
 #include "popfetchd/store.h"
 #include "popfetchd/util.h"
 
+/* A message to receive (or one a DELE was sent for). A listing may name a
+ * million messages: this is kept small, the UIDL is the session's
+ * (struct pop3_msg) or, for a message keyed by its content, in keys. */
 struct candidate {
 	unsigned long num;
-	char uid[POP3_UIDL_MAX + 1]; /* "" until keyed, for a message without UIDL */
-	uint64_t limit;		     /* bytes accepted before the server is taken for a liar */
-	uint64_t size;		     /* as LIST says */
+	uint64_t size;	 /* as LIST says */
+	const char *uid; /* "" until keyed, for a message without UIDL */
 };
 
 /*
@@ -93,9 +95,11 @@ struct fetch {
 	bool halted;		 /* save nothing more: what is in flight is dropped */
 	bool no_dele;		 /* commit without DELE (the session is gone, or confused) */
 	bool quit_sent;
-	bool aborted;  /* fetch_abort: the batch is dropped, not committed */
-	char **listed; /* UIDLs on the server, for compaction after QUIT */
+	bool aborted;	     /* fetch_abort: the batch is dropped, not committed */
+	const char **listed; /* UIDLs on the server, for compaction after QUIT */
 	size_t nlisted;
+	char **keys; /* the content keys made in this session */
+	size_t nkeys;
 	struct store_msg *msg; /* the message being received */
 	EVP_MD_CTX *md;	       /* its content key in the making, when it has no UIDL */
 	size_t unkeyed;	       /* listed messages without UIDL not keyed in this session */
@@ -104,9 +108,10 @@ struct fetch {
 	uint64_t msg_bytes, msg_limit; /* received so far, most accepted */
 	struct candidate *dele;	       /* DELEs sent, to learn which the server took */
 	size_t ndele, capdele;
+	size_t dele_answered; /* answers come in the order the DELEs went out */
 	size_t dele_ok;
-	char **deleted_uids; /* UIDLs the server accepted a DELE for */
-	size_t ndeleted_uids;
+	const char **deleted_uids; /* UIDLs the server accepted a DELE for, in this session */
+	size_t ndeleted_uids, capdeleted_uids;
 	bool listing_done;
 	bool stopping; /* fetch_stop(): QUIT after the message in hand */
 	struct event *done_ev;
@@ -119,6 +124,7 @@ struct fetch {
 static bool retry_with_new_token(struct fetch *f, const struct pop3_error *err);
 static void forget_token(struct fetch *f);
 static bool commit_batch(struct fetch *f);
+static uint64_t message_limit(const struct fetch *f, uint64_t listed);
 
 static void add_error_at(struct fetch *f, int level, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
@@ -240,7 +246,7 @@ send_dele(struct fetch *f, unsigned long num, const char *uid)
 		f->dele = xrealloc(f->dele, f->capdele * sizeof(*f->dele));
 	}
 	f->dele[f->ndele].num = num;
-	snprintf(f->dele[f->ndele].uid, sizeof(f->dele[f->ndele].uid), "%s", uid);
+	f->dele[f->ndele].uid = uid;
 	f->ndele++;
 	pop3_dele(f->pop3, num);
 }
@@ -313,7 +319,7 @@ begin_message(struct fetch *f)
 	f->msg_time = time(NULL);
 	f->msg_error = 0;
 	f->msg_bytes = 0;
-	f->msg_limit = c->limit;
+	f->msg_limit = message_limit(f, c->size);
 	r = store_msg_begin(f->store, c->uid, f->msg_time, &f->msg);
 	if (r < 0) {
 		set_exit(f, EX_IOERR);
@@ -387,13 +393,13 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 
 	f->listing_done = true;
 	f->cand = xcalloc(n, sizeof(*f->cand));
-	f->listed = xcalloc(n, sizeof(char *));
+	f->listed = xcalloc(n ? n : 1, sizeof(*f->listed));
 	for (size_t i = 0; i < n; i++) {
 		const struct pop3_msg *m = &msgs[i];
 		bool keyed = m->uid[0] != '\0' && !dup[i];
 		ndup += dup[i];
 		if (keyed) {
-			f->listed[f->nlisted++] = xstrdup(m->uid);
+			f->listed[f->nlisted++] = m->uid;
 			if (store_has(f->store, m->uid)) {
 				f->res.skipped++;
 				if (f->mb->remove_after_read) {
@@ -416,9 +422,7 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 		/* one without UIDL is keyed by its content once it is here */
 		f->unkeyed += !keyed;
 		f->cand[f->ncand].num = m->num;
-		if (keyed)
-			memcpy(f->cand[f->ncand].uid, m->uid, sizeof(f->cand[f->ncand].uid));
-		f->cand[f->ncand].limit = message_limit(f, m->size);
+		f->cand[f->ncand].uid = keyed ? m->uid : "";
 		f->cand[f->ncand].size = m->size;
 		f->ncand++;
 	}
@@ -477,12 +481,17 @@ content_key(struct fetch *f, struct candidate *c)
 {
 	unsigned char d[EVP_MAX_MD_SIZE];
 	unsigned int dlen = 0;
+	char *key;
 
 	EVP_DigestFinal_ex(f->md, d, &dlen);
-	memcpy(c->uid, CONTENT_KEY_PREFIX, sizeof(CONTENT_KEY_PREFIX) - 1);
-	util_hex(d, dlen, c->uid + sizeof(CONTENT_KEY_PREFIX) - 1);
+	key = xcalloc(1, sizeof(CONTENT_KEY_PREFIX) + 2 * (size_t)dlen);
+	memcpy(key, CONTENT_KEY_PREFIX, sizeof(CONTENT_KEY_PREFIX) - 1);
+	util_hex(d, dlen, key + sizeof(CONTENT_KEY_PREFIX) - 1);
+	f->keys = xrealloc(f->keys, (f->nkeys + 1) * sizeof(*f->keys));
+	f->keys[f->nkeys++] = key;
+	c->uid = key;
 	f->unkeyed--;
-	f->listed[f->nlisted++] = xstrdup(c->uid);
+	f->listed[f->nlisted++] = key;
 }
 
 static char *
@@ -686,6 +695,43 @@ pending_has(const struct fetch *f, const char *uid)
 	return false;
 }
 
+/*
+ * What this session read after a response it could not trust is dropped.
+ * What is sealed was read before, in step: it is committed, QUIT goes out
+ * alone (where a shift shows), and then a new session of this poll asks one
+ * command at a time (restart_lockstep).
+ */
+static void
+start_over_in_lockstep(struct fetch *f)
+{
+	f->again = true;
+	halt(f);
+	f->next++;
+	after_response(f);
+}
+
+/* Pipelined, the data of RETR num began like a status line: a message that
+ * begins so, or a server out of step. One command at a time tells. */
+static void
+on_ambiguous(void *arg, unsigned long num, const char *first_line)
+{
+	struct fetch *f = arg;
+
+	store_msg_abort(f->msg);
+	f->msg = NULL;
+	if (f->halted) {
+		f->next++;
+		after_response(f);
+		return;
+	}
+	log_notice(f->mb->id,
+		   "%s: the data of RETR %lu begins like a status line (\"%s\"): the message "
+		   "may begin so, or the server's answers are out of step with the commands; "
+		   "starting over one command at a time",
+		   f->where, num, first_line);
+	start_over_in_lockstep(f);
+}
+
 static void
 on_retrieved(void *arg, unsigned long num, const char *error)
 {
@@ -706,19 +752,15 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		 * Pipelined, an -ERR may answer nothing (a line the server
 		 * added): every answer after it would then be taken for the
 		 * command before, a message saved under another's UIDL and the
-		 * other deleted unseen. What is sealed was read before it, in
-		 * step: it is committed, the rest dropped, QUIT sent alone (where
-		 * a shift shows); then a new session asks one message at a time,
-		 * where a message the server cannot send is skipped as usual.
+		 * other deleted unseen. A new session asks one message at a
+		 * time, where a message the server cannot send is skipped as
+		 * usual.
 		 */
 		log_notice(f->mb->id,
 			   "%s: the server refused RETR %lu among pipelined commands: starting "
 			   "over one command at a time (server said: %s)",
 			   f->where, num, error);
-		f->again = true;
-		halt(f);
-		f->next++;
-		after_response(f);
+		start_over_in_lockstep(f);
 		return;
 	}
 	if (error != NULL) {
@@ -799,18 +841,25 @@ on_deleted(void *arg, unsigned long num, bool ok)
 	struct fetch *f = arg;
 	const char *uid = NULL;
 
-	for (size_t i = 0; i < f->ndele; i++)
-		if (f->dele[i].num == num)
-			uid = f->dele[i].uid;
+	if (f->dele_answered < f->ndele && f->dele[f->dele_answered].num == num)
+		uid = f->dele[f->dele_answered].uid;
+	else
+		for (size_t i = 0; i < f->ndele; i++)
+			if (f->dele[i].num == num)
+				uid = f->dele[i].uid;
+	f->dele_answered++;
 	if (!ok) {
 		log_warning(f->mb->id, "the server refused DELE %lu: the message stays there", num);
 		return;
 	}
 	f->dele_ok++;
 	if (uid != NULL) {
-		f->deleted_uids =
-			xrealloc(f->deleted_uids, (f->ndeleted_uids + 1) * sizeof(char *));
-		f->deleted_uids[f->ndeleted_uids++] = xstrdup(uid);
+		if (f->ndeleted_uids == f->capdeleted_uids) {
+			f->capdeleted_uids = f->capdeleted_uids ? 2 * f->capdeleted_uids : 64;
+			f->deleted_uids = xrealloc(f->deleted_uids,
+						   f->capdeleted_uids * sizeof(*f->deleted_uids));
+		}
+		f->deleted_uids[f->ndeleted_uids++] = uid;
 	}
 }
 
@@ -825,7 +874,7 @@ cmp_str(const void *a, const void *b)
 static void
 compact_state(struct fetch *f)
 {
-	const char **keep = xcalloc(f->nlisted, sizeof(char *));
+	const char **keep = xcalloc(f->nlisted ? f->nlisted : 1, sizeof(char *));
 	size_t n = 0;
 
 	if (f->ndeleted_uids > 1)
@@ -846,6 +895,16 @@ compact_state(struct fetch *f)
 
 static void start_session(struct fetch *f);
 
+static void
+free_keys(struct fetch *f)
+{
+	for (size_t i = 0; i < f->nkeys; i++)
+		free(f->keys[i]);
+	free(f->keys);
+	f->keys = NULL;
+	f->nkeys = 0;
+}
+
 /* After a refused pipelined RETR: the same poll goes on in a new session,
  * one command at a time. What the first one saved and deleted stays so. */
 static void
@@ -853,16 +912,19 @@ restart_lockstep(struct fetch *f)
 {
 	pop3_session_free_deferred(f->pop3);
 	f->pop3 = NULL;
-	for (size_t i = 0; i < f->nlisted; i++)
-		free(f->listed[i]);
+	/* the UIDLs were the old session's: the new one lists what is left */
+	free_keys(f);
 	free(f->listed);
 	free(f->cand);
 	free(f->pend);
+	free(f->deleted_uids);
 	f->listed = NULL;
 	f->cand = NULL;
 	f->pend = NULL;
+	f->deleted_uids = NULL;
 	f->nlisted = f->ncand = f->next = f->issued = f->npend = 0;
-	f->ndele = f->dele_ok = f->unkeyed = 0;
+	f->ndele = f->dele_ok = f->dele_answered = f->unkeyed = 0;
+	f->ndeleted_uids = f->capdeleted_uids = 0;
 	f->res.skipped = f->res.too_big = 0; /* counted anew from the new listing */
 	f->listing_done = f->halted = f->no_dele = f->quit_sent = f->again = false;
 	f->lockstep = true;
@@ -882,8 +944,9 @@ on_quit(void *arg, bool ok)
 	if (f->again) {
 		set_exit(f, EX_TEMPFAIL);
 		add_error(f,
-			  "%s: the server refused a pipelined RETR and the session ended before "
-			  "asking again one at a time: the rest stays for the next poll",
+			  "%s: a pipelined RETR was refused, or its answer could not be trusted, "
+			  "and the session ended before asking again one at a time: the rest "
+			  "stays for the next poll",
 			  f->where);
 	}
 	if (ok) {
@@ -907,6 +970,7 @@ static const struct pop3_events fetch_events = {
 	.listing = on_listing,
 	.data = on_data,
 	.retrieved = on_retrieved,
+	.ambiguous = on_ambiguous,
 	.deleted = on_deleted,
 	.quit = on_quit,
 	.failed = on_failed,
@@ -1088,11 +1152,8 @@ fetch_free(struct fetch *f)
 	for (size_t i = 0; i < f->res.nerrors; i++)
 		free(f->res.errors[i]);
 	free(f->res.errors);
-	for (size_t i = 0; i < f->nlisted; i++)
-		free(f->listed[i]);
 	free(f->listed);
-	for (size_t i = 0; i < f->ndeleted_uids; i++)
-		free(f->deleted_uids[i]);
+	free_keys(f);
 	free(f->deleted_uids);
 	free(f->cand);
 	free(f->pend);

@@ -84,10 +84,26 @@ struct cmd {
 	unsigned long num;
 };
 
+/* Most addresses of a host tried: a DNS answer decides how many sockets a
+ * session opens. */
+#define ADDR_MAX 16
+
+/* A TCP connection being opened to one address of the host. */
+struct attempt {
+	struct pop3_session *s;
+	evutil_socket_t fd; /* -1: not (or no longer) being opened */
+	struct event *ev;
+	char addr[INET6_ADDRSTRLEN + 8]; /* "192.0.2.7", "[2001:db8::7]" */
+};
+
+/* A UIDL listing entry: the UIDL itself is at uid_bytes + off. */
 struct uid_entry {
 	unsigned long num;
-	char uid[POP3_UIDL_MAX + 1];
+	uint32_t off;
 };
+
+/* No UIDL: an entry whose UIDL is no key (it names two messages). */
+#define UID_NONE UINT32_MAX
 
 struct pop3_session {
 	struct event_base *base;
@@ -100,8 +116,12 @@ struct pop3_session {
 	SSL *ssl;	 /* once TLS is on; owned by its bufferevent */
 	bool tls_active; /* capabilities and everything after come through TLS */
 	struct evdns_getaddrinfo_request *dns_req;
-	struct evutil_addrinfo *addrs, *next_addr; /* tried in turn */
-	char addr_text[INET6_ADDRSTRLEN + 8];	   /* the address being tried */
+	struct evutil_addrinfo *addrs;
+	const struct evutil_addrinfo *order[ADDR_MAX]; /* in the order tried */
+	struct attempt att[ADDR_MAX];		       /* att[i] for order[i] */
+	size_t naddrs, next_addr;
+	struct event *attempt_timer;	      /* starts the next attempt */
+	char addr_text[INET6_ADDRSTRLEN + 8]; /* the address connected to, or last tried */
 	char connect_errors[512];
 	struct event *cmd_timer;
 	struct event *conn_timer;
@@ -128,11 +148,18 @@ struct pop3_session {
 	unsigned long cur_num; /* of the response being read */
 
 	struct pop3_dot dot;
-	bool data_start;  /* a pipelined RETR's data is to begin: see out_of_step() */
-	size_t rx_window; /* bytes received since the command timer was armed */
+	bool data_start;     /* a pipelined RETR's data is to begin: see check_data_start() */
+	bool discard;	     /* the data of this RETR is dropped: it began like a status line */
+	char first_line[96]; /* that line, printable */
+	size_t rx_window;    /* bytes received since the command timer was armed */
 
+	/* The listing, compact (a server decides how long it is): the UIDLs,
+	 * NUL-terminated, one after the other in uid_bytes; msgs[i].uid
+	 * points there once the listing is complete. */
 	struct uid_entry *uids;
 	size_t nuids, capuids;
+	char *uid_bytes;
+	size_t uid_used, uid_cap;
 	bool have_uidl;
 	struct pop3_msg *msgs;
 	size_t nmsgs, capmsgs;
@@ -141,6 +168,7 @@ struct pop3_session {
 };
 
 static void enter_state(struct pop3_session *s, enum pop3_state st);
+static void cancel_attempts(struct pop3_session *s);
 static void pump(struct pop3_session *s);
 static void end_response(struct pop3_session *s);
 static void set_read_size(struct bufferevent *bev);
@@ -203,6 +231,7 @@ fail(struct pop3_session *s, enum pop3_failure failure, const char *fmt, ...)
 	s->dead = true;
 	if (s->bev != NULL)
 		bufferevent_disable(s->bev, EV_READ | EV_WRITE);
+	cancel_attempts(s);
 	evtimer_del(s->cmd_timer);
 	evtimer_del(s->conn_timer);
 	log_debug(s->p.id, "pop3: failed in %s: %s: %s", state_names[s->state],
@@ -510,6 +539,7 @@ enter_state(struct pop3_session *s, enum pop3_state st)
 	case P3_UIDL:
 		s->nuids = 0;
 		s->nmsgs = 0;
+		s->uid_used = 0;
 		s->have_uidl = true;
 		log_debug(s->p.id, "C: UIDL");
 		send_line(s, "UIDL");
@@ -686,19 +716,52 @@ finish_listing(struct pop3_session *s)
 	/* a message the UIDL listing names twice has no UIDL one can trust */
 	for (size_t k = 1; k < s->nuids; k++)
 		if (s->uids[k].num == s->uids[k - 1].num)
-			s->uids[k].uid[0] = s->uids[k - 1].uid[0] = '\0';
+			s->uids[k].off = s->uids[k - 1].off = UID_NONE;
 	for (size_t i = 0; i < s->nmsgs; i++) {
 		while (j < s->nuids && s->uids[j].num < s->msgs[i].num)
 			j++;
-		if (j < s->nuids && s->uids[j].num == s->msgs[i].num)
-			memcpy(s->msgs[i].uid, s->uids[j].uid, sizeof(s->msgs[i].uid));
+		if (j < s->nuids && s->uids[j].num == s->msgs[i].num && s->uids[j].off != UID_NONE)
+			s->msgs[i].uid = s->uid_bytes + s->uids[j].off;
 		else
-			s->msgs[i].uid[0] = '\0';
+			s->msgs[i].uid = "";
 	}
+	/* what joined them is not needed any more */
+	free(s->uids);
+	s->uids = NULL;
+	s->nuids = s->capuids = 0;
 	end_response(s);
 	s->ev->listing(s->arg, s->msgs, s->nmsgs, s->have_uidl);
 	if (!s->dead)
 		pump(s);
+}
+
+/* One line of the UIDL listing, kept: its UIDL in uid_bytes. */
+static void
+add_uid(struct pop3_session *s, const char *line, size_t len)
+{
+	char uid[POP3_UIDL_MAX + 1];
+	unsigned long num;
+	size_t n;
+
+	if (pop3_parse_uidl_line(line, len, &num, uid) < 0) {
+		/* a malformed entry: that message gets no UIDL */
+		log_debug(s->p.id, "pop3: ignoring malformed UIDL line");
+		return;
+	}
+	n = strlen(uid) + 1;
+	if (s->uid_used + n > s->uid_cap) {
+		s->uid_cap = s->uid_cap ? 2 * s->uid_cap : 4096;
+		s->uid_bytes = xrealloc(s->uid_bytes, s->uid_cap);
+	}
+	if (s->nuids == s->capuids) {
+		s->capuids = s->capuids ? 2 * s->capuids : 64;
+		s->uids = xrealloc(s->uids, s->capuids * sizeof(*s->uids));
+	}
+	memcpy(s->uid_bytes + s->uid_used, uid, n);
+	s->uids[s->nuids].num = num;
+	s->uids[s->nuids].off = (uint32_t)s->uid_used;
+	s->nuids++;
+	s->uid_used += n;
 }
 
 static void
@@ -732,16 +795,7 @@ on_listing_line(struct pop3_session *s, const char *line, size_t len)
 			     POP3_MAX_MESSAGES);
 			return;
 		}
-		if (s->nuids == s->capuids) {
-			s->capuids = s->capuids ? 2 * s->capuids : 64;
-			s->uids = xrealloc(s->uids, s->capuids * sizeof(*s->uids));
-		}
-		if (pop3_parse_uidl_line(line, len, &num, s->uids[s->nuids].uid) < 0) {
-			/* a malformed entry: that message gets no UIDL */
-			log_debug(s->p.id, "pop3: ignoring malformed UIDL line");
-			return;
-		}
-		s->uids[s->nuids++].num = num;
+		add_uid(s, line, len);
 		break;
 	case P3_LIST:
 		if (pop3_parse_list_line(line, len, &num, &size) < 0) {
@@ -759,6 +813,7 @@ on_listing_line(struct pop3_session *s, const char *line, size_t len)
 		}
 		s->msgs[s->nmsgs].num = num;
 		s->msgs[s->nmsgs].size = size;
+		s->msgs[s->nmsgs].uid = NULL;
 		s->nmsgs++;
 		break;
 	default:
@@ -947,33 +1002,43 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 
 /*
  * With commands pipelined, a server that added a line to one response puts
- * every later response out of step by one: the real status line of a RETR
- * would be taken for the first line of its message. No message begins so (a
- * header field has a colon before any space), so the session ends there.
- * 1: out of step, 0: in step, -1: too few bytes to tell.
+ * later responses out of step: the real status line of a RETR is taken for
+ * the first line of its message, and when that is an -ERR, the responses
+ * after it for the rest of the message (one message saved under another's
+ * number). A message may also begin with such a line ("+OK ..." is a line
+ * like any other): the session cannot tell the two apart. The data of that
+ * RETR is read to its end and dropped, and the owner hears of it
+ * (ambiguous()): it asks again one command at a time, where no response can
+ * be out of step unseen (send_line). Without an owner that can, the session
+ * ends. Returns false when more input is needed to tell.
  */
-static int
-out_of_step(struct evbuffer *in)
+static bool
+check_data_start(struct pop3_session *s, struct evbuffer *in)
 {
-	static const char *const status[] = {"+OK", "-ERR"};
-	size_t have = evbuffer_get_length(in);
-	unsigned char buf[5];
+	char first[80];
+	ev_ssize_t got = evbuffer_copyout(in, first, sizeof(first));
+	size_t have = got > 0 ? (size_t)got : 0;
+	int r = pop3_looks_like_status(first, have);
 
-	if (have > sizeof(buf))
-		have = sizeof(buf);
-	evbuffer_copyout(in, buf, have);
-	for (size_t i = 0; i < 2; i++) {
-		size_t n = strlen(status[i]);
-		if (have <= n) {
-			if (memcmp(buf, status[i], have) == 0)
-				return -1;
-			continue;
-		}
-		if (memcmp(buf, status[i], n) == 0 &&
-		    (buf[n] == ' ' || buf[n] == '\r' || buf[n] == '\n'))
-			return 1;
+	if (r < 0)
+		return false;
+	s->data_start = false;
+	if (r == 0)
+		return true;
+	const char *eol = memchr(first, '\r', have);
+	struct pop3_reply line = {.text = first, .text_len = eol ? (size_t)(eol - first) : have};
+	server_text(&line, s->first_line, sizeof(s->first_line));
+	if (s->ev->ambiguous == NULL) {
+		fail(s, POP3_FAIL_PROTOCOL,
+		     "the data of RETR %lu begins with a status line (\"%s\"): the server's "
+		     "responses are out of step with the commands",
+		     s->cur_num, s->first_line);
+		return false;
 	}
-	return 0;
+	log_debug(s->p.id, "pop3: the data of RETR %lu begins like a status line: dropped",
+		  s->cur_num);
+	s->discard = true;
+	return true;
 }
 
 /*
@@ -987,19 +1052,10 @@ read_data(struct pop3_session *s, struct evbuffer *in)
 	struct evbuffer_iovec v;
 	size_t used, outlen;
 
-	if (s->data_start) {
-		int r = out_of_step(in);
-		if (r < 0)
-			return false;
-		if (r > 0) {
-			fail(s, POP3_FAIL_PROTOCOL,
-			     "the data of RETR %lu begins with a status line: the server's "
-			     "responses are out of step with the commands",
-			     s->cur_num);
-			return false;
-		}
-		s->data_start = false;
-	}
+	if (s->data_start && !check_data_start(s, in))
+		return false;
+	if (s->dead)
+		return false;
 	if (evbuffer_peek(in, -1, NULL, &v, 1) < 1 || v.iov_len == 0)
 		return false;
 	/* pop3_dot_feed may write one byte more than it reads */
@@ -1008,14 +1064,19 @@ read_data(struct pop3_session *s, struct evbuffer *in)
 	used = pop3_dot_feed(&s->dot, v.iov_base, v.iov_len, s->scratch, &outlen);
 	evbuffer_drain(in, used);
 	s->rx_window += used;
-	if (outlen > 0)
+	if (outlen > 0 && !s->discard)
 		s->ev->data(s->arg, s->scratch, outlen);
 	if (s->dead)
 		return false;
 	if (s->dot.done) {
 		unsigned long num = s->cur_num;
+		bool dropped = s->discard;
+		s->discard = false;
 		end_response(s);
-		s->ev->retrieved(s->arg, num, NULL);
+		if (dropped)
+			s->ev->ambiguous(s->arg, num, s->first_line);
+		else
+			s->ev->retrieved(s->arg, num, NULL);
 		if (!s->dead)
 			pump(s);
 	}
@@ -1108,60 +1169,169 @@ set_nodelay(struct bufferevent *bev)
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
-static void connect_next(struct pop3_session *s);
-static void on_read(struct bufferevent *bev, void *arg);
-static void on_event(struct bufferevent *bev, short what, void *arg);
+/* One address in turn, RFC 8305 style: an attempt that has neither
+ * connected nor failed after ATTEMPT_DELAY_MS does not hold up the next
+ * address; the first to connect wins, the others are closed. All of it
+ * within timeouts.connect. */
+#define ATTEMPT_DELAY_MS 250
 
-/* One address failed: note why, and try the next one. */
+/* Note why an address failed, for the message when every one has. */
 static void
-connect_failed(struct pop3_session *s, int err)
+note_connect_error(struct pop3_session *s, const char *addr, const char *why)
 {
 	size_t used = strlen(s->connect_errors);
 
 	snprintf(s->connect_errors + used, sizeof(s->connect_errors) - used, "%s%s: %s",
-		 used ? "; " : "", s->addr_text, evutil_socket_error_to_string(err));
-	connect_next(s);
+		 used ? "; " : "", addr, why);
 }
 
 static void
-connect_next(struct pop3_session *s)
+close_attempt(struct attempt *a)
 {
-	struct evutil_addrinfo *ai = s->next_addr;
-	char host[INET6_ADDRSTRLEN];
-	const void *a;
+	if (a->ev != NULL)
+		event_free(a->ev);
+	if (a->fd >= 0)
+		evutil_closesocket(a->fd);
+	a->ev = NULL;
+	a->fd = -1;
+}
 
-	if (ai == NULL) {
-		fail(s, POP3_FAIL_CONNECT, "cannot connect: %s", s->connect_errors);
+static void
+cancel_attempts(struct pop3_session *s)
+{
+	for (size_t i = 0; i < s->naddrs; i++)
+		close_attempt(&s->att[i]);
+	if (s->attempt_timer != NULL)
+		evtimer_del(s->attempt_timer);
+}
+
+static size_t
+attempts_pending(const struct pop3_session *s)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < s->naddrs; i++)
+		n += s->att[i].fd >= 0;
+	return n;
+}
+
+static void start_attempt(struct pop3_session *s);
+static void tcp_up(struct pop3_session *s, struct attempt *a);
+
+/* An attempt's socket became writable: connected, or failed. */
+static void
+on_attempt(evutil_socket_t fd, short what, void *arg)
+{
+	struct attempt *a = arg;
+	struct pop3_session *s = a->s;
+	int err = 0;
+	socklen_t len = sizeof(err);
+
+	(void)what;
+	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+		err = errno;
+	if (err == 0) {
+		tcp_up(s, a);
 		return;
 	}
-	s->next_addr = ai->ai_next;
-	a = ai->ai_family == AF_INET6
-		    ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
-		    : (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+	log_debug(s->p.id, "pop3: %s: %s", a->addr, evutil_socket_error_to_string(err));
+	note_connect_error(s, a->addr, evutil_socket_error_to_string(err));
+	close_attempt(a);
+	if (s->next_addr < s->naddrs)
+		start_attempt(s); /* a failure starts the next one at once */
+	else if (attempts_pending(s) == 0)
+		fail(s, POP3_FAIL_CONNECT, "cannot connect to %s port %u: %s", s->p.host, s->p.port,
+		     s->connect_errors);
+}
+
+static void
+on_attempt_delay(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	start_attempt(arg);
+}
+
+/* Open a connection to the next address (and, when it fails at once, the
+ * ones after it); the next one follows after ATTEMPT_DELAY_MS unless this
+ * one has ended by then. */
+static void
+start_attempt(struct pop3_session *s)
+{
+	while (!s->dead && s->next_addr < s->naddrs) {
+		struct attempt *a = &s->att[s->next_addr];
+		const struct evutil_addrinfo *ai = s->order[s->next_addr++];
+		int err;
+
+		snprintf(s->addr_text, sizeof(s->addr_text), "%s", a->addr);
+		log_debug(s->p.id, "pop3: connecting to %s port %u", a->addr, s->p.port);
+		a->fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+			       IPPROTO_TCP);
+		if (a->fd < 0 ||
+		    (connect(a->fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS)) {
+			err = errno;
+			note_connect_error(s, a->addr, evutil_socket_error_to_string(err));
+			close_attempt(a);
+			continue;
+		}
+		a->ev = event_new(s->base, a->fd, EV_WRITE, on_attempt, a);
+		if (a->ev == NULL || event_add(a->ev, NULL) < 0)
+			abort();
+		if (s->next_addr < s->naddrs) {
+			struct timeval delay = {0, ATTEMPT_DELAY_MS * 1000};
+			evtimer_add(s->attempt_timer, &delay);
+		}
+		return;
+	}
+	if (!s->dead && attempts_pending(s) == 0)
+		fail(s, POP3_FAIL_CONNECT, "cannot connect to %s port %u: %s", s->p.host, s->p.port,
+		     s->connect_errors);
+}
+
+/* "192.0.2.7", "[2001:db8::7]" */
+static void
+format_address(const struct evutil_addrinfo *ai, char *buf, size_t size)
+{
+	char host[INET6_ADDRSTRLEN];
+	const void *a = ai->ai_family == AF_INET6
+				? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+				: (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+
 	if (evutil_inet_ntop(ai->ai_family, a, host, sizeof(host)) == NULL)
 		snprintf(host, sizeof(host), "?");
-	snprintf(s->addr_text, sizeof(s->addr_text), ai->ai_family == AF_INET6 ? "[%s]" : "%s",
-		 host);
-	if (s->bev != NULL)
-		bufferevent_free(s->bev);
-	if (s->p.tls == POP3_TLS_IMPLICIT) {
-		/* TLS from the first byte: CONNECTED comes after the handshake */
-		s->ssl = tls_ssl_new(s->p.tls_ctx, s->p.host);
-		s->bev = bufferevent_openssl_socket_new(
-			s->base, -1, s->ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
-		if (s->bev != NULL)
-			bufferevent_openssl_set_allow_dirty_shutdown(s->bev, 1);
-	} else {
-		s->bev = bufferevent_socket_new(s->base, -1, BEV_OPT_CLOSE_ON_FREE);
+	snprintf(buf, size, ai->ai_family == AF_INET6 ? "[%s]" : "%s", host);
+}
+
+/*
+ * The order to try the addresses in (RFC 8305 §4): the resolver's first,
+ * then the families alternating, each in the resolver's order. At most
+ * ADDR_MAX of them: a DNS answer decides how many sockets a session opens.
+ */
+static void
+order_addresses(struct pop3_session *s)
+{
+	const struct evutil_addrinfo *fam[2][ADDR_MAX];
+	size_t n[2] = {0, 0}, k[2] = {0, 0};
+	int first = -1;
+
+	for (const struct evutil_addrinfo *ai = s->addrs; ai != NULL; ai = ai->ai_next) {
+		if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
+			continue;
+		int f = ai->ai_family == AF_INET6;
+		if (first < 0)
+			first = f;
+		if (n[f] < ADDR_MAX)
+			fam[f][n[f]++] = ai;
 	}
-	if (s->bev == NULL)
-		abort();
-	set_read_size(s->bev);
-	bufferevent_setcb(s->bev, on_read, NULL, on_event, s);
-	bufferevent_enable(s->bev, EV_READ | EV_WRITE);
-	log_debug(s->p.id, "pop3: connecting to %s port %u", s->addr_text, s->p.port);
-	if (bufferevent_socket_connect(s->bev, ai->ai_addr, (int)ai->ai_addrlen) < 0)
-		connect_failed(s, EVUTIL_SOCKET_ERROR());
+	s->naddrs = 0;
+	for (int f = first < 0 ? 0 : first; s->naddrs < ADDR_MAX && (k[0] < n[0] || k[1] < n[1]);
+	     f = !f)
+		if (k[f] < n[f])
+			s->order[s->naddrs++] = fam[f][k[f]++];
+	for (size_t i = 0; i < s->naddrs; i++) {
+		s->att[i] = (struct attempt){.s = s, .fd = -1};
+		format_address(s->order[i], s->att[i].addr, sizeof(s->att[i].addr));
+	}
 }
 
 static void
@@ -1178,41 +1348,58 @@ on_resolved(int result, struct evutil_addrinfo *res, void *arg)
 		return;
 	}
 	if (result != 0) {
-		fail(s, POP3_FAIL_RESOLVE, "cannot resolve the host name: %s",
+		fail(s, POP3_FAIL_RESOLVE, "cannot resolve %s: %s", s->p.host,
 		     evutil_gai_strerror(result));
 		return;
 	}
-	s->addrs = s->next_addr = res;
-	connect_next(s);
+	s->addrs = res;
+	order_addresses(s);
+	if (s->naddrs == 0) {
+		fail(s, POP3_FAIL_RESOLVE, "%s has no IPv4 or IPv6 address", s->p.host);
+		return;
+	}
+	start_attempt(s);
 }
 
-/* Did the TCP connection come up? When it did not, *err gets the reason
- * if the socket still holds one. */
-static bool
-tcp_connected(struct bufferevent *bev, int *err)
+/*
+ * TCP is up on one address: the others are closed. Without TLS (or for
+ * STLS later) the greeting is next; with implicit TLS the handshake, still
+ * within timeouts.connect.
+ */
+static void
+tcp_up(struct pop3_session *s, struct attempt *a)
 {
-	evutil_socket_t fd = bufferevent_getfd(bev);
-	struct sockaddr_storage peer;
-	socklen_t len = sizeof(peer);
-	int soerr = 0;
-	socklen_t solen = sizeof(soerr);
+	evutil_socket_t fd = a->fd;
 
-	if (fd < 0)
-		return false;
-	if (getpeername(fd, (struct sockaddr *)&peer, &len) == 0)
-		return true;
-	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &solen) == 0 && soerr != 0)
-		*err = soerr;
-	return false;
-}
-
-/* Implicit TLS: did the ClientHello (a byte of it) reach the socket? */
-static bool
-hello_sent(const struct pop3_session *s)
-{
-	BIO *wbio = s->ssl != NULL ? SSL_get_wbio(s->ssl) : NULL;
-
-	return wbio != NULL && BIO_number_written(wbio) > 0;
+	a->fd = -1;
+	close_attempt(a);
+	cancel_attempts(s);
+	snprintf(s->addr_text, sizeof(s->addr_text), "%s", a->addr);
+	log_debug(s->p.id, "pop3: connected to %s port %u", s->addr_text, s->p.port);
+	if (s->p.tls == POP3_TLS_IMPLICIT) {
+		s->ssl = tls_ssl_new(s->p.tls_ctx, s->p.host);
+		s->bev = bufferevent_openssl_socket_new(
+			s->base, fd, s->ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
+		if (s->bev != NULL)
+			bufferevent_openssl_set_allow_dirty_shutdown(s->bev, 1);
+	} else {
+		evtimer_del(s->conn_timer);
+		s->bev = bufferevent_socket_new(s->base, fd, BEV_OPT_CLOSE_ON_FREE);
+	}
+	if (s->bev == NULL)
+		abort();
+	set_read_size(s->bev);
+	set_nodelay(s->bev);
+	bufferevent_setcb(s->bev, on_read, NULL, on_event, s);
+	if (!progress(s, POP3_PROGRESS_CONNECTED))
+		return;
+	bufferevent_enable(s->bev, EV_READ | EV_WRITE);
+	if (s->p.tls == POP3_TLS_IMPLICIT) {
+		set_state(s, P3_HANDSHAKE);
+		return;
+	}
+	set_state(s, P3_GREETING);
+	arm_timer(s);
 }
 
 static void
@@ -1221,19 +1408,11 @@ on_event(struct bufferevent *bev, short what, void *arg)
 	struct pop3_session *s = arg;
 	int err = EVUTIL_SOCKET_ERROR();
 
-	if (what & BEV_EVENT_CONNECTED) {
+	if ((what & BEV_EVENT_CONNECTED) && s->state == P3_HANDSHAKE) {
 		evtimer_del(s->conn_timer);
-		if (s->state == P3_CONNECT) {
-			set_nodelay(bev);
-			if (!progress(s, POP3_PROGRESS_CONNECTED))
-				return;
-		}
-		if ((s->p.tls == POP3_TLS_IMPLICIT && s->state == P3_CONNECT) ||
-		    s->state == P3_HANDSHAKE) {
-			if (!tls_established(s))
-				return;
-		}
-		if (s->state == P3_HANDSHAKE) {
+		if (!tls_established(s))
+			return;
+		if (s->tls_active && s->p.tls == POP3_TLS_EXPLICIT) {
 			/* what was learnt in clear is forgotten and asked again */
 			enter_state(s, P3_CAPA);
 			return;
@@ -1242,25 +1421,10 @@ on_event(struct bufferevent *bev, short what, void *arg)
 		arm_timer(s);
 		return;
 	}
+	if (what & BEV_EVENT_CONNECTED)
+		return;
 	if (s->state == P3_HANDSHAKE) {
 		fail_handshake(s, what, err);
-		return;
-	}
-	if (s->state == P3_CONNECT) {
-		/* with implicit TLS, a refused TCP connection has no TLS error, but
-		 * libevent may report it as the end of the handshake; TCP was up
-		 * when a byte of the ClientHello went out (the peer may have reset
-		 * the connection since, and getpeername() fail) */
-		if (s->p.tls == POP3_TLS_IMPLICIT &&
-		    (hello_sent(s) ||
-		     (tcp_connected(bev, &err) &&
-		      ((what & BEV_EVENT_EOF) || bufferevent_get_openssl_error(bev) != 0)))) {
-			/* TCP was up: the handshake failed */
-			if (progress(s, POP3_PROGRESS_CONNECTED))
-				fail_handshake(s, what, err);
-			return;
-		}
-		connect_failed(s, err);
 		return;
 	}
 	/* drain what the server said before it closed */
@@ -1282,11 +1446,48 @@ on_event(struct bufferevent *bev, short what, void *arg)
 		     evutil_socket_error_to_string(err));
 }
 
+/* What the session waits for in its state: for a timeout's message. */
+static const char *
+waited_for(const struct pop3_session *s, char *buf, size_t size)
+{
+	const char *name = state_names[s->state];
+
+	switch (s->state) {
+	case P3_GREETING:
+		snprintf(buf, size, "the server's greeting");
+		break;
+	case P3_AUTH:
+		snprintf(buf, size, "the server's next step of the AUTH %s exchange", s->mechanism);
+		break;
+	case P3_CAPA:
+	case P3_UIDL:
+	case P3_LIST:
+		snprintf(buf, size,
+			 s->multiline ? "the rest of the %s listing" : "the answer to %s", name);
+		break;
+	case P3_RETR:
+		if (s->multiline)
+			snprintf(buf, size, "the data of message %lu (RETR %lu)", s->cur_num,
+				 s->cur_num);
+		else
+			snprintf(buf, size, "the answer to RETR %lu", s->cur_num);
+		break;
+	case P3_DELE:
+		snprintf(buf, size, "the answer to DELE %lu", s->cur_num);
+		break;
+	default:
+		snprintf(buf, size, "the answer to %s", name);
+		break;
+	}
+	return buf;
+}
+
 static void
 on_cmd_timeout(evutil_socket_t fd, short what, void *arg)
 {
 	struct pop3_session *s = arg;
 	size_t got = s->rx_window;
+	char what_for[128];
 
 	(void)fd;
 	(void)what;
@@ -1295,23 +1496,45 @@ on_cmd_timeout(evutil_socket_t fd, short what, void *arg)
 		arm_timer(s);
 		return;
 	}
+	waited_for(s, what_for, sizeof(what_for));
 	if (s->multiline)
-		fail(s, POP3_FAIL_TIMEOUT, "the server stalled in %s: %zu bytes in %u s",
-		     state_names[s->state], got, s->p.command_timeout);
+		fail(s, POP3_FAIL_TIMEOUT,
+		     "timed out waiting for %s: %zu bytes in %u s (timeouts.command: less than "
+		     "1 KiB in that time is a stall)",
+		     what_for, got, s->p.command_timeout);
 	else
-		fail(s, POP3_FAIL_TIMEOUT, "no response in %s within %u s", state_names[s->state],
+		fail(s, POP3_FAIL_TIMEOUT,
+		     "timed out waiting for %s: nothing within %u s (timeouts.command)", what_for,
 		     s->p.command_timeout);
 }
 
+/* timeouts.connect: DNS, TCP and the TLS handshake. Once TCP is up, that
+ * is a server that stalled (75), not one out of reach (69). */
 static void
 on_conn_timeout(evutil_socket_t fd, short what, void *arg)
 {
 	struct pop3_session *s = arg;
+	unsigned t = s->p.connect_timeout;
 
 	(void)fd;
 	(void)what;
-	fail(s, POP3_FAIL_CONNECT, "cannot connect: no connection within %u s (timeouts.connect)",
-	     s->p.connect_timeout);
+	if (s->state == P3_HANDSHAKE) {
+		fail(s, POP3_FAIL_TIMEOUT,
+		     "the TLS handshake with %s did not complete within %u s (timeouts.connect)",
+		     s->addr_text, t);
+		return;
+	}
+	if (s->dns_req != NULL) {
+		fail(s, POP3_FAIL_RESOLVE, "cannot resolve %s within %u s (timeouts.connect)",
+		     s->p.host, t);
+		return;
+	}
+	for (size_t i = 0; i < s->naddrs; i++)
+		if (s->att[i].fd >= 0)
+			note_connect_error(s, s->att[i].addr, "no answer");
+	fail(s, POP3_FAIL_CONNECT,
+	     "cannot connect to %s port %u: no TCP connection within %u s (timeouts.connect)%s%s",
+	     s->p.host, s->p.port, t, s->connect_errors[0] ? ": " : "", s->connect_errors);
 }
 
 struct pop3_session *
@@ -1328,7 +1551,8 @@ pop3_session_new(struct event_base *base, struct evdns_base *dns, const struct p
 	s->state = P3_INIT;
 	s->cmd_timer = evtimer_new(base, on_cmd_timeout, s);
 	s->conn_timer = evtimer_new(base, on_conn_timeout, s);
-	if (s->cmd_timer == NULL || s->conn_timer == NULL)
+	s->attempt_timer = evtimer_new(base, on_attempt_delay, s);
+	if (s->cmd_timer == NULL || s->conn_timer == NULL || s->attempt_timer == NULL)
 		abort();
 	return s;
 }
@@ -1354,12 +1578,14 @@ free_now(struct pop3_session *s)
 {
 	if (s->dns_req != NULL)
 		evdns_getaddrinfo_cancel(s->dns_req);
+	cancel_attempts(s);
 	if (s->addrs != NULL)
 		evutil_freeaddrinfo(s->addrs);
 	if (s->bev != NULL)
 		bufferevent_free(s->bev);
 	event_free(s->cmd_timer);
 	event_free(s->conn_timer);
+	event_free(s->attempt_timer);
 	auth_free(s->auth);
 	if (s->auth_pending != NULL) {
 		explicit_bzero(s->auth_pending, strlen(s->auth_pending));
@@ -1369,6 +1595,7 @@ free_now(struct pop3_session *s)
 	free(s->cb_exporter);
 	free(s->queue);
 	free(s->uids);
+	free(s->uid_bytes);
 	free(s->msgs);
 	free(s);
 }
@@ -1394,6 +1621,7 @@ pop3_abort(struct pop3_session *s)
 	s->dead = true;
 	if (s->bev != NULL)
 		bufferevent_disable(s->bev, EV_READ | EV_WRITE);
+	cancel_attempts(s);
 	evtimer_del(s->cmd_timer);
 	evtimer_del(s->conn_timer);
 	set_state(s, P3_DONE);

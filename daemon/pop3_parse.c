@@ -288,6 +288,25 @@ enum {
 	DOT_DOTCR, /* after ".\r" at the beginning of a line */
 };
 
+int
+pop3_looks_like_status(const char *buf, size_t len)
+{
+	static const char *const status[] = {"+OK", "-ERR"};
+
+	for (size_t i = 0; i < 2; i++) {
+		size_t n = strlen(status[i]);
+		if (len <= n) {
+			if (memcmp(buf, status[i], len) == 0)
+				return -1;
+			continue;
+		}
+		if (memcmp(buf, status[i], n) == 0 &&
+		    (buf[n] == ' ' || buf[n] == '\r' || buf[n] == '\n'))
+			return 1;
+	}
+	return 0;
+}
+
 void
 pop3_dot_init(struct pop3_dot *d)
 {

@@ -45,7 +45,10 @@ struct pop3_params {
 	const char *token; /* OAuth2 access token, for XOAUTH2 / OAUTHBEARER */
 	/* allowed mechanisms in order of preference, NULL-terminated */
 	const char *const *mechanisms;
-	unsigned connect_timeout; /* seconds: DNS + TCP (+ TLS) */
+	/* seconds: DNS + TCP (+ TLS). The host's addresses are tried in turn,
+	 * the next one when the one before has failed or not connected within
+	 * 250 ms (RFC 8305); the first to connect is used. */
+	unsigned connect_timeout;
 	unsigned command_timeout; /* seconds: see DESIGN.md §1 timeouts.command */
 	/* after POP3_PROGRESS_CAPA, wait for pop3_login() (or pop3_quit()) */
 	bool hold_login;
@@ -57,7 +60,7 @@ struct pop3_params {
  * step as it succeeds (the test command). */
 enum pop3_progress {
 	POP3_PROGRESS_CONNECTED, /* TCP connected: pop3_address(); with implicit TLS
-				  * reported when the handshake has ended, either way */
+				  * the handshake comes next */
 	POP3_PROGRESS_TLS,	 /* handshake done, certificate accepted: pop3_ssl() */
 	POP3_PROGRESS_CAPA,	 /* the capabilities the login goes by: pop3_capa() */
 };
@@ -66,7 +69,9 @@ enum pop3_progress {
 struct pop3_msg {
 	unsigned long num;
 	uint64_t size;
-	char uid[POP3_UIDL_MAX + 1]; /* "" when the server has no UIDL */
+	/* "" when the server has no UIDL for it; the bytes are the session's,
+	 * valid until it is freed (a listing of many messages is kept once) */
+	const char *uid;
 };
 
 /* A failure as the owner hears of it. */
@@ -90,6 +95,13 @@ struct pop3_events {
 	/* the whole message was sent; or error (the server's text) when it
 	 * refused the RETR: the session goes on */
 	void (*retrieved)(void *arg, unsigned long num, const char *error);
+	/* pipelined, the data of RETR num began with a line that reads as a
+	 * status line (first_line, made printable): the message may begin so,
+	 * or the server's responses are out of step with the commands; the
+	 * session cannot tell. The data was read to its end and dropped, the
+	 * session goes on; a session with params.lockstep can tell. NULL: the
+	 * session fails instead (POP3_FAIL_PROTOCOL). */
+	void (*ambiguous)(void *arg, unsigned long num, const char *first_line);
 	void (*deleted)(void *arg, unsigned long num, bool ok);
 	void (*quit)(void *arg, bool ok); /* ok: the server committed the deletions */
 	void (*failed)(void *arg, const struct pop3_error *err);

@@ -75,6 +75,12 @@ int pop3_parse_stat(const char *text, size_t len, unsigned long *count, uint64_t
  * a dot-stuffed line has its first dot removed (*line, *len adjusted); 0. */
 int pop3_listing_line(const char **line, size_t *len);
 
+/* Do the first bytes of a RETR's data read as a status line: "+OK" or
+ * "-ERR" followed by a space or the end of the line? A message may begin
+ * so; so does the data of a pipelined RETR whose responses are out of step
+ * with the commands. 1: they do, 0: they do not, -1: too few bytes to tell. */
+int pop3_looks_like_status(const char *buf, size_t len);
+
 /*
  * Streaming dot-unstuffing of multi-line message data (RFC 1939 §3): feed
  * the bytes after the "+OK" line in chunks of any size; the message bytes

@@ -34,6 +34,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	pop3_parse_list_line(s, size, &num, &sz);
 	pop3_parse_stat(s, size, &num, &sz);
 	pop3_listing_line(&line, &len);
+	/* a longer input never takes back what a prefix of it decided */
+	int like = pop3_looks_like_status(s, size);
+	for (size_t k = 0; k <= size && k <= 6; k++) {
+		int pre = pop3_looks_like_status(s, k);
+		if (like < -1 || like > 1 || (pre >= 0 && pre != like))
+			abort();
+	}
 
 	/* unstuff in pieces whose sizes come from the data itself */
 	out = malloc(size + 1);

@@ -214,6 +214,36 @@ dot(void)
 	CHECK(unstuff("abc\r\n.", 6, 6, out, &consumed) == -1);
 }
 
+static void
+status_like(void)
+{
+	static const struct {
+		const char *in;
+		int want;
+	} cases[] = {
+		{"+OK 120 octets\r\n", 1},
+		{"+OK\r\n", 1},
+		{"+OK\n", 1},
+		{"-ERR no such message\r\n", 1},
+		{"-ERR\r\n", 1},
+		{"+OKAY: a header\r\n", 0},
+		{"+ok lower case\r\n", 0},
+		{"-ERRATA: 1\r\n", 0},
+		{"Received: from x\r\n", 0},
+		{"+", -1},
+		{"+O", -1},
+		{"+OK", -1},
+		{"-ER", -1},
+		{"-ERR", -1},
+		{"", -1},
+		{"+X", 0},
+		{"R", 0},
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		CHECK(pop3_looks_like_status(cases[i].in, strlen(cases[i].in)) == cases[i].want);
+}
+
 int
 main(void)
 {
@@ -221,5 +251,6 @@ main(void)
 	capa();
 	listings();
 	dot();
+	status_like();
 	CHECK_DONE();
 }
