@@ -693,7 +693,8 @@ filename_of(GMimePart *part)
 	char *fixed, *name = NULL;
 
 	if ((fixed = without_encoded_nul(obj, "Content-Disposition")) != NULL) {
-		GMimeContentDisposition *d = g_mime_content_disposition_parse(NULL, fixed);
+		GMimeContentDisposition *d =
+			g_mime_content_disposition_parse(mime_parser_options(), fixed);
 		const char *fn = d ? g_mime_content_disposition_get_parameter(d, "filename") : NULL;
 		name = decode_name(fn);
 		if (d != NULL)
@@ -706,7 +707,7 @@ filename_of(GMimePart *part)
 		disp == NULL || g_mime_content_disposition_get_parameter(disp, "filename") == NULL;
 	if (name == NULL && from_type &&
 	    (fixed = without_encoded_nul(obj, "Content-Type")) != NULL) {
-		GMimeContentType *ct = g_mime_content_type_parse(NULL, fixed);
+		GMimeContentType *ct = g_mime_content_type_parse(mime_parser_options(), fixed);
 		name = decode_name(ct ? g_mime_content_type_get_parameter(ct, "name") : NULL);
 		if (ct != NULL)
 			g_object_unref(ct);
@@ -767,13 +768,12 @@ message_part(struct ctx *c, GMimeMessagePart *mp)
 	GMimeMessage *m = g_mime_message_part_get_message(mp);
 	GMimeObject *obj = GMIME_OBJECT(mp);
 	char *subject = NULL, *orig = NULL, *ctype, want[MIME_NAME_MAX + 1];
-	const char *s;
 
 	if (!c->o->save_attachments)
 		return;
 	ctype = mime_type_of(obj);
-	if (m != NULL && (s = g_mime_message_get_subject(m)) != NULL)
-		subject = decode_name(s);
+	if (m != NULL)
+		subject = mime_decoded_field(GMIME_OBJECT(m), "Subject");
 	{
 		GMimeContentDisposition *d = g_mime_object_get_content_disposition(obj);
 		const char *fn = d ? g_mime_content_disposition_get_parameter(d, "filename") : NULL;
@@ -945,7 +945,7 @@ inner_entity(struct ctx *c, int fd, unsigned layer)
 	stream = g_mime_stream_fs_new(fd); /* owns fd */
 	parser = g_mime_parser_new_with_stream(stream);
 	g_mime_parser_set_persist_stream(parser, TRUE);
-	obj = g_mime_parser_construct_part(parser, NULL);
+	obj = g_mime_parser_construct_part(parser, mime_parser_options());
 	if (obj == NULL) {
 		add_note(c, "the S/MIME content is not a MIME entity; nothing extracted");
 	} else {
@@ -1132,7 +1132,7 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 	stream = eml_stream(fd); /* owns fd */
 	parser = g_mime_parser_new_with_stream(stream);
 	g_mime_parser_set_persist_stream(parser, TRUE);
-	msg = g_mime_parser_construct_message(parser, NULL);
+	msg = g_mime_parser_construct_message(parser, mime_parser_options());
 	if (o->headers != NULL) {
 		if (msg != NULL)
 			mime_message_headers(msg, o->headers);
