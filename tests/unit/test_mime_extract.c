@@ -496,6 +496,7 @@ hostile(void)
 #define HOSTILE_CPU    0.5
 #endif
 #define WORDS10 "=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x"
+#define A60	"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 #define E9x9	"%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9"
 
 /* head, unit repeated (a printf format of the repetition's number) to the
@@ -538,6 +539,9 @@ static const struct {
 	 ".pdf\"\n\nbody\n", NULL},
 	{"long filename of controls", "Content-Disposition: attachment; filename=\"",
 	 "\xe2\x80\xae\x01/", ".pdf\"\n\nbody\n", NULL},
+	{"a thousand parts of one long name", "Content-Type: multipart/mixed; boundary=B\n\n",
+	 "--B\nContent-Disposition: attachment; filename=\"" A60 A60 A60 A60 ".pdf\"\n\nx\n",
+	 "--B--\n", NULL},
 	{"nested message's Subject",
 	 "Content-Type: multipart/mixed; boundary=B\n\n--B\nContent-Type: message/rfc822\n\n"
 	 "Subject: ",
