@@ -24,9 +24,10 @@ mime_init(void)
 	/*
 	 * GMime's loose RFC 2047 reading (its default) looks for the end of
 	 * every "=?" up to the end of the value: quadratic in a stranger's
-	 * header, seconds for a megabyte. The strict reading splits the value
-	 * at white space first and is linear. What popfetchd shows decodes
-	 * the raw values itself (mime_decode_header), loosely and linearly.
+	 * header, a minute for a megabyte. The strict reading splits the
+	 * value at white space first and is linear. What popfetchd shows is
+	 * decoded from the raw values by mime_decode_header, loosely and
+	 * linearly, and so is a file name GMime leaves with "=?" in it.
 	 */
 	parser_options = g_mime_parser_options_new();
 	g_mime_parser_options_set_rfc2047_compliance_mode(parser_options,
