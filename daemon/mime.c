@@ -13,15 +13,32 @@
 #include "popfetchd/mime.h"
 #include "popfetchd/util.h"
 
+static GMimeParserOptions *parser_options;
+
 void
 mime_init(void)
 {
-	static int done;
+	if (parser_options != NULL)
+		return;
+	g_mime_init();
+	/*
+	 * GMime's loose RFC 2047 reading (its default) looks for the end of
+	 * every "=?" up to the end of the value: quadratic in a stranger's
+	 * header, a minute for a megabyte. The strict reading splits the
+	 * value at white space first and is linear. What popfetchd shows is
+	 * decoded from the raw values by mime_decode_header, loosely and
+	 * linearly, and so is a file name GMime leaves with "=?" in it.
+	 */
+	parser_options = g_mime_parser_options_new();
+	g_mime_parser_options_set_rfc2047_compliance_mode(parser_options,
+							  GMIME_RFC_COMPLIANCE_STRICT);
+}
 
-	if (!done) {
-		g_mime_init();
-		done = 1;
-	}
+GMimeParserOptions *
+mime_parser_options(void)
+{
+	mime_init();
+	return parser_options;
 }
 
 static char *
@@ -34,24 +51,69 @@ dup_or_null(const char *s)
 	return *s ? xstrdup(s) : NULL;
 }
 
-/* Bytes in charset to UTF-8, appended to out; never fails (best effort). */
+/*
+ * What mime_decode_header has read so far: the text converted to UTF-8,
+ * then either the bytes of adjacent encoded words in one charset or the
+ * literal text after them (unfolded), each converted as a whole when the
+ * other kind begins, so that the work is linear in the number of words.
+ */
+struct decoder {
+	GString *out;
+	GByteArray *words;
+	char cs[64]; /* the charset of words */
+	GString *lit;
+	/* converters to UTF-8 by charset name (lower case), opened once per
+	 * value: a value can switch charsets at every word, and opening one
+	 * costs far more than converting a word; (GIConv)-1 when there is none */
+	GHashTable *conv;
+};
+
 static void
-append_converted(GString *out, const char *bytes, size_t len, const char *charset)
+close_converter(gpointer cd)
+{
+	if ((GIConv)cd != (GIConv)-1)
+		g_iconv_close((GIConv)cd);
+}
+
+static GIConv
+converter(struct decoder *d, const char *charset)
+{
+	gchar *key = g_ascii_strdown(charset, -1);
+	gpointer cd;
+
+	if (g_hash_table_lookup_extended(d->conv, key, NULL, &cd)) {
+		g_free(key);
+		/* back to the initial state: a failed conversion may leave it shifted */
+		if ((GIConv)cd != (GIConv)-1)
+			g_iconv((GIConv)cd, NULL, NULL, NULL, NULL);
+		return (GIConv)cd;
+	}
+	cd = g_iconv_open("UTF-8", g_mime_charset_iconv_name(charset));
+	g_hash_table_insert(d->conv, key, cd);
+	return (GIConv)cd;
+}
+
+/* Bytes in charset (NULL: UTF-8, or else Windows-1252) to UTF-8, appended
+ * to d->out; never fails (best effort). */
+static void
+append_converted(struct decoder *d, const char *bytes, size_t len, const char *charset)
 {
 	gchar *u = NULL;
+	GIConv cd;
 
 	if (len == 0)
 		return;
 	if (charset != NULL && g_ascii_strcasecmp(charset, "UTF-8") != 0 &&
-	    g_ascii_strcasecmp(charset, "US-ASCII") != 0)
-		u = g_convert(bytes, (gssize)len, "UTF-8", g_mime_charset_iconv_name(charset), NULL,
-			      NULL, NULL);
-	if (u == NULL && !g_utf8_validate(bytes, (gssize)len, NULL))
+	    g_ascii_strcasecmp(charset, "US-ASCII") != 0 &&
+	    (cd = converter(d, charset)) != (GIConv)-1)
+		u = g_convert_with_iconv(bytes, (gssize)len, cd, NULL, NULL, NULL);
+	if (u == NULL && !g_utf8_validate(bytes, (gssize)len, NULL) &&
+	    (cd = converter(d, "WINDOWS-1252")) != (GIConv)-1)
 		/* unknown charset or raw 8-bit: the commonest legacy one */
-		u = g_convert(bytes, (gssize)len, "UTF-8", "WINDOWS-1252", NULL, NULL, NULL);
+		u = g_convert_with_iconv(bytes, (gssize)len, cd, NULL, NULL, NULL);
 	if (u == NULL)
 		u = g_utf8_make_valid(bytes, (gssize)len);
-	g_string_append(out, u);
+	g_string_append(d->out, u);
 	g_free(u);
 }
 
@@ -83,20 +145,31 @@ decode_payload(GByteArray *buf, char enc, const char *text, size_t len)
 }
 
 /*
+ * An encoded word longer than this is read as plain text. RFC 2047 allows
+ * 75 characters; some mailers write longer ones, a whole subject in one
+ * word, but none this long.
+ */
+#define WORD_MAX 1024
+
+/*
  * One encoded word "=?charset?E?text?=" at p: its parts, and its end.
- * RFC 2231 language suffixes ("UTF-8*en") are dropped.
+ * RFC 2231 language suffixes ("UTF-8*en") are dropped. *clear is where the
+ * search for a "?=" stopped last time without finding one (at white space,
+ * the WORD_MAX window or the end): a word starting before it needs no
+ * second look at the same bytes, so a value full of unterminated words is
+ * read in linear time.
  */
 static bool
 parse_word(const char *p, const char *end, char *charset, size_t csize, char *enc,
-	   const char **text, size_t *tlen, const char **after)
+	   const char **text, size_t *tlen, const char **after, const char **clear)
 {
-	const char *q, *c;
+	const char *q, *c, *limit;
 
 	if (end - p < 8 || p[0] != '=' || p[1] != '?')
 		return false;
 	c = p + 2;
-	q = memchr(c, '?', (size_t)(end - c));
-	if (q == NULL || q == c || (size_t)(q - c) >= csize || end - q < 5 || q[2] != '?')
+	q = memchr(c, '?', MIN((size_t)(end - c), csize));
+	if (q == NULL || q == c || end - q < 5 || q[2] != '?')
 		return false;
 	if (strchr("BbQq", q[1]) == NULL)
 		return false;
@@ -106,16 +179,62 @@ parse_word(const char *p, const char *end, char *charset, size_t csize, char *en
 		charset[c - charset] = '\0';
 	*enc = q[1];
 	*text = q + 3;
-	for (q = *text; q + 1 < end; q++) {
+	limit = end - p > WORD_MAX ? p + WORD_MAX : end;
+	for (q = MAX(*text, *clear); q + 1 < limit; q++) {
 		if (*q == ' ' || *q == '\t')
-			return false;
+			break;
 		if (q[0] == '?' && q[1] == '=') {
 			*tlen = (size_t)(q - *text);
 			*after = q + 2;
 			return true;
 		}
 	}
+	*clear = q;
 	return false;
+}
+
+static void
+flush_words(struct decoder *d)
+{
+	if (d->words->len > 0)
+		append_converted(d, (char *)d->words->data, d->words->len, d->cs);
+	g_byte_array_set_size(d->words, 0);
+}
+
+static void
+flush_literal(struct decoder *d)
+{
+	append_converted(d, d->lit->str, d->lit->len, NULL);
+	g_string_truncate(d->lit, 0);
+}
+
+/* The literal text from lit to p, unfolded (CR and LF dropped). */
+static void
+add_literal(struct decoder *d, const char *lit, const char *p)
+{
+	flush_words(d);
+	for (const char *q = lit; q < p; q++)
+		if (*q != '\r' && *q != '\n')
+			g_string_append_c(d->lit, *q);
+}
+
+static void
+add_word(struct decoder *d, const char *charset, char enc, const char *text, size_t tlen)
+{
+	flush_literal(d);
+	if (g_ascii_strcasecmp(charset, d->cs) != 0)
+		flush_words(d);
+	snprintf(d->cs, sizeof(d->cs), "%s", charset);
+	decode_payload(d->words, enc, text, tlen);
+}
+
+static bool
+is_blank(const char *s, const char *end)
+{
+	for (; s < end; s++)
+		if (*s != ' ' && *s != '\t' && *s != '\r' && *s != '\n')
+			return false;
+	return true;
 }
 
 /*
@@ -123,63 +242,48 @@ parse_word(const char *p, const char *end, char *charset, size_t csize, char *en
  * Adjacent encoded words in one charset are joined as bytes before the
  * conversion, so a character split across two words survives (GMime 3.2
  * joins their base64 text instead and loses a word after "==" padding).
+ * Linear in the length of raw, whatever it holds.
  */
 char *
 mime_decode_header(const char *raw)
 {
-	GString *out = g_string_new(NULL);
-	GByteArray *pending = g_byte_array_new();
-	char charset[64], pending_cs[64] = "", enc;
-	const char *p = raw, *end = raw + strlen(raw), *text, *after, *lit;
+	struct decoder d = {
+		g_string_new(NULL), g_byte_array_new(), "", g_string_new(NULL),
+		g_hash_table_new_full(g_str_hash, g_str_equal, g_free, close_converter)};
+	const char *p = raw, *end = raw + strlen(raw), *text, *after, *lit, *clear = raw;
+	char charset[64], enc;
 	size_t tlen;
 	bool last_was_word = false;
 
 	while (p < end) {
-		if (parse_word(p, end, charset, sizeof(charset), &enc, &text, &tlen, &after)) {
-			if (pending->len > 0 && g_ascii_strcasecmp(charset, pending_cs) != 0) {
-				append_converted(out, (char *)pending->data, pending->len,
-						 pending_cs);
-				g_byte_array_set_size(pending, 0);
-			}
-			snprintf(pending_cs, sizeof(pending_cs), "%s", charset);
-			decode_payload(pending, enc, text, tlen);
+		if (parse_word(p, end, charset, sizeof(charset), &enc, &text, &tlen, &after,
+			       &clear)) {
+			add_word(&d, charset, enc, text, tlen);
 			last_was_word = true;
 			p = after;
 			continue;
 		}
-		/* literal text up to the next "=?", unfolded */
+		/* literal text up to the next "=?" */
 		lit = p;
 		while (p < end && !(p[0] == '=' && p + 1 < end && p[1] == '?' && p != lit))
 			p++;
-		bool blank = true;
-		for (const char *q = lit; q < p; q++)
-			if (*q != ' ' && *q != '\t' && *q != '\r' && *q != '\n')
-				blank = false;
-		if (blank && last_was_word && p < end)
+		if (last_was_word && p < end && is_blank(lit, p))
 			continue; /* white space between two encoded words vanishes */
-		if (pending->len > 0) {
-			append_converted(out, (char *)pending->data, pending->len, pending_cs);
-			g_byte_array_set_size(pending, 0);
-		}
-		GString *unfolded = g_string_new(NULL);
-		for (const char *q = lit; q < p; q++)
-			if (*q != '\r' && *q != '\n')
-				g_string_append_c(unfolded, *q);
-		append_converted(out, unfolded->str, unfolded->len, NULL);
-		g_string_free(unfolded, TRUE);
+		add_literal(&d, lit, p);
 		last_was_word = false;
 	}
-	if (pending->len > 0)
-		append_converted(out, (char *)pending->data, pending->len, pending_cs);
-	g_byte_array_free(pending, TRUE);
-	char *r = dup_or_null(g_strstrip(out->str));
-	g_string_free(out, TRUE);
+	flush_words(&d);
+	flush_literal(&d);
+	g_byte_array_free(d.words, TRUE);
+	g_string_free(d.lit, TRUE);
+	g_hash_table_destroy(d.conv);
+	char *r = dup_or_null(g_strstrip(d.out->str));
+	g_string_free(d.out, TRUE);
 	return r;
 }
 
-/* The raw value of a header field, decoded; NULL when absent or empty. */
-static char *
-decoded_field(GMimeObject *obj, const char *name)
+char *
+mime_decoded_field(GMimeObject *obj, const char *name)
 {
 	GMimeHeader *h = g_mime_header_list_get_header(g_mime_object_get_header_list(obj), name);
 	const char *raw = h ? g_mime_header_get_raw_value(h) : NULL;
@@ -221,7 +325,7 @@ mime_parse_headers(const char *buf, size_t len, struct mime_headers *ret)
 	g_mime_stream_write_string(stream, "\r\n\r\n");
 	g_mime_stream_reset(stream);
 	parser = g_mime_parser_new_with_stream(stream);
-	msg = g_mime_parser_construct_message(parser, NULL);
+	msg = g_mime_parser_construct_message(parser, parser_options);
 	if (msg != NULL) {
 		mime_message_headers(msg, &h);
 		g_object_unref(msg);
@@ -237,11 +341,11 @@ mime_message_headers(GMimeMessage *msg, struct mime_headers *ret)
 	struct mime_headers h = {0};
 
 	h.message_id = dup_or_null(g_mime_message_get_message_id(msg));
-	h.date = decoded_field(GMIME_OBJECT(msg), "Date");
-	h.subject = decoded_field(GMIME_OBJECT(msg), "Subject");
-	h.from = decoded_field(GMIME_OBJECT(msg), "From");
-	h.to = decoded_field(GMIME_OBJECT(msg), "To");
-	h.cc = decoded_field(GMIME_OBJECT(msg), "Cc");
+	h.date = mime_decoded_field(GMIME_OBJECT(msg), "Date");
+	h.subject = mime_decoded_field(GMIME_OBJECT(msg), "Subject");
+	h.from = mime_decoded_field(GMIME_OBJECT(msg), "From");
+	h.to = mime_decoded_field(GMIME_OBJECT(msg), "To");
+	h.cc = mime_decoded_field(GMIME_OBJECT(msg), "Cc");
 	*ret = h;
 }
 

@@ -198,6 +198,10 @@ struct ctx {
 	unsigned max_depth, max_parts, nparts;
 	unsigned long long max_decoded, decoded;
 	int attfd;
+	/* names created in attachments/, in ASCII lower case, and for each name
+	 * wanted the next variant to try (name_variant's k): a thousand parts of
+	 * one name cost a thousand tries, not half a million comparisons each */
+	GHashTable *taken, *next_variant;
 	bool stopped, have_plain, have_html;
 	int err; /* first local I/O error, -errno */
 	/* S/MIME: the most telling state met, in this order of importance */
@@ -532,20 +536,26 @@ attachments_dir(struct ctx *c)
 static int
 open_unique(struct ctx *c, const char *want, char *out, size_t size)
 {
-	const char **taken = xcalloc(c->r->natt + 1, sizeof(*taken));
+	gchar *key = g_ascii_strdown(want, -1), *folded;
+	unsigned k = MAX(1, GPOINTER_TO_UINT(g_hash_table_lookup(c->next_variant, key)));
 	int fd = -EEXIST;
 
-	for (size_t i = 0; i < c->r->natt; i++)
-		taken[i] = c->r->att[i].name;
-	for (unsigned k = 1; k < MAX_UNIQUE_ATTEMPTS && fd == -EEXIST; k++) {
+	for (; k < MAX_UNIQUE_ATTEMPTS && fd == -EEXIST; k++) {
 		name_variant(want, k, out, size);
-		if (is_taken(out, taken, c->r->natt))
+		folded = g_ascii_strdown(out, -1);
+		if (g_hash_table_contains(c->taken, folded)) {
+			g_free(folded);
 			continue;
+		}
 		fd = openat(c->attfd, out, FILE_FLAGS, FILE_MODE);
-		if (fd < 0)
+		if (fd < 0) {
 			fd = -errno;
+			g_free(folded);
+		} else {
+			g_hash_table_add(c->taken, folded);
+		}
 	}
-	free(taken);
+	g_hash_table_insert(c->next_variant, key, GUINT_TO_POINTER(k));
 	return fd;
 }
 
@@ -693,7 +703,8 @@ filename_of(GMimePart *part)
 	char *fixed, *name = NULL;
 
 	if ((fixed = without_encoded_nul(obj, "Content-Disposition")) != NULL) {
-		GMimeContentDisposition *d = g_mime_content_disposition_parse(NULL, fixed);
+		GMimeContentDisposition *d =
+			g_mime_content_disposition_parse(mime_parser_options(), fixed);
 		const char *fn = d ? g_mime_content_disposition_get_parameter(d, "filename") : NULL;
 		name = decode_name(fn);
 		if (d != NULL)
@@ -706,7 +717,7 @@ filename_of(GMimePart *part)
 		disp == NULL || g_mime_content_disposition_get_parameter(disp, "filename") == NULL;
 	if (name == NULL && from_type &&
 	    (fixed = without_encoded_nul(obj, "Content-Type")) != NULL) {
-		GMimeContentType *ct = g_mime_content_type_parse(NULL, fixed);
+		GMimeContentType *ct = g_mime_content_type_parse(mime_parser_options(), fixed);
 		name = decode_name(ct ? g_mime_content_type_get_parameter(ct, "name") : NULL);
 		if (ct != NULL)
 			g_object_unref(ct);
@@ -767,13 +778,12 @@ message_part(struct ctx *c, GMimeMessagePart *mp)
 	GMimeMessage *m = g_mime_message_part_get_message(mp);
 	GMimeObject *obj = GMIME_OBJECT(mp);
 	char *subject = NULL, *orig = NULL, *ctype, want[MIME_NAME_MAX + 1];
-	const char *s;
 
 	if (!c->o->save_attachments)
 		return;
 	ctype = mime_type_of(obj);
-	if (m != NULL && (s = g_mime_message_get_subject(m)) != NULL)
-		subject = decode_name(s);
+	if (m != NULL)
+		subject = mime_decoded_field(GMIME_OBJECT(m), "Subject");
 	{
 		GMimeContentDisposition *d = g_mime_object_get_content_disposition(obj);
 		const char *fn = d ? g_mime_content_disposition_get_parameter(d, "filename") : NULL;
@@ -945,7 +955,7 @@ inner_entity(struct ctx *c, int fd, unsigned layer)
 	stream = g_mime_stream_fs_new(fd); /* owns fd */
 	parser = g_mime_parser_new_with_stream(stream);
 	g_mime_parser_set_persist_stream(parser, TRUE);
-	obj = g_mime_parser_construct_part(parser, NULL);
+	obj = g_mime_parser_construct_part(parser, mime_parser_options());
 	if (obj == NULL) {
 		add_note(c, "the S/MIME content is not a MIME entity; nothing extracted");
 	} else {
@@ -1130,10 +1140,12 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 	if (fd < 0)
 		return -errno;
 	c.note = g_string_new(NULL);
+	c.taken = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+	c.next_variant = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
 	stream = eml_stream(fd); /* owns fd */
 	parser = g_mime_parser_new_with_stream(stream);
 	g_mime_parser_set_persist_stream(parser, TRUE);
-	msg = g_mime_parser_construct_message(parser, NULL);
+	msg = g_mime_parser_construct_message(parser, mime_parser_options());
 	if (o->headers != NULL) {
 		if (msg != NULL)
 			mime_message_headers(msg, o->headers);
@@ -1156,6 +1168,8 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 	ret->smime = c.smime == SM_FAILED ? xasprintf("not-decrypted: %s", c.smime_why)
 					  : xstrdup(state[c.smime]);
 	g_string_free(c.note, TRUE);
+	g_hash_table_destroy(c.taken);
+	g_hash_table_destroy(c.next_variant);
 	return c.err;
 }
 

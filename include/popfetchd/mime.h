@@ -20,6 +20,10 @@ struct mime_headers {
 };
 
 void mime_init(void);
+/* The options every GMime parse of a message uses (a GMimeParserOptions *):
+ * linear on hostile header values. */
+struct _GMimeParserOptions;
+struct _GMimeParserOptions *mime_parser_options(void);
 /* Parse the header block of a message in memory (the header block, or a
  * whole message; a malformed header is not an error: fields stay NULL). */
 void mime_parse_headers(const char *buf, size_t len, struct mime_headers *ret);
@@ -27,6 +31,10 @@ void mime_headers_clear(struct mime_headers *h);
 /* The same, from a message GMime has parsed already (a GMimeMessage *). */
 struct _GMimeMessage;
 void mime_message_headers(struct _GMimeMessage *msg, struct mime_headers *ret);
+/* The raw value of the header field name of obj (a GMimeObject *),
+ * decoded as by mime_decode_header; NULL when absent or empty. */
+struct _GMimeObject;
+char *mime_decoded_field(struct _GMimeObject *obj, const char *name);
 /* A raw header value (folded, RFC 2047 encoded words, any charset) as
  * UTF-8; NULL when it is empty. Never fails on bad input: best effort. */
 char *mime_decode_header(const char *raw);

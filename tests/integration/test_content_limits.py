@@ -7,6 +7,7 @@ emptied as usual."""
 import hashlib
 import json
 import os
+import resource
 from pathlib import Path
 
 from test_receive import EX_OK
@@ -95,6 +96,35 @@ def test_too_many_parts_are_cut(fake_pop3, fake_config, confdir, run_popfetchd):
     # the multipart itself is part 1: 999 leaves fit
     assert len(meta["attachments"]) == 999
     assert len(os.listdir(folder / "attachments")) == 999
+
+
+def cpu_of_children():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def test_megabyte_header_fields_take_no_time(fake_pop3, fake_config, confdir, run_popfetchd):
+    """Header fields of a megabyte full of encoded words that never end: every
+    decoder is linear, so the message is saved byte for byte and described in
+    a moment. Quadratic decoding took minutes of CPU on the event loop (past
+    the watchdog: killed, restarted, the same message fetched again)."""
+    words = b"=?a?q?x" * (1024 * 1024 // 7)
+    name = b"=?utf-8?q?abc" * (256 * 1024 // 13)
+    data = (head(words.decode()) + b"Content-Type: multipart/mixed; boundary=B\n\n"
+            b"--B\nContent-Type: text/plain\n\nhello\n"
+            b"--B\nContent-Type: application/octet-stream; name=\"" + name + b"\"\n"
+            b"Content-Disposition: attachment; filename=\"" + name + b"\"\n\nx\n--B--\n")
+    before = cpu_of_children()
+    _, folder, meta = receive(fake_pop3, fake_config, confdir, run_popfetchd, data)
+    cpu = cpu_of_children() - before
+    # generous for a sanitizer build; the quadratic decoders took minutes
+    assert cpu < 10, f"{cpu:.1f} s of CPU for one message"
+    assert meta["subject"] == words.decode()
+    assert (folder / "text.txt").read_text() == "hello"
+    [att] = meta["attachments"]
+    assert att["original_name"] == name.decode()
+    assert len(att["name"].encode()) <= 255 and att["name"].startswith("=_utf-8_q_abc")
+    assert (folder / "attachments" / att["name"]).read_bytes() == b"x"
 
 
 def test_max_decoded_size_must_be_a_size(fake_pop3, fake_config, confdir, run_popfetchd):

@@ -1,5 +1,6 @@
 /* Unit tests: RFC 2047 decoding of header values and the header fields. */
 #include <glib.h>
+#include <time.h>
 
 #include "check.h"
 #include "popfetchd/mime.h"
@@ -47,6 +48,72 @@ words(void)
 	decode("   ", NULL);
 }
 
+static double
+cpu_seconds(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* A value of unit repeated to a megabyte, then tail. */
+static char *
+megabyte(const char *unit, const char *tail)
+{
+	GString *g = g_string_new(NULL);
+
+	while (g->len < 1024 * 1024)
+		g_string_append(g, unit);
+	g_string_append(g, tail);
+	return g_string_free(g, FALSE);
+}
+
+/*
+ * Encoded words are bounded (1024 bytes: RFC 2047 says 75, some mailers
+ * write longer ones), and decoding is linear whatever the value holds: a
+ * megabyte of unterminated words took a quadratic scan half a minute.
+ */
+static void
+hostile_values(void)
+{
+	static const char *const units[] = {
+		"=?a?q?x",	"=?utf-8?q?",	   "=?UTF-8?B?QUJD",
+		"=?",		"=?utf-8?q?abc?=", "=?iso-8859-1?q?=E9?= =?koi8-r?b?wQ==?= ",
+		"=?a?q?x\r\n ", "=?=?u?q?=?",	   "=?\xe9?",
+		"=?u?q?\xe9",
+	};
+	GString *w = g_string_new("=?UTF-8?Q?");
+	char *v, *got;
+
+	while (w->len < 1000)
+		g_string_append_c(w, 'a');
+	g_string_append(w, "?=");
+	got = mime_decode_header(w->str);
+	CHECK(got != NULL && strlen(got) == 990 && got[0] == 'a');
+	free(got);
+	g_string_insert(w, 10, "0123456789012345678901234567890123456789");
+	decode(w->str, w->str);
+	g_string_free(w, TRUE);
+	/* an unterminated word hides nothing after it */
+	decode("=?a?q?x =?UTF-8?Q?ok?=", "=?a?q?x ok");
+	decode("=?a?q?x\t=?UTF-8?Q?a?= =?UTF-8?Q?b?=", "=?a?q?x\tab");
+
+	for (size_t i = 0; i < G_N_ELEMENTS(units); i++) {
+		v = megabyte(units[i], " =?UTF-8?Q?the_end?=");
+		double t0 = cpu_seconds();
+		got = mime_decode_header(v);
+		double t = cpu_seconds() - t0;
+		if (t >= 0.5)
+			fprintf(stderr, "\"%s\": %.3f s of CPU for a megabyte\n", units[i], t);
+		CHECK(t < 0.5);
+		CHECK(got != NULL && g_utf8_validate(got, -1, NULL) &&
+		      g_str_has_suffix(got, "the end"));
+		free(got);
+		free(v);
+	}
+}
+
 static void
 fields(void)
 {
@@ -79,6 +146,7 @@ main(void)
 {
 	mime_init();
 	words();
+	hostile_values();
 	fields();
 	CHECK_DONE();
 }

@@ -6,11 +6,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <openssl/evp.h>
 
 #include "check.h"
+#include "popfetchd/mime.h"
 #include "popfetchd/mime_extract.h"
 
 static void
@@ -111,6 +113,17 @@ cleanup(void)
 	tmpdir[0] = '\0';
 }
 
+static double last_cpu; /* of the last mime_extract */
+
+static double
+cpu_seconds(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
 /* Extract msg (LF line ends turned into CRLF) into a fresh folder. */
 static int
 extract_opts(const char *msg, struct mime_opts *o)
@@ -136,7 +149,9 @@ extract_opts(const char *msg, struct mime_opts *o)
 	g_string_free(crlf, TRUE);
 	dirfd_ = open(tmpdir, O_RDONLY | O_DIRECTORY);
 	o->dirfd = dirfd_;
+	double t0 = cpu_seconds();
 	r = mime_extract(path, o, &res);
+	last_cpu = cpu_seconds() - t0;
 	return r;
 }
 
@@ -472,6 +487,114 @@ relative_to_dirfd(void)
 	check_file("text.txt", "Hello\r\n");
 }
 
+/*
+ * A stranger's header of a megabyte: every decoder it reaches (RFC 2047,
+ * RFC 2231, address lists, unfolding, safe names) must be linear. A
+ * quadratic one takes many seconds here (minutes under ASan) and blocks the
+ * event loop past the watchdog; a linear one takes milliseconds.
+ *
+ * Under ASan a quarter of the size, and of that a quarter for a folded
+ * field: ASan's realloc copies every time, and GMime's parser grows its
+ * buffer for a header field by each read (4 KB) or folded line, which costs
+ * O(n^2 / line) there and nowhere else; and opening a converter (iconv_open,
+ * which GMime does for every encoded word) is slow there.
+ */
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_ASAN 1
+#endif
+#endif
+#ifdef UNDER_ASAN
+#define HOSTILE_SIZE   (256 * 1024)
+#define HOSTILE_FOLDED (HOSTILE_SIZE / 4)
+#define HOSTILE_CPU    1.0 /* seconds per message */
+#else
+#define HOSTILE_SIZE   (1024 * 1024)
+#define HOSTILE_FOLDED HOSTILE_SIZE
+#define HOSTILE_CPU    0.5
+#endif
+#define WORDS10 "=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x=?a?q?x"
+#define A60	"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+#define E9x9	"%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9%%C3%%A9"
+
+/* head, unit repeated (a printf format of the repetition's number) to the
+ * size (then unit2 as often, when there is one), tail */
+static const struct {
+	const char *what, *head, *unit, *tail, *unit2;
+} hostile_headers[] = {
+	{"Subject: unterminated words", "Subject: ", "=?a?q?x", "\n\nbody\n", NULL},
+	{"Subject: unterminated =?utf-8?q?", "Subject: ", "=?utf-8?q?", "\n\nbody\n", NULL},
+	{"Subject: unterminated base64", "Subject: ", "=?utf-8?b?QUJD", "\n\nbody\n", NULL},
+	{"Subject: bare =?", "Subject: ", "=?", "\n\nbody\n", NULL},
+	{"Subject: words back to back", "Subject: ", "=?utf-8?q?abc?=", "\n\nbody\n", NULL},
+	{"Subject: words, charsets alternating",
+	 "Subject: ", "=?iso-8859-1?q?=E9?= =?koi8-r?b?wQ==?= ", "\n\nbody\n", NULL},
+	{"Subject: folded unterminated words", "Subject: ", WORDS10 "\n ", "\n\nbody\n", NULL},
+	{"Subject: nested words", "Subject: ", "=?=?u?q?=?", "\n\nbody\n", NULL},
+	{"Subject: deeply nested words", "Subject: ", "=?u?q?", "\n\nbody\n", "?="},
+	{"From: unterminated phrase", "From: ", "=?a?q?x", " <a@example.org>\n\nbody\n", NULL},
+	{"From: quoted phrase", "From: \"", "=?utf-8?q?abc", "\" <a@example.org>\n\nbody\n", NULL},
+	{"To: many addresses", "To: ", "=?a?q?x <a%u@example.org>, ", "b@example.org\n\nbody\n",
+	 NULL},
+	{"many From fields", "", "From: =?a?q?x <a@example.org>\n", "\nbody\n", NULL},
+	{"many header fields", "", "X-H%u: =?a?q?x\n", "\nbody\n", NULL},
+	{"Message-ID", "Message-ID: <", "<a@b", ">\n\nbody\n", NULL},
+	{"Date", "Date: ", "Mon, 1 ", "\n\nbody\n", NULL},
+	{"name= unterminated words", "Content-Type: application/octet-stream; name=\"", "=?a?q?x",
+	 "\"\n\nbody\n", NULL},
+	{"filename= unterminated words",
+	 "Content-Type: application/octet-stream\nContent-Disposition: attachment; filename=\"",
+	 "=?utf-8?q?abc", "\"\n\nbody\n", NULL},
+	{"filename*= continuations", "Content-Disposition: attachment", ";\n filename*%u*=" E9x9,
+	 "\n\nbody\n", NULL},
+	{"filename*= unterminated words", "Content-Disposition: attachment",
+	 "; filename*%u==?a?q?x", "\n\nbody\n", NULL},
+	{"Content-Type: many parameters", "Content-Type: text/plain", "; p%u=\"=?a?q?x\"",
+	 "\n\nbody\n", NULL},
+	{"Content-Type: many names", "Content-Type: application/pdf", "; name=\"a%u=?a?q?x\"",
+	 "\n\nbody\n", NULL},
+	{"long plain filename", "Content-Disposition: attachment; filename=\"", "a",
+	 ".pdf\"\n\nbody\n", NULL},
+	{"long filename of controls", "Content-Disposition: attachment; filename=\"",
+	 "\xe2\x80\xae\x01/", ".pdf\"\n\nbody\n", NULL},
+	{"a thousand parts of one long name", "Content-Type: multipart/mixed; boundary=B\n\n",
+	 "--B\nContent-Disposition: attachment; filename=\"" A60 A60 A60 A60 ".pdf\"\n\nx\n",
+	 "--B--\n", NULL},
+	{"nested message's Subject",
+	 "Content-Type: multipart/mixed; boundary=B\n\n--B\nContent-Type: message/rfc822\n\n"
+	 "Subject: ",
+	 "=?a?q?x", "\n\ninner\n--B--\n", NULL},
+};
+
+static void
+hostile_sizes(void)
+{
+	struct mime_headers h;
+	struct mime_opts o = {.save_text = true, .save_attachments = true, .headers = &h};
+
+	for (size_t i = 0; i < G_N_ELEMENTS(hostile_headers); i++) {
+		GString *m = g_string_new(hostile_headers[i].head);
+		size_t size =
+			strstr(hostile_headers[i].unit, "\n ") ? HOSTILE_FOLDED : HOSTILE_SIZE;
+		unsigned k;
+		for (k = 0; m->len < size; k++)
+			g_string_append_printf(m, hostile_headers[i].unit, k);
+		for (; hostile_headers[i].unit2 != NULL && k > 0; k--)
+			g_string_append(m, hostile_headers[i].unit2);
+		g_string_append(m, hostile_headers[i].tail);
+		CHECK(extract_opts(m->str, &o) == 0);
+		if (last_cpu >= HOSTILE_CPU)
+			fprintf(stderr, "%s: %.3f s of CPU\n", hostile_headers[i].what, last_cpu);
+		CHECK(last_cpu < HOSTILE_CPU);
+		for (size_t a = 0; a < res.natt; a++)
+			CHECK(strlen(res.att[a].name) <= MIME_NAME_MAX);
+		mime_headers_clear(&h);
+		g_string_free(m, TRUE);
+	}
+}
+
 int
 main(void)
 {
@@ -484,6 +607,7 @@ main(void)
 	limits();
 	hostile();
 	relative_to_dirfd();
+	hostile_sizes();
 	cleanup();
 	CHECK_DONE();
 }
