@@ -13,8 +13,10 @@ authentication module), so the login names are user@DOMAIN and nothing of
 the machine's users is read or changed. Each user's mailbox is the mbox
 file DIR/mail/USER/INBOX (virtdomain's home/INBOX, pop3d's default mbox
 format). The APOP secrets are in pop3d's own APOP database (a DBM made
-with popauth), the same password as for USER/PASS. pop3d runs as the
-caller (virtdomain users do not change uid), so root is not needed.
+with popauth), the same password as for USER/PASS. pop3d needs root: it
+switches to the group mail at startup (it then stays root: virtdomain users
+do not change uid, and everything it touches is in DIR). Without root the
+tests using it are skipped.
 
 Layout of DIR:
     pop3d.conf  pop3d.log  pop3d.pid  apop (DBM)  domains/DOMAIN
@@ -58,14 +60,18 @@ server {host}:{pop3s_port} {{ tls-mode connection; }};
 """
 
 
+def _skip(reason):
+    import pytest
+    pytest.skip(reason)
+
+
 def program(name):
     found = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
     if found:
         return found
     reason = f"{name} not found (scripts/install-deps installs mailutils-pop3d)"
     if os.geteuid() != 0:
-        import pytest
-        pytest.skip(reason)
+        _skip(reason)
     raise RuntimeError(reason)
 
 
@@ -169,6 +175,8 @@ class Server:
         return f"{version} (mailutils-pop3d {pkg.stdout})" if pkg.returncode == 0 else version
 
     def start(self, timeout=15):
+        if os.geteuid() != 0:
+            _skip("GNU pop3d needs root (it switches to the group mail at startup)")
         pop3d = program("pop3d")
         for sub in ("domains", "mail", "tls"):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
