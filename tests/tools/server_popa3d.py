@@ -24,9 +24,7 @@ place, and the running namespace sees them.
 import errno
 import fcntl
 import os
-import pwd
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +38,7 @@ if HERE not in sys.path:
 import dovecot as dovecot_tool  # noqa: E402  (free_ports, process helpers)
 
 EXTRACTED = "/var/cache/popfetchd-test/popa3d"
+MAIL_GID = 8
 FIRST_UID = 61100  # test users and `popa3d` get ids from here (unused on Debian)
 MBOX_FROM = b"From MAILER-DAEMON Fri Dec  4 10:00:00 2026\n"
 PAM_SERVICE = "auth required pam_unix.so\naccount required pam_unix.so\n"
@@ -116,9 +115,25 @@ class Server:
     features = {"uidl", "top"}
     mechanisms = ["USER"]
     quirks = [
-        ("no CAPA (answers -ERR), no STLS, no implicit TLS, no APOP, no SASL",
-         "logs in with USER/PASS; `tls: explicit` fails closed (exit 76) before "
-         "the password is sent"),
+        ("no CAPA (-ERR), so no STLS and no SASL; no implicit TLS port",
+         "logs in with USER/PASS; `tls: explicit` fails closed after CAPA (exit 76), "
+         "before the user name is sent"),
+        ("no APOP (no timestamp in the greeting)",
+         "`sasl_mechanisms: [APOP]` alone: \"no usable login mechanism\" (exit 77), "
+         "nothing sent"),
+        ("UIDL is 16 hex digits of an MD5 of the Received, Delivered-To, Date, "
+         "Message-ID and X-Delivery-ID header fields only: messages alike in those "
+         "share a UIDL (every message without any of them: d98c1dd404b2008f)",
+         "messages that share a UIDL are known by their content: each saved once"),
+        ("mbox spool: any line \"From \" after a blank line starts a new message; "
+         "\">From \" lines are sent as stored (no unquoting)",
+         "saves what the server sends, byte-exact (the MDA's \">From \" stays)"),
+        ("message lines are sent as stored, of any length (20000 bytes tried), "
+         "NUL and bare CR included",
+         "saved byte-exact"),
+        ("a wrong password: \"-ERR Authentication failed (bad password?)\" after "
+         "about 2 s (PAM's delay)",
+         "exit 77"),
     ]
 
     def __init__(self, dir):
@@ -191,13 +206,14 @@ class Server:
         """etc/{passwd,shadow,group}, pam.d/popa3d, spool and the chroot."""
         for sub in ("etc", "pam.d", "spool", "varlib/popa3d"):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
-        os.chmod(self.spool, 0o1777)
+        os.chown(self.spool, 0, MAIL_GID)  # as Debian's /var/mail: root:mail 2775
+        os.chmod(self.spool, 0o2775)
         os.chmod(os.path.join(self.dir, "varlib/popa3d"), 0o755)
         pid = FIRST_UID
         files = {
             "passwd": ("root:x:0:0:root:/root:/bin/sh\n"
                        f"popa3d:x:{pid}:{pid}::/var/lib/popa3d:/usr/sbin/nologin\n"),
-            "group": f"root:x:0:\nmail:x:8:\npopa3d:x:{pid}:\n",
+            "group": f"root:x:0:\nmail:x:{MAIL_GID}:\npopa3d:x:{pid}:\n",
             "shadow": "root:*:20000:0:99999:7:::\npopa3d:*:20000:0:99999:7:::\n",
         }
         for name, text in files.items():
