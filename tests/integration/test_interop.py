@@ -213,3 +213,37 @@ def test_empty_mailbox(server, box, config, confdir, run_popfetchd, read_saved):
     assert read_saved(cfg["save_directory"]) == []
     assert r.stdout == ""
 
+
+
+def test_messages_alike_in_their_headers(server, box, config, confdir, run_popfetchd,
+                                         read_saved):
+    """Messages with the same headers and no Message-ID, Date or Received,
+    different bodies. A server that derives UIDLs from those headers only
+    (popa3d) lists them all under one UIDL: each is still saved once,
+    byte-exact, under a key of its own, not again at the next polls (also
+    when one more such message arrives), and deleted when asked."""
+    alike = [b"From: a@example.org\nSubject: alike\n\nbody %d\n" % n for n in range(4)]
+    box.deliver(*alike[:3])
+    expected = server_messages(server, box)
+    shared = len({uidl for uidl, _ in expected}) < len(expected)
+    cfg = config(box, remove_after_read=False)
+    cd = confdir(cfg)
+    for _ in range(2):
+        r = run_popfetchd(["receive-all", cfg["id"]], confdir=cd)
+        assert r.returncode == EX_OK, r.describe()
+        assert ("share UIDLs" in r.stderr) == shared, r.describe()
+    saved = read_saved(cfg["save_directory"])
+    assert sorted(s.eml for s in saved) == sorted(body for _, body in expected)
+    assert len({s.uidl for s in saved}) == 3
+    box.deliver(alike[3])
+    expected = server_messages(server, box)
+    r = run_popfetchd(["receive-all", cfg["id"]], confdir=cd)
+    assert r.returncode == EX_OK, r.describe()
+    saved = read_saved(cfg["save_directory"])
+    assert sorted(s.eml for s in saved) == sorted(body for _, body in expected)
+    assert box.count() == 4
+    cd.add({**cfg, "remove_after_read": True})
+    r = run_popfetchd(["receive-all", cfg["id"]], confdir=cd)
+    assert r.returncode == EX_OK, r.describe()
+    assert len(read_saved(cfg["save_directory"])) == 4
+    assert box.count() == 0
