@@ -230,11 +230,13 @@ class Server:
             f.write(cyrus_conf(self))
         self._chown_all()
 
+    def _ids(self):
+        return pwd.getpwnam(self.user).pw_uid, grp.getgrnam(self.group).gr_gid
+
     def _chown_all(self):
-        uid, gid = pwd.getpwnam(self.user).pw_uid, grp.getgrnam(self.group).gr_gid
         for top, dirs, files in os.walk(self.dir):
             for name in [top] + [os.path.join(top, f) for f in dirs + files]:
-                os.chown(name, uid, gid)
+                os.chown(name, *self._ids())
 
     def start(self, timeout=15):
         _require_tree()
@@ -283,35 +285,34 @@ class Server:
             return ""
 
     def stop(self, timeout=10):
-        """SIGTERM the master, then SIGKILL it and its services if they linger."""
+        """SIGTERM the master, then SIGKILL its process group (the master was
+        started as its leader; its services stay in it)."""
         if self._master is None:
             return
-        pid = self._master.pid
-        family = [pid] + dovecot_tool._descendants(pid)
         if self._master.poll() is None:
             self._master.send_signal(signal.SIGTERM)
             try:
-                self._master.wait(timeout / 2)
+                self._master.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-        for p in family:
-            if dovecot_tool.process_alive(p):
-                dovecot_tool._kill(p, signal.SIGKILL)
+        try:
+            os.killpg(self._master.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self._master.wait()
-        dovecot_tool._wait_gone(family, timeout / 2)
         self._master = None
 
     def new_mailbox(self):
         user = f"t{next(self._users):04d}"
         password = f"pass-{user}"
+        # -u: the realm pop3d asks for is its servername; -p: password on stdin
         res = subprocess.run([os.path.join(ROOT, "usr/sbin/saslpasswd2"), "-f", self.sasldb,
-                              "-u", SERVERNAME, "-p", "-c", user], input=password.encode(), env=self._env(),
-                             capture_output=True)
+                              "-u", SERVERNAME, "-p", "-c", user],
+                             input=password.encode(), env=self._env(), capture_output=True)
         if res.returncode != 0:
             raise RuntimeError(f"saslpasswd2 failed: {res.stderr.decode(errors='replace')}")
         # saslpasswd2 (root) creates the database 0640 root: pop3d must read it
-        uid, gid = pwd.getpwnam(self.user).pw_uid, grp.getgrnam(self.group).gr_gid
-        os.chown(self.sasldb, uid, gid)
+        os.chown(self.sasldb, *self._ids())
         return Mailbox(self, user, password)
 
 
