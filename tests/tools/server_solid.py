@@ -161,6 +161,12 @@ class Server:
     # shadow, as every account can; test_apop covers APOP (~/.spop3d secret)
     mechanisms = ["USER", "APOP"]
     quirks = QUIRKS
+    known_failures = {
+        "test_same_headers_different_bodies":
+            "a message received under a UIDL that a later message shares is keyed "
+            "by its content from then on, and its content key is not in the state: "
+            "it is saved a second time",
+    }
     host = HOST
     pop3s_port = None
     ca_file = None
