@@ -70,9 +70,10 @@ QUIRKS = [
      "`>From ` quoting is not undone, and the blank line that separates mbox "
      "messages is sent as the last line of each message.",
      "Saves the message byte for byte as the server sends it."),
-    ("A refused USER/PASS or APOP is answered after a 1 s delay with "
-     "`-ERR authentication failed`, and the server closes the connection.",
-     "Exit 77."),
+    ("A refused USER/PASS or APOP is answered `-ERR authentication failed` "
+     "after a delay (1 s of its own; with pam_unix's fail delay about 2.5 s "
+     "for a wrong password), and the server closes the connection.",
+     "Exit 77; the delay is well within the command timeout."),
     ("APOP only for accounts with a secret in ~/.spop3d (set with pop_auth); "
      "the login password is not the APOP secret.",
      "`sasl_mechanisms: [APOP]` needs that secret as `password`."),
