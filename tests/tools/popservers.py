@@ -20,6 +20,11 @@ instance owns. A PopServer has:
     new_mailbox() -> Mailbox    a fresh user with an empty mailbox
     quirks        [(what it does, what popfetchd does about it)] for the
                   README's compatibility table
+    stable(data)  optional: the message with what the server rewrites between
+                  sessions made constant (e.g. mailutils' X-IMAPbase), for
+                  comparing what one session saved with what a later sends
+    known_failures  optional {test name: why}: cases popfetchd fails with
+                  this server today (a strict xfail, where the case asks)
 
 and a Mailbox has `user`, `password`, `deliver(*messages)` (bytes, LF or
 CRLF line ends; delivered in order, oldest first), `count()` (messages in

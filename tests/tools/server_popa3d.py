@@ -55,8 +55,8 @@ def program():
 
 def package_version():
     try:
-        with open(os.path.join(EXTRACTED, "version")) as f:
-            return f.read().strip()
+        with open(os.path.join(EXTRACTED, "root/.packages")) as f:
+            return f.read().split()[1]
     except OSError:
         out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "popa3d"],
                              capture_output=True, text=True)
