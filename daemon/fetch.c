@@ -228,7 +228,14 @@ on_failed(void *arg, const struct pop3_error *err)
 	set_exit(f, fetch_failure_exit(err->fail));
 	if (err->login_delay > f->res.login_delay)
 		f->res.login_delay = err->login_delay;
-	add_error(f, "%s: %s", f->where, err->detail);
+	if (err->token_rejected && f->token_retried)
+		add_error(f,
+			  "%s: %s; a new access token was refused too: check that the mailbox "
+			  "allows POP, that the app may use it (scope, consent) and that user "
+			  "names the mailbox",
+			  f->where, err->detail);
+	else
+		add_error(f, "%s: %s", f->where, err->detail);
 	if (f->ndele > 0)
 		log_notice(f->mb->id,
 			   "the session ended before QUIT: the server keeps the %zu "
