@@ -208,6 +208,13 @@ auth_finish(struct auth *a, const char *success_b64, char *err, size_t errlen)
 	return -EPROTO;
 }
 
+void
+auth_refused(struct auth *a)
+{
+	if (a->sasl == NULL && a->sent)
+		a->rejected = true;
+}
+
 bool
 auth_token_rejected(const struct auth *a)
 {

@@ -48,6 +48,10 @@ struct candidate {
  */
 #define CONTENT_KEY_PREFIX "h"
 
+/* New sessions one poll may start after its first (a new token, lockstep,
+ * fewer deletions at once). */
+#define MAX_SESSIONS 8
+
 /* RETRs kept in flight when the server offers PIPELINING (RFC 2449): at
  * most RETR_WINDOW, and beyond the first no more than RETR_WINDOW_BYTES as
  * LIST counts them (what a stopping daemon still waits for). 4 MiB rather
@@ -113,7 +117,12 @@ struct fetch {
 	const char **deleted_uids; /* UIDLs the server accepted a DELE for, in this session */
 	size_t ndeleted_uids, capdeleted_uids;
 	bool listing_done;
-	bool stopping; /* fetch_stop(): QUIT after the message in hand */
+	/* DELEs of messages saved by an earlier session: sent in this one, most
+	 * per session (0: no limit), and whether some wait for the next one */
+	size_t stale_sent, stale_cap;
+	bool stale_left;
+	unsigned sessions; /* sessions this poll started beyond the first */
+	bool stopping;	   /* fetch_stop(): QUIT after the message in hand */
 	struct event *done_ev;
 
 	struct fetch_result res;
@@ -122,6 +131,7 @@ struct fetch {
 };
 
 static bool retry_with_new_token(struct fetch *f, const struct pop3_error *err);
+static bool retry_fewer_deletions(struct fetch *f, const struct pop3_error *err);
 static void forget_token(struct fetch *f);
 static bool commit_batch(struct fetch *f);
 static uint64_t message_limit(const struct fetch *f, uint64_t listed);
@@ -223,12 +233,19 @@ on_failed(void *arg, const struct pop3_error *err)
 {
 	struct fetch *f = arg;
 
-	if (retry_with_new_token(f, err))
+	if (retry_with_new_token(f, err) || retry_fewer_deletions(f, err))
 		return;
 	set_exit(f, fetch_failure_exit(err->fail));
 	if (err->login_delay > f->res.login_delay)
 		f->res.login_delay = err->login_delay;
-	add_error(f, "%s: %s", f->where, err->detail);
+	if (err->token_rejected && f->token_retried)
+		add_error(f,
+			  "%s: %s; a new access token was refused too: check that the mailbox "
+			  "allows POP, that the app may use it (scope, consent) and that user "
+			  "names the mailbox",
+			  f->where, err->detail);
+	else
+		add_error(f, "%s: %s", f->where, err->detail);
 	if (f->ndele > 0)
 		log_notice(f->mb->id,
 			   "the session ended before QUIT: the server keeps the %zu "
@@ -402,7 +419,10 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 			f->listed[f->nlisted++] = m->uid;
 			if (store_has(f->store, m->uid)) {
 				f->res.skipped++;
-				if (f->mb->remove_after_read) {
+				if (f->mb->remove_after_read && f->stale_cap != 0 &&
+				    stale == f->stale_cap)
+					f->stale_left = true;
+				else if (f->mb->remove_after_read) {
 					/* saved before; its deletion was never committed */
 					send_dele(f, m->num, m->uid);
 					stale++;
@@ -427,6 +447,9 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 		f->ncand++;
 	}
 	free(dup);
+	f->stale_sent = stale;
+	if (f->stale_left)
+		f->ncand = 0; /* this session only deletes, then QUITs */
 	if (ndup > 0)
 		log_warning(f->mb->id,
 			    "%s: %zu messages share UIDLs with others: they are known "
@@ -905,10 +928,10 @@ free_keys(struct fetch *f)
 	f->nkeys = 0;
 }
 
-/* After a refused pipelined RETR: the same poll goes on in a new session,
- * one command at a time. What the first one saved and deleted stays so. */
+/* The same poll goes on in a new session (after a refused pipelined RETR:
+ * one command at a time). What the first one saved and deleted stays so. */
 static void
-restart_lockstep(struct fetch *f)
+restart_session(struct fetch *f, bool lockstep)
 {
 	pop3_session_free_deferred(f->pop3);
 	f->pop3 = NULL;
@@ -927,7 +950,10 @@ restart_lockstep(struct fetch *f)
 	f->ndeleted_uids = f->capdeleted_uids = 0;
 	f->res.skipped = f->res.too_big = 0; /* counted anew from the new listing */
 	f->listing_done = f->halted = f->no_dele = f->quit_sent = f->again = false;
-	f->lockstep = true;
+	f->stale_sent = 0;
+	f->stale_left = false;
+	f->lockstep = lockstep;
+	f->sessions++;
 	start_session(f);
 }
 
@@ -936,9 +962,9 @@ on_quit(void *arg, bool ok)
 {
 	struct fetch *f = arg;
 
-	if (ok && f->again && !f->stopping) {
+	if (ok && (f->again || f->stale_left) && !f->stopping && f->sessions < MAX_SESSIONS) {
 		f->res.deleted += f->dele_ok;
-		restart_lockstep(f);
+		restart_session(f, f->lockstep || f->again);
 		return;
 	}
 	if (f->again) {
@@ -953,7 +979,7 @@ on_quit(void *arg, bool ok)
 		f->res.deleted += f->dele_ok;
 		/* only when every message is known: a record kept for a message
 		 * without UIDL that was not downloaded this time must stay */
-		if (f->listing_done && f->res.exit_code == 0 && f->unkeyed == 0)
+		if (f->listing_done && f->res.exit_code == 0 && f->unkeyed == 0 && !f->stale_left)
 			compact_state(f);
 	} else if (f->ndele > 0) {
 		set_exit(f, EX_TEMPFAIL);
@@ -1013,6 +1039,33 @@ on_token(void *arg, enum oauth2_status status, const char *token, const char *de
 	forget_token(f);
 	f->token = xstrdup(token);
 	start_session(f);
+}
+
+/*
+ * Some servers close the connection after so many commands (reported of
+ * Yahoo- and GMX-style servers). The DELEs of messages saved before, which
+ * a session sends first, may use them all up: QUIT never comes, nothing is
+ * deleted, and every later poll does the same. When a session that sent
+ * such DELEs is lost, the poll goes on in a new session that sends half as
+ * many, QUITs, and goes on in another for the rest.
+ */
+static bool
+retry_fewer_deletions(struct fetch *f, const struct pop3_error *err)
+{
+	if (err->fail != POP3_FAIL_LOST || f->stale_sent == 0 || f->stopping || f->aborted ||
+	    f->sessions >= MAX_SESSIONS)
+		return false;
+	/* what this session sealed is durable now; its DELE waits */
+	f->no_dele = true;
+	if (!commit_batch(f))
+		return false;
+	f->stale_cap = f->stale_sent > 1 ? f->stale_sent / 2 : 1;
+	log_notice(f->mb->id,
+		   "%s: the connection was lost after %zu deletions of messages saved before "
+		   "(%s): going on in a new session that deletes at most %zu at once",
+		   f->where, f->stale_sent, err->detail, f->stale_cap);
+	restart_session(f, f->lockstep);
+	return true;
 }
 
 /* The server refused the token: one fresh token, one new session. */

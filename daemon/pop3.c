@@ -335,10 +335,13 @@ fail_login(struct pop3_session *s, const char *cmd, const struct pop3_reply *r)
 	server_text(r, text, sizeof(text));
 	s->err_rcodes = r->rcodes;
 	s->err_login_delay = r->login_delay;
-	if (r->rcodes & (POP3_RC_IN_USE | POP3_RC_LOGIN_DELAY | POP3_RC_SYS_TEMP))
+	if (r->rcodes & (POP3_RC_IN_USE | POP3_RC_LOGIN_DELAY | POP3_RC_SYS_TEMP)) {
 		fail(s, POP3_FAIL_TEMP, "%s refused for now (server said: %s)", cmd, text);
-	else
-		fail(s, POP3_FAIL_AUTH, "%s refused (server said: %s)", cmd, text);
+		return;
+	}
+	if (s->state == P3_AUTH && s->auth != NULL)
+		auth_refused(s->auth);
+	fail(s, POP3_FAIL_AUTH, "%s refused (server said: %s)", cmd, text);
 }
 
 /* The SASL list of CAPA names the mechanism (as a whole word). */

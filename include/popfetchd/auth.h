@@ -51,6 +51,13 @@ int auth_step(struct auth *a, const char *challenge_b64, char **ret_b64);
  * none). 0, or -EPROTO with a line in err: then the login does not count.
  */
 int auth_finish(struct auth *a, const char *success_b64, char *err, size_t errlen);
+/*
+ * The server refused the login (-ERR, not a temporary response code). For
+ * XOAUTH2/OAUTHBEARER after the token went out, that refuses the token,
+ * error challenge or not (Microsoft 365 sends none): auth_token_rejected()
+ * becomes true.
+ */
+void auth_refused(struct auth *a);
 bool auth_token_rejected(const struct auth *a);
 void auth_free(struct auth *a);
 

@@ -9,7 +9,8 @@ Good mode (the default) -- a correct RFC 1939 server holding a list of
 messages: CAPA, USER/PASS, APOP (if `apop`), AUTH (RFC 5034) with PLAIN,
 LOGIN, CRAM-MD5, SCRAM-SHA-1, SCRAM-SHA-256 and their -PLUS variants (those
 that `sasl` lists; SCRAM per RFC 5802/7677, -PLUS with tls-unique channel
-binding, so under TLS 1.2 only), STLS (if given `stls_context`), STAT,
+binding, so under TLS 1.2 only), XOAUTH2 and OAUTHBEARER (RFC 7628; the
+token checked by `oauth`), STLS (if given `stls_context`), STAT,
 LIST, UIDL, RETR and TOP (dot-stuffed), DELE, RSET, NOOP, QUIT. Deletions
 are committed only when QUIT is answered +OK; a second concurrent login gets
 -ERR [IN-USE]. Faults are injected per command with `inject()`:
@@ -359,6 +360,8 @@ class SaslExchange:
     aborted: bool = False            # the client cancelled with "*"
     outcome: str = None              # "ok", "aborted" or why the server refused
     success_data: bytes = None       # base64 sent on the +OK (SCRAM's server-final)
+    token: str = None                # XOAUTH2 / OAUTHBEARER: the bearer token presented
+    error_answer: bytes = None       # the client's answer to an error challenge (decoded)
 
 
 @dataclasses.dataclass
@@ -389,7 +392,8 @@ class FakePOP3:
     def __init__(self, messages=(), *, script=None, scripts=None, user="fakeuser",
                  password="fakepass", sasl=(), capabilities=None, uidls=None,
                  crlf=True, apop=False, tls_context=None, stls_context=None, hook=None,
-                 scram_iterations=4096, sasl_faults=(), meter=None, pipelining=True):
+                 scram_iterations=4096, sasl_faults=(), meter=None, pipelining=True,
+                 oauth=None, oauth_error=None, auth_refusal=None):
         """messages: bytes (LF is turned into CRLF unless crlf=False) or
         (uidl, bytes) pairs; uidls: explicit UIDLs; script/scripts: scripted
         mode (scripts[i] serves connection i, the last one the rest);
@@ -413,8 +417,18 @@ class FakePOP3:
           "bad-channel-binding"   the server expects other channel-binding
                                   data (as if a man in the middle ran TLS)
         Each AUTH is recorded in SessionRecord.sasl (SaslExchange);
-        meter: a Meter counting this server's open connections."""
+        meter: a Meter counting this server's open connections;
+        oauth(user, token) -> bool: whether XOAUTH2 / OAUTHBEARER accept
+          that bearer token for that user (default: none is accepted);
+        oauth_error: bytes: a refused token first gets "+ BASE64(oauth_error)"
+          (an error challenge, e.g. Gmail's JSON; RFC 7628 §3.2.2) and the
+          client's answer, then the -ERR; None: the -ERR at once (Microsoft
+          365);
+        auth_refusal: the -ERR line of a refused AUTH (default
+          "-ERR [AUTH] Authentication failed.")."""
         self.meter = meter
+        self.oauth, self.oauth_error = oauth, oauth_error
+        self.auth_refusal = _bytes(auth_refusal or b"-ERR [AUTH] Authentication failed.\r\n")
         self.user, self.password, self.apop = user, password, apop
         self.sasl = [m.upper() for m in sasl]
         self.scram_iterations, self.sasl_faults = scram_iterations, set(sasl_faults)
@@ -839,7 +853,7 @@ class _GoodSession:
             return b"-ERR Invalid base64 data\r\n", None
         if refusal is not None:
             ex.outcome = refusal
-            return b"-ERR [AUTH] Authentication failed.\r\n", None
+            return self.srv.auth_refusal, None
         ex.outcome = "ok"
         response, effect = self._login(self.srv.user)
         if ex.success_data is not None and response.startswith(b"+OK"):
@@ -885,6 +899,31 @@ class _GoodSession:
         if user != self.srv.user or not hmac.compare_digest(digest.lower(), expected):
             return "wrong user or digest"
         return None
+
+    def _sasl_XOAUTH2(self, ex, first):
+        message = first if first is not None else self._challenge(ex)
+        fields = dict(f.split("=", 1) for f in message.decode().split("\x01") if "=" in f)
+        return self._bearer(ex, fields.get("user"), fields.get("auth", ""))
+
+    def _sasl_OAUTHBEARER(self, ex, first):
+        message = (first if first is not None else self._challenge(ex)).decode()
+        gs2, _, rest = message.partition("\x01")
+        authzid = [a[2:] for a in gs2.split(",") if a.startswith("a=")]
+        fields = dict(f.split("=", 1) for f in rest.split("\x01") if "=" in f)
+        return self._bearer(ex, authzid[0] if authzid else None, fields.get("auth", ""))
+
+    def _bearer(self, ex, user, auth):
+        """Check "Bearer TOKEN" for user; on refusal, the error challenge
+        (if the server has one) and the client's answer to it first."""
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        ex.token = token
+        if token and self.srv.oauth is not None and self.srv.oauth(user, token):
+            if user != self.srv.user:
+                return f"token accepted, but for {user!r}"
+            return None
+        if self.srv.oauth_error is not None:
+            ex.error_answer = self._challenge(ex, self.srv.oauth_error)
+        return "token refused"
 
     def _sasl_SCRAM_SHA_1(self, ex, first):
         return self._scram(ex, first, "sha1")

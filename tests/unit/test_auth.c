@@ -50,6 +50,17 @@ oauth_message(const char *mech, const char *want)
 	CHECK(auth_token_rejected(a));
 	free(out);
 	auth_free(a);
+
+	/* a plain -ERR after the token (Microsoft 365) refuses it too; before
+	 * the token went out it does not */
+	CHECK(auth_start(mech, &p, &a, err, sizeof(err)) == 0);
+	auth_refused(a);
+	CHECK(!auth_token_rejected(a));
+	CHECK(auth_step(a, NULL, &out) == 0);
+	free(out);
+	auth_refused(a);
+	CHECK(auth_token_rejected(a));
+	auth_free(a);
 }
 
 static void
