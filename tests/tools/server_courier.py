@@ -301,7 +301,7 @@ class Server:
             return
         pids = [self.proc.pid] + dovecot_tool._descendants(self.proc.pid)
         for pid in pids[1:]:
-            if dovecot_tool._proc_stat(pid)[1] == self.proc.pid:
+            if (dovecot_tool._proc_stat(pid) or (None, None))[1] == self.proc.pid:
                 dovecot_tool._kill(pid, signal.SIGKILL)
         try:
             self.proc.wait(timeout=5)
