@@ -93,6 +93,13 @@ class Server:
          "sends UTF8 after logging in when CAPA lists it, and receives the original"),
         ("has no APOP (its greeting carries no timestamp)",
          "APOP is not offered, so popfetchd uses the next configured mechanism"),
+        ("answers STLS with +OK before its TLS helper couriertls runs; when "
+         "couriertls cannot start, a plain-text -ERR follows the client's ClientHello",
+         "the handshake fails (76), nothing goes in clear, and the message says the "
+         "server said +OK to STLS but did not start TLS"),
+        ("advertises LOGIN-DELAY 10 in CAPA but does not enforce it",
+         "a failed poll is retried no sooner than that; successful polls keep "
+         "poll_interval"),
     ]
 
     def __init__(self, dir):
