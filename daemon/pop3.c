@@ -659,6 +659,8 @@ fail_handshake(struct pop3_session *s, short what, int err)
 {
 	unsigned long e, best = 0;
 	char why[256];
+	/* with tls: explicit the handshake follows the server's +OK to STLS */
+	bool after_stls = s->p.tls == POP3_TLS_EXPLICIT;
 
 	while ((e = bufferevent_get_openssl_error(s->bev)) != 0)
 		if (ERR_GET_LIB(e) != 0 && (best == 0 || ERR_GET_REASON(e) != 0))
@@ -668,17 +670,20 @@ fail_handshake(struct pop3_session *s, short what, int err)
 		snprintf(why, sizeof(why), "%s", reason ? reason : "TLS error");
 		if (ERR_GET_REASON(best) == SSL_R_WRONG_VERSION_NUMBER)
 			strncat(why,
-				" (is this a TLS port? plain POP3 there needs tls: explicit or "
-				"none)",
+				after_stls ? " (the server said +OK to STLS but did not start TLS: "
+					     "it answered in clear, a TLS problem on its side)"
+					   : " (is this a TLS port? plain POP3 there needs tls: "
+					     "explicit or none)",
 				sizeof(why) - strlen(why) - 1);
 	} else if ((what & BEV_EVENT_EOF) || err == EPIPE || err == ECONNRESET) {
 		snprintf(why, sizeof(why), "the server closed the connection");
 	} else if (what & BEV_EVENT_ERROR && err != 0) {
 		snprintf(why, sizeof(why), "%s", evutil_socket_error_to_string(err));
 	} else {
-		snprintf(why, sizeof(why),
-			 "no TLS handshake from the server (a plain POP3 port? there use tls: "
-			 "explicit)");
+		snprintf(why, sizeof(why), "%s",
+			 after_stls ? "no TLS handshake from the server after its +OK to STLS"
+				    : "no TLS handshake from the server (a plain POP3 port? "
+				      "there use tls: explicit)");
 	}
 	fail(s, POP3_FAIL_TLS, "TLS handshake with %s failed: %s", s->addr_text, why);
 }

@@ -74,9 +74,13 @@ def config(server, tmp_path):
 
 def server_messages(server, mailbox):
     """[(uidl or None, bytes as the server sends them)], read with poplib
-    (no DELE: the mailbox stays as it is)."""
+    (no DELE: the mailbox stays as it is). Like popfetchd it asks for UTF8
+    (RFC 6856) where CAPA lists it: a server may otherwise send a notice in
+    place of a message with 8-bit header fields."""
     client = poplib.POP3(server.host, server.pop3_port, timeout=30)
     try:
+        if "UTF8" in client.capa():
+            client.utf8()
         client.user(mailbox.user)
         client.pass_(mailbox.password)
         count = len(client.list()[1])

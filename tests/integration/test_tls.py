@@ -25,7 +25,7 @@ import warnings
 import pytest
 
 import mailgen
-from fakepop3 import Reply
+from fakepop3 import Action, Reply
 from test_receive import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE,
                           assert_no_staging_leftovers,
                           assert_saved_exactly, deliver_generated, fake_expected,
@@ -319,6 +319,32 @@ def test_stls_failure_never_continues_in_clear(dovecot, fake_pop3, fake_config, 
         assert [c.upper() for c in server.commands()] == ["CAPA", "STLS"], \
             "something was sent after the injected bytes"
         assert not server.sessions[0].tls
+
+
+class TlsNeverStarts(Action):
+    """Courier when its couriertls cannot start: `+OK` to STLS at once, then,
+    once the ClientHello is in, a plain-text -ERR, and the end."""
+
+    def perform(self, conn, default):
+        conn.send(b"+OK Begin SSL/TLS negotiation now.\r\n")
+        conn._recv()
+        conn.send(b"-ERR STARTTLS failed: 500 Error starting couriertls.\r\n")
+        return False
+
+
+def test_stls_accepted_but_tls_never_starts(dovecot, fake_pop3, fake_config, confdir,
+                                            run_popfetchd, read_saved):
+    """76, nothing sent in clear, and the message says what happened: the
+    server said +OK to STLS and then answered in clear (not the hint for a
+    plain port configured as implicit TLS)."""
+    server = tls_fake(fake_pop3, dovecot, "explicit", messages=mailgen.generate(1, 2000, seed=71))
+    server.inject("STLS", TlsNeverStarts())
+    config = fake_config(server, tls="explicit", tls_ca_file=dovecot.ca_file)
+
+    res = receive_all(run_popfetchd, confdir, config)
+    assert_refused(res, config, read_saved, server)
+    assert "STLS" in res.stderr and "did not start TLS" in res.stderr, res.stderr
+    assert "tls: explicit" not in res.stderr, res.stderr
 
 
 def test_refused_port_with_implicit_tls_is_unreachable(mailbox, dovecot_config, confdir,
