@@ -329,3 +329,19 @@ def test_state_keeps_records_it_cannot_check(fake_pop3, fake_config, confdir, ru
     assert res.json()["saved"] == [] or len(res.json()["saved"]) == 1
     assert len(folders(config)) == 3
     assert len({m["uidl"] for m in metas(config)}) == 3
+
+
+def test_pipelined_top_refused_starts_over_one_at_a_time(fake_pop3, fake_config, confdir,
+                                                          run_popfetchd):
+    """Pipelined, an -ERR may answer nothing (a line the server added): the
+    keys would go to the wrong messages. The poll goes on in a new session,
+    one command at a time."""
+    data = msgs(3, seed=414)
+    server = no_uidl_server(fake_pop3, data, pipelining=True)
+    server.inject("TOP 2", NO_UIDL, session=0)
+    config = fake_config(server, remove_after_read=False)
+    res = run_popfetchd(["receive-all", "fake"], confdir=confdir(config))
+    assert res.returncode == EX_OK, res.describe()
+    assert "refused TOP 2 among pipelined commands" in res.stderr
+    assert retrs(server) == [0, 3]
+    assert sorted(m["uidl"] for m in metas(config)) == sorted(head_key(d) for d in data)
