@@ -6,6 +6,8 @@
  * made durable, their UIDLs recorded and fdatasync'd, the folders renamed
  * into place and save_directory fsync'd — and only then their DELEs. With
  * a server that offers PIPELINING a window of RETRs is kept in flight.
+ * Messages without UIDL that stay on the server are first asked TOP n 0:
+ * known by their headers, only those not saved before are downloaded.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -1063,6 +1065,32 @@ saved_by_content(struct fetch *f, const struct candidate *c)
 	return true;
 }
 
+/*
+ * A message without a key, all here: keyed by its content. Saved before (or
+ * a copy earlier in this session), it is not kept again. True when it is
+ * done with (not to be saved).
+ */
+static bool
+saved_as_content_key(struct fetch *f, struct candidate *c)
+{
+	content_key(f, c);
+	if (pending_has(f, c->uid) && !commit_batch(f)) {
+		halt(f);
+		return true;
+	}
+	if (!store_has(f->store, c->uid)) {
+		store_msg_set_uid(f->msg, c->uid);
+		return false;
+	}
+	log_debug(f->mb->id, "message %lu (%s) was saved before", c->num, c->uid);
+	store_msg_abort(f->msg);
+	f->msg = NULL;
+	f->res.skipped++;
+	if (f->mb->remove_after_read)
+		send_dele(f, c->num, c->uid);
+	return true;
+}
+
 static void
 on_retrieved(void *arg, unsigned long num, const char *error)
 {
@@ -1126,32 +1154,11 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		after_response(f);
 		return;
 	}
-	if (keyed_by_headers(f, c->uid) && saved_by_content(f, c)) {
+	if ((keyed_by_headers(f, c->uid) && saved_by_content(f, c)) ||
+	    (c->uid[0] == '\0' && saved_as_content_key(f, c))) {
 		f->next++;
 		after_response(f);
 		return;
-	}
-	if (c->uid[0] == '\0') {
-		content_key(f, c);
-		if (pending_has(f, c->uid) && !commit_batch(f)) {
-			halt(f);
-			f->next++;
-			after_response(f);
-			return;
-		}
-		if (store_has(f->store, c->uid)) {
-			/* saved before (or a copy earlier in this session): not kept again */
-			log_debug(f->mb->id, "message %lu (%s) was saved before", num, c->uid);
-			store_msg_abort(f->msg);
-			f->msg = NULL;
-			f->res.skipped++;
-			if (f->mb->remove_after_read)
-				send_dele(f, num, c->uid);
-			f->next++;
-			after_response(f);
-			return;
-		}
-		store_msg_set_uid(f->msg, c->uid);
 	}
 	if (seal_message(f, c, why, sizeof(why)) < 0) {
 		set_exit(f, EX_IOERR);
