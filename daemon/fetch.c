@@ -52,7 +52,7 @@ struct candidate {
 /*
  * Kept on the server (remove_after_read: false), such a message would be
  * downloaded at every poll to be known so. Where the server has TOP it is
- * known by its headers instead: "t" and the SHA-256 of its LIST size in
+ * known by its headers instead (start_top_phase says when): "t" and the SHA-256 of its LIST size in
  * decimal, a NUL, and its header block as TOP n 0 sends it (through the
  * first empty line); only a message whose key is not in the state is
  * downloaded. Messages that share that key (equal headers and size) are
@@ -536,11 +536,11 @@ note_unkeyed(struct fetch *f, size_t by_headers, size_t by_content)
 }
 
 /* Every TOP is answered: what is known by its headers and in the state is
- * not downloaded; the RETRs begin. */
+ * not downloaded (but deleted, with remove_after_read); the RETRs begin. */
 static void
 end_top_phase(struct fetch *f)
 {
-	size_t shared = unkey_shared(f), k = 0, by_headers = 0, by_content = 0;
+	size_t shared = unkey_shared(f), k = 0, by_headers = 0, by_content = 0, stale = 0;
 
 	f->topping = false;
 	for (size_t i = 0; i < f->ncand; i++) {
@@ -551,6 +551,10 @@ end_top_phase(struct fetch *f)
 			if (store_has(f->store, c.uid)) {
 				f->res.skipped++;
 				f->unkeyed--;
+				if (f->mb->remove_after_read) {
+					send_dele(f, c.num, c.uid);
+					stale++;
+				}
 				continue;
 			}
 		} else if (c.uid[0] == '\0') {
@@ -565,6 +569,8 @@ end_top_phase(struct fetch *f)
 			   "another: they are known by their content",
 			   f->where, shared);
 	note_unkeyed(f, by_headers, by_content);
+	if (stale > 0)
+		log_info(f->mb->id, "deleting %zu message(s) saved by an earlier session", stale);
 	after_response(f);
 }
 
@@ -660,15 +666,20 @@ top_answered(struct fetch *f, unsigned long num, const char *error)
 	next_top(f);
 }
 
-/* Kept on the server, the messages without UIDL are known by their
- * headers where the server has TOP (or may: it lists no capabilities). */
+/*
+ * The messages without UIDL are known by their headers where the server has
+ * TOP (or may: it lists no capabilities): kept on the server, so that they
+ * are not downloaded at every poll; deleted, only when the state holds
+ * records (messages saved in keep mode, or whose deletion was not
+ * committed), for with none there is nothing to know them from.
+ */
 static bool
 start_top_phase(struct fetch *f)
 {
 	const struct pop3_capa *capa = pop3_capa(f->pop3);
 
-	if (f->unkeyed == 0 || f->mb->remove_after_read || f->top_refused ||
-	    (capa->seen && !capa->top))
+	if (f->unkeyed == 0 || f->top_refused || (capa->seen && !capa->top) ||
+	    (f->mb->remove_after_read && store_count(f->store) == 0))
 		return false;
 	f->topping = true;
 	f->head_keys = xcalloc(f->unkeyed, KEY_SIZE);
@@ -1037,8 +1048,9 @@ on_ambiguous(void *arg, unsigned long num, const char *first_line)
 /*
  * A message known by its headers, not in the state, may have been saved by
  * its content (by an earlier version, or in a poll where TOP failed): then
- * it is not saved again, and its header key is recorded so that the next
- * poll need not download it. True when it is done with (not to be saved).
+ * it is not saved again, and deleted, or (kept on the server) its header
+ * key is recorded so that the next poll need not download it. True when it
+ * is done with (not to be saved).
  */
 static bool
 saved_by_content(struct fetch *f, const struct candidate *c)
@@ -1057,7 +1069,9 @@ saved_by_content(struct fetch *f, const struct candidate *c)
 	store_msg_abort(f->msg);
 	f->msg = NULL;
 	f->res.skipped++;
-	if (store_record(f->store, c->uid) < 0) {
+	if (f->mb->remove_after_read)
+		send_dele(f, c->num, c->uid);
+	else if (store_record(f->store, c->uid) < 0) {
 		/* known by its content again at the next poll: nothing lost */
 		set_exit(f, EX_IOERR);
 		add_error(f, "%s", store_error(f->store));

@@ -268,8 +268,8 @@ def test_invalid_uidls_are_keyed_by_content(fake_pop3, fake_config, confdir, run
 
 def test_drop_after_saving_does_not_save_twice(fake_pop3, fake_config, confdir, run_popfetchd):
     """The session dies after the first message was saved (its DELE never
-    committed): the next run downloads it again, knows it, deletes it, and
-    saves only the others."""
+    committed): the next run downloads it again, knows it by its content,
+    deletes it, and saves only the others."""
     data = msgs(3, seed=404)
     server = no_uidl_server(fake_pop3, data)
     server.inject("RETR 2", Close(), session=0)
@@ -282,7 +282,11 @@ def test_drop_after_saving_does_not_save_twice(fake_pop3, fake_config, confdir, 
     out = res.json()
     assert res.returncode == EX_OK, res.describe()
     assert len(out["saved"]) == 2 and out["skipped"] == 1 and out["deleted"] == 3
-    assert sorted(m["uidl"] for m in metas(config)) == sorted(key(d) for d in data)
+    # with a record in the state the second poll asks TOP: the first message
+    # is downloaded once more and known by its content, the others are saved
+    # under their header keys
+    assert sorted(m["uidl"] for m in metas(config)) == sorted(
+        [key(data[0]), head_key(data[1]), head_key(data[2])])
     assert server.remaining() == []
 
 
@@ -345,3 +349,27 @@ def test_pipelined_top_refused_starts_over_one_at_a_time(fake_pop3, fake_config,
     assert "refused TOP 2 among pipelined commands" in res.stderr
     assert retrs(server) == [0, 3]
     assert sorted(m["uidl"] for m in metas(config)) == sorted(head_key(d) for d in data)
+
+
+def test_kept_then_deleted_is_not_saved_again(fake_pop3, fake_config, confdir, run_popfetchd):
+    """Known by their headers while kept; once remove_after_read is on, the
+    next poll deletes them without downloading them again. A poll in delete
+    mode with an empty state asks no TOP (there is nothing to know)."""
+    data = msgs(3, seed=415)
+    server = no_uidl_server(fake_pop3, data, pipelining=True)
+    config = fake_config(server, remove_after_read=False)
+    cd = confdir(config)
+    assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
+    cd.add({**config, "remove_after_read": True})
+    res = run_popfetchd(["--json", "receive-all", "fake"], confdir=cd)
+    out = res.json()
+    assert res.returncode == EX_OK, res.describe()
+    assert out["saved"] == [] and out["skipped"] == 3 and out["deleted"] == 3
+    assert retrs(server) == [3, 0] and server.remaining() == []
+    new = msgs(1, seed=416)
+    server.add(new[0])
+    res = run_popfetchd(["--json", "receive-all", "fake"], confdir=cd)
+    assert res.returncode == EX_OK and len(res.json()["saved"]) == 1
+    assert server.count("TOP", session=2) == 0 and server.remaining() == []
+    assert sorted(m["uidl"] for m in metas(config)) == sorted(
+        [head_key(d) for d in data] + [key(new[0])])
