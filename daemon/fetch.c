@@ -6,6 +6,8 @@
  * made durable, their UIDLs recorded and fdatasync'd, the folders renamed
  * into place and save_directory fsync'd — and only then their DELEs. With
  * a server that offers PIPELINING a window of RETRs is kept in flight.
+ * Messages without UIDL that stay on the server are first asked TOP n 0:
+ * known by their headers, only those not saved before are downloaded.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -47,6 +49,21 @@ struct candidate {
  * there. Byte-identical messages are one message.
  */
 #define CONTENT_KEY_PREFIX "h"
+/*
+ * Kept on the server (remove_after_read: false), such a message would be
+ * downloaded at every poll to be known so. Where the server has TOP it is
+ * known by its headers instead (start_top_phase says when): "t" and the SHA-256 of its LIST size in
+ * decimal, a NUL, and its header block as TOP n 0 sends it (through the
+ * first empty line); only a message whose key is not in the state is
+ * downloaded. Messages that share that key (equal headers and size) are
+ * known by their content, as is one whose TOP is refused or whose header
+ * block is over HEADERS_MAX.
+ */
+#define HEADER_KEY_PREFIX "t"
+#define KEY_SIZE	  (1 + 2 * 32 + 1) /* prefix, SHA-256 in hex, NUL */
+#define HEADERS_MAX	  (256 * 1024)
+/* TOPs kept in flight when the server offers PIPELINING */
+#define TOP_WINDOW 32
 
 /* New sessions one poll may start after its first (a new token, lockstep,
  * fewer deletions at once). */
@@ -106,7 +123,20 @@ struct fetch {
 	size_t nkeys;
 	struct store_msg *msg; /* the message being received */
 	EVP_MD_CTX *md;	       /* its content key in the making, when it has no UIDL */
-	size_t unkeyed;	       /* listed messages without UIDL not keyed in this session */
+	/* listed messages without UIDL whose key is not known in this session,
+	 * or is a header key not in the state (saved under another key before?) */
+	size_t unkeyed;
+	bool have_uidl; /* the server answered UIDL */
+	/* TOP n 0 for the messages without UIDL (HEADER_KEY_PREFIX) */
+	bool topping;		    /* asking: no RETR before every answer is in */
+	bool top_refused;	    /* a TOP was refused one at a time: no more in this poll */
+	size_t top_next, top_issue; /* candidates: the one being answered, the next to ask */
+	size_t top_inflight, top_window;
+	char *head_keys; /* the header keys, KEY_SIZE bytes each, never moved */
+	size_t nhead_keys;
+	struct pop3_head head; /* the header block of the TOP being answered */
+	size_t head_bytes;
+	bool head_too_long;
 	time_t msg_time;
 	int msg_error;		       /* a write of the current message failed */
 	uint64_t msg_bytes, msg_limit; /* received so far, most accepted */
@@ -324,6 +354,24 @@ halt(struct fetch *f)
 	f->msg = NULL;
 }
 
+/* Is this one of the header keys (not a UIDL that reads like one)? */
+static bool
+keyed_by_headers(const struct fetch *f, const char *uid)
+{
+	uintptr_t p = (uintptr_t)uid, base = (uintptr_t)f->head_keys;
+
+	return f->head_keys != NULL && p >= base && p < base + f->nhead_keys * KEY_SIZE;
+}
+
+/* Is the content of this message hashed as it comes? Of one without a key,
+ * for its key; of one known by its headers, to know whether it was saved
+ * by its content before. */
+static bool
+hashed(const struct fetch *f, const struct candidate *c)
+{
+	return c->uid[0] == '\0' || keyed_by_headers(f, c->uid);
+}
+
 /* The first bytes (or the end) of the message at the head: stage it. */
 static int
 begin_message(struct fetch *f)
@@ -331,7 +379,7 @@ begin_message(struct fetch *f)
 	const struct candidate *c = &f->cand[f->next];
 	int r;
 
-	if (c->uid[0] == '\0' && !EVP_DigestInit_ex(f->md, EVP_sha256(), NULL))
+	if (hashed(f, c) && !EVP_DigestInit_ex(f->md, EVP_sha256(), NULL))
 		abort();
 	f->msg_time = time(NULL);
 	f->msg_error = 0;
@@ -401,6 +449,266 @@ duplicate_uids(const struct pop3_msg *msgs, size_t n)
 	return dup;
 }
 
+/* prefix and the hex of the digest in f->md: out has KEY_SIZE bytes. */
+static void
+digest_key(struct fetch *f, const char *prefix, char *out)
+{
+	unsigned char d[EVP_MAX_MD_SIZE];
+	unsigned int dlen = 0;
+
+	if (!EVP_DigestFinal_ex(f->md, d, &dlen) || dlen != 32)
+		abort();
+	out[0] = prefix[0];
+	util_hex(d, dlen, out + 1);
+}
+
+/* The next candidate from i on without a key: the TOPs go out, and are
+ * answered, in this order. */
+static size_t
+next_unkeyed(const struct fetch *f, size_t i)
+{
+	while (i < f->ncand && f->cand[i].uid[0] != '\0')
+		i++;
+	return i;
+}
+
+/* Ready for the answer to the TOP of cand[top_next]. */
+static void
+top_reset(struct fetch *f)
+{
+	char size[32];
+
+	pop3_head_init(&f->head);
+	f->head_bytes = 0;
+	f->head_too_long = false;
+	f->msg_bytes = 0;
+	if (f->top_next >= f->ncand)
+		return;
+	snprintf(size, sizeof(size), "%llu", (unsigned long long)f->cand[f->top_next].size);
+	if (!EVP_DigestInit_ex(f->md, EVP_sha256(), NULL) ||
+	    !EVP_DigestUpdate(f->md, size, strlen(size) + 1))
+		abort();
+}
+
+/* Keep the window of TOPs full. */
+static void
+ask_tops(struct fetch *f)
+{
+	while (!f->top_refused && !f->halted && !f->stopping && f->top_issue < f->ncand &&
+	       f->top_inflight < f->top_window) {
+		pop3_top(f->pop3, f->cand[f->top_issue].num);
+		f->top_inflight++;
+		f->top_issue = next_unkeyed(f, f->top_issue + 1);
+	}
+}
+
+static int
+cmp_cand_uid(const void *a, const void *b)
+{
+	return strcmp((*(const struct candidate *const *)a)->uid,
+		      (*(const struct candidate *const *)b)->uid);
+}
+
+/* Messages with one header key (equal headers and size) are known by
+ * their content instead: one is never taken for the other. */
+static size_t
+unkey_shared(struct fetch *f)
+{
+	struct candidate **by = xcalloc(f->ncand ? f->ncand : 1, sizeof(*by));
+	bool *same = xcalloc(f->ncand ? f->ncand : 1, sizeof(*same));
+	size_t n = 0, shared = 0;
+
+	for (size_t i = 0; i < f->ncand; i++)
+		if (keyed_by_headers(f, f->cand[i].uid))
+			by[n++] = &f->cand[i];
+	qsort(by, n, sizeof(*by), cmp_cand_uid);
+	for (size_t i = 1; i < n; i++)
+		if (strcmp(by[i]->uid, by[i - 1]->uid) == 0)
+			same[i] = same[i - 1] = true;
+	for (size_t i = 0; i < n; i++)
+		if (same[i]) {
+			by[i]->uid = "";
+			shared++;
+		}
+	free(same);
+	free(by);
+	return shared;
+}
+
+static void
+note_unkeyed(struct fetch *f, size_t by_headers, size_t by_content)
+{
+	const char *why = f->have_uidl ? "some messages have no valid UIDL"
+				       : "the server does not support UIDL";
+
+	if (by_headers > 0)
+		log_notice(f->mb->id,
+			   "%s: %s: %zu message(s) are known by their headers (TOP), %zu "
+			   "downloaded to be known by their content",
+			   f->where, why, by_headers, by_content);
+	else if (by_content > 0)
+		log_notice(f->mb->id,
+			   "%s: %s: %zu message(s) are downloaded to be known by their content",
+			   f->where, why, by_content);
+}
+
+/* Every TOP is answered: what is known by its headers and in the state is
+ * not downloaded (but deleted, with remove_after_read); the RETRs begin. */
+static void
+end_top_phase(struct fetch *f)
+{
+	size_t shared = unkey_shared(f), k = 0, by_headers = 0, by_content = 0, stale = 0;
+
+	f->topping = false;
+	for (size_t i = 0; i < f->ncand; i++) {
+		struct candidate c = f->cand[i];
+		if (keyed_by_headers(f, c.uid)) {
+			by_headers++;
+			f->listed[f->nlisted++] = c.uid;
+			if (store_has(f->store, c.uid)) {
+				f->res.skipped++;
+				f->unkeyed--;
+				if (f->mb->remove_after_read) {
+					send_dele(f, c.num, c.uid);
+					stale++;
+				}
+				continue;
+			}
+		} else if (c.uid[0] == '\0') {
+			by_content++;
+		}
+		f->cand[k++] = c;
+	}
+	f->ncand = k;
+	if (shared > 0)
+		log_notice(f->mb->id,
+			   "%s: %zu messages without UIDL have the same headers and size as "
+			   "another: they are known by their content",
+			   f->where, shared);
+	note_unkeyed(f, by_headers, by_content);
+	if (stale > 0)
+		log_info(f->mb->id, "deleting %zu message(s) saved by an earlier session", stale);
+	after_response(f);
+}
+
+/* The answer to the TOP at the head has been dealt with. */
+static void
+next_top(struct fetch *f)
+{
+	f->top_inflight--;
+	f->top_next = next_unkeyed(f, f->top_next + 1);
+	top_reset(f);
+	if (f->halted) {
+		wind_up(f);
+		return;
+	}
+	ask_tops(f);
+	if (f->top_inflight == 0)
+		end_top_phase(f);
+}
+
+/* An answer to a pipelined TOP could not be trusted: a new session asks
+ * one command at a time (as after a pipelined RETR, start_over_in_lockstep). */
+static void
+top_start_over(struct fetch *f)
+{
+	f->again = true;
+	halt(f);
+	next_top(f);
+}
+
+/* Bytes of the header block of the TOP at the head. */
+static void
+top_data(struct fetch *f, const char *buf, size_t len)
+{
+	const struct candidate *c = &f->cand[f->top_next];
+	size_t n = pop3_head_feed(&f->head, buf, len);
+
+	f->msg_bytes += len;
+	if (f->msg_bytes > message_limit(f, c->size)) {
+		set_exit(f, EX_PROTOCOL);
+		add_error(f,
+			  "%s: the answer to TOP %lu 0 goes on past %llu bytes, far more than "
+			  "LIST announced for the whole message: the session is ended",
+			  f->where, c->num, (unsigned long long)message_limit(f, c->size));
+		pop3_abort(f->pop3);
+		finish(f);
+		return;
+	}
+	if (f->head_too_long || n == 0)
+		return;
+	if (f->head_bytes + n > HEADERS_MAX) {
+		f->head_too_long = true;
+		return;
+	}
+	f->head_bytes += n;
+	EVP_DigestUpdate(f->md, buf, n);
+}
+
+/* The TOP at the head was answered (error: refused). */
+static void
+top_answered(struct fetch *f, unsigned long num, const char *error)
+{
+	struct candidate *c = &f->cand[f->top_next];
+
+	if (f->halted) {
+		next_top(f);
+		return;
+	}
+	if (error != NULL && f->top_window > 1) {
+		log_notice(f->mb->id,
+			   "%s: the server refused TOP %lu among pipelined commands: starting "
+			   "over one command at a time (server said: %s)",
+			   f->where, num, error);
+		top_start_over(f);
+		return;
+	}
+	if (error != NULL) {
+		f->top_refused = true;
+		log_notice(f->mb->id,
+			   "%s: the server refused TOP %lu (server said: %s): the messages "
+			   "without UIDL not known by their headers yet are downloaded to be "
+			   "known by their content",
+			   f->where, num, error);
+	} else if (f->head_too_long) {
+		log_notice(f->mb->id,
+			   "%s: message %lu has a header block over %d KiB: it is downloaded to "
+			   "be known by its content",
+			   f->where, num, HEADERS_MAX / 1024);
+	} else {
+		char *key = f->head_keys + f->nhead_keys++ * KEY_SIZE;
+		digest_key(f, HEADER_KEY_PREFIX, key);
+		c->uid = key;
+	}
+	next_top(f);
+}
+
+/*
+ * The messages without UIDL are known by their headers where the server has
+ * TOP (or may: it lists no capabilities): kept on the server, so that they
+ * are not downloaded at every poll; deleted, only when the state holds
+ * records (messages saved in keep mode, or whose deletion was not
+ * committed), for with none there is nothing to know them from.
+ */
+static bool
+start_top_phase(struct fetch *f)
+{
+	const struct pop3_capa *capa = pop3_capa(f->pop3);
+
+	if (f->unkeyed == 0 || f->top_refused || (capa->seen && !capa->top) ||
+	    (f->mb->remove_after_read && store_count(f->store) == 0))
+		return false;
+	f->topping = true;
+	f->head_keys = xcalloc(f->unkeyed, KEY_SIZE);
+	f->nhead_keys = 0;
+	f->top_window = capa->pipelining && !f->lockstep ? TOP_WINDOW : 1;
+	f->top_issue = f->top_next = next_unkeyed(f, 0);
+	f->top_inflight = 0;
+	top_reset(f);
+	ask_tops(f);
+	return true;
+}
+
 static void
 on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 {
@@ -455,17 +763,14 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 			    "%s: %zu messages share UIDLs with others: they are known "
 			    "by their content instead",
 			    f->where, ndup);
-	if (f->unkeyed > 0)
-		log_notice(f->mb->id,
-			   "%s: %s: %zu message(s) are downloaded to be known by their content",
-			   f->where,
-			   have_uidl ? "some messages have no valid UIDL"
-				     : "the server does not support UIDL",
-			   f->unkeyed);
 	if (stale > 0)
 		log_info(f->mb->id, "deleting %zu message(s) saved by an earlier session", stale);
 	log_debug(f->mb->id, "%zu message(s) on the server, %zu to receive", n, f->ncand);
 	f->pend = xcalloc(f->ncand ? f->ncand : 1, sizeof(*f->pend));
+	f->have_uidl = have_uidl;
+	if (start_top_phase(f))
+		return;
+	note_unkeyed(f, 0, f->unkeyed);
 	after_response(f);
 }
 
@@ -476,6 +781,10 @@ on_data(void *arg, const char *buf, size_t len)
 
 	if (f->halted || f->finished)
 		return;
+	if (f->topping) {
+		top_data(f, buf, len);
+		return;
+	}
 	if (f->msg == NULL && begin_message(f) < 0)
 		return;
 	if (f->msg_error)
@@ -492,7 +801,7 @@ on_data(void *arg, const char *buf, size_t len)
 		finish(f);
 		return;
 	}
-	if (f->cand[f->next].uid[0] == '\0')
+	if (hashed(f, &f->cand[f->next]))
 		EVP_DigestUpdate(f->md, buf, len);
 	if (store_msg_write(f->msg, buf, len) < 0)
 		f->msg_error = 1;
@@ -502,14 +811,9 @@ on_data(void *arg, const char *buf, size_t len)
 static void
 content_key(struct fetch *f, struct candidate *c)
 {
-	unsigned char d[EVP_MAX_MD_SIZE];
-	unsigned int dlen = 0;
-	char *key;
+	char *key = xcalloc(1, KEY_SIZE);
 
-	EVP_DigestFinal_ex(f->md, d, &dlen);
-	key = xcalloc(1, sizeof(CONTENT_KEY_PREFIX) + 2 * (size_t)dlen);
-	memcpy(key, CONTENT_KEY_PREFIX, sizeof(CONTENT_KEY_PREFIX) - 1);
-	util_hex(d, dlen, key + sizeof(CONTENT_KEY_PREFIX) - 1);
+	digest_key(f, CONTENT_KEY_PREFIX, key);
 	f->keys = xrealloc(f->keys, (f->nkeys + 1) * sizeof(*f->keys));
 	f->keys[f->nkeys++] = key;
 	c->uid = key;
@@ -740,6 +1044,15 @@ on_ambiguous(void *arg, unsigned long num, const char *first_line)
 {
 	struct fetch *f = arg;
 
+	if (f->topping) {
+		if (!f->halted)
+			log_notice(f->mb->id,
+				   "%s: the answer to TOP %lu begins like a status line (\"%s\"): "
+				   "starting over one command at a time",
+				   f->where, num, first_line);
+		top_start_over(f);
+		return;
+	}
 	store_msg_abort(f->msg);
 	f->msg = NULL;
 	if (f->halted) {
@@ -755,6 +1068,66 @@ on_ambiguous(void *arg, unsigned long num, const char *first_line)
 	start_over_in_lockstep(f);
 }
 
+/*
+ * A message known by its headers, not in the state, may have been saved by
+ * its content (by an earlier version, or in a poll where TOP failed): then
+ * it is not saved again, and deleted, or (kept on the server) its header
+ * key is recorded so that the next poll need not download it. True when it
+ * is done with (not to be saved).
+ */
+static bool
+saved_by_content(struct fetch *f, const struct candidate *c)
+{
+	char key[KEY_SIZE];
+
+	f->unkeyed--;
+	digest_key(f, CONTENT_KEY_PREFIX, key);
+	if (pending_has(f, key) && !commit_batch(f)) {
+		halt(f);
+		return true;
+	}
+	if (!store_has(f->store, key))
+		return false;
+	log_debug(f->mb->id, "message %lu (%s) was saved before as %s", c->num, c->uid, key);
+	store_msg_abort(f->msg);
+	f->msg = NULL;
+	f->res.skipped++;
+	if (f->mb->remove_after_read)
+		send_dele(f, c->num, c->uid);
+	else if (store_record(f->store, c->uid) < 0) {
+		/* known by its content again at the next poll: nothing lost */
+		set_exit(f, EX_IOERR);
+		add_error(f, "%s", store_error(f->store));
+	}
+	return true;
+}
+
+/*
+ * A message without a key, all here: keyed by its content. Saved before (or
+ * a copy earlier in this session), it is not kept again. True when it is
+ * done with (not to be saved).
+ */
+static bool
+saved_as_content_key(struct fetch *f, struct candidate *c)
+{
+	content_key(f, c);
+	if (pending_has(f, c->uid) && !commit_batch(f)) {
+		halt(f);
+		return true;
+	}
+	if (!store_has(f->store, c->uid)) {
+		store_msg_set_uid(f->msg, c->uid);
+		return false;
+	}
+	log_debug(f->mb->id, "message %lu (%s) was saved before", c->num, c->uid);
+	store_msg_abort(f->msg);
+	f->msg = NULL;
+	f->res.skipped++;
+	if (f->mb->remove_after_read)
+		send_dele(f, c->num, c->uid);
+	return true;
+}
+
 static void
 on_retrieved(void *arg, unsigned long num, const char *error)
 {
@@ -762,6 +1135,10 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 	struct candidate *c = &f->cand[f->next];
 	char why[600] = "";
 
+	if (f->topping) {
+		top_answered(f, num, error);
+		return;
+	}
 	if (f->halted) {
 		/* in flight when the session stopped saving: not kept */
 		store_msg_abort(f->msg);
@@ -814,27 +1191,11 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		after_response(f);
 		return;
 	}
-	if (c->uid[0] == '\0') {
-		content_key(f, c);
-		if (pending_has(f, c->uid) && !commit_batch(f)) {
-			halt(f);
-			f->next++;
-			after_response(f);
-			return;
-		}
-		if (store_has(f->store, c->uid)) {
-			/* saved before (or a copy earlier in this session): not kept again */
-			log_debug(f->mb->id, "message %lu (%s) was saved before", num, c->uid);
-			store_msg_abort(f->msg);
-			f->msg = NULL;
-			f->res.skipped++;
-			if (f->mb->remove_after_read)
-				send_dele(f, num, c->uid);
-			f->next++;
-			after_response(f);
-			return;
-		}
-		store_msg_set_uid(f->msg, c->uid);
+	if ((keyed_by_headers(f, c->uid) && saved_by_content(f, c)) ||
+	    (c->uid[0] == '\0' && saved_as_content_key(f, c))) {
+		f->next++;
+		after_response(f);
+		return;
 	}
 	if (seal_message(f, c, why, sizeof(why)) < 0) {
 		set_exit(f, EX_IOERR);
@@ -948,6 +1309,10 @@ restart_session(struct fetch *f, bool lockstep)
 	f->nlisted = f->ncand = f->next = f->issued = f->npend = 0;
 	f->ndele = f->dele_ok = f->dele_answered = f->unkeyed = 0;
 	f->ndeleted_uids = f->capdeleted_uids = 0;
+	free(f->head_keys);
+	f->head_keys = NULL;
+	f->nhead_keys = f->top_inflight = 0;
+	f->topping = false;
 	f->res.skipped = f->res.too_big = 0; /* counted anew from the new listing */
 	f->listing_done = f->halted = f->no_dele = f->quit_sent = f->again = false;
 	f->stale_sent = 0;
@@ -1207,6 +1572,7 @@ fetch_free(struct fetch *f)
 	free(f->res.errors);
 	free(f->listed);
 	free_keys(f);
+	free(f->head_keys);
 	free(f->deleted_uids);
 	free(f->cand);
 	free(f->pend);

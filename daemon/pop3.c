@@ -52,6 +52,7 @@ enum pop3_state {
 	P3_LIST,
 	P3_STAT,
 	P3_RETR,
+	P3_TOP,
 	P3_DELE,
 	P3_QUIT,
 	P3_DONE,
@@ -63,8 +64,8 @@ static const char *const state_names[] = {
 	[P3_USER] = "USER", [P3_PASS] = "PASS",	      [P3_AUTH] = "AUTH",
 	[P3_APOP] = "APOP", [P3_UTF8] = "UTF8",	      [P3_HOLD] = "HOLD",
 	[P3_IDLE] = "IDLE", [P3_UIDL] = "UIDL",	      [P3_LIST] = "LIST",
-	[P3_STAT] = "STAT", [P3_RETR] = "RETR",	      [P3_DELE] = "DELE",
-	[P3_QUIT] = "QUIT", [P3_DONE] = "DONE",
+	[P3_STAT] = "STAT", [P3_RETR] = "RETR",	      [P3_TOP] = "TOP",
+	[P3_DELE] = "DELE", [P3_QUIT] = "QUIT",	      [P3_DONE] = "DONE",
 };
 
 /* Bounds on what a server may make a session do (a stall needs only 1 KiB
@@ -75,12 +76,12 @@ static const char *const state_names[] = {
 #define AUTH_MAX_STEPS 16
 
 /* Most commands in flight at once when the server offers PIPELINING
- * (RFC 2449 §6.6): RETR and DELE (QUIT always goes alone). */
+ * (RFC 2449 §6.6): RETR, TOP and DELE (QUIT always goes alone). */
 #define PIPE_MAX 32
 
 /* A command the owner queued. */
 struct cmd {
-	enum pop3_state state; /* P3_UIDL (listing), P3_STAT, P3_RETR, P3_DELE, P3_QUIT */
+	enum pop3_state state; /* P3_UIDL (listing), P3_STAT, P3_RETR, P3_TOP, P3_DELE, P3_QUIT */
 	unsigned long num;
 };
 
@@ -148,8 +149,8 @@ struct pop3_session {
 	unsigned long cur_num; /* of the response being read */
 
 	struct pop3_dot dot;
-	bool data_start;     /* a pipelined RETR's data is to begin: see check_data_start() */
-	bool discard;	     /* the data of this RETR is dropped: it began like a status line */
+	bool data_start; /* a pipelined RETR's (or TOP's) data is to begin: check_data_start() */
+	bool discard;	 /* the data of this RETR is dropped: it began like a status line */
 	char first_line[96]; /* that line, printable */
 	size_t rx_window;    /* bytes received since the command timer was armed */
 
@@ -558,6 +559,10 @@ enter_state(struct pop3_session *s, enum pop3_state st)
 	case P3_RETR:
 		log_debug(s->p.id, "C: RETR %lu", s->cur_num);
 		send_line(s, "RETR %lu", s->cur_num);
+		break;
+	case P3_TOP:
+		log_debug(s->p.id, "C: TOP %lu 0", s->cur_num);
+		send_line(s, "TOP %lu 0", s->cur_num);
 		break;
 	case P3_DELE:
 		log_debug(s->p.id, "C: DELE %lu", s->cur_num);
@@ -975,6 +980,7 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 		break;
 	}
 	case P3_RETR:
+	case P3_TOP:
 		if (!ok) {
 			/* that message only: the session goes on */
 			end_response(s);
@@ -1038,13 +1044,13 @@ check_data_start(struct pop3_session *s, struct evbuffer *in)
 	server_text(&line, s->first_line, sizeof(s->first_line));
 	if (s->ev->ambiguous == NULL) {
 		fail(s, POP3_FAIL_PROTOCOL,
-		     "the data of RETR %lu begins with a status line (\"%s\"): the server's "
+		     "the data of %s %lu begins with a status line (\"%s\"): the server's "
 		     "responses are out of step with the commands",
-		     s->cur_num, s->first_line);
+		     state_names[s->state], s->cur_num, s->first_line);
 		return false;
 	}
-	log_debug(s->p.id, "pop3: the data of RETR %lu begins like a status line: dropped",
-		  s->cur_num);
+	log_debug(s->p.id, "pop3: the data of %s %lu begins like a status line: dropped",
+		  state_names[s->state], s->cur_num);
 	s->discard = true;
 	return true;
 }
@@ -1138,7 +1144,7 @@ on_read(struct bufferevent *bev, void *arg)
 			     evbuffer_get_length(in), state_names[s->state]);
 			break;
 		}
-		if (s->state == P3_RETR && s->multiline) {
+		if ((s->state == P3_RETR || s->state == P3_TOP) && s->multiline) {
 			if (!read_data(s, in))
 				break;
 			continue;
@@ -1474,11 +1480,12 @@ waited_for(const struct pop3_session *s, char *buf, size_t size)
 			 s->multiline ? "the rest of the %s listing" : "the answer to %s", name);
 		break;
 	case P3_RETR:
+	case P3_TOP:
 		if (s->multiline)
-			snprintf(buf, size, "the data of message %lu (RETR %lu)", s->cur_num,
+			snprintf(buf, size, "the data of message %lu (%s %lu)", s->cur_num, name,
 				 s->cur_num);
 		else
-			snprintf(buf, size, "the answer to RETR %lu", s->cur_num);
+			snprintf(buf, size, "the answer to %s %lu", name, s->cur_num);
 		break;
 	case P3_DELE:
 		snprintf(buf, size, "the answer to DELE %lu", s->cur_num);
@@ -1707,7 +1714,7 @@ enqueue(struct pop3_session *s, enum pop3_state st, unsigned long num)
 static bool
 pipelinable(enum pop3_state st)
 {
-	return st == P3_RETR || st == P3_DELE;
+	return st == P3_RETR || st == P3_TOP || st == P3_DELE;
 }
 
 /* A command behind others in flight: they were sent, so whatever waits in
@@ -1722,6 +1729,10 @@ pipe_line(struct pop3_session *s, const struct cmd *c)
 		log_debug(s->p.id, "C: RETR %lu (pipelined)", c->num);
 		evbuffer_add_printf(out, "RETR %lu\r\n", c->num);
 		break;
+	case P3_TOP:
+		log_debug(s->p.id, "C: TOP %lu 0 (pipelined)", c->num);
+		evbuffer_add_printf(out, "TOP %lu 0\r\n", c->num);
+		break;
 	case P3_DELE:
 		log_debug(s->p.id, "C: DELE %lu (pipelined)", c->num);
 		evbuffer_add_printf(out, "DELE %lu\r\n", c->num);
@@ -1733,7 +1744,7 @@ pipe_line(struct pop3_session *s, const struct cmd *c)
 
 /*
  * Send what the owner queued: one command at a time, or, when the server
- * offers PIPELINING, RETR and DELE without waiting for the responses
+ * offers PIPELINING, RETR, TOP and DELE without waiting for the responses
  * before, up to PIPE_MAX in flight. The listing, STAT and QUIT go out alone.
  */
 static void
@@ -1799,6 +1810,13 @@ void
 pop3_retr(struct pop3_session *s, unsigned long num)
 {
 	enqueue(s, P3_RETR, num);
+	pump(s);
+}
+
+void
+pop3_top(struct pop3_session *s, unsigned long num)
+{
+	enqueue(s, P3_TOP, num);
 	pump(s);
 }
 

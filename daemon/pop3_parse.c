@@ -377,3 +377,39 @@ pop3_dot_feed(struct pop3_dot *d, const char *in, size_t inlen, char *out, size_
 	*outlen = o;
 	return i;
 }
+
+enum { HEAD_BOL, HEAD_CR, HEAD_MID };
+
+void
+pop3_head_init(struct pop3_head *h)
+{
+	h->state = HEAD_BOL;
+	h->done = false;
+}
+
+size_t
+pop3_head_feed(struct pop3_head *h, const char *buf, size_t len)
+{
+	size_t i = 0;
+
+	while (i < len && !h->done) {
+		char c = buf[i];
+
+		if (h->state == HEAD_MID) {
+			const char *lf = memchr(buf + i, '\n', len - i);
+			if (lf == NULL)
+				return len;
+			i = (size_t)(lf - buf) + 1;
+			h->state = HEAD_BOL;
+			continue;
+		}
+		i++;
+		if (c == '\n')
+			h->done = true; /* a line with nothing, or only a CR, before its LF */
+		else if (c == '\r' && h->state == HEAD_BOL)
+			h->state = HEAD_CR;
+		else
+			h->state = HEAD_MID;
+	}
+	return i;
+}

@@ -1,7 +1,7 @@
 /*
  * pop3 — one POP3 client session over a libevent bufferevent (RFC 1939,
  * RFC 2449). It connects, reads the greeting, asks CAPA, logs in, then runs
- * the commands its owner queues (listing, STAT, RETR, DELE, QUIT). Message bytes go
+ * the commands its owner queues (listing, STAT, RETR, TOP, DELE, QUIT). Message bytes go
  * to the owner through a callback; the session writes no file and decides no
  * policy. It logs nothing above debug: the owner turns failures into lines.
  */
@@ -91,11 +91,12 @@ struct pop3_error {
 struct pop3_events {
 	void (*ready)(void *arg); /* logged in; pop3_capa() is valid */
 	void (*listing)(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl);
-	void (*data)(void *arg, const char *buf, size_t len); /* message bytes, in order */
-	/* the whole message was sent; or error (the server's text) when it
-	 * refused the RETR: the session goes on */
+	/* message bytes, in order: of the RETR (or TOP) being answered */
+	void (*data)(void *arg, const char *buf, size_t len);
+	/* the whole message (or, for TOP, its header block) was sent; or error
+	 * (the server's text) when it refused the RETR or TOP: the session goes on */
 	void (*retrieved)(void *arg, unsigned long num, const char *error);
-	/* pipelined, the data of RETR num began with a line that reads as a
+	/* pipelined, the data of RETR (or TOP) num began with a line that reads as a
 	 * status line (first_line, made printable): the message may begin so,
 	 * or the server's responses are out of step with the commands; the
 	 * session cannot tell. The data was read to its end and dropped, the
@@ -143,6 +144,10 @@ void pop3_login(struct pop3_session *s, const char *token);
 /* Commands, valid after ready(); queued and answered in order. */
 void pop3_list(struct pop3_session *s); /* UIDL (if any) + LIST -> listing() */
 void pop3_retr(struct pop3_session *s, unsigned long num);
+/* TOP num 0 (RFC 1939 §7): the header block of message num, answered
+ * through data() and retrieved() as a RETR is. The owner asks it only of a
+ * server that has it (CAPA TOP, or no CAPA at all). */
+void pop3_top(struct pop3_session *s, unsigned long num);
 void pop3_dele(struct pop3_session *s, unsigned long num);
 void pop3_stat(struct pop3_session *s); /* STAT -> stat() */
 /* Also valid while a held login waits: then the session ends without logging in. */

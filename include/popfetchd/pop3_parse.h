@@ -98,4 +98,20 @@ struct pop3_dot {
 void pop3_dot_init(struct pop3_dot *d);
 size_t pop3_dot_feed(struct pop3_dot *d, const char *in, size_t inlen, char *out, size_t *outlen);
 
+/*
+ * Streaming search for the end of a message's header block (RFC 5322
+ * §2.1): its first empty line ("\r\n", or a bare "\n", at the start of a
+ * line). Feed the message bytes (unstuffed) in chunks of any size; returns
+ * how many of them belong to the header block: all of them until it ends,
+ * then those up to and including the empty line's LF, none after. h->done
+ * becomes true once the empty line was seen. What TOP n 0 sends after it
+ * (body lines a server adds) is not part of the block.
+ */
+struct pop3_head {
+	int state;
+	bool done;
+};
+void pop3_head_init(struct pop3_head *h);
+size_t pop3_head_feed(struct pop3_head *h, const char *buf, size_t len);
+
 #endif

@@ -1,5 +1,5 @@
 /* libFuzzer harness: every pure POP3 parser, and the dot-unstuffer fed at
- * split points chosen by the input. */
+ * split points chosen by the input, and the header-block scanner likewise. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,6 +7,35 @@
 #include "popfetchd/pop3_parse.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+/* The header block found in pieces is the one found at once, and ends
+ * with the LF of an empty line. */
+static void
+head(const uint8_t *data, size_t size)
+{
+	struct pop3_head whole, h;
+	size_t n = 0, off = 0;
+	size_t once;
+
+	pop3_head_init(&whole);
+	once = pop3_head_feed(&whole, (const char *)data, size);
+	if (once > size || (once < size && !whole.done) ||
+	    (whole.done && (once == 0 || data[once - 1] != '\n')))
+		abort();
+	pop3_head_init(&h);
+	while (off < size && !h.done) {
+		size_t step = 1 + data[off] % 13;
+		if (step > size - off)
+			step = size - off;
+		size_t used = pop3_head_feed(&h, (const char *)data + off, step);
+		if (used > step || (used < step && !h.done))
+			abort();
+		n += used;
+		off += step;
+	}
+	if (n != once || h.done != whole.done)
+		abort();
+}
 
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -58,5 +87,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (total > size)
 		abort();
 	free(out);
+	head(data, size);
 	return 0;
 }

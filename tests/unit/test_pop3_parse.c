@@ -244,6 +244,60 @@ status_like(void)
 		CHECK(pop3_looks_like_status(cases[i].in, strlen(cases[i].in)) == cases[i].want);
 }
 
+/* The header block's length, fed in pieces of `step` bytes; -1 if no end. */
+static long
+head_len(const char *in, size_t inlen, size_t step)
+{
+	struct pop3_head h;
+	size_t i = 0, n = 0;
+
+	pop3_head_init(&h);
+	while (i < inlen) {
+		size_t piece = inlen - i < step ? inlen - i : step;
+		size_t used = pop3_head_feed(&h, in + i, piece);
+		if (used > piece || (used < piece && !h.done))
+			return -2;
+		n += used;
+		i += piece;
+		if (h.done)
+			break;
+	}
+	return h.done ? (long)n : -1;
+}
+
+static void
+head(void)
+{
+	static const struct {
+		const char *in;
+		long want; /* bytes of the header block, -1: it does not end */
+	} cases[] = {
+		{"Subject: x\r\nFrom: y\r\n\r\nbody\r\n", 23},
+		{"Subject: x\r\n\r\n", 14},
+		{"\r\nbody\r\n", 2},
+		{"\nbody\n", 1},
+		{"A: 1\nB: 2\n\nbody\n", 11},
+		{"A: 1\r\n\nrest", 7},
+		{"A: 1\r\n \r\n\r\n", 11},
+		{"A: \r\r\n\r\nx", 8},
+		{"A: 1\r\n\r\r\n\r\n", 11},
+		{"A: 1\r\nB: 2\r\n", -1},
+		{"A: 1\r\n\r", -1},
+		{"", -1},
+	};
+
+	for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+		size_t inlen = strlen(cases[c].in);
+		for (size_t step = 1; step <= (inlen ? inlen : 1); step++)
+			CHECK(head_len(cases[c].in, inlen, step) == cases[c].want);
+	}
+	/* once done, nothing more belongs to the block */
+	struct pop3_head h;
+	pop3_head_init(&h);
+	CHECK(pop3_head_feed(&h, "\r\n", 2) == 2 && h.done);
+	CHECK(pop3_head_feed(&h, "more\r\n\r\n", 10) == 0 && h.done);
+}
+
 int
 main(void)
 {
@@ -252,5 +306,6 @@ main(void)
 	listings();
 	dot();
 	status_like();
+	head();
 	CHECK_DONE();
 }
