@@ -79,7 +79,7 @@ def server_messages(server, mailbox):
     place of a message with 8-bit header fields."""
     client = poplib.POP3(server.host, server.pop3_port, timeout=30)
     try:
-        if "UTF8" in client.capa():
+        if "capa" in server.features and "UTF8" in client.capa():
             client.utf8()
         client.user(mailbox.user)
         client.pass_(mailbox.password)

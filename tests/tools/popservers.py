@@ -13,7 +13,7 @@ instance owns. A PopServer has:
     pop3_port     plain POP3 (with STLS when "stls" is in features)
     pop3s_port    implicit TLS, or None
     ca_file       the CA that signed the served certificate, or None
-    features      a set of: "stls", "pop3s", "apop", "uidl", "top"
+    features      a set of: "capa", "stls", "pop3s", "apop", "uidl", "top"
     mechanisms    the sasl_mechanisms values popfetchd can use with it
                   (e.g. ["USER"], ["APOP"], ["PLAIN", "SCRAM-SHA-256"])
     start() / stop()            stop() also when start() failed half-way

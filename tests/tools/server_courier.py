@@ -83,7 +83,7 @@ class Mailbox:
 class Server:
     name = "courier"
     host = "127.0.0.1"
-    features = {"stls", "pop3s", "uidl", "top"}
+    features = {"capa", "stls", "pop3s", "uidl", "top"}
     mechanisms = ["CRAM-MD5", "PLAIN", "LOGIN", "USER"]
     quirks = [
         ("refuses a password with only `-ERR Login failed.` (no [AUTH] code)",

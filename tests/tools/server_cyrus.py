@@ -160,7 +160,7 @@ class Mailbox:
 class Server:
     name = "cyrus"
     host = HOST
-    features = {"stls", "pop3s", "apop", "uidl", "top"}
+    features = {"capa", "stls", "pop3s", "apop", "uidl", "top"}
     mechanisms = ["SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN", "USER"]
     quirks = [
         ("UIDL is UIDVALIDITY.UID (uidl_format cyrus, e.g. `1796414487.1`)",

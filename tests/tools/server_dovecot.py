@@ -7,7 +7,7 @@ import dovecot as dovecot_tool
 
 class Server:
     name = "dovecot"
-    features = {"stls", "pop3s", "apop", "uidl", "top"}
+    features = {"capa", "stls", "pop3s", "apop", "uidl", "top"}
     mechanisms = ["SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN", "USER"]
     quirks = []
 

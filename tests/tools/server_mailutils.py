@@ -134,7 +134,7 @@ class Mailbox:
 class Server:
     name = "mailutils"
     host = HOST
-    features = {"stls", "pop3s", "apop", "uidl", "top"}
+    features = {"capa", "stls", "pop3s", "apop", "uidl", "top"}
     # no AUTH command: USER/PASS and APOP only
     mechanisms = ["USER"]
     @staticmethod
