@@ -68,16 +68,10 @@ def in_delivery_order(saved):
     return sorted(saved, key=lambda s: int(s.uidl.rsplit(".", 1)[1]))
 
 
-def append_unread(mailbox, messages):
-    with open(mailbox.path, "ab") as f:
-        for m in messages:
-            f.write(server_mailutils.mbox_entry(m))
-
-
 def test_first_reader_saves_what_that_session_sends(server, box, tmp_path, confdir,
                                                     run_popfetchd, read_saved):
     messages = mailgen.generate(3, mean_size=5000, seed=1511) + [FROM_LINES]
-    append_unread(box, messages)
+    box.append(*messages)  # unread: not settled
     cfg = config(server, box, tmp_path / "save")
     r = run_popfetchd(["receive-all", "mu"], confdir=confdir(cfg), timeout=120)
     assert r.returncode == EX_OK, r.describe()
@@ -92,7 +86,7 @@ def test_first_reader_saves_what_that_session_sends(server, box, tmp_path, confd
 def test_keep_mode_when_the_server_rewrites_messages(server, box, tmp_path, confdir,
                                                      run_popfetchd, read_saved):
     messages = mailgen.generate(3, mean_size=3000, seed=1512)
-    append_unread(box, messages)
+    box.append(*messages)  # unread: not settled
     cfg = config(server, box, tmp_path / "save", remove_after_read=False)
     cd = confdir(cfg)
     for _ in range(3):

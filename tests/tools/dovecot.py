@@ -52,6 +52,8 @@ import subprocess
 import sys
 import time
 
+import serverutil
+
 HOST = "127.0.0.1"
 MAX_DIR_LEN = 60
 AUTH_MECHANISMS = "plain login cram-md5 scram-sha-1 scram-sha-256 apop"
@@ -750,29 +752,11 @@ class Dovecot:
 
     def _wait_ready(self, timeout):
         """Wait for the pid file and a POP3 greeting on both listeners."""
-        deadline = time.monotonic() + timeout
-        last_error = None
-        while time.monotonic() < deadline:
-            try:
-                if self.pid() is None:
-                    raise OSError("no master.pid yet")
-                self._greeting(self.pop3_port)
-                import ssl  # only needed here
-                ctx = ssl.create_default_context(cafile=self.ca_file)
-                self._greeting(self.pop3s_port, ctx)
-                return
-            except (OSError, RuntimeError) as e:
-                last_error = e
-                time.sleep(0.05)
-        raise RuntimeError(f"Dovecot in {self.dir} not ready: {last_error}{self._log_tail()}")
-
-    def _greeting(self, port, ssl_context=None):
-        with socket.create_connection((self.host, port), timeout=2) as s:
-            if ssl_context:
-                s = ssl_context.wrap_socket(s, server_hostname="localhost")
-            line = s.recv(512)
-            if not line.startswith(b"+OK"):
-                raise RuntimeError(f"bad greeting on port {port}: {line!r}")
+        def ready():
+            if self.pid() is None:
+                raise OSError("no master.pid yet")
+            serverutil.greetings(self)
+        serverutil.wait_ready(ready, timeout, f"Dovecot in {self.dir}", details=self._log_tail)
 
     def _log_tail(self, lines=20):
         text = self.log_text().splitlines()[-lines:]

@@ -37,12 +37,10 @@ import os
 import shlex
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
-import time
 
 import dovecot as dovecot_tool
+import serverutil
 
 COURIER_ROOT = os.environ.get("POPFETCHD_COURIER_ROOT", "/var/cache/popfetchd-test/courier/root")
 PACKAGES_FILE = os.path.join(COURIER_ROOT, ".packages")
@@ -282,9 +280,7 @@ class Server:
     # -- start / stop --------------------------------------------------------
 
     def start(self):
-        if os.geteuid() != 0:
-            import pytest
-            pytest.skip("Courier runs in a private mount namespace: needs root")
+        serverutil.require_root("Courier runs in a private mount namespace: needs root")
         if not os.path.exists(_root_path("usr/lib/courier/courier/courierpop3d")):
             raise RuntimeError(f"Courier is not extracted in {COURIER_ROOT}: "
                                "run scripts/install-deps")
@@ -321,41 +317,17 @@ class Server:
         self.proc = None
 
     def _wait_ready(self, timeout):
-        deadline = time.monotonic() + timeout
         socket_path = os.path.join(self.dir, "run/courier/authdaemon/socket")
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"exited with {self.proc.returncode}")
-                if not os.path.exists(socket_path):
-                    raise OSError("no authdaemond socket yet")
-                self._greeting(self.pop3_port)
-                self._greeting(self.pop3s_port, ssl.create_default_context(cafile=self.ca_file))
-                return
-            except (OSError, RuntimeError) as e:
-                last = e
-                if isinstance(e, RuntimeError):
-                    break
-                time.sleep(0.05)
-        raise RuntimeError(f"Courier in {self.dir} not ready: {last}{self._logs()}")
 
-    def _greeting(self, port, ctx=None):
-        with socket.create_connection((self.host, port), timeout=2) as s:
-            if ctx:
-                s = ctx.wrap_socket(s, server_hostname="localhost")
-            line = s.recv(512)
-            if not line.startswith(b"+OK"):
-                raise OSError(f"bad greeting on port {port}: {line!r}")
+        def ready():
+            if not os.path.exists(socket_path):
+                raise OSError("no authdaemond socket yet")
+            serverutil.greetings(self)
+        serverutil.wait_ready(ready, timeout, f"Courier in {self.dir}", self.proc, self._logs)
 
     def _logs(self):
-        out = []
-        for name in sorted(os.listdir(self.log_dir)):
-            with open(os.path.join(self.log_dir, name), errors="replace") as f:
-                text = f.read().strip()
-            if text:
-                out.append(f"\n--- {name} ---\n" + "\n".join(text.splitlines()[-20:]))
-        return "".join(out)
+        return "".join(serverutil.log_tail(os.path.join(self.log_dir, name))
+                       for name in sorted(os.listdir(self.log_dir)))
 
 
 def make(dir):

@@ -24,14 +24,11 @@ import itertools
 import os
 import poplib
 import pwd
-import signal
 import smtplib
-import socket
-import ssl
 import subprocess
-import time
 
 import dovecot as dovecot_tool
+import serverutil
 
 HOST = dovecot_tool.HOST
 ROOT = os.environ.get("POPFETCHD_CYRUS_ROOT", "/var/cache/popfetchd-test/cyrus/root")
@@ -252,54 +249,18 @@ class Server:
         return self
 
     def _wait_ready(self, timeout):
-        deadline, last = time.monotonic() + timeout, None
-        ctx = ssl.create_default_context(cafile=self.ca_file)
-        while time.monotonic() < deadline:
-            if self._master.poll() is not None:
-                break
-            try:
-                self._greeting(self.pop3_port)
-                self._greeting(self.pop3s_port, ctx)
-                if os.path.exists(self.lmtp_socket):
-                    return
-                last = "no LMTP socket yet"
-            except (OSError, RuntimeError) as e:
-                last = e
-            time.sleep(0.05)
-        raise RuntimeError(f"Cyrus in {self.dir} not ready (master exit "
-                           f"{self._master.poll()}): {last}\n{self._log_tail()}")
-
-    def _greeting(self, port, ctx=None):
-        with socket.create_connection((self.host, port), timeout=2) as s:
-            if ctx:
-                s = ctx.wrap_socket(s, server_hostname="localhost")
-            line = s.recv(512)
-            if not line.startswith(b"+OK"):
-                raise RuntimeError(f"bad greeting on port {port}: {line!r}")
-
-    def _log_tail(self):
-        try:
-            with open(self.log_file, errors="replace") as f:
-                return "--- master.log ---\n" + "".join(f.readlines()[-20:])
-        except OSError:
-            return ""
+        def ready():
+            serverutil.greetings(self)
+            if not os.path.exists(self.lmtp_socket):
+                raise OSError("no LMTP socket yet")
+        serverutil.wait_ready(ready, timeout, f"Cyrus master in {self.dir}", self._master,
+                              lambda: serverutil.log_tail(self.log_file))
 
     def stop(self, timeout=10):
-        """SIGTERM the master, then SIGKILL its process group (the master was
-        started as its leader; its services stay in it)."""
+        """The master leads a process group; its services stay in it."""
         if self._master is None:
             return
-        if self._master.poll() is None:
-            self._master.send_signal(signal.SIGTERM)
-            try:
-                self._master.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self._master.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self._master.wait()
+        serverutil.stop_process_group(self._master, timeout)
         self._master = None
 
     def new_mailbox(self):

@@ -28,17 +28,13 @@ import poplib
 import re
 import secrets
 import shutil
-import signal
-import socket
-import ssl
 import subprocess
-import time
 
 import dovecot as dovecot_tool
+import serverutil
 
 HOST = dovecot_tool.HOST
 DOMAIN = "mailutils.test"
-FROM_LINE = b"From MAILER-DAEMON Thu Jan  1 00:00:00 2026\n"
 
 CONF = """\
 logging {{ syslog false; print-severity true; }};
@@ -60,42 +56,22 @@ server {host}:{pop3s_port} {{ tls-mode connection; }};
 """
 
 
-def _skip(reason):
-    import pytest
-    pytest.skip(reason)
-
-
 def program(name):
     found = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
     if found:
         return found
     reason = f"{name} not found (scripts/install-deps installs mailutils-pop3d)"
-    if os.geteuid() != 0:
-        _skip(reason)
+    serverutil.require_root(reason)
     raise RuntimeError(reason)
 
 
-def mbox_entry(data):
-    """One message as an MTA appends it to an mbox: a From_ line, LF line
-    ends, mboxrd quoting (a '>' before every line matching ^>*From ), and
-    an empty line after it. pop3d removes one '>' of such lines again."""
-    data = data.replace(b"\r\n", b"\n")
-    if not data.endswith(b"\n"):
-        data += b"\n"
-    return FROM_LINE + re.sub(rb"(?m)^(>*From )", rb">\1", data) + b"\n"
+class Mailbox(serverutil.MboxMailbox):
+    """An mbox written with mboxrd quoting (a '>' before every line matching
+    ^>*From ): pop3d removes one '>' of such lines again."""
 
+    from_line = b"From MAILER-DAEMON Thu Jan  1 00:00:00 2026\n"
+    mboxrd = True
 
-def mbox_count(path):
-    """Messages in an mbox file (From_ lines at the start or after an empty line)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return 0
-    return len(re.findall(rb"(?:\A|\n\n)From ", data))
-
-
-class Mailbox:
     def __init__(self, server, user, password, path):
         self.server, self.user, self.password, self.path = server, user, password, path
 
@@ -103,11 +79,7 @@ class Mailbox:
         """Append the messages to the mbox, then read them once over POP3 so
         that pop3d adds its headers now (see quirks): afterwards every
         session sends the same bytes."""
-        with open(self.path, "ab") as f:
-            for m in messages:
-                f.write(mbox_entry(m))
-            f.flush()
-            os.fsync(f.fileno())
+        self.append(*messages)
         self.settle()
 
     def settle(self):
@@ -120,12 +92,6 @@ class Mailbox:
                 client.retr(n)
         finally:
             client.quit()
-
-    def count(self):
-        return mbox_count(self.path)
-
-    def reset(self):
-        open(self.path, "wb").close()
 
     def __repr__(self):
         return f"Mailbox({self.user!r} on {self.server.host}:{self.server.pop3_port})"
@@ -181,8 +147,8 @@ class Server:
         return f"{version} (mailutils-pop3d {pkg.stdout})" if pkg.returncode == 0 else version
 
     def start(self, timeout=15):
-        if os.geteuid() != 0:
-            _skip("GNU pop3d needs root (it switches to the group mail at startup)")
+        serverutil.require_root("GNU pop3d needs root (it switches to the group mail "
+                                "at startup)")
         pop3d = program("pop3d")
         for sub in ("domains", "mail", "tls"):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
@@ -202,16 +168,7 @@ class Server:
         """SIGTERM to pop3d's process group (the daemon and its session children)."""
         if self.proc is None:
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout / 2)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        serverutil.stop_process_group(self.proc, timeout)
         self.proc = None
 
     def new_mailbox(self):
@@ -220,44 +177,19 @@ class Server:
         user, password = f"{name}@{DOMAIN}", secrets.token_hex(12)
         home = os.path.join(self.dir, "mail", name)
         os.makedirs(home)
-        hashed = subprocess.run([dovecot_tool.program("openssl"), "passwd", "-6", "-stdin"],
-                                input=password, capture_output=True, text=True, check=True)
+        hashed = serverutil.hash_password(password)
         uid, gid = os.geteuid(), os.getegid()
         with open(os.path.join(self.dir, "domains", DOMAIN), "a") as f:
-            f.write(f"{name}:{hashed.stdout.strip()}:{uid}:{gid}::{home}:/bin/false\n")
+            f.write(f"{name}:{hashed}:{uid}:{gid}::{home}:/bin/false\n")
         subprocess.run([program("popauth"), "--add", f"--user={user}",
                         f"--password={password}", f"--file={self.dir}/apop"],
                        capture_output=True, text=True, check=True)
         return Mailbox(self, user, password, os.path.join(home, "INBOX"))
 
     def _wait_ready(self, timeout):
-        deadline = time.monotonic() + timeout
-        ctx = ssl.create_default_context(cafile=self.ca_file)
-        error = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pop3d exited with {self.proc.returncode}{self._log_tail()}")
-            try:
-                for port, context in ((self.pop3_port, None), (self.pop3s_port, ctx)):
-                    with socket.create_connection((self.host, port), timeout=2) as s:
-                        if context:
-                            s = context.wrap_socket(s, server_hostname="localhost")
-                        line = s.recv(512)
-                        if not line.startswith(b"+OK"):
-                            raise RuntimeError(f"greeting on port {port}: {line!r}")
-                return
-            except (OSError, RuntimeError) as e:
-                error = e
-                time.sleep(0.05)
-        raise RuntimeError(f"pop3d in {self.dir} not ready: {error}{self._log_tail()}")
-
-    def _log_tail(self, lines=20):
-        try:
-            with open(self.log_path, errors="replace") as f:
-                text = f.read().splitlines()[-lines:]
-        except OSError:
-            return ""
-        return "\n--- " + self.log_path + " ---\n" + "\n".join(text)
+        serverutil.wait_ready(lambda: serverutil.greetings(self), timeout,
+                              f"pop3d in {self.dir}", self.proc,
+                              lambda: serverutil.log_tail(self.log_path))
 
 
 def make(dir):

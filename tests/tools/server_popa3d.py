@@ -24,25 +24,22 @@ place, and the running namespace sees them.
 import errno
 import fcntl
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import dovecot as dovecot_tool  # noqa: E402  (free_ports, process helpers)
+import serverutil  # noqa: E402
 
 EXTRACTED = "/var/cache/popfetchd-test/popa3d"
 MAIL_GID = 8
 FIRST_UID = 61100  # test users and `popa3d` get ids from here (unused on Debian)
-MBOX_FROM = b"From MAILER-DAEMON Fri Dec  4 10:00:00 2026\n"
 PAM_SERVICE = "auth required pam_unix.so\naccount required pam_unix.so\n"
-FROM_LINE = re.compile(rb"^From ", re.M)
 
 
 def program():
@@ -63,45 +60,12 @@ def package_version():
         return out.stdout.strip() or "unknown"
 
 
-def mbox_message(data):
-    """`data` (LF or CRLF) as one mbox entry: a From_ line, the message with LF
-    line ends and every body or header line beginning "From " quoted as
-    ">From " (mboxo, as an MDA writes it), and the blank line that ends it."""
-    data = data.replace(b"\r\n", b"\n")
-    if not data.endswith(b"\n"):
-        data += b"\n"
-    return MBOX_FROM + FROM_LINE.sub(b">From ", data) + b"\n"
+class Mailbox(serverutil.MboxMailbox):
+    lock = fcntl.lockf  # popa3d locks the mbox with fcntl
 
-
-def mbox_count(data):
-    """Messages in an mbox: From_ lines at the start or after a blank line."""
-    return len(re.findall(rb"(?:\A|\n\n)From ", data))
-
-
-class Mailbox:
     def __init__(self, server, user, password, uid):
         self.server, self.user, self.password, self.uid = server, user, password, uid
         self.path = os.path.join(server.spool, user)
-
-    def _locked(self, mode):
-        f = open(self.path, mode)
-        fcntl.lockf(f, fcntl.LOCK_EX)  # popa3d locks the mbox with fcntl
-        return f
-
-    def deliver(self, *messages):
-        with self._locked("ab") as f:
-            for m in messages:
-                f.write(mbox_message(m))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def count(self):
-        with self._locked("rb+") as f:
-            return mbox_count(f.read())
-
-    def reset(self):
-        with self._locked("rb+") as f:
-            f.truncate(0)
 
     def __repr__(self):
         return f"Mailbox({self.user!r} on popa3d {self.server.host}:{self.server.pop3_port})"
@@ -152,10 +116,8 @@ class Server:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self, timeout=10):
-        import pytest
-        if os.geteuid() != 0:
-            pytest.skip("popa3d needs root: a private mount namespace and PAM against a "
-                        "temporary /etc/shadow")
+        serverutil.require_root("popa3d needs root: a private mount namespace and PAM "
+                                "against a temporary /etc/shadow")
         binary = program()
         self._prepare()
         self.pop3_port = dovecot_tool.free_ports(1)[0]
@@ -189,8 +151,7 @@ class Server:
         self._users += 1
         user, password = f"pa{self._users}", f"pa3d-secret-{self._users}"
         uid = FIRST_UID + self._users
-        hashed = subprocess.run(["openssl", "passwd", "-6", password], check=True,
-                                capture_output=True, text=True).stdout.strip()
+        hashed = serverutil.hash_password(password)
         self._append("passwd", f"{user}:x:{uid}:{uid}::/nonexistent:/usr/sbin/nologin\n")
         self._append("group", f"{user}:x:{uid}:\n")
         self._append("shadow", f"{user}:{hashed}:20000:0:99999:7:::\n")
@@ -228,26 +189,9 @@ class Server:
             f.write(line)
 
     def _wait_ready(self, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"popa3d listener exited {self.proc.returncode}: "
-                                   f"{self._log_tail()}")
-            try:
-                with socket.create_connection((self.host, self.pop3_port), timeout=2) as s:
-                    if s.recv(512).startswith(b"+OK"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"popa3d did not greet on port {self.pop3_port}: {self._log_tail()}")
-
-    def _log_tail(self):
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-20:])
-        except OSError:
-            return ""
+        serverutil.wait_ready(lambda: serverutil.greetings(self), timeout,
+                              f"popa3d listener on port {self.pop3_port}", self.proc,
+                              lambda: serverutil.log_tail(self.log_path))
 
 
 def make(dir):

@@ -29,13 +29,14 @@ import subprocess
 import sys
 import time
 
+import serverutil
+
 HOST = "127.0.0.1"
 SOLID_ROOT = os.environ.get("POPFETCHD_SOLID_ROOT", "/var/cache/popfetchd-test/solid-pop3d/root")
 PROGRAM = os.path.join(SOLID_ROOT, "usr/sbin/solid-pop3d")
 FIRST_UID = 62000
 POPUSER = "spop3d"  # solid-pop3d parses its configuration as this user
 MAIL_GID = 8
-FROM_LINE = re.compile(rb"^From ", re.M)
 
 CONF = """/* written by tests/tools/server_solid.py */
 <Global>
@@ -94,24 +95,6 @@ def package_version():
     return m.group(1) if m else "unknown"
 
 
-def mbox_entry(data):
-    """One message as a mail delivery agent appends it to an mbox spool: LF
-    line ends, a From_ line, body lines that begin with "From " quoted as
-    ">From ", and a blank line after it."""
-    data = data.replace(b"\r\n", b"\n")
-    if not data.endswith(b"\n"):
-        data += b"\n"
-    data = FROM_LINE.sub(b">From ", data)
-    stamp = time.strftime("%a %b %e %H:%M:%S %Y", time.gmtime()).encode()
-    return b"From popfetchd-test@example.org " + stamp + b"\n" + data + b"\n"
-
-
-def _hash(password):
-    out = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password,
-                         capture_output=True, text=True, check=True)
-    return out.stdout.strip()
-
-
 def _apop_secret(password):
     """The form pop_auth(1) stores in ~/.spop3d: hex of each byte xor 0xff."""
     return bytes(b ^ 0xFF for b in password.encode()).hex()
@@ -126,30 +109,17 @@ def _rewrite(path, text):
         f.truncate()
 
 
-class Mailbox:
+class Mailbox(serverutil.MboxMailbox):
+    lock = fcntl.flock  # solid-pop3d flock()s the spool file too
+
     def __init__(self, server, user, password, uid):
         self.server, self.user, self.password, self.uid = server, user, password, uid
         self.path = os.path.join(server.spool, user)
 
-    def _locked(self, mode):
-        f = open(self.path, mode)
-        fcntl.flock(f, fcntl.LOCK_EX)  # solid-pop3d flock()s the spool file too
-        return f
-
-    def deliver(self, *messages):
-        with self._locked("ab") as f:
-            for data in messages:
-                f.write(mbox_entry(data))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def count(self):
-        with self._locked("rb") as f:
-            return len(FROM_LINE.findall(f.read()))
-
-    def reset(self):
-        with self._locked("r+b") as f:
-            f.truncate(0)
+    def entry(self, data):
+        """With a From_ line of the time of delivery."""
+        stamp = time.strftime("%a %b %e %H:%M:%S %Y", time.gmtime()).encode()
+        return serverutil.mbox_entry(data, b"From popfetchd-test@example.org " + stamp + b"\n")
 
     def __repr__(self):
         return f"Mailbox({self.user!r})"
@@ -188,10 +158,8 @@ class Server:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self, timeout=10):
-        if os.geteuid() != 0:
-            import pytest
-            pytest.skip("solid-pop3d authenticates system accounts: it needs root for a "
-                        "private mount namespace over /etc/passwd and /etc/shadow")
+        serverutil.require_root("solid-pop3d authenticates system accounts: it needs root "
+                                "for a private mount namespace over /etc/passwd and /etc/shadow")
         program()
         self._prepare()
         # stdin stays open while the listener should run: it ends when the
@@ -239,7 +207,7 @@ class Server:
             os.fchown(f.fileno(), uid, uid)
         # the interface has one password: it is both the login password and
         # the APOP secret
-        self.users.append((user, uid, _hash(password)))
+        self.users.append((user, uid, serverutil.hash_password(password)))
         self._write_accounts()
         return Mailbox(self, user, password, uid)
 
@@ -295,19 +263,8 @@ class Server:
             return ""
 
     def _wait_ready(self, timeout):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection((self.host, self.pop3_port), timeout=2) as s:
-                    line = s.recv(512)
-                if line.startswith(b"+OK"):
-                    return
-                error = f"greeting {line!r}"
-            except OSError as e:
-                error = e
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"solid-pop3d not ready: {error}\n{self._err()}")
-            time.sleep(0.05)
+        serverutil.wait_ready(lambda: serverutil.greetings(self), timeout, "solid-pop3d",
+                              details=lambda: "\n" + self._err())
 
 
 def make(dir):
