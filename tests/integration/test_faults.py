@@ -455,30 +455,6 @@ def test_drop_in_tls_opening(fake_pop3, fake_config, confdir, run_popfetchd, pki
         assert not server.sent(verb), f"{verb} after a failed TLS opening"
 
 
-@pytest.mark.parametrize("mode", ["implicit", "explicit"])
-def test_stalled_tls_handshake_is_a_timeout(fake_pop3, fake_config, confdir, run_popfetchd, pki,
-                                            mode):
-    """The handshake is part of timeouts.connect (DESIGN.md §1): a server
-    that never answers the ClientHello fails after the connect timeout, not
-    after the (longer) command timeout. TCP was up: a stalled server, exit
-    75 (DESIGN.md §2), not 69 (tests/integration/test_pop3_hardening.py
-    checks the message)."""
-    _, config_kw = tls_keys(pki, mode)
-    if mode == "implicit":
-        server = pop3(fake_pop3, script=Script(greeting=Stall()))
-    else:
-        server = pop3(fake_pop3, small_messages(1, seed=105), stls_context=server_context(pki))
-        server.inject("STLS", Stall(data=b"+OK Begin TLS negotiation now\r\n"))
-    config = fake_config(server, timeouts={"connect": "1s", "command": "10s"}, **config_kw)
-    start = time.monotonic()
-    res = receive_all(run_popfetchd, confdir(config))
-    elapsed = time.monotonic() - start
-    assert res.returncode == EX_TEMPFAIL
-    assert 0.9 < elapsed < 4, elapsed
-    check_invariants(server, config)
-    assert not server.sent("USER") and not server.sent("PASS")
-
-
 @pytest.mark.parametrize("where", ["GREETING", "CAPA", "UIDL", "LIST", "RETR"])
 def test_one_byte_at_a_time_is_a_stall(fake_pop3, fake_config, confdir, run_popfetchd, where):
     """A server trickling one byte every 100 ms: the command timeout (1 s)

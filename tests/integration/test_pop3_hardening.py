@@ -39,9 +39,10 @@ def errors_of(res):
 def test_stalled_tls_handshake_is_a_timeout_that_names_the_handshake(
         fake_pop3, fake_config, confdir, run_popfetchd, pki, mode):
     """implicit: the server accepts TCP and never speaks TLS; explicit: it
-    answers STLS +OK and then says nothing. TCP was up: exit 75 (not 69,
-    "no connection") after timeouts.connect, and the message names the
-    TLS handshake."""
+    answers STLS +OK and then says nothing. The handshake is part of
+    timeouts.connect (DESIGN.md §1): it fails after the connect timeout, not
+    after the (longer) command timeout. TCP was up: exit 75 (not 69, "no
+    connection"), and the message names the TLS handshake."""
     _, config_kw = tls_keys(pki, mode)
     if mode == "implicit":
         server = pop3(fake_pop3, script=Script(greeting=Stall()))

@@ -22,7 +22,6 @@ import glob
 import grp
 import itertools
 import os
-import poplib
 import pwd
 import smtplib
 import subprocess
@@ -129,26 +128,14 @@ class Mailbox:
                 data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
                 lmtp.sendmail("sender@example.org", [self.user], data)
 
-    def _pop3(self):
-        client = poplib.POP3(self.server.host, self.server.pop3_port, timeout=30)
-        client.user(self.user)
-        client.pass_(self.password)
-        return client
-
     def count(self):
-        client = self._pop3()
-        try:
+        with serverutil.pop3_session(self.server, self.user, self.password) as client:
             return client.stat()[0]
-        finally:
-            client.quit()
 
     def reset(self):
-        client = self._pop3()
-        try:
+        with serverutil.pop3_session(self.server, self.user, self.password) as client:
             for n in range(1, client.stat()[0] + 1):
                 client.dele(n)
-        finally:
-            client.quit()
 
     def __repr__(self):
         return f"Mailbox({self.user!r} on Cyrus {self.server.host}:{self.server.pop3_port})"

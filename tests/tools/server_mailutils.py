@@ -24,7 +24,6 @@ Layout of DIR:
 """
 
 import os
-import poplib
 import re
 import secrets
 import shutil
@@ -83,15 +82,10 @@ class Mailbox(serverutil.MboxMailbox):
         self.settle()
 
     def settle(self):
-        client = poplib.POP3(self.server.host, self.server.pop3_port, timeout=30)
-        try:
-            client.user(self.user)
-            client.pass_(self.password)
+        with serverutil.pop3_session(self.server, self.user, self.password) as client:
             client.uidl()
             for n in range(1, len(client.list()[1]) + 1):
                 client.retr(n)
-        finally:
-            client.quit()
 
     def __repr__(self):
         return f"Mailbox({self.user!r} on {self.server.host}:{self.server.pop3_port})"

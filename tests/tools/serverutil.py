@@ -3,8 +3,10 @@ skipping without root, waiting for a server's greeting, stopping a process
 group, reading a log's tail, hashing a password for a shadow or passwd
 file, and mbox spools as an MDA writes them."""
 
+import contextlib
 import fcntl
 import os
+import poplib
 import re
 import signal
 import socket
@@ -105,6 +107,18 @@ def stop_process_group(proc, timeout=10):
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+@contextlib.contextmanager
+def pop3_session(server, user, password):
+    """A poplib client logged in with USER/PASS on the server's POP3 port; QUIT at the end."""
+    client = poplib.POP3(server.host, server.pop3_port, timeout=30)
+    try:
+        client.user(user)
+        client.pass_(password)
+        yield client
+    finally:
+        client.quit()
 
 
 # --------------------------------------------------------------------------
