@@ -56,6 +56,17 @@ def no_uidl_server(fake_pop3, data, top=True, pipelining=False, **kw):
     return server
 
 
+def poll_kept(server, fake_config, confdir, run_popfetchd, polls=2):
+    """`polls` runs of receive-all, keeping the messages on the server, each
+    exit 0: the configuration and the last run."""
+    config = fake_config(server, remove_after_read=False)
+    cd = confdir(config)
+    for _ in range(polls):
+        res = run_popfetchd(["receive-all", "fake"], confdir=cd)
+        assert res.returncode == EX_OK, res.describe()
+    return config, res
+
+
 def retrs(server):
     """The RETRs of each session, in order."""
     return [server.count("RETR", session=i) for i in range(len(server.sessions))]
@@ -127,10 +138,7 @@ def test_uidl_refused_though_listed(fake_pop3, fake_config, confdir, run_popfetc
     data = msgs(2, seed=409)
     server = fake_pop3(data, pipelining=False)
     server.inject("UIDL", NO_UIDL, times=None)
-    config = fake_config(server, remove_after_read=False)
-    cd = confdir(config)
-    for _ in range(2):
-        assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
+    config, _ = poll_kept(server, fake_config, confdir, run_popfetchd)
     assert sorted(m["uidl"] for m in metas(config)) == sorted(head_key(d) for d in data)
     assert retrs(server) == [2, 0]
 
@@ -141,11 +149,7 @@ def test_top_refused_falls_back_to_content(fake_pop3, fake_config, confdir, run_
     data = msgs(3, seed=410)
     server = no_uidl_server(fake_pop3, data, top=False)
     server.inject("CAPA", b"-ERR unknown command\r\n", times=None)
-    config = fake_config(server, remove_after_read=False)
-    cd = confdir(config)
-    for _ in range(2):
-        res = run_popfetchd(["receive-all", "fake"], confdir=cd)
-        assert res.returncode == EX_OK, res.describe()
+    config, res = poll_kept(server, fake_config, confdir, run_popfetchd)
     assert "the server refused TOP 1" in res.stderr
     assert [server.count("TOP", session=i) for i in range(2)] == [1, 1]
     assert retrs(server) == [3, 3]
@@ -202,11 +206,7 @@ def test_long_header_block_is_known_by_content(fake_pop3, fake_config, confdir, 
     assert len(long_head) > 256 * 1024
     data = [long_head] + msgs(1, seed=412)
     server = no_uidl_server(fake_pop3, data)
-    config = fake_config(server, remove_after_read=False)
-    cd = confdir(config)
-    for _ in range(2):
-        res = run_popfetchd(["receive-all", "fake"], confdir=cd)
-        assert res.returncode == EX_OK, res.describe()
+    config, res = poll_kept(server, fake_config, confdir, run_popfetchd)
     assert "header block over 256 KiB" in res.stderr
     assert sorted(m["uidl"] for m in metas(config)) == sorted([key(data[0]), head_key(data[1])])
     assert retrs(server) == [2, 1]
@@ -224,10 +224,7 @@ def test_top_with_body_lines_keys_the_header_block(fake_pop3, fake_config, confd
             return b"+OK\r\n" + fakepop3.dot_stuff(server.mailbox[n - 1].data)
         return None
     server = no_uidl_server(fake_pop3, data, hook=whole_message)
-    config = fake_config(server, remove_after_read=False)
-    cd = confdir(config)
-    for _ in range(2):
-        assert run_popfetchd(["receive-all", "fake"], confdir=cd).returncode == EX_OK
+    config, _ = poll_kept(server, fake_config, confdir, run_popfetchd)
     assert sorted(m["uidl"] for m in metas(config)) == sorted(head_key(d) for d in data)
     assert retrs(server) == [2, 0]
 
