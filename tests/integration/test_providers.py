@@ -105,6 +105,19 @@ def receive_all(run_popfetchd, cd, config_id, *extra):
     return run_popfetchd(["receive-all", config_id, *extra], confdir=cd)
 
 
+def poll_after_expiry(server, tokenserver, run_popfetchd, cd, config_id, later):
+    """The token server expires the cached token and the `later` messages
+    arrive: the next poll must succeed. The two tokens issued."""
+    tokenserver.expire_all()
+    for uidl, data in later:
+        server.add(data, uidl=uidl)
+    res = receive_all(run_popfetchd, cd, config_id)
+    assert res.returncode == EX_OK, res.stderr
+    assert server.wait_idle()
+    t1, t2 = tokenserver.issued
+    return t1, t2
+
+
 def auth_lines(server, session):
     """The AUTH command and the SASL lines after it, in one session."""
     cmds = server.commands(session)
@@ -194,15 +207,8 @@ def test_m365_refused_cached_token_is_refreshed_once(oauth_dovecot, fake_pop3, o
     assert receive_all(run_popfetchd, cd, "m365").returncode == EX_OK
     cached = token_cache_path(cd, "m365").read_bytes()
 
-    tokenserver.expire_all()
     later = messages(2, 3)
-    for uidl, data in later:
-        server.add(data, uidl=uidl)
-    res = receive_all(run_popfetchd, cd, "m365")
-
-    assert res.returncode == EX_OK, res.stderr
-    assert server.wait_idle()
-    t1, t2 = tokenserver.issued
+    t1, t2 = poll_after_expiry(server, tokenserver, run_popfetchd, cd, "m365", later)
     assert [(t, ok) for _, t, ok in server.checked] == [(t1, True), (t1, False), (t2, True)]
     assert len(server.sessions) == 3, server.transcript
     assert auth_lines(server, 1) == ["AUTH XOAUTH2", xoauth2(M365_USER, t1)]
@@ -324,15 +330,8 @@ def test_gmail_error_challenge_is_answered_and_the_token_refreshed(
     cd = confdir(config)
     assert receive_all(run_popfetchd, cd, "gm").returncode == EX_OK
 
-    tokenserver.expire_all()
     later = messages(2, 9)
-    for uidl, data in later:
-        server.add(data, uidl=uidl)
-    res = receive_all(run_popfetchd, cd, "gm")
-
-    assert res.returncode == EX_OK, res.stderr
-    assert server.wait_idle()
-    t1, t2 = tokenserver.issued
+    t1, t2 = poll_after_expiry(server, tokenserver, run_popfetchd, cd, "gm", later)
     payload = xoauth2 if mechanism == "XOAUTH2" else oauthbearer
     answer = "" if mechanism == "XOAUTH2" else "AQ=="
     assert auth_lines(server, 1) == [f"AUTH {mechanism}", payload(GMAIL_USER, t1), answer]
