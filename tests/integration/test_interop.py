@@ -105,15 +105,22 @@ def receive_all(run_popfetchd, confdir, cfg):
     return run_popfetchd(["receive-all", cfg["id"]], confdir=cd, timeout=120)
 
 
-def test_receive_all_deletes_what_it_saved(server, box, config, confdir, run_popfetchd,
-                                           read_saved):
-    box.deliver(*mailgen.generate(4, mean_size=6000, seed=1501))
+def receive_delivered(messages, server, box, config, confdir, run_popfetchd, read_saved):
+    """Deliver the messages and receive-all (exit 0) in delete mode: what
+    the server sent (server_messages, read before) and what was saved."""
+    box.deliver(*messages)
     expected = server_messages(server, box)
-    assert len(expected) == 4
     cfg = config(box)
     r = receive_all(run_popfetchd, confdir, cfg)
     assert r.returncode == EX_OK, r.describe()
-    saved = read_saved(cfg["save_directory"])
+    return expected, read_saved(cfg["save_directory"])
+
+
+def test_receive_all_deletes_what_it_saved(server, box, config, confdir, run_popfetchd,
+                                           read_saved):
+    expected, saved = receive_delivered(mailgen.generate(4, mean_size=6000, seed=1501),
+                                        server, box, config, confdir, run_popfetchd, read_saved)
+    assert len(expected) == 4
     assert sorted(s.eml for s in saved) == sorted(body for _, body in expected)
     assert box.count() == 0
 
@@ -182,12 +189,8 @@ def test_refused_password_is_77(server, box, config, confdir, run_popfetchd):
 
 def test_large_message(server, box, config, confdir, run_popfetchd, read_saved):
     big = mailgen.generate_messages(1, mean_size=20 * 1024 * 1024, seed=1508)[0].data
-    box.deliver(big)
-    expected = server_messages(server, box)
-    cfg = config(box)
-    r = receive_all(run_popfetchd, confdir, cfg)
-    assert r.returncode == EX_OK, r.describe()
-    saved = read_saved(cfg["save_directory"])
+    expected, saved = receive_delivered([big], server, box, config, confdir, run_popfetchd,
+                                        read_saved)
     assert len(saved) == 1 and len(saved[0].eml) > 20 * 1000 * 1000
     assert saved[0].eml == expected[0][1]
     assert box.count() == 0
@@ -205,12 +208,8 @@ EIGHT_BIT = ("From: Jürgen Müller <jm@example.org>\n"
 
 
 def test_eight_bit_headers(server, box, config, confdir, run_popfetchd, read_saved):
-    box.deliver(EIGHT_BIT)
-    expected = server_messages(server, box)
-    cfg = config(box)
-    r = receive_all(run_popfetchd, confdir, cfg)
-    assert r.returncode == EX_OK, r.describe()
-    saved = read_saved(cfg["save_directory"])
+    expected, saved = receive_delivered([EIGHT_BIT], server, box, config, confdir,
+                                        run_popfetchd, read_saved)
     assert [s.eml for s in saved] == [expected[0][1]]
     sent = email.message_from_bytes(expected[0][1], policy=email.policy.default)
     assert saved[0].meta["subject"] == str(sent["subject"])

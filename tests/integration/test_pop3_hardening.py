@@ -30,6 +30,14 @@ def errors_of(res):
     return " | ".join(res.json()["errors"])
 
 
+def stalled_errors(server, fake_config, confdir, run_popfetchd):
+    """A poll with a 1 s command timeout, which must end in exit 75: its errors."""
+    config = fake_config(server, timeouts={"connect": "5s", "command": "1s"})
+    res = receive_all(run_popfetchd, confdir(config))
+    assert res.returncode == EX_TEMPFAIL, res.describe()
+    return errors_of(res)
+
+
 # ==========================================================================
 # a timeout says what was waited for (DESIGN.md §2: once TCP is up, 75)
 # ==========================================================================
@@ -83,10 +91,7 @@ def test_a_stall_names_what_was_waited_for(fake_pop3, fake_config, confdir, run_
     message says what was waited for (not only a state name)."""
     server = pop3(fake_pop3, small_messages(1, seed=1402), pipelining=False)
     server.inject(where, Stall())
-    config = fake_config(server, timeouts={"connect": "5s", "command": "1s"})
-    res = receive_all(run_popfetchd, confdir(config))
-    assert res.returncode == EX_TEMPFAIL, res.describe()
-    errors = errors_of(res)
+    errors = stalled_errors(server, fake_config, confdir, run_popfetchd)
     assert words in errors and "nothing within 1 s (timeouts.command)" in errors, errors
 
 
@@ -113,10 +118,7 @@ def test_trickled_data_names_what_stalled(fake_pop3, fake_config, confdir, run_p
     the message names the listing or the message, and how little came."""
     server = pop3(fake_pop3, small_messages(1, seed=1403, size=3000), pipelining=False)
     server.inject(where, TrickleAfterStatus())
-    config = fake_config(server, timeouts={"connect": "5s", "command": "1s"})
-    res = receive_all(run_popfetchd, confdir(config))
-    assert res.returncode == EX_TEMPFAIL, res.describe()
-    errors = errors_of(res)
+    errors = stalled_errors(server, fake_config, confdir, run_popfetchd)
     assert words in errors and "bytes in 1 s" in errors, errors
 
 
