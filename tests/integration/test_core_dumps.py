@@ -13,6 +13,7 @@ and the one-shot command ends by itself, so that LeakSanitizer (which
 ptraces its own process) runs at exit in a sanitizer build.
 """
 
+import contextlib
 import os
 import resource
 import shutil
@@ -62,13 +63,23 @@ def nobody_confdir(workdir, *configs):
     return cd
 
 
-def start(popfetchd_bin, workdir, args):
+@contextlib.contextmanager
+def running(popfetchd_bin, workdir, args):
+    """popfetchd as nobody with core files allowed, its output in
+    workdir/output.log: (process, log). Killed if it still runs at the end;
+    then its output must be clean (assert_clean)."""
     log = workdir / "output.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([popfetchd_bin, *args], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=_popfetchd_env({}),
                                 preexec_fn=as_nobody_with_cores)
-    return proc, log
+    try:
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_clean(log)
 
 
 def assert_no_core(pid):
@@ -92,19 +103,13 @@ def assert_clean(log):
 
 def test_daemon_writes_no_core(popfetchd_bin, workdir):
     cd = nobody_confdir(workdir)  # no configuration: the daemon idles
-    proc, log = start(popfetchd_bin, workdir, ["-c", cd.path, "run"])
-    try:
+    with running(popfetchd_bin, workdir, ["-c", cd.path, "run"]) as (proc, log):
         wait_for(lambda: "idle until a reload" in log.read_text() or proc.poll() is not None,
                  20, "the daemon to start")
         assert proc.poll() is None, log.read_text()
         assert_no_core(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == EX_OK, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert_clean(log)
 
 
 def test_one_shot_command_writes_no_core(popfetchd_bin, workdir, fake_pop3):
@@ -115,15 +120,9 @@ def test_one_shot_command_writes_no_core(popfetchd_bin, workdir, fake_pop3):
               "user": "fakeuser", "password": SECRET, "save_directory": str(workdir / "save"),
               "timeouts": {"connect": "5s", "command": "2s"}}
     cd = nobody_confdir(workdir, config)
-    proc, log = start(popfetchd_bin, workdir, ["-c", cd.path, "receive", "fake"])
-    try:
+    with running(popfetchd_bin, workdir, ["-c", cd.path, "receive", "fake"]) as (proc, log):
         wait_for(lambda: server.sessions or proc.poll() is not None, 20,
                  "popfetchd to connect")
         assert proc.poll() is None, log.read_text()
         assert_no_core(proc.pid)
         assert proc.wait(30) == EX_TEMPFAIL, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert_clean(log)
