@@ -44,7 +44,10 @@ struct candidate {
 /*
  * A message the server gives no (valid) UIDL for is keyed by its content
  * (DESIGN.md §4.3): "h" and the SHA-256 of its bytes, known once it is all
- * there. Byte-identical messages are one message.
+ * there. Byte-identical messages are one message. Every message is hashed
+ * as it comes: one saved under a UIDL has its content key recorded beside
+ * it, for the day the server gives that UIDL to another message too (a
+ * UIDL made of some header fields) and both are known by their content.
  */
 #define CONTENT_KEY_PREFIX "h"
 
@@ -105,7 +108,7 @@ struct fetch {
 	char **keys; /* the content keys made in this session */
 	size_t nkeys;
 	struct store_msg *msg; /* the message being received */
-	EVP_MD_CTX *md;	       /* its content key in the making, when it has no UIDL */
+	EVP_MD_CTX *md;	       /* its content key in the making */
 	size_t unkeyed;	       /* listed messages without UIDL not keyed in this session */
 	time_t msg_time;
 	int msg_error;		       /* a write of the current message failed */
@@ -331,7 +334,7 @@ begin_message(struct fetch *f)
 	const struct candidate *c = &f->cand[f->next];
 	int r;
 
-	if (c->uid[0] == '\0' && !EVP_DigestInit_ex(f->md, EVP_sha256(), NULL))
+	if (!EVP_DigestInit_ex(f->md, EVP_sha256(), NULL))
 		abort();
 	f->msg_time = time(NULL);
 	f->msg_error = 0;
@@ -492,24 +495,34 @@ on_data(void *arg, const char *buf, size_t len)
 		finish(f);
 		return;
 	}
-	if (f->cand[f->next].uid[0] == '\0')
-		EVP_DigestUpdate(f->md, buf, len);
+	EVP_DigestUpdate(f->md, buf, len);
 	if (store_msg_write(f->msg, buf, len) < 0)
 		f->msg_error = 1;
 }
 
-/* The content key of the message just received (one without UIDL). */
+/* The content key of the message just received: out has CONTENT_KEY_SIZE
+ * bytes. */
+#define CONTENT_KEY_SIZE (sizeof(CONTENT_KEY_PREFIX) + 2 * 32)
 static void
-content_key(struct fetch *f, struct candidate *c)
+digest_key(struct fetch *f, char *out)
 {
 	unsigned char d[EVP_MAX_MD_SIZE];
 	unsigned int dlen = 0;
-	char *key;
 
-	EVP_DigestFinal_ex(f->md, d, &dlen);
-	key = xcalloc(1, sizeof(CONTENT_KEY_PREFIX) + 2 * (size_t)dlen);
-	memcpy(key, CONTENT_KEY_PREFIX, sizeof(CONTENT_KEY_PREFIX) - 1);
-	util_hex(d, dlen, key + sizeof(CONTENT_KEY_PREFIX) - 1);
+	if (!EVP_DigestFinal_ex(f->md, d, &dlen) || dlen != 32)
+		abort();
+	memcpy(out, CONTENT_KEY_PREFIX, sizeof(CONTENT_KEY_PREFIX) - 1);
+	util_hex(d, dlen, out + sizeof(CONTENT_KEY_PREFIX) - 1);
+}
+
+/* The content key of the message just received is its key (one without
+ * UIDL). */
+static void
+content_key(struct fetch *f, struct candidate *c)
+{
+	char *key = xcalloc(1, CONTENT_KEY_SIZE);
+
+	digest_key(f, key);
 	f->keys = xrealloc(f->keys, (f->nkeys + 1) * sizeof(*f->keys));
 	f->keys[f->nkeys++] = key;
 	c->uid = key;
@@ -835,6 +848,12 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 			return;
 		}
 		store_msg_set_uid(f->msg, c->uid);
+	} else {
+		/* should the server give its UIDL to another message too, both
+		 * are known by their content: this one is known so already */
+		char key[CONTENT_KEY_SIZE];
+		digest_key(f, key);
+		store_msg_set_content_key(f->msg, key);
 	}
 	if (seal_message(f, c, why, sizeof(why)) < 0) {
 		set_exit(f, EX_IOERR);
