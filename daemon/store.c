@@ -349,10 +349,11 @@ remember(struct store *st, const char *uid, const char *alias)
 		strset_add(&st->aliases, alias);
 }
 
-/* Write the whole state anew from the records of set: temporary file,
- * fsync, rename, fsync dir. */
+/* Write the whole state anew, the records of these keys in this order,
+ * each with its content key in set: temporary file, fsync, rename, fsync
+ * dir. */
 static int
-write_state(struct store *st, const struct strset *set)
+write_state(struct store *st, const char *const *keys, size_t n, const struct strset *set)
 {
 	char *tmp = xasprintf("%s.tmp", st->state_path);
 	FILE *f;
@@ -368,11 +369,10 @@ write_state(struct store *st, const struct strset *set)
 	if (f == NULL)
 		abort();
 	fprintf(f, "%s %s\n", STATE_MAGIC, st->binding);
-	for (size_t i = 0; i < set->cap; i++)
-		if (set->slots[i] != NULL && set->vals[i] != NULL)
-			fprintf(f, "%s %s\n", set->slots[i], set->vals[i]);
-		else if (set->slots[i] != NULL)
-			fprintf(f, "%s\n", set->slots[i]);
+	for (size_t i = 0; i < n; i++) {
+		const char *alias = strset_value(set, keys[i]);
+		fprintf(f, "%s%s%s\n", keys[i], alias ? " " : "", alias ? alias : "");
+	}
 	if (st->ndoubt > 0)
 		fwrite(st->doubt, 1, st->ndoubt, f);
 	if (fflush(f) != 0 || fsync(fd) < 0)
@@ -399,8 +399,15 @@ write_state(struct store *st, const struct strset *set)
 static int
 rewrite_state(struct store *st)
 {
-	int r = write_state(st, &st->uids);
+	const char **all = xcalloc(st->uids.n ? st->uids.n : 1, sizeof(char *));
+	size_t n = 0;
+	int r;
 
+	for (size_t i = 0; i < st->uids.cap; i++)
+		if (st->uids.slots[i] != NULL)
+			all[n++] = st->uids.slots[i];
+	r = write_state(st, all, n, &st->uids);
+	free(all);
 	if (r == 0)
 		st->rewrite = false;
 	return r;
@@ -600,7 +607,7 @@ load_state(struct store *st)
 
 	if (f == NULL) {
 		if (errno == ENOENT)
-			return write_state(st, &st->uids);
+			return write_state(st, NULL, 0, &st->uids);
 		return seterr(st, errno, "cannot read the state %s", st->state_path);
 	}
 	read_records(st, f, &s);
@@ -1330,37 +1337,42 @@ int
 store_compact(struct store *st, const char *const *uids, size_t n)
 {
 	struct strset keep = {0}, aliases = {0};
-	size_t promoted = 0;
+	const char **list = xcalloc(n ? n : 1, sizeof(char *));
+	size_t k = 0, promoted = 0;
 	int r;
 
 	for (size_t i = 0; i < n; i++) {
 		const char *alias = strset_value(&st->uids, uids[i]);
-		if (strset_has(&st->uids, uids[i])) {
-			strset_put(&keep, uids[i], alias);
-			if (alias != NULL)
-				strset_add(&aliases, alias);
-		} else if (strset_has(&st->aliases, uids[i]) && !strset_has(&keep, uids[i])) {
-			/* known by its content now (its UIDL shared with another, or
-			 * gone): the content key becomes a record of its own */
-			strset_add(&keep, uids[i]);
-			promoted++;
-		}
+		bool record = strset_has(&st->uids, uids[i]);
+		if (strset_has(&keep, uids[i]))
+			continue;
+		/* a content key listed while its UIDL is not (shared with
+		 * another, or gone) becomes a record of its own */
+		if (!record && !strset_has(&st->aliases, uids[i]))
+			continue;
+		promoted += !record;
+		strset_put(&keep, uids[i], alias);
+		if (alias != NULL)
+			strset_add(&aliases, alias);
+		list[k++] = uids[i];
 	}
-	if (keep.n == st->uids.n && promoted == 0 && !st->unsettled) {
+	if (k == st->uids.n && promoted == 0 && !st->unsettled) {
 		/* nothing to drop */
-		strset_clear(&keep);
-		strset_clear(&aliases);
-		return 0;
+		r = 0;
+		goto out;
 	}
-	r = write_state(st, &keep);
+	r = write_state(st, list, k, &keep);
 	if (r == 0) {
 		strset_clear(&st->uids);
 		strset_clear(&st->aliases);
 		st->uids = keep;
 		st->aliases = aliases;
-	} else {
-		strset_clear(&keep);
-		strset_clear(&aliases);
+		memset(&keep, 0, sizeof(keep));
+		memset(&aliases, 0, sizeof(aliases));
 	}
+out:
+	strset_clear(&keep);
+	strset_clear(&aliases);
+	free(list);
 	return r;
 }
