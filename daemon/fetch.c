@@ -46,7 +46,8 @@ struct candidate {
 /*
  * A message the server gives no (valid) UIDL for is keyed by its content
  * (DESIGN.md §4.3): "h" and the SHA-256 of its bytes, known once it is all
- * there. Byte-identical messages are one message.
+ * there. Byte-identical messages are one message. Every message is hashed
+ * as it comes (known_before says why).
  */
 #define CONTENT_KEY_PREFIX "h"
 /*
@@ -122,7 +123,7 @@ struct fetch {
 	char **keys; /* the content keys made in this session */
 	size_t nkeys;
 	struct store_msg *msg; /* the message being received */
-	EVP_MD_CTX *md;	       /* its content key in the making, when it has no UIDL */
+	EVP_MD_CTX *md;	       /* its content key in the making */
 	/* listed messages without UIDL whose key is not known in this session,
 	 * or is a header key not in the state (saved under another key before?) */
 	size_t unkeyed;
@@ -363,15 +364,6 @@ keyed_by_headers(const struct fetch *f, const char *uid)
 	return f->head_keys != NULL && p >= base && p < base + f->nhead_keys * KEY_SIZE;
 }
 
-/* Is the content of this message hashed as it comes? Of one without a key,
- * for its key; of one known by its headers, to know whether it was saved
- * by its content before. */
-static bool
-hashed(const struct fetch *f, const struct candidate *c)
-{
-	return c->uid[0] == '\0' || keyed_by_headers(f, c->uid);
-}
-
 /* The first bytes (or the end) of the message at the head: stage it. */
 static int
 begin_message(struct fetch *f)
@@ -379,7 +371,7 @@ begin_message(struct fetch *f)
 	const struct candidate *c = &f->cand[f->next];
 	int r;
 
-	if (hashed(f, c) && !EVP_DigestInit_ex(f->md, EVP_sha256(), NULL))
+	if (!EVP_DigestInit_ex(f->md, EVP_sha256(), NULL))
 		abort();
 	f->msg_time = time(NULL);
 	f->msg_error = 0;
@@ -801,8 +793,7 @@ on_data(void *arg, const char *buf, size_t len)
 		finish(f);
 		return;
 	}
-	if (hashed(f, &f->cand[f->next]))
-		EVP_DigestUpdate(f->md, buf, len);
+	EVP_DigestUpdate(f->md, buf, len);
 	if (store_msg_write(f->msg, buf, len) < 0)
 		f->msg_error = 1;
 }
@@ -1086,8 +1077,10 @@ saved_by_content(struct fetch *f, const struct candidate *c)
 		halt(f);
 		return true;
 	}
-	if (!store_has(f->store, key))
+	if (!store_has(f->store, key)) {
+		store_msg_set_content_key(f->msg, key);
 		return false;
+	}
 	log_debug(f->mb->id, "message %lu (%s) was saved before as %s", c->num, c->uid, key);
 	store_msg_abort(f->msg);
 	f->msg = NULL;
@@ -1126,6 +1119,27 @@ saved_as_content_key(struct fetch *f, struct candidate *c)
 	if (f->mb->remove_after_read)
 		send_dele(f, c->num, c->uid);
 	return true;
+}
+
+/*
+ * The message just received, all here, known by its key: true when it is
+ * done with (saved before: not to be saved again). One saved under a UIDL
+ * or a header key has its content key recorded beside it, for the day the
+ * server gives that key to another message too (a UIDL made of some header
+ * fields) and both are known by their content.
+ */
+static bool
+known_before(struct fetch *f, struct candidate *c)
+{
+	char key[KEY_SIZE];
+
+	if (c->uid[0] == '\0')
+		return saved_as_content_key(f, c);
+	if (keyed_by_headers(f, c->uid))
+		return saved_by_content(f, c);
+	digest_key(f, CONTENT_KEY_PREFIX, key);
+	store_msg_set_content_key(f->msg, key);
+	return false;
 }
 
 static void
@@ -1191,8 +1205,7 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		after_response(f);
 		return;
 	}
-	if ((keyed_by_headers(f, c->uid) && saved_by_content(f, c)) ||
-	    (c->uid[0] == '\0' && saved_as_content_key(f, c))) {
+	if (known_before(f, c)) {
 		f->next++;
 		after_response(f);
 		return;

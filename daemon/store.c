@@ -26,10 +26,15 @@
 #include "popfetchd/util.h"
 
 #define STATE_MAGIC "popfetchd-uidl 1"
+/* A record line: a UIDL, a staging folder's and a folder's names, a
+ * content key, the spaces and the newline (record_line) */
+#define RECORD_MAX (POP3_UIDL_MAX + 2 * 96 + 1 + 2 * SHA256_DIGEST_LENGTH + 4 + 1)
 
-/* A set of strings (open addressing, linear probing). */
+/* A set of strings (open addressing, linear probing), each with a value
+ * (NULL or a string of its own). */
 struct strset {
 	char **slots;
+	char **vals;
 	size_t cap, n;
 };
 
@@ -48,7 +53,11 @@ struct store {
 	int stage_fd; /* stage_dir */
 	long pid;     /* in staging names */
 	int state_fd; /* O_APPEND, or -1 until the first record */
+	/* the keys of the records (UIDLs, or content keys of messages without
+	 * one), each with the content key recorded beside it or NULL */
 	struct strset uids;
+	/* those content keys: messages known by them too (store_has) */
+	struct strset aliases;
 	bool rewrite; /* an append failed half-way: rewrite before the next */
 	/* records naming a rename were appended: rewritten as plain records
 	 * once the renames are done (a consumer may take a folder away at
@@ -70,7 +79,8 @@ struct store {
 struct store_msg {
 	struct store *st;
 	char *uid;
-	char *name; /* folder name */
+	char *alias; /* its content key, recorded beside uid; or NULL */
+	char *name;  /* folder name */
 	time_t received;
 	char *stage; /* staging folder's name in stage_dir */
 	char *path;  /* staging folder, for messages; NULL once renamed */
@@ -90,8 +100,8 @@ struct store_msg {
 };
 
 static int append_lines(struct store *st, const char *lines, size_t len);
-static int record_line(struct store *st, const char *uid, const struct store_msg *m, char *line,
-		       size_t size);
+static int record_line(struct store *st, const char *uid, const char *alias,
+		       const struct store_msg *m, char *line, size_t size);
 
 static uint64_t
 strhash(const char *s)
@@ -103,20 +113,29 @@ strhash(const char *s)
 	return h;
 }
 
+/* The slot of s, or of where it would go. */
+static size_t
+strset_slot(const struct strset *set, const char *s)
+{
+	size_t i = strhash(s) & (set->cap - 1);
+
+	while (set->slots[i] != NULL && strcmp(set->slots[i], s) != 0)
+		i = (i + 1) & (set->cap - 1);
+	return i;
+}
+
 static bool
 strset_has(const struct strset *set, const char *s)
 {
-	if (set->cap == 0)
-		return false;
-	for (size_t i = strhash(s) & (set->cap - 1);; i = (i + 1) & (set->cap - 1)) {
-		if (set->slots[i] == NULL)
-			return false;
-		if (strcmp(set->slots[i], s) == 0)
-			return true;
-	}
+	return set->cap != 0 && set->slots[strset_slot(set, s)] != NULL;
 }
 
-static void strset_add(struct strset *set, const char *s);
+/* The value of s (NULL when it has none, or is not in the set). */
+static const char *
+strset_value(const struct strset *set, const char *s)
+{
+	return set->cap != 0 ? set->vals[strset_slot(set, s)] : NULL;
+}
 
 static void
 strset_grow(struct strset *set)
@@ -124,39 +143,52 @@ strset_grow(struct strset *set)
 	struct strset bigger = {.cap = set->cap ? 2 * set->cap : 64};
 
 	bigger.slots = xcalloc(bigger.cap, sizeof(char *));
+	bigger.vals = xcalloc(bigger.cap, sizeof(char *));
 	for (size_t i = 0; i < set->cap; i++)
 		if (set->slots[i] != NULL) {
-			size_t j = strhash(set->slots[i]) & (bigger.cap - 1);
-			while (bigger.slots[j] != NULL)
-				j = (j + 1) & (bigger.cap - 1);
+			size_t j = strset_slot(&bigger, set->slots[i]);
 			bigger.slots[j] = set->slots[i];
+			bigger.vals[j] = set->vals[i];
 		}
 	bigger.n = set->n;
 	free(set->slots);
+	free(set->vals);
 	*set = bigger;
+}
+
+/* Add s with the value val (may be NULL); s already there keeps its value,
+ * or takes val if it had none. */
+static void
+strset_put(struct strset *set, const char *s, const char *val)
+{
+	size_t i;
+
+	if ((set->n + 1) * 2 > set->cap)
+		strset_grow(set);
+	i = strset_slot(set, s);
+	if (set->slots[i] == NULL) {
+		set->slots[i] = xstrdup(s);
+		set->n++;
+	}
+	if (set->vals[i] == NULL && val != NULL)
+		set->vals[i] = xstrdup(val);
 }
 
 static void
 strset_add(struct strset *set, const char *s)
 {
-	size_t i;
-
-	if (strset_has(set, s))
-		return;
-	if ((set->n + 1) * 2 > set->cap)
-		strset_grow(set);
-	for (i = strhash(s) & (set->cap - 1); set->slots[i] != NULL; i = (i + 1) & (set->cap - 1))
-		;
-	set->slots[i] = xstrdup(s);
-	set->n++;
+	strset_put(set, s, NULL);
 }
 
 static void
 strset_clear(struct strset *set)
 {
-	for (size_t i = 0; i < set->cap; i++)
+	for (size_t i = 0; i < set->cap; i++) {
 		free(set->slots[i]);
+		free(set->vals[i]);
+	}
 	free(set->slots);
+	free(set->vals);
 	memset(set, 0, sizeof(*set));
 }
 
@@ -292,9 +324,36 @@ valid_uid(const char *s, size_t len)
 	return true;
 }
 
-/* Write the whole state anew: temporary file, fsync, rename, fsync dir. */
+/*
+ * A content key: "h" and the SHA-256 of the message's bytes in lowercase
+ * hex (a message without a valid UIDL is known by it; one with a UIDL has
+ * it recorded beside). Never the name of a staging folder, which has dots.
+ */
+static bool
+is_content_key(const char *s)
+{
+	if (s[0] != 'h' || strlen(s + 1) != 2 * SHA256_DIGEST_LENGTH)
+		return false;
+	for (s++; *s; s++)
+		if (!isxdigit((unsigned char)*s) || isupper((unsigned char)*s))
+			return false;
+	return true;
+}
+
+/* A record's key into the state in memory, with its content key or NULL. */
+static void
+remember(struct store *st, const char *uid, const char *alias)
+{
+	strset_put(&st->uids, uid, alias);
+	if (alias != NULL)
+		strset_add(&st->aliases, alias);
+}
+
+/* Write the whole state anew, the records of these keys in this order,
+ * each with its content key in set: temporary file, fsync, rename, fsync
+ * dir. */
 static int
-write_state(struct store *st, const char *const *uids, size_t n)
+write_state(struct store *st, const char *const *keys, size_t n, const struct strset *set)
 {
 	char *tmp = xasprintf("%s.tmp", st->state_path);
 	FILE *f;
@@ -310,8 +369,10 @@ write_state(struct store *st, const char *const *uids, size_t n)
 	if (f == NULL)
 		abort();
 	fprintf(f, "%s %s\n", STATE_MAGIC, st->binding);
-	for (size_t i = 0; i < n; i++)
-		fprintf(f, "%s\n", uids[i]);
+	for (size_t i = 0; i < n; i++) {
+		const char *alias = strset_value(set, keys[i]);
+		fprintf(f, "%s%s%s\n", keys[i], alias ? " " : "", alias ? alias : "");
+	}
 	if (st->ndoubt > 0)
 		fwrite(st->doubt, 1, st->ndoubt, f);
 	if (fflush(f) != 0 || fsync(fd) < 0)
@@ -338,14 +399,14 @@ write_state(struct store *st, const char *const *uids, size_t n)
 static int
 rewrite_state(struct store *st)
 {
-	const char **all = xcalloc(st->uids.n, sizeof(char *));
+	const char **all = xcalloc(st->uids.n ? st->uids.n : 1, sizeof(char *));
 	size_t n = 0;
 	int r;
 
 	for (size_t i = 0; i < st->uids.cap; i++)
 		if (st->uids.slots[i] != NULL)
 			all[n++] = st->uids.slots[i];
-	r = write_state(st, all, n);
+	r = write_state(st, all, n, &st->uids);
 	free(all);
 	if (r == 0)
 		st->rewrite = false;
@@ -395,27 +456,45 @@ enum record {
 };
 
 /*
- * One record line: "UIDL" (received), or "UIDL STAGE FINAL", written just
- * before the staging folder STAGE was renamed to save_dir/FINAL. The line
- * is cut at its first space (line is then the UIDL).
+ * One record line: "KEY" (received), or "KEY STAGE FINAL", written just
+ * before the staging folder STAGE was renamed to save_dir/FINAL. KEY is a
+ * UIDL or a content key; either form may end in the content key of the
+ * message saved under a UIDL ("KEY CONTENT", "KEY STAGE FINAL CONTENT"),
+ * which counts as long as its record does. The line is cut into its fields
+ * (line is then KEY); *alias is CONTENT or NULL, *staged whether it names
+ * a rename.
  */
 static enum record
-parse_record(struct store *st, char *line, size_t len)
+parse_record(struct store *st, char *line, size_t len, const char **alias, bool *staged)
 {
-	char *stage = memchr(line, ' ', len), *final;
+	char *field[4] = {line};
+	size_t n = 1;
 	struct stat sb;
 
-	if (stage == NULL)
-		return valid_uid(line, len) ? REC_RECEIVED : REC_DAMAGED;
-	*stage++ = '\0';
-	if ((final = strchr(stage, ' ')) != NULL)
-		*final++ = '\0';
-	if (!valid_uid(line, strlen(line)) || !valid_stage(stage) ||
-	    (final != NULL && !valid_stage(final)))
+	*alias = NULL;
+	*staged = false;
+	if (strlen(line) != len)
 		return REC_DAMAGED;
-	if (fstatat(st->stage_fd, stage, &sb, AT_SYMLINK_NOFOLLOW) == 0)
+	for (char *p = line; (p = strchr(p, ' ')) != NULL; n++) {
+		if (n == 4)
+			return REC_DAMAGED;
+		*p++ = '\0';
+		field[n] = p;
+	}
+	/* "KEY STAGE" (a version that did not name FINAL) has no content key:
+	 * a staging folder's name has dots */
+	if ((n == 2 || n == 4) && is_content_key(field[n - 1]))
+		*alias = field[--n];
+	if (!valid_uid(line, strlen(line)))
+		return REC_DAMAGED;
+	if (n == 1)
+		return REC_RECEIVED;
+	*staged = true;
+	if (n == 4 || !valid_stage(field[1]) || (n == 3 && !valid_stage(field[2])))
+		return REC_DAMAGED;
+	if (fstatat(st->stage_fd, field[1], &sb, AT_SYMLINK_NOFOLLOW) == 0)
 		return REC_UNFINISHED;
-	return final != NULL && in_place(st, final) ? REC_RECEIVED : REC_UNPROVEN;
+	return n == 3 && in_place(st, field[2]) ? REC_RECEIVED : REC_UNPROVEN;
 }
 
 /* "popfetchd-uidl 1 " and a binding: a state of ours, perhaps of another
@@ -478,6 +557,7 @@ read_records(struct store *st, FILE *f, struct settled *s)
 			if (check_header(st, line, complete))
 				continue;
 			strset_clear(&st->uids);
+			strset_clear(&st->aliases);
 			s->rewrite = true;
 			break;
 		}
@@ -486,12 +566,14 @@ read_records(struct store *st, FILE *f, struct settled *s)
 			s->rewrite = true;
 			continue;
 		}
-		bool staged = memchr(line, ' ', (size_t)len) != NULL;
+		const char *alias;
+		bool staged;
+		enum record rec = parse_record(st, line, (size_t)len, &alias, &staged);
 		if (staged)
 			s->rewrite = true; /* settle it now, before staging is cleaned */
-		switch (parse_record(st, line, (size_t)len)) {
+		switch (rec) {
 		case REC_RECEIVED:
-			strset_add(&st->uids, line);
+			remember(st, line, alias);
 			s->renamed += staged;
 			break;
 		case REC_UNFINISHED:
@@ -525,7 +607,7 @@ load_state(struct store *st)
 
 	if (f == NULL) {
 		if (errno == ENOENT)
-			return write_state(st, NULL, 0);
+			return write_state(st, NULL, 0, &st->uids);
 		return seterr(st, errno, "cannot read the state %s", st->state_path);
 	}
 	read_records(st, f, &s);
@@ -731,6 +813,7 @@ store_close(struct store *st)
 	if (st->stage_fd >= 0)
 		close(st->stage_fd);
 	strset_clear(&st->uids);
+	strset_clear(&st->aliases);
 	free(st->doubt);
 	free(st->id);
 	free(st->save_dir);
@@ -743,7 +826,7 @@ store_close(struct store *st)
 bool
 store_has(struct store *st, const char *uid)
 {
-	return strset_has(&st->uids, uid);
+	return strset_has(&st->uids, uid) || strset_has(&st->aliases, uid);
 }
 
 size_t
@@ -803,6 +886,13 @@ store_msg_set_uid(struct store_msg *m, const char *uid)
 	free(m->name);
 	m->uid = xstrdup(uid);
 	m->name = xstrdup(name);
+}
+
+void
+store_msg_set_content_key(struct store_msg *m, const char *key)
+{
+	free(m->alias);
+	m->alias = is_content_key(key) && strcmp(key, m->uid) != 0 ? xstrdup(key) : NULL;
 }
 
 /* message.eml is written in pieces of this size (the network gives a few
@@ -1058,8 +1148,9 @@ sync_batch(struct store *st)
 static void
 keep_in_doubt(struct store *st, const struct store_msg *m)
 {
-	char line[POP3_UIDL_MAX + 128];
-	int n = record_line(st, m->uid, m, line, sizeof(line)); /* as it was written */
+	char line[RECORD_MAX];
+	/* as it was written */
+	int n = record_line(st, m->uid, m->alias, m, line, sizeof(line));
 
 	if (n < 0)
 		return;
@@ -1095,13 +1186,13 @@ store_commit(struct store *st, store_commit_cb cb, void *arg)
 			   st->sync_per_file ? "fsync" : "syncfs", st->save_dir);
 		goto out;
 	}
-	lines = xmalloc(n * (POP3_UIDL_MAX + 128));
+	lines = xmalloc(n * (RECORD_MAX));
 	for (size_t i = 0; i < n; i++) {
 		struct store_msg *m = st->batch[i];
 		int k = st->save_dir != NULL ? choose_final(st, i) : 0;
 		if (k == 0)
-			k = record_line(st, m->uid, st->save_dir ? m : NULL, lines + len,
-					POP3_UIDL_MAX + 128);
+			k = record_line(st, m->uid, m->alias, st->save_dir ? m : NULL, lines + len,
+					RECORD_MAX);
 		if (k < 0) {
 			r = k;
 			goto out;
@@ -1140,7 +1231,7 @@ store_commit(struct store *st, store_commit_cb cb, void *arg)
 committed:
 	for (size_t i = 0; i < renamed; i++) {
 		struct store_msg *m = st->batch[i];
-		strset_add(&st->uids, m->uid);
+		remember(st, m->uid, m->alias);
 		cb(arg, m->uid, folders[i], m->size); /* takes the folder */
 	}
 out:
@@ -1167,6 +1258,7 @@ store_msg_abort(struct store_msg *m)
 	if (m->path != NULL && !m->recorded)
 		remove_at(m->st->stage_fd, m->stage);
 	free(m->uid);
+	free(m->alias);
 	free(m->name);
 	free(m->final);
 	free(m->stage);
@@ -1175,17 +1267,22 @@ store_msg_abort(struct store_msg *m)
 	free(m);
 }
 
-/* "UIDL\n", or "UIDL STAGE FINAL\n" for the message m about to be renamed:
- * its length, or -errno. */
+/* "UIDL\n", or "UIDL STAGE FINAL\n" for the message m about to be renamed,
+ * with " CONTENT" before the newline when there is an alias: its length, or
+ * -errno. */
 static int
-record_line(struct store *st, const char *uid, const struct store_msg *m, char *line, size_t size)
+record_line(struct store *st, const char *uid, const char *alias, const struct store_msg *m,
+	    char *line, size_t size)
 {
+	const char *sep = alias ? " " : "";
 	int n;
 
 	if (!valid_uid(uid, strlen(uid)))
 		return seterr(st, EINVAL, "invalid UIDL");
-	n = m ? snprintf(line, size, "%s %s %s\n", uid, m->stage, m->final)
-	      : snprintf(line, size, "%s\n", uid);
+	if (alias == NULL)
+		alias = "";
+	n = m ? snprintf(line, size, "%s %s %s%s%s\n", uid, m->stage, m->final, sep, alias)
+	      : snprintf(line, size, "%s%s%s\n", uid, sep, alias);
 	if (n < 0 || (size_t)n >= size)
 		return seterr(st, ENAMETOOLONG, "cannot record %s", uid);
 	return n;
@@ -1225,8 +1322,8 @@ append_lines(struct store *st, const char *lines, size_t len)
 int
 store_record(struct store *st, const char *uid)
 {
-	char line[POP3_UIDL_MAX + 128];
-	int n = record_line(st, uid, NULL, line, sizeof(line)), r;
+	char line[RECORD_MAX];
+	int n = record_line(st, uid, NULL, NULL, line, sizeof(line)), r;
 
 	if (n < 0)
 		return n;
@@ -1239,29 +1336,43 @@ store_record(struct store *st, const char *uid)
 int
 store_compact(struct store *st, const char *const *uids, size_t n)
 {
-	struct strset keep = {0};
-	const char **list = xcalloc(n, sizeof(char *));
-	size_t k = 0;
+	struct strset keep = {0}, aliases = {0};
+	const char **list = xcalloc(n ? n : 1, sizeof(char *));
+	size_t k = 0, promoted = 0;
 	int r;
 
-	for (size_t i = 0; i < n; i++)
-		if (strset_has(&st->uids, uids[i]) && !strset_has(&keep, uids[i])) {
-			strset_add(&keep, uids[i]);
-			list[k++] = uids[i];
-		}
-	if (k == st->uids.n && !st->unsettled) {
-		/* nothing to drop */
-		strset_clear(&keep);
-		free(list);
-		return 0;
+	for (size_t i = 0; i < n; i++) {
+		const char *alias = strset_value(&st->uids, uids[i]);
+		bool record = strset_has(&st->uids, uids[i]);
+		if (strset_has(&keep, uids[i]))
+			continue;
+		/* a content key listed while its UIDL is not (shared with
+		 * another, or gone) becomes a record of its own */
+		if (!record && !strset_has(&st->aliases, uids[i]))
+			continue;
+		promoted += !record;
+		strset_put(&keep, uids[i], alias);
+		if (alias != NULL)
+			strset_add(&aliases, alias);
+		list[k++] = uids[i];
 	}
-	r = write_state(st, list, k);
-	free(list);
+	if (k == st->uids.n && promoted == 0 && !st->unsettled) {
+		/* nothing to drop */
+		r = 0;
+		goto out;
+	}
+	r = write_state(st, list, k, &keep);
 	if (r == 0) {
 		strset_clear(&st->uids);
+		strset_clear(&st->aliases);
 		st->uids = keep;
-	} else {
-		strset_clear(&keep);
+		st->aliases = aliases;
+		memset(&keep, 0, sizeof(keep));
+		memset(&aliases, 0, sizeof(aliases));
 	}
+out:
+	strset_clear(&keep);
+	strset_clear(&aliases);
+	free(list);
 	return r;
 }

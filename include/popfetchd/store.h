@@ -36,9 +36,11 @@ struct store_params {
 int store_open(const struct store_params *p, struct store **ret, char *err, size_t errlen);
 void store_close(struct store *st);
 
-/* Was this UIDL saved before? The state knows: a record written just before
- * a rename counts once its staging folder is gone and the folder it names
- * is in save_directory with its meta.json (settled by store_open). */
+/* Was this UIDL (or content key) saved before? The state knows: a record
+ * written just before a rename counts once its staging folder is gone and
+ * the folder it names is in save_directory with its meta.json (settled by
+ * store_open). A content key recorded beside a UIDL counts as long as the
+ * UIDL's record does. */
 bool store_has(struct store *st, const char *uid);
 
 /* Stage a new message folder; message.eml is open for store_msg_write. */
@@ -46,6 +48,12 @@ int store_msg_begin(struct store *st, const char *uid, time_t received, struct s
 /* The message's key is known only once it is all there (a server without
  * UIDL: a key from its content): set it before store_msg_seal. */
 void store_msg_set_uid(struct store_msg *m, const char *uid);
+/* The message's content key ("h" and the SHA-256 of its bytes in lowercase
+ * hex), recorded beside its UIDL: should the server later give that UIDL to
+ * another message too, both are known by their content, and this one is not
+ * saved again. Set before store_msg_seal; ignored when it is not of that
+ * form or is the message's key itself. */
+void store_msg_set_content_key(struct store_msg *m, const char *key);
 int store_msg_write(struct store_msg *m, const void *buf, size_t len);
 /* The staged message.eml's path, for messages (the folder is used through
  * store_msg_dirfd), complete after store_msg_finish_eml. */
@@ -92,8 +100,10 @@ void store_msg_abort(struct store_msg *m);
 /* Append the UIDL to the state and fsync it. Only after this may the
  * message be deleted from the server. */
 int store_record(struct store *st, const char *uid);
-/* Rewrite the state (atomically) to hold only these UIDLs: those of the
- * listing that are still on the server. */
+/* Rewrite the state (atomically) to hold only these UIDLs (and content
+ * keys): those of the listing that are still on the server. A kept UIDL
+ * keeps its content key; a listed content key recorded only beside a UIDL
+ * that is not kept becomes a record of its own. */
 int store_compact(struct store *st, const char *const *uids, size_t n);
 size_t store_count(const struct store *st);
 

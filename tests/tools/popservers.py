@@ -23,8 +23,6 @@ instance owns. A PopServer has:
     stable(data)  optional: the message with what the server rewrites between
                   sessions made constant (e.g. mailutils' X-IMAPbase), for
                   comparing what one session saved with what a later sends
-    known_failures  optional {test name: why}: cases popfetchd fails with
-                  this server today (a strict xfail, where the case asks)
 
 and a Mailbox has `user`, `password`, `deliver(*messages)` (bytes, LF or
 CRLF line ends; delivered in order, oldest first), `count()` (messages in

@@ -65,8 +65,9 @@ QUIRKS = [
     ("UIDL is the MD5 of the message's `Received:`, `Date:`, `Message-Id:` and "
      "`Subject:` header lines (case-sensitive names, so `Message-ID:` is left "
      "out): two messages with the same such headers share a UIDL.",
-     "Keys its state by UIDL as for every server; two such copies are one "
-     "message to it."),
+     "Messages that share a UIDL are known by their content, each saved once "
+     "(one saved before under that UIDL too: its content key is recorded "
+     "beside the UIDL)."),
     ("Serves the mbox as it is: the `From ` separator line is dropped but "
      "`>From ` quoting is not undone, and the blank line that separates mbox "
      "messages is sent as the last line of each message.",
@@ -132,12 +133,6 @@ class Server:
     # shadow, as every account can; test_apop covers APOP (~/.spop3d secret)
     mechanisms = ["USER", "APOP"]
     quirks = QUIRKS
-    known_failures = {
-        "test_same_headers_different_bodies":
-            "a message received under a UIDL that a later message shares is keyed "
-            "by its content from then on, and its content key is not in the state: "
-            "it is saved a second time",
-    }
     host = HOST
     pop3s_port = None
     ca_file = None

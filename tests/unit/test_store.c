@@ -294,6 +294,93 @@ interrupted_commit(void)
 	store_close(st);
 }
 
+#define H1 "h1111111111111111111111111111111111111111111111111111111111111111"
+#define H2 "h2222222222222222222222222222222222222222222222222222222222222222"
+#define H3 "h3333333333333333333333333333333333333333333333333333333333333333"
+#define H4 "h4444444444444444444444444444444444444444444444444444444444444444"
+
+/* A message of a few bytes saved under uid, with the content key key. */
+static void
+save_with_key(struct store *st, const char *uid, const char *key)
+{
+	struct store_msg *m;
+	char *folder = NULL;
+
+	CHECK(store_msg_begin(st, uid, 1795688102, &m) == 0);
+	CHECK(store_msg_write(m, "Subject: k\r\n\r\nbody\r\n", 20) == 0);
+	store_msg_set_content_key(m, key);
+	CHECK(commit_one(st, m, true, &folder) == 0 && folder != NULL);
+	free(folder);
+}
+
+/*
+ * The content key of a message saved under a UIDL is recorded beside it
+ * ("UIDL CONTENT"): should the server give that UIDL to another message
+ * too, both are known by their content, and this one is known so already.
+ * It counts as long as its record does: settled with it after a crash,
+ * kept with it by compaction, and a record of its own once it is listed
+ * without its UIDL.
+ */
+static void
+content_keys(void)
+{
+	struct store *st = open_store("pop.example", "dave");
+	char *text;
+	FILE *f;
+
+	CHECK(st != NULL);
+	if (st == NULL)
+		return;
+	save_with_key(st, "U1", H1);
+	save_with_key(st, "U2", "not-a-content-key"); /* ignored */
+	save_with_key(st, H3, H3);		      /* its key already */
+	CHECK(store_has(st, "U1") && store_has(st, H1) && store_count(st) == 3);
+	store_close(st);
+	text = slurp(state_path_of("box"));
+	CHECK(strstr(text, "\nU1 " H1 "\n") != NULL && strstr(text, "\nU2\n") != NULL);
+	CHECK(strstr(text, "\n" H3 "\n") != NULL && strstr(text, "not-a") == NULL);
+	free(text);
+
+	/* an interrupted commit: the content key counts only with its record */
+	make_folder("20261126T101502Z-222222222222", true);
+	f = fopen(state_path_of("box"), "a");
+	fputs("R2 20261126T101502Z-222222222222.99.0 20261126T101502Z-222222222222 " H2 "\n", f);
+	fputs("R4 20261126T101502Z-444444444444.99.1 20261126T101502Z-444444444444 " H4 "\n", f);
+	fputs("OLD 20261126T101502Z-555555555555.99.2\n", f);
+	fputs("BAD 20261126T101502Z-555555555555.99.3 20261126T101502Z-555555555555 x\n", f);
+	fputs("BAD2 " H4 " " H4 "\n", f);
+	fclose(f);
+	st = open_store("pop.example", "dave");
+	CHECK(st != NULL && store_has(st, "U1") && store_has(st, H1) && store_has(st, "R2") &&
+	      store_has(st, H2));
+	CHECK(!store_has(st, "R4") && !store_has(st, H4) && !store_has(st, "OLD") &&
+	      !store_has(st, "BAD") && !store_has(st, "BAD2") && store_count(st) == 4);
+	text = slurp(state_path_of("box")); /* settled: plain records */
+	CHECK(strstr(text, "\nR2 " H2 "\n") != NULL && strstr(text, "R4") == NULL);
+	free(text);
+
+	/* compaction: a listed UIDL keeps its content key; a listed content
+	 * key whose UIDL is not listed (shared now) becomes a record */
+	const char *listed[] = {"U1", H2, "X"};
+	CHECK(store_compact(st, listed, 3) == 0);
+	CHECK(store_has(st, "U1") && store_has(st, H1) && store_has(st, H2));
+	CHECK(!store_has(st, "R2") && !store_has(st, "U2") && !store_has(st, H3));
+	CHECK(store_count(st) == 2);
+	CHECK(store_compact(st, listed, 3) == 0 && store_count(st) == 2); /* nothing to drop */
+	store_close(st);
+	text = slurp(state_path_of("box"));
+	CHECK(strstr(text, "\nU1 " H1 "\n") != NULL && strstr(text, "\n" H2 "\n") != NULL);
+	CHECK(strstr(text, "R2") == NULL);
+	free(text);
+	st = open_store("pop.example", "dave");
+	CHECK(st != NULL && store_has(st, H1) && store_has(st, H2) && store_count(st) == 2);
+	/* the UIDL gone from the listing, its content key goes with it */
+	const char *later[] = {H2};
+	CHECK(store_compact(st, later, 1) == 0);
+	CHECK(!store_has(st, "U1") && !store_has(st, H1) && store_has(st, H2));
+	store_close(st);
+}
+
 /* Every name a message's folder may take is taken: nothing is recorded,
  * nothing renamed, the staging removed. */
 static void
@@ -621,6 +708,7 @@ main(void)
 	commit_and_state();
 	binding_and_damage();
 	interrupted_commit();
+	content_keys();
 	no_free_name();
 	replaced_staging_folder();
 	symlinked_staging();
