@@ -1,4 +1,5 @@
 /* log — log lines on stderr, with journald <N> priority prefixes. */
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -36,7 +37,7 @@ log_set_prefix(int on)
 	prefix = on;
 }
 
-void
+static void
 log_vmsg(enum log_level level, const char *id, const char *fmt, va_list ap)
 {
 	char line[2048];

@@ -174,7 +174,7 @@ static void pump(struct pop3_session *s);
 static void end_response(struct pop3_session *s);
 static void set_read_size(struct bufferevent *bev);
 
-const char *
+static const char *
 pop3_failure_name(enum pop3_failure fail)
 {
 	switch (fail) {

@@ -113,7 +113,8 @@ find_shared(const struct tls_params *p, const char *path, const struct stat *ca_
 	return NULL;
 }
 
-void
+/* The OpenSSL error queue (or errno) in words, emptied. */
+static void
 tls_error_string(unsigned long first, char *buf, size_t len)
 {
 	unsigned long e = first ? first : ERR_get_error();
@@ -372,12 +373,6 @@ tls_peer(SSL *ssl, struct tls_peer *ret)
 	ret->expired = X509_cmp_current_time(X509_get0_notAfter(cert)) < 0;
 	if (X509_digest(cert, EVP_sha256(), md, &mdlen) == 1 && mdlen == 32)
 		fingerprint_hex(md, ret->sha256);
-}
-
-void
-tls_describe_peer(SSL *ssl, char *buf, size_t len)
-{
-	describe_cert(SSL_get0_peer_certificate(ssl), buf, len);
 }
 
 void

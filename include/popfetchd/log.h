@@ -2,8 +2,6 @@
 #ifndef POPFETCHD_LOG_H
 #define POPFETCHD_LOG_H
 
-#include <stdarg.h>
-
 /* syslog priorities, as journald reads them from a "<N>" prefix */
 enum log_level {
 	LOG_LVL_ERROR = 3,
@@ -22,7 +20,6 @@ void log_set_prefix(int on);
 
 void log_msg(enum log_level level, const char *id, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
-void log_vmsg(enum log_level level, const char *id, const char *fmt, va_list ap);
 
 #define log_error(id, ...)   log_msg(LOG_LVL_ERROR, id, __VA_ARGS__)
 #define log_warning(id, ...) log_msg(LOG_LVL_WARNING, id, __VA_ARGS__)

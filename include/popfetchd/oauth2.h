@@ -94,7 +94,8 @@ void oauth2_source_keep_fresh(struct oauth2_source *src, bool on);
 /* The exit code (sysexits, DESIGN.md §2) of a poll that got no token so. */
 int oauth2_exit_code(enum oauth2_status status);
 
-/* How many requests went to the endpoint (for tests and status). */
+/* How many requests went to the endpoint. Only tests ask it
+ * (tests/tools/oauth2-probe.c); the daemon does not. */
 unsigned oauth2_source_requests(const struct oauth2_source *src);
 /* When the access token in hand expires (the endpoint's expires_in from
  * when it was obtained); 0 when there is none. */

@@ -133,7 +133,7 @@ const char *pop3_address(const struct pop3_session *s);
 const char *pop3_greeting(const struct pop3_session *s);
 /* The TLS connection once a handshake has begun, else NULL. Valid until the
  * session is freed, also after failed(): what the server presented can be
- * described (tls_describe, tls_describe_peer) when its certificate was refused. */
+ * described (tls_describe, tls_peer) when its certificate was refused. */
 struct ssl_st *pop3_ssl(const struct pop3_session *s);
 
 /* With params.hold_login, after POP3_PROGRESS_CAPA: log in now, with this
@@ -156,7 +156,5 @@ void pop3_quit(struct pop3_session *s);
 /* End the session at once, without QUIT (nothing is committed) and
  * without a failed() callback: the owner decided it. Safe in a callback. */
 void pop3_abort(struct pop3_session *s);
-
-const char *pop3_failure_name(enum pop3_failure fail);
 
 #endif

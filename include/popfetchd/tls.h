@@ -40,10 +40,9 @@ int tls_check_peer(const struct tls_ctx *ctx, SSL *ssl, const char *host, char *
 
 /* "TLSv1.3 TLS_AES_256_GCM_SHA384" and the like, for debug and test lines. */
 void tls_describe(SSL *ssl, char *buf, size_t len);
-/* The presented certificate in one line: subject, issuer, validity, SHA-256. */
-void tls_describe_peer(SSL *ssl, char *buf, size_t len);
 
-/* The same in pieces, for the test command and its JSON. */
+/* The handshake and the presented certificate in pieces, for the test
+ * command and its JSON. */
 struct tls_peer {
 	char protocol[16]; /* "TLSv1.3"; "" when the handshake did not finish */
 	char cipher[64];   /* "TLS_AES_256_GCM_SHA384"; "" likewise */
@@ -64,8 +63,5 @@ void tls_peer(SSL *ssl, struct tls_peer *ret);
 /* Channel bindings for SCRAM-*-PLUS, base64, malloc'd: tls-unique under
  * TLS 1.2, tls-exporter (RFC 9266) under TLS 1.3; the other one NULL. */
 void tls_channel_binding(SSL *ssl, char **ret_unique, char **ret_exporter);
-
-/* The OpenSSL error queue (or errno) in words, emptied. */
-void tls_error_string(unsigned long first, char *buf, size_t len);
 
 #endif
