@@ -27,9 +27,6 @@
 #include "popfetchd/probe.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/scheduler.h"
-#include "popfetchd/smime.h"
-#include "popfetchd/tls.h"
-#include "popfetchd/util.h"
 
 struct options {
 	const char *confdir;

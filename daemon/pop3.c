@@ -8,7 +8,6 @@
  */
 #include <errno.h>
 #include <netinet/in.h>
-#include <arpa/inet.h>
 #include <netinet/tcp.h>
 #include <stdarg.h>
 #include <stdio.h>
