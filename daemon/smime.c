@@ -72,129 +72,153 @@ load_fail(int rc, char *err, size_t errlen, const char *path, const char *what)
 	return rc;
 }
 
+static const char unsupported_why[] = "uses an algorithm this OpenSSL does not provide "
+				      "(a legacy PKCS#12? re-export it with AES)";
+
+/* The PKCS#12 structure in the file at path; a load_fail() code when it
+ * cannot be read or is not one. */
+static int
+read_p12(const char *path, PKCS12 **ret, char *err, size_t errlen)
+{
+	FILE *f;
+	struct stat st;
+	int e, rc = 0;
+
+	*ret = NULL;
+	f = fopen(path, "rb");
+	if (!f) {
+		e = errno;
+		return load_fail(-e, err, errlen, path, e == ENOENT ? "no such file" : strerror(e));
+	}
+	if (fstat(fileno(f), &st) == 0 && !S_ISREG(st.st_mode)) {
+		rc = load_fail(-EINVAL, err, errlen, path, "not a regular file");
+	} else if ((*ret = d2i_PKCS12_fp(f, NULL)) == NULL && ferror(f)) {
+		e = errno ? errno : EIO;
+		rc = load_fail(-e, err, errlen, path, strerror(e));
+	} else if (*ret == NULL) {
+		rc = load_fail(-EINVAL, err, errlen, path, "not a PKCS#12 file");
+	}
+	fclose(f);
+	return rc;
+}
+
+/* The password that opens p12, as its MAC tells: *pass is password, or
+ * NULL or "" for an empty or absent one (either may have been used when
+ * exporting). A load_fail() code when the MAC refuses it. */
+static int
+check_mac(PKCS12 *p12, const char *path, const char *password, const char **pass, char *err,
+	  size_t errlen)
+{
+	int ok;
+
+	*pass = password;
+	if (!PKCS12_mac_present(p12))
+		return 0;
+	if (!password || !*password) {
+		ok = PKCS12_verify_mac(p12, NULL, 0);
+		if (ok) {
+			*pass = NULL;
+		} else {
+			ERR_clear_error();
+			ok = PKCS12_verify_mac(p12, "", 0);
+			*pass = "";
+		}
+	} else {
+		ok = PKCS12_verify_mac(p12, password, -1);
+	}
+	if (ok)
+		return 0;
+	return load_fail(-EINVAL, err, errlen, path,
+			 unsupported_algorithm() ? unsupported_why
+			 : (password && *password)
+				 ? "wrong password (MAC verification failed)"
+				 : "a password is needed (MAC verification failed)");
+}
+
+/* The certificate among certs that belongs to pkey, with a reference of its
+ * own; NULL when none does. PKCS12_parse matches the certificate by local
+ * key id; a file without ids still carries the right one among the others. */
+static X509 *
+cert_for_key(STACK_OF(X509) * certs, EVP_PKEY *pkey)
+{
+	X509 *cert = NULL;
+
+	for (int i = 0; i < sk_X509_num(certs); i++) {
+		X509 *c = sk_X509_value(certs, i);
+
+		if (X509_check_private_key(c, pkey)) {
+			cert = c;
+			X509_up_ref(cert);
+			break;
+		}
+	}
+	ERR_clear_error();
+	return cert;
+}
+
 int
 smime_key_load(const char *p12_path, const char *password, struct smime_key **ret, char *err,
 	       size_t errlen)
 {
-	FILE *f;
-	struct stat st;
-	PKCS12 *p12;
+	PKCS12 *p12 = NULL;
 	EVP_PKEY *pkey = NULL;
 	X509 *cert = NULL;
 	STACK_OF(X509) *ca = NULL;
-	const char *pass = password;
+	const char *pass;
 	struct smime_key *k;
 	char buf[256];
+	int rc;
 
 	*ret = NULL;
 	ERR_clear_error();
-	f = fopen(p12_path, "rb");
-	if (!f) {
-		int e = errno;
-
-		return load_fail(-e, err, errlen, p12_path,
-				 e == ENOENT ? "no such file" : strerror(e));
-	}
-	if (fstat(fileno(f), &st) == 0 && !S_ISREG(st.st_mode)) {
-		fclose(f);
-		return load_fail(-EINVAL, err, errlen, p12_path, "not a regular file");
-	}
-	p12 = d2i_PKCS12_fp(f, NULL);
-	if (!p12 && ferror(f)) {
-		int e = errno ? errno : EIO;
-
-		fclose(f);
-		return load_fail(-e, err, errlen, p12_path, strerror(e));
-	}
-	fclose(f);
-	if (!p12)
-		return load_fail(-EINVAL, err, errlen, p12_path, "not a PKCS#12 file");
-
-	/* The MAC tells a wrong password from anything else. An empty or
-	 * absent password may have been used either way when exporting. */
-	if (PKCS12_mac_present(p12)) {
-		int ok;
-
-		if (!pass || !*pass) {
-			ok = PKCS12_verify_mac(p12, NULL, 0);
-			if (ok) {
-				pass = NULL;
-			} else {
-				ERR_clear_error();
-				ok = PKCS12_verify_mac(p12, "", 0);
-				pass = "";
-			}
-		} else {
-			ok = PKCS12_verify_mac(p12, pass, -1);
-		}
-		if (!ok) {
-			int unsup = unsupported_algorithm();
-
-			PKCS12_free(p12);
-			return load_fail(
-				-EINVAL, err, errlen, p12_path,
-				unsup ? "uses an algorithm this OpenSSL does not provide "
-					"(a legacy PKCS#12? re-export it with AES)"
-				: (password && *password)
-					? "wrong password (MAC verification failed)"
-					: "a password is needed (MAC verification failed)");
-		}
-	}
+	if ((rc = read_p12(p12_path, &p12, err, errlen)) < 0)
+		return rc;
+	if ((rc = check_mac(p12, p12_path, password, &pass, err, errlen)) < 0)
+		goto out;
 	if (!PKCS12_parse(p12, pass, &pkey, &cert, &ca)) {
-		int unsup = unsupported_algorithm();
-
-		PKCS12_free(p12);
-		if (unsup)
-			return load_fail(
-				-EINVAL, err, errlen, p12_path,
-				"uses an algorithm this OpenSSL does not provide (a legacy "
-				"PKCS#12? re-export it with AES)");
-		snprintf(buf, sizeof(buf), "cannot be decoded (%s)", ssl_reason("parse error"));
-		return load_fail(-EINVAL, err, errlen, p12_path, buf);
-	}
-	PKCS12_free(p12);
-	if (!pkey) {
-		X509_free(cert);
-		sk_X509_pop_free(ca, X509_free);
-		return load_fail(-EINVAL, err, errlen, p12_path, "holds no private key");
-	}
-	/* PKCS12_parse matches the certificate by local key id; a file
-	 * without ids still carries the right one among the others. */
-	if (!cert) {
-		for (int i = 0; i < sk_X509_num(ca); i++) {
-			X509 *c = sk_X509_value(ca, i);
-
-			if (X509_check_private_key(c, pkey)) {
-				cert = c;
-				X509_up_ref(cert);
-				break;
-			}
+		if (unsupported_algorithm()) {
+			rc = load_fail(-EINVAL, err, errlen, p12_path, unsupported_why);
+		} else {
+			snprintf(buf, sizeof(buf), "cannot be decoded (%s)",
+				 ssl_reason("parse error"));
+			rc = load_fail(-EINVAL, err, errlen, p12_path, buf);
 		}
-		ERR_clear_error();
+		goto out;
 	}
-	sk_X509_pop_free(ca, X509_free);
+	if (!pkey) {
+		rc = load_fail(-EINVAL, err, errlen, p12_path, "holds no private key");
+		goto out;
+	}
+	if (!cert)
+		cert = cert_for_key(ca, pkey);
 	if (!cert) {
-		EVP_PKEY_free(pkey);
-		return load_fail(-EINVAL, err, errlen, p12_path,
-				 "holds no certificate for its private key");
+		rc = load_fail(-EINVAL, err, errlen, p12_path,
+			       "holds no certificate for its private key");
+		goto out;
 	}
 	if (!X509_check_private_key(cert, pkey)) {
-		EVP_PKEY_free(pkey);
-		X509_free(cert);
-		return load_fail(-EINVAL, err, errlen, p12_path,
-				 "its certificate does not match its private key");
+		rc = load_fail(-EINVAL, err, errlen, p12_path,
+			       "its certificate does not match its private key");
+		goto out;
 	}
 	k = calloc(1, sizeof(*k));
 	if (!k) {
-		EVP_PKEY_free(pkey);
-		X509_free(cert);
-		return load_fail(-ENOMEM, err, errlen, p12_path, strerror(ENOMEM));
+		rc = load_fail(-ENOMEM, err, errlen, p12_path, strerror(ENOMEM));
+		goto out;
 	}
 	k->pkey = pkey;
 	k->cert = cert;
+	pkey = NULL;
+	cert = NULL;
 	*ret = k;
+	rc = 0;
+out:
+	EVP_PKEY_free(pkey);
+	X509_free(cert);
+	sk_X509_pop_free(ca, X509_free);
+	PKCS12_free(p12);
 	ERR_clear_error();
-	return 0;
+	return rc;
 }
 
 void
