@@ -98,6 +98,13 @@ make_fixtures(void)
 	rc |= sh("cd %s && openssl pkcs12 -export -nokeys -in alice.crt -passout pass:x "
 		 "-out nokey.p12",
 		 dir);
+	/* alice's key beside a certificate without a key id: bob's, or her own */
+	rc |= sh("cd %s && openssl pkcs12 -export -nocerts -inkey alice.key -certfile bob.crt "
+		 "-passout pass:x -out othercert.p12 2>/dev/null",
+		 dir);
+	rc |= sh("cd %s && openssl pkcs12 -export -nocerts -inkey alice.key -certfile alice.crt "
+		 "-passout pass:x -out noid.p12 2>/dev/null",
+		 dir);
 	rc |= sh("cd %s && openssl cms -encrypt -binary -outform DER -aes256 -in entity.txt "
 		 "-out enc.der alice.crt",
 		 dir);
@@ -176,6 +183,15 @@ test_load_errors(void)
 	fprintf(stderr, "no key: %s\n", err);
 	CHECK(rc == -EINVAL);
 	CHECK(strstr(err, "no private key") != NULL);
+
+	rc = smime_key_load(path("othercert.p12"), "x", &k, err, sizeof(err));
+	fprintf(stderr, "other certificate: %s\n", err);
+	CHECK(rc == -EINVAL);
+	CHECK(k == NULL);
+	CHECK(strstr(err, "holds no certificate for its private key") != NULL);
+
+	k = load("noid.p12", "x");
+	smime_key_free(k);
 
 	if (geteuid() != 0) {
 		sh("cp %s %s && chmod 000 %s", path("bob.p12"), path("locked.p12"),
