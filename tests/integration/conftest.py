@@ -17,6 +17,7 @@ Fixtures:
                              .user .password .maildir .deliver(*bytes) .count()
                              .messages() .reset())
     confdir(*configs, daemon=None) -> ConfDir   writes popfetchd.yaml + conf.d/ID.yaml
+                             (as JSON, which is YAML; mode 600)
     dovecot_config(mailbox, id="dv", **keys) -> dict   a configuration for the fixture
     fake_pop3(messages=(), **kw) -> FakePOP3            a started fake server
     fake_config(server, id="fake", **keys) -> dict      a configuration for it
@@ -42,12 +43,7 @@ OAuth2 (tools/tokenserver.py, DESIGN.md §1 oauth2.*):
                              and access token it knows.
 """
 
-import base64
-import collections
-import dataclasses
-import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -63,189 +59,12 @@ import dovecot as dovecot_tool  # noqa: E402  (tests/tools)
 import fakepop3  # noqa: E402
 import tokenserver as tokenserver_tool  # noqa: E402  (tests/tools)
 
-RUN_TIMEOUT = 60
-SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
-                     "runtime error:", "WARNING: ThreadSanitizer", "ERROR: MemorySanitizer")
-# inherited settings that would change where popfetchd keeps state or secrets
-SCRUBBED_ENV = ("STATE_DIRECTORY", "CREDENTIALS_DIRECTORY", "CONFIGURATION_DIRECTORY",
-                "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
-FOLDER_RE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{12})(?:-[2-9]|-[1-9][0-9]+)?$")  # -N: a name taken already
-
-
-# --------------------------------------------------------------------------
-# YAML writing (the configurations are simple: mappings, lists, scalars)
-
-
-_YAML_KEYWORDS = {"true", "false", "yes", "no", "on", "off", "y", "n", "null", "~", ""}
-_PLAIN_RE = re.compile(r"^[A-Za-z0-9_/][A-Za-z0-9_./@+=-]*$")
-_NUMBER_RE = re.compile(r"^[-+]?(\d[\d_]*(\.\d*)?([eE][-+]?\d+)?|0[xXoObB][\da-fA-F_]+|\.\d+)$")
-
-
-def yaml_scalar(value):
-    """A scalar in YAML syntax: plain when unambiguous, else double-quoted."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, Path):
-        value = str(value)
-    text = str(value)
-    if (_PLAIN_RE.match(text) and text.lower() not in _YAML_KEYWORDS
-            and not _NUMBER_RE.match(text)):
-        return text
-    return json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML string
-
-
-def _yaml_lines(value, indent):
-    pad = "  " * indent
-    lines = []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(item, (dict, list)) and item:
-                lines.append(f"{pad}{key}:")
-                lines += _yaml_lines(item, indent + 1)
-            else:
-                empty = "{}" if isinstance(item, dict) else "[]"
-                lines.append(f"{pad}{key}: "
-                             + (empty if isinstance(item, (dict, list)) else yaml_scalar(item)))
-    else:
-        for item in value:
-            if isinstance(item, dict) and item:
-                sub = _yaml_lines(item, indent + 1)
-                lines.append(f"{pad}- " + sub[0].lstrip())
-                lines += sub[1:]
-            elif isinstance(item, list) and item:
-                raise ValueError("nested lists are not supported")
-            else:
-                lines.append(f"{pad}- {yaml_scalar(item)}")
-    return lines
-
-
-def to_yaml(mapping):
-    """A dict as a YAML document."""
-    return "\n".join(_yaml_lines(mapping, 0)) + "\n"
-
-
-# --------------------------------------------------------------------------
-# configuration directories
-
-
-@dataclasses.dataclass
-class ConfDir:
-    """A popfetchd configuration directory (what `-c DIR` reads)."""
-    path: Path
-    state_directory: Path
-    files: dict = dataclasses.field(default_factory=dict)   # id -> Path
-
-    @property
-    def main(self):
-        return self.path / "popfetchd.yaml"
-
-    def __str__(self):
-        return str(self.path)
-
-    def __fspath__(self):
-        return str(self.path)
-
-    def write_main(self, settings):
-        """Write popfetchd.yaml (state_directory is always set)."""
-        data = {"state_directory": str(self.state_directory), **(settings or {})}
-        return _write_secret(self.main, to_yaml(data))
-
-    def add(self, config, filename=None):
-        """Write conf.d/ID.yaml (or `filename`) from a dict; returns its path."""
-        path = self.path / "conf.d" / (filename or f"{config['id']}.yaml")
-        self.files[config.get("id", path.stem)] = path
-        return _write_secret(path, to_yaml(config))
-
-    def write_raw(self, filename, text, mode=0o600):
-        """Write any file under conf.d/ (for invalid YAML and the like)."""
-        path = self.path / "conf.d" / filename
-        path.write_text(text)
-        path.chmod(mode)
-        return path
-
-
-def _write_secret(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
-
-
-# --------------------------------------------------------------------------
-# running popfetchd
-
-
-class Result(collections.namedtuple("Result", "returncode stdout stderr")):
-    """(returncode, stdout, stderr) of one popfetchd run; also .cmd, .json()."""
-
-    def json(self):
-        """stdout parsed as exactly one JSON object."""
-        try:
-            value = json.loads(self.stdout)
-        except ValueError as e:
-            pytest.fail(f"stdout is not one JSON object ({e}):\n{self.stdout}\nstderr:\n{self.stderr}")
-        assert isinstance(value, dict), f"stdout JSON is not an object: {self.stdout}"
-        return value
-
-    @property
-    def lines(self):
-        return [l for l in self.stdout.splitlines() if l.strip()]
-
-    def describe(self):
-        return (f"$ {' '.join(map(str, getattr(self, 'cmd', [])))}\nexit {self.returncode}\n"
-                f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}")
-
-
-def _popfetchd_env(extra):
-    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
-    env.update(extra or {})
-    return env
-
-
-def _check_sanitizers(result):
-    for marker in SANITIZER_MARKERS:
-        if marker in result.stderr:
-            pytest.fail(f"sanitizer report ({marker}):\n{result.describe()}", pytrace=False)
-
-
-# --------------------------------------------------------------------------
-# saved messages
-
-
-@dataclasses.dataclass
-class SavedMessage:
-    """One message folder in a save directory."""
-    path: Path
-    received: str          # the YYYYMMDDTHHMMSSZ part of the name
-    hash12: str            # the hash part of the name
-    eml: bytes             # message.eml (None if absent)
-    meta: dict             # meta.json (None if absent)
-
-    @property
-    def uidl(self):
-        return self.meta.get("uidl") if self.meta else None
-
-
-def read_saved_messages(save_dir):
-    """Every message folder in save_dir (excluding .tmp), sorted by name.
-    A folder whose name does not have the contract's form fails the test."""
-    save_dir = Path(save_dir)
-    if not save_dir.exists():
-        return []
-    out = []
-    for entry in sorted(save_dir.iterdir()):
-        if entry.name == ".tmp":
-            continue
-        m = FOLDER_RE.match(entry.name)
-        assert m and entry.is_dir(), f"unexpected entry in save_directory: {entry}"
-        eml = (entry / "message.eml").read_bytes() if (entry / "message.eml").exists() else None
-        meta = json.loads((entry / "meta.json").read_text()) if (entry / "meta.json").exists() else None
-        out.append(SavedMessage(entry, m.group(1), m.group(2), eml, meta))
-    return out
+# the helpers live in modules of their own; tests import them from here
+from pfdconfig import ConfDir, config_with, to_yaml, write_secret  # noqa: E402,F401
+from pfdrun import (RUN_TIMEOUT, SANITIZER_MARKERS, SCRUBBED_ENV,  # noqa: E402,F401
+                    Result, _check_sanitizers, _popfetchd_env)
+from pfdsaved import FOLDER_RE, SavedMessage, read_saved_messages  # noqa: E402,F401
+from pfdsecrets import SecretRegistry  # noqa: E402
 
 
 # --------------------------------------------------------------------------
@@ -311,13 +130,6 @@ def confdir(tmp_path):
     return make
 
 
-def _config(base, overrides):
-    """base updated with overrides; a value of None removes the key."""
-    cfg = dict(base)
-    cfg.update(overrides)
-    return {k: v for k, v in cfg.items() if v is not None}
-
-
 @pytest.fixture
 def dovecot_config(dovecot, tmp_path):
     """Factory: dovecot_config(mailbox, id="dv", **keys) -> dict.
@@ -332,7 +144,7 @@ def dovecot_config(dovecot, tmp_path):
                 "user": mailbox.user, "password": mailbox.password,
                 "save_directory": str(save), "remove_after_read": True,
                 "timeouts": {"connect": "10s", "command": "20s"}}
-        return _config(base, overrides)
+        return config_with(base, overrides)
     return make
 
 
@@ -361,7 +173,7 @@ def fake_config(tmp_path):
                 "user": server.user, "password": server.password,
                 "save_directory": str(save), "remove_after_read": True,
                 "timeouts": {"connect": "5s", "command": "5s"}}
-        return _config(base, overrides)
+        return config_with(base, overrides)
     return make
 
 
@@ -403,89 +215,7 @@ def read_saved():
 
 
 # --------------------------------------------------------------------------
-# secrets must never be printed
-
-
-SECRET_MIN_LEN = 8        # shorter values are not scanned (too many false alarms)
-SECRET_PIECE_LEN = 12     # a secret of 24+ characters: no piece this long may appear
-
-
-def _aligned_base64(secret):
-    """How `secret` shows inside any longer base64 text: for each of the three
-    alignments, the encoding of its bytes from offset k cut to whole 3-byte
-    groups (characters that do not depend on the neighbouring bytes)."""
-    raw = secret.encode()
-    forms = []
-    for k in range(3):
-        body = raw[k:]
-        body = body[:len(body) // 3 * 3]
-        if len(body) >= 9:
-            forms.append(base64.b64encode(body).decode())
-    return forms
-
-
-class SecretRegistry:
-    """Secrets of one test and the output of every program run in it.
-
-    add(*secrets) registers values; add_source(fn) a callable returning
-    more (evaluated at check time: tokens issued later count too);
-    record(label, text) adds output. leaks() -> [(masked secret, label,
-    how)]; check() fails the test if there is any. A secret of 24 or more
-    characters also leaks through any 12-character piece of it (a log line
-    that prints "the first few" characters), and through its base64 (an
-    XOAUTH2 line in a debug log).
-    """
-
-    def __init__(self):
-        self._secrets, self._sources, self.outputs = set(), [], []
-        self._reported = set()
-
-    def add(self, *secrets):
-        for value in secrets:
-            if value:
-                self._secrets.add(str(value))
-        return self
-
-    def add_source(self, fn):
-        self._sources.append(fn)
-        return self
-
-    def record(self, label, text):
-        if text:
-            self.outputs.append((label, text))
-
-    def secrets(self):
-        found = set(self._secrets)
-        for fn in self._sources:
-            found.update(str(v) for v in fn() if v)
-        return sorted(v for v in found if len(v) >= SECRET_MIN_LEN)
-
-    @staticmethod
-    def mask(secret):
-        return f"{secret[:4]}...({len(secret)} characters)"
-
-    def leaks(self, outputs=None):
-        found = []
-        for secret in self.secrets():
-            needles = [(secret, "in full")]
-            if len(secret) >= 2 * SECRET_PIECE_LEN:
-                needles += [(secret[i:i + SECRET_PIECE_LEN], f"a piece at offset {i}")
-                            for i in range(len(secret) - SECRET_PIECE_LEN + 1)]
-            needles += [(form, "as base64") for form in _aligned_base64(secret)]
-            for label, text in (outputs if outputs is not None else self.outputs):
-                for needle, how in needles:
-                    if needle in text:
-                        found.append((self.mask(secret), label, how))
-                        break
-        return found
-
-    def check(self):
-        """Fail if a secret is in the output (each leak is reported once)."""
-        leaks = [leak for leak in self.leaks() if leak not in self._reported]
-        self._reported.update(leaks)
-        if leaks:
-            pytest.fail("secrets in popfetchd's output:\n" + "\n".join(
-                f"  {secret} {how} in: {label}" for secret, label, how in leaks), pytrace=False)
+# secrets must never be printed (pfdsecrets.py)
 
 
 @pytest.fixture(autouse=True)
@@ -596,7 +326,7 @@ def oauth_config(oauth_dovecot, tokenserver, tmp_path, secret_registry):
             rt_dir = tmp_path / f"refresh-{id}"
             rt_dir.mkdir(exist_ok=True)
             rt_file = rt_dir / "refresh-token"
-            _write_secret(rt_file, tokenserver.add_refresh_token(client) + "\n")
+            write_secret(rt_file, tokenserver.add_refresh_token(client) + "\n")
             o["refresh_token_file"] = str(rt_file)
             o["scope"] = None
         o.update(oauth2 or {})
@@ -606,7 +336,7 @@ def oauth_config(oauth_dovecot, tokenserver, tmp_path, secret_registry):
                 "oauth2": {k: v for k, v in o.items() if v is not None},
                 "save_directory": str(save), "remove_after_read": True,
                 "timeouts": {"connect": "10s", "command": "20s"}}
-        config = OAuthConfig(_config(base, overrides))
+        config = OAuthConfig(config_with(base, overrides))
         config.client, config.refresh_token_file = client, rt_file
         secret_registry.add(client.client_secret)
         return config

@@ -1,6 +1,7 @@
 """Checks of the test infrastructure itself: the Dovecot fixture, mailgen,
-the fake POP3 server and the YAML writer. They need no popfetchd binary."""
+the fake POP3 server and the configuration writer. They need no popfetchd binary."""
 
+import json
 import os
 import poplib
 import re
@@ -13,7 +14,7 @@ import pytest
 import dovecot as dovecot_tool
 import fakepop3
 import mailgen
-from conftest import to_yaml
+from conftest import ConfDir, to_yaml
 from fakepop3 import Close, Reply, Script, Truncate
 
 TIMEOUT = 10
@@ -353,18 +354,23 @@ def test_fake_stls(fake_pop3, dovecot):
 
 
 # --------------------------------------------------------------------------
-# the YAML writer
+# the configuration writer (JSON, which is YAML)
 
 
-def test_yaml_writer():
-    text = to_yaml({"id": "a-1", "port": 110, "remove_after_read": False, "password": "p: #x",
-                    "tls": "none", "user": "yes", "poll_interval": "5m", "n": "007",
-                    "sasl_mechanisms": ["SCRAM-SHA-256", "PLAIN"], "timeouts": {"connect": "5s"},
-                    "description": "Grüße \"q\"", "empty": []})
-    assert text == ('id: a-1\nport: 110\nremove_after_read: false\npassword: "p: #x"\n'
-                    'tls: none\nuser: "yes"\npoll_interval: 5m\nn: "007"\n'
-                    'sasl_mechanisms:\n  - SCRAM-SHA-256\n  - PLAIN\n'
-                    'timeouts:\n  connect: 5s\ndescription: "Grüße \\"q\\""\nempty: []\n')
+def test_yaml_writer(tmp_path):
+    config = {"id": "a-1", "port": 110, "remove_after_read": False, "password": "p: #x",
+              "tls": "none", "user": "yes", "poll_interval": "5m", "n": "007",
+              "sasl_mechanisms": ["SCRAM-SHA-256", "PLAIN"], "timeouts": {"connect": "5s"},
+              "description": "Grüße \"q\" \U0001F600", "empty": [], "save_directory": tmp_path}
+    text = to_yaml(config)
+    assert json.loads(text) == {**config, "save_directory": str(tmp_path)}
+    assert '\n  "port": 110,\n' in text and text.endswith("}\n")
+    assert "Grüße" in text and "\U0001F600" in text   # no \\u escapes: libyaml would not join surrogates
+    cd = ConfDir(tmp_path / "conf", tmp_path / "state")
+    path = cd.add(config)
+    assert path == cd.files["a-1"] == tmp_path / "conf" / "conf.d" / "a-1.yaml"
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and path.read_text() == text
     yaml = pytest.importorskip("yaml")  # a cross-check where PyYAML happens to exist
     assert yaml.safe_load(text)["password"] == "p: #x"
     assert yaml.safe_load(text)["user"] == "yes"
+    assert yaml.safe_load(text)["n"] == "007"
