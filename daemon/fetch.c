@@ -1142,6 +1142,36 @@ known_before(struct fetch *f, struct candidate *c)
 	return false;
 }
 
+/* The server refused the RETR at the head (error: what it said). */
+static void
+retr_refused(struct fetch *f, const struct candidate *c, unsigned long num, const char *error)
+{
+	if (f->window > 1) {
+		/*
+		 * Pipelined, an -ERR may answer nothing (a line the server
+		 * added): every answer after it would then be taken for the
+		 * command before, a message saved under another's UIDL and the
+		 * other deleted unseen. A new session asks one message at a
+		 * time, where a message the server cannot send is skipped as
+		 * usual.
+		 */
+		log_notice(f->mb->id,
+			   "%s: the server refused RETR %lu among pipelined commands: starting "
+			   "over one command at a time (server said: %s)",
+			   f->where, num, error);
+		start_over_in_lockstep(f);
+		return;
+	}
+	/* one message the server cannot send must not block the others */
+	store_msg_abort(f->msg);
+	f->msg = NULL;
+	set_exit(f, EX_TEMPFAIL);
+	add_error(f, "%s: the server refused RETR %lu%s%s%s: left there (server said: %s)",
+		  f->where, num, c->uid[0] ? " (" : "", c->uid, c->uid[0] ? ")" : "", error);
+	f->next++;
+	after_response(f);
+}
+
 static void
 on_retrieved(void *arg, unsigned long num, const char *error)
 {
@@ -1161,32 +1191,8 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		after_response(f);
 		return;
 	}
-	if (error != NULL && f->window > 1) {
-		/*
-		 * Pipelined, an -ERR may answer nothing (a line the server
-		 * added): every answer after it would then be taken for the
-		 * command before, a message saved under another's UIDL and the
-		 * other deleted unseen. A new session asks one message at a
-		 * time, where a message the server cannot send is skipped as
-		 * usual.
-		 */
-		log_notice(f->mb->id,
-			   "%s: the server refused RETR %lu among pipelined commands: starting "
-			   "over one command at a time (server said: %s)",
-			   f->where, num, error);
-		start_over_in_lockstep(f);
-		return;
-	}
 	if (error != NULL) {
-		/* one message the server cannot send must not block the others */
-		store_msg_abort(f->msg);
-		f->msg = NULL;
-		set_exit(f, EX_TEMPFAIL);
-		add_error(f, "%s: the server refused RETR %lu%s%s%s: left there (server said: %s)",
-			  f->where, num, c->uid[0] ? " (" : "", c->uid, c->uid[0] ? ")" : "",
-			  error);
-		f->next++;
-		after_response(f);
+		retr_refused(f, c, num, error);
 		return;
 	}
 	if (c->num != num) {
