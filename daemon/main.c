@@ -485,8 +485,51 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 	return code;
 }
 
-int
-main(int argc, char **argv)
+static int
+cmd_receive_one(const struct options *o)
+{
+	return cmd_receive(o, FETCH_ONE);
+}
+
+static int
+cmd_receive_all(const struct options *o)
+{
+	return cmd_receive(o, FETCH_ALL);
+}
+
+static int
+cmd_test(const struct options *o)
+{
+	return probe_run(&(struct probe_options){
+		.confdir = o->confdir, .id = o->id, .json = o->json, .verbosity = o->verbosity});
+}
+
+static const struct command {
+	const char *name;
+	bool needs_id; /* takes a configuration ID, and must have one */
+	int (*run)(const struct options *o);
+} commands[] = {
+	{"run", false, cmd_run},
+	{"check", false, cmd_check},
+	{"receive", true, cmd_receive_one},
+	{"receive-all", true, cmd_receive_all},
+	{"test", true, cmd_test},
+};
+
+static int
+usage_error(const char *fmt, const char *arg)
+{
+	fprintf(stderr, "popfetchd: ");
+	fprintf(stderr, fmt, arg);
+	fputc('\n', stderr);
+	usage(stderr);
+	return EX_USAGE;
+}
+
+/* The options and the command's words into o: -1, or the exit code when
+ * there is nothing to run (--version, --help, a usage error). */
+static int
+parse_args(int argc, char **argv, struct options *o)
 {
 	static const struct option longopts[] = {
 		{"config", required_argument, NULL, 'c'},
@@ -497,22 +540,19 @@ main(int argc, char **argv)
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
-	struct options o = {.confdir = POPFETCHD_CONFDIR};
 	int c;
 
 	while ((c = getopt_long(argc, argv, "c:vqh", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'c':
-			o.confdir = optarg;
+			o->confdir = optarg;
 			break;
 		case 'v':
-			o.verbosity = 1;
-			break;
 		case 'q':
-			o.verbosity = -1;
+			o->verbosity = c == 'v' ? 1 : -1;
 			break;
 		case 'J':
-			o.json = true;
+			o->json = true;
 			break;
 		case 'V':
 			printf("popfetchd %s\n", POPFETCHD_VERSION);
@@ -525,51 +565,49 @@ main(int argc, char **argv)
 			return EX_USAGE;
 		}
 	}
-	o.command = optind < argc ? argv[optind++] : "run";
+	o->command = optind < argc ? argv[optind++] : "run";
 	if (optind < argc)
-		o.id = argv[optind++];
-	if (optind < argc) {
-		fprintf(stderr, "popfetchd: unexpected argument \"%s\"\n", argv[optind]);
-		usage(stderr);
-		return EX_USAGE;
-	}
+		o->id = argv[optind++];
+	if (optind < argc)
+		return usage_error("unexpected argument \"%s\"", argv[optind]);
+	return -1;
+}
 
+static void
+setup_process(const struct options *o)
+{
 	log_set_prefix(getenv("JOURNAL_STREAM") != NULL);
-	if (o.verbosity > 0)
+	if (o->verbosity > 0)
 		log_set_level(LOG_LVL_DEBUG);
-	else if (o.verbosity < 0)
+	else if (o->verbosity < 0)
 		log_set_level(LOG_LVL_WARNING);
 	no_core_dumps();
 	event_set_log_callback(libevent_log);
 	signal(SIGPIPE, SIG_IGN);
 	mime_init();
+}
 
-	bool needs_id = strcmp(o.command, "receive") == 0 ||
-			strcmp(o.command, "receive-all") == 0 || strcmp(o.command, "test") == 0;
-	if (needs_id && o.id == NULL) {
-		fprintf(stderr, "popfetchd: %s needs a configuration ID\n", o.command);
-		usage(stderr);
-		return EX_USAGE;
+int
+main(int argc, char **argv)
+{
+	struct options o = {.confdir = POPFETCHD_CONFDIR};
+	int r = parse_args(argc, argv, &o);
+
+	if (r >= 0)
+		return r;
+	setup_process(&o);
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		const struct command *cmd = &commands[i];
+
+		if (strcmp(o.command, cmd->name) != 0)
+			continue;
+		if (cmd->needs_id && o.id == NULL)
+			return usage_error("%s needs a configuration ID", o.command);
+		if (!cmd->needs_id && o.id != NULL)
+			return usage_error("unexpected argument \"%s\"", o.id);
+		return cmd->run(&o);
 	}
-	if (!needs_id && o.id != NULL) {
-		fprintf(stderr, "popfetchd: unexpected argument \"%s\"\n", o.id);
-		usage(stderr);
-		return EX_USAGE;
-	}
-	if (strcmp(o.command, "check") == 0)
-		return cmd_check(&o);
-	if (strcmp(o.command, "receive") == 0)
-		return cmd_receive(&o, FETCH_ONE);
-	if (strcmp(o.command, "receive-all") == 0)
-		return cmd_receive(&o, FETCH_ALL);
-	if (strcmp(o.command, "run") == 0)
-		return cmd_run(&o);
-	if (strcmp(o.command, "test") == 0)
-		return probe_run(&(struct probe_options){.confdir = o.confdir,
-							 .id = o.id,
-							 .json = o.json,
-							 .verbosity = o.verbosity});
-	fprintf(stderr, "popfetchd: unknown command \"%s\"\n", o.command);
-	usage(stderr);
-	return EX_USAGE;
+	if (o.id != NULL)
+		return usage_error("unexpected argument \"%s\"", o.id);
+	return usage_error("unknown command \"%s\"", o.command);
 }
