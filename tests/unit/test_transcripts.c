@@ -80,6 +80,7 @@ struct tcase {
 
 /* What the server sent of one message: its UIDL, its data (unstuffed). */
 struct sent_msg {
+	unsigned session; /* numbers are the session's */
 	unsigned long num;
 	char *uid;
 	char *data;
@@ -101,6 +102,7 @@ struct run {
 	size_t cut;	  /* the S: line the server closes at instead (SIZE_MAX: none) */
 	bool cut_done, quit_read;
 	size_t deles_read;
+	unsigned sessions;
 	struct peer *peers[MAX_PEERS];
 	bool finished; /* the owner (fetch, or the pop3 run) is done */
 	struct pop3_session *p3;
@@ -114,6 +116,7 @@ struct run {
 struct peer {
 	struct run *run;
 	struct bufferevent *bev;
+	unsigned session;
 	size_t pos, end;	    /* the session's steps */
 	char *pending[MAX_PENDING]; /* commands read, not answered yet */
 	size_t phead, plen;
@@ -320,13 +323,13 @@ tcase_free(struct tcase *tc)
 /* ---- what the server sent, and the files on disk ------------------------ */
 
 static struct sent_msg *
-msg_for(struct run *r, unsigned long num)
+msg_for(struct run *r, unsigned session, unsigned long num)
 {
 	for (size_t i = 0; i < r->nmsgs; i++)
-		if (r->msgs[i].num == num)
+		if (r->msgs[i].session == session && r->msgs[i].num == num)
 			return &r->msgs[i];
 	r->msgs = xrealloc(r->msgs, (r->nmsgs + 1) * sizeof(*r->msgs));
-	r->msgs[r->nmsgs] = (struct sent_msg){.num = num};
+	r->msgs[r->nmsgs] = (struct sent_msg){.session = session, .num = num};
 	return &r->msgs[r->nmsgs++];
 }
 
@@ -341,7 +344,8 @@ content_key(const struct sent_msg *m, char out[2 + 2 * SHA256_DIGEST_LENGTH])
 	util_hex(d, sizeof(d), out + 1);
 }
 
-/* The message the state knows by this key (a UIDL or a content key). */
+/* A message the server sent that the state knows by this key (a UIDL or
+ * a content key). */
 static const struct sent_msg *
 msg_by_key(const struct run *r, const char *key)
 {
@@ -349,9 +353,11 @@ msg_by_key(const struct run *r, const char *key)
 
 	for (size_t i = 0; i < r->nmsgs; i++) {
 		const struct sent_msg *m = &r->msgs[i];
+		if (m->data == NULL)
+			continue;
 		if (m->uid != NULL && strcmp(m->uid, key) == 0)
 			return m;
-		if (m->uid == NULL && m->data != NULL) {
+		if (m->uid == NULL) {
 			content_key(m, ck);
 			if (strcmp(ck, key) == 0)
 				return m;
@@ -427,9 +433,9 @@ exists_in(const char *dir, const char *name)
 
 /* Commit before DELE: the server reads "DELE num" now. */
 static void
-check_dele(struct run *r, unsigned long num, int lineno)
+check_dele(struct run *r, unsigned session, unsigned long num, int lineno)
 {
-	const struct sent_msg *m = msg_for(r, num);
+	const struct sent_msg *m = msg_for(r, session, num);
 	char key[2 + 2 * SHA256_DIGEST_LENGTH], *keys, *folder;
 
 	r->deles_read++;
@@ -483,7 +489,7 @@ check_saved_bytes(struct run *r, const char *uid, const char *folder)
 
 	if (folder == NULL || !r->mb->save_text)
 		return;
-	if (m == NULL || m->data == NULL) {
+	if (m == NULL) {
 		report(r, 0, "saved %s, which the server did not send", uid);
 		return;
 	}
@@ -535,7 +541,7 @@ model_sent(struct peer *pe, const char *text)
 	}
 	if (strcmp(text, ".") == 0) {
 		if (pe->body == BODY_RETR) {
-			struct sent_msg *m = msg_for(r, pe->body_num);
+			struct sent_msg *m = msg_for(r, pe->session, pe->body_num);
 			free(m->data);
 			m->len = evbuffer_get_length(pe->data);
 			m->data = xcalloc(1, m->len + 1);
@@ -547,7 +553,7 @@ model_sent(struct peer *pe, const char *text)
 	if (pe->body == BODY_RETR) {
 		evbuffer_add_printf(pe->data, "%s\r\n", text[0] == '.' ? text + 1 : text);
 	} else if (pe->body == BODY_UIDL && sscanf(text, "%lu %127s", &num, uid) == 2) {
-		struct sent_msg *m = msg_for(r, num);
+		struct sent_msg *m = msg_for(r, pe->session, num);
 		free(m->uid);
 		m->uid = xstrdup(uid);
 	}
@@ -560,7 +566,7 @@ model_read(struct peer *pe, char *line, int lineno)
 	struct run *r = pe->run;
 
 	if (strncmp(line, "DELE ", 5) == 0)
-		check_dele(r, strtoul(line + 5, NULL, 10), lineno);
+		check_dele(r, pe->session, strtoul(line + 5, NULL, 10), lineno);
 	if (strcmp(line, "QUIT") == 0)
 		r->quit_read = true;
 	if (pe->plen == MAX_PENDING) {
@@ -703,12 +709,15 @@ open_test_socket(void *arg)
 		end++;
 	r->next_step =
 		end < r->tc->nsteps && r->tc->steps[end].kind == STEP_SESSION ? end + 1 : end;
+	r->quit_read = false;
+	r->deles_read = 0;
 	while (slot < MAX_PEERS && r->peers[slot] != NULL)
 		slot++;
 	if (slot == MAX_PEERS || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
 		abort();
 	pe = xcalloc(1, sizeof(*pe));
-	*pe = (struct peer){.run = r, .pos = i, .end = end, .data = evbuffer_new()};
+	*pe = (struct peer){
+		.run = r, .session = r->sessions++, .pos = i, .end = end, .data = evbuffer_new()};
 	pe->bev = bufferevent_socket_new(r->base, sv[0], BEV_OPT_CLOSE_ON_FREE);
 	if (pe->bev == NULL || pe->data == NULL)
 		abort();
@@ -911,8 +920,9 @@ on_fetch_done(struct fetch *f, void *arg)
 	maybe_stop(r);
 }
 
-/* A poll of a replay cut short: a failure, unless the cut came after QUIT
- * and nothing was deleted (then nothing is lost either way). */
+/* A poll of a replay cut short: a failure, unless the cut came after the
+ * last session's QUIT and that session sent no DELE (then nothing is lost
+ * either way). */
 static void
 check_cut_exit(struct run *r, int exit_code)
 {
@@ -975,7 +985,8 @@ run_poll(struct run *r, const struct conf_set *set, size_t poll)
 	loop(r);
 	const struct fetch_result *res = fetch_result(f);
 	size_t i = r->next_step;
-	last = i >= r->tc->nsteps;
+	/* a replay cut short ends with its poll */
+	last = r->cut != SIZE_MAX || i >= r->tc->nsteps;
 	check_count++;
 	if (r->cut != SIZE_MAX)
 		check_cut_exit(r, res->exit_code);
