@@ -90,6 +90,8 @@ struct fetch {
 	void *arg;
 
 	struct evdns_base *dns;
+	int (*open_socket)(void *arg); /* fetch_params: tests only */
+	void *open_arg;
 	struct tls_ctx *tls;
 	struct oauth2_source *oauth2;
 	const struct smime_key *smime_key;
@@ -1394,6 +1396,8 @@ start_session(struct fetch *f)
 
 	runtime_pop3_params(f->mb, f->tls, f->mechanisms, f->token, &pp);
 	pp.lockstep = f->lockstep;
+	pp.open_socket = f->open_socket;
+	pp.open_arg = f->open_arg;
 	f->pop3 = pop3_session_new(f->base, f->dns, &pp, &fetch_events, f);
 	pop3_session_start(f->pop3);
 }
@@ -1485,6 +1489,8 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 
 	f->base = base;
 	f->dns = dns;
+	f->open_socket = p->open_socket;
+	f->open_arg = p->open_arg;
 	f->mb = mb;
 	f->tls = p->tls;
 	f->oauth2 = p->oauth2;

@@ -1571,6 +1571,24 @@ pop3_session_new(struct event_base *base, struct evdns_base *dns, const struct p
 	return s;
 }
 
+/* params.open_socket: a socket connected already (tests) stands for TCP. */
+static void
+connect_injected(struct pop3_session *s)
+{
+	struct attempt *a = &s->att[0];
+
+	*a = (struct attempt){.s = s, .fd = s->p.open_socket(s->p.open_arg)};
+	snprintf(a->addr, sizeof(a->addr), "(test socket)");
+	snprintf(s->addr_text, sizeof(s->addr_text), "%s", a->addr);
+	if (a->fd < 0 || evutil_make_socket_nonblocking(a->fd) < 0) {
+		close_attempt(a);
+		fail(s, POP3_FAIL_CONNECT, "cannot connect to %s port %u: no test socket",
+		     s->p.host, s->p.port);
+		return;
+	}
+	tcp_up(s, a);
+}
+
 void
 pop3_session_start(struct pop3_session *s)
 {
@@ -1581,6 +1599,10 @@ pop3_session_start(struct pop3_session *s)
 
 	set_state(s, P3_CONNECT);
 	evtimer_add(s->conn_timer, &tv);
+	if (s->p.open_socket != NULL) {
+		connect_injected(s);
+		return;
+	}
 	snprintf(port, sizeof(port), "%u", s->p.port);
 	log_debug(s->p.id, "pop3: resolving %s", s->p.host);
 	/* may answer before returning (an IP literal, /etc/hosts) */

@@ -55,6 +55,10 @@ struct fetch_params {
 	const struct smime_key *smime_key; /* its S/MIME key, NULL when none */
 	const char *smime_unavailable;	   /* why not, when smime.key_name is set */
 	enum fetch_mode mode;
+	/* For tests only: passed to every POP3 session of the poll (struct
+	 * pop3_params); NULL: connect to the server as usual. */
+	int (*open_socket)(void *arg);
+	void *open_arg;
 };
 
 /* The exit code (sysexits, DESIGN.md §2) of a session that failed so. */

@@ -54,6 +54,12 @@ struct pop3_params {
 	bool hold_login;
 	/* one command at a time even when the server offers PIPELINING */
 	bool lockstep;
+	/* For tests only (tests/unit/test_transcripts.c): a stream socket
+	 * connected already, used instead of resolving host and connecting
+	 * to it; -1 fails the session as a refused connection. NULL: connect
+	 * as usual. */
+	int (*open_socket)(void *arg);
+	void *open_arg;
 };
 
 /* How far the opening of a session got: for an owner that reports each
