@@ -59,18 +59,11 @@ ext_for_type(const char *ct)
 	return "bin";
 }
 
+/* What a name may not hold besides the unsafe characters (util.h). */
 static bool
-bad_char(gunichar c)
+reserved_char(char c)
 {
-	if (c < 0x20 || c == 0x7f || (c >= 0x80 && c <= 0x9f))
-		return true;
-	if (c < 0x80 && strchr("/\\<>:\"|?*", (int)c) != NULL)
-		return true;
-	/* bidi controls ("evil\u202Efdp.exe") and line/paragraph separators */
-	if ((c >= 0x200e && c <= 0x200f) || (c >= 0x2028 && c <= 0x202e) ||
-	    (c >= 0x2066 && c <= 0x2069) || c == 0xfeff)
-		return true;
-	return false;
+	return c != '\0' && strchr("/\\<>:\"|?*", c) != NULL;
 }
 
 /* Length of s cut to at most max bytes on a UTF-8 boundary. */
@@ -119,8 +112,7 @@ compose(const char *stem, size_t stemlen, const char *suffix, const char *ext, s
 void
 mime_safe_name(const char *decoded, const char *content_type, unsigned n, char *out, size_t size)
 {
-	gchar *valid, *p, *start;
-	GString *s;
+	gchar *valid, *safe, *p, *start;
 	size_t len, e;
 
 	if (size == 0)
@@ -131,17 +123,16 @@ mime_safe_name(const char *decoded, const char *content_type, unsigned n, char *
 	for (p = valid; *p; p++)
 		if (*p == '/' || *p == '\\')
 			start = p + 1;
-	s = g_string_new(NULL);
-	for (p = start; *p; p = g_utf8_next_char(p)) {
-		gunichar c = g_utf8_get_char(p);
-		if (bad_char(c))
-			g_string_append_c(s, '_');
-		else
-			g_string_append_len(s, p, g_utf8_next_char(p) - p);
-	}
+	/* each unsafe or reserved character becomes one '_': never longer */
+	len = strlen(start);
+	safe = g_malloc(len + 1);
+	util_printable_repl(start, len, '_', safe, len + 1);
 	g_free(valid);
+	for (p = safe; *p; p++)
+		if (reserved_char(*p))
+			*p = '_';
 	/* no white space around, no leading dot (so never "." or "..") */
-	start = s->str;
+	start = safe;
 	while (*start == '.' || g_ascii_isspace(*start))
 		start++;
 	len = strlen(start);
@@ -155,7 +146,7 @@ mime_safe_name(const char *decoded, const char *content_type, unsigned n, char *
 		e = ext_start(start, len);
 		compose(start, e, "", start + e, len - e, out, size);
 	}
-	g_string_free(s, TRUE);
+	g_free(safe);
 }
 
 /* name for attempt k: k == 1 is the name itself, then "NAME (k).EXT". */
@@ -221,17 +212,6 @@ add_note(struct ctx *c, const char *fmt, ...)
 	va_start(ap, fmt);
 	g_string_append_vprintf(c->note, fmt, ap);
 	va_end(ap);
-}
-
-/* A string from the message, fit for a note: printable ASCII, short. */
-static void
-printable(const char *s, char *out, size_t size)
-{
-	size_t i;
-
-	for (i = 0; s != NULL && s[i] && i + 1 < size; i++)
-		out[i] = (s[i] >= 0x20 && s[i] < 0x7f && s[i] != '"') ? s[i] : '?';
-	out[i] = '\0';
 }
 
 static void
@@ -475,6 +455,7 @@ static void
 text_body(struct ctx *c, GMimePart *part, const char *name)
 {
 	const char *cs = g_mime_object_get_content_type_parameter(GMIME_OBJECT(part), "charset");
+	const char *said = cs != NULL && *cs != '\0' ? cs : "us-ascii";
 	struct conv v = {.cd = (iconv_t)-1};
 	struct sink s = {.fd = -1};
 	bool unknown = false;
@@ -482,7 +463,7 @@ text_body(struct ctx *c, GMimePart *part, const char *name)
 	GMimeStream *in;
 	int r;
 
-	printable(cs && *cs ? cs : "us-ascii", label, sizeof(label));
+	util_printable(said, strlen(said), label, sizeof(label));
 	if (!is_utf8_label(cs) && (v.cd = g_mime_iconv_open("UTF-8", cs)) == (iconv_t)-1)
 		unknown = true;
 	if ((s.fd = openat(c->o->dirfd, name, FILE_FLAGS, FILE_MODE)) < 0) {
@@ -848,7 +829,7 @@ set_smime(struct ctx *c, int state, const char *why)
 		return;
 	c->smime = state;
 	if (why != NULL)
-		printable(why, c->smime_why, sizeof(c->smime_why));
+		util_printable(why, strlen(why), c->smime_why, sizeof(c->smime_why));
 }
 
 /* application/pkcs7-mime, its x- spelling, or octet-stream named *.p7m */

@@ -315,15 +315,13 @@ next_char(const char *p, size_t n, gunichar *cp, bool *bad)
 static const char *
 shown_as(const char *p, size_t step, gunichar cp, bool bad, char repl, char esc[16], size_t *n)
 {
-	if (!bad && (repl != 0 || *p != '\\')) {
+	if (!bad) {
 		*n = step;
 		return p;
 	}
 	if (repl != 0) {
 		esc[0] = repl;
 		*n = 1;
-	} else if (!bad) {
-		*n = (size_t)snprintf(esc, 16, "\\\\");
 	} else if (cp == (gunichar)-1 || cp < 0x80) {
 		*n = (size_t)snprintf(esc, 16, "\\x%02x", (unsigned char)*p);
 	} else {

@@ -43,8 +43,10 @@ int util_write_atomic(const char *path, const char *tmp, const void *buf, size_t
  * U+2028-2029 and U+FEFF. The rest, printable ASCII and every other valid
  * UTF-8 character, is kept as it is.
  *
- * util_printable, for logs: '\' doubled, an unsafe byte as \xhh, an unsafe
- * character as \uhhhh (lower-case hex), so that the result is unambiguous.
+ * util_printable, for logs: an unsafe byte as \xhh, an unsafe character as
+ * \uhhhh (lower-case hex). A backslash stays as it is: a secret that holds
+ * one is still found by a redaction of the result, and the escapes of a
+ * certificate's names (RFC 2253) read as they are.
  * util_printable_repl, for names: each unsafe byte or character as repl.
  *
  * Both write at most size - 1 bytes and a NUL into out (size > 0), never

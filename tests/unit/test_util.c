@@ -94,7 +94,7 @@ printable(void)
 	shown("a\r\nb", 256, "a\\x0d\\x0ab");
 	shown("\x1b[31mRED\x1b[0m", 256, "\\x1b[31mRED\\x1b[0m");
 	shown("tab\tdel\x7f", 256, "tab\\x09del\\x7f");
-	shown("back\\slash \\x41", 256, "back\\\\slash \\\\x41");
+	shown("back\\slash \\, as it is", 256, "back\\slash \\, as it is");
 	shown("bad \xff\xfe end", 256, "bad \\xff\\xfe end");
 	shown("overlong \xc0\xaf, surrogate \xed\xa0\x80", 256,
 	      "overlong \\xc0\\xaf, surrogate \\xed\\xa0\\x80");
