@@ -557,6 +557,51 @@ digest_hex(EVP_MD_CTX *md, char out[65])
 	util_hex(d, dlen, out);
 }
 
+/* The message part msg written by GMime into fd (the file name in
+ * attachments/), with the message's CRLF line ends, then hashed and
+ * counted from disk into s. 0, LIMIT_HIT or -errno. */
+static int
+write_message_part(struct ctx *c, GMimeObject *msg, int fd, const char *name, struct sink *s)
+{
+	GMimeStream *out = g_mime_stream_fs_new(fd);
+	GMimeFormatOptions *fo = g_mime_format_options_new();
+	char *buf;
+	ssize_t n;
+	int r, rfd;
+
+	g_mime_stream_fs_set_owner(GMIME_STREAM_FS(out), FALSE);
+	g_mime_format_options_set_newline_format(fo, GMIME_NEWLINE_FORMAT_DOS);
+	r = g_mime_object_write_to_stream(msg, fo, out) < 0 || g_mime_stream_flush(out) < 0
+		    ? (errno ? -errno : -EIO)
+		    : 0;
+	g_mime_format_options_free(fo);
+	g_object_unref(out);
+	if (r != 0)
+		return r;
+	if ((rfd = openat(c->attfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)) < 0)
+		return -errno;
+	buf = xmalloc(CHUNK);
+	while ((n = read(rfd, buf, CHUNK)) != 0) {
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			r = -errno;
+			break;
+		}
+		EVP_DigestUpdate(s->md, buf, (size_t)n);
+		s->size += (unsigned long long)n;
+	}
+	close(rfd);
+	free(buf);
+	if (r == 0 && s->size > c->max_decoded - c->decoded) {
+		limit_bytes(c);
+		r = LIMIT_HIT;
+	} else if (r == 0) {
+		c->decoded += s->size;
+	}
+	return r;
+}
+
 /* Write one attachment: in (NULL: empty) or, for a message, msg. */
 static void
 save_attachment(struct ctx *c, const char *want, const char *original, const char *ctype,
@@ -575,47 +620,10 @@ save_attachment(struct ctx *c, const char *want, const char *original, const cha
 	s.md = EVP_MD_CTX_new();
 	if (s.md == NULL || !EVP_DigestInit_ex(s.md, EVP_sha256(), NULL))
 		abort();
-	if (msg != NULL) {
-		/* a message part is written out by GMime, then hashed from disk */
-		GMimeStream *out = g_mime_stream_fs_new(fd);
-		g_mime_stream_fs_set_owner(GMIME_STREAM_FS(out), FALSE);
-		/* GMime writes what it parsed, with the message's CRLF line ends */
-		GMimeFormatOptions *fo = g_mime_format_options_new();
-		g_mime_format_options_set_newline_format(fo, GMIME_NEWLINE_FORMAT_DOS);
-		r = g_mime_object_write_to_stream(msg, fo, out) < 0 || g_mime_stream_flush(out) < 0
-			    ? (errno ? -errno : -EIO)
-			    : 0;
-		g_mime_format_options_free(fo);
-		g_object_unref(out);
-		if (r == 0) {
-			int rfd = openat(c->attfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-			char *buf = xmalloc(CHUNK);
-			ssize_t n = 0;
-			if (rfd < 0)
-				r = -errno;
-			while (rfd >= 0 && (n = read(rfd, buf, CHUNK)) != 0) {
-				if (n < 0 && errno == EINTR)
-					continue;
-				if (n < 0) {
-					r = -errno;
-					break;
-				}
-				EVP_DigestUpdate(s.md, buf, (size_t)n);
-				s.size += (unsigned long long)n;
-			}
-			if (rfd >= 0)
-				close(rfd);
-			free(buf);
-			if (r == 0 && s.size > c->max_decoded - c->decoded) {
-				limit_bytes(c);
-				r = LIMIT_HIT;
-			} else if (r == 0) {
-				c->decoded += s.size;
-			}
-		}
-	} else if (in != NULL) {
+	if (msg != NULL)
+		r = write_message_part(c, msg, fd, name, &s);
+	else if (in != NULL)
 		r = copy_stream(c, in, &s);
-	}
 	if (r != 0) {
 		close(fd);
 		unlinkat(c->attfd, name, 0);
@@ -970,6 +978,34 @@ says_enveloped(GMimePart *part)
 			     g_ascii_strcasecmp(t, "authEnveloped-data") == 0);
 }
 
+/* Decrypt (enveloped) or unwrap (signed) cms into out. 0; -1 with why
+ * saying what failed; another -errno. */
+static int
+peel(struct ctx *c, struct smime_cms *cms, int out, char *why, size_t size)
+{
+	char detail[256] = "";
+	int r;
+
+	if (smime_cms_kind(cms) == SMIME_KIND_SIGNED) {
+		r = smime_cms_unwrap_signed(cms, out, detail, sizeof(detail));
+		snprintf(why, size, "signed data: %s", detail);
+		return r;
+	}
+	if (c->o->smime_key == NULL && c->o->smime_unavailable != NULL) {
+		snprintf(why, size, "%s", c->o->smime_unavailable);
+		return -1;
+	}
+	r = smime_cms_decrypt(c->o->smime_key, cms, out, detail, sizeof(detail));
+	snprintf(why, size, "%s", detail);
+	if (r == 0 && !starts_with_header(out)) {
+		/* a corrupt key transport decrypts with a random key (OpenSSL's
+		 * defence against padding oracles): 1 in 256 passes the padding */
+		snprintf(why, size, "corrupt (the decrypted content is not a MIME entity)");
+		r = -1;
+	}
+	return r;
+}
+
 /*
  * An application/pkcs7-mime part. Its DER goes to a scratch file, OpenSSL
  * reads the CMS structure from there (the only copy held in memory), and
@@ -981,7 +1017,7 @@ pkcs7(struct ctx *c, GMimePart *part, unsigned layer)
 {
 	unsigned long long cap = c->max_decoded - c->decoded;
 	struct smime_cms *cms = NULL;
-	char why[256] = "", tmp[300];
+	char why[300] = "";
 	int r, der, out;
 
 	if (cap > SMIME_MAX_SIZE)
@@ -1025,24 +1061,7 @@ pkcs7(struct ctx *c, GMimePart *part, unsigned layer)
 		local_error(c, out);
 		return;
 	}
-	if (smime_cms_kind(cms) == SMIME_KIND_ENVELOPED) {
-		if (c->o->smime_key == NULL && c->o->smime_unavailable != NULL) {
-			snprintf(why, sizeof(why), "%s", c->o->smime_unavailable);
-			r = -1;
-		} else {
-			r = smime_cms_decrypt(c->o->smime_key, cms, out, why, sizeof(why));
-		}
-		snprintf(tmp, sizeof(tmp), "%s", why);
-	} else {
-		r = smime_cms_unwrap_signed(cms, out, why, sizeof(why));
-		snprintf(tmp, sizeof(tmp), "signed data: %s", why);
-	}
-	if (r == 0 && smime_cms_kind(cms) == SMIME_KIND_ENVELOPED && !starts_with_header(out)) {
-		/* a corrupt key transport decrypts with a random key (OpenSSL's
-		 * defence against padding oracles): 1 in 256 passes the padding */
-		snprintf(tmp, sizeof(tmp), "corrupt (the decrypted content is not a MIME entity)");
-		r = -1;
-	}
+	r = peel(c, cms, out, why, sizeof(why));
 	if (r == 0) {
 		set_smime(c, smime_cms_kind(cms) == SMIME_KIND_ENVELOPED ? SM_DECRYPTED : SM_SIGNED,
 			  NULL);
@@ -1055,7 +1074,7 @@ pkcs7(struct ctx *c, GMimePart *part, unsigned layer)
 	if (r < -1)
 		local_error(c, r);
 	else
-		set_smime(c, SM_FAILED, tmp);
+		set_smime(c, SM_FAILED, why);
 }
 
 /* The entity that holds the content, S/MIME wrappings peeled off first. */
