@@ -131,18 +131,6 @@ static const yaml_mark_t mark_start; /* 1:1, for errors about a whole file */
 
 /* ---- errors and memory ---- */
 
-/* s with control characters replaced, truncated to fit buf. */
-static const char *
-clean(char *buf, size_t size, const char *s)
-{
-	size_t i = 0;
-
-	for (; s[i] != '\0' && i + 1 < size; i++)
-		buf[i] = iscntrl((unsigned char)s[i]) ? '?' : s[i];
-	buf[i] = '\0';
-	return buf;
-}
-
 static void __attribute__((format(printf, 5, 6)))
 add_error(struct conf_errors *errs, const char *file, yaml_mark_t mark, const char *key,
 	  const char *fmt, ...)
@@ -155,9 +143,9 @@ add_error(struct conf_errors *errs, const char *file, yaml_mark_t mark, const ch
 		msg = NULL;
 	va_end(ap);
 	errs->lines = xrealloc(errs->lines, (errs->n + 1) * sizeof(char *));
-	errs->lines[errs->n++] =
-		xasprintf("%s:%zu:%zu: %s: %s", clean(name, sizeof(name), file), mark.line + 1,
-			  mark.column + 1, key, msg ? msg : "(out of memory)");
+	errs->lines[errs->n++] = xasprintf(
+		"%s:%zu:%zu: %s: %s", util_printable(file, strlen(file), name, sizeof(name)),
+		mark.line + 1, mark.column + 1, key, msg ? msg : "(out of memory)");
 	free(msg);
 }
 
@@ -731,7 +719,8 @@ walk_map(struct pctx *c, yaml_node_t *map, const struct key *keys, const char *p
 			continue;
 		}
 		name = (const char *)kn->data.scalar.value;
-		snprintf(path, sizeof(path), "%s%s", prefix, clean(buf, sizeof(buf), name));
+		snprintf(path, sizeof(path), "%s%s", prefix,
+			 util_printable(name, strlen(name), buf, sizeof(buf)));
 		for (k = keys; k->name != NULL && strcmp(k->name, name) != 0; k++)
 			;
 		if (map_get(c, map, name, kn->data.scalar.length, p) != NULL)
@@ -894,7 +883,7 @@ read_secret_file(struct pctx *c, const struct secret *sec, const char *file, boo
 	struct stat st;
 	int fd = open(file, O_RDONLY | O_CLOEXEC | O_NOCTTY);
 
-	clean(name, sizeof(name), file);
+	util_printable(file, strlen(file), name, sizeof(name));
 	if (fd < 0) {
 		perr(c, sec->mark, sec->path, "cannot open %s: %s", name, strerror(errno));
 		return NULL;
@@ -1018,7 +1007,7 @@ check_key_file(struct pctx *c, const char *name)
 	yaml_node_t *v = lookup(c, "smime.key_name");
 	struct stat st;
 
-	clean(clean_name, sizeof(clean_name), file);
+	util_printable(file, strlen(file), clean_name, sizeof(clean_name));
 	if (stat(file, &st) == 0 && (st.st_mode & S_IROTH) != 0)
 		perr(c, v ? v->start_mark : mark_start, "smime.key_name",
 		     "%s is readable by others (chmod 600)", clean_name);

@@ -59,18 +59,11 @@ ext_for_type(const char *ct)
 	return "bin";
 }
 
+/* What a name may not hold besides the unsafe characters (util.h). */
 static bool
-bad_char(gunichar c)
+reserved_char(char c)
 {
-	if (c < 0x20 || c == 0x7f || (c >= 0x80 && c <= 0x9f))
-		return true;
-	if (c < 0x80 && strchr("/\\<>:\"|?*", (int)c) != NULL)
-		return true;
-	/* bidi controls ("evil\u202Efdp.exe") and line/paragraph separators */
-	if ((c >= 0x200e && c <= 0x200f) || (c >= 0x2028 && c <= 0x202e) ||
-	    (c >= 0x2066 && c <= 0x2069) || c == 0xfeff)
-		return true;
-	return false;
+	return c != '\0' && strchr("/\\<>:\"|?*", c) != NULL;
 }
 
 /* Length of s cut to at most max bytes on a UTF-8 boundary. */
@@ -119,8 +112,7 @@ compose(const char *stem, size_t stemlen, const char *suffix, const char *ext, s
 void
 mime_safe_name(const char *decoded, const char *content_type, unsigned n, char *out, size_t size)
 {
-	gchar *valid, *p, *start;
-	GString *s;
+	gchar *valid, *safe, *p, *start;
 	size_t len, e;
 
 	if (size == 0)
@@ -131,17 +123,16 @@ mime_safe_name(const char *decoded, const char *content_type, unsigned n, char *
 	for (p = valid; *p; p++)
 		if (*p == '/' || *p == '\\')
 			start = p + 1;
-	s = g_string_new(NULL);
-	for (p = start; *p; p = g_utf8_next_char(p)) {
-		gunichar c = g_utf8_get_char(p);
-		if (bad_char(c))
-			g_string_append_c(s, '_');
-		else
-			g_string_append_len(s, p, g_utf8_next_char(p) - p);
-	}
+	/* each unsafe or reserved character becomes one '_': never longer */
+	len = strlen(start);
+	safe = g_malloc(len + 1);
+	util_printable_repl(start, len, '_', safe, len + 1);
 	g_free(valid);
+	for (p = safe; *p; p++)
+		if (reserved_char(*p))
+			*p = '_';
 	/* no white space around, no leading dot (so never "." or "..") */
-	start = s->str;
+	start = safe;
 	while (*start == '.' || g_ascii_isspace(*start))
 		start++;
 	len = strlen(start);
@@ -155,7 +146,7 @@ mime_safe_name(const char *decoded, const char *content_type, unsigned n, char *
 		e = ext_start(start, len);
 		compose(start, e, "", start + e, len - e, out, size);
 	}
-	g_string_free(s, TRUE);
+	g_free(safe);
 }
 
 /* name for attempt k: k == 1 is the name itself, then "NAME (k).EXT". */
@@ -221,17 +212,6 @@ add_note(struct ctx *c, const char *fmt, ...)
 	va_start(ap, fmt);
 	g_string_append_vprintf(c->note, fmt, ap);
 	va_end(ap);
-}
-
-/* A string from the message, fit for a note: printable ASCII, short. */
-static void
-printable(const char *s, char *out, size_t size)
-{
-	size_t i;
-
-	for (i = 0; s != NULL && s[i] && i + 1 < size; i++)
-		out[i] = (s[i] >= 0x20 && s[i] < 0x7f && s[i] != '"') ? s[i] : '?';
-	out[i] = '\0';
 }
 
 static void
@@ -475,6 +455,7 @@ static void
 text_body(struct ctx *c, GMimePart *part, const char *name)
 {
 	const char *cs = g_mime_object_get_content_type_parameter(GMIME_OBJECT(part), "charset");
+	const char *said = cs != NULL && *cs != '\0' ? cs : "us-ascii";
 	struct conv v = {.cd = (iconv_t)-1};
 	struct sink s = {.fd = -1};
 	bool unknown = false;
@@ -482,7 +463,7 @@ text_body(struct ctx *c, GMimePart *part, const char *name)
 	GMimeStream *in;
 	int r;
 
-	printable(cs && *cs ? cs : "us-ascii", label, sizeof(label));
+	util_printable(said, strlen(said), label, sizeof(label));
 	if (!is_utf8_label(cs) && (v.cd = g_mime_iconv_open("UTF-8", cs)) == (iconv_t)-1)
 		unknown = true;
 	if ((s.fd = openat(c->o->dirfd, name, FILE_FLAGS, FILE_MODE)) < 0) {
@@ -576,6 +557,51 @@ digest_hex(EVP_MD_CTX *md, char out[65])
 	util_hex(d, dlen, out);
 }
 
+/* The message part msg written by GMime into fd (the file name in
+ * attachments/), with the message's CRLF line ends, then hashed and
+ * counted from disk into s. 0, LIMIT_HIT or -errno. */
+static int
+write_message_part(struct ctx *c, GMimeObject *msg, int fd, const char *name, struct sink *s)
+{
+	GMimeStream *out = g_mime_stream_fs_new(fd);
+	GMimeFormatOptions *fo = g_mime_format_options_new();
+	char *buf;
+	ssize_t n;
+	int r, rfd;
+
+	g_mime_stream_fs_set_owner(GMIME_STREAM_FS(out), FALSE);
+	g_mime_format_options_set_newline_format(fo, GMIME_NEWLINE_FORMAT_DOS);
+	r = g_mime_object_write_to_stream(msg, fo, out) < 0 || g_mime_stream_flush(out) < 0
+		    ? (errno ? -errno : -EIO)
+		    : 0;
+	g_mime_format_options_free(fo);
+	g_object_unref(out);
+	if (r != 0)
+		return r;
+	if ((rfd = openat(c->attfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)) < 0)
+		return -errno;
+	buf = xmalloc(CHUNK);
+	while ((n = read(rfd, buf, CHUNK)) != 0) {
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			r = -errno;
+			break;
+		}
+		EVP_DigestUpdate(s->md, buf, (size_t)n);
+		s->size += (unsigned long long)n;
+	}
+	close(rfd);
+	free(buf);
+	if (r == 0 && s->size > c->max_decoded - c->decoded) {
+		limit_bytes(c);
+		r = LIMIT_HIT;
+	} else if (r == 0) {
+		c->decoded += s->size;
+	}
+	return r;
+}
+
 /* Write one attachment: in (NULL: empty) or, for a message, msg. */
 static void
 save_attachment(struct ctx *c, const char *want, const char *original, const char *ctype,
@@ -594,47 +620,10 @@ save_attachment(struct ctx *c, const char *want, const char *original, const cha
 	s.md = EVP_MD_CTX_new();
 	if (s.md == NULL || !EVP_DigestInit_ex(s.md, EVP_sha256(), NULL))
 		abort();
-	if (msg != NULL) {
-		/* a message part is written out by GMime, then hashed from disk */
-		GMimeStream *out = g_mime_stream_fs_new(fd);
-		g_mime_stream_fs_set_owner(GMIME_STREAM_FS(out), FALSE);
-		/* GMime writes what it parsed, with the message's CRLF line ends */
-		GMimeFormatOptions *fo = g_mime_format_options_new();
-		g_mime_format_options_set_newline_format(fo, GMIME_NEWLINE_FORMAT_DOS);
-		r = g_mime_object_write_to_stream(msg, fo, out) < 0 || g_mime_stream_flush(out) < 0
-			    ? (errno ? -errno : -EIO)
-			    : 0;
-		g_mime_format_options_free(fo);
-		g_object_unref(out);
-		if (r == 0) {
-			int rfd = openat(c->attfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-			char *buf = xmalloc(CHUNK);
-			ssize_t n = 0;
-			if (rfd < 0)
-				r = -errno;
-			while (rfd >= 0 && (n = read(rfd, buf, CHUNK)) != 0) {
-				if (n < 0 && errno == EINTR)
-					continue;
-				if (n < 0) {
-					r = -errno;
-					break;
-				}
-				EVP_DigestUpdate(s.md, buf, (size_t)n);
-				s.size += (unsigned long long)n;
-			}
-			if (rfd >= 0)
-				close(rfd);
-			free(buf);
-			if (r == 0 && s.size > c->max_decoded - c->decoded) {
-				limit_bytes(c);
-				r = LIMIT_HIT;
-			} else if (r == 0) {
-				c->decoded += s.size;
-			}
-		}
-	} else if (in != NULL) {
+	if (msg != NULL)
+		r = write_message_part(c, msg, fd, name, &s);
+	else if (in != NULL)
 		r = copy_stream(c, in, &s);
-	}
 	if (r != 0) {
 		close(fd);
 		unlinkat(c->attfd, name, 0);
@@ -848,7 +837,7 @@ set_smime(struct ctx *c, int state, const char *why)
 		return;
 	c->smime = state;
 	if (why != NULL)
-		printable(why, c->smime_why, sizeof(c->smime_why));
+		util_printable(why, strlen(why), c->smime_why, sizeof(c->smime_why));
 }
 
 /* application/pkcs7-mime, its x- spelling, or octet-stream named *.p7m */
@@ -989,6 +978,34 @@ says_enveloped(GMimePart *part)
 			     g_ascii_strcasecmp(t, "authEnveloped-data") == 0);
 }
 
+/* Decrypt (enveloped) or unwrap (signed) cms into out. 0; -1 with why
+ * saying what failed; another -errno. */
+static int
+peel(struct ctx *c, struct smime_cms *cms, int out, char *why, size_t size)
+{
+	char detail[256] = "";
+	int r;
+
+	if (smime_cms_kind(cms) == SMIME_KIND_SIGNED) {
+		r = smime_cms_unwrap_signed(cms, out, detail, sizeof(detail));
+		snprintf(why, size, "signed data: %s", detail);
+		return r;
+	}
+	if (c->o->smime_key == NULL && c->o->smime_unavailable != NULL) {
+		snprintf(why, size, "%s", c->o->smime_unavailable);
+		return -1;
+	}
+	r = smime_cms_decrypt(c->o->smime_key, cms, out, detail, sizeof(detail));
+	snprintf(why, size, "%s", detail);
+	if (r == 0 && !starts_with_header(out)) {
+		/* a corrupt key transport decrypts with a random key (OpenSSL's
+		 * defence against padding oracles): 1 in 256 passes the padding */
+		snprintf(why, size, "corrupt (the decrypted content is not a MIME entity)");
+		r = -1;
+	}
+	return r;
+}
+
 /*
  * An application/pkcs7-mime part. Its DER goes to a scratch file, OpenSSL
  * reads the CMS structure from there (the only copy held in memory), and
@@ -1000,7 +1017,7 @@ pkcs7(struct ctx *c, GMimePart *part, unsigned layer)
 {
 	unsigned long long cap = c->max_decoded - c->decoded;
 	struct smime_cms *cms = NULL;
-	char why[256] = "", tmp[300];
+	char why[300] = "";
 	int r, der, out;
 
 	if (cap > SMIME_MAX_SIZE)
@@ -1044,24 +1061,7 @@ pkcs7(struct ctx *c, GMimePart *part, unsigned layer)
 		local_error(c, out);
 		return;
 	}
-	if (smime_cms_kind(cms) == SMIME_KIND_ENVELOPED) {
-		if (c->o->smime_key == NULL && c->o->smime_unavailable != NULL) {
-			snprintf(why, sizeof(why), "%s", c->o->smime_unavailable);
-			r = -1;
-		} else {
-			r = smime_cms_decrypt(c->o->smime_key, cms, out, why, sizeof(why));
-		}
-		snprintf(tmp, sizeof(tmp), "%s", why);
-	} else {
-		r = smime_cms_unwrap_signed(cms, out, why, sizeof(why));
-		snprintf(tmp, sizeof(tmp), "signed data: %s", why);
-	}
-	if (r == 0 && smime_cms_kind(cms) == SMIME_KIND_ENVELOPED && !starts_with_header(out)) {
-		/* a corrupt key transport decrypts with a random key (OpenSSL's
-		 * defence against padding oracles): 1 in 256 passes the padding */
-		snprintf(tmp, sizeof(tmp), "corrupt (the decrypted content is not a MIME entity)");
-		r = -1;
-	}
+	r = peel(c, cms, out, why, sizeof(why));
 	if (r == 0) {
 		set_smime(c, smime_cms_kind(cms) == SMIME_KIND_ENVELOPED ? SM_DECRYPTED : SM_SIGNED,
 			  NULL);
@@ -1074,7 +1074,7 @@ pkcs7(struct ctx *c, GMimePart *part, unsigned layer)
 	if (r < -1)
 		local_error(c, r);
 	else
-		set_smime(c, SM_FAILED, tmp);
+		set_smime(c, SM_FAILED, why);
 }
 
 /* The entity that holds the content, S/MIME wrappings peeled off first. */

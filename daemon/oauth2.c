@@ -33,7 +33,7 @@
  *   errors such as temporarily_unavailable, network, TLS, timeouts,
  *   malformed answers) is unavailable (exit 75).
  * - Secrets (client secret, refresh and access tokens) appear in no log line
- *   and no detail: the endpoint's own text is reduced to printable ASCII,
+ *   and no detail: the endpoint's own text is made printable (util.h),
  *   bounded, and any secret it echoes is replaced by <redacted>. Buffers
  *   that held secrets are wiped before they are freed.
  */
@@ -194,16 +194,13 @@ token_chars_ok(const char *s)
 	return true;
 }
 
-/* The endpoint's text, reduced to printable ASCII and at most max bytes. */
+/* The endpoint's text made printable (util.h), cut to about max bytes. */
 static char *
-sanitize(const char *s, size_t max)
+printable_dup(const char *s, size_t max)
 {
-	size_t len = strlen(s), n = len > max ? max : len;
-	char *out = xmalloc(n + 4);
+	char *out = xmalloc(max + 4);
 
-	for (size_t i = 0; i < n; i++)
-		out[i] = (unsigned char)s[i] >= 0x20 && (unsigned char)s[i] < 0x7f ? s[i] : '?';
-	strcpy(out + n, len > max ? "..." : "");
+	util_printable(s, strlen(s), out, max + 4);
 	return out;
 }
 
@@ -258,53 +255,12 @@ endpoint_host(const char *url)
 	curl_free(host);
 	curl_free(port);
 	curl_url_cleanup(u);
-	ret = sanitize(raw, 255);
+	ret = printable_dup(raw, 255);
 	free(raw);
 	return ret;
 }
 
 /* ---- files ---- */
-
-/* Replace path by data: a temporary file (mode 0600) in the same
- * directory, fsync, rename, fsync the directory. 0 or -errno. */
-static int
-write_atomic(const char *path, const char *data, size_t len)
-{
-	const char *slash = strrchr(path, '/');
-	char *dir = slash == NULL   ? xstrdup(".")
-		    : slash == path ? xstrdup("/")
-				    : xasprintf("%.*s", (int)(slash - path), path);
-	const char *base = slash == NULL ? path : slash + 1;
-	char *tmp = xasprintf("%s/.%s.XXXXXX", dir, base);
-	int fd, r = 0;
-
-	if ((fd = mkostemp(tmp, O_CLOEXEC)) < 0) {
-		r = -errno;
-		goto out;
-	}
-	for (size_t off = 0; off < len && r == 0;) {
-		ssize_t n = write(fd, data + off, len - off);
-
-		if (n < 0 && errno != EINTR)
-			r = -errno;
-		else if (n > 0)
-			off += (size_t)n;
-	}
-	if (r == 0 && fsync(fd) < 0)
-		r = -errno;
-	if (close(fd) < 0 && r == 0)
-		r = -errno;
-	if (r == 0 && rename(tmp, path) < 0)
-		r = -errno;
-	if (r < 0)
-		unlink(tmp);
-	else
-		r = util_fsync_dir(dir);
-out:
-	free(tmp);
-	free(dir);
-	return r;
-}
 
 /* At most max bytes of a regular file, NUL-terminated. 0 or -errno. */
 static int
@@ -469,7 +425,7 @@ cache_save(struct oauth2_source *src)
 	int r = text == NULL ? -ENOMEM : util_mkdir_p(src->state_dir, 0700);
 
 	if (r == 0)
-		r = write_atomic(src->cache_path, text, strlen(text));
+		r = util_write_atomic(src->cache_path, NULL, text, strlen(text), 0600, NULL, 0);
 	if (r < 0)
 		log_warning(src->id,
 			    "cannot write the token cache %s: %s; the token is kept in memory only",
@@ -494,7 +450,7 @@ static int
 save_refresh_token(struct oauth2_source *src, char **ret_detail)
 {
 	char *data = xasprintf("%s\n", src->unsaved_refresh_token);
-	int r = write_atomic(src->refresh_token_file, data, strlen(data));
+	int r = util_write_atomic(src->refresh_token_file, NULL, data, strlen(data), 0600, NULL, 0);
 
 	free_secret(data);
 	if (r < 0) {
@@ -1039,7 +995,7 @@ evaluate(struct oauth2_source *src, struct transfer *x, CURLcode code, struct an
 		return;
 	}
 	if (code != CURLE_OK) {
-		char *e = sanitize(x->errbuf, 300);
+		char *e = printable_dup(x->errbuf, 300);
 
 		a->detail = xasprintf("token endpoint %s: %s%s%s%s", src->host,
 				      curl_easy_strerror(code), *e != '\0' ? " (" : "", e,
@@ -1065,9 +1021,9 @@ evaluate(struct oauth2_source *src, struct transfer *x, CURLcode code, struct an
 		description = json_string_value(json_object_get(root, "error_description"));
 	}
 	if (error != NULL)
-		err_s = sanitize(error, ERROR_MAX);
+		err_s = printable_dup(error, ERROR_MAX);
 	if (description != NULL && *description != '\0')
-		desc_s = sanitize(description, DESCRIPTION_MAX);
+		desc_s = printable_dup(description, DESCRIPTION_MAX);
 	if ((http == 400 || http == 401 || http == 403) && error != NULL && refusal(error)) {
 		a->status = OAUTH2_REFUSED;
 		a->detail =

@@ -286,53 +286,13 @@ send_line(struct pop3_session *s, const char *fmt, ...)
 	arm_timer(s);
 }
 
-/*
- * The server's text, for details and debug lines: printable ASCII as it is,
- * a backslash doubled, every other byte (controls, the ESC of a terminal
- * sequence, DEL, 8-bit bytes, invalid UTF-8) as \xHH; cut to fit size (at
- * least 8), "..." marking the cut.
- */
-static const char *
-server_text(const struct pop3_reply *r, char *buf, size_t size)
-{
-	static const char hex[] = "0123456789abcdef";
-	size_t o = 0;
-
-	for (size_t i = 0; i < r->text_len; i++) {
-		unsigned char c = (unsigned char)r->text[i];
-		char esc[4];
-		size_t n = 0;
-
-		if (c == '\\') {
-			esc[n++] = '\\';
-			esc[n++] = '\\';
-		} else if (c >= 0x20 && c < 0x7f) {
-			esc[n++] = (char)c;
-		} else {
-			esc[n++] = '\\';
-			esc[n++] = 'x';
-			esc[n++] = hex[c >> 4];
-			esc[n++] = hex[c & 0xf];
-		}
-		if (o + n > size - 4) {
-			memcpy(buf + o, "...", 3);
-			o += 3;
-			break;
-		}
-		memcpy(buf + o, esc, n);
-		o += n;
-	}
-	buf[o] = '\0';
-	return buf;
-}
-
 /* -ERR to a login command: a temporary condition, or refused credentials. */
 static void
 fail_login(struct pop3_session *s, const char *cmd, const struct pop3_reply *r)
 {
 	char text[256];
 
-	server_text(r, text, sizeof(text));
+	util_printable(r->text, r->text_len, text, sizeof(text));
 	s->err_rcodes = r->rcodes;
 	s->err_login_delay = r->login_delay;
 	if (r->rcodes & (POP3_RC_IN_USE | POP3_RC_LOGIN_DELAY | POP3_RC_SYS_TEMP)) {
@@ -862,26 +822,27 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 
 	pop3_parse_status(line, len, &r);
 	log_debug(s->p.id, "S: %s",
-		  s->state == P3_PASS || s->state == P3_AUTH ? "(reply to a login step)"
-							     : server_text(&r, text, sizeof(text)));
+		  s->state == P3_PASS || s->state == P3_AUTH
+			  ? "(reply to a login step)"
+			  : util_printable(r.text, r.text_len, text, sizeof(text)));
 	if (r.status == POP3_STATUS_CONT && s->state == P3_AUTH) {
 		on_auth_challenge(s, &r);
 		return;
 	}
 	if (r.status == POP3_STATUS_BAD || r.status == POP3_STATUS_CONT) {
 		fail(s, POP3_FAIL_PROTOCOL, "unexpected response in %s: \"%s\"",
-		     state_names[s->state], server_text(&r, text, 80));
+		     state_names[s->state], util_printable(r.text, r.text_len, text, 80));
 		return;
 	}
 	bool ok = r.status == POP3_STATUS_OK;
 	switch (s->state) {
 	case P3_GREETING:
-		server_text(&r, s->greeting, sizeof(s->greeting));
+		util_printable(r.text, r.text_len, s->greeting, sizeof(s->greeting));
 		if (!ok) {
 			s->err_rcodes = r.rcodes;
 			s->err_login_delay = r.login_delay;
 			fail(s, POP3_FAIL_TEMP, "the server refused the session (server said: %s)",
-			     server_text(&r, text, sizeof(text)));
+			     util_printable(r.text, r.text_len, text, sizeof(text)));
 			return;
 		}
 		apop_timestamp(s, &r);
@@ -900,7 +861,7 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 			fail(s, POP3_FAIL_TLS,
 			     "the server refused STLS (server said: %s); with tls: explicit "
 			     "nothing is sent in clear",
-			     server_text(&r, text, sizeof(text)));
+			     util_printable(r.text, r.text_len, text, sizeof(text)));
 			return;
 		}
 		start_tls_upgrade(s);
@@ -949,7 +910,7 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 	case P3_LIST:
 		if (!ok) {
 			fail(s, POP3_FAIL_PROTOCOL, "LIST refused (server said: %s)",
-			     server_text(&r, text, sizeof(text)));
+			     util_printable(r.text, r.text_len, text, sizeof(text)));
 			return;
 		}
 		s->multiline = true;
@@ -964,12 +925,13 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 			fail(s,
 			     r.rcodes & (POP3_RC_IN_USE | POP3_RC_SYS_TEMP) ? POP3_FAIL_TEMP
 									    : POP3_FAIL_PROTOCOL,
-			     "STAT refused (server said: %s)", server_text(&r, text, sizeof(text)));
+			     "STAT refused (server said: %s)",
+			     util_printable(r.text, r.text_len, text, sizeof(text)));
 			return;
 		}
 		if (pop3_parse_stat(r.text, r.text_len, &count, &size) < 0) {
 			fail(s, POP3_FAIL_PROTOCOL, "malformed answer to STAT: \"%s\"",
-			     server_text(&r, text, 80));
+			     util_printable(r.text, r.text_len, text, 80));
 			return;
 		}
 		end_response(s);
@@ -983,7 +945,8 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 		if (!ok) {
 			/* that message only: the session goes on */
 			end_response(s);
-			s->ev->retrieved(s->arg, num, server_text(&r, text, sizeof(text)));
+			s->ev->retrieved(s->arg, num,
+					 util_printable(r.text, r.text_len, text, sizeof(text)));
 			if (!s->dead)
 				pump(s);
 			return;
@@ -1008,7 +971,7 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 		break;
 	default:
 		fail(s, POP3_FAIL_PROTOCOL, "unsolicited response in %s: \"%s\"",
-		     state_names[s->state], server_text(&r, text, 80));
+		     state_names[s->state], util_printable(r.text, r.text_len, text, 80));
 		break;
 	}
 }
@@ -1040,7 +1003,7 @@ check_data_start(struct pop3_session *s, struct evbuffer *in)
 		return true;
 	const char *eol = memchr(first, '\r', have);
 	struct pop3_reply line = {.text = first, .text_len = eol ? (size_t)(eol - first) : have};
-	server_text(&line, s->first_line, sizeof(s->first_line));
+	util_printable(line.text, line.text_len, s->first_line, sizeof(s->first_line));
 	if (s->ev->ambiguous == NULL) {
 		fail(s, POP3_FAIL_PROTOCOL,
 		     "the data of %s %lu begins with a status line (\"%s\"): the server's "

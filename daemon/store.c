@@ -21,14 +21,13 @@
 #include <openssl/sha.h>
 
 #include "popfetchd/log.h"
-#include "popfetchd/pop3_parse.h"
 #include "popfetchd/store.h"
 #include "popfetchd/util.h"
 
 #define STATE_MAGIC "popfetchd-uidl 1"
 /* A record line: a UIDL, a staging folder's and a folder's names, a
  * content key, the spaces and the newline (record_line) */
-#define RECORD_MAX (POP3_UIDL_MAX + 2 * 96 + 1 + 2 * SHA256_DIGEST_LENGTH + 4 + 1)
+#define RECORD_MAX (STORE_KEY_MAX + 2 * 96 + 1 + 2 * SHA256_DIGEST_LENGTH + 4 + 1)
 
 /* A set of strings (open addressing, linear probing), each with a value
  * (NULL or a string of its own). */
@@ -316,7 +315,7 @@ compute_binding(struct store *st, const char *server, const char *user)
 static bool
 valid_uid(const char *s, size_t len)
 {
-	if (len == 0 || len > POP3_UIDL_MAX)
+	if (len == 0 || len > STORE_KEY_MAX)
 		return false;
 	for (size_t i = 0; i < len; i++)
 		if ((unsigned char)s[i] < 0x21 || (unsigned char)s[i] > 0x7e)
@@ -350,22 +349,16 @@ remember(struct store *st, const char *uid, const char *alias)
 }
 
 /* Write the whole state anew, the records of these keys in this order,
- * each with its content key in set: temporary file, fsync, rename, fsync
- * dir. */
+ * each with its content key in set (util_write_atomic, through
+ * state_dir/uidl.tmp). */
 static int
 write_state(struct store *st, const char *const *keys, size_t n, const struct strset *set)
 {
-	char *tmp = xasprintf("%s.tmp", st->state_path);
-	FILE *f;
-	int fd, r = 0;
+	char *tmp = xasprintf("%s.tmp", st->state_path), *text = NULL, why[PATH_MAX + 32];
+	size_t len = 0;
+	FILE *f = open_memstream(&text, &len);
+	int r;
 
-	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-	if (fd < 0) {
-		r = seterr(st, errno, "cannot write %s", tmp);
-		free(tmp);
-		return r;
-	}
-	f = fdopen(fd, "w");
 	if (f == NULL)
 		abort();
 	fprintf(f, "%s %s\n", STATE_MAGIC, st->binding);
@@ -375,16 +368,12 @@ write_state(struct store *st, const char *const *keys, size_t n, const struct st
 	}
 	if (st->ndoubt > 0)
 		fwrite(st->doubt, 1, st->ndoubt, f);
-	if (fflush(f) != 0 || fsync(fd) < 0)
-		r = seterr(st, errno, "cannot write %s", tmp);
-	if (fclose(f) != 0 && r == 0)
-		r = seterr(st, errno, "cannot write %s", tmp);
-	if (r == 0 && rename(tmp, st->state_path) < 0)
-		r = seterr(st, errno, "cannot rename %s", tmp);
-	if (r == 0 && util_fsync_dir(st->state_dir) < 0)
-		r = seterr(st, errno, "cannot fsync %s", st->state_dir);
+	if (fclose(f) != 0)
+		abort();
+	r = util_write_atomic(st->state_path, tmp, text, len, 0600, why, sizeof(why));
 	if (r < 0)
-		unlink(tmp);
+		seterr(st, -r, "%s", why);
+	free(text);
 	free(tmp);
 	if (r == 0)
 		st->unsettled = false;

@@ -227,67 +227,6 @@ fingerprint_hex(const unsigned char *md, char *out)
 		sprintf(out + 3 * i, "%02X%s", md[i], i < 31 ? ":" : "");
 }
 
-/* The length of the UTF-8 sequence at p (at most n bytes) and its code
- * point in *cp, or 0 when it is not valid UTF-8. */
-static size_t
-utf8_seq(const unsigned char *p, size_t n, unsigned long *cp)
-{
-	size_t len = p[0] >= 0xf0 ? 4 : p[0] >= 0xe0 ? 3 : p[0] >= 0xc2 ? 2 : 0;
-	unsigned long c;
-
-	if (len == 0 || len > n || p[0] > 0xf4)
-		return 0;
-	c = p[0] & (0x3fu >> (len - 1));
-	for (size_t i = 1; i < len; i++) {
-		if ((p[i] & 0xc0) != 0x80)
-			return 0;
-		c = c << 6 | (p[i] & 0x3f);
-	}
-	if ((len == 3 && c < 0x800) || (len == 4 && (c < 0x10000 || c > 0x10ffff)) ||
-	    (c >= 0xd800 && c <= 0xdfff))
-		return 0;
-	*cp = c;
-	return len;
-}
-
-/* C1 controls and the characters that reorder text on a terminal. */
-static bool
-unsafe_cp(unsigned long c)
-{
-	return (c >= 0x80 && c <= 0x9f) || c == 0x061c || c == 0x200e || c == 0x200f ||
-	       (c >= 0x202a && c <= 0x202e) || (c >= 0x2066 && c <= 0x2069);
-}
-
-/*
- * A certificate's names come from the server: readable UTF-8 stays, but no
- * control character, invalid byte or bidi override reaches a log or a
- * terminal (\xHH, \uXXXX instead).
- */
-static void
-printable_utf8(const char *in, size_t n, char *out, size_t size)
-{
-	const unsigned char *p = (const unsigned char *)in;
-	size_t o = 0;
-
-	for (size_t i = 0; i < n && o + 7 < size;) {
-		unsigned long cp;
-		size_t len;
-		if (p[i] >= 0x20 && p[i] < 0x7f) {
-			out[o++] = (char)p[i++];
-		} else if (p[i] < 0x80 || (len = utf8_seq(p + i, n - i, &cp)) == 0) {
-			o += (size_t)snprintf(out + o, size - o, "\\x%02X", p[i++]);
-		} else if (unsafe_cp(cp)) {
-			o += (size_t)snprintf(out + o, size - o, "\\u%04lX", cp);
-			i += len;
-		} else {
-			memcpy(out + o, p + i, len);
-			o += len;
-			i += len;
-		}
-	}
-	out[o < size ? o : size - 1] = '\0';
-}
-
 static void
 name_line(X509_NAME *name, char *buf, size_t len)
 {
@@ -297,7 +236,8 @@ name_line(X509_NAME *name, char *buf, size_t len)
 
 	X509_NAME_print_ex(b, name, 0, XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB);
 	n = BIO_get_mem_data(b, &data);
-	printable_utf8(data, n > 0 ? (size_t)n : 0, buf, len);
+	/* the server chose these names: escaped like all outside text */
+	util_printable(data, n > 0 ? (size_t)n : 0, buf, len);
 	BIO_free(b);
 }
 

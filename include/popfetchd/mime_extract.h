@@ -80,8 +80,9 @@ void mime_result_clear(struct mime_result *r);
 
 /*
  * Pure: the safe file name (DESIGN.md §3) for an already decoded UTF-8 name
- * (NULL or invalid UTF-8 allowed): last path component, control characters,
- * bidi controls and / \ < > : " | ? * replaced by '_', white space trimmed,
+ * (NULL or invalid UTF-8 allowed, an invalid byte becomes U+FFFD): last
+ * path component, the unsafe characters of util.h (controls, bidi controls,
+ * ...) and / \ < > : " | ? * replaced by '_', white space trimmed,
  * no leading dot, at most 255 bytes (and size - 1) keeping the extension,
  * cut on a UTF-8 boundary; never "." or "..". An empty result becomes
  * "attachment-N.EXT" with EXT from content_type (pdf, png, jpg, txt, html,

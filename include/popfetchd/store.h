@@ -11,6 +11,10 @@
 #include <stddef.h>
 #include <time.h>
 
+/* The longest key the state records: a UIDL is 1 to 70 characters
+ * 0x21-0x7E (RFC 1939 §7), a content key 65; a longer one is refused. */
+#define STORE_KEY_MAX 70
+
 struct store;
 struct store_msg;
 

@@ -52,6 +52,13 @@ names(void)
 	     "fdp.exe",
 	     NULL, "evil_fdp.exe");
 	safe("bad\xff.txt", NULL, "bad\xef\xbf\xbd.txt");
+	/* the one list of unsafe characters (util.h): U+061C, U+2066, U+FEFF, C1 */
+	safe("a\xd8\x9c"
+	     "b\xe2\x81\xa6"
+	     "c\xef\xbb\xbf"
+	     "d\xc2\x9b"
+	     "e.txt",
+	     NULL, "a_b_c_d_e.txt");
 	safe("Übersicht.pdf", NULL, "Übersicht.pdf");
 
 	/* 300 bytes + .pdf: 255 bytes, the extension kept */

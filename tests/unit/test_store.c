@@ -10,8 +10,12 @@
 #include <openssl/sha.h>
 
 #include "check.h"
+#include "popfetchd/pop3_parse.h"
 #include "popfetchd/store.h"
 #include "popfetchd/util.h"
+
+/* every UIDL the parser accepts is a key the store records */
+_Static_assert(STORE_KEY_MAX >= POP3_UIDL_MAX, "a UIDL longer than the store's keys");
 
 static char root[] = "/tmp/pfd-store-XXXXXX";
 static char save[256], state[256];
@@ -697,6 +701,33 @@ batch_synced_per_file(void)
 	store_close(st);
 }
 
+/* A UIDL of 70 characters (RFC 1939's longest) is recorded; 71 are not. */
+static void
+longest_key(void)
+{
+	struct store *st = open_store("long.example", "frank");
+	struct store_msg *m;
+	char uid[STORE_KEY_MAX + 2], *folder = NULL;
+
+	CHECK(st != NULL);
+	if (st == NULL)
+		return;
+	memset(uid, 'u', STORE_KEY_MAX);
+	uid[STORE_KEY_MAX] = '\0';
+	CHECK(store_msg_begin(st, uid, 1795688102, &m) == 0);
+	CHECK(commit_one(st, m, false, &folder) == 0 && store_has(st, uid));
+	free(folder);
+	strcat(uid, "u");
+	CHECK(store_msg_begin(st, uid, 1795688102, &m) == 0);
+	CHECK(commit_one(st, m, false, &folder) == -EINVAL && !store_has(st, uid));
+	free(folder);
+	store_close(st);
+	st = open_store("long.example", "frank");
+	uid[STORE_KEY_MAX] = '\0';
+	CHECK(st != NULL && store_has(st, uid));
+	store_close(st);
+}
+
 int
 main(void)
 {
@@ -715,6 +746,7 @@ main(void)
 	lock_and_staging();
 	batches();
 	batch_synced_per_file();
+	longest_key();
 	char cmd[600];
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", root);
 	if (system(cmd) != 0)
