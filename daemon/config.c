@@ -1232,11 +1232,7 @@ conf_set_free(struct conf_set *set)
 		mailbox_clear(set->mailboxes[i]);
 		free(set->mailboxes[i]);
 	}
-	free(set->mailboxes);
-	free(set->dir);
-	free(set->state_directory);
-	free(set->keystore_directory);
-	free(set);
+	FREE_ALL(set->mailboxes, set->dir, set->state_directory, set->keystore_directory, set);
 }
 
 void

@@ -352,11 +352,6 @@ mime_message_headers(GMimeMessage *msg, struct mime_headers *ret)
 void
 mime_headers_clear(struct mime_headers *h)
 {
-	free(h->message_id);
-	free(h->date);
-	free(h->from);
-	free(h->to);
-	free(h->cc);
-	free(h->subject);
+	FREE_ALL(h->message_id, h->date, h->from, h->to, h->cc, h->subject);
 	memset(h, 0, sizeof(*h));
 }

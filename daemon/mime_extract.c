@@ -248,26 +248,43 @@ sink_write(struct ctx *c, struct sink *s, const char *buf, size_t len)
 	return 0;
 }
 
+/* Every byte of in to put(), a chunk at a time, until put() returns
+ * non-zero. 0, what put() returned, or -errno of the read. */
+static int
+drain(GMimeStream *in, int (*put)(void *arg, const char *buf, size_t n), void *arg)
+{
+	char *buf = xmalloc(CHUNK);
+	ssize_t n;
+	int r = 0;
+
+	while (r == 0 && (n = g_mime_stream_read(in, buf, CHUNK)) != 0) {
+		if (n < 0)
+			r = errno ? -errno : -EIO;
+		else
+			r = put(arg, buf, (size_t)n);
+	}
+	free(buf);
+	return r;
+}
+
+struct to_sink {
+	struct ctx *c;
+	struct sink *s;
+};
+
+static int
+put_sink(void *arg, const char *buf, size_t n)
+{
+	struct to_sink *t = arg;
+
+	return sink_write(t->c, t->s, buf, n);
+}
+
 /* All of in into the sink. 0, LIMIT_HIT, or -errno. */
 static int
 copy_stream(struct ctx *c, GMimeStream *in, struct sink *s)
 {
-	char *buf = xmalloc(CHUNK);
-	int r = 0;
-
-	for (;;) {
-		ssize_t n = g_mime_stream_read(in, buf, CHUNK);
-		if (n < 0) {
-			r = errno ? -errno : -EIO;
-			break;
-		}
-		if (n == 0)
-			break;
-		if ((r = sink_write(c, s, buf, (size_t)n)) != 0)
-			break;
-	}
-	free(buf);
-	return r;
+	return drain(in, put_sink, &(struct to_sink){c, s});
 }
 
 /* No fsync: the caller makes the whole folder durable at once (store_commit). */
@@ -888,34 +905,33 @@ scratch(struct ctx *c)
 	return -errno;
 }
 
+struct to_fd {
+	int fd;
+	unsigned long long len, max;
+};
+
+static int
+put_fd(void *arg, const char *buf, size_t n)
+{
+	struct to_fd *t = arg;
+
+	if ((t->len += n) > t->max)
+		return LIMIT_HIT;
+	return util_write_all(t->fd, buf, n);
+}
+
 /* The transfer-decoded content of part into fd, at most max bytes, and
  * fd rewound. 0, LIMIT_HIT or -errno. */
 static int
 spool(GMimePart *part, int fd, unsigned long long max)
 {
 	GMimeStream *in = decoded_stream(part);
-	char *buf = xmalloc(CHUNK);
-	unsigned long long len = 0;
 	int r = 0;
 
-	while (in != NULL) {
-		ssize_t n = g_mime_stream_read(in, buf, CHUNK);
-		if (n < 0) {
-			r = errno ? -errno : -EIO;
-			break;
-		}
-		if (n == 0)
-			break;
-		if ((len += (size_t)n) > max) {
-			r = LIMIT_HIT;
-			break;
-		}
-		if ((r = util_write_all(fd, buf, (size_t)n)) < 0)
-			break;
-	}
-	free(buf);
-	if (in != NULL)
+	if (in != NULL) {
+		r = drain(in, put_fd, &(struct to_fd){.fd = fd, .max = max});
 		g_object_unref(in);
+	}
 	if (r == 0 && lseek(fd, 0, SEEK_SET) < 0)
 		r = -errno;
 	return r;

@@ -1334,20 +1334,12 @@ source_destroy(struct oauth2_source *src)
 		TAILQ_REMOVE(&src->ready, req, link);
 		request_free(req);
 	}
-	free(src->id);
-	free(src->endpoint);
-	free(src->host);
-	free(src->client_id);
 	free_secret(src->client_secret);
-	free(src->scope);
-	free(src->refresh_token_file);
-	free(src->ca_file);
-	free(src->state_dir);
-	free(src->cache_path);
-	free(src->lock_path);
 	free_secret(src->token);
 	free_secret(src->unsaved_refresh_token);
-	free(src);
+	FREE_ALL(src->id, src->endpoint, src->host, src->client_id, src->scope,
+		 src->refresh_token_file, src->ca_file, src->state_dir, src->cache_path,
+		 src->lock_path, src);
 }
 
 struct oauth2_source *

@@ -243,46 +243,62 @@ store_folder_name(const char *id, const char *uid, time_t received, char *out, s
 	snprintf(out, size, "%s-%.12s", when, hex);
 }
 
+/*
+ * visit(dir, name, depth) for every entry of the directory dfd (closed
+ * here), depth levels below a message's folder: all of them, or up to the
+ * first failure when stop is set. 0, or the last -errno.
+ */
+static int
+walk(int dfd, int depth, int (*visit)(int dir, const char *name, int depth), bool stop)
+{
+	struct dirent *e;
+	int r = 0;
+	DIR *d = NULL;
+
+	if (depth > 8)
+		r = -ELOOP;
+	else if ((d = fdopendir(dfd)) == NULL)
+		r = -errno;
+	if (d == NULL) {
+		close(dfd);
+		return r;
+	}
+	while ((r == 0 || !stop) && (e = readdir(d)) != NULL) {
+		if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+			continue;
+		int rr = visit(dirfd(d), e->d_name, depth);
+		if (rr < 0)
+			r = rr;
+	}
+	closedir(d);
+	return r;
+}
+
+/* Remove name of dir, and all it holds when it is a folder (not following
+ * symlinks). */
+static int
+remove_entry(int dir, const char *name, int depth)
+{
+	int r, sub;
+
+	if (unlinkat(dir, name, 0) == 0)
+		return 0;
+	if (errno != EISDIR && errno != EPERM)
+		return -errno;
+	sub = openat(dir, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (sub < 0)
+		return -errno;
+	r = walk(sub, depth + 1, remove_entry, false);
+	if (unlinkat(dir, name, AT_REMOVEDIR) < 0)
+		r = -errno;
+	return r;
+}
+
 /* Remove everything inside the directory dfd (not following symlinks). */
 static int
 remove_contents(int dfd, int depth)
 {
-	DIR *d;
-	struct dirent *e;
-	int r = 0;
-
-	if (depth > 8) {
-		close(dfd);
-		return -ELOOP;
-	}
-	d = fdopendir(dfd);
-	if (d == NULL) {
-		close(dfd);
-		return -errno;
-	}
-	while ((e = readdir(d)) != NULL) {
-		if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-			continue;
-		if (unlinkat(dirfd(d), e->d_name, 0) == 0)
-			continue;
-		if (errno != EISDIR && errno != EPERM) {
-			r = -errno;
-			continue;
-		}
-		int sub = openat(dirfd(d), e->d_name,
-				 O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-		if (sub < 0) {
-			r = -errno;
-			continue;
-		}
-		int rr = remove_contents(sub, depth + 1);
-		if (rr < 0)
-			r = rr;
-		if (unlinkat(dirfd(d), e->d_name, AT_REMOVEDIR) < 0)
-			r = -errno;
-	}
-	closedir(d);
-	return r;
+	return walk(dfd, depth, remove_entry, false);
 }
 
 /* Remove the entry name of the directory parent, a folder with all it holds
@@ -803,13 +819,7 @@ store_close(struct store *st)
 		close(st->stage_fd);
 	strset_clear(&st->uids);
 	strset_clear(&st->aliases);
-	free(st->doubt);
-	free(st->id);
-	free(st->save_dir);
-	free(st->state_dir);
-	free(st->stage_dir);
-	free(st->state_path);
-	free(st);
+	FREE_ALL(st->doubt, st->id, st->save_dir, st->state_dir, st->stage_dir, st->state_path, st);
 }
 
 bool
@@ -1076,45 +1086,37 @@ store_discard(struct store *st)
 	st->batch_bytes = 0;
 }
 
-/* fsync every file and folder under the directory dfd (closed here). */
+static int sync_tree(int dfd, int depth);
+
+/* fsync name of dir, and all it holds when it is a folder. */
+static int
+sync_entry(int dir, const char *name, int depth)
+{
+	struct stat sb;
+	int r = 0, fd = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &sb) < 0)
+		r = -errno;
+	else if (S_ISDIR(sb.st_mode))
+		return sync_tree(fd, depth + 1);
+	else if (fsync(fd) < 0)
+		r = -errno;
+	close(fd);
+	return r;
+}
+
+/* fsync the directory dfd (closed here) and every file and folder under it. */
 static int
 sync_tree(int dfd, int depth)
 {
-	DIR *d;
-	struct dirent *e;
-	int r = 0;
-
-	if (depth > 8) {
+	if (fsync(dfd) < 0) {
+		int r = -errno;
 		close(dfd);
-		return -ELOOP;
+		return r;
 	}
-	if ((d = fdopendir(dfd)) == NULL) {
-		close(dfd);
-		return -errno;
-	}
-	while (r == 0 && (e = readdir(d)) != NULL) {
-		if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-			continue;
-		int fd = openat(dirfd(d), e->d_name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-		struct stat sb;
-		if (fd < 0 || fstat(fd, &sb) < 0) {
-			r = -errno;
-			if (fd >= 0)
-				close(fd);
-			break;
-		}
-		if (S_ISDIR(sb.st_mode)) {
-			r = sync_tree(fd, depth + 1);
-			continue;
-		}
-		if (fsync(fd) < 0)
-			r = -errno;
-		close(fd);
-	}
-	if (r == 0 && fsync(dirfd(d)) < 0)
-		r = -errno;
-	closedir(d);
-	return r;
+	return walk(dfd, depth, sync_entry, true);
 }
 
 /* The batch's files and folders on disk: one syncfs, or one fsync each. */
@@ -1246,14 +1248,7 @@ store_msg_abort(struct store_msg *m)
 	/* a recorded staging folder is left for store_open to settle, then clean */
 	if (m->path != NULL && !m->recorded)
 		remove_at(m->st->stage_fd, m->stage);
-	free(m->uid);
-	free(m->alias);
-	free(m->name);
-	free(m->final);
-	free(m->stage);
-	free(m->path);
-	free(m->eml);
-	free(m);
+	FREE_ALL(m->uid, m->alias, m->name, m->final, m->stage, m->path, m->eml, m);
 }
 
 /* "UIDL\n", or "UIDL STAGE FINAL\n" for the message m about to be renamed,

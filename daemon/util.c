@@ -187,6 +187,13 @@ util_fsync_dir(const char *path)
 	return r;
 }
 
+void
+util_free_each(void *const *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(p[i]);
+}
+
 int
 util_write_all(int fd, const void *buf, size_t len)
 {

@@ -19,6 +19,11 @@ void util_hex(const unsigned char *in, size_t len, char *out);
  * of a directory by path; a write that goes on after short writes. */
 int util_mkdir_p(const char *path, unsigned mode);
 int util_fsync_dir(const char *path);
+/* free() each of n pointers; FREE_ALL(a->x, a->y, ...) frees the fields named. */
+void util_free_each(void *const *p, size_t n);
+#define FREE_ALL(...)                                                                              \
+	util_free_each((void *const[]){__VA_ARGS__},                                               \
+		       sizeof((void *const[]){__VA_ARGS__}) / sizeof(void *))
 int util_write_all(int fd, const void *buf, size_t len);
 
 /*
