@@ -548,11 +548,10 @@ static void
 on_grace(evutil_socket_t fd, short what, void *arg)
 {
 	struct scheduler *s = arg;
-	struct job *j;
 
 	(void)fd;
 	(void)what;
-	TAILQ_FOREACH(j, &s->jobs, all)
+	for (struct job *j = TAILQ_FIRST(&s->jobs); j != NULL; j = TAILQ_NEXT(j, all))
 		if (j->fetch != NULL) {
 			log_warning(j->id, "still running at the end of the stop grace time: ended "
 					   "without QUIT");

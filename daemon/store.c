@@ -1043,6 +1043,22 @@ rename_into_place(struct store_msg *m, char **ret_folder)
 	return 0;
 }
 
+void
+store_msg_abort(struct store_msg *m)
+{
+	if (m == NULL)
+		return;
+	if (m->fd >= 0)
+		close(m->fd);
+	free(m->wbuf);
+	if (m->dirfd >= 0)
+		close(m->dirfd);
+	/* a recorded staging folder is left for store_open to settle, then clean */
+	if (m->path != NULL && !m->recorded)
+		remove_at(m->st->stage_fd, m->stage);
+	FREE_ALL(m->uid, m->alias, m->name, m->final, m->stage, m->path, m->eml, m);
+}
+
 int
 store_msg_seal(struct store_msg *m, bool keep_eml)
 {
@@ -1229,26 +1245,9 @@ out:
 	for (size_t i = renamed; i < n; i++)
 		if (st->batch[i]->recorded)
 			keep_in_doubt(st, st->batch[i]);
-	free(folders);
-	free(lines);
+	FREE_ALL(folders, lines);
 	store_discard(st);
 	return r;
-}
-
-void
-store_msg_abort(struct store_msg *m)
-{
-	if (m == NULL)
-		return;
-	if (m->fd >= 0)
-		close(m->fd);
-	free(m->wbuf);
-	if (m->dirfd >= 0)
-		close(m->dirfd);
-	/* a recorded staging folder is left for store_open to settle, then clean */
-	if (m->path != NULL && !m->recorded)
-		remove_at(m->st->stage_fd, m->stage);
-	FREE_ALL(m->uid, m->alias, m->name, m->final, m->stage, m->path, m->eml, m);
 }
 
 /* "UIDL\n", or "UIDL STAGE FINAL\n" for the message m about to be renamed,
