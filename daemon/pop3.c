@@ -754,15 +754,54 @@ logged_in(struct pop3_session *s)
 		pump(s);
 }
 
+/* What the owner hears when the response to one of its commands is complete. */
+struct answer {
+	enum { A_LISTING, A_STAT, A_RETRIEVED, A_AMBIGUOUS, A_DELETED } kind;
+	const char *text;    /* A_RETRIEVED: the server's refusal, or NULL; A_AMBIGUOUS: the
+			      * first line */
+	bool ok;	     /* A_DELETED */
+	unsigned long count; /* A_STAT */
+	uint64_t size;	     /* A_STAT */
+};
+
+/*
+ * The response to the oldest command in flight is complete: the owner hears
+ * of it, then what it queued (in the callback or before) goes out. The one
+ * place that hands an answer to the owner.
+ */
+static void
+answered(struct pop3_session *s, const struct answer *a)
+{
+	unsigned long num = s->cur_num;
+
+	end_response(s);
+	switch (a->kind) {
+	case A_LISTING:
+		s->ev->listing(s->arg, s->listing.msgs, s->listing.nmsgs, s->have_uidl);
+		break;
+	case A_STAT:
+		s->ev->stat(s->arg, a->count, a->size);
+		break;
+	case A_RETRIEVED:
+		s->ev->retrieved(s->arg, num, a->text);
+		break;
+	case A_AMBIGUOUS:
+		s->ev->ambiguous(s->arg, num, a->text);
+		break;
+	case A_DELETED:
+		s->ev->deleted(s->arg, num, a->ok);
+		break;
+	}
+	if (!s->dead)
+		pump(s);
+}
+
 /* Both listings are complete: joined, they go to the owner. */
 static void
 finish_listing(struct pop3_session *s)
 {
 	pop3_listing_join(&s->listing);
-	end_response(s);
-	s->ev->listing(s->arg, s->listing.msgs, s->listing.nmsgs, s->have_uidl);
-	if (!s->dead)
-		pump(s);
+	answered(s, &(struct answer){.kind = A_LISTING});
 }
 
 /* One line of a UIDL or LIST listing, into the listing. */
@@ -979,10 +1018,7 @@ on_stat_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
 		     server_text(r, text, 80));
 		return;
 	}
-	end_response(s);
-	s->ev->stat(s->arg, count, size);
-	if (!s->dead)
-		pump(s);
+	answered(s, &(struct answer){.kind = A_STAT, .count = count, .size = size});
 }
 
 /* RETR or TOP: its data follows, or (-ERR) that message only is refused. */
@@ -990,13 +1026,10 @@ static void
 on_retr_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
 {
 	char text[256];
-	unsigned long num = s->cur_num;
 
 	if (!ok) {
-		end_response(s);
-		s->ev->retrieved(s->arg, num, server_text(r, text, sizeof(text)));
-		if (!s->dead)
-			pump(s);
+		answered(s, &(struct answer){.kind = A_RETRIEVED,
+					     .text = server_text(r, text, sizeof(text))});
 		return;
 	}
 	pop3_data_init(&s->data, s->capa.pipelining && !s->p.lockstep);
@@ -1006,13 +1039,8 @@ on_retr_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
 static void
 on_dele_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
 {
-	unsigned long num = s->cur_num;
-
 	(void)r;
-	end_response(s);
-	s->ev->deleted(s->arg, num, ok);
-	if (!s->dead)
-		pump(s);
+	answered(s, &(struct answer){.kind = A_DELETED, .ok = ok});
 }
 
 static void
@@ -1127,17 +1155,10 @@ read_data(struct pop3_session *s, struct evbuffer *in)
 		s->ev->data(s->arg, s->scratch, outlen);
 	if (s->dead)
 		return false;
-	if (r == POP3_DATA_END) {
-		unsigned long num = s->cur_num;
-		bool dropped = s->data.ambiguous;
-		end_response(s);
-		if (dropped)
-			s->ev->ambiguous(s->arg, num, s->first_line);
-		else
-			s->ev->retrieved(s->arg, num, NULL);
-		if (!s->dead)
-			pump(s);
-	}
+	if (r == POP3_DATA_END && s->data.ambiguous)
+		answered(s, &(struct answer){.kind = A_AMBIGUOUS, .text = s->first_line});
+	else if (r == POP3_DATA_END)
+		answered(s, &(struct answer){.kind = A_RETRIEVED});
 	return true;
 }
 
@@ -1704,8 +1725,9 @@ pop3_login(struct pop3_session *s, const char *token)
 	start_login(s);
 }
 
+/* A command of the owner's: queued behind the others, and sent when it can be. */
 static void
-enqueue(struct pop3_session *s, enum pop3_state st, unsigned long num)
+queue_command(struct pop3_session *s, enum pop3_state st, unsigned long num)
 {
 	if (s->qhead + s->qlen == s->qcap) {
 		if (s->qhead > 0) {
@@ -1718,6 +1740,7 @@ enqueue(struct pop3_session *s, enum pop3_state st, unsigned long num)
 	}
 	s->queue[s->qhead + s->qlen] = (struct cmd){.state = st, .num = num};
 	s->qlen++;
+	pump(s);
 }
 
 /* QUIT is not: it goes out alone, once every response before it was read
@@ -1801,36 +1824,31 @@ end_response(struct pop3_session *s)
 void
 pop3_list(struct pop3_session *s)
 {
-	enqueue(s, P3_UIDL, 0);
-	pump(s);
+	queue_command(s, P3_UIDL, 0);
 }
 
 void
 pop3_retr(struct pop3_session *s, unsigned long num)
 {
-	enqueue(s, P3_RETR, num);
-	pump(s);
+	queue_command(s, P3_RETR, num);
 }
 
 void
 pop3_top(struct pop3_session *s, unsigned long num)
 {
-	enqueue(s, P3_TOP, num);
-	pump(s);
+	queue_command(s, P3_TOP, num);
 }
 
 void
 pop3_dele(struct pop3_session *s, unsigned long num)
 {
-	enqueue(s, P3_DELE, num);
-	pump(s);
+	queue_command(s, P3_DELE, num);
 }
 
 void
 pop3_stat(struct pop3_session *s)
 {
-	enqueue(s, P3_STAT, 0);
-	pump(s);
+	queue_command(s, P3_STAT, 0);
 }
 
 void
@@ -1842,6 +1860,5 @@ pop3_quit(struct pop3_session *s)
 		return;
 	}
 	/* after what is queued already: those DELEs are for durable messages */
-	enqueue(s, P3_QUIT, 0);
-	pump(s);
+	queue_command(s, P3_QUIT, 0);
 }

@@ -4,6 +4,7 @@
  */
 #include <ctype.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -147,6 +148,21 @@ capa_add_sasl(struct pop3_capa *capa, const char *w, size_t n)
 	capa->sasl[used + n] = '\0';
 }
 
+/* The capabilities that are a word alone, and their flags. */
+static const struct {
+	const char *name;
+	size_t flag; /* offset of its bool in struct pop3_capa */
+} capa_words[] = {
+	{"STLS", offsetof(struct pop3_capa, stls)},
+	{"UIDL", offsetof(struct pop3_capa, uidl)},
+	{"TOP", offsetof(struct pop3_capa, top)},
+	{"PIPELINING", offsetof(struct pop3_capa, pipelining)},
+	{"USER", offsetof(struct pop3_capa, user)},
+	{"UTF8", offsetof(struct pop3_capa, utf8)},
+	{"AUTH-RESP-CODE", offsetof(struct pop3_capa, auth_resp_code)},
+	{"RESP-CODES", offsetof(struct pop3_capa, resp_codes)},
+};
+
 void
 pop3_parse_capa_line(struct pop3_capa *capa, const char *line, size_t len)
 {
@@ -154,23 +170,12 @@ pop3_parse_capa_line(struct pop3_capa *capa, const char *line, size_t len)
 	size_t n = next_word(&p, end, &w);
 
 	capa->seen = true;
-	if (word_is(w, n, "STLS"))
-		capa->stls = true;
-	else if (word_is(w, n, "UIDL"))
-		capa->uidl = true;
-	else if (word_is(w, n, "TOP"))
-		capa->top = true;
-	else if (word_is(w, n, "PIPELINING"))
-		capa->pipelining = true;
-	else if (word_is(w, n, "USER"))
-		capa->user = true;
-	else if (word_is(w, n, "UTF8"))
-		capa->utf8 = true;
-	else if (word_is(w, n, "AUTH-RESP-CODE"))
-		capa->auth_resp_code = true;
-	else if (word_is(w, n, "RESP-CODES"))
-		capa->resp_codes = true;
-	else if (word_is(w, n, "LOGIN-DELAY")) {
+	for (size_t i = 0; i < sizeof(capa_words) / sizeof(capa_words[0]); i++)
+		if (word_is(w, n, capa_words[i].name)) {
+			*(bool *)((char *)capa + capa_words[i].flag) = true;
+			return;
+		}
+	if (word_is(w, n, "LOGIN-DELAY")) {
 		unsigned long v = 0;
 		n = next_word(&p, end, &w);
 		for (size_t i = 0; i < n && isdigit((unsigned char)w[i]); i++)

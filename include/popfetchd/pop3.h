@@ -94,6 +94,8 @@ struct pop3_error {
  */
 struct pop3_events {
 	void (*ready)(void *arg); /* logged in; pop3_capa() is valid */
+	/* the joined UIDL and LIST listings (pop3_parse.h): msgs are valid until
+	 * the session is freed or lists again */
 	void (*listing)(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl);
 	/* message bytes, in order: of the RETR (or TOP) being answered */
 	void (*data)(void *arg, const char *buf, size_t len);
