@@ -2,9 +2,12 @@
  * pop3 — one POP3 client session over a libevent bufferevent.
  *
  * An enum state machine: enter_state() sends the state's command,
- * on_status() handles the status line of the response for the current
- * state, on_listing_line() and read_data() the multi-line bodies, and
- * on_event() the transport. Commands the owner queues run one at a time.
+ * on_status() hands the status line of the response to the current state's
+ * handler (status_handlers[]), on_listing_line() and read_data() take the
+ * multi-line bodies, and on_event() the transport. Commands the owner
+ * queues run one at a time, or pipelined. Framing, dot-unstuffing and the
+ * listing are pop3_parse's: on_read() moves bytes from the input buffer to
+ * it. Every end of a session goes through finish().
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -96,15 +99,6 @@ struct attempt {
 	char addr[INET6_ADDRSTRLEN + 8]; /* "192.0.2.7", "[2001:db8::7]" */
 };
 
-/* A UIDL listing entry: the UIDL itself is at uid_bytes + off. */
-struct uid_entry {
-	unsigned long num;
-	uint32_t off;
-};
-
-/* No UIDL: an entry whose UIDL is no key (it names two messages). */
-#define UID_NONE UINT32_MAX
-
 struct pop3_session {
 	struct event_base *base;
 	struct evdns_base *dns;
@@ -147,22 +141,12 @@ struct pop3_session {
 	size_t ihead, ilen;
 	unsigned long cur_num; /* of the response being read */
 
-	struct pop3_dot dot;
-	bool data_start; /* a pipelined RETR's (or TOP's) data is to begin: check_data_start() */
-	bool discard;	 /* the data of this RETR is dropped: it began like a status line */
-	char first_line[96]; /* that line, printable */
-	size_t rx_window;    /* bytes received since the command timer was armed */
+	struct pop3_data data; /* of the RETR (or TOP) being answered */
+	char first_line[96];   /* printable: how that data began, when it was dropped */
+	size_t rx_window;      /* bytes received since the command timer was armed */
 
-	/* The listing, compact (a server decides how long it is): the UIDLs,
-	 * NUL-terminated, one after the other in uid_bytes; msgs[i].uid
-	 * points there once the listing is complete. */
-	struct uid_entry *uids;
-	size_t nuids, capuids;
-	char *uid_bytes;
-	size_t uid_used, uid_cap;
+	struct pop3_listing listing;
 	bool have_uidl;
-	struct pop3_msg *msgs;
-	size_t nmsgs, capmsgs;
 
 	char scratch[64 * 1024];
 };
@@ -209,9 +193,54 @@ set_state(struct pop3_session *s, enum pop3_state st)
 static bool
 progress(struct pop3_session *s, enum pop3_progress step)
 {
+	struct pop3_progress_info info = {
+		.address = s->addr_text,
+		.ssl = s->tls_active ? s->ssl : NULL,
+		.greeting = s->greeting,
+	};
+
 	if (s->ev->progress != NULL)
-		s->ev->progress(s->arg, step);
+		s->ev->progress(s->arg, step, &info);
 	return !s->dead;
+}
+
+/* How a session ends: the owner hears of all but its own abort. */
+enum ending {
+	END_ABORTED,	 /* pop3_abort(), pop3_session_free_deferred() */
+	END_QUIT_OK,	 /* +OK to QUIT: the server committed the deletions */
+	END_QUIT_NOT_OK, /* -ERR to QUIT, or the connection closed after it */
+	END_FAILED,
+};
+
+/*
+ * The one end of a session: nothing more is read or sent (the bufferevent
+ * is disabled; it is freed with the session, so that its TLS connection
+ * can still be described), no connection attempt or timer is left, and
+ * then the owner hears of it, once.
+ */
+static void
+finish(struct pop3_session *s, enum ending how, const struct pop3_error *err)
+{
+	if (s->dead)
+		return;
+	s->dead = true;
+	if (s->bev != NULL)
+		bufferevent_disable(s->bev, EV_READ | EV_WRITE);
+	cancel_attempts(s);
+	evtimer_del(s->cmd_timer);
+	evtimer_del(s->conn_timer);
+	set_state(s, P3_DONE);
+	switch (how) {
+	case END_ABORTED:
+		break;
+	case END_QUIT_OK:
+	case END_QUIT_NOT_OK:
+		s->ev->quit(s->arg, how == END_QUIT_OK);
+		break;
+	case END_FAILED:
+		s->ev->failed(s->arg, err);
+		break;
+	}
 }
 
 static void fail(struct pop3_session *s, enum pop3_failure fail, const char *fmt, ...)
@@ -228,22 +257,16 @@ fail(struct pop3_session *s, enum pop3_failure failure, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(detail, sizeof(detail), fmt, ap);
 	va_end(ap);
-	s->dead = true;
-	if (s->bev != NULL)
-		bufferevent_disable(s->bev, EV_READ | EV_WRITE);
-	cancel_attempts(s);
-	evtimer_del(s->cmd_timer);
-	evtimer_del(s->conn_timer);
 	log_debug(s->p.id, "pop3: failed in %s: %s: %s", state_names[s->state],
 		  pop3_failure_name(failure), detail);
-	set_state(s, P3_DONE);
 	struct pop3_error e = {.fail = failure,
 			       .rcodes = s->err_rcodes,
 			       .login_delay = s->err_login_delay ? s->err_login_delay
 								 : s->capa.login_delay,
 			       .token_rejected = s->auth != NULL && auth_token_rejected(s->auth),
-			       .detail = detail};
-	s->ev->failed(s->arg, &e);
+			       .detail = detail,
+			       .ssl = s->ssl};
+	finish(s, END_FAILED, &e);
 }
 
 static void
@@ -255,6 +278,56 @@ arm_timer(struct pop3_session *s)
 	evtimer_add(s->cmd_timer, &tv);
 }
 
+/*
+ * A command as its debug line shows it: never a secret, not even at debug
+ * (the user name is no secret). The password of PASS, the digest of APOP,
+ * the initial response on an AUTH line and every line of the SASL exchange
+ * after it (but its cancelling "*") are replaced.
+ */
+static void
+shown_command(const struct pop3_session *s, const char *line, char *buf, size_t size)
+{
+	const char *sp;
+
+	switch (s->state) {
+	case P3_PASS:
+		snprintf(buf, size, "PASS ****");
+		break;
+	case P3_APOP:
+		sp = strrchr(line, ' ');
+		snprintf(buf, size, "%.*s <digest>", (int)(sp ? sp - line : 4), line);
+		break;
+	case P3_AUTH:
+		if (strncmp(line, "AUTH ", 5) == 0) {
+			size_t verb = strcspn(line + 5, " ") + 5;
+			snprintf(buf, size, "%.*s%s", (int)verb, line,
+				 line[verb] != '\0' ? " <initial response>" : "");
+		} else if (strcmp(line, "*") == 0) {
+			snprintf(buf, size, "*");
+		} else {
+			snprintf(buf, size, "<SASL response, %zu bytes>", strlen(line));
+		}
+		break;
+	default:
+		snprintf(buf, size, "%s", line);
+		break;
+	}
+}
+
+/* Queue one command line (the CRLF added) and show it in a debug line,
+ * note after it. */
+static void
+put_line(struct pop3_session *s, const char *line, const char *note)
+{
+	struct evbuffer *out = bufferevent_get_output(s->bev);
+	char shown[512];
+
+	shown_command(s, line, shown, sizeof(shown));
+	log_debug(s->p.id, "C: %s%s", shown, note);
+	evbuffer_add(out, line, strlen(line));
+	evbuffer_add(out, "\r\n", 2);
+}
+
 static void send_line(struct pop3_session *s, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 
@@ -264,13 +337,15 @@ static void send_line(struct pop3_session *s, const char *fmt, ...)
  * command: they answer nothing; taken for its answer, they would shift every
  * later response by one (a RETR's status line saved as message data). The
  * command is not sent, and on_read() ends the session. (A command pipelined
- * behind others goes out with pipe_line.)
+ * behind others goes out with pipe_line.) The line may hold a secret: it is
+ * wiped once it is queued.
  */
 static void
 send_line(struct pop3_session *s, const char *fmt, ...)
 {
-	struct evbuffer *out = bufferevent_get_output(s->bev);
+	char *line;
 	va_list ap;
+	int n;
 
 	if (evbuffer_get_length(bufferevent_get_input(s->bev)) > 0) {
 		s->unsolicited = true;
@@ -280,9 +355,13 @@ send_line(struct pop3_session *s, const char *fmt, ...)
 		return;
 	}
 	va_start(ap, fmt);
-	evbuffer_add_vprintf(out, fmt, ap);
+	n = vasprintf(&line, fmt, ap);
 	va_end(ap);
-	evbuffer_add(out, "\r\n", 2);
+	if (n < 0)
+		abort();
+	put_line(s, line, "");
+	explicit_bzero(line, (size_t)n);
+	free(line);
 	arm_timer(s);
 }
 
@@ -366,14 +445,6 @@ start_login(struct pop3_session *s)
 	     offers[0] ? offers : "nothing", allowed);
 }
 
-/* Send a SASL response line; never the secret in a log line. */
-static void
-send_auth_line(struct pop3_session *s, const char *b64)
-{
-	log_debug(s->p.id, "C: <SASL response, %zu bytes>", strlen(b64));
-	send_line(s, "%s", b64);
-}
-
 /* AUTH MECH [initial response] (RFC 5034). XOAUTH2 and OAUTHBEARER wait
  * for the "+" (Microsoft 365 refuses the message on the AUTH line). */
 static void
@@ -399,14 +470,12 @@ send_auth(struct pop3_session *s)
 	}
 	/* RFC 5034 §4: an AUTH line with its initial response stays within 255 octets */
 	if (ir != NULL && !oauth && strlen(mech) + strlen(ir) + 8 <= 255) {
-		log_debug(s->p.id, "C: AUTH %s <initial response>", mech);
 		send_line(s, "AUTH %s %s", mech, ir[0] ? ir : "=");
 		explicit_bzero(ir, strlen(ir));
 		free(ir);
 		return;
 	}
 	s->auth_pending = ir;
-	log_debug(s->p.id, "C: AUTH %s", mech);
 	send_line(s, "AUTH %s", mech);
 }
 
@@ -422,7 +491,7 @@ on_auth_challenge(struct pop3_session *s, const struct pop3_reply *r)
 		return;
 	}
 	if (s->auth_pending != NULL) {
-		send_auth_line(s, s->auth_pending);
+		send_line(s, "%s", s->auth_pending);
 		explicit_bzero(s->auth_pending, strlen(s->auth_pending));
 		free(s->auth_pending);
 		s->auth_pending = NULL;
@@ -435,7 +504,7 @@ on_auth_challenge(struct pop3_session *s, const struct pop3_reply *r)
 		s->auth_cancelled = true;
 		return;
 	}
-	send_auth_line(s, resp);
+	send_line(s, "%s", resp);
 	explicit_bzero(resp, strlen(resp));
 	free(resp);
 }
@@ -460,21 +529,27 @@ auth_accepted(struct pop3_session *s, const struct pop3_reply *r)
 	return false;
 }
 
+/* "RETR 7", "TOP 7 0", "DELE 7": a command about one message, into buf. */
+static const char *
+message_command(enum pop3_state st, unsigned long num, char *buf, size_t size)
+{
+	snprintf(buf, size, st == P3_TOP ? "%s %lu 0" : "%s %lu", state_names[st], num);
+	return buf;
+}
+
+/* Enter a state: send its command (a state is named after its command). */
 static void
 enter_state(struct pop3_session *s, enum pop3_state st)
 {
+	char line[40];
+
 	set_state(s, st);
 	s->multiline = false;
 	switch (st) {
 	case P3_CAPA:
 		pop3_capa_init(&s->capa);
 		s->capa_lines = 0;
-		log_debug(s->p.id, "C: CAPA");
 		send_line(s, "CAPA");
-		break;
-	case P3_STLS:
-		log_debug(s->p.id, "C: STLS");
-		send_line(s, "STLS");
 		break;
 	case P3_AUTH:
 		send_auth(s);
@@ -482,54 +557,32 @@ enter_state(struct pop3_session *s, enum pop3_state st)
 	case P3_APOP: {
 		char digest[33];
 		auth_apop_digest(s->apop_ts, s->p.password ? s->p.password : "", digest);
-		log_debug(s->p.id, "C: APOP %s <digest>", s->p.user);
 		send_line(s, "APOP %s %s", s->p.user, digest);
 		explicit_bzero(digest, sizeof(digest));
 		break;
 	}
 	case P3_USER:
-		log_debug(s->p.id, "C: USER %s", s->p.user);
 		send_line(s, "USER %s", s->p.user);
 		break;
 	case P3_PASS:
-		log_debug(s->p.id, "C: PASS ****");
 		send_line(s, "PASS %s", s->p.password ? s->p.password : "");
 		break;
-	case P3_UTF8:
-		log_debug(s->p.id, "C: UTF8");
-		send_line(s, "UTF8");
-		break;
 	case P3_UIDL:
-		s->nuids = 0;
-		s->nmsgs = 0;
-		s->uid_used = 0;
+		pop3_listing_reset(&s->listing);
 		s->have_uidl = true;
-		log_debug(s->p.id, "C: UIDL");
 		send_line(s, "UIDL");
 		break;
+	case P3_STLS:
+	case P3_UTF8:
 	case P3_LIST:
-		log_debug(s->p.id, "C: LIST");
-		send_line(s, "LIST");
-		break;
 	case P3_STAT:
-		log_debug(s->p.id, "C: STAT");
-		send_line(s, "STAT");
+	case P3_QUIT:
+		send_line(s, "%s", state_names[st]);
 		break;
 	case P3_RETR:
-		log_debug(s->p.id, "C: RETR %lu", s->cur_num);
-		send_line(s, "RETR %lu", s->cur_num);
-		break;
 	case P3_TOP:
-		log_debug(s->p.id, "C: TOP %lu 0", s->cur_num);
-		send_line(s, "TOP %lu 0", s->cur_num);
-		break;
 	case P3_DELE:
-		log_debug(s->p.id, "C: DELE %lu", s->cur_num);
-		send_line(s, "DELE %lu", s->cur_num);
-		break;
-	case P3_QUIT:
-		log_debug(s->p.id, "C: QUIT");
-		send_line(s, "QUIT");
+		send_line(s, "%s", message_command(st, s->cur_num, line, sizeof(line)));
 		break;
 	case P3_HOLD:
 	case P3_IDLE:
@@ -661,87 +714,79 @@ logged_in(struct pop3_session *s)
 		pump(s);
 }
 
-static int
-cmp_msg(const void *a, const void *b)
-{
-	const struct pop3_msg *x = a, *y = b;
-	return x->num < y->num ? -1 : x->num > y->num;
-}
+/* What the owner hears when the response to one of its commands is complete. */
+struct answer {
+	enum { A_LISTING, A_STAT, A_RETRIEVED, A_AMBIGUOUS, A_DELETED } kind;
+	const char *text;    /* A_RETRIEVED: the server's refusal, or NULL; A_AMBIGUOUS: the
+			      * first line */
+	bool ok;	     /* A_DELETED */
+	unsigned long count; /* A_STAT */
+	uint64_t size;	     /* A_STAT */
+};
 
-static int
-cmp_uid(const void *a, const void *b)
-{
-	const struct uid_entry *x = a, *y = b;
-	return x->num < y->num ? -1 : x->num > y->num;
-}
-
-/* Join the UIDL listing to the LIST listing by message number. */
+/*
+ * The response to the oldest command in flight is complete: the owner hears
+ * of it, then what it queued (in the callback or before) goes out. The one
+ * place that hands an answer to the owner.
+ */
 static void
-finish_listing(struct pop3_session *s)
+answered(struct pop3_session *s, const struct answer *a)
 {
-	size_t j = 0;
+	unsigned long num = s->cur_num;
 
-	if (s->nmsgs > 1)
-		qsort(s->msgs, s->nmsgs, sizeof(*s->msgs), cmp_msg);
-	if (s->nuids > 1)
-		qsort(s->uids, s->nuids, sizeof(*s->uids), cmp_uid);
-	/* a message the UIDL listing names twice has no UIDL one can trust */
-	for (size_t k = 1; k < s->nuids; k++)
-		if (s->uids[k].num == s->uids[k - 1].num)
-			s->uids[k].off = s->uids[k - 1].off = UID_NONE;
-	for (size_t i = 0; i < s->nmsgs; i++) {
-		while (j < s->nuids && s->uids[j].num < s->msgs[i].num)
-			j++;
-		if (j < s->nuids && s->uids[j].num == s->msgs[i].num && s->uids[j].off != UID_NONE)
-			s->msgs[i].uid = s->uid_bytes + s->uids[j].off;
-		else
-			s->msgs[i].uid = "";
-	}
-	/* what joined them is not needed any more */
-	free(s->uids);
-	s->uids = NULL;
-	s->nuids = s->capuids = 0;
 	end_response(s);
-	s->ev->listing(s->arg, s->msgs, s->nmsgs, s->have_uidl);
+	switch (a->kind) {
+	case A_LISTING:
+		s->ev->listing(s->arg, s->listing.msgs, s->listing.nmsgs, s->have_uidl);
+		break;
+	case A_STAT:
+		s->ev->stat(s->arg, a->count, a->size);
+		break;
+	case A_RETRIEVED:
+		s->ev->retrieved(s->arg, num, a->text);
+		break;
+	case A_AMBIGUOUS:
+		s->ev->ambiguous(s->arg, num, a->text);
+		break;
+	case A_DELETED:
+		s->ev->deleted(s->arg, num, a->ok);
+		break;
+	}
 	if (!s->dead)
 		pump(s);
 }
 
-/* One line of the UIDL listing, kept: its UIDL in uid_bytes. */
+/* Both listings are complete: joined, they go to the owner. */
 static void
-add_uid(struct pop3_session *s, const char *line, size_t len)
+finish_listing(struct pop3_session *s)
 {
-	char uid[POP3_UIDL_MAX + 1];
-	unsigned long num;
-	size_t n;
+	pop3_listing_join(&s->listing);
+	answered(s, &(struct answer){.kind = A_LISTING});
+}
 
-	if (pop3_parse_uidl_line(line, len, &num, uid) < 0) {
-		/* a malformed entry: that message gets no UIDL */
+/* One line of a UIDL or LIST listing, into the listing. */
+static void
+add_listing_line(struct pop3_session *s, const char *line, size_t len)
+{
+	int rc = s->state == P3_UIDL ? pop3_listing_add_uidl(&s->listing, line, len)
+				     : pop3_listing_add_list(&s->listing, line, len);
+
+	if (rc == -ENOMEM) {
+		fputs("popfetchd: out of memory\n", stderr);
+		abort();
+	}
+	if (rc == -E2BIG)
+		fail(s, POP3_FAIL_PROTOCOL, "%s lists more than %d messages", state_names[s->state],
+		     POP3_MAX_MESSAGES);
+	else if (rc == -EINVAL && s->state == P3_LIST)
+		fail(s, POP3_FAIL_PROTOCOL, "malformed LIST line");
+	else if (rc == -EINVAL) /* a malformed UIDL entry: that message gets no UIDL */
 		log_debug(s->p.id, "pop3: ignoring malformed UIDL line");
-		return;
-	}
-	n = strlen(uid) + 1;
-	if (s->uid_used + n > s->uid_cap) {
-		s->uid_cap = s->uid_cap ? 2 * s->uid_cap : 4096;
-		s->uid_bytes = xrealloc(s->uid_bytes, s->uid_cap);
-	}
-	if (s->nuids == s->capuids) {
-		s->capuids = s->capuids ? 2 * s->capuids : 64;
-		s->uids = xrealloc(s->uids, s->capuids * sizeof(*s->uids));
-	}
-	memcpy(s->uid_bytes + s->uid_used, uid, n);
-	s->uids[s->nuids].num = num;
-	s->uids[s->nuids].off = (uint32_t)s->uid_used;
-	s->nuids++;
-	s->uid_used += n;
 }
 
 static void
 on_listing_line(struct pop3_session *s, const char *line, size_t len)
 {
-	unsigned long num;
-	uint64_t size;
-
 	if (pop3_listing_line(&line, &len) == 1) {
 		s->multiline = false;
 		if (s->state == P3_CAPA)
@@ -762,31 +807,8 @@ on_listing_line(struct pop3_session *s, const char *line, size_t len)
 		pop3_parse_capa_line(&s->capa, line, len);
 		break;
 	case P3_UIDL:
-		if (s->nuids >= POP3_MAX_MESSAGES) {
-			fail(s, POP3_FAIL_PROTOCOL, "UIDL lists more than %d messages",
-			     POP3_MAX_MESSAGES);
-			return;
-		}
-		add_uid(s, line, len);
-		break;
 	case P3_LIST:
-		if (pop3_parse_list_line(line, len, &num, &size) < 0) {
-			fail(s, POP3_FAIL_PROTOCOL, "malformed LIST line");
-			return;
-		}
-		if (s->nmsgs >= POP3_MAX_MESSAGES) {
-			fail(s, POP3_FAIL_PROTOCOL, "LIST lists more than %d messages",
-			     POP3_MAX_MESSAGES);
-			return;
-		}
-		if (s->nmsgs == s->capmsgs) {
-			s->capmsgs = s->capmsgs ? 2 * s->capmsgs : 64;
-			s->msgs = xrealloc(s->msgs, s->capmsgs * sizeof(*s->msgs));
-		}
-		s->msgs[s->nmsgs].num = num;
-		s->msgs[s->nmsgs].size = size;
-		s->msgs[s->nmsgs].uid = NULL;
-		s->nmsgs++;
+		add_listing_line(s, line, len);
 		break;
 	default:
 		break;
@@ -813,12 +835,200 @@ apop_timestamp(struct pop3_session *s, const struct pop3_reply *r)
 	s->apop_ts[gt - lt + 1] = '\0';
 }
 
+/*
+ * The status line of the response to the current state's command, one
+ * handler per state (status_handlers[]). ok: +OK, else -ERR (a "+"
+ * continuation or a line of neither kind never reaches them).
+ */
+typedef void status_fn(struct pop3_session *s, const struct pop3_reply *r, bool ok);
+
+static void
+on_greeting(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	char text[256];
+
+	util_printable(r->text, r->text_len, s->greeting, sizeof(s->greeting));
+	if (!ok) {
+		s->err_rcodes = r->rcodes;
+		s->err_login_delay = r->login_delay;
+		fail(s, POP3_FAIL_TEMP, "the server refused the session (server said: %s)",
+		     util_printable(r->text, r->text_len, text, sizeof(text)));
+		return;
+	}
+	apop_timestamp(s, r);
+	enter_state(s, P3_CAPA);
+}
+
+/* +OK to a command whose listing (or data) follows. */
+static void
+begin_multiline(struct pop3_session *s)
+{
+	s->multiline = true;
+	arm_timer(s);
+}
+
+static void
+on_capa_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	(void)r;
+	if (ok)
+		begin_multiline(s);
+	else
+		after_capa(s);
+}
+
+static void
+on_stls_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	char text[256];
+
+	if (!ok) {
+		fail(s, POP3_FAIL_TLS,
+		     "the server refused STLS (server said: %s); with tls: explicit "
+		     "nothing is sent in clear",
+		     util_printable(r->text, r->text_len, text, sizeof(text)));
+		return;
+	}
+	start_tls_upgrade(s);
+}
+
+static void
+on_user_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	if (!ok) {
+		fail_login(s, "USER", r);
+		return;
+	}
+	enter_state(s, P3_PASS);
+}
+
+/* The answer to PASS, APOP or AUTH: logged in, or not. */
+static void
+on_login_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	if (s->state == P3_AUTH && s->auth_cancelled) {
+		fail(s, POP3_FAIL_AUTH,
+		     "%s: the server's answer does not prove it knows the password (a "
+		     "wrong server, or someone in between): login cancelled",
+		     s->mechanism);
+		return;
+	}
+	if (!ok) {
+		fail_login(s, "login", r);
+		return;
+	}
+	if (s->state == P3_AUTH && !auth_accepted(s, r))
+		return;
+	if (s->capa.utf8)
+		enter_state(s, P3_UTF8);
+	else
+		logged_in(s);
+}
+
+static void
+on_utf8_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	(void)r;
+	(void)ok; /* failure is harmless: the server then keeps its old behaviour */
+	logged_in(s);
+}
+
+static void
+on_uidl_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	(void)r;
+	if (ok) {
+		begin_multiline(s);
+		return;
+	}
+	s->have_uidl = false;
+	enter_state(s, P3_LIST);
+}
+
+static void
+on_list_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	char text[256];
+
+	if (!ok) {
+		fail(s, POP3_FAIL_PROTOCOL, "LIST refused (server said: %s)",
+		     util_printable(r->text, r->text_len, text, sizeof(text)));
+		return;
+	}
+	begin_multiline(s);
+}
+
+static void
+on_stat_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	char text[256];
+	unsigned long count;
+	uint64_t size;
+
+	if (!ok) {
+		s->err_rcodes = r->rcodes;
+		fail(s,
+		     r->rcodes & (POP3_RC_IN_USE | POP3_RC_SYS_TEMP) ? POP3_FAIL_TEMP
+								     : POP3_FAIL_PROTOCOL,
+		     "STAT refused (server said: %s)",
+		     util_printable(r->text, r->text_len, text, sizeof(text)));
+		return;
+	}
+	if (pop3_parse_stat(r->text, r->text_len, &count, &size) < 0) {
+		fail(s, POP3_FAIL_PROTOCOL, "malformed answer to STAT: \"%s\"",
+		     util_printable(r->text, r->text_len, text, 80));
+		return;
+	}
+	answered(s, &(struct answer){.kind = A_STAT, .count = count, .size = size});
+}
+
+/* RETR or TOP: its data follows, or (-ERR) that message only is refused. */
+static void
+on_retr_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	char text[256];
+
+	if (!ok) {
+		answered(s, &(struct answer){.kind = A_RETRIEVED,
+					     .text = util_printable(r->text, r->text_len, text,
+								    sizeof(text))});
+		return;
+	}
+	pop3_data_init(&s->data, s->capa.pipelining && !s->p.lockstep);
+	begin_multiline(s);
+}
+
+static void
+on_dele_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	(void)r;
+	answered(s, &(struct answer){.kind = A_DELETED, .ok = ok});
+}
+
+static void
+on_quit_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
+{
+	(void)r;
+	finish(s, ok ? END_QUIT_OK : END_QUIT_NOT_OK, NULL);
+}
+
+static status_fn *const status_handlers[] = {
+	[P3_GREETING] = on_greeting, [P3_CAPA] = on_capa_status,
+	[P3_STLS] = on_stls_status,  [P3_USER] = on_user_status,
+	[P3_PASS] = on_login_status, [P3_AUTH] = on_login_status,
+	[P3_APOP] = on_login_status, [P3_UTF8] = on_utf8_status,
+	[P3_UIDL] = on_uidl_status,  [P3_LIST] = on_list_status,
+	[P3_STAT] = on_stat_status,  [P3_RETR] = on_retr_status,
+	[P3_TOP] = on_retr_status,   [P3_DELE] = on_dele_status,
+	[P3_QUIT] = on_quit_status,  [P3_DONE] = NULL,
+};
+
 static void
 on_status(struct pop3_session *s, const char *line, size_t len)
 {
 	struct pop3_reply r;
 	char text[256];
-	unsigned long num = s->cur_num;
+	status_fn *handler = status_handlers[s->state];
 
 	pop3_parse_status(line, len, &r);
 	log_debug(s->p.id, "S: %s",
@@ -834,175 +1044,27 @@ on_status(struct pop3_session *s, const char *line, size_t len)
 		     state_names[s->state], util_printable(r.text, r.text_len, text, 80));
 		return;
 	}
-	bool ok = r.status == POP3_STATUS_OK;
-	switch (s->state) {
-	case P3_GREETING:
-		util_printable(r.text, r.text_len, s->greeting, sizeof(s->greeting));
-		if (!ok) {
-			s->err_rcodes = r.rcodes;
-			s->err_login_delay = r.login_delay;
-			fail(s, POP3_FAIL_TEMP, "the server refused the session (server said: %s)",
-			     util_printable(r.text, r.text_len, text, sizeof(text)));
-			return;
-		}
-		apop_timestamp(s, &r);
-		enter_state(s, P3_CAPA);
-		break;
-	case P3_CAPA:
-		if (ok) {
-			s->multiline = true;
-			arm_timer(s);
-		} else {
-			after_capa(s);
-		}
-		break;
-	case P3_STLS:
-		if (!ok) {
-			fail(s, POP3_FAIL_TLS,
-			     "the server refused STLS (server said: %s); with tls: explicit "
-			     "nothing is sent in clear",
-			     util_printable(r.text, r.text_len, text, sizeof(text)));
-			return;
-		}
-		start_tls_upgrade(s);
-		break;
-	case P3_USER:
-		if (!ok) {
-			fail_login(s, "USER", &r);
-			return;
-		}
-		enter_state(s, P3_PASS);
-		break;
-	case P3_AUTH:
-	case P3_APOP:
-	case P3_PASS:
-		if (s->state == P3_AUTH && s->auth_cancelled) {
-			fail(s, POP3_FAIL_AUTH,
-			     "%s: the server's answer does not prove it knows the password (a "
-			     "wrong server, or someone in between): login cancelled",
-			     s->mechanism);
-			return;
-		}
-		if (!ok) {
-			fail_login(s, "login", &r);
-			return;
-		}
-		if (s->state == P3_AUTH && !auth_accepted(s, &r))
-			return;
-		if (s->capa.utf8)
-			enter_state(s, P3_UTF8);
-		else
-			logged_in(s);
-		break;
-	case P3_UTF8:
-		/* failure is harmless: the server then keeps its old behaviour */
-		logged_in(s);
-		break;
-	case P3_UIDL:
-		if (ok) {
-			s->multiline = true;
-			arm_timer(s);
-		} else {
-			s->have_uidl = false;
-			enter_state(s, P3_LIST);
-		}
-		break;
-	case P3_LIST:
-		if (!ok) {
-			fail(s, POP3_FAIL_PROTOCOL, "LIST refused (server said: %s)",
-			     util_printable(r.text, r.text_len, text, sizeof(text)));
-			return;
-		}
-		s->multiline = true;
-		arm_timer(s);
-		break;
-	case P3_STAT: {
-		unsigned long count;
-		uint64_t size;
-
-		if (!ok) {
-			s->err_rcodes = r.rcodes;
-			fail(s,
-			     r.rcodes & (POP3_RC_IN_USE | POP3_RC_SYS_TEMP) ? POP3_FAIL_TEMP
-									    : POP3_FAIL_PROTOCOL,
-			     "STAT refused (server said: %s)",
-			     util_printable(r.text, r.text_len, text, sizeof(text)));
-			return;
-		}
-		if (pop3_parse_stat(r.text, r.text_len, &count, &size) < 0) {
-			fail(s, POP3_FAIL_PROTOCOL, "malformed answer to STAT: \"%s\"",
-			     util_printable(r.text, r.text_len, text, 80));
-			return;
-		}
-		end_response(s);
-		s->ev->stat(s->arg, count, size);
-		if (!s->dead)
-			pump(s);
-		break;
-	}
-	case P3_RETR:
-	case P3_TOP:
-		if (!ok) {
-			/* that message only: the session goes on */
-			end_response(s);
-			s->ev->retrieved(s->arg, num,
-					 util_printable(r.text, r.text_len, text, sizeof(text)));
-			if (!s->dead)
-				pump(s);
-			return;
-		}
-		pop3_dot_init(&s->dot);
-		s->multiline = true;
-		s->data_start = s->capa.pipelining && !s->p.lockstep;
-		arm_timer(s);
-		break;
-	case P3_DELE:
-		end_response(s);
-		s->ev->deleted(s->arg, num, ok);
-		if (!s->dead)
-			pump(s);
-		break;
-	case P3_QUIT:
-		s->dead = true;
-		evtimer_del(s->cmd_timer);
-		bufferevent_disable(s->bev, EV_READ | EV_WRITE);
-		set_state(s, P3_DONE);
-		s->ev->quit(s->arg, ok);
-		break;
-	default:
+	if (handler == NULL) {
 		fail(s, POP3_FAIL_PROTOCOL, "unsolicited response in %s: \"%s\"",
 		     state_names[s->state], util_printable(r.text, r.text_len, text, 80));
-		break;
+		return;
 	}
+	handler(s, &r, r.status == POP3_STATUS_OK);
 }
 
 /*
- * With commands pipelined, a server that added a line to one response puts
- * later responses out of step: the real status line of a RETR is taken for
- * the first line of its message, and when that is an -ERR, the responses
- * after it for the rest of the message (one message saved under another's
- * number). A message may also begin with such a line ("+OK ..." is a line
- * like any other): the session cannot tell the two apart. The data of that
- * RETR is read to its end and dropped, and the owner hears of it
- * (ambiguous()): it asks again one command at a time, where no response can
- * be out of step unseen (send_line). Without an owner that can, the session
- * ends. Returns false when more input is needed to tell.
+ * The data of a pipelined RETR (or TOP) begins like a status line: the
+ * server's responses may be out of step with the commands, or the message
+ * may begin so (pop3_parse.h, struct pop3_data). The data is read to its
+ * end and dropped, and the owner hears of it (ambiguous()): it asks again
+ * one command at a time, where no response can be out of step unseen
+ * (send_line). Without an owner that can, the session ends. False then.
  */
 static bool
-check_data_start(struct pop3_session *s, struct evbuffer *in)
+data_ambiguous(struct pop3_session *s)
 {
-	char first[80];
-	ev_ssize_t got = evbuffer_copyout(in, first, sizeof(first));
-	size_t have = got > 0 ? (size_t)got : 0;
-	int r = pop3_looks_like_status(first, have);
+	struct pop3_reply line = {.text = s->data.first_line, .text_len = s->data.first_len};
 
-	if (r < 0)
-		return false;
-	s->data_start = false;
-	if (r == 0)
-		return true;
-	const char *eol = memchr(first, '\r', have);
-	struct pop3_reply line = {.text = first, .text_len = eol ? (size_t)(eol - first) : have};
 	util_printable(line.text, line.text_len, s->first_line, sizeof(s->first_line));
 	if (s->ev->ambiguous == NULL) {
 		fail(s, POP3_FAIL_PROTOCOL,
@@ -1013,78 +1075,79 @@ check_data_start(struct pop3_session *s, struct evbuffer *in)
 	}
 	log_debug(s->p.id, "pop3: the data of %s %lu begins like a status line: dropped",
 		  state_names[s->state], s->cur_num);
-	s->discard = true;
 	return true;
 }
 
+/* The first bytes of the input, at least want of them (or all there are)
+ * in one piece; false when there are none. */
+static bool
+input_piece(struct evbuffer *in, size_t want, struct evbuffer_iovec *v)
+{
+	size_t have = evbuffer_get_length(in);
+
+	if (have == 0)
+		return false;
+	if (evbuffer_pullup(in, (ev_ssize_t)(have < want ? have : want)) == NULL)
+		abort();
+	return evbuffer_peek(in, -1, NULL, v, 1) == 1 && v->iov_len > 0;
+}
+
 /*
- * The body of a RETR response: unstuff what is there, in pieces of at most
- * the scratch buffer, and hand it to the owner. Returns false when more
- * input is needed.
+ * The body of a RETR response: what is there goes through the parser (in
+ * pieces of at most the scratch buffer) and on to the owner. Returns false
+ * when more input is needed.
  */
 static bool
 read_data(struct pop3_session *s, struct evbuffer *in)
 {
 	struct evbuffer_iovec v;
 	size_t used, outlen;
+	enum pop3_data_result r;
 
-	if (s->data_start && !check_data_start(s, in))
+	if (!input_piece(in, pop3_data_want(&s->data), &v))
 		return false;
-	if (s->dead)
+	r = pop3_data_feed(&s->data, v.iov_base, v.iov_len, s->scratch, sizeof(s->scratch), &used,
+			   &outlen);
+	if (r == POP3_DATA_MORE)
 		return false;
-	if (evbuffer_peek(in, -1, NULL, &v, 1) < 1 || v.iov_len == 0)
-		return false;
-	/* pop3_dot_feed may write one byte more than it reads */
-	if (v.iov_len > sizeof(s->scratch) - 1)
-		v.iov_len = sizeof(s->scratch) - 1;
-	used = pop3_dot_feed(&s->dot, v.iov_base, v.iov_len, s->scratch, &outlen);
+	if (r == POP3_DATA_AMBIGUOUS)
+		return data_ambiguous(s);
 	evbuffer_drain(in, used);
 	s->rx_window += used;
-	if (outlen > 0 && !s->discard)
+	if (outlen > 0)
 		s->ev->data(s->arg, s->scratch, outlen);
 	if (s->dead)
 		return false;
-	if (s->dot.done) {
-		unsigned long num = s->cur_num;
-		bool dropped = s->discard;
-		s->discard = false;
-		end_response(s);
-		if (dropped)
-			s->ev->ambiguous(s->arg, num, s->first_line);
-		else
-			s->ev->retrieved(s->arg, num, NULL);
-		if (!s->dead)
-			pump(s);
-	}
+	if (r == POP3_DATA_END && s->data.ambiguous)
+		answered(s, &(struct answer){.kind = A_AMBIGUOUS, .text = s->first_line});
+	else if (r == POP3_DATA_END)
+		answered(s, &(struct answer){.kind = A_RETRIEVED});
 	return true;
 }
 
-/* One CRLF-terminated line of at most POP3_LINE_MAX octets, into buf. */
+/* One line of at most POP3_LINE_MAX octets with its end, into buf
+ * (NUL-terminated): 1, or 0 when more input is needed, or -1 (failed). */
 static int
 read_line(struct pop3_session *s, struct evbuffer *in, char *buf, size_t *len)
 {
-	struct evbuffer_ptr eol;
-	size_t eol_len = 0;
+	struct evbuffer_iovec v;
+	size_t used;
+	int r;
 
-	eol = evbuffer_search_eol(in, NULL, &eol_len, EVBUFFER_EOL_CRLF);
-	if (eol.pos < 0) {
-		if (evbuffer_get_length(in) >= POP3_LINE_MAX) {
-			fail(s, POP3_FAIL_PROTOCOL, "response line longer than %d octets in %s",
-			     POP3_LINE_MAX, state_names[s->state]);
-			return -1;
-		}
+	if (!input_piece(in, POP3_LINE_MAX, &v))
 		return 0;
-	}
-	if ((size_t)eol.pos + 2 > POP3_LINE_MAX) {
+	r = pop3_frame_line(v.iov_base, v.iov_len, len, &used);
+	if (r < 0) {
 		fail(s, POP3_FAIL_PROTOCOL, "response line longer than %d octets in %s",
 		     POP3_LINE_MAX, state_names[s->state]);
 		return -1;
 	}
-	evbuffer_remove(in, buf, (size_t)eol.pos);
-	evbuffer_drain(in, eol_len);
-	s->rx_window += (size_t)eol.pos + eol_len;
-	buf[eol.pos] = '\0';
-	*len = (size_t)eol.pos;
+	if (r == 0)
+		return 0;
+	memcpy(buf, v.iov_base, *len);
+	buf[*len] = '\0';
+	evbuffer_drain(in, used);
+	s->rx_window += used;
 	return 1;
 }
 
@@ -1408,10 +1471,7 @@ on_event(struct bufferevent *bev, short what, void *arg)
 	if (s->dead)
 		return;
 	if (s->state == P3_QUIT) {
-		s->dead = true;
-		evtimer_del(s->cmd_timer);
-		set_state(s, P3_DONE);
-		s->ev->quit(s->arg, false);
+		finish(s, END_QUIT_NOT_OK, NULL);
 		return;
 	}
 	if (what & BEV_EVENT_EOF)
@@ -1593,9 +1653,7 @@ free_now(struct pop3_session *s)
 	free(s->cb_unique);
 	free(s->cb_exporter);
 	free(s->queue);
-	free(s->uids);
-	free(s->uid_bytes);
-	free(s->msgs);
+	pop3_listing_free(&s->listing);
 	free(s);
 }
 
@@ -1617,13 +1675,7 @@ deferred_free(evutil_socket_t fd, short what, void *arg)
 void
 pop3_abort(struct pop3_session *s)
 {
-	s->dead = true;
-	if (s->bev != NULL)
-		bufferevent_disable(s->bev, EV_READ | EV_WRITE);
-	cancel_attempts(s);
-	evtimer_del(s->cmd_timer);
-	evtimer_del(s->conn_timer);
-	set_state(s, P3_DONE);
+	finish(s, END_ABORTED, NULL);
 }
 
 /* The end of a session: it must not be freed again afterwards. */
@@ -1648,24 +1700,6 @@ pop3_mechanism(const struct pop3_session *s)
 	return s->mechanism;
 }
 
-const char *
-pop3_address(const struct pop3_session *s)
-{
-	return s->addr_text;
-}
-
-const char *
-pop3_greeting(const struct pop3_session *s)
-{
-	return s->greeting;
-}
-
-struct ssl_st *
-pop3_ssl(const struct pop3_session *s)
-{
-	return s->ssl;
-}
-
 void
 pop3_login(struct pop3_session *s, const char *token)
 {
@@ -1676,8 +1710,9 @@ pop3_login(struct pop3_session *s, const char *token)
 	start_login(s);
 }
 
+/* A command of the owner's: queued behind the others, and sent when it can be. */
 static void
-enqueue(struct pop3_session *s, enum pop3_state st, unsigned long num)
+queue_command(struct pop3_session *s, enum pop3_state st, unsigned long num)
 {
 	if (s->qhead + s->qlen == s->qcap) {
 		if (s->qhead > 0) {
@@ -1690,6 +1725,7 @@ enqueue(struct pop3_session *s, enum pop3_state st, unsigned long num)
 	}
 	s->queue[s->qhead + s->qlen] = (struct cmd){.state = st, .num = num};
 	s->qlen++;
+	pump(s);
 }
 
 /* QUIT is not: it goes out alone, once every response before it was read
@@ -1706,24 +1742,11 @@ pipelinable(enum pop3_state st)
 static void
 pipe_line(struct pop3_session *s, const struct cmd *c)
 {
-	struct evbuffer *out = bufferevent_get_output(s->bev);
+	char line[40];
 
-	switch (c->state) {
-	case P3_RETR:
-		log_debug(s->p.id, "C: RETR %lu (pipelined)", c->num);
-		evbuffer_add_printf(out, "RETR %lu\r\n", c->num);
-		break;
-	case P3_TOP:
-		log_debug(s->p.id, "C: TOP %lu 0 (pipelined)", c->num);
-		evbuffer_add_printf(out, "TOP %lu 0\r\n", c->num);
-		break;
-	case P3_DELE:
-		log_debug(s->p.id, "C: DELE %lu (pipelined)", c->num);
-		evbuffer_add_printf(out, "DELE %lu\r\n", c->num);
-		break;
-	default:
+	if (!pipelinable(c->state))
 		abort(); /* pump() pipelines nothing else */
-	}
+	put_line(s, message_command(c->state, c->num, line, sizeof(line)), " (pipelined)");
 }
 
 /*
@@ -1786,36 +1809,31 @@ end_response(struct pop3_session *s)
 void
 pop3_list(struct pop3_session *s)
 {
-	enqueue(s, P3_UIDL, 0);
-	pump(s);
+	queue_command(s, P3_UIDL, 0);
 }
 
 void
 pop3_retr(struct pop3_session *s, unsigned long num)
 {
-	enqueue(s, P3_RETR, num);
-	pump(s);
+	queue_command(s, P3_RETR, num);
 }
 
 void
 pop3_top(struct pop3_session *s, unsigned long num)
 {
-	enqueue(s, P3_TOP, num);
-	pump(s);
+	queue_command(s, P3_TOP, num);
 }
 
 void
 pop3_dele(struct pop3_session *s, unsigned long num)
 {
-	enqueue(s, P3_DELE, num);
-	pump(s);
+	queue_command(s, P3_DELE, num);
 }
 
 void
 pop3_stat(struct pop3_session *s)
 {
-	enqueue(s, P3_STAT, 0);
-	pump(s);
+	queue_command(s, P3_STAT, 0);
 }
 
 void
@@ -1827,6 +1845,5 @@ pop3_quit(struct pop3_session *s)
 		return;
 	}
 	/* after what is queued already: those DELEs are for durable messages */
-	enqueue(s, P3_QUIT, 0);
-	pump(s);
+	queue_command(s, P3_QUIT, 0);
 }

@@ -4,6 +4,8 @@
  */
 #include <ctype.h>
 #include <errno.h>
+#include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -146,6 +148,21 @@ capa_add_sasl(struct pop3_capa *capa, const char *w, size_t n)
 	capa->sasl[used + n] = '\0';
 }
 
+/* The capabilities that are a word alone, and their flags. */
+static const struct {
+	const char *name;
+	size_t flag; /* offset of its bool in struct pop3_capa */
+} capa_words[] = {
+	{"STLS", offsetof(struct pop3_capa, stls)},
+	{"UIDL", offsetof(struct pop3_capa, uidl)},
+	{"TOP", offsetof(struct pop3_capa, top)},
+	{"PIPELINING", offsetof(struct pop3_capa, pipelining)},
+	{"USER", offsetof(struct pop3_capa, user)},
+	{"UTF8", offsetof(struct pop3_capa, utf8)},
+	{"AUTH-RESP-CODE", offsetof(struct pop3_capa, auth_resp_code)},
+	{"RESP-CODES", offsetof(struct pop3_capa, resp_codes)},
+};
+
 void
 pop3_parse_capa_line(struct pop3_capa *capa, const char *line, size_t len)
 {
@@ -153,23 +170,12 @@ pop3_parse_capa_line(struct pop3_capa *capa, const char *line, size_t len)
 	size_t n = next_word(&p, end, &w);
 
 	capa->seen = true;
-	if (word_is(w, n, "STLS"))
-		capa->stls = true;
-	else if (word_is(w, n, "UIDL"))
-		capa->uidl = true;
-	else if (word_is(w, n, "TOP"))
-		capa->top = true;
-	else if (word_is(w, n, "PIPELINING"))
-		capa->pipelining = true;
-	else if (word_is(w, n, "USER"))
-		capa->user = true;
-	else if (word_is(w, n, "UTF8"))
-		capa->utf8 = true;
-	else if (word_is(w, n, "AUTH-RESP-CODE"))
-		capa->auth_resp_code = true;
-	else if (word_is(w, n, "RESP-CODES"))
-		capa->resp_codes = true;
-	else if (word_is(w, n, "LOGIN-DELAY")) {
+	for (size_t i = 0; i < sizeof(capa_words) / sizeof(capa_words[0]); i++)
+		if (word_is(w, n, capa_words[i].name)) {
+			*(bool *)((char *)capa + capa_words[i].flag) = true;
+			return;
+		}
+	if (word_is(w, n, "LOGIN-DELAY")) {
 		unsigned long v = 0;
 		n = next_word(&p, end, &w);
 		for (size_t i = 0; i < n && isdigit((unsigned char)w[i]); i++)
@@ -279,6 +285,25 @@ pop3_listing_line(const char **line, size_t *len)
 	return 0;
 }
 
+int
+pop3_frame_line(const char *buf, size_t len, size_t *line_len, size_t *used)
+{
+	size_t n = len < POP3_LINE_MAX ? len : POP3_LINE_MAX;
+	const char *lf = memchr(buf, '\n', n);
+	size_t end;
+
+	if (lf == NULL)
+		return n == POP3_LINE_MAX ? -EMSGSIZE : 0;
+	end = (size_t)(lf - buf);
+	*used = end + 1;
+	if (end > 0 && buf[end - 1] == '\r')
+		end--;
+	if (end + 2 > POP3_LINE_MAX)
+		return -EMSGSIZE;
+	*line_len = end;
+	return 1;
+}
+
 /* The dot-unstuffing states. */
 enum {
 	DOT_BOL,   /* at the beginning of a line */
@@ -376,6 +401,182 @@ pop3_dot_feed(struct pop3_dot *d, const char *in, size_t inlen, char *out, size_
 	d->state = st;
 	*outlen = o;
 	return i;
+}
+
+void
+pop3_data_init(struct pop3_data *d, bool check_start)
+{
+	pop3_dot_init(&d->dot);
+	d->check_start = check_start;
+	d->ambiguous = false;
+	d->first_len = 0;
+}
+
+size_t
+pop3_data_want(const struct pop3_data *d)
+{
+	return d->check_start ? POP3_DATA_PEEK : 1;
+}
+
+/* The first line of the data, when it reads as a status line: kept raw
+ * (up to its CR, or as much of it as was seen) for the owner to quote. */
+static enum pop3_data_result
+check_start(struct pop3_data *d, const char *in, size_t inlen)
+{
+	size_t have = inlen < POP3_DATA_PEEK ? inlen : POP3_DATA_PEEK;
+	int r = pop3_looks_like_status(in, have);
+	const char *cr;
+
+	if (r < 0)
+		return POP3_DATA_MORE;
+	d->check_start = false;
+	if (r == 0)
+		return POP3_DATA_BYTES;
+	cr = memchr(in, '\r', have);
+	d->first_len = cr != NULL ? (size_t)(cr - in) : have;
+	memcpy(d->first_line, in, d->first_len);
+	d->ambiguous = true;
+	return POP3_DATA_AMBIGUOUS;
+}
+
+enum pop3_data_result
+pop3_data_feed(struct pop3_data *d, const char *in, size_t inlen, char *out, size_t outsize,
+	       size_t *used, size_t *outlen)
+{
+	*used = *outlen = 0;
+	if (inlen == 0 || d->dot.done)
+		return POP3_DATA_MORE;
+	if (d->check_start) {
+		enum pop3_data_result r = check_start(d, in, inlen);
+		if (r != POP3_DATA_BYTES)
+			return r;
+	}
+	/* pop3_dot_feed may write one byte more than it reads */
+	if (inlen > outsize - 1)
+		inlen = outsize - 1;
+	*used = pop3_dot_feed(&d->dot, in, inlen, out, outlen);
+	if (d->ambiguous)
+		*outlen = 0;
+	return d->dot.done ? POP3_DATA_END : POP3_DATA_BYTES;
+}
+
+void
+pop3_listing_reset(struct pop3_listing *l)
+{
+	l->nmsgs = 0;
+	l->nuids = 0;
+	l->uid_used = 0;
+}
+
+/* Room for one more element of size in *v (of *cap, *n used). */
+static int
+grow(void **v, size_t *cap, size_t n, size_t size, size_t first)
+{
+	size_t c;
+	void *p;
+
+	if (n < *cap)
+		return 0;
+	c = *cap ? 2 * *cap : first;
+	p = realloc(*v, c * size);
+	if (p == NULL)
+		return -ENOMEM;
+	*v = p;
+	*cap = c;
+	return 0;
+}
+
+int
+pop3_listing_add_uidl(struct pop3_listing *l, const char *line, size_t len)
+{
+	char uid[POP3_UIDL_MAX + 1];
+	unsigned long num;
+	size_t n;
+
+	if (l->nuids >= POP3_MAX_MESSAGES)
+		return -E2BIG;
+	if (pop3_parse_uidl_line(line, len, &num, uid) < 0)
+		return -EINVAL;
+	n = strlen(uid) + 1;
+	while (l->uid_used + n > l->uid_cap)
+		if (grow((void **)&l->uid_bytes, &l->uid_cap, l->uid_cap, 1, 4096) < 0)
+			return -ENOMEM;
+	if (grow((void **)&l->uids, &l->capuids, l->nuids, sizeof(*l->uids), 64) < 0)
+		return -ENOMEM;
+	memcpy(l->uid_bytes + l->uid_used, uid, n);
+	l->uids[l->nuids].num = num;
+	l->uids[l->nuids].off = (uint32_t)l->uid_used;
+	l->nuids++;
+	l->uid_used += n;
+	return 0;
+}
+
+int
+pop3_listing_add_list(struct pop3_listing *l, const char *line, size_t len)
+{
+	unsigned long num;
+	uint64_t size;
+
+	if (pop3_parse_list_line(line, len, &num, &size) < 0)
+		return -EINVAL;
+	if (l->nmsgs >= POP3_MAX_MESSAGES)
+		return -E2BIG;
+	if (grow((void **)&l->msgs, &l->capmsgs, l->nmsgs, sizeof(*l->msgs), 64) < 0)
+		return -ENOMEM;
+	l->msgs[l->nmsgs++] = (struct pop3_msg){.num = num, .size = size, .uid = NULL};
+	return 0;
+}
+
+static int
+cmp_msg(const void *a, const void *b)
+{
+	const struct pop3_msg *x = a, *y = b;
+	return x->num < y->num ? -1 : x->num > y->num;
+}
+
+static int
+cmp_uid(const void *a, const void *b)
+{
+	const struct pop3_uid_entry *x = a, *y = b;
+	return x->num < y->num ? -1 : x->num > y->num;
+}
+
+/* No UIDL: an entry whose UIDL is no key (it names two messages). */
+#define UID_NONE UINT32_MAX
+
+void
+pop3_listing_join(struct pop3_listing *l)
+{
+	size_t j = 0;
+
+	if (l->nmsgs > 1)
+		qsort(l->msgs, l->nmsgs, sizeof(*l->msgs), cmp_msg);
+	if (l->nuids > 1)
+		qsort(l->uids, l->nuids, sizeof(*l->uids), cmp_uid);
+	/* a message the UIDL listing names twice has no UIDL one can trust */
+	for (size_t k = 1; k < l->nuids; k++)
+		if (l->uids[k].num == l->uids[k - 1].num)
+			l->uids[k].off = l->uids[k - 1].off = UID_NONE;
+	for (size_t i = 0; i < l->nmsgs; i++) {
+		while (j < l->nuids && l->uids[j].num < l->msgs[i].num)
+			j++;
+		if (j < l->nuids && l->uids[j].num == l->msgs[i].num && l->uids[j].off != UID_NONE)
+			l->msgs[i].uid = l->uid_bytes + l->uids[j].off;
+		else
+			l->msgs[i].uid = "";
+	}
+	free(l->uids);
+	l->uids = NULL;
+	l->nuids = l->capuids = 0;
+}
+
+void
+pop3_listing_free(struct pop3_listing *l)
+{
+	free(l->msgs);
+	free(l->uids);
+	free(l->uid_bytes);
+	*l = (struct pop3_listing){0};
 }
 
 enum { HEAD_BOL, HEAD_CR, HEAD_MID };

@@ -229,13 +229,13 @@ bare_address(const char *addr, char *buf, size_t size)
 }
 
 static void
-on_connected(struct probe *p)
+on_connected(struct probe *p, const char *address)
 {
 	const struct conf_mailbox *mb = p->mb;
 	char addr[64];
 	json_t *f = json_object();
 
-	bare_address(pop3_address(p->pop3), addr, sizeof(addr));
+	bare_address(address, addr, sizeof(addr));
 	json_object_set_new(f, "address", json_string(addr));
 	json_object_set_new(f, "port", json_integer(mb->port));
 	if (strcmp(addr, mb->server) == 0)
@@ -254,7 +254,7 @@ on_connected(struct probe *p)
 }
 
 static void
-on_tls(struct probe *p)
+on_tls(struct probe *p, SSL *ssl)
 {
 	const struct conf_mailbox *mb = p->mb;
 	struct tls_peer tp;
@@ -263,7 +263,7 @@ on_tls(struct probe *p)
 	bool verified = true;
 	json_t *f;
 
-	tls_peer(pop3_ssl(p->pop3), &tp);
+	tls_peer(ssl, &tp);
 	if (mb->has_fingerprint) {
 		snprintf(verdict, sizeof(verdict),
 			 "verified: the certificate matches tls_fingerprint%s",
@@ -316,7 +316,7 @@ greeting_text(const char *g, char *buf, size_t size)
 
 /* The capabilities that matter to popfetchd, in a few words. */
 static void
-on_capa(struct probe *p)
+on_capa(struct probe *p, const char *server_greeting)
 {
 	const struct pop3_capa *c = pop3_capa(p->pop3);
 	const struct {
@@ -344,7 +344,7 @@ on_capa(struct probe *p)
 		snprintf(word, sizeof(word), "LOGIN-DELAY %u", c->login_delay);
 		add_capa(text, sizeof(text), caps, word);
 	}
-	apop = greeting_text(pop3_greeting(p->pop3), greeting, sizeof(greeting));
+	apop = greeting_text(server_greeting, greeting, sizeof(greeting));
 	if (apop)
 		add_capa(text, sizeof(text), caps, "APOP");
 	if (c->sasl[0] != '\0') {
@@ -417,19 +417,19 @@ on_token(void *arg, enum oauth2_status status, const char *token, const char *de
 }
 
 static void
-on_progress(void *arg, enum pop3_progress what)
+on_progress(void *arg, enum pop3_progress what, const struct pop3_progress_info *info)
 {
 	struct probe *p = arg;
 
 	switch (what) {
 	case POP3_PROGRESS_CONNECTED:
-		on_connected(p);
+		on_connected(p, info->address);
 		break;
 	case POP3_PROGRESS_TLS:
-		on_tls(p);
+		on_tls(p, info->ssl);
 		break;
 	case POP3_PROGRESS_CAPA:
-		on_capa(p);
+		on_capa(p, info->greeting);
 		break;
 	}
 }
@@ -511,7 +511,6 @@ on_failed(void *arg, const struct pop3_error *err)
 	struct probe *p = arg;
 	enum step st = p->cur;
 	json_t *f = NULL;
-	SSL *ssl;
 
 	if (st == ST_SMIME) {
 		/* only QUIT was left, and nothing was changed */
@@ -525,10 +524,10 @@ on_failed(void *arg, const struct pop3_error *err)
 			 "not finished: the server ended the session meanwhile");
 		st = ST_AUTH;
 	}
-	if (st == ST_TLS && (ssl = pop3_ssl(p->pop3)) != NULL) {
+	if (st == ST_TLS && err->ssl != NULL) {
 		/* what the server presented, also when it was refused */
 		struct tls_peer tp;
-		tls_peer(ssl, &tp);
+		tls_peer(err->ssl, &tp);
 		f = peer_fields(&tp, err->detail, false);
 		json_object_set_new(f, "stls", json_boolean(p->mb->tls == CONF_TLS_EXPLICIT));
 	}

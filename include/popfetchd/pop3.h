@@ -4,6 +4,8 @@
  * the commands its owner queues (listing, STAT, RETR, TOP, DELE, QUIT). Message bytes go
  * to the owner through a callback; the session writes no file and decides no
  * policy. It logs nothing above debug: the owner turns failures into lines.
+ * What the server sends is framed and parsed by pop3_parse (pure code); the
+ * session moves the bytes between the connection and the parser.
  */
 #ifndef POPFETCHD_POP3_H
 #define POPFETCHD_POP3_H
@@ -65,19 +67,18 @@ struct pop3_params {
 /* How far the opening of a session got: for an owner that reports each
  * step as it succeeds (the test command). */
 enum pop3_progress {
-	POP3_PROGRESS_CONNECTED, /* TCP connected: pop3_address(); with implicit TLS
-				  * the handshake comes next */
-	POP3_PROGRESS_TLS,	 /* handshake done, certificate accepted: pop3_ssl() */
+	POP3_PROGRESS_CONNECTED, /* TCP connected; with implicit TLS the handshake
+				  * comes next */
+	POP3_PROGRESS_TLS,	 /* handshake done, certificate accepted */
 	POP3_PROGRESS_CAPA,	 /* the capabilities the login goes by: pop3_capa() */
 };
 
-/* One message of the maildrop, from LIST, with its UIDL when the server has one. */
-struct pop3_msg {
-	unsigned long num;
-	uint64_t size;
-	/* "" when the server has no UIDL for it; the bytes are the session's,
-	 * valid until it is freed (a listing of many messages is kept once) */
-	const char *uid;
+/* What the opening found so far, as a progress event tells it; valid
+ * during the call. */
+struct pop3_progress_info {
+	const char *address;  /* connected to: "192.0.2.7", "[2001:db8::7]" */
+	struct ssl_st *ssl;   /* from POP3_PROGRESS_TLS on: the TLS connection */
+	const char *greeting; /* at POP3_PROGRESS_CAPA: the server's greeting, printable */
 };
 
 /* A failure as the owner hears of it. */
@@ -87,6 +88,9 @@ struct pop3_error {
 	unsigned login_delay; /* seconds, from [LOGIN-DELAY n] or CAPA LOGIN-DELAY */
 	bool token_rejected;  /* XOAUTH2/OAUTHBEARER: the server refused the token */
 	const char *detail;   /* one line: our words, the server's text quoted */
+	/* the TLS connection once a handshake began, else NULL: what the server
+	 * presented can be described (tls_peer), also when it was refused */
+	struct ssl_st *ssl;
 };
 
 /*
@@ -96,6 +100,8 @@ struct pop3_error {
  */
 struct pop3_events {
 	void (*ready)(void *arg); /* logged in; pop3_capa() is valid */
+	/* the joined UIDL and LIST listings (pop3_parse.h): msgs are valid until
+	 * the session is freed or lists again */
 	void (*listing)(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl);
 	/* message bytes, in order: of the RETR (or TOP) being answered */
 	void (*data)(void *arg, const char *buf, size_t len);
@@ -113,13 +119,10 @@ struct pop3_events {
 	void (*quit)(void *arg, bool ok); /* ok: the server committed the deletions */
 	void (*failed)(void *arg, const struct pop3_error *err);
 	/* optional (NULL: not told); the session must not be ended from it */
-	void (*progress)(void *arg, enum pop3_progress step);
+	void (*progress)(void *arg, enum pop3_progress step, const struct pop3_progress_info *info);
 	/* the answer to pop3_stat(): messages and octets in the maildrop */
 	void (*stat)(void *arg, unsigned long count, uint64_t size);
 };
-
-/* Most messages a listing may hold: a bound on what a server can make us allocate. */
-#define POP3_MAX_MESSAGES 1000000
 
 struct pop3_session *pop3_session_new(struct event_base *base, struct evdns_base *dns,
 				      const struct pop3_params *params,
@@ -133,14 +136,6 @@ void pop3_session_free_deferred(struct pop3_session *s);
 const struct pop3_capa *pop3_capa(const struct pop3_session *s);
 /* The mechanism used to log in, after ready(). */
 const char *pop3_mechanism(const struct pop3_session *s);
-/* The address connected to, or last tried: "192.0.2.7", "[2001:db8::7]"; "" before. */
-const char *pop3_address(const struct pop3_session *s);
-/* The server's greeting (its text, made printable); "" before it came. */
-const char *pop3_greeting(const struct pop3_session *s);
-/* The TLS connection once a handshake has begun, else NULL. Valid until the
- * session is freed, also after failed(): what the server presented can be
- * described (tls_describe, tls_peer) when its certificate was refused. */
-struct ssl_st *pop3_ssl(const struct pop3_session *s);
 
 /* With params.hold_login, after POP3_PROGRESS_CAPA: log in now, with this
  * OAuth2 access token (NULL: params.token), which must live until the

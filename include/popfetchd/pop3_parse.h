@@ -81,6 +81,19 @@ int pop3_listing_line(const char **line, size_t *len);
  * with the commands. 1: they do, 0: they do not, -1: too few bytes to tell. */
 int pop3_looks_like_status(const char *buf, size_t len);
 
+/* Most messages a listing may hold: a bound on what a server can make us allocate. */
+#define POP3_MAX_MESSAGES 1000000
+
+/*
+ * Line framing (RFC 1939 §3): the first line of buf ends at its first LF
+ * ("\r\n", or a bare "\n"; one CR right before the LF ends the line with
+ * it). A line may hold at most POP3_LINE_MAX - 2 octets before its end:
+ * the first POP3_LINE_MAX bytes of the input are enough to decide. Returns
+ * 1: a line of *line_len bytes at buf, *used bytes with its end; 0: no end
+ * yet, more input is needed; -EMSGSIZE: the line is over the limit.
+ */
+int pop3_frame_line(const char *buf, size_t len, size_t *line_len, size_t *used);
+
 /*
  * Streaming dot-unstuffing of multi-line message data (RFC 1939 §3): feed
  * the bytes after the "+OK" line in chunks of any size; the message bytes
@@ -97,6 +110,91 @@ struct pop3_dot {
 };
 void pop3_dot_init(struct pop3_dot *d);
 size_t pop3_dot_feed(struct pop3_dot *d, const char *in, size_t inlen, char *out, size_t *outlen);
+
+/*
+ * The multi-line data of a RETR or TOP, read as it arrives: dot-unstuffed
+ * (pop3_dot_feed), and, when the command was pipelined, checked first for
+ * responses out of step with the commands. A server that added a line to
+ * an earlier response puts the real status line of this one where the
+ * message should begin; a message may also begin with a line that reads
+ * as a status line ("+OK ..." is a line like any other): the two cannot be
+ * told apart, so data that begins so is reported, then read to its end and
+ * dropped.
+ */
+#define POP3_DATA_PEEK 80 /* bytes the check of a pipelined data's start looks at */
+
+struct pop3_data {
+	struct pop3_dot dot;
+	bool check_start;		 /* the data's first line is still to be checked */
+	bool ambiguous;			 /* it read as a status line: the data is dropped */
+	char first_line[POP3_DATA_PEEK]; /* that line (raw, not terminated) */
+	size_t first_len;
+};
+
+enum pop3_data_result {
+	POP3_DATA_MORE,	     /* nothing consumed: more input is needed */
+	POP3_DATA_AMBIGUOUS, /* nothing consumed: the data begins like a status line
+			      * (first_line); the next calls consume it and drop it */
+	POP3_DATA_BYTES,     /* *used bytes consumed, *outlen bytes of the message in out */
+	POP3_DATA_END,	     /* the same, and the terminating line was among them */
+};
+
+/* check_start: the command was pipelined (its data must not begin like a
+ * status line). */
+void pop3_data_init(struct pop3_data *d, bool check_start);
+/* How many bytes of the input the next pop3_data_feed wants to see at once
+ * (when there are that many): POP3_DATA_PEEK before the start is checked,
+ * then 1. */
+size_t pop3_data_want(const struct pop3_data *d);
+/* Feed the bytes after the "+OK" line, in pieces of any size; out has room
+ * for outsize (at least 2) bytes. Input after the terminator is not consumed. */
+enum pop3_data_result pop3_data_feed(struct pop3_data *d, const char *in, size_t inlen, char *out,
+				     size_t outsize, size_t *used, size_t *outlen);
+
+/* One message of the maildrop, from LIST, with its UIDL when the server has one. */
+struct pop3_msg {
+	unsigned long num;
+	uint64_t size;
+	/* "" when the server has no UIDL for it; the bytes are the listing's,
+	 * valid until it is reset or freed (a listing of many messages is kept once) */
+	const char *uid;
+};
+
+/* A UIDL listing entry: the UIDL itself is at uid_bytes + off. */
+struct pop3_uid_entry {
+	unsigned long num;
+	uint32_t off;
+};
+
+/*
+ * A listing being read: the lines of UIDL (when the server has it) and of
+ * LIST, joined by message number once both are complete. Compact, since a
+ * server decides how long it is: the UIDLs NUL-terminated one after the
+ * other in uid_bytes. Zero-initialised is empty.
+ */
+struct pop3_listing {
+	struct pop3_msg *msgs; /* from LIST; joined: by number, each with its UIDL */
+	size_t nmsgs, capmsgs;
+	struct pop3_uid_entry *uids; /* from UIDL; freed by the join */
+	size_t nuids, capuids;
+	char *uid_bytes;
+	size_t uid_used, uid_cap;
+};
+
+/* Empty the listing for the next one (the memory is kept). */
+void pop3_listing_reset(struct pop3_listing *l);
+/* One line of the UIDL listing (unstuffed, not the terminator): 0 kept;
+ * -EINVAL malformed, ignored (that message gets no UIDL); -E2BIG more than
+ * POP3_MAX_MESSAGES lines; -ENOMEM. */
+int pop3_listing_add_uidl(struct pop3_listing *l, const char *line, size_t len);
+/* One line of the LIST listing: 0 kept; -EINVAL malformed; -E2BIG more
+ * than POP3_MAX_MESSAGES lines; -ENOMEM. */
+int pop3_listing_add_list(struct pop3_listing *l, const char *line, size_t len);
+/* Both listings are complete: msgs sorted by number, each with the UIDL
+ * the UIDL listing gave it ("" when none, or when it named the message
+ * twice: no key one can trust); the UIDL entries are freed. */
+void pop3_listing_join(struct pop3_listing *l);
+void pop3_listing_free(struct pop3_listing *l);
 
 /*
  * Streaming search for the end of a message's header block (RFC 5322

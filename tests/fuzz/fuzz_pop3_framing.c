@@ -2,13 +2,16 @@
  * libFuzzer harness: POP3 response framing across network reads.
  *
  * The input is what a server sends in one session, and the points where the
- * network cuts it into reads. The bytes are framed the way pop3.c frames
- * them: CRLF lines of at most POP3_LINE_MAX octets taken from an evbuffer
- * (status lines, then CAPA, UIDL and LIST listings), and the data of a RETR
- * handed to pop3_dot_feed from the first chain of the buffer, in pieces of
- * at most a scratch buffer. A model of the client's session decides what
+ * network cuts it into reads. The bytes go through pop3_parse's framing as
+ * pop3.c moves them there from an evbuffer: lines (pop3_frame_line, on the
+ * first POP3_LINE_MAX bytes made contiguous) for status lines and the CAPA,
+ * UIDL and LIST listings (pop3_listing_*, joined at the end of LIST), and
+ * the data of a RETR (pop3_data_feed: the out-of-step check of pipelined
+ * data, then dot-unstuffing) from the first chain of the buffer, in pieces
+ * of at most a scratch buffer. A model of the client's session decides what
  * each line is (greeting, CAPA, USER, PASS, STAT, UIDL, LIST, then RETR and
- * DELE in turn) and every parser result is written down in a record.
+ * DELE in turn; RETR is taken as pipelined when CAPA offers PIPELINING) and
+ * every parser result is written down in a record.
  *
  * Fed in the chosen pieces, with a scratch buffer chosen by the input, the
  * record must be exactly the one of the whole stream fed at once with the
@@ -19,6 +22,7 @@
  * (little-endian, taken modulo the stream length + 1) per split point; the
  * rest is the stream.
  */
+#include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,10 +59,12 @@ struct model {
 	enum step step;
 	int mode; /* 0: status line, 1: listing, 2: message data */
 	bool failed;
+	bool more; /* the data reader waits for more input */
 	size_t scratch;
 	char *out; /* scratch + 1 bytes */
 	struct pop3_capa capa;
-	struct pop3_dot dot;
+	struct pop3_listing listing;
+	struct pop3_data data;
 	struct rec rec; /* everything the parsers said */
 	struct rec msg; /* the message being retrieved */
 };
@@ -156,7 +162,7 @@ on_status(struct model *m, const char *line, size_t len)
 		break;
 	case S_RETR:
 		if (ok) {
-			pop3_dot_init(&m->dot);
+			pop3_data_init(&m->data, m->capa.pipelining);
 			m->msg.len = 0;
 			m->mode = 2;
 		}
@@ -168,12 +174,29 @@ on_status(struct model *m, const char *line, size_t len)
 	}
 }
 
+/* The end of LIST: the joined listing, checked and written down. */
+static void
+join(struct model *m)
+{
+	pop3_listing_join(&m->listing);
+	if (m->listing.uids != NULL || m->listing.nuids != 0)
+		abort();
+	for (size_t i = 0; i < m->listing.nmsgs; i++) {
+		const struct pop3_msg *msg = &m->listing.msgs[i];
+		size_t n = strlen(msg->uid);
+		if (n > POP3_UIDL_MAX || msg->num == 0 ||
+		    (i > 0 && msg->num < m->listing.msgs[i - 1].num))
+			abort();
+		put_u64(&m->rec, 'L', msg->num);
+		put_u64(&m->rec, 'z', msg->size);
+		put(&m->rec, msg->uid, n + 1);
+	}
+}
+
 static void
 on_listing_line(struct model *m, const char *line, size_t len)
 {
-	unsigned long num;
-	uint64_t size;
-	char uid[POP3_UIDL_MAX + 1];
+	int rc;
 
 	if (pop3_listing_line(&line, &len) == 1) {
 		m->mode = 0;
@@ -182,6 +205,8 @@ on_listing_line(struct model *m, const char *line, size_t len)
 			put(&m->rec, &m->capa, sizeof(m->capa));
 			m->step = S_USER;
 		} else {
+			if (m->step == S_LIST)
+				join(m);
 			m->step++; /* UIDL -> LIST -> RETR */
 		}
 		return;
@@ -193,26 +218,31 @@ on_listing_line(struct model *m, const char *line, size_t len)
 			abort();
 		break;
 	case S_UIDL:
-		if (pop3_parse_uidl_line(line, len, &num, uid) < 0) {
-			put(&m->rec, "u", 1); /* ignored, as pop3.c does */
-			break;
-		}
-		if (strlen(uid) == 0 || strlen(uid) > POP3_UIDL_MAX)
-			abort();
-		put_u64(&m->rec, 'U', num);
-		put(&m->rec, uid, strlen(uid) + 1);
+		/* -EINVAL: ignored, as pop3.c does */
+		rc = pop3_listing_add_uidl(&m->listing, line, len);
+		put_u64(&m->rec, 'U', (uint64_t)-rc);
+		if (rc == -E2BIG || rc == -ENOMEM)
+			fail(m, 7);
 		break;
 	case S_LIST:
-		if (pop3_parse_list_line(line, len, &num, &size) < 0) {
+		rc = pop3_listing_add_list(&m->listing, line, len);
+		if (rc < 0)
 			fail(m, 5);
-			break;
-		}
-		put_u64(&m->rec, 'L', num);
-		put_u64(&m->rec, 'z', size);
 		break;
 	default:
 		abort();
 	}
+}
+
+/* input_piece() of pop3.c: at least want bytes (or all) in the first chain. */
+static void
+input_piece(struct model *m, size_t want, struct evbuffer_iovec *v)
+{
+	size_t have = evbuffer_get_length(m->in);
+
+	if (evbuffer_pullup(m->in, (ev_ssize_t)(have < want ? have : want)) == NULL ||
+	    evbuffer_peek(m->in, -1, NULL, v, 1) < 1 || v->iov_len < (have < want ? have : want))
+		abort(); /* the caller saw bytes */
 }
 
 /* read_data() of pop3.c: what the first chain holds, at most the scratch. */
@@ -220,19 +250,34 @@ static void
 read_data(struct model *m)
 {
 	struct evbuffer_iovec v;
-	size_t used, outlen;
+	size_t used, outlen, have = evbuffer_get_length(m->in);
+	enum pop3_data_result r;
 
-	if (evbuffer_peek(m->in, -1, NULL, &v, 1) < 1 || v.iov_len == 0)
-		abort(); /* the caller saw bytes */
-	if (v.iov_len > m->scratch)
-		v.iov_len = m->scratch;
-	used = pop3_dot_feed(&m->dot, v.iov_base, v.iov_len, m->out, &outlen);
-	if (used > v.iov_len || outlen > used + 1 || (used < v.iov_len && !m->dot.done) ||
-	    (used == 0 && !m->dot.done))
+	input_piece(m, pop3_data_want(&m->data), &v);
+	r = pop3_data_feed(&m->data, v.iov_base, v.iov_len, m->out, m->scratch + 1, &used, &outlen);
+	if (r == POP3_DATA_MORE) {
+		/* only the start of pipelined data waits, and for a status line's first bytes */
+		if (used != 0 || have >= 5 || !m->data.check_start)
+			abort();
+		m->more = true;
+		return;
+	}
+	if (r == POP3_DATA_AMBIGUOUS) {
+		const struct pop3_data *d = &m->data;
+		if (used != 0 || d->check_start || !d->ambiguous || d->first_len > POP3_DATA_PEEK ||
+		    d->first_len < 3 || memchr(d->first_line, '\r', d->first_len) != NULL ||
+		    (memcmp(d->first_line, "+OK", 3) != 0 && memcmp(d->first_line, "-ERR", 4) != 0))
+			abort();
+		put(&m->rec, "A", 1); /* the line itself depends on how much had come */
+		return;
+	}
+	if (used > v.iov_len || used > m->scratch || outlen > used + 1 ||
+	    (m->data.ambiguous && outlen > 0) || (used == 0 && r != POP3_DATA_END) ||
+	    (used < v.iov_len && used < m->scratch && r != POP3_DATA_END))
 		abort();
 	evbuffer_drain(m->in, used);
 	put(&m->msg, m->out, outlen);
-	if (m->dot.done) {
+	if (r == POP3_DATA_END) {
 		put_u64(&m->rec, 'M', m->msg.len);
 		put(&m->rec, m->msg.b, m->msg.len);
 		m->msg.len = 0;
@@ -245,18 +290,21 @@ read_data(struct model *m)
 static int
 read_line(struct model *m, char *buf, size_t *len)
 {
-	struct evbuffer_ptr eol;
-	size_t eol_len = 0;
+	struct evbuffer_iovec v;
+	size_t used = 0;
+	int r;
 
-	eol = evbuffer_search_eol(m->in, NULL, &eol_len, EVBUFFER_EOL_CRLF);
-	if (eol.pos < 0)
-		return evbuffer_get_length(m->in) >= POP3_LINE_MAX ? -1 : 0;
-	if ((size_t)eol.pos + 2 > POP3_LINE_MAX)
-		return -1;
-	evbuffer_remove(m->in, buf, (size_t)eol.pos);
-	evbuffer_drain(m->in, eol_len);
-	buf[eol.pos] = '\0';
-	*len = (size_t)eol.pos;
+	input_piece(m, POP3_LINE_MAX, &v);
+	r = pop3_frame_line(v.iov_base, v.iov_len, len, &used);
+	if (r <= 0)
+		return r < 0 ? -1 : 0;
+	if (*len + 2 > POP3_LINE_MAX || used > v.iov_len ||
+	    (used != *len + 1 && used != *len + 2) ||
+	    ((const char *)v.iov_base)[used - 1] != '\n' || memchr(v.iov_base, '\n', *len) != NULL)
+		abort();
+	memcpy(buf, v.iov_base, *len);
+	buf[*len] = '\0';
+	evbuffer_drain(m->in, used);
 	return 1;
 }
 
@@ -268,7 +316,8 @@ on_read(struct model *m)
 	size_t len;
 	int rc;
 
-	while (!m->failed && evbuffer_get_length(m->in) > 0) {
+	m->more = false;
+	while (!m->failed && !m->more && evbuffer_get_length(m->in) > 0) {
 		if (m->mode == 2) {
 			read_data(m);
 			continue;
@@ -322,6 +371,7 @@ run(struct rec *ret, const uint8_t *stream, size_t n, const size_t *cuts, size_t
 	evbuffer_free(m.in);
 	free(m.out);
 	free(m.msg.b);
+	pop3_listing_free(&m.listing);
 	*ret = m.rec;
 }
 

@@ -1,5 +1,6 @@
 /* Unit tests: the POP3 response parser and dot-unstuffing. */
 #include <errno.h>
+#include <stdio.h>
 
 #include "check.h"
 #include "popfetchd/pop3_parse.h"
@@ -298,6 +299,199 @@ head(void)
 	CHECK(pop3_head_feed(&h, "more\r\n\r\n", 10) == 0 && h.done);
 }
 
+/* pop3_frame_line on a C string: its result, the line and what it used. */
+static int
+frame(const char *in, size_t inlen, char *line, size_t *used)
+{
+	size_t len = 99999;
+	int r;
+
+	*used = 99999;
+	r = pop3_frame_line(in, inlen, &len, used);
+	line[0] = '\0';
+	if (r == 1)
+		snprintf(line, POP3_LINE_MAX + 1, "%.*s", (int)len, in);
+	return r;
+}
+
+static void
+framing(void)
+{
+	char line[POP3_LINE_MAX + 1], big[700];
+	size_t used;
+
+	CHECK(frame("+OK hi\r\n-ERR\r\n", 14, line, &used) == 1 && used == 8);
+	CHECK_STR(line, "+OK hi");
+	CHECK(frame("+OK hi\n", 7, line, &used) == 1 && used == 7);
+	CHECK_STR(line, "+OK hi");
+	CHECK(frame("\r\n", 2, line, &used) == 1 && used == 2);
+	CHECK_STR(line, "");
+	/* a CR not before the LF is part of the line; one before it is not */
+	CHECK(frame("a\rb\r\n", 5, line, &used) == 1 && used == 5);
+	CHECK_STR(line, "a\rb");
+	CHECK(frame("x\r\r\n", 4, line, &used) == 1 && used == 4);
+	CHECK_STR(line, "x\r");
+	CHECK(frame("+OK", 3, line, &used) == 0);
+	CHECK(frame("+OK\r", 4, line, &used) == 0);
+	CHECK(frame("", 0, line, &used) == 0);
+	/* at most POP3_LINE_MAX octets with the CRLF: 510 before it */
+	memset(big, 'x', sizeof(big));
+	memcpy(big + 510, "\r\n", 2);
+	CHECK(frame(big, 512, line, &used) == 1 && used == 512 && strlen(line) == 510);
+	big[510] = '\n';
+	CHECK(frame(big, 600, line, &used) == 1 && used == 511 && strlen(line) == 510);
+	memset(big, 'x', sizeof(big));
+	memcpy(big + 511, "\r\n", 2);
+	CHECK(frame(big, 513, line, &used) == -EMSGSIZE);
+	big[511] = '\n';
+	CHECK(frame(big, 512, line, &used) == -EMSGSIZE);
+	memset(big, 'x', sizeof(big));
+	CHECK(frame(big, 511, line, &used) == 0);
+	CHECK(frame(big, 512, line, &used) == -EMSGSIZE);
+	big[650] = '\n';
+	CHECK(frame(big, 700, line, &used) == -EMSGSIZE);
+}
+
+/* Feed data in pieces of step bytes (an output buffer of outsize) until
+ * its end: the result of the last call, the message (or "") in out. */
+static enum pop3_data_result
+data_run(struct pop3_data *d, const char *in, size_t inlen, size_t step, size_t outsize, char *out,
+	 size_t *consumed, int *ambiguous)
+{
+	char piece[256];
+	size_t i = 0, o = 0, offered = 0;
+	enum pop3_data_result r = POP3_DATA_MORE;
+
+	*ambiguous = 0;
+	while (i < inlen) {
+		size_t used, outlen;
+		offered = offered + step < inlen - i ? offered + step : inlen - i;
+		r = pop3_data_feed(d, in + i, offered, piece, outsize, &used, &outlen);
+		if (r == POP3_DATA_AMBIGUOUS)
+			++*ambiguous;
+		if (r == POP3_DATA_MORE || r == POP3_DATA_AMBIGUOUS)
+			continue;
+		memcpy(out + o, piece, outlen);
+		o += outlen;
+		i += used;
+		offered = 0;
+		if (r == POP3_DATA_END)
+			break;
+	}
+	out[o] = '\0';
+	*consumed = i;
+	return r;
+}
+
+static void
+data(void)
+{
+	struct pop3_data d;
+	char out[256];
+	size_t used, outlen, consumed;
+	int amb;
+	const char msg[] = "Subject: x\r\n\r\n..dot\r\n.\r\n+OK next\r\n";
+	const char out_of_step[] = "+OK 120 octets\r\nSubject: y\r\n.\r\n";
+
+	/* pipelined, a plain message: unstuffed, the input after it left */
+	for (size_t step = 1; step <= sizeof(msg) - 1; step++) {
+		pop3_data_init(&d, true);
+		CHECK(pop3_data_want(&d) == POP3_DATA_PEEK);
+		CHECK(data_run(&d, msg, sizeof(msg) - 1, step, 5, out, &consumed, &amb) ==
+		      POP3_DATA_END);
+		CHECK_STR(out, "Subject: x\r\n\r\n.dot\r\n");
+		CHECK(consumed == 24 && amb == 0 && !d.ambiguous && pop3_data_want(&d) == 1);
+	}
+	/* pipelined, data that begins like a status line: reported once, dropped */
+	for (size_t step = 1; step <= sizeof(out_of_step) - 1; step++) {
+		pop3_data_init(&d, true);
+		CHECK(data_run(&d, out_of_step, sizeof(out_of_step) - 1, step, 64, out, &consumed,
+			       &amb) == POP3_DATA_END);
+		CHECK_STR(out, "");
+		CHECK(consumed == sizeof(out_of_step) - 1 && amb == 1 && d.ambiguous);
+	}
+	/* the line as far as it came, up to its CR */
+	pop3_data_init(&d, true);
+	CHECK(pop3_data_feed(&d, out_of_step, 32, out, 64, &used, &outlen) == POP3_DATA_AMBIGUOUS &&
+	      used == 0 && outlen == 0);
+	CHECK(d.first_len == 14 && memcmp(d.first_line, "+OK 120 octets", 14) == 0);
+	pop3_data_init(&d, true);
+	CHECK(pop3_data_feed(&d, "-ERR no", 7, out, 64, &used, &outlen) == POP3_DATA_AMBIGUOUS);
+	CHECK(d.first_len == 7 && memcmp(d.first_line, "-ERR no", 7) == 0);
+	/* too few bytes to tell: nothing consumed */
+	pop3_data_init(&d, true);
+	CHECK(pop3_data_feed(&d, "-ER", 3, out, 64, &used, &outlen) == POP3_DATA_MORE && used == 0);
+	CHECK(pop3_data_feed(&d, "-ERRATA: 1\r\n", 12, out, 64, &used, &outlen) ==
+		      POP3_DATA_BYTES &&
+	      used == 12 && outlen == 12 && !d.ambiguous);
+	/* not pipelined: the same bytes are the message */
+	pop3_data_init(&d, false);
+	CHECK(pop3_data_want(&d) == 1);
+	CHECK(data_run(&d, out_of_step, sizeof(out_of_step) - 1, 7, 64, out, &consumed, &amb) ==
+	      POP3_DATA_END);
+	CHECK_STR(out, "+OK 120 octets\r\nSubject: y\r\n");
+	/* the output buffer bounds what one call consumes */
+	pop3_data_init(&d, false);
+	CHECK(pop3_data_feed(&d, "abcdef", 6, out, 4, &used, &outlen) == POP3_DATA_BYTES &&
+	      used == 3 && outlen == 3);
+	CHECK(pop3_data_feed(&d, "", 0, out, 4, &used, &outlen) == POP3_DATA_MORE && used == 0);
+}
+
+static void
+listing_join(void)
+{
+	static const char *const uidl[] = {"3 ccc",  "1 aaa",	     "bad line", "2 dup",
+					   "2 dup2", "9 not-listed", "4 " /* malformed */};
+	static const char *const list[] = {"4 400", "2 200", "1 100", "3 300"};
+	struct pop3_listing l = {0};
+
+	for (size_t i = 0; i < sizeof(uidl) / sizeof(uidl[0]); i++) {
+		int want = i == 2 || i == 6 ? -EINVAL : 0;
+		CHECK(pop3_listing_add_uidl(&l, uidl[i], strlen(uidl[i])) == want);
+	}
+	CHECK(l.nuids == 5);
+	for (size_t i = 0; i < sizeof(list) / sizeof(list[0]); i++)
+		CHECK(pop3_listing_add_list(&l, list[i], strlen(list[i])) == 0);
+	CHECK(pop3_listing_add_list(&l, "5 x", 3) == -EINVAL && l.nmsgs == 4);
+	pop3_listing_join(&l);
+	CHECK(l.uids == NULL && l.nuids == 0 && l.nmsgs == 4);
+	for (size_t i = 0; i < 4; i++)
+		CHECK(l.msgs[i].num == i + 1 && l.msgs[i].size == (i + 1) * 100);
+	CHECK_STR(l.msgs[0].uid, "aaa");
+	CHECK_STR(l.msgs[1].uid, ""); /* named twice: no key */
+	CHECK_STR(l.msgs[2].uid, "ccc");
+	CHECK_STR(l.msgs[3].uid, ""); /* none */
+
+	/* the next listing starts empty; without UIDL every uid is "" */
+	pop3_listing_reset(&l);
+	CHECK(l.nmsgs == 0 && l.nuids == 0);
+	CHECK(pop3_listing_add_list(&l, "7 70", 4) == 0);
+	pop3_listing_join(&l);
+	CHECK(l.nmsgs == 1 && l.msgs[0].num == 7);
+	CHECK_STR(l.msgs[0].uid, "");
+
+	/* at most POP3_MAX_MESSAGES lines of either listing */
+	pop3_listing_reset(&l);
+	char line[32];
+	int rc = 0;
+	for (unsigned long i = 1; i <= POP3_MAX_MESSAGES && rc == 0; i++) {
+		int n = snprintf(line, sizeof(line), "%lu u%lu", i, i);
+		rc = pop3_listing_add_uidl(&l, line, (size_t)n);
+		if (rc == 0) {
+			n = snprintf(line, sizeof(line), "%lu 1", i);
+			rc = pop3_listing_add_list(&l, line, (size_t)n);
+		}
+	}
+	CHECK(rc == 0 && l.nmsgs == POP3_MAX_MESSAGES && l.nuids == POP3_MAX_MESSAGES);
+	CHECK(pop3_listing_add_uidl(&l, "1000001 u", 9) == -E2BIG);
+	CHECK(pop3_listing_add_list(&l, "1000001 1", 9) == -E2BIG);
+	CHECK(pop3_listing_add_list(&l, "1000001 x", 9) == -EINVAL);
+	pop3_listing_join(&l);
+	CHECK_STR(l.msgs[POP3_MAX_MESSAGES - 1].uid, "u1000000");
+	pop3_listing_free(&l);
+	CHECK(l.msgs == NULL && l.uid_bytes == NULL && l.nmsgs == 0);
+}
+
 int
 main(void)
 {
@@ -307,5 +501,8 @@ main(void)
 	dot();
 	status_like();
 	head();
+	framing();
+	data();
+	listing_join();
 	CHECK_DONE();
 }
