@@ -634,6 +634,7 @@ save_attachment(struct ctx *c, const char *want, const char *original, const cha
 		return;
 	}
 	s.fd = fd;
+	r = 0; /* no content at all: an empty file */
 	s.md = EVP_MD_CTX_new();
 	if (s.md == NULL || !EVP_DigestInit_ex(s.md, EVP_sha256(), NULL))
 		abort();
