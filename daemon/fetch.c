@@ -19,15 +19,12 @@
 #include <time.h>
 
 #include <event2/event.h>
-#include <jansson.h>
-#include <openssl/evp.h>
 
 #include "popfetchd/auth.h"
 #include "popfetchd/config.h"
 #include "popfetchd/fetch.h"
 #include "popfetchd/log.h"
-#include "popfetchd/mime.h"
-#include "popfetchd/mime_extract.h"
+#include "popfetchd/message.h"
 #include "popfetchd/oauth2.h"
 #include "popfetchd/pop3.h"
 #include "popfetchd/runtime.h"
@@ -45,24 +42,17 @@ struct candidate {
 
 /*
  * A message the server gives no (valid) UIDL for is keyed by its content
- * (DESIGN.md §4.3): "h" and the SHA-256 of its bytes, known once it is all
- * there. Byte-identical messages are one message. Every message is hashed
- * as it comes (known_before says why).
- */
-#define CONTENT_KEY_PREFIX "h"
-/*
- * Kept on the server (remove_after_read: false), such a message would be
- * downloaded at every poll to be known so. Where the server has TOP it is
- * known by its headers instead (start_top_phase says when): "t" and the SHA-256 of its LIST size in
- * decimal, a NUL, and its header block as TOP n 0 sends it (through the
- * first empty line); only a message whose key is not in the state is
- * downloaded. Messages that share that key (equal headers and size) are
+ * (message.h), known once it is all there. Every message is hashed as it
+ * comes (known_before says why). Kept on the server (remove_after_read:
+ * false), such a message would be downloaded at every poll to be known so.
+ * Where the server has TOP it is known by its header key instead
+ * (start_top_phase says when): only a message whose key is not in the state
+ * is downloaded. Messages that share that key (equal headers and size) are
  * known by their content, as is one whose TOP is refused or whose header
  * block is over HEADERS_MAX.
  */
-#define HEADER_KEY_PREFIX "t"
-#define KEY_SIZE	  (1 + 2 * 32 + 1) /* prefix, SHA-256 in hex, NUL */
-#define HEADERS_MAX	  (256 * 1024)
+#define KEY_SIZE    MESSAGE_KEY_SIZE
+#define HEADERS_MAX (256 * 1024)
 /* TOPs kept in flight when the server offers PIPELINING */
 #define TOP_WINDOW 32
 
@@ -92,8 +82,6 @@ struct fetch {
 	struct evdns_base *dns;
 	struct tls_ctx *tls;
 	struct oauth2_source *oauth2;
-	const struct smime_key *smime_key;
-	const char *smime_unavailable;
 	struct oauth2_request *token_req;
 	char *token; /* the access token of this poll (wiped) */
 	bool token_retried;
@@ -122,8 +110,9 @@ struct fetch {
 	size_t nlisted;
 	char **keys; /* the content keys made in this session */
 	size_t nkeys;
-	struct store_msg *msg; /* the message being received */
-	EVP_MD_CTX *md;	       /* its content key in the making */
+	struct store_msg *msg;	 /* the message being received */
+	struct message_key *key; /* its key in the making */
+	struct message_params msgp;
 	/* listed messages without UIDL whose key is not known in this session,
 	 * or is a header key not in the state (saved under another key before?) */
 	size_t unkeyed;
@@ -371,8 +360,7 @@ begin_message(struct fetch *f)
 	const struct candidate *c = &f->cand[f->next];
 	int r;
 
-	if (!EVP_DigestInit_ex(f->md, EVP_sha256(), NULL))
-		abort();
+	message_key_begin(f->key);
 	f->msg_time = time(NULL);
 	f->msg_error = 0;
 	f->msg_bytes = 0;
@@ -441,19 +429,6 @@ duplicate_uids(const struct pop3_msg *msgs, size_t n)
 	return dup;
 }
 
-/* prefix and the hex of the digest in f->md: out has KEY_SIZE bytes. */
-static void
-digest_key(struct fetch *f, const char *prefix, char *out)
-{
-	unsigned char d[EVP_MAX_MD_SIZE];
-	unsigned int dlen = 0;
-
-	if (!EVP_DigestFinal_ex(f->md, d, &dlen) || dlen != 32)
-		abort();
-	out[0] = prefix[0];
-	util_hex(d, dlen, out + 1);
-}
-
 /* The next candidate from i on without a key: the TOPs go out, and are
  * answered, in this order. */
 static size_t
@@ -468,18 +443,13 @@ next_unkeyed(const struct fetch *f, size_t i)
 static void
 top_reset(struct fetch *f)
 {
-	char size[32];
-
 	pop3_head_init(&f->head);
 	f->head_bytes = 0;
 	f->head_too_long = false;
 	f->msg_bytes = 0;
 	if (f->top_next >= f->ncand)
 		return;
-	snprintf(size, sizeof(size), "%llu", (unsigned long long)f->cand[f->top_next].size);
-	if (!EVP_DigestInit_ex(f->md, EVP_sha256(), NULL) ||
-	    !EVP_DigestUpdate(f->md, size, strlen(size) + 1))
-		abort();
+	message_key_begin_headers(f->key, f->cand[f->top_next].size);
 }
 
 /* Keep the window of TOPs full. */
@@ -634,7 +604,7 @@ top_data(struct fetch *f, const char *buf, size_t len)
 		return;
 	}
 	f->head_bytes += n;
-	EVP_DigestUpdate(f->md, buf, n);
+	message_key_add(f->key, buf, n);
 }
 
 /* The TOP at the head was answered (error: refused). */
@@ -669,7 +639,7 @@ top_answered(struct fetch *f, unsigned long num, const char *error)
 			   f->where, num, HEADERS_MAX / 1024);
 	} else {
 		char *key = f->head_keys + f->nhead_keys++ * KEY_SIZE;
-		digest_key(f, HEADER_KEY_PREFIX, key);
+		message_key_end(f->key, key);
 		c->uid = key;
 	}
 	next_top(f);
@@ -793,7 +763,7 @@ on_data(void *arg, const char *buf, size_t len)
 		finish(f);
 		return;
 	}
-	EVP_DigestUpdate(f->md, buf, len);
+	message_key_add(f->key, buf, len);
 	if (store_msg_write(f->msg, buf, len) < 0)
 		f->msg_error = 1;
 }
@@ -804,76 +774,12 @@ content_key(struct fetch *f, struct candidate *c)
 {
 	char *key = xcalloc(1, KEY_SIZE);
 
-	digest_key(f, CONTENT_KEY_PREFIX, key);
+	message_key_end(f->key, key);
 	f->keys = xrealloc(f->keys, (f->nkeys + 1) * sizeof(*f->keys));
 	f->keys[f->nkeys++] = key;
 	c->uid = key;
 	f->unkeyed--;
 	f->listed[f->nlisted++] = key;
-}
-
-static char *
-rfc3339(time_t t)
-{
-	struct tm tm;
-	char buf[32];
-
-	gmtime_r(&t, &tm);
-	strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
-	return xstrdup(buf);
-}
-
-static json_t *
-str_or_null(const char *s)
-{
-	return s ? json_string(s) : json_null();
-}
-
-/* meta.json of DESIGN.md §3: what this issue knows of the message. */
-static char *
-build_meta(struct fetch *f, const char *uid, unsigned long long size, const struct mime_headers *h,
-	   const struct mime_result *mr)
-{
-	char *when = rfc3339(f->msg_time), *text;
-	json_t *o = json_object();
-
-	json_object_set_new(o, "configuration", json_string(f->mb->id));
-	json_object_set_new(o, "uidl", json_string(uid));
-	json_object_set_new(o, "received_at", json_string(when));
-	json_object_set_new(o, "size", json_integer((json_int_t)size));
-	json_object_set_new(o, "message_id", str_or_null(h->message_id));
-	json_object_set_new(o, "date", str_or_null(h->date));
-	json_object_set_new(o, "from", str_or_null(h->from));
-	json_object_set_new(o, "to", str_or_null(h->to));
-	json_object_set_new(o, "cc", str_or_null(h->cc));
-	json_object_set_new(o, "subject", str_or_null(h->subject));
-	json_object_set_new(o, "smime", json_string(mr->smime ? mr->smime : "none"));
-	json_t *texts = json_array(), *att = json_array();
-	for (size_t i = 0; i < mr->ntext; i++)
-		json_array_append_new(texts, json_string(mr->text[i]));
-	for (size_t i = 0; i < mr->natt; i++) {
-		const struct mime_attachment *a = &mr->att[i];
-		json_t *e = json_object();
-		json_object_set_new(e, "name", json_string(a->name));
-		json_object_set_new(e, "original_name", str_or_null(a->original_name));
-		json_object_set_new(e, "content_type", json_string(a->content_type));
-		json_object_set_new(e, "size", json_integer((json_int_t)a->size));
-		json_object_set_new(e, "sha256", json_string(a->sha256));
-		json_array_append_new(att, e);
-	}
-	json_object_set_new(o, "text", texts);
-	json_object_set_new(o, "attachments", att);
-	if (mr->note != NULL)
-		json_object_set_new(o, "note", json_string(mr->note));
-	/* invalid UTF-8 from a stranger is replaced, never fatal */
-	text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
-	json_decref(o);
-	free(when);
-	if (text == NULL)
-		abort();
-	char *line = xasprintf("%s\n", text);
-	free(text);
-	return line;
 }
 
 /* A message of the batch is durable: count it, and now it may be deleted. */
@@ -934,72 +840,19 @@ commit_timer_cb(evutil_socket_t fd, short what, void *arg)
 		wind_up(f);
 }
 
-/* Beside message.eml in the staged folder: its text and attachments, and
- * meta.json, the header fields read by the same parse. */
-static int
-describe_message(struct fetch *f, const struct candidate *c, unsigned long long size, char *why,
-		 size_t whylen)
-{
-	struct mime_headers h = {0};
-	struct mime_result mr = {0};
-	struct mime_opts mo = {.save_text = f->mb->save_text,
-			       .save_attachments = f->mb->save_attachments,
-			       .dirfd = store_msg_dirfd(f->msg),
-			       .max_decoded = f->mb->max_decoded_size,
-			       .smime_key = f->smime_key,
-			       .smime_unavailable = f->smime_unavailable,
-			       .headers = &h};
-	char *meta;
-	int r;
-
-	/* hostile content is never an error; a disk that fails is */
-	if ((r = mime_extract("message.eml", &mo, &mr)) < 0) {
-		snprintf(why, whylen, "cannot write its text or attachments beside %s: %s",
-			 store_msg_eml_path(f->msg), strerror(-r));
-		mime_result_clear(&mr);
-		mime_headers_clear(&h);
-		return r;
-	}
-	if (mr.note != NULL)
-		log_notice(f->mb->id, "message %lu (%s): %s", c->num, c->uid, mr.note);
-	if (mr.smime != NULL && strncmp(mr.smime, "not-", 4) == 0)
-		log_warning(f->mb->id, "message %lu (%s) is saved as it came, %s", c->num, c->uid,
-			    mr.smime);
-	meta = build_meta(f, c->uid, size, &h, &mr);
-	mime_result_clear(&mr);
-	mime_headers_clear(&h);
-	if (meta == NULL)
-		abort();
-	r = store_msg_add_file(f->msg, "meta.json", meta, strlen(meta));
-	free(meta);
-	if (r < 0)
-		snprintf(why, whylen, "%s", store_error(f->store));
-	return r;
-}
-
 /* The message is in the staged folder: complete it and add it to the batch. */
 static int
 seal_message(struct fetch *f, const struct candidate *c, char *why, size_t whylen)
 {
-	unsigned long long size;
-	int r;
+	struct message_info m = {.num = c->num,
+				 .uid = c->uid,
+				 .received = f->msg_time,
+				 .write_failed = f->msg_error != 0};
+	int r = message_seal(&f->msgp, &m, f->store, &f->msg, why, whylen);
 
-	if (f->msg_error || store_msg_finish_eml(f->msg, &size) < 0) {
-		snprintf(why, whylen, "%s", store_error(f->store));
-		return -EIO;
-	}
-	/* with nothing kept, only the UIDL record remains: no text, no meta.json */
-	if (f->mb->save_directory != NULL && (r = describe_message(f, c, size, why, whylen)) < 0)
-		return r;
-	/* the store owns it from here, also when sealing fails */
-	r = store_msg_seal(f->msg, f->mb->save_text);
-	f->msg = NULL;
-	if (r < 0) {
-		snprintf(why, whylen, "%s", store_error(f->store));
-		return r;
-	}
-	f->pend[f->npend++] = (size_t)(c - f->cand);
-	return 0;
+	if (r == 0)
+		f->pend[f->npend++] = (size_t)(c - f->cand);
+	return r;
 }
 
 /* Is a message with this key in the batch? (Byte-identical messages
@@ -1072,7 +925,7 @@ saved_by_content(struct fetch *f, const struct candidate *c)
 	char key[KEY_SIZE];
 
 	f->unkeyed--;
-	digest_key(f, CONTENT_KEY_PREFIX, key);
+	message_key_end(f->key, key);
 	if (pending_has(f, key) && !commit_batch(f)) {
 		halt(f);
 		return true;
@@ -1137,7 +990,7 @@ known_before(struct fetch *f, struct candidate *c)
 		return saved_as_content_key(f, c);
 	if (keyed_by_headers(f, c->uid))
 		return saved_by_content(f, c);
-	digest_key(f, CONTENT_KEY_PREFIX, key);
+	message_key_end(f->key, key);
 	store_msg_set_content_key(f->msg, key);
 	return false;
 }
@@ -1488,17 +1341,24 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 	f->mb = mb;
 	f->tls = p->tls;
 	f->oauth2 = p->oauth2;
-	f->smime_key = p->smime_key;
-	f->smime_unavailable = p->smime_unavailable;
 	f->mode = p->mode;
 	f->done = done;
 	f->arg = arg;
 	f->done_ev = evtimer_new(base, finish_cb, f);
 	f->commit_ev = evtimer_new(base, commit_timer_cb, f);
-	f->md = EVP_MD_CTX_new();
+	f->key = message_key_new();
+	f->msgp = (struct message_params){
+		.id = mb->id,
+		.keep = mb->save_directory != NULL,
+		.save_text = mb->save_text,
+		.save_attachments = mb->save_attachments,
+		.max_decoded = mb->max_decoded_size,
+		.smime_key = p->smime_key,
+		.smime_unavailable = p->smime_unavailable,
+	};
 	f->batch_max = p->set->commit_batch; /* config.c gives the defaults */
 	f->batch_seconds = p->set->commit_interval;
-	if (f->done_ev == NULL || f->commit_ev == NULL || f->md == NULL)
+	if (f->done_ev == NULL || f->commit_ev == NULL)
 		abort();
 	snprintf(f->where, sizeof(f->where), strchr(mb->server, ':') ? "[%s]:%u" : "%s:%u",
 		 mb->server, mb->port);
@@ -1597,7 +1457,7 @@ fetch_free(struct fetch *f)
 	free(f->pend);
 	free(f->dele);
 	free(f->mechanisms);
-	EVP_MD_CTX_free(f->md);
+	message_key_free(f->key);
 	event_free(f->done_ev);
 	event_free(f->commit_ev);
 	free(f);
