@@ -20,7 +20,6 @@
 
 #include <event2/event.h>
 
-#include "popfetchd/auth.h"
 #include "popfetchd/config.h"
 #include "popfetchd/fetch.h"
 #include "popfetchd/log.h"
@@ -383,9 +382,7 @@ on_ready(void *arg)
 	f->window = f->mode == FETCH_ALL && !f->lockstep && pop3_capa(f->pop3)->pipelining
 			    ? RETR_WINDOW
 			    : 1;
-	if (f->mb->tls == CONF_TLS_NONE && auth_cleartext(pop3_mechanism(f->pop3)))
-		log_warning(f->mb->id, "the password went to the server in clear (%s without TLS)",
-			    pop3_mechanism(f->pop3));
+	runtime_warn_login(f->mb, pop3_mechanism(f->pop3));
 	pop3_list(f->pop3);
 }
 
@@ -1320,6 +1317,20 @@ retry_with_new_token(struct fetch *f, const struct pop3_error *err)
 	return true;
 }
 
+void
+fetch_params_from_runtime(const struct runtime *rt, enum fetch_mode mode, struct fetch_params *fp)
+{
+	*fp = (struct fetch_params){
+		.set = rt->set,
+		.mb = rt->mb,
+		.tls = rt->tls,
+		.oauth2 = rt->oauth2,
+		.smime_key = rt->smime_key,
+		.smime_unavailable = rt->smime_why[0] ? rt->smime_why : NULL,
+		.mode = mode,
+	};
+}
+
 struct fetch *
 fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_params *p,
 	    fetch_done_cb done, void *arg)
@@ -1363,12 +1374,7 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 	snprintf(f->where, sizeof(f->where), strchr(mb->server, ':') ? "[%s]:%u" : "%s:%u",
 		 mb->server, mb->port);
 
-	if (mb->tls == CONF_TLS_NONE)
-		log_warning(mb->id, "tls: none: the password and the mail cross the network in "
-				    "clear");
-	else if (!mb->tls_verify && !mb->has_fingerprint)
-		log_warning(mb->id, "tls_verify: false: the server's certificate is not checked; "
-				    "anyone in the path can read the password and the mail");
+	runtime_warn_tls(mb);
 	if ((r = store_open(&sp, &f->store, err, sizeof(err))) < 0) {
 		set_exit(f, r == -EBUSY ? EX_TEMPFAIL : EX_IOERR);
 		add_error(f, "%s", err);
