@@ -40,9 +40,8 @@ message_key_new(void)
 void
 message_key_free(struct message_key *k)
 {
-	if (k == NULL)
-		return;
-	EVP_MD_CTX_free(k->md);
+	if (k != NULL)
+		EVP_MD_CTX_free(k->md);
 	free(k);
 }
 
@@ -203,7 +202,7 @@ message_seal(const struct message_params *p, const struct message_info *m, struc
 	unsigned long long size;
 	int r;
 
-	if (m->write_failed || store_msg_finish_eml(*msg, &size) < 0) {
+	if (store_msg_finish_eml(*msg, &size) < 0) {
 		snprintf(why, whylen, "%s", store_error(st));
 		return -EIO;
 	}

@@ -52,12 +52,10 @@ struct message_info {
 	unsigned long num; /* its number on the server, for log lines */
 	const char *uid;   /* the key it is saved under */
 	time_t received;   /* when its first bytes came */
-	bool write_failed; /* a write of message.eml failed (store_error says why) */
 };
 
 /*
- * message.eml of *msg is all here: close it (a write that failed fails the
- * message), write beside it its text,
+ * message.eml of *msg is all here: close it, write beside it its text,
  * attachments and meta.json (with p->keep), and seal it into st's batch.
  * Once sealing begins the store owns the message and *msg is set to NULL
  * (also when sealing fails); before, on a failure, it stays the caller's.
