@@ -1239,11 +1239,13 @@ compact_state(struct fetch *f)
 	free(keep);
 }
 
-/* Forget what the session knew (the UIDLs were its); what it saved and
- * deleted stays so. */
+/* Forget what the session knew (the UIDLs were its) and drop what it had
+ * of a message it was receiving; what it saved and deleted stays so. */
 static void
 session_reset(struct fetch *f)
 {
+	store_msg_abort(f->msg);
+	f->msg = NULL;
 	free(f->listed);
 	free(f->cand);
 	free(f->pend);
@@ -1576,7 +1578,6 @@ fetch_free(struct fetch *f)
 {
 	if (f == NULL)
 		return;
-	store_msg_abort(f->msg);
 	session_reset(f);
 	pop3_session_free(f->pop3);
 	store_close(f->store);
