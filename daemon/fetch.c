@@ -60,7 +60,8 @@ enum msg_state {
 	MSG_FAILED,    /* not saved in this session (refused, a write failed, dropped) */
 };
 
-static const unsigned msg_next[] = {
+/* read by assert() only */
+static const unsigned msg_next[] __attribute__((unused)) = {
 	[MSG_LISTED] = BIT(MSG_REQUESTED) | BIT(MSG_COMMITTED) | BIT(MSG_SKIPPED),
 	[MSG_REQUESTED] = BIT(MSG_STAGED) | BIT(MSG_COMMITTED) | BIT(MSG_FAILED),
 	[MSG_STAGED] = BIT(MSG_COMMITTED) | BIT(MSG_FAILED),
@@ -121,7 +122,8 @@ static const char *const state_names[] = {
 	[FETCH_DONE] = "DONE",
 };
 
-static const unsigned fetch_next[] = {
+/* read by assert() only */
+static const unsigned fetch_next[] __attribute__((unused)) = {
 	[FETCH_START] = BIT(FETCH_TOKEN) | BIT(FETCH_LOGIN) | BIT(FETCH_DONE),
 	[FETCH_TOKEN] = BIT(FETCH_LOGIN) | BIT(FETCH_DONE),
 	[FETCH_LOGIN] = BIT(FETCH_LISTING) | BIT(FETCH_TOKEN) | BIT(FETCH_DONE),
