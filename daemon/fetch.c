@@ -916,8 +916,8 @@ on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 		list_message(f, &msgs[i], msgs[i].uid[0] != '\0' && !dup[i]);
 	}
 	free(dup);
-	if (f->stale_left > 0)
-		f->ncand = 0; /* this session only deletes, then QUITs */
+	if (f->stale_left > 0) /* this session only deletes, then QUITs */
+		f->ncand = f->unkeyed = 0;
 	if (ndup > 0)
 		log_warning(f->mb->id,
 			    "%s: %zu messages share UIDLs with others: they are known "
