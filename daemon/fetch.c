@@ -8,10 +8,16 @@
  * a server that offers PIPELINING a window of RETRs is kept in flight.
  * Messages without UIDL that stay on the server are first asked TOP n 0:
  * known by their headers, only those not saved before are downloaded.
+ *
+ * Two state machines: the poll's (enum fetch_state, entered only through
+ * fetch_enter, which traces and checks every transition) and each
+ * message's (enum msg_state, through msg_enter). DELE is sent in one
+ * place, delete_message, for a message in MSG_COMMITTED only.
  */
+#include <assert.h>
 #include <errno.h>
-#include <stdint.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,50 +25,133 @@
 #include <time.h>
 
 #include <event2/event.h>
-#include <jansson.h>
-#include <openssl/evp.h>
 
-#include "popfetchd/auth.h"
 #include "popfetchd/config.h"
 #include "popfetchd/fetch.h"
 #include "popfetchd/log.h"
-#include "popfetchd/mime.h"
-#include "popfetchd/mime_extract.h"
+#include "popfetchd/message.h"
 #include "popfetchd/oauth2.h"
 #include "popfetchd/pop3.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/store.h"
 #include "popfetchd/util.h"
 
-/* A message to receive (or one a DELE was sent for). A listing may name a
- * million messages: this is kept small, the UIDL is the session's
+#define BIT(s) (1u << (s))
+
+/*
+ * What becomes of one message of the listing:
+ *
+ *   LISTED    -> REQUESTED (RETR sent) | COMMITTED (saved before: its key is
+ *                in the state) | SKIPPED (over max_message_size: left there)
+ *   REQUESTED -> STAGED (sealed into the batch) | COMMITTED (saved before,
+ *                known once here by its content) | FAILED
+ *   STAGED    -> COMMITTED (the batch is durable) | FAILED (the commit failed)
+ *   COMMITTED -> DELE_SENT (with remove_after_read; only in delete_message)
+ *   DELE_SENT -> DELETED | COMMITTED (the server refused the DELE)
+ */
+enum msg_state {
+	MSG_LISTED,    /* to be received */
+	MSG_REQUESTED, /* RETR sent: its bytes go to a staged folder */
+	MSG_STAGED,    /* complete and sealed into the batch, not durable yet */
+	MSG_COMMITTED, /* durable and recorded, in this session or before: may be deleted */
+	MSG_DELE_SENT, /* DELE sent, not answered yet */
+	MSG_DELETED,   /* the server took the DELE (QUIT +OK commits it) */
+	MSG_SKIPPED,   /* left on the server: over max_message_size */
+	MSG_FAILED,    /* not saved in this session (refused, a write failed, dropped) */
+};
+
+/* read by assert() only */
+static const unsigned msg_next[] __attribute__((unused)) = {
+	[MSG_LISTED] = BIT(MSG_REQUESTED) | BIT(MSG_COMMITTED) | BIT(MSG_SKIPPED),
+	[MSG_REQUESTED] = BIT(MSG_STAGED) | BIT(MSG_COMMITTED) | BIT(MSG_FAILED),
+	[MSG_STAGED] = BIT(MSG_COMMITTED) | BIT(MSG_FAILED),
+	[MSG_COMMITTED] = BIT(MSG_DELE_SENT),
+	[MSG_DELE_SENT] = BIT(MSG_DELETED) | BIT(MSG_COMMITTED),
+};
+
+/* A message of the listing (or a copy, for a DELE sent). A listing may name
+ * a million messages: this is kept small, the UIDL is the session's
  * (struct pop3_msg) or, for a message keyed by its content, in keys. */
 struct candidate {
 	unsigned long num;
-	uint64_t size;	 /* as LIST says */
-	const char *uid; /* "" until keyed, for a message without UIDL */
+	uint64_t size;	     /* as LIST says */
+	const char *uid;     /* "" until keyed, for a message without UIDL */
+	unsigned char state; /* enum msg_state */
 };
 
 /*
- * A message the server gives no (valid) UIDL for is keyed by its content
- * (DESIGN.md §4.3): "h" and the SHA-256 of its bytes, known once it is all
- * there. Byte-identical messages are one message. Every message is hashed
- * as it comes (known_before says why).
+ * The poll:
+ *
+ *   START         -> TOKEN (OAuth2) | LOGIN
+ *   TOKEN         -> LOGIN
+ *   LOGIN         -> LISTING | TOKEN (the token was refused: one fresh one)
+ *   LISTING       -> TOPPING (messages without UIDL to know by their headers)
+ *                  | RETRIEVING
+ *   TOPPING       -> RETRIEVING | COMMITTING (stopped, or an answer not trusted)
+ *   RETRIEVING    -> STOPPING (fetch_stop, RETRs in flight)
+ *                  | COMMITTING (nothing more to ask, or saving stops)
+ *   STOPPING      -> COMMITTING
+ *   COMMITTING    -> QUITTING | STARTING_OVER
+ *   QUITTING, STARTING_OVER -> LOGIN (a new session of the same poll)
+ *   TOPPING, RETRIEVING, QUITTING, STARTING_OVER
+ *                 -> LOGIN (the session was lost after DELEs of messages
+ *                    saved before: retry_fewer_deletions)
+ *   any but COMMITTING -> DONE (finish)
  */
-#define CONTENT_KEY_PREFIX "h"
+enum fetch_state {
+	FETCH_START,	     /* opening the store */
+	FETCH_TOKEN,	     /* waiting for an OAuth2 access token */
+	FETCH_LOGIN,	     /* a POP3 session connects and logs in */
+	FETCH_LISTING,	     /* UIDL and LIST asked */
+	FETCH_TOPPING,	     /* TOP n 0 of the messages without UIDL in flight */
+	FETCH_RETRIEVING,    /* RETRs in flight: messages saved, batches committed and deleted */
+	FETCH_STOPPING,	     /* fetch_stop: the RETRs in flight are saved, no more asked */
+	FETCH_COMMITTING,    /* the session's last batch committed, its DELEs sent */
+	FETCH_QUITTING,	     /* QUIT sent: answers still in flight are dropped */
+	FETCH_STARTING_OVER, /* the same, after an answer that could not be trusted: a new
+				session follows that asks one command at a time */
+	FETCH_DONE,
+};
+
+static const char *const state_names[] = {
+	[FETCH_START] = "START",       [FETCH_TOKEN] = "TOKEN",
+	[FETCH_LOGIN] = "LOGIN",       [FETCH_LISTING] = "LISTING",
+	[FETCH_TOPPING] = "TOPPING",   [FETCH_RETRIEVING] = "RETRIEVING",
+	[FETCH_STOPPING] = "STOPPING", [FETCH_COMMITTING] = "COMMITTING",
+	[FETCH_QUITTING] = "QUITTING", [FETCH_STARTING_OVER] = "STARTING_OVER",
+	[FETCH_DONE] = "DONE",
+};
+
+/* read by assert() only */
+static const unsigned fetch_next[] __attribute__((unused)) = {
+	[FETCH_START] = BIT(FETCH_TOKEN) | BIT(FETCH_LOGIN) | BIT(FETCH_DONE),
+	[FETCH_TOKEN] = BIT(FETCH_LOGIN) | BIT(FETCH_DONE),
+	[FETCH_LOGIN] = BIT(FETCH_LISTING) | BIT(FETCH_TOKEN) | BIT(FETCH_DONE),
+	[FETCH_LISTING] = BIT(FETCH_TOPPING) | BIT(FETCH_RETRIEVING) | BIT(FETCH_DONE),
+	[FETCH_TOPPING] =
+		BIT(FETCH_RETRIEVING) | BIT(FETCH_COMMITTING) | BIT(FETCH_LOGIN) | BIT(FETCH_DONE),
+	[FETCH_RETRIEVING] =
+		BIT(FETCH_STOPPING) | BIT(FETCH_COMMITTING) | BIT(FETCH_LOGIN) | BIT(FETCH_DONE),
+	[FETCH_STOPPING] = BIT(FETCH_COMMITTING) | BIT(FETCH_DONE),
+	[FETCH_COMMITTING] = BIT(FETCH_QUITTING) | BIT(FETCH_STARTING_OVER),
+	[FETCH_QUITTING] = BIT(FETCH_LOGIN) | BIT(FETCH_DONE),
+	[FETCH_STARTING_OVER] = BIT(FETCH_LOGIN) | BIT(FETCH_DONE),
+	[FETCH_DONE] = 0,
+};
+
 /*
- * Kept on the server (remove_after_read: false), such a message would be
- * downloaded at every poll to be known so. Where the server has TOP it is
- * known by its headers instead (start_top_phase says when): "t" and the SHA-256 of its LIST size in
- * decimal, a NUL, and its header block as TOP n 0 sends it (through the
- * first empty line); only a message whose key is not in the state is
- * downloaded. Messages that share that key (equal headers and size) are
- * known by their content, as is one whose TOP is refused or whose header
- * block is over HEADERS_MAX.
+ * A message without a (valid) UIDL is keyed by its content (message.h),
+ * known once it is all there. Every message is hashed as it comes
+ * (known_before says why). Kept on the server (remove_after_read: false),
+ * such a message would be downloaded at every poll to be known so. Where
+ * the server has TOP it is known by its header key instead
+ * (start_top_phase says when): only a message whose key is not in the
+ * state is downloaded. Messages that share that key (equal headers and
+ * size) are known by their content, as is one whose TOP is refused or
+ * whose header block is over HEADERS_MAX.
  */
-#define HEADER_KEY_PREFIX "t"
-#define KEY_SIZE	  (1 + 2 * 32 + 1) /* prefix, SHA-256 in hex, NUL */
-#define HEADERS_MAX	  (256 * 1024)
+#define KEY_SIZE    MESSAGE_KEY_SIZE
+#define HEADERS_MAX (256 * 1024)
 /* TOPs kept in flight when the server offers PIPELINING */
 #define TOP_WINDOW 32
 
@@ -88,105 +177,102 @@ struct fetch {
 	enum fetch_mode mode;
 	fetch_done_cb done;
 	void *arg;
+	enum fetch_state state;
 
 	struct evdns_base *dns;
 	int (*open_socket)(void *arg); /* fetch_params: tests only */
 	void *open_arg;
 	struct tls_ctx *tls;
 	struct oauth2_source *oauth2;
-	const struct smime_key *smime_key;
-	const char *smime_unavailable;
 	struct oauth2_request *token_req;
 	char *token; /* the access token of this poll (wiped) */
+	/* a fresh token was fetched after the server refused one: once per
+	 * poll, whichever of its sessions logs in (not a state of one) */
 	bool token_retried;
+	/* new sessions this poll may still start; fetch_stop leaves none */
+	unsigned sessions_left;
 
 	struct store *store;
 	struct pop3_session *pop3;
 	const char **mechanisms;
+	/* a parameter of the session: one command at a time even where the
+	 * server offers PIPELINING (after one whose answers were not trusted) */
+	bool lockstep;
 
 	struct candidate *cand;
 	size_t ncand;
 	size_t next;   /* the candidate whose response is being read */
 	size_t issued; /* RETRs asked for: cand[next..issued) are in flight */
 	size_t window; /* most RETRs in flight */
-	/* a refused pipelined RETR: this session saves nothing more, and a new
-	 * one asks one message at a time (lockstep) */
-	bool again, lockstep;
-	size_t *pend; /* candidates sealed in the batch, in order */
+	size_t *pend;  /* candidates sealed in the batch, in order */
 	size_t npend, pend_done;
 	unsigned batch_max, batch_seconds;
 	struct event *commit_ev; /* the batch's time bound */
-	bool halted;		 /* save nothing more: what is in flight is dropped */
-	bool no_dele;		 /* commit without DELE (the session is gone, or confused) */
-	bool quit_sent;
-	bool aborted;	     /* fetch_abort: the batch is dropped, not committed */
-	const char **listed; /* UIDLs on the server, for compaction after QUIT */
+	const char **listed;	 /* UIDLs on the server, for compaction after QUIT */
 	size_t nlisted;
-	char **keys; /* the content keys made in this session */
-	size_t nkeys;
-	struct store_msg *msg; /* the message being received */
-	EVP_MD_CTX *md;	       /* its content key in the making */
+	char *keys; /* the content keys made in this session, KEY_SIZE bytes each, never moved */
+	size_t nkeys, capkeys;
+	struct store_msg *msg;	 /* the message being received */
+	struct message_key *key; /* its key in the making */
+	struct message_params msgp;
 	/* listed messages without UIDL whose key is not known in this session,
 	 * or is a header key not in the state (saved under another key before?) */
 	size_t unkeyed;
-	bool have_uidl; /* the server answered UIDL */
-	/* TOP n 0 for the messages without UIDL (HEADER_KEY_PREFIX) */
-	bool topping;		    /* asking: no RETR before every answer is in */
-	bool top_refused;	    /* a TOP was refused one at a time: no more in this poll */
+	bool have_uidl; /* what the listing said: the server answered UIDL */
+	/* TOP n 0 for the messages without UIDL; top_refused: a TOP was
+	 * refused one at a time, no more in this poll (whichever session) */
+	bool top_refused;
 	size_t top_next, top_issue; /* candidates: the one being answered, the next to ask */
 	size_t top_inflight, top_window;
 	char *head_keys; /* the header keys, KEY_SIZE bytes each, never moved */
 	size_t nhead_keys;
 	struct pop3_head head; /* the header block of the TOP being answered */
-	size_t head_bytes;
-	bool head_too_long;
+	size_t head_bytes;     /* over HEADERS_MAX: too long to be known by */
 	time_t msg_time;
-	int msg_error;		       /* a write of the current message failed */
 	uint64_t msg_bytes, msg_limit; /* received so far, most accepted */
 	struct candidate *dele;	       /* DELEs sent, to learn which the server took */
 	size_t ndele, capdele;
 	size_t dele_answered; /* answers come in the order the DELEs went out */
 	size_t dele_ok;
-	const char **deleted_uids; /* UIDLs the server accepted a DELE for, in this session */
-	size_t ndeleted_uids, capdeleted_uids;
-	bool listing_done;
 	/* DELEs of messages saved by an earlier session: sent in this one, most
-	 * per session (0: no limit), and whether some wait for the next one */
-	size_t stale_sent, stale_cap;
-	bool stale_left;
-	unsigned sessions; /* sessions this poll started beyond the first */
-	bool stopping;	   /* fetch_stop(): QUIT after the message in hand */
+	 * per session (0: no limit), and those left for the next one */
+	size_t stale_sent, stale_cap, stale_left;
 	struct event *done_ev;
 
 	struct fetch_result res;
-	bool finished;
 	char where[300]; /* "host:port" or "[v6]:port", for error lines */
 };
 
-static bool retry_with_new_token(struct fetch *f, const struct pop3_error *err);
-static bool retry_fewer_deletions(struct fetch *f, const struct pop3_error *err);
 static void forget_token(struct fetch *f);
-static bool commit_batch(struct fetch *f);
+static bool commit_batch(struct fetch *f, bool dele);
 static uint64_t message_limit(const struct fetch *f, uint64_t listed);
+static void start_session(struct fetch *f);
 
 static void add_error_at(struct fetch *f, int level, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 #define add_error(f, ...) add_error_at(f, LOG_LVL_ERROR, __VA_ARGS__)
+
+static void
+add_error_v(struct fetch *f, int level, const char *fmt, va_list ap)
+{
+	char *line;
+
+	if (vasprintf(&line, fmt, ap) < 0)
+		abort();
+	log_msg(level, f->mb->id, "%s", line);
+	f->res.errors = xrealloc(f->res.errors, (f->res.nerrors + 1) * sizeof(char *));
+	f->res.errors[f->res.nerrors++] = line;
+}
 
 /* An error of this poll: logged at level, and kept for the result. */
 static void
 add_error_at(struct fetch *f, int level, const char *fmt, ...)
 {
 	va_list ap;
-	char *line;
 
 	va_start(ap, fmt);
-	if (vasprintf(&line, fmt, ap) < 0)
-		abort();
+	add_error_v(f, level, fmt, ap);
 	va_end(ap);
-	log_msg(level, f->mb->id, "%s", line);
-	f->res.errors = xrealloc(f->res.errors, (f->res.nerrors + 1) * sizeof(char *));
-	f->res.errors[f->res.nerrors++] = line;
 }
 
 static void
@@ -194,6 +280,29 @@ set_exit(struct fetch *f, int code)
 {
 	if (f->res.exit_code == 0)
 		f->res.exit_code = code;
+}
+
+/* The one way the poll changes state: traced, and only along the diagram. */
+static void
+fetch_enter(struct fetch *f, enum fetch_state st)
+{
+	assert(fetch_next[f->state] & BIT(st));
+	log_debug(f->mb->id, "fetch %s -> %s", state_names[f->state], state_names[st]);
+	f->state = st;
+}
+
+/* Is the session reading messages (their answers are saved)? */
+static bool
+retrieving(const struct fetch *f)
+{
+	return f->state == FETCH_RETRIEVING || f->state == FETCH_STOPPING;
+}
+
+static void
+msg_enter(struct candidate *c, enum msg_state st)
+{
+	assert(msg_next[c->state] & BIT(st));
+	c->state = st;
 }
 
 static void
@@ -210,9 +319,11 @@ finish_cb(evutil_socket_t fd, short what, void *arg)
 static void
 finish(struct fetch *f)
 {
-	if (f->finished)
+	static const struct timeval zero = {0, 0};
+
+	if (f->state == FETCH_DONE)
 		return;
-	f->finished = true;
+	fetch_enter(f, FETCH_DONE);
 	if (f->token_req != NULL) {
 		oauth2_cancel(f->token_req);
 		f->token_req = NULL;
@@ -223,9 +334,7 @@ finish(struct fetch *f)
 	evtimer_del(f->commit_ev);
 	/* complete messages of a session that ended are kept: no DELE can go
 	 * out now, the next poll deletes them */
-	f->no_dele = true;
-	if (!f->aborted)
-		commit_batch(f);
+	commit_batch(f, false);
 	if (f->pop3 != NULL) {
 		pop3_session_free_deferred(f->pop3);
 		f->pop3 = NULL;
@@ -236,9 +345,26 @@ finish(struct fetch *f)
 	log_msg(f->res.nsaved || f->res.deleted || f->res.exit_code ? LOG_LVL_INFO : LOG_LVL_DEBUG,
 		f->mb->id, "%zu saved, %zu already received, %zu deleted%s", f->res.nsaved,
 		f->res.skipped, f->res.deleted, f->res.exit_code ? " (with errors)" : "");
-	static const struct timeval zero = {0, 0};
-
 	evtimer_add(f->done_ev, &zero);
+}
+
+static void end_now(struct fetch *f, int code, int level, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+/* End the poll at once, without QUIT (nothing is deleted, the message in
+ * hand is not kept): exit code, and an error line at level. */
+static void
+end_now(struct fetch *f, int code, int level, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (f->pop3 != NULL)
+		pop3_abort(f->pop3);
+	set_exit(f, code);
+	va_start(ap, fmt);
+	add_error_v(f, level, fmt, ap);
+	va_end(ap);
+	finish(f);
 }
 
 int
@@ -261,51 +387,181 @@ fetch_failure_exit(enum pop3_failure fail)
 	return EX_PROTOCOL;
 }
 
-static void
-on_failed(void *arg, const struct pop3_error *err)
+/*
+ * The one place a DELE is sent: for a message that is durable (committed
+ * by this session, or recorded by an earlier one), when the configuration
+ * removes what it has read. False when it keeps it on the server.
+ */
+static bool
+delete_message(struct fetch *f, struct candidate *c)
 {
-	struct fetch *f = arg;
-
-	if (retry_with_new_token(f, err) || retry_fewer_deletions(f, err))
-		return;
-	set_exit(f, fetch_failure_exit(err->fail));
-	if (err->login_delay > f->res.login_delay)
-		f->res.login_delay = err->login_delay;
-	if (err->token_rejected && f->token_retried)
-		add_error(f,
-			  "%s: %s; a new access token was refused too: check that the mailbox "
-			  "allows POP, that the app may use it (scope, consent) and that user "
-			  "names the mailbox",
-			  f->where, err->detail);
-	else
-		add_error(f, "%s: %s", f->where, err->detail);
-	if (f->ndele > 0)
-		log_notice(f->mb->id,
-			   "the session ended before QUIT: the server keeps the %zu "
-			   "message(s) marked for deletion; the next poll deletes them",
-			   f->ndele);
-	finish(f);
-}
-
-/* DELE, remembering which message it was for. */
-static void
-send_dele(struct fetch *f, unsigned long num, const char *uid)
-{
+	assert(c->state == MSG_COMMITTED);
+	if (!f->mb->remove_after_read)
+		return false;
+	assert(f->pop3 != NULL);
+	msg_enter(c, MSG_DELE_SENT);
 	if (f->ndele == f->capdele) {
 		f->capdele = f->capdele ? 2 * f->capdele : 16;
 		f->dele = xrealloc(f->dele, f->capdele * sizeof(*f->dele));
 	}
-	f->dele[f->ndele].num = num;
-	f->dele[f->ndele].uid = uid;
-	f->ndele++;
-	pop3_dele(f->pop3, num);
+	f->dele[f->ndele++] = *c;
+	pop3_dele(f->pop3, c->num);
+	return true;
+}
+
+/* A message saved before (the state has its key): it is committed, and
+ * deleted where may_delete. True when a DELE went out. */
+static bool
+saved_before(struct fetch *f, struct candidate *c, bool may_delete)
+{
+	f->res.skipped++;
+	msg_enter(c, MSG_COMMITTED);
+	return may_delete && delete_message(f, c);
+}
+
+/* A message of the batch is durable: count it, and now it may be deleted. */
+static void
+on_committed(void *arg, const char *uid, char *folder, unsigned long long size)
+{
+	struct fetch *f = arg;
+	struct candidate *c = &f->cand[f->pend[f->pend_done++]];
+	struct fetch_saved *sv;
+
+	msg_enter(c, MSG_COMMITTED);
+	f->res.saved = xrealloc(f->res.saved, (f->res.nsaved + 1) * sizeof(*f->res.saved));
+	sv = &f->res.saved[f->res.nsaved++];
+	sv->uid = xstrdup(uid);
+	sv->folder = folder;
+	sv->size = size;
+	log_debug(f->mb->id, "saved message %lu (%s) in %s", c->num, uid,
+		  folder ? folder : "(nothing kept)");
+}
+
+/* Group commit of the sealed messages, then (with dele) their DELEs; false
+ * when it failed: the session must save nothing more. */
+static bool
+commit_batch(struct fetch *f, bool dele)
+{
+	size_t n = f->npend;
+	int r;
+
+	if (n == 0)
+		return true;
+	evtimer_del(f->commit_ev);
+	f->pend_done = 0;
+	r = store_commit(f->store, on_committed, f);
+	f->npend = 0;
+	/* the DELEs once the store is done with the batch: nothing the session
+	 * may call back into runs inside store_commit */
+	for (size_t i = 0; i < n; i++) {
+		struct candidate *c = &f->cand[f->pend[i]];
+		if (i >= f->pend_done)
+			msg_enter(c, MSG_FAILED);
+		else if (dele)
+			delete_message(f, c);
+	}
+	if (r < 0) {
+		set_exit(f, EX_IOERR);
+		add_error(f, "%zu of %zu message(s) not saved: %s", n - f->pend_done, n,
+			  store_error(f->store));
+		return false;
+	}
+	log_debug(f->mb->id, "committed %zu message(s)", n);
+	return true;
+}
+
+/* Commit what is sealed (its DELEs go out with dele), then QUIT: the server
+ * answers what is in flight first. after: FETCH_QUITTING, or
+ * FETCH_STARTING_OVER for a new session one command at a time. */
+static void
+wind_up(struct fetch *f, enum fetch_state after, bool dele)
+{
+	fetch_enter(f, FETCH_COMMITTING);
+	commit_batch(f, dele);
+	fetch_enter(f, after);
+	pop3_quit(f->pop3);
+}
+
+/* Save nothing more: the message in hand and the RETRs in flight are
+ * dropped (left on the server), what is sealed is committed, QUIT. */
+static void
+stop_saving(struct fetch *f, enum fetch_state after, bool dele)
+{
+	store_msg_abort(f->msg);
+	f->msg = NULL;
+	for (size_t i = f->next; i < f->issued; i++)
+		if (f->cand[i].state == MSG_REQUESTED)
+			msg_enter(&f->cand[i], MSG_FAILED);
+	wind_up(f, after, dele);
+}
+
+/* Commit the batch; when that fails the session saves nothing more. */
+static bool
+commit_or_stop(struct fetch *f)
+{
+	if (commit_batch(f, true))
+		return true;
+	stop_saving(f, FETCH_QUITTING, true);
+	return false;
+}
+
+static void
+commit_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	commit_or_stop(arg);
+}
+
+static void start_over(struct fetch *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/*
+ * An answer to a pipelined command could not be trusted (fmt says why, in
+ * a notice): what this session reads after it is dropped. What is sealed
+ * was read before, in step: it is committed, QUIT goes out alone (where a
+ * shift shows), and then a new session of this poll asks one command at a
+ * time.
+ */
+static void
+start_over(struct fetch *f, const char *fmt, ...)
+{
+	va_list ap;
+	char *why;
+
+	va_start(ap, fmt);
+	if (vasprintf(&why, fmt, ap) < 0)
+		abort();
+	va_end(ap);
+	log_notice(f->mb->id, "%s: %s", f->where, why);
+	free(why);
+	stop_saving(f, FETCH_STARTING_OVER, true);
+}
+
+/*
+ * Pipelined (window > 1), an -ERR may answer nothing (a line the server
+ * added): every answer after it would then be taken for the command
+ * before, a message saved under another's UIDL and the other deleted
+ * unseen. A new session asks one command at a time, where a message the
+ * server cannot send is dealt with as usual. True when that is so.
+ */
+static bool
+pipelined_refusal(struct fetch *f, size_t window, const char *cmd, unsigned long num,
+		  const char *error)
+{
+	if (window <= 1)
+		return false;
+	start_over(f,
+		   "the server refused %s %lu among pipelined commands: starting over one "
+		   "command at a time (server said: %s)",
+		   cmd, num, error);
+	return true;
 }
 
 /* More RETRs to ask for in this session? */
 static bool
 more_to_ask(const struct fetch *f)
 {
-	if (f->halted || f->stopping || f->issued >= f->ncand)
+	if (f->state != FETCH_RETRIEVING || f->issued >= f->ncand)
 		return false;
 	/* receive: one: the oldest message the server gives */
 	return f->mode != FETCH_ONE || (f->res.nsaved == 0 && f->npend == 0);
@@ -321,71 +577,21 @@ request_more(struct fetch *f)
 			bytes += f->cand[i].size;
 		if (f->issued > f->next && bytes > RETR_WINDOW_BYTES)
 			break;
+		msg_enter(&f->cand[f->issued], MSG_REQUESTED);
 		pop3_retr(f->pop3, f->cand[f->issued++].num);
 	}
 }
 
-/* Commit what is sealed (its DELEs go out), then QUIT: the server answers
- * what is in flight first. */
-static void
-wind_up(struct fetch *f)
-{
-	if (f->quit_sent || f->finished)
-		return;
-	commit_batch(f);
-	f->quit_sent = true;
-	pop3_quit(f->pop3);
-}
-
-/* A response to a RETR has been dealt with. */
+/* A response to a RETR has been dealt with (or the RETRs begin): ask
+ * more, or, with nothing more to ask and nothing in flight, QUIT. */
 static void
 after_response(struct fetch *f)
 {
-	if (f->finished)
+	if (!retrieving(f))
 		return;
 	request_more(f);
-	if (f->halted || (!more_to_ask(f) && f->next == f->issued))
-		wind_up(f);
-}
-
-/* Stop saving: the sealed messages are committed, the rest dropped. */
-static void
-halt(struct fetch *f)
-{
-	f->halted = true;
-	store_msg_abort(f->msg);
-	f->msg = NULL;
-}
-
-/* Is this one of the header keys (not a UIDL that reads like one)? */
-static bool
-keyed_by_headers(const struct fetch *f, const char *uid)
-{
-	uintptr_t p = (uintptr_t)uid, base = (uintptr_t)f->head_keys;
-
-	return f->head_keys != NULL && p >= base && p < base + f->nhead_keys * KEY_SIZE;
-}
-
-/* The first bytes (or the end) of the message at the head: stage it. */
-static int
-begin_message(struct fetch *f)
-{
-	const struct candidate *c = &f->cand[f->next];
-	int r;
-
-	if (!EVP_DigestInit_ex(f->md, EVP_sha256(), NULL))
-		abort();
-	f->msg_time = time(NULL);
-	f->msg_error = 0;
-	f->msg_bytes = 0;
-	f->msg_limit = message_limit(f, c->size);
-	r = store_msg_begin(f->store, c->uid, f->msg_time, &f->msg);
-	if (r < 0) {
-		set_exit(f, EX_IOERR);
-		add_error(f, "%s", store_error(f->store));
-		halt(f);
-	}
-	return r;
+	if (!more_to_ask(f) && f->next == f->issued)
+		wind_up(f, FETCH_QUITTING, true);
 }
 
 static void
@@ -393,13 +599,12 @@ on_ready(void *arg)
 {
 	struct fetch *f = arg;
 
+	fetch_enter(f, FETCH_LISTING);
 	log_debug(f->mb->id, "logged in as %s with %s", f->mb->user, pop3_mechanism(f->pop3));
 	f->window = f->mode == FETCH_ALL && !f->lockstep && pop3_capa(f->pop3)->pipelining
 			    ? RETR_WINDOW
 			    : 1;
-	if (f->mb->tls == CONF_TLS_NONE && auth_cleartext(pop3_mechanism(f->pop3)))
-		log_warning(f->mb->id, "the password went to the server in clear (%s without TLS)",
-			    pop3_mechanism(f->pop3));
+	runtime_warn_login(f->mb, pop3_mechanism(f->pop3));
 	pop3_list(f->pop3);
 }
 
@@ -443,17 +648,13 @@ duplicate_uids(const struct pop3_msg *msgs, size_t n)
 	return dup;
 }
 
-/* prefix and the hex of the digest in f->md: out has KEY_SIZE bytes. */
-static void
-digest_key(struct fetch *f, const char *prefix, char *out)
+/* Is this one of the header keys (not a UIDL that reads like one)? */
+static bool
+keyed_by_headers(const struct fetch *f, const char *uid)
 {
-	unsigned char d[EVP_MAX_MD_SIZE];
-	unsigned int dlen = 0;
+	uintptr_t p = (uintptr_t)uid, base = (uintptr_t)f->head_keys;
 
-	if (!EVP_DigestFinal_ex(f->md, d, &dlen) || dlen != 32)
-		abort();
-	out[0] = prefix[0];
-	util_hex(d, dlen, out + 1);
+	return f->head_keys != NULL && p >= base && p < base + f->nhead_keys * KEY_SIZE;
 }
 
 /* The next candidate from i on without a key: the TOPs go out, and are
@@ -470,26 +671,18 @@ next_unkeyed(const struct fetch *f, size_t i)
 static void
 top_reset(struct fetch *f)
 {
-	char size[32];
-
 	pop3_head_init(&f->head);
 	f->head_bytes = 0;
-	f->head_too_long = false;
 	f->msg_bytes = 0;
-	if (f->top_next >= f->ncand)
-		return;
-	snprintf(size, sizeof(size), "%llu", (unsigned long long)f->cand[f->top_next].size);
-	if (!EVP_DigestInit_ex(f->md, EVP_sha256(), NULL) ||
-	    !EVP_DigestUpdate(f->md, size, strlen(size) + 1))
-		abort();
+	if (f->top_next < f->ncand)
+		message_key_begin_headers(f->key, f->cand[f->top_next].size);
 }
 
 /* Keep the window of TOPs full. */
 static void
 ask_tops(struct fetch *f)
 {
-	while (!f->top_refused && !f->halted && !f->stopping && f->top_issue < f->ncand &&
-	       f->top_inflight < f->top_window) {
+	while (!f->top_refused && f->top_issue < f->ncand && f->top_inflight < f->top_window) {
 		pop3_top(f->pop3, f->cand[f->top_issue].num);
 		f->top_inflight++;
 		f->top_issue = next_unkeyed(f, f->top_issue + 1);
@@ -553,19 +746,14 @@ end_top_phase(struct fetch *f)
 {
 	size_t shared = unkey_shared(f), k = 0, by_headers = 0, by_content = 0, stale = 0;
 
-	f->topping = false;
 	for (size_t i = 0; i < f->ncand; i++) {
 		struct candidate c = f->cand[i];
 		if (keyed_by_headers(f, c.uid)) {
 			by_headers++;
 			f->listed[f->nlisted++] = c.uid;
 			if (store_has(f->store, c.uid)) {
-				f->res.skipped++;
 				f->unkeyed--;
-				if (f->mb->remove_after_read) {
-					send_dele(f, c.num, c.uid);
-					stale++;
-				}
+				stale += saved_before(f, &c, true);
 				continue;
 			}
 		} else if (c.uid[0] == '\0') {
@@ -582,6 +770,7 @@ end_top_phase(struct fetch *f)
 	note_unkeyed(f, by_headers, by_content);
 	if (stale > 0)
 		log_info(f->mb->id, "deleting %zu message(s) saved by an earlier session", stale);
+	fetch_enter(f, FETCH_RETRIEVING);
 	after_response(f);
 }
 
@@ -592,23 +781,9 @@ next_top(struct fetch *f)
 	f->top_inflight--;
 	f->top_next = next_unkeyed(f, f->top_next + 1);
 	top_reset(f);
-	if (f->halted) {
-		wind_up(f);
-		return;
-	}
 	ask_tops(f);
 	if (f->top_inflight == 0)
 		end_top_phase(f);
-}
-
-/* An answer to a pipelined TOP could not be trusted: a new session asks
- * one command at a time (as after a pipelined RETR, start_over_in_lockstep). */
-static void
-top_start_over(struct fetch *f)
-{
-	f->again = true;
-	halt(f);
-	next_top(f);
 }
 
 /* Bytes of the header block of the TOP at the head. */
@@ -620,23 +795,17 @@ top_data(struct fetch *f, const char *buf, size_t len)
 
 	f->msg_bytes += len;
 	if (f->msg_bytes > message_limit(f, c->size)) {
-		set_exit(f, EX_PROTOCOL);
-		add_error(f,
-			  "%s: the answer to TOP %lu 0 goes on past %llu bytes, far more than "
-			  "LIST announced for the whole message: the session is ended",
-			  f->where, c->num, (unsigned long long)message_limit(f, c->size));
-		pop3_abort(f->pop3);
-		finish(f);
+		end_now(f, EX_PROTOCOL, LOG_LVL_ERROR,
+			"%s: the answer to TOP %lu 0 goes on past %llu bytes, far more than LIST "
+			"announced for the whole message: the session is ended",
+			f->where, c->num, (unsigned long long)message_limit(f, c->size));
 		return;
 	}
-	if (f->head_too_long || n == 0)
+	if (n == 0 || f->head_bytes > HEADERS_MAX)
 		return;
-	if (f->head_bytes + n > HEADERS_MAX) {
-		f->head_too_long = true;
-		return;
-	}
 	f->head_bytes += n;
-	EVP_DigestUpdate(f->md, buf, n);
+	if (f->head_bytes <= HEADERS_MAX)
+		message_key_add(f->key, buf, n);
 }
 
 /* The TOP at the head was answered (error: refused). */
@@ -645,18 +814,8 @@ top_answered(struct fetch *f, unsigned long num, const char *error)
 {
 	struct candidate *c = &f->cand[f->top_next];
 
-	if (f->halted) {
-		next_top(f);
+	if (error != NULL && pipelined_refusal(f, f->top_window, "TOP", num, error))
 		return;
-	}
-	if (error != NULL && f->top_window > 1) {
-		log_notice(f->mb->id,
-			   "%s: the server refused TOP %lu among pipelined commands: starting "
-			   "over one command at a time (server said: %s)",
-			   f->where, num, error);
-		top_start_over(f);
-		return;
-	}
 	if (error != NULL) {
 		f->top_refused = true;
 		log_notice(f->mb->id,
@@ -664,14 +823,14 @@ top_answered(struct fetch *f, unsigned long num, const char *error)
 			   "without UIDL not known by their headers yet are downloaded to be "
 			   "known by their content",
 			   f->where, num, error);
-	} else if (f->head_too_long) {
+	} else if (f->head_bytes > HEADERS_MAX) {
 		log_notice(f->mb->id,
 			   "%s: message %lu has a header block over %d KiB: it is downloaded to "
 			   "be known by its content",
 			   f->where, num, HEADERS_MAX / 1024);
 	} else {
 		char *key = f->head_keys + f->nhead_keys++ * KEY_SIZE;
-		digest_key(f, HEADER_KEY_PREFIX, key);
+		message_key_end(f->key, key);
 		c->uid = key;
 	}
 	next_top(f);
@@ -692,7 +851,7 @@ start_top_phase(struct fetch *f)
 	if (f->unkeyed == 0 || f->top_refused || (capa->seen && !capa->top) ||
 	    (f->mb->remove_after_read && store_count(f->store) == 0))
 		return false;
-	f->topping = true;
+	fetch_enter(f, FETCH_TOPPING);
 	f->head_keys = xcalloc(f->unkeyed, KEY_SIZE);
 	f->nhead_keys = 0;
 	f->top_window = capa->pipelining && !f->lockstep ? TOP_WINDOW : 1;
@@ -703,69 +862,123 @@ start_top_phase(struct fetch *f)
 	return true;
 }
 
+/* A message of the listing saved by an earlier session: its deletion was
+ * never committed (or it is kept on the server). At most stale_cap such
+ * DELEs go out in one session. */
+static void
+listed_saved_before(struct fetch *f, struct candidate *c)
+{
+	if (f->stale_cap != 0 && f->stale_sent == f->stale_cap) {
+		saved_before(f, c, false);
+		f->stale_left += f->mb->remove_after_read; /* for the next session */
+	} else if (saved_before(f, c, true)) {
+		f->stale_sent++;
+	}
+}
+
+/* One message of the listing (keyed: by a UIDL unique in it). */
+static void
+list_message(struct fetch *f, const struct pop3_msg *m, bool keyed)
+{
+	struct candidate c = {.num = m->num, .size = m->size, .uid = keyed ? m->uid : ""};
+
+	if (keyed) {
+		f->listed[f->nlisted++] = m->uid;
+		if (store_has(f->store, m->uid)) {
+			listed_saved_before(f, &c);
+			return;
+		}
+	}
+	if (f->mb->max_message_size && m->size > f->mb->max_message_size) {
+		log_notice(f->mb->id,
+			   "message %lu%s%s%s is %llu bytes, over max_message_size: left "
+			   "on the server",
+			   m->num, keyed ? " (" : "", m->uid, keyed ? ")" : "",
+			   (unsigned long long)m->size);
+		msg_enter(&c, MSG_SKIPPED);
+		f->res.too_big++;
+		return;
+	}
+	/* one without UIDL is keyed by its content once it is here */
+	f->unkeyed += !keyed;
+	f->cand[f->ncand++] = c;
+}
+
 static void
 on_listing(void *arg, const struct pop3_msg *msgs, size_t n, bool have_uidl)
 {
 	struct fetch *f = arg;
 	bool *dup = duplicate_uids(msgs, n);
-	size_t stale = 0, ndup = 0;
+	size_t ndup = 0;
 
-	f->listing_done = true;
 	f->cand = xcalloc(n, sizeof(*f->cand));
 	f->listed = xcalloc(n ? n : 1, sizeof(*f->listed));
 	for (size_t i = 0; i < n; i++) {
-		const struct pop3_msg *m = &msgs[i];
-		bool keyed = m->uid[0] != '\0' && !dup[i];
 		ndup += dup[i];
-		if (keyed) {
-			f->listed[f->nlisted++] = m->uid;
-			if (store_has(f->store, m->uid)) {
-				f->res.skipped++;
-				if (f->mb->remove_after_read && f->stale_cap != 0 &&
-				    stale == f->stale_cap)
-					f->stale_left = true;
-				else if (f->mb->remove_after_read) {
-					/* saved before; its deletion was never committed */
-					send_dele(f, m->num, m->uid);
-					stale++;
-				}
-				continue;
-			}
-		}
-		if (f->mb->max_message_size && m->size > f->mb->max_message_size) {
-			log_notice(f->mb->id,
-				   "message %lu%s%s%s is %llu bytes, over max_message_size: left "
-				   "on the server",
-				   m->num, keyed ? " (" : "", m->uid, keyed ? ")" : "",
-				   (unsigned long long)m->size);
-			f->res.too_big++;
-			continue;
-		}
-		/* one without UIDL is keyed by its content once it is here */
-		f->unkeyed += !keyed;
-		f->cand[f->ncand].num = m->num;
-		f->cand[f->ncand].uid = keyed ? m->uid : "";
-		f->cand[f->ncand].size = m->size;
-		f->ncand++;
+		list_message(f, &msgs[i], msgs[i].uid[0] != '\0' && !dup[i]);
 	}
 	free(dup);
-	f->stale_sent = stale;
-	if (f->stale_left)
-		f->ncand = 0; /* this session only deletes, then QUITs */
+	if (f->stale_left > 0) /* this session only deletes, then QUITs */
+		f->ncand = f->unkeyed = 0;
 	if (ndup > 0)
 		log_warning(f->mb->id,
 			    "%s: %zu messages share UIDLs with others: they are known "
 			    "by their content instead",
 			    f->where, ndup);
-	if (stale > 0)
-		log_info(f->mb->id, "deleting %zu message(s) saved by an earlier session", stale);
+	if (f->stale_sent > 0)
+		log_info(f->mb->id, "deleting %zu message(s) saved by an earlier session",
+			 f->stale_sent);
 	log_debug(f->mb->id, "%zu message(s) on the server, %zu to receive", n, f->ncand);
 	f->pend = xcalloc(f->ncand ? f->ncand : 1, sizeof(*f->pend));
+	f->capkeys = f->unkeyed;
+	f->keys = xcalloc(f->capkeys ? f->capkeys : 1, KEY_SIZE);
 	f->have_uidl = have_uidl;
 	if (start_top_phase(f))
 		return;
 	note_unkeyed(f, 0, f->unkeyed);
+	fetch_enter(f, FETCH_RETRIEVING);
 	after_response(f);
+}
+
+/* The first bytes (or the end) of the message at the head: stage it. */
+static int
+begin_message(struct fetch *f)
+{
+	const struct candidate *c = &f->cand[f->next];
+	int r;
+
+	message_key_begin(f->key);
+	f->msg_time = time(NULL);
+	f->msg_bytes = 0;
+	f->msg_limit = message_limit(f, c->size);
+	r = store_msg_begin(f->store, c->uid, f->msg_time, &f->msg);
+	if (r < 0) {
+		set_exit(f, EX_IOERR);
+		add_error(f, "%s", store_error(f->store));
+		stop_saving(f, FETCH_QUITTING, true);
+	}
+	return r;
+}
+
+/* Bytes of the message at the head. */
+static void
+retr_data(struct fetch *f, const char *buf, size_t len)
+{
+	struct candidate *c = &f->cand[f->next];
+
+	if (c->state == MSG_FAILED || (f->msg == NULL && begin_message(f) < 0))
+		return;
+	f->msg_bytes += len;
+	if (f->msg_bytes > f->msg_limit) {
+		end_now(f, EX_PROTOCOL, LOG_LVL_ERROR,
+			"%s: message %lu (%s) goes on past %llu bytes, far more than LIST "
+			"announced: the session is ended, nothing of it is kept",
+			f->where, c->num, c->uid, (unsigned long long)f->msg_limit);
+		return;
+	}
+	message_key_add(f->key, buf, len);
+	if (store_msg_write(f->msg, buf, len) < 0)
+		msg_enter(c, MSG_FAILED); /* store_error says why, once it is all read */
 }
 
 static void
@@ -773,235 +986,46 @@ on_data(void *arg, const char *buf, size_t len)
 {
 	struct fetch *f = arg;
 
-	if (f->halted || f->finished)
-		return;
-	if (f->topping) {
+	if (f->state == FETCH_TOPPING)
 		top_data(f, buf, len);
-		return;
-	}
-	if (f->msg == NULL && begin_message(f) < 0)
-		return;
-	if (f->msg_error)
-		return;
-	f->msg_bytes += len;
-	if (f->msg_bytes > f->msg_limit) {
-		const struct candidate *c = &f->cand[f->next];
-		set_exit(f, EX_PROTOCOL);
-		add_error(f,
-			  "%s: message %lu (%s) goes on past %llu bytes, far more than LIST "
-			  "announced: the session is ended, nothing of it is kept",
-			  f->where, c->num, c->uid, (unsigned long long)f->msg_limit);
-		pop3_abort(f->pop3);
-		finish(f);
-		return;
-	}
-	EVP_DigestUpdate(f->md, buf, len);
-	if (store_msg_write(f->msg, buf, len) < 0)
-		f->msg_error = 1;
+	else if (retrieving(f))
+		retr_data(f, buf, len);
+	/* else in flight when the session stopped saving: dropped */
 }
 
-/* The content key of the message just received (one without UIDL). */
+/* Pipelined, the data of RETR num began like a status line: a message that
+ * begins so, or a server out of step. One command at a time tells. */
 static void
-content_key(struct fetch *f, struct candidate *c)
-{
-	char *key = xcalloc(1, KEY_SIZE);
-
-	digest_key(f, CONTENT_KEY_PREFIX, key);
-	f->keys = xrealloc(f->keys, (f->nkeys + 1) * sizeof(*f->keys));
-	f->keys[f->nkeys++] = key;
-	c->uid = key;
-	f->unkeyed--;
-	f->listed[f->nlisted++] = key;
-}
-
-static char *
-rfc3339(time_t t)
-{
-	struct tm tm;
-	char buf[32];
-
-	gmtime_r(&t, &tm);
-	strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
-	return xstrdup(buf);
-}
-
-static json_t *
-str_or_null(const char *s)
-{
-	return s ? json_string(s) : json_null();
-}
-
-/* meta.json of DESIGN.md §3: what this issue knows of the message. */
-static char *
-build_meta(struct fetch *f, const char *uid, unsigned long long size, const struct mime_headers *h,
-	   const struct mime_result *mr)
-{
-	char *when = rfc3339(f->msg_time), *text;
-	json_t *o = json_object();
-
-	json_object_set_new(o, "configuration", json_string(f->mb->id));
-	json_object_set_new(o, "uidl", json_string(uid));
-	json_object_set_new(o, "received_at", json_string(when));
-	json_object_set_new(o, "size", json_integer((json_int_t)size));
-	json_object_set_new(o, "message_id", str_or_null(h->message_id));
-	json_object_set_new(o, "date", str_or_null(h->date));
-	json_object_set_new(o, "from", str_or_null(h->from));
-	json_object_set_new(o, "to", str_or_null(h->to));
-	json_object_set_new(o, "cc", str_or_null(h->cc));
-	json_object_set_new(o, "subject", str_or_null(h->subject));
-	json_object_set_new(o, "smime", json_string(mr->smime ? mr->smime : "none"));
-	json_t *texts = json_array(), *att = json_array();
-	for (size_t i = 0; i < mr->ntext; i++)
-		json_array_append_new(texts, json_string(mr->text[i]));
-	for (size_t i = 0; i < mr->natt; i++) {
-		const struct mime_attachment *a = &mr->att[i];
-		json_t *e = json_object();
-		json_object_set_new(e, "name", json_string(a->name));
-		json_object_set_new(e, "original_name", str_or_null(a->original_name));
-		json_object_set_new(e, "content_type", json_string(a->content_type));
-		json_object_set_new(e, "size", json_integer((json_int_t)a->size));
-		json_object_set_new(e, "sha256", json_string(a->sha256));
-		json_array_append_new(att, e);
-	}
-	json_object_set_new(o, "text", texts);
-	json_object_set_new(o, "attachments", att);
-	if (mr->note != NULL)
-		json_object_set_new(o, "note", json_string(mr->note));
-	/* invalid UTF-8 from a stranger is replaced, never fatal */
-	text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
-	json_decref(o);
-	free(when);
-	if (text == NULL)
-		abort();
-	char *line = xasprintf("%s\n", text);
-	free(text);
-	return line;
-}
-
-/* A message of the batch is durable: count it, and now it may be deleted. */
-static void
-on_committed(void *arg, const char *uid, char *folder, unsigned long long size)
-{
-	struct fetch *f = arg;
-	const struct candidate *c = &f->cand[f->pend[f->pend_done++]];
-	struct fetch_saved *sv;
-
-	f->res.saved = xrealloc(f->res.saved, (f->res.nsaved + 1) * sizeof(*f->res.saved));
-	sv = &f->res.saved[f->res.nsaved++];
-	sv->uid = xstrdup(uid);
-	sv->folder = folder;
-	sv->size = size;
-	log_debug(f->mb->id, "saved message %lu (%s) in %s", c->num, uid,
-		  folder ? folder : "(nothing kept)");
-}
-
-/* Group commit of the sealed messages; false when it failed (the session
- * then saves nothing more). */
-static bool
-commit_batch(struct fetch *f)
-{
-	size_t n = f->npend;
-	int r;
-
-	if (n == 0)
-		return true;
-	evtimer_del(f->commit_ev);
-	f->pend_done = 0;
-	r = store_commit(f->store, on_committed, f);
-	f->npend = 0;
-	/* the DELEs once the store is done with the batch: nothing the session
-	 * may call back into runs inside store_commit */
-	for (size_t i = 0; i < f->pend_done; i++)
-		if (f->mb->remove_after_read && !f->no_dele && f->pop3 != NULL)
-			send_dele(f, f->cand[f->pend[i]].num, f->cand[f->pend[i]].uid);
-	if (r < 0) {
-		set_exit(f, EX_IOERR);
-		add_error(f, "%zu of %zu message(s) not saved: %s", n - f->pend_done, n,
-			  store_error(f->store));
-		f->halted = true;
-		return false;
-	}
-	log_debug(f->mb->id, "committed %zu message(s)", n);
-	return true;
-}
-
-static void
-commit_timer_cb(evutil_socket_t fd, short what, void *arg)
+on_ambiguous(void *arg, unsigned long num, const char *first_line)
 {
 	struct fetch *f = arg;
 
-	(void)fd;
-	(void)what;
-	if (!commit_batch(f))
-		wind_up(f);
-}
-
-/* Beside message.eml in the staged folder: its text and attachments, and
- * meta.json, the header fields read by the same parse. */
-static int
-describe_message(struct fetch *f, const struct candidate *c, unsigned long long size, char *why,
-		 size_t whylen)
-{
-	struct mime_headers h = {0};
-	struct mime_result mr = {0};
-	struct mime_opts mo = {.save_text = f->mb->save_text,
-			       .save_attachments = f->mb->save_attachments,
-			       .dirfd = store_msg_dirfd(f->msg),
-			       .max_decoded = f->mb->max_decoded_size,
-			       .smime_key = f->smime_key,
-			       .smime_unavailable = f->smime_unavailable,
-			       .headers = &h};
-	char *meta;
-	int r;
-
-	/* hostile content is never an error; a disk that fails is */
-	if ((r = mime_extract("message.eml", &mo, &mr)) < 0) {
-		snprintf(why, whylen, "cannot write its text or attachments beside %s: %s",
-			 store_msg_eml_path(f->msg), strerror(-r));
-		mime_result_clear(&mr);
-		mime_headers_clear(&h);
-		return r;
-	}
-	if (mr.note != NULL)
-		log_notice(f->mb->id, "message %lu (%s): %s", c->num, c->uid, mr.note);
-	if (mr.smime != NULL && strncmp(mr.smime, "not-", 4) == 0)
-		log_warning(f->mb->id, "message %lu (%s) is saved as it came, %s", c->num, c->uid,
-			    mr.smime);
-	meta = build_meta(f, c->uid, size, &h, &mr);
-	mime_result_clear(&mr);
-	mime_headers_clear(&h);
-	if (meta == NULL)
-		abort();
-	r = store_msg_add_file(f->msg, "meta.json", meta, strlen(meta));
-	free(meta);
-	if (r < 0)
-		snprintf(why, whylen, "%s", store_error(f->store));
-	return r;
+	if (f->state == FETCH_TOPPING)
+		start_over(f,
+			   "the answer to TOP %lu begins like a status line (\"%s\"): starting "
+			   "over one command at a time",
+			   num, first_line);
+	else if (retrieving(f))
+		start_over(f,
+			   "the data of RETR %lu begins like a status line (\"%s\"): the message "
+			   "may begin so, or the server's answers are out of step with the "
+			   "commands; starting over one command at a time",
+			   num, first_line);
+	/* else in flight when the session stopped saving: dropped */
 }
 
 /* The message is in the staged folder: complete it and add it to the batch. */
 static int
-seal_message(struct fetch *f, const struct candidate *c, char *why, size_t whylen)
+seal_message(struct fetch *f, struct candidate *c, char *why, size_t whylen)
 {
-	unsigned long long size;
-	int r;
+	struct message_info m = {.num = c->num, .uid = c->uid, .received = f->msg_time};
+	int r = message_seal(&f->msgp, &m, f->store, &f->msg, why, whylen);
 
-	if (f->msg_error || store_msg_finish_eml(f->msg, &size) < 0) {
-		snprintf(why, whylen, "%s", store_error(f->store));
-		return -EIO;
+	if (r == 0) {
+		msg_enter(c, MSG_STAGED);
+		f->pend[f->npend++] = (size_t)(c - f->cand);
 	}
-	/* with nothing kept, only the UIDL record remains: no text, no meta.json */
-	if (f->mb->save_directory != NULL && (r = describe_message(f, c, size, why, whylen)) < 0)
-		return r;
-	/* the store owns it from here, also when sealing fails */
-	r = store_msg_seal(f->msg, f->mb->save_text);
-	f->msg = NULL;
-	if (r < 0) {
-		snprintf(why, whylen, "%s", store_error(f->store));
-		return r;
-	}
-	f->pend[f->npend++] = (size_t)(c - f->cand);
-	return 0;
+	return r;
 }
 
 /* Is a message with this key in the batch? (Byte-identical messages
@@ -1015,81 +1039,58 @@ pending_has(const struct fetch *f, const char *uid)
 	return false;
 }
 
-/*
- * What this session read after a response it could not trust is dropped.
- * What is sealed was read before, in step: it is committed, QUIT goes out
- * alone (where a shift shows), and then a new session of this poll asks one
- * command at a time (restart_lockstep).
- */
-static void
-start_over_in_lockstep(struct fetch *f)
+/* A content key made in this session, kept as long as its UIDLs are. */
+static const char *
+keep_content_key(struct fetch *f, const char *key)
 {
-	f->again = true;
-	halt(f);
-	f->next++;
-	after_response(f);
-}
+	char *k = f->keys + f->nkeys++ * KEY_SIZE;
 
-/* Pipelined, the data of RETR num began like a status line: a message that
- * begins so, or a server out of step. One command at a time tells. */
-static void
-on_ambiguous(void *arg, unsigned long num, const char *first_line)
-{
-	struct fetch *f = arg;
-
-	if (f->topping) {
-		if (!f->halted)
-			log_notice(f->mb->id,
-				   "%s: the answer to TOP %lu begins like a status line (\"%s\"): "
-				   "starting over one command at a time",
-				   f->where, num, first_line);
-		top_start_over(f);
-		return;
-	}
-	store_msg_abort(f->msg);
-	f->msg = NULL;
-	if (f->halted) {
-		f->next++;
-		after_response(f);
-		return;
-	}
-	log_notice(f->mb->id,
-		   "%s: the data of RETR %lu begins like a status line (\"%s\"): the message "
-		   "may begin so, or the server's answers are out of step with the commands; "
-		   "starting over one command at a time",
-		   f->where, num, first_line);
-	start_over_in_lockstep(f);
+	assert(f->nkeys <= f->capkeys);
+	memcpy(k, key, KEY_SIZE);
+	f->listed[f->nlisted++] = k;
+	return k;
 }
 
 /*
- * A message known by its headers, not in the state, may have been saved by
- * its content (by an earlier version, or in a poll where TOP failed): then
- * it is not saved again, and deleted, or (kept on the server) its header
- * key is recorded so that the next poll need not download it. True when it
- * is done with (not to be saved).
+ * The message just received, all here, known by its key: true when it is
+ * done with (not to be saved). One with a UIDL has its content key
+ * recorded beside it, for the day the server gives that UIDL to another
+ * message too (a UIDL made of some header fields) and both are known by
+ * their content. One without a key is keyed by its content; one known by
+ * its headers, not in the state, may have been saved by its content (by
+ * an earlier version, or in a poll where TOP failed). Saved before (or a
+ * copy earlier in this session), it is not kept again but deleted, or
+ * (kept on the server, known by its headers) its header key is recorded so
+ * that the next poll need not download it.
  */
 static bool
-saved_by_content(struct fetch *f, const struct candidate *c)
+known_before(struct fetch *f, struct candidate *c)
 {
+	bool by_headers = keyed_by_headers(f, c->uid);
 	char key[KEY_SIZE];
 
-	f->unkeyed--;
-	digest_key(f, CONTENT_KEY_PREFIX, key);
-	if (pending_has(f, key) && !commit_batch(f)) {
-		halt(f);
-		return true;
-	}
-	if (!store_has(f->store, key)) {
+	message_key_end(f->key, key);
+	if (c->uid[0] != '\0' && !by_headers) {
 		store_msg_set_content_key(f->msg, key);
 		return false;
 	}
-	log_debug(f->mb->id, "message %lu (%s) was saved before as %s", c->num, c->uid, key);
+	f->unkeyed--;
+	if (!by_headers)
+		c->uid = keep_content_key(f, key);
+	if (pending_has(f, key) && !commit_or_stop(f))
+		return true;
+	if (!store_has(f->store, key)) {
+		if (by_headers)
+			store_msg_set_content_key(f->msg, key);
+		else
+			store_msg_set_uid(f->msg, c->uid);
+		return false;
+	}
+	log_debug(f->mb->id, "message %lu (%s) was saved before%s%s", c->num, c->uid,
+		  by_headers ? " as " : "", by_headers ? key : "");
 	store_msg_abort(f->msg);
 	f->msg = NULL;
-	f->res.skipped++;
-	if (f->mb->remove_after_read)
-		send_dele(f, c->num, c->uid);
-	else if (store_record(f->store, c->uid) < 0) {
+	if (!saved_before(f, c, true) && by_headers && store_record(f->store, c->uid) < 0) {
 		/* known by its content again at the next poll: nothing lost */
 		set_exit(f, EX_IOERR);
 		add_error(f, "%s", store_error(f->store));
@@ -1097,175 +1098,117 @@ saved_by_content(struct fetch *f, const struct candidate *c)
 	return true;
 }
 
-/*
- * A message without a key, all here: keyed by its content. Saved before (or
- * a copy earlier in this session), it is not kept again. True when it is
- * done with (not to be saved).
- */
-static bool
-saved_as_content_key(struct fetch *f, struct candidate *c)
-{
-	content_key(f, c);
-	if (pending_has(f, c->uid) && !commit_batch(f)) {
-		halt(f);
-		return true;
-	}
-	if (!store_has(f->store, c->uid)) {
-		store_msg_set_uid(f->msg, c->uid);
-		return false;
-	}
-	log_debug(f->mb->id, "message %lu (%s) was saved before", c->num, c->uid);
-	store_msg_abort(f->msg);
-	f->msg = NULL;
-	f->res.skipped++;
-	if (f->mb->remove_after_read)
-		send_dele(f, c->num, c->uid);
-	return true;
-}
-
-/*
- * The message just received, all here, known by its key: true when it is
- * done with (saved before: not to be saved again). One saved under a UIDL
- * or a header key has its content key recorded beside it, for the day the
- * server gives that key to another message too (a UIDL made of some header
- * fields) and both are known by their content.
- */
-static bool
-known_before(struct fetch *f, struct candidate *c)
-{
-	char key[KEY_SIZE];
-
-	if (c->uid[0] == '\0')
-		return saved_as_content_key(f, c);
-	if (keyed_by_headers(f, c->uid))
-		return saved_by_content(f, c);
-	digest_key(f, CONTENT_KEY_PREFIX, key);
-	store_msg_set_content_key(f->msg, key);
-	return false;
-}
-
-/* The server refused the RETR at the head (error: what it said). */
+/* c was received but cannot be saved (why): what is sealed before it is
+ * sound: committed, then QUIT. */
 static void
-retr_refused(struct fetch *f, const struct candidate *c, unsigned long num, const char *error)
+not_saved(struct fetch *f, const struct candidate *c, const char *why)
 {
-	if (f->window > 1) {
-		/*
-		 * Pipelined, an -ERR may answer nothing (a line the server
-		 * added): every answer after it would then be taken for the
-		 * command before, a message saved under another's UIDL and the
-		 * other deleted unseen. A new session asks one message at a
-		 * time, where a message the server cannot send is skipped as
-		 * usual.
-		 */
-		log_notice(f->mb->id,
-			   "%s: the server refused RETR %lu among pipelined commands: starting "
-			   "over one command at a time (server said: %s)",
-			   f->where, num, error);
-		start_over_in_lockstep(f);
-		return;
+	set_exit(f, EX_IOERR);
+	add_error(f, "message %lu (%s) not saved: %s", c->num, c->uid, why);
+	stop_saving(f, FETCH_QUITTING, true);
+}
+
+/* A message was sealed into the batch: commit when the batch is full, or
+ * set its time bound. */
+static void
+batch_sealed(struct fetch *f)
+{
+	unsigned long long bytes;
+	size_t n = store_pending(f->store, &bytes);
+
+	if (n >= f->batch_max || bytes >= BATCH_BYTES || f->mode == FETCH_ONE) {
+		commit_or_stop(f);
+	} else if (n == 1) {
+		struct timeval bound = {(time_t)f->batch_seconds, 0};
+		evtimer_add(f->commit_ev, &bound);
 	}
+}
+
+/* c is all here: saved, unless known before. */
+static void
+received(struct fetch *f, struct candidate *c)
+{
+	char why[600] = "";
+
+	if (known_before(f, c))
+		return;
+	if (seal_message(f, c, why, sizeof(why)) < 0)
+		not_saved(f, c, why);
+	else
+		batch_sealed(f);
+}
+
+/* The server refused the RETR of c (error: what it said). */
+static void
+retr_refused(struct fetch *f, struct candidate *c, unsigned long num, const char *error)
+{
+	if (pipelined_refusal(f, f->window, "RETR", num, error))
+		return;
 	/* one message the server cannot send must not block the others */
 	store_msg_abort(f->msg);
 	f->msg = NULL;
+	msg_enter(c, MSG_FAILED);
 	set_exit(f, EX_TEMPFAIL);
 	add_error(f, "%s: the server refused RETR %lu%s%s%s: left there (server said: %s)",
 		  f->where, num, c->uid[0] ? " (" : "", c->uid, c->uid[0] ? ")" : "", error);
-	f->next++;
-	after_response(f);
+}
+
+/* The answer to the RETR of c (error: the server refused it). */
+static void
+retr_answered(struct fetch *f, struct candidate *c, unsigned long num, const char *error)
+{
+	if (error != NULL) {
+		retr_refused(f, c, num, error);
+	} else if (c->num != num) {
+		set_exit(f, EX_PROTOCOL);
+		add_error(f, "%s: the server sent message %lu for RETR %lu: not saved", f->where,
+			  num, c->num);
+		/* what is sealed is sound, but a DELE by number could hit another */
+		stop_saving(f, FETCH_QUITTING, false);
+	} else if (c->state == MSG_FAILED) {
+		not_saved(f, c, store_error(f->store));	      /* a write of it failed */
+	} else if (f->msg != NULL || begin_message(f) == 0) { /* empty: staged now */
+		received(f, c);
+	}
 }
 
 static void
 on_retrieved(void *arg, unsigned long num, const char *error)
 {
 	struct fetch *f = arg;
-	struct candidate *c = &f->cand[f->next];
-	char why[600] = "";
 
-	if (f->topping) {
+	if (f->state == FETCH_TOPPING) {
 		top_answered(f, num, error);
-		return;
-	}
-	if (f->halted) {
-		/* in flight when the session stopped saving: not kept */
-		store_msg_abort(f->msg);
-		f->msg = NULL;
+	} else if (retrieving(f)) {
+		retr_answered(f, &f->cand[f->next], num, error);
 		f->next++;
 		after_response(f);
-		return;
 	}
-	if (error != NULL) {
-		retr_refused(f, c, num, error);
-		return;
-	}
-	if (c->num != num) {
-		set_exit(f, EX_PROTOCOL);
-		add_error(f, "%s: the server sent message %lu for RETR %lu: not saved", f->where,
-			  num, c->num);
-		/* what is sealed is sound, but a DELE by number could hit another */
-		f->no_dele = true;
-		halt(f);
-		f->next++;
-		after_response(f);
-		return;
-	}
-	if (f->msg == NULL && begin_message(f) < 0) { /* an empty message */
-		f->next++;
-		after_response(f);
-		return;
-	}
-	if (known_before(f, c)) {
-		f->next++;
-		after_response(f);
-		return;
-	}
-	if (seal_message(f, c, why, sizeof(why)) < 0) {
-		set_exit(f, EX_IOERR);
-		add_error(f, "message %lu (%s) not saved: %s", num, c->uid, why);
-		/* what is sealed before it is sound: committed, then QUIT */
-		halt(f);
-		f->next++;
-		after_response(f);
-		return;
-	}
-	f->next++;
-	unsigned long long bytes;
-	size_t n = store_pending(f->store, &bytes);
-	if (n >= f->batch_max || bytes >= BATCH_BYTES || f->mode == FETCH_ONE) {
-		if (!commit_batch(f))
-			halt(f);
-	} else if (n == 1) {
-		struct timeval bound = {(time_t)f->batch_seconds, 0};
-		evtimer_add(f->commit_ev, &bound);
-	}
-	after_response(f);
+	/* else in flight when the session stopped saving: dropped */
 }
 
 static void
 on_deleted(void *arg, unsigned long num, bool ok)
 {
 	struct fetch *f = arg;
-	const char *uid = NULL;
+	struct candidate *d = NULL;
 
 	if (f->dele_answered < f->ndele && f->dele[f->dele_answered].num == num)
-		uid = f->dele[f->dele_answered].uid;
+		d = &f->dele[f->dele_answered];
 	else
 		for (size_t i = 0; i < f->ndele; i++)
 			if (f->dele[i].num == num)
-				uid = f->dele[i].uid;
+				d = &f->dele[i];
 	f->dele_answered++;
 	if (!ok) {
 		log_warning(f->mb->id, "the server refused DELE %lu: the message stays there", num);
+		if (d != NULL)
+			msg_enter(d, MSG_COMMITTED);
 		return;
 	}
 	f->dele_ok++;
-	if (uid != NULL) {
-		if (f->ndeleted_uids == f->capdeleted_uids) {
-			f->capdeleted_uids = f->capdeleted_uids ? 2 * f->capdeleted_uids : 64;
-			f->deleted_uids = xrealloc(f->deleted_uids,
-						   f->capdeleted_uids * sizeof(*f->deleted_uids));
-		}
-		f->deleted_uids[f->ndeleted_uids++] = uid;
-	}
+	if (d != NULL)
+		msg_enter(d, MSG_DELETED);
 }
 
 static int
@@ -1280,14 +1223,15 @@ static void
 compact_state(struct fetch *f)
 {
 	const char **keep = xcalloc(f->nlisted ? f->nlisted : 1, sizeof(char *));
-	size_t n = 0;
+	const char **gone = xcalloc(f->ndele ? f->ndele : 1, sizeof(char *));
+	size_t n = 0, ngone = 0;
 
-	if (f->ndeleted_uids > 1)
-		qsort(f->deleted_uids, f->ndeleted_uids, sizeof(char *), cmp_str);
+	for (size_t i = 0; i < f->ndele; i++)
+		if (f->dele[i].state == MSG_DELETED)
+			gone[ngone++] = f->dele[i].uid;
+	qsort(gone, ngone, sizeof(char *), cmp_str);
 	for (size_t i = 0; i < f->nlisted; i++)
-		if (f->ndeleted_uids == 0 ||
-		    bsearch(&f->listed[i], f->deleted_uids, f->ndeleted_uids, sizeof(char *),
-			    cmp_str) == NULL)
+		if (bsearch(&f->listed[i], gone, ngone, sizeof(char *), cmp_str) == NULL)
 			keep[n++] = f->listed[i];
 	if (store_compact(f->store, keep, n) < 0) {
 		/* nothing is lost (the old state stays), but the state is not
@@ -1295,51 +1239,45 @@ compact_state(struct fetch *f)
 		set_exit(f, EX_IOERR);
 		add_error(f, "%s", store_error(f->store));
 	}
+	free(gone);
 	free(keep);
 }
 
-static void start_session(struct fetch *f);
-
+/* Forget what the session knew (the UIDLs were its) and drop what it had
+ * of a message it was receiving; what it saved and deleted stays so. */
 static void
-free_keys(struct fetch *f)
+session_reset(struct fetch *f)
 {
-	for (size_t i = 0; i < f->nkeys; i++)
-		free(f->keys[i]);
+	store_msg_abort(f->msg);
+	f->msg = NULL;
+	free(f->listed);
+	free(f->cand);
+	free(f->pend);
 	free(f->keys);
+	free(f->head_keys);
+	f->listed = NULL;
+	f->cand = NULL;
+	f->pend = NULL;
 	f->keys = NULL;
-	f->nkeys = 0;
+	f->head_keys = NULL;
+	f->nlisted = f->ncand = f->next = f->issued = f->npend = f->nkeys = f->capkeys = 0;
+	f->ndele = f->dele_ok = f->dele_answered = f->unkeyed = 0;
+	f->nhead_keys = f->top_inflight = 0;
+	f->stale_sent = f->stale_left = 0;
+	f->res.skipped = f->res.too_big = 0; /* counted anew from the new listing */
 }
 
-/* The same poll goes on in a new session (after a refused pipelined RETR:
- * one command at a time). What the first one saved and deleted stays so. */
+/* The same poll goes on in a new session: one command at a time after
+ * answers that could not be trusted (lockstep), or to delete what the
+ * last one could not. */
 static void
 restart_session(struct fetch *f, bool lockstep)
 {
 	pop3_session_free_deferred(f->pop3);
 	f->pop3 = NULL;
-	/* the UIDLs were the old session's: the new one lists what is left */
-	free_keys(f);
-	free(f->listed);
-	free(f->cand);
-	free(f->pend);
-	free(f->deleted_uids);
-	f->listed = NULL;
-	f->cand = NULL;
-	f->pend = NULL;
-	f->deleted_uids = NULL;
-	f->nlisted = f->ncand = f->next = f->issued = f->npend = 0;
-	f->ndele = f->dele_ok = f->dele_answered = f->unkeyed = 0;
-	f->ndeleted_uids = f->capdeleted_uids = 0;
-	free(f->head_keys);
-	f->head_keys = NULL;
-	f->nhead_keys = f->top_inflight = 0;
-	f->topping = false;
-	f->res.skipped = f->res.too_big = 0; /* counted anew from the new listing */
-	f->listing_done = f->halted = f->no_dele = f->quit_sent = f->again = false;
-	f->stale_sent = 0;
-	f->stale_left = false;
+	session_reset(f);
 	f->lockstep = lockstep;
-	f->sessions++;
+	f->sessions_left--;
 	start_session(f);
 }
 
@@ -1347,13 +1285,15 @@ static void
 on_quit(void *arg, bool ok)
 {
 	struct fetch *f = arg;
+	bool starting_over = f->state == FETCH_STARTING_OVER;
 
-	if (ok && (f->again || f->stale_left) && !f->stopping && f->sessions < MAX_SESSIONS) {
+	if (ok)
 		f->res.deleted += f->dele_ok;
-		restart_session(f, f->lockstep || f->again);
+	if (ok && (starting_over || f->stale_left > 0) && f->sessions_left > 0) {
+		restart_session(f, f->lockstep || starting_over);
 		return;
 	}
-	if (f->again) {
+	if (starting_over) {
 		set_exit(f, EX_TEMPFAIL);
 		add_error(f,
 			  "%s: a pipelined RETR was refused, or its answer could not be trusted, "
@@ -1361,13 +1301,11 @@ on_quit(void *arg, bool ok)
 			  "stays for the next poll",
 			  f->where);
 	}
-	if (ok) {
-		f->res.deleted += f->dele_ok;
-		/* only when every message is known: a record kept for a message
-		 * without UIDL that was not downloaded this time must stay */
-		if (f->listing_done && f->res.exit_code == 0 && f->unkeyed == 0 && !f->stale_left)
-			compact_state(f);
-	} else if (f->ndele > 0) {
+	/* compaction only when every message is known: a record kept for a
+	 * message without UIDL that was not downloaded this time must stay */
+	if (ok && f->res.exit_code == 0 && f->unkeyed == 0 && f->stale_left == 0) {
+		compact_state(f);
+	} else if (!ok && f->ndele > 0) {
 		set_exit(f, EX_TEMPFAIL);
 		add_error(f,
 			  "%s: QUIT was not answered +OK: the server did not commit the "
@@ -1376,6 +1314,8 @@ on_quit(void *arg, bool ok)
 	}
 	finish(f);
 }
+
+static void on_failed(void *arg, const struct pop3_error *err);
 
 static const struct pop3_events fetch_events = {
 	.ready = on_ready,
@@ -1388,12 +1328,13 @@ static const struct pop3_events fetch_events = {
 	.failed = on_failed,
 };
 
-/* A new POP3 session of this poll (a second one only to retry a token). */
+/* A new POP3 session of this poll. */
 static void
 start_session(struct fetch *f)
 {
 	struct pop3_params pp;
 
+	fetch_enter(f, FETCH_LOGIN);
 	runtime_pop3_params(f->mb, f->tls, f->mechanisms, f->token, &pp);
 	pp.lockstep = f->lockstep;
 	pp.open_socket = f->open_socket;
@@ -1429,6 +1370,14 @@ on_token(void *arg, enum oauth2_status status, const char *token, const char *de
 	start_session(f);
 }
 
+/* Ask for a token (fresh: not the one cached); on_token goes on. */
+static void
+get_token(struct fetch *f, bool fresh)
+{
+	fetch_enter(f, FETCH_TOKEN);
+	f->token_req = oauth2_get_token(f->oauth2, fresh, on_token, f);
+}
+
 /*
  * Some servers close the connection after so many commands (reported of
  * Yahoo- and GMX-style servers). The DELEs of messages saved before, which
@@ -1440,12 +1389,10 @@ on_token(void *arg, enum oauth2_status status, const char *token, const char *de
 static bool
 retry_fewer_deletions(struct fetch *f, const struct pop3_error *err)
 {
-	if (err->fail != POP3_FAIL_LOST || f->stale_sent == 0 || f->stopping || f->aborted ||
-	    f->sessions >= MAX_SESSIONS)
+	if (err->fail != POP3_FAIL_LOST || f->stale_sent == 0 || f->sessions_left == 0)
 		return false;
 	/* what this session sealed is durable now; its DELE waits */
-	f->no_dele = true;
-	if (!commit_batch(f))
+	if (!commit_batch(f, false))
 		return false;
 	f->stale_cap = f->stale_sent > 1 ? f->stale_sent / 2 : 1;
 	log_notice(f->mb->id,
@@ -1460,15 +1407,95 @@ retry_fewer_deletions(struct fetch *f, const struct pop3_error *err)
 static bool
 retry_with_new_token(struct fetch *f, const struct pop3_error *err)
 {
-	if (f->oauth2 == NULL || !err->token_rejected || f->token_retried || f->listing_done)
+	if (f->oauth2 == NULL || !err->token_rejected || f->token_retried ||
+	    f->state != FETCH_LOGIN)
 		return false;
 	f->token_retried = true;
 	log_notice(f->mb->id, "the server refused the access token: fetching a new one and "
 			      "trying once more");
 	pop3_session_free_deferred(f->pop3);
 	f->pop3 = NULL;
-	f->token_req = oauth2_get_token(f->oauth2, true, on_token, f);
+	get_token(f, true);
 	return true;
+}
+
+static void
+on_failed(void *arg, const struct pop3_error *err)
+{
+	struct fetch *f = arg;
+
+	if (retry_with_new_token(f, err) || retry_fewer_deletions(f, err))
+		return;
+	set_exit(f, fetch_failure_exit(err->fail));
+	if (err->login_delay > f->res.login_delay)
+		f->res.login_delay = err->login_delay;
+	if (err->token_rejected && f->token_retried)
+		add_error(f,
+			  "%s: %s; a new access token was refused too: check that the mailbox "
+			  "allows POP, that the app may use it (scope, consent) and that user "
+			  "names the mailbox",
+			  f->where, err->detail);
+	else
+		add_error(f, "%s: %s", f->where, err->detail);
+	if (f->ndele > 0)
+		log_notice(f->mb->id,
+			   "the session ended before QUIT: the server keeps the %zu "
+			   "message(s) marked for deletion; the next poll deletes them",
+			   f->ndele);
+	finish(f);
+}
+
+void
+fetch_params_from_runtime(const struct runtime *rt, enum fetch_mode mode, struct fetch_params *fp)
+{
+	*fp = (struct fetch_params){
+		.set = rt->set,
+		.mb = rt->mb,
+		.tls = rt->tls,
+		.oauth2 = rt->oauth2,
+		.smime_key = rt->smime_key,
+		.smime_unavailable = rt->smime_why[0] ? rt->smime_why : NULL,
+		.mode = mode,
+	};
+}
+
+static struct fetch *
+fetch_new(struct event_base *base, struct evdns_base *dns, const struct fetch_params *p,
+	  fetch_done_cb done, void *arg)
+{
+	const struct conf_mailbox *mb = p->mb;
+	struct fetch *f = xcalloc(1, sizeof(*f));
+
+	f->base = base;
+	f->dns = dns;
+	f->open_socket = p->open_socket;
+	f->open_arg = p->open_arg;
+	f->mb = mb;
+	f->tls = p->tls;
+	f->oauth2 = p->oauth2;
+	f->mode = p->mode;
+	f->done = done;
+	f->arg = arg;
+	f->sessions_left = MAX_SESSIONS;
+	f->done_ev = evtimer_new(base, finish_cb, f);
+	f->commit_ev = evtimer_new(base, commit_timer_cb, f);
+	f->key = message_key_new();
+	f->msgp = (struct message_params){
+		.id = mb->id,
+		.keep = mb->save_directory != NULL,
+		.save_text = mb->save_text,
+		.save_attachments = mb->save_attachments,
+		.max_decoded = mb->max_decoded_size,
+		.smime_key = p->smime_key,
+		.smime_unavailable = p->smime_unavailable,
+	};
+	f->batch_max = p->set->commit_batch; /* config.c gives the defaults */
+	f->batch_seconds = p->set->commit_interval;
+	if (f->done_ev == NULL || f->commit_ev == NULL)
+		abort();
+	snprintf(f->where, sizeof(f->where), strchr(mb->server, ':') ? "[%s]:%u" : "%s:%u",
+		 mb->server, mb->port);
+	return f;
 }
 
 struct fetch *
@@ -1476,7 +1503,7 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 	    fetch_done_cb done, void *arg)
 {
 	const struct conf_mailbox *mb = p->mb;
-	struct fetch *f = xcalloc(1, sizeof(*f));
+	struct fetch *f = fetch_new(base, dns, p, done, arg);
 	struct store_params sp = {
 		.id = mb->id,
 		.save_directory = mb->save_directory,
@@ -1487,34 +1514,7 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 	char err[512];
 	int r;
 
-	f->base = base;
-	f->dns = dns;
-	f->open_socket = p->open_socket;
-	f->open_arg = p->open_arg;
-	f->mb = mb;
-	f->tls = p->tls;
-	f->oauth2 = p->oauth2;
-	f->smime_key = p->smime_key;
-	f->smime_unavailable = p->smime_unavailable;
-	f->mode = p->mode;
-	f->done = done;
-	f->arg = arg;
-	f->done_ev = evtimer_new(base, finish_cb, f);
-	f->commit_ev = evtimer_new(base, commit_timer_cb, f);
-	f->md = EVP_MD_CTX_new();
-	f->batch_max = p->set->commit_batch; /* config.c gives the defaults */
-	f->batch_seconds = p->set->commit_interval;
-	if (f->done_ev == NULL || f->commit_ev == NULL || f->md == NULL)
-		abort();
-	snprintf(f->where, sizeof(f->where), strchr(mb->server, ':') ? "[%s]:%u" : "%s:%u",
-		 mb->server, mb->port);
-
-	if (mb->tls == CONF_TLS_NONE)
-		log_warning(mb->id, "tls: none: the password and the mail cross the network in "
-				    "clear");
-	else if (!mb->tls_verify && !mb->has_fingerprint)
-		log_warning(mb->id, "tls_verify: false: the server's certificate is not checked; "
-				    "anyone in the path can read the password and the mail");
+	runtime_warn_tls(mb);
 	if ((r = store_open(&sp, &f->store, err, sizeof(err))) < 0) {
 		set_exit(f, r == -EBUSY ? EX_TEMPFAIL : EX_IOERR);
 		add_error(f, "%s", err);
@@ -1522,52 +1522,57 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 		return f;
 	}
 	f->mechanisms = runtime_mechanisms(mb);
-	if (mb->auth == CONF_AUTH_OAUTH2) {
-		if (f->oauth2 == NULL)
-			abort(); /* the owner builds a token source for every oauth2 configuration
-				  */
-		f->token_req = oauth2_get_token(f->oauth2, false, on_token, f);
-		return f;
-	}
-	start_session(f);
+	if (mb->auth != CONF_AUTH_OAUTH2)
+		start_session(f);
+	else if (f->oauth2 != NULL)
+		get_token(f, false);
+	else
+		abort(); /* the owner builds a token source for every oauth2 configuration */
 	return f;
 }
 
 void
 fetch_stop(struct fetch *f)
 {
-	if (f->finished || f->stopping)
-		return;
-	f->stopping = true;
-	if (f->pop3 != NULL && f->listing_done) {
+	f->sessions_left = 0;
+	switch (f->state) {
+	case FETCH_TOKEN:
+	case FETCH_LOGIN:
+	case FETCH_LISTING:
+		/* not logged in yet (or waiting for a token): nothing to finish; a
+		 * routine stop is not worth an error line per configuration */
+		end_now(f, EX_TEMPFAIL, LOG_LVL_INFO, "%s: stopped before the session began",
+			f->where);
+		break;
+	case FETCH_TOPPING:
+		wind_up(f, FETCH_QUITTING, true);
+		break;
+	case FETCH_RETRIEVING:
 		/* QUIT once the messages in flight are saved and committed */
 		if (f->next == f->issued)
-			wind_up(f);
-		return;
+			wind_up(f, FETCH_QUITTING, true);
+		else
+			fetch_enter(f, FETCH_STOPPING);
+		break;
+	default: /* stopping, quitting, or done */
+		break;
 	}
-	/* not logged in yet (or waiting for a token): nothing to finish */
-	if (f->pop3 != NULL)
-		pop3_abort(f->pop3);
-	/* a routine stop: not worth an error line per configuration */
-	add_error_at(f, LOG_LVL_INFO, "%s: stopped before the session began", f->where);
-	set_exit(f, EX_TEMPFAIL);
-	finish(f);
 }
 
 void
 fetch_abort(struct fetch *f, const char *why)
 {
-	if (f->finished)
+	if (f->state == FETCH_DONE)
 		return;
-	f->aborted = true;
-	if (f->pop3 != NULL)
-		pop3_abort(f->pop3);
-	set_exit(f, EX_TEMPFAIL);
-	add_error(f,
-		  "%s: %s: the session was ended without QUIT; nothing it marked for deletion "
-		  "is deleted",
-		  f->where, why);
-	finish(f);
+	/* the batch is dropped, not committed */
+	for (size_t i = 0; i < f->npend; i++)
+		msg_enter(&f->cand[f->pend[i]], MSG_FAILED);
+	f->npend = 0;
+	store_discard(f->store);
+	end_now(f, EX_TEMPFAIL, LOG_LVL_ERROR,
+		"%s: %s: the session was ended without QUIT; nothing it marked for deletion "
+		"is deleted",
+		f->where, why);
 }
 
 const struct fetch_result *
@@ -1581,7 +1586,7 @@ fetch_free(struct fetch *f)
 {
 	if (f == NULL)
 		return;
-	store_msg_abort(f->msg);
+	session_reset(f);
 	pop3_session_free(f->pop3);
 	store_close(f->store);
 	if (f->token_req != NULL)
@@ -1595,15 +1600,9 @@ fetch_free(struct fetch *f)
 	for (size_t i = 0; i < f->res.nerrors; i++)
 		free(f->res.errors[i]);
 	free(f->res.errors);
-	free(f->listed);
-	free_keys(f);
-	free(f->head_keys);
-	free(f->deleted_uids);
-	free(f->cand);
-	free(f->pend);
 	free(f->dele);
 	free(f->mechanisms);
-	EVP_MD_CTX_free(f->md);
+	message_key_free(f->key);
 	event_free(f->done_ev);
 	event_free(f->commit_ev);
 	free(f);

@@ -468,7 +468,7 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 		code = receive_refused(o, NULL, why);
 		f = NULL;
 	} else {
-		runtime_fetch_params(&rt, mode, &fp);
+		fetch_params_from_runtime(&rt, mode, &fp);
 		f = fetch_start(base, dns, &fp, on_fetch_done, base);
 		event_base_dispatch(base);
 		code = fetch_result(f)->exit_code;

@@ -8,6 +8,7 @@
 
 #include <event2/dns.h>
 
+#include "popfetchd/auth.h"
 #include "popfetchd/config.h"
 #include "popfetchd/log.h"
 #include "popfetchd/oauth2.h"
@@ -193,15 +194,20 @@ runtime_clear(struct runtime *rt)
 }
 
 void
-runtime_fetch_params(const struct runtime *rt, enum fetch_mode mode, struct fetch_params *fp)
+runtime_warn_tls(const struct conf_mailbox *mb)
 {
-	*fp = (struct fetch_params){
-		.set = rt->set,
-		.mb = rt->mb,
-		.tls = rt->tls,
-		.oauth2 = rt->oauth2,
-		.smime_key = rt->smime_key,
-		.smime_unavailable = rt->smime_why[0] ? rt->smime_why : NULL,
-		.mode = mode,
-	};
+	if (mb->tls == CONF_TLS_NONE)
+		log_warning(mb->id, "tls: none: the password and the mail cross the network in "
+				    "clear");
+	else if (!mb->tls_verify && !mb->has_fingerprint)
+		log_warning(mb->id, "tls_verify: false: the server's certificate is not checked; "
+				    "anyone in the path can read the password and the mail");
+}
+
+void
+runtime_warn_login(const struct conf_mailbox *mb, const char *mechanism)
+{
+	if (mb->tls == CONF_TLS_NONE && auth_cleartext(mechanism))
+		log_warning(mb->id, "the password went to the server in clear (%s without TLS)",
+			    mechanism);
 }

@@ -286,9 +286,9 @@ start(struct job *j)
 	struct fetch_params fp;
 
 	j->running = cfg_ref(j->cfg);
-	runtime_fetch_params(&j->running->rt,
-			     j->running->mb->receive == CONF_RECEIVE_ONE ? FETCH_ONE : FETCH_ALL,
-			     &fp);
+	fetch_params_from_runtime(
+		&j->running->rt,
+		j->running->mb->receive == CONF_RECEIVE_ONE ? FETCH_ONE : FETCH_ALL, &fp);
 	s->nrunning++;
 	log_debug(j->id, "poll starts (%zu of %zu sessions)", s->nrunning, s->max_sessions);
 	j->fetch = fetch_start(s->base, s->dns, &fp, on_fetch_done, j);

@@ -17,6 +17,7 @@ struct evdns_base;
 struct conf_set;
 struct conf_mailbox;
 struct fetch;
+struct runtime;
 struct tls_ctx;
 
 enum fetch_mode {
@@ -60,6 +61,10 @@ struct fetch_params {
 	int (*open_socket)(void *arg);
 	void *open_arg;
 };
+
+/* The parameters of a poll with a configuration's runtime (runtime.h). */
+void fetch_params_from_runtime(const struct runtime *rt, enum fetch_mode mode,
+			       struct fetch_params *fp);
 
 /* The exit code (sysexits, DESIGN.md §2) of a session that failed so. */
 int fetch_failure_exit(enum pop3_failure fail);

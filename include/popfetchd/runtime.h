@@ -10,8 +10,6 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "popfetchd/fetch.h"
-
 struct conf_set;
 struct conf_mailbox;
 struct oauth2_client;
@@ -19,6 +17,9 @@ struct oauth2_params;
 struct pop3_params;
 struct event_base;
 struct evdns_base;
+struct oauth2_source;
+struct smime_key;
+struct tls_ctx;
 
 struct runtime {
 	const struct conf_set *set;
@@ -62,7 +63,10 @@ void runtime_pop3_params(const struct conf_mailbox *mb, struct tls_ctx *tls,
 			 const char **mechanisms, const char *token, struct pop3_params *pp);
 /* An evdns base with the system's resolvers (or none, for IP literals). */
 struct evdns_base *runtime_dns_new(struct event_base *base);
-/* The parameters of a poll with it. */
-void runtime_fetch_params(const struct runtime *rt, enum fetch_mode mode, struct fetch_params *fp);
+/* What mb's TLS settings risk (tls: none, tls_verify: false without a
+ * fingerprint), as a warning: logged as each poll of it starts. */
+void runtime_warn_tls(const struct conf_mailbox *mb);
+/* Logged in with mechanism: a warning when that sent mb's password in clear. */
+void runtime_warn_login(const struct conf_mailbox *mb, const char *mechanism);
 
 #endif

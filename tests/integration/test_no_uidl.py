@@ -370,3 +370,28 @@ def test_kept_then_deleted_is_not_saved_again(fake_pop3, fake_config, confdir, r
     assert server.count("TOP", session=2) == 0 and server.remaining() == []
     assert sorted(m["uidl"] for m in metas(config)) == sorted(
         [head_key(d) for d in data] + [key(new[0])])
+
+
+def test_deletions_left_for_a_later_session_beside_unkeyed_messages(
+        fake_pop3, fake_config, confdir, run_popfetchd):
+    """A poll goes on in a new session that deletes fewer messages saved
+    before at once (the first was lost after their DELEs), and leaves some of
+    those DELEs for a third: the second session only deletes and QUITs, also
+    when the listing holds a message without UIDL (it is not asked TOP
+    there, so the session does not wait for answers to TOPs never sent)."""
+    data = msgs(4, seed=406)
+    server = fake_pop3(data, uidls=["a", "b", "c", ""])
+    server.inject("QUIT", Close(), session=0)
+    config = fake_config(server)
+    cd = confdir(config)
+    res = run_popfetchd(["receive-all", "fake"], confdir=cd)
+    assert res.returncode == 75, res.describe()
+    assert len(folders(config)) == 4 and len(server.remaining()) == 4
+
+    server.inject("DELE 3", Close(), session=1)
+    res = run_popfetchd(["receive-all", "fake"], confdir=cd, timeout=30)
+    assert res.returncode == EX_OK, res.describe()
+    assert "deletes at most 1 at once" in res.stderr
+    assert server.count("DELE", session=2) == 1 and not server.sent("TOP", session=2)
+    assert len(folders(config)) == 4
+    assert server.remaining() == []

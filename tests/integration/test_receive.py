@@ -458,3 +458,32 @@ def test_unanswered_quit_deletes_next_time_without_saving_twice(
     assert server.remaining() == []
     doc = second.json()
     assert (doc["saved"], doc["skipped"], doc["deleted"]) == ([], 3, 3)
+
+
+def test_session_lost_mid_retr_after_old_deletions_saves_each_whole(
+        fake_pop3, fake_config, confdir, run_popfetchd, read_saved):
+    """A session that sent the DELE of a message saved before is lost in the
+    middle of a RETR: the poll goes on in a new session (fewer deletions at
+    once). What the lost session had of the message is dropped, never
+    continued with the bytes of the new session's RETR."""
+    server = fake_pop3(mailgen.generate(3, 3000, seed=27))
+    expected = fake_expected(server)
+    server.inject("QUIT", Close())
+    config = fake_config(server)
+    cd = confdir(config)
+
+    first = run_popfetchd(["receive", "fake"], confdir=cd)
+    assert first.returncode in (EX_OK, EX_TEMPFAIL), first.stderr
+    assert server.wait_idle()
+    assert len(server.remaining()) == 3, "the fake server committed nothing"
+
+    server.inject("RETR 2", Truncate(0.5))
+    second = run_popfetchd(["receive-all", "fake"], confdir=cd)
+    assert second.returncode == EX_OK, second.stderr
+    assert server.wait_idle()
+    assert "going on in a new session" in second.stderr
+    assert server.count("DELE 1", session=1) == 1
+    assert server.sent("RETR 2", session=2)
+    assert_saved_exactly(read_saved(config["save_directory"]), "fake", expected)
+    assert_no_staging_leftovers(config["save_directory"])
+    assert server.remaining() == []

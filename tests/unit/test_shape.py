@@ -16,7 +16,7 @@ MUST_NOT_INCLUDE = {
     "config": {"pop3", "pop3_parse", "fetch", "scheduler", "runtime", "store"},
     "scheduler": {"pop3", "pop3_parse", "tls"},
     "fetch": {"tls", "mime", "mime_extract", "smime", "probe", "scheduler"},
-    "message": NETWORK | {"store", "config"},
+    "message": NETWORK | {"config", "runtime"},
     "runtime": {"fetch", "pop3", "pop3_parse", "scheduler", "probe"},
     "pop3": {"store", "mime", "mime_extract", "message", "smime", "config", "fetch", "oauth2"},
     "tls": {"pop3", "pop3_parse", "fetch", "config"},

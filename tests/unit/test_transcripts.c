@@ -984,7 +984,8 @@ run_poll(struct run *r, const struct conf_set *set, size_t poll)
 		report(r, 0, "runtime_init: %s", why);
 		return true;
 	}
-	runtime_fetch_params(&rt, r->mb->receive == CONF_RECEIVE_ONE ? FETCH_ONE : FETCH_ALL, &fp);
+	fetch_params_from_runtime(&rt, r->mb->receive == CONF_RECEIVE_ONE ? FETCH_ONE : FETCH_ALL,
+				  &fp);
 	fp.open_socket = open_test_socket;
 	fp.open_arg = r;
 	r->finished = false;
