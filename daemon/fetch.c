@@ -1335,7 +1335,7 @@ start_session(struct fetch *f)
 	struct pop3_params pp;
 
 	fetch_enter(f, FETCH_LOGIN);
-	runtime_pop3_params(f->mb, f->tls, f->mechanisms, f->token, &pp);
+	fetch_pop3_params(f->mb, f->tls, f->mechanisms, f->token, &pp);
 	pp.lockstep = f->lockstep;
 	pp.open_socket = f->open_socket;
 	pp.open_arg = f->open_arg;
@@ -1443,6 +1443,27 @@ on_failed(void *arg, const struct pop3_error *err)
 			   "message(s) marked for deletion; the next poll deletes them",
 			   f->ndele);
 	finish(f);
+}
+
+void
+fetch_pop3_params(const struct conf_mailbox *mb, struct tls_ctx *tls, const char **mechanisms,
+		  const char *token, struct pop3_params *pp)
+{
+	*pp = (struct pop3_params){
+		.id = mb->id,
+		.host = mb->server,
+		.port = mb->port,
+		.tls = mb->tls == CONF_TLS_NONE	      ? POP3_TLS_NONE
+		       : mb->tls == CONF_TLS_IMPLICIT ? POP3_TLS_IMPLICIT
+						      : POP3_TLS_EXPLICIT,
+		.tls_ctx = tls,
+		.user = mb->user,
+		.password = mb->password,
+		.token = token,
+		.mechanisms = mechanisms,
+		.connect_timeout = (unsigned)mb->connect_timeout,
+		.command_timeout = (unsigned)mb->command_timeout,
+	};
 }
 
 void

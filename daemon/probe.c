@@ -611,7 +611,7 @@ run_network(struct probe *p)
 	if (p->login_ev == NULL)
 		abort();
 
-	runtime_pop3_params(mb, p->tls, p->mechanisms, NULL, &pp);
+	fetch_pop3_params(mb, p->tls, p->mechanisms, NULL, &pp);
 	pp.hold_login = true;
 	p->cur = ST_CONNECT;
 	p->pop3 = pop3_session_new(p->base, dns, &pp, &probe_events, p);
@@ -841,15 +841,9 @@ check_config(struct probe *p, const struct probe_options *o)
 		return false;
 	}
 	p->mb = mb;
-	if (mb->tls != CONF_TLS_NONE) {
-		struct tls_params tp = {.ca_file = mb->tls_ca_file,
-					.verify = mb->tls_verify,
-					.has_fingerprint = mb->has_fingerprint};
-		memcpy(tp.fingerprint, mb->tls_fingerprint, sizeof(tp.fingerprint));
-		if (tls_ctx_new(&tp, &p->tls, err, sizeof(err)) < 0) {
-			fail_step(p, ST_CONFIG, EX_CONFIG, f, "%s: %s", mb->file, err);
-			return true; /* the local steps still run */
-		}
+	if (runtime_tls_new(mb, &p->tls, err, sizeof(err)) < 0) {
+		fail_step(p, ST_CONFIG, EX_CONFIG, f, "%s: %s", mb->file, err);
+		return true; /* the local steps still run */
 	}
 	json_object_set_new(f, "server", json_string(mb->server));
 	json_object_set_new(f, "port", json_integer(mb->port));

@@ -12,7 +12,6 @@
 #include "popfetchd/config.h"
 #include "popfetchd/log.h"
 #include "popfetchd/oauth2.h"
-#include "popfetchd/pop3.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/smime.h"
 #include "popfetchd/tls.h"
@@ -77,25 +76,18 @@ runtime_mechanisms(const struct conf_mailbox *mb)
 	return m;
 }
 
-void
-runtime_pop3_params(const struct conf_mailbox *mb, struct tls_ctx *tls, const char **mechanisms,
-		    const char *token, struct pop3_params *pp)
+int
+runtime_tls_new(const struct conf_mailbox *mb, struct tls_ctx **ret, char *why, size_t whylen)
 {
-	*pp = (struct pop3_params){
-		.id = mb->id,
-		.host = mb->server,
-		.port = mb->port,
-		.tls = mb->tls == CONF_TLS_NONE	      ? POP3_TLS_NONE
-		       : mb->tls == CONF_TLS_IMPLICIT ? POP3_TLS_IMPLICIT
-						      : POP3_TLS_EXPLICIT,
-		.tls_ctx = tls,
-		.user = mb->user,
-		.password = mb->password,
-		.token = token,
-		.mechanisms = mechanisms,
-		.connect_timeout = (unsigned)mb->connect_timeout,
-		.command_timeout = (unsigned)mb->command_timeout,
-	};
+	struct tls_params tp = {.ca_file = mb->tls_ca_file,
+				.verify = mb->tls_verify,
+				.has_fingerprint = mb->has_fingerprint};
+
+	*ret = NULL;
+	if (mb->tls == CONF_TLS_NONE)
+		return 0;
+	memcpy(tp.fingerprint, mb->tls_fingerprint, sizeof(tp.fingerprint));
+	return tls_ctx_new(&tp, ret, why, whylen);
 }
 
 struct evdns_base *
@@ -160,14 +152,8 @@ runtime_reinit(struct runtime *rt, const struct runtime *prev, const struct conf
 	memset(rt, 0, sizeof(*rt));
 	rt->set = set;
 	rt->mb = mb;
-	if (mb->tls != CONF_TLS_NONE) {
-		struct tls_params tp = {.ca_file = mb->tls_ca_file,
-					.verify = mb->tls_verify,
-					.has_fingerprint = mb->has_fingerprint};
-		memcpy(tp.fingerprint, mb->tls_fingerprint, sizeof(tp.fingerprint));
-		if (tls_ctx_new(&tp, &rt->tls, why, whylen) < 0)
-			return -1;
-	}
+	if (runtime_tls_new(mb, &rt->tls, why, whylen) < 0)
+		return -1;
 	rt->state_dir = xasprintf("%s/%s", set->state_directory, mb->id);
 	if (prev != NULL && same_oauth2(prev, set, mb)) {
 		rt->oauth2 = oauth2_source_ref(prev->oauth2);

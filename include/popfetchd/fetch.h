@@ -63,6 +63,10 @@ struct fetch_params {
 };
 
 /* The parameters of a poll with a configuration's runtime (runtime.h). */
+/* A POP3 session's parameters for mb (token: for OAuth2, may be NULL); the
+ * test command's too. */
+void fetch_pop3_params(const struct conf_mailbox *mb, struct tls_ctx *tls, const char **mechanisms,
+		       const char *token, struct pop3_params *pp);
 void fetch_params_from_runtime(const struct runtime *rt, enum fetch_mode mode,
 			       struct fetch_params *fp);
 

@@ -14,7 +14,6 @@ struct conf_set;
 struct conf_mailbox;
 struct oauth2_client;
 struct oauth2_params;
-struct pop3_params;
 struct event_base;
 struct evdns_base;
 struct oauth2_source;
@@ -58,9 +57,9 @@ void runtime_log_level(const struct conf_set *set, int verbosity);
 /* The SASL mechanisms to offer mb's server, in order, NULL-terminated: a
  * malloc'd array of borrowed strings (free() it). */
 const char **runtime_mechanisms(const struct conf_mailbox *mb);
-/* A POP3 session's parameters for mb (token: for OAuth2, may be NULL). */
-void runtime_pop3_params(const struct conf_mailbox *mb, struct tls_ctx *tls,
-			 const char **mechanisms, const char *token, struct pop3_params *pp);
+/* mb's TLS context in *ret (NULL for tls: none). 0, or -1 with why (a bad
+ * tls_ca_file). */
+int runtime_tls_new(const struct conf_mailbox *mb, struct tls_ctx **ret, char *why, size_t whylen);
 /* An evdns base with the system's resolvers (or none, for IP literals). */
 struct evdns_base *runtime_dns_new(struct event_base *base);
 /* What mb's TLS settings risk (tls: none, tls_verify: false without a

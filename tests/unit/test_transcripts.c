@@ -901,7 +901,7 @@ run_pop3(struct run *r, const struct conf_set *set)
 		free(mechs);
 		return;
 	}
-	runtime_pop3_params(r->mb, rt.tls, mechs, NULL, &pp);
+	fetch_pop3_params(r->mb, rt.tls, mechs, NULL, &pp);
 	pp.open_socket = open_test_socket;
 	pp.open_arg = r;
 	r->p3 = pop3_session_new(r->base, NULL, &pp, &p3_events, r);
