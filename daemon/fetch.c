@@ -1239,8 +1239,7 @@ compact_state(struct fetch *f)
 		set_exit(f, EX_IOERR);
 		add_error(f, "%s", store_error(f->store));
 	}
-	free(gone);
-	free(keep);
+	FREE_ALL(gone, keep);
 }
 
 /* Forget what the session knew (the UIDLs were its) and drop what it had
@@ -1552,6 +1551,12 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 	return f;
 }
 
+const struct fetch_result *
+fetch_result(const struct fetch *f)
+{
+	return &f->res;
+}
+
 void
 fetch_stop(struct fetch *f)
 {
@@ -1596,10 +1601,14 @@ fetch_abort(struct fetch *f, const char *why)
 		f->where, why);
 }
 
-const struct fetch_result *
-fetch_result(const struct fetch *f)
+static void
+result_clear(struct fetch_result *res)
 {
-	return &f->res;
+	for (size_t i = 0; i < res->nsaved; i++)
+		FREE_ALL(res->saved[i].uid, res->saved[i].folder);
+	for (size_t i = 0; i < res->nerrors; i++)
+		free(res->errors[i]);
+	FREE_ALL(res->saved, res->errors);
 }
 
 void
@@ -1607,24 +1616,15 @@ fetch_free(struct fetch *f)
 {
 	if (f == NULL)
 		return;
+	forget_token(f);
+	if (f->token_req != NULL)
+		oauth2_cancel(f->token_req);
 	session_reset(f);
 	pop3_session_free(f->pop3);
 	store_close(f->store);
-	if (f->token_req != NULL)
-		oauth2_cancel(f->token_req);
-	forget_token(f);
-	for (size_t i = 0; i < f->res.nsaved; i++) {
-		free(f->res.saved[i].uid);
-		free(f->res.saved[i].folder);
-	}
-	free(f->res.saved);
-	for (size_t i = 0; i < f->res.nerrors; i++)
-		free(f->res.errors[i]);
-	free(f->res.errors);
-	free(f->dele);
-	free(f->mechanisms);
+	result_clear(&f->res);
 	message_key_free(f->key);
 	event_free(f->done_ev);
 	event_free(f->commit_ev);
-	free(f);
+	FREE_ALL(f->dele, f->mechanisms, f);
 }

@@ -42,16 +42,17 @@
 #include "popfetchd/tls.h"
 #include "popfetchd/util.h"
 
+/* The steps of the test, in the order they are reported. */
 enum step {
-	ST_CONFIG,
-	ST_CONNECT,
-	ST_TLS,
-	ST_CAPA,
-	ST_TOKEN,
-	ST_AUTH,
-	ST_STAT,
-	ST_SMIME,
-	ST_SAVE,
+	ST_CONFIG,  /* the configuration is valid and active, its TLS context builds */
+	ST_CONNECT, /* DNS and TCP */
+	ST_TLS,	    /* the handshake, and the certificate as verified */
+	ST_CAPA,    /* the greeting and the capabilities the login goes by */
+	ST_TOKEN,   /* OAuth2: an access token from the endpoint */
+	ST_AUTH,    /* the login, with the mechanism chosen */
+	ST_STAT,    /* messages and octets in the maildrop */
+	ST_SMIME,   /* the S/MIME key loads */
+	ST_SAVE,    /* save_directory can be written */
 	ST_COUNT,
 };
 
@@ -545,13 +546,11 @@ on_failed(void *arg, const struct pop3_error *err)
 }
 
 /* listing, data, retrieved and deleted never come: nothing is asked for */
-static const struct pop3_events probe_events = {
-	.ready = on_ready,
-	.quit = on_quit,
-	.failed = on_failed,
-	.progress = on_progress,
-	.stat = on_stat,
-};
+static const struct pop3_events probe_events = {.ready = on_ready,
+						.quit = on_quit,
+						.failed = on_failed,
+						.progress = on_progress,
+						.stat = on_stat};
 
 /* ---- setting up and tearing down ---- */
 

@@ -545,6 +545,21 @@ scheduler_swap(struct scheduler *s, struct conf_set *set)
 }
 
 static void
+stopped_now(evutil_socket_t fd, short what, void *arg)
+{
+	struct scheduler *s = arg;
+	void (*done)(void *) = s->stopped;
+
+	(void)fd;
+	(void)what;
+	if (done != NULL) {
+		s->stopped = NULL;
+		done(s->stopped_arg);
+	}
+}
+
+/* The stop's grace time is over: the polls still running end without QUIT. */
+static void
 on_grace(evutil_socket_t fd, short what, void *arg)
 {
 	struct scheduler *s = arg;
@@ -557,20 +572,6 @@ on_grace(evutil_socket_t fd, short what, void *arg)
 					   "without QUIT");
 			fetch_abort(j->fetch, "the daemon is stopping");
 		}
-}
-
-static void
-stopped_now(evutil_socket_t fd, short what, void *arg)
-{
-	struct scheduler *s = arg;
-	void (*done)(void *) = s->stopped;
-
-	(void)fd;
-	(void)what;
-	if (done != NULL) {
-		s->stopped = NULL;
-		done(s->stopped_arg);
-	}
 }
 
 void
