@@ -194,16 +194,6 @@ token_chars_ok(const char *s)
 	return true;
 }
 
-/* The endpoint's text made printable (util.h), cut to about max bytes. */
-static char *
-printable_dup(const char *s, size_t max)
-{
-	char *out = xmalloc(max + 4);
-
-	util_printable(s, strlen(s), out, max + 4);
-	return out;
-}
-
 /* Replace every secret found in s by <redacted>. Takes s, returns a new
  * string (or s itself). */
 static char *
@@ -233,6 +223,31 @@ redact(char *s, const char *const *secrets, size_t nsecrets)
 		s = out;
 	}
 	return s;
+}
+
+/* The endpoint's text made printable (util.h), cut to about max bytes. */
+static char *
+printable_dup(const char *s, size_t max)
+{
+	char *out = xmalloc(max + 4);
+
+	util_printable(s, strlen(s), out, max + 4);
+	return out;
+}
+
+/* What the endpoint said, for a log line: the secrets of the exchange
+ * redacted before the text is escaped and cut, where a secret split by an
+ * escape or the cut would no longer be found whole. */
+static char *
+endpoint_text(const struct oauth2_source *src, const struct transfer *x, const char *s, size_t max)
+{
+	const char *secrets[] = {src->client_secret, x->refresh_token, src->token,
+				 src->unsaved_refresh_token};
+	char *raw = redact(xstrdup(s), secrets, sizeof(secrets) / sizeof(secrets[0]));
+	char *out = printable_dup(raw, max);
+
+	free_secret(raw);
+	return out;
 }
 
 /* host or host:port of url, never its path or query (which may hold
@@ -995,7 +1010,7 @@ evaluate(struct oauth2_source *src, struct transfer *x, CURLcode code, struct an
 		return;
 	}
 	if (code != CURLE_OK) {
-		char *e = printable_dup(x->errbuf, 300);
+		char *e = endpoint_text(src, x, x->errbuf, 300);
 
 		a->detail = xasprintf("token endpoint %s: %s%s%s%s", src->host,
 				      curl_easy_strerror(code), *e != '\0' ? " (" : "", e,
@@ -1021,9 +1036,9 @@ evaluate(struct oauth2_source *src, struct transfer *x, CURLcode code, struct an
 		description = json_string_value(json_object_get(root, "error_description"));
 	}
 	if (error != NULL)
-		err_s = printable_dup(error, ERROR_MAX);
+		err_s = endpoint_text(src, x, error, ERROR_MAX);
 	if (description != NULL && *description != '\0')
-		desc_s = printable_dup(description, DESCRIPTION_MAX);
+		desc_s = endpoint_text(src, x, description, DESCRIPTION_MAX);
 	if ((http == 400 || http == 401 || http == 403) && error != NULL && refusal(error)) {
 		a->status = OAUTH2_REFUSED;
 		a->detail =

@@ -588,3 +588,22 @@ def test_receive_beside_the_daemon_never_reuses_a_refresh_token(
     assert_refresh_tokens_used_once(tokenserver, 5)
     assert "invalid_grant" not in d.output
     assert d.stop() == EX_OK, d.output
+
+
+def test_secret_echoed_by_the_endpoint_is_redacted_before_the_cut(
+        oauth_dovecot, oauth_mailbox, oauth_config, tokenserver, confdir, run_popfetchd,
+        read_saved, secret_registry):
+    """An endpoint that quotes the client secret at the end of a long
+    error_description: the text is cut for the log, and the cut must not
+    leave a piece of the secret that no longer matches it whole."""
+    deliver_generated(oauth_mailbox, 1, 1000, seed=143, with_dots=False)
+    secret = "pfdcs_echoed-back-0123456789abcdef"
+    secret_registry.add(secret)
+    config = oauth_config(oauth_mailbox, oauth2={"client_secret": secret})
+    # the log keeps about 240 bytes of the description: the secret straddles the cut
+    tokenserver.refuse("invalid_client", "AADSTS7000215: " + "x" * 190 + " secret=" + secret)
+    res = receive_all(run_popfetchd, confdir(config), config)
+
+    assert_untouched(res, config, oauth_mailbox, 1, read_saved, EX_NOPERM)
+    assert "AADSTS7000215" in res.stderr
+    assert secret[:12] not in res.stderr, "a piece of the client secret reached the log"
