@@ -60,8 +60,8 @@ enum msg_state {
 	MSG_FAILED,    /* not saved in this session (refused, a write failed, dropped) */
 };
 
-/* read by assert() only */
-static const unsigned msg_next[] __attribute__((unused)) = {
+/* the states a message may go to from each (msg_enter) */
+static const unsigned msg_next[] = {
 	[MSG_LISTED] = BIT(MSG_REQUESTED) | BIT(MSG_COMMITTED) | BIT(MSG_SKIPPED),
 	[MSG_REQUESTED] = BIT(MSG_STAGED) | BIT(MSG_COMMITTED) | BIT(MSG_FAILED),
 	[MSG_STAGED] = BIT(MSG_COMMITTED) | BIT(MSG_FAILED),
@@ -122,8 +122,8 @@ static const char *const state_names[] = {
 	[FETCH_DONE] = "DONE",
 };
 
-/* read by assert() only */
-static const unsigned fetch_next[] __attribute__((unused)) = {
+/* the states the poll may go to from each (fetch_enter) */
+static const unsigned fetch_next[] = {
 	[FETCH_START] = BIT(FETCH_TOKEN) | BIT(FETCH_LOGIN) | BIT(FETCH_DONE),
 	[FETCH_TOKEN] = BIT(FETCH_LOGIN) | BIT(FETCH_DONE),
 	[FETCH_LOGIN] = BIT(FETCH_LISTING) | BIT(FETCH_TOKEN) | BIT(FETCH_DONE),
@@ -282,11 +282,24 @@ set_exit(struct fetch *f, int code)
 		f->res.exit_code = code;
 }
 
+/*
+ * A rule of the state machines broken: a bug, never a server's doing, and
+ * the end of the process before it could send a DELE it must not. Not
+ * assert(): these hold in every build.
+ */
+#define MUST(cond) ((cond) ? (void)0 : broken_rule(#cond, __LINE__))
+
+static void __attribute__((noreturn)) broken_rule(const char *rule, int line)
+{
+	fprintf(stderr, "popfetchd: fetch.c:%d: %s does not hold\n", line, rule);
+	abort();
+}
+
 /* The one way the poll changes state: traced, and only along the diagram. */
 static void
 fetch_enter(struct fetch *f, enum fetch_state st)
 {
-	assert(fetch_next[f->state] & BIT(st));
+	MUST(fetch_next[f->state] & BIT(st));
 	log_debug(f->mb->id, "fetch %s -> %s", state_names[f->state], state_names[st]);
 	f->state = st;
 }
@@ -301,7 +314,7 @@ retrieving(const struct fetch *f)
 static void
 msg_enter(struct candidate *c, enum msg_state st)
 {
-	assert(msg_next[c->state] & BIT(st));
+	MUST(msg_next[c->state] & BIT(st));
 	c->state = st;
 }
 
@@ -395,10 +408,10 @@ fetch_failure_exit(enum pop3_failure fail)
 static bool
 delete_message(struct fetch *f, struct candidate *c)
 {
-	assert(c->state == MSG_COMMITTED);
+	MUST(c->state == MSG_COMMITTED);
 	if (!f->mb->remove_after_read)
 		return false;
-	assert(f->pop3 != NULL);
+	MUST(f->pop3 != NULL);
 	msg_enter(c, MSG_DELE_SENT);
 	if (f->ndele == f->capdele) {
 		f->capdele = f->capdele ? 2 * f->capdele : 16;
@@ -427,6 +440,8 @@ on_committed(void *arg, const char *uid, char *folder, unsigned long long size)
 	struct candidate *c = &f->cand[f->pend[f->pend_done++]];
 	struct fetch_saved *sv;
 
+	/* store commits the batch in the order it was sealed */
+	MUST(strcmp(c->uid, uid) == 0);
 	msg_enter(c, MSG_COMMITTED);
 	f->res.saved = xrealloc(f->res.saved, (f->res.nsaved + 1) * sizeof(*f->res.saved));
 	sv = &f->res.saved[f->res.nsaved++];
@@ -1388,6 +1403,9 @@ get_token(struct fetch *f, bool fresh)
 static bool
 retry_fewer_deletions(struct fetch *f, const struct pop3_error *err)
 {
+	/* lost while starting over: the new session is the lockstep one */
+	bool lockstep = f->lockstep || f->state == FETCH_STARTING_OVER;
+
 	if (err->fail != POP3_FAIL_LOST || f->stale_sent == 0 || f->sessions_left == 0)
 		return false;
 	/* what this session sealed is durable now; its DELE waits */
@@ -1398,7 +1416,7 @@ retry_fewer_deletions(struct fetch *f, const struct pop3_error *err)
 		   "%s: the connection was lost after %zu deletions of messages saved before "
 		   "(%s): going on in a new session that deletes at most %zu at once",
 		   f->where, f->stale_sent, err->detail, f->stale_cap);
-	restart_session(f, f->lockstep);
+	restart_session(f, lockstep);
 	return true;
 }
 

@@ -606,15 +606,48 @@ peer_close(struct peer *pe)
 {
 	struct run *r = pe->run;
 
+	struct evbuffer *out = bufferevent_get_output(pe->bev);
+
 	for (size_t i = 0; i < MAX_PEERS; i++)
 		if (r->peers[i] == pe)
 			r->peers[i] = NULL;
+	/* what the server sent before the close reaches the client first (the
+	 * bufferevent's own writes are not done before it is freed) */
+	size_t len = evbuffer_get_length(out);
+	if (len > 0 && write(bufferevent_getfd(pe->bev), evbuffer_pullup(out, -1), len) < 0)
+		report(r, 0, "cannot send the last lines before a drop: %s", strerror(errno));
 	bufferevent_free(pe->bev);
 	for (size_t i = 0; i < pe->plen; i++)
 		free(pe->pending[(pe->phead + i) % MAX_PENDING]);
 	evbuffer_free(pe->data);
 	free(pe);
 	maybe_stop(r);
+}
+
+/*
+ * About to send an S: line, the server has read every C: line before it: a
+ * whole line already waiting is one the client sent before this answer
+ * could reach it, where the transcript has it after. A client asking one
+ * command at a time is held to that; a pipelining one is written with its
+ * commands together before the answers. False (the peer is closed) when
+ * the client did not wait.
+ */
+static bool
+client_waited(struct peer *pe, const struct step *st)
+{
+	struct evbuffer *in = bufferevent_get_input(pe->bev);
+	size_t n;
+	char *line;
+
+	if (evbuffer_search_eol(in, NULL, &n, EVBUFFER_EOL_CRLF_STRICT).pos < 0)
+		return true;
+	line = evbuffer_readln(in, &n, EVBUFFER_EOL_CRLF_STRICT);
+	report(pe->run, st->lineno,
+	       "the client sent \"%s\" before this answer, where the transcript has it after",
+	       line);
+	free(line);
+	peer_close(pe);
+	return false;
 }
 
 /*
@@ -637,6 +670,8 @@ peer_advance(struct peer *pe)
 			peer_close(pe);
 			return false;
 		}
+		if (st->kind == STEP_S && !client_waited(pe, st))
+			return false;
 		if (st->kind == STEP_S) {
 			r->s_count++;
 			bufferevent_write(pe->bev, st->text, strlen(st->text));
