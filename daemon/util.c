@@ -244,9 +244,11 @@ util_write_atomic(const char *path, const char *tmp, const void *buf, size_t len
 		fd = mkostemp(t, O_CLOEXEC); /* O_CREAT | O_EXCL, mode 0600 */
 	if (fd < 0) {
 		r = -errno;
+		step = "create";
 		goto out;
 	}
-	if (tmp == NULL && mode != 0600 && fchmod(fd, mode) < 0)
+	/* a leftover temporary file of that name keeps its mode through O_TRUNC */
+	if (fchmod(fd, mode) < 0)
 		r = -errno;
 	if (r == 0)
 		r = fill_file(fd, buf, len);
@@ -342,6 +344,8 @@ util_printable_repl(const char *in, size_t len, char repl, char *out, size_t siz
 {
 	size_t o = 0, keep = 0; /* keep: where "..." goes if what follows does not fit */
 
+	if (size == 0)
+		return out;
 	for (size_t i = 0; i < len;) {
 		char esc[16];
 		gunichar cp;

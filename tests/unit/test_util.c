@@ -149,6 +149,16 @@ listing(const char *dir, char *out, size_t size)
 	free(ents);
 }
 
+/* Nothing is written where there is no room at all. */
+static void
+printable_no_room(void)
+{
+	char out[4] = "xyz";
+
+	util_printable_repl("abc", 3, '_', out, 0);
+	CHECK_STR(out, "xyz");
+}
+
 static void
 atomic(void)
 {
@@ -176,13 +186,14 @@ atomic(void)
 	close(fd);
 	CHECK(util_write_atomic(path, tmp, "3\n", 2, 0640, NULL, 0) == 0);
 	CHECK(stat(path, &sb) == 0 && sb.st_size == 2);
+	CHECK((sb.st_mode & 07777) == 0640); /* not the leftover's 0600 */
 	listing(dir, names, sizeof(names));
 	CHECK_STR(names, "state");
 
 	/* never through a symbolic link */
 	CHECK(symlink("elsewhere", tmp) == 0);
 	CHECK(util_write_atomic(path, tmp, "4\n", 2, 0600, why, sizeof(why)) == -ELOOP);
-	CHECK(strncmp(why, "cannot write ", 13) == 0 && strcmp(why + 13, tmp) == 0);
+	CHECK(strncmp(why, "cannot create ", 14) == 0 && strcmp(why + 14, tmp) == 0);
 	CHECK(unlink(tmp) == 0);
 
 	/* a failed rename (over a directory) leaves no temporary behind */
@@ -198,7 +209,7 @@ atomic(void)
 	/* no directory to write in */
 	snprintf(path, sizeof(path), "%s/missing/state", dir);
 	CHECK(util_write_atomic(path, NULL, "6\n", 2, 0600, why, sizeof(why)) == -ENOENT);
-	CHECK(strncmp(why, "cannot write ", 13) == 0 && strstr(why, "/missing/.state.") != NULL);
+	CHECK(strncmp(why, "cannot create ", 14) == 0 && strstr(why, "/missing/.state.") != NULL);
 	CHECK(rmdir(dir) == 0);
 }
 
@@ -210,5 +221,6 @@ main(void)
 	hex();
 	printable();
 	atomic();
+	printable_no_room();
 	CHECK_DONE();
 }
