@@ -1072,8 +1072,9 @@ keep_content_key(struct fetch *f, const char *key)
  * recorded beside it, for the day the server gives that UIDL to another
  * message too (a UIDL made of some header fields) and both are known by
  * their content. One without a key is keyed by its content; one known by
- * its headers, not in the state, may have been saved by its content (by
- * an earlier version, or in a poll where TOP failed). Saved before (or a
+ * its headers, not in the state, may have been saved under its content
+ * key only (in a poll where TOP failed, or by a release without header
+ * keys). Saved before (or a
  * copy earlier in this session), it is not kept again but deleted, or
  * (kept on the server, known by its headers) its header key is recorded so
  * that the next poll need not download it.

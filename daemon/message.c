@@ -118,7 +118,7 @@ attachments_json(const struct mime_result *mr)
 	return att;
 }
 
-/* meta.json of DESIGN.md §3: what this issue knows of the message. */
+/* meta.json of DESIGN.md §3: what is known of the message. */
 static char *
 build_meta(const struct message_params *p, const struct message_info *m, unsigned long long size,
 	   const struct mime_headers *h, const struct mime_result *mr)

@@ -929,7 +929,7 @@ static void
 on_utf8_status(struct pop3_session *s, const struct pop3_reply *r, bool ok)
 {
 	(void)r;
-	(void)ok; /* failure is harmless: the server then keeps its old behaviour */
+	(void)ok; /* refused: the server goes on as before the command (RFC 6856) */
 	logged_in(s);
 }
 

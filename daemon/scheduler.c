@@ -85,7 +85,7 @@ struct scheduler {
 static void pump(struct scheduler *s);
 static void on_grace(evutil_socket_t fd, short what, void *arg);
 
-/* ---- helpers ---- */
+/* ---- jobs: lookup and timing ---- */
 
 static double
 rnd(struct scheduler *s)

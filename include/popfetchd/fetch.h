@@ -1,8 +1,8 @@
 /*
  * fetch — one poll of one configuration, for receive, receive-all and the
  * daemon alike: drives a pop3 session, picks the messages not yet received,
- * hands their bytes to store, reads their headers, commits, and only then
- * asks pop3 to DELE. Knows no sockets, no TLS, no YAML.
+ * hands their bytes to message and store, commits, and only then asks pop3
+ * to DELE. Knows no sockets, no TLS, no YAML.
  */
 #ifndef POPFETCHD_FETCH_H
 #define POPFETCHD_FETCH_H
@@ -79,11 +79,13 @@ int fetch_failure_exit(enum pop3_failure fail);
 struct fetch *fetch_start(struct event_base *base, struct evdns_base *dns,
 			  const struct fetch_params *p, fetch_done_cb done, void *arg);
 /* The daemon is stopping: no further RETR. A session in its message loop
- * saves the message in hand, then QUITs (so its deletions commit); one not
- * logged in yet ends at once. done() follows as usual. */
+ * saves the messages whose RETR is in flight, commits them, then QUITs (so
+ * its deletions commit); one not logged in yet ends at once. done()
+ * follows as usual. */
 void fetch_stop(struct fetch *f);
-/* End now, without QUIT (nothing is deleted; the message in hand is not
- * kept): the stop took too long. done() follows. */
+/* End now, without QUIT (nothing is deleted; the messages in hand and the
+ * batch not committed yet are not kept): the stop took too long. done()
+ * follows. */
 void fetch_abort(struct fetch *f, const char *why);
 const struct fetch_result *fetch_result(const struct fetch *f);
 void fetch_free(struct fetch *f);

@@ -1,4 +1,5 @@
-/* util — small pure helpers shared by several modules. */
+/* util — allocation, number parsing, durable file writes, the one escaper of
+ * untrusted text. */
 #ifndef POPFETCHD_UTIL_H
 #define POPFETCHD_UTIL_H
 
