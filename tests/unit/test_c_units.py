@@ -1,4 +1,5 @@
-"""Run the C unit test programs (one per module) that meson builds."""
+"""Run the C test programs that meson builds: the modules without a session,
+and the POP3 transcripts that drive pop3 and fetch."""
 import os
 import pathlib
 import subprocess
