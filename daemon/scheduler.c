@@ -470,7 +470,7 @@ apply(struct scheduler *s, struct conf_set *set)
 		j->seen = false;
 	for (size_t i = 0; i < set->n_mailboxes; i++) {
 		const struct conf_mailbox *mb = set->mailboxes[i];
-		if (!mb->active)
+		if (!mb->active || !conf_in_shard(set, mb->id))
 			continue;
 		if ((j = find(s, mb->id)) == NULL) {
 			add_job(s, cfg_new(s, sr, mb, NULL));
