@@ -590,7 +590,7 @@ parse_args(int argc, char **argv, struct options *o)
 static void
 setup_process(const struct options *o)
 {
-	log_set_prefix(getenv("JOURNAL_STREAM") != NULL);
+	log_setup();
 	if (o->verbosity > 0)
 		log_set_level(LOG_LVL_DEBUG);
 	else if (o->verbosity < 0)

@@ -327,8 +327,10 @@ token_failed(struct job *j, enum oauth2_status status, const char *detail)
 	struct fetch_result r = {.exit_code = oauth2_exit_code(status)};
 	double d = next_delay(j, &r);
 
-	log_error(j->id, "poll failed (exit %d): no access token: %s; next try in %.0f s",
-		  r.exit_code, detail, d);
+	log_fields(LOG_LVL_ERROR, j->id,
+		   &(struct log_fields){.has_exit = true, .exit = r.exit_code},
+		   "poll failed (exit %d): no access token: %s; next try in %.0f s", r.exit_code,
+		   detail, d);
 	snprintf(j->s->last_error, sizeof(j->s->last_error), "%s: no access token: %.300s", j->id,
 		 detail);
 	arm(j, d);
@@ -407,8 +409,9 @@ on_fetch_done(struct fetch *f, void *arg)
 	if (!s->stopping && !j->removed) {
 		double d = next_delay(j, r);
 		if (r->exit_code != 0)
-			log_notice(j->id, "poll failed (exit %d): next try in %.0f s", r->exit_code,
-				   d);
+			log_fields(LOG_LVL_NOTICE, j->id,
+				   &(struct log_fields){.has_exit = true, .exit = r->exit_code},
+				   "poll failed (exit %d): next try in %.0f s", r->exit_code, d);
 		arm(j, d);
 	}
 	rp->f = f;
