@@ -9,8 +9,9 @@
  * last poll that uses it ends.
  *
  * A configuration whose runtime cannot be built (a tls_ca_file that cannot
- * be loaded) is broken: it is not polled, its setup is tried again with the
- * backoff of a failed poll, and it is polled as soon as a try, or a reload,
+ * be loaded), or whose save directory or refresh-token directory takes no
+ * new file (the start-up check, runtime_check_dirs), is broken: it is not polled, its setup is
+ * tried again with the backoff of a failed poll, and it is polled as soon as a try, or a reload,
  * succeeds.
  */
 #include <stdbool.h>
@@ -42,7 +43,7 @@ struct cfg {
 	struct setref *sr;
 	const struct conf_mailbox *mb;
 	struct runtime rt;
-	char *broken; /* why its runtime could not be built (not polled), or NULL */
+	char *broken; /* why it cannot be polled (runtime, directories), or NULL */
 };
 
 struct job {
@@ -151,7 +152,8 @@ cfg_new(struct scheduler *s, struct setref *sr, const struct conf_mailbox *mb,
 	sr->refs++;
 	c->mb = mb;
 	if (runtime_reinit(&c->rt, prev != NULL ? &prev->rt : NULL, sr->set, mb, s->oauth, true,
-			   why, sizeof(why)) < 0)
+			   why, sizeof(why)) < 0 ||
+	    runtime_check_dirs(mb, why, sizeof(why)) < 0)
 		c->broken = xstrdup(why);
 	return c;
 }
