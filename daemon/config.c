@@ -70,6 +70,7 @@ struct dparse {
 	uint64_t commit_interval; /* 0: unset */
 	uint64_t stop_timeout;	  /* 0: unset */
 	int log_level;		  /* -1: unset */
+	unsigned shard, shards;	  /* K/N; 0/0: unset */
 	struct defaults {
 		char *server, *user, *tls_ca_file;
 		unsigned port; /* 0: unset */
@@ -434,6 +435,46 @@ h_loglevel(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path
 		*(int *)field(c, k) = level;
 }
 
+/* "K/N": two decimal numbers. */
+static int
+parse_fraction(const char *s, uint64_t *ret_k, uint64_t *ret_n)
+{
+	char *end;
+
+	if (!isdigit((unsigned char)*s))
+		return -EINVAL;
+	errno = 0;
+	*ret_k = strtoull(s, &end, 10);
+	if (errno != 0 || *end != '/')
+		return -EINVAL;
+	return parse_uint(end + 1, ret_n);
+}
+
+/* shard: K/N with 1 <= K <= N <= CONF_MAX_SHARDS. */
+static void
+h_shard(struct pctx *c, const struct key *k, yaml_node_t *v, const char *path)
+{
+	struct dparse *dp = c->base;
+	const char *s = scalar(c, v, path, "K/N");
+	uint64_t shard, shards;
+
+	(void)k;
+	if (s == NULL)
+		return;
+	if (parse_fraction(s, &shard, &shards) < 0)
+		perr(c, v->start_mark, path,
+		     "expected K/N: this process's shard K of N (e.g. 1/2)");
+	else if (shards < 1 || shards > CONF_MAX_SHARDS)
+		perr(c, v->start_mark, path, "N must be between 1 and %d", CONF_MAX_SHARDS);
+	else if (shard < 1 || shard > shards)
+		perr(c, v->start_mark, path, "K must be between 1 and N (%llu)",
+		     (unsigned long long)shards);
+	else {
+		dp->shard = (unsigned)shard;
+		dp->shards = (unsigned)shards;
+	}
+}
+
 /* A number, duration or size and its range (the arg of h_num). */
 struct num {
 	int (*parse)(const char *s, uint64_t *ret);
@@ -667,6 +708,7 @@ static const struct key daemon_keys[] = {
 	{"commit_interval", h_num, D(commit_interval), &timeout_num},
 	{"stop_timeout", h_num, D(stop_timeout), &timeout_num},
 	{"log_level", h_loglevel, D(log_level), NULL},
+	{"shard", h_shard, 0, NULL},
 	{"defaults", h_map, 0, defaults_keys},
 	{NULL, NULL, 0, NULL},
 };
@@ -1182,6 +1224,8 @@ build_set(struct loader *l)
 	set->stop_timeout = dp->stop_timeout ? (unsigned)dp->stop_timeout : 60;
 	set->commit_batch = dp->commit_batch ? dp->commit_batch : 64;
 	set->commit_interval = dp->commit_interval ? (unsigned)dp->commit_interval : 1;
+	set->shard = dp->shards ? dp->shard : 1;
+	set->shards = dp->shards ? dp->shards : 1;
 	set->log_level_set = dp->log_level >= 0;
 	set->log_level = set->log_level_set ? dp->log_level : LOG_LVL_INFO;
 	set->mailboxes = xcalloc(l->n_mbx, sizeof(*set->mailboxes));
@@ -1260,6 +1304,32 @@ conf_find(const struct conf_set *set, const char *id)
 		return NULL;
 	m = bsearch(id, set->mailboxes, set->n_mailboxes, sizeof(*m), find_cmp);
 	return m ? *m : NULL;
+}
+
+/* FNV-1a, 64 bits: fixed by its definition, the same on every host, build
+ * and release (never seeded), and spreading similar ids apart. */
+uint64_t
+conf_shard_hash(const char *id)
+{
+	uint64_t h = 0xcbf29ce484222325ULL;
+
+	for (const unsigned char *p = (const unsigned char *)id; *p != '\0'; p++) {
+		h ^= *p;
+		h *= 0x100000001b3ULL;
+	}
+	return h;
+}
+
+unsigned
+conf_shard_of(const char *id, unsigned shards)
+{
+	return shards <= 1 ? 1 : (unsigned)(conf_shard_hash(id) % shards) + 1;
+}
+
+bool
+conf_in_shard(const struct conf_set *set, const char *id)
+{
+	return conf_shard_of(id, set->shards) == set->shard;
 }
 
 const char *

@@ -355,9 +355,11 @@ finish(struct fetch *f)
 	/* the lock is released now: the next poll may start at once */
 	store_close(f->store);
 	f->store = NULL;
-	log_msg(f->res.nsaved || f->res.deleted || f->res.exit_code ? LOG_LVL_INFO : LOG_LVL_DEBUG,
-		f->mb->id, "%zu saved, %zu already received, %zu deleted%s", f->res.nsaved,
-		f->res.skipped, f->res.deleted, f->res.exit_code ? " (with errors)" : "");
+	log_fields(f->res.nsaved || f->res.deleted || f->res.exit_code ? LOG_LVL_INFO
+								       : LOG_LVL_DEBUG,
+		   f->mb->id, &(struct log_fields){.has_exit = true, .exit = f->res.exit_code},
+		   "%zu saved, %zu already received, %zu deleted%s", f->res.nsaved, f->res.skipped,
+		   f->res.deleted, f->res.exit_code ? " (with errors)" : "");
 	evtimer_add(f->done_ev, &zero);
 }
 
@@ -448,8 +450,8 @@ on_committed(void *arg, const char *uid, char *folder, unsigned long long size)
 	sv->uid = xstrdup(uid);
 	sv->folder = folder;
 	sv->size = size;
-	log_debug(f->mb->id, "saved message %lu (%s) in %s", c->num, uid,
-		  folder ? folder : "(nothing kept)");
+	log_fields(LOG_LVL_DEBUG, f->mb->id, &(struct log_fields){.uidl = uid, .folder = folder},
+		   "saved message %lu (%s) in %s", c->num, uid, folder ? folder : "(nothing kept)");
 }
 
 /* Group commit of the sealed messages, then (with dele) their DELEs; false

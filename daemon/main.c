@@ -107,7 +107,7 @@ load(const struct options *o, json_t **ret_errors)
 }
 
 static json_t *
-mailbox_json(const struct conf_mailbox *mb)
+mailbox_json(const struct conf_set *set, const struct conf_mailbox *mb)
 {
 	json_t *c = json_object();
 
@@ -119,6 +119,8 @@ mailbox_json(const struct conf_mailbox *mb)
 	json_object_set_new(c, "auth", json_string(conf_auth_name(mb->auth)));
 	json_object_set_new(c, "save_directory",
 			    mb->save_directory ? json_string(mb->save_directory) : json_null());
+	json_object_set_new(c, "shard", json_integer(conf_shard_of(mb->id, set->shards)));
+	json_object_set_new(c, "in_shard", json_boolean(conf_in_shard(set, mb->id)));
 	return c;
 }
 
@@ -146,13 +148,20 @@ cmd_check(const struct options *o)
 	for (size_t i = 0; i < set->n_mailboxes; i++) {
 		const struct conf_mailbox *mb = set->mailboxes[i];
 		if (o->json)
-			json_array_append_new(list, mailbox_json(mb));
+			json_array_append_new(list, mailbox_json(set, mb));
 		else
-			printf("%s\t%s\t%s:%u\ttls=%s\tauth=%s\t%s\n", mb->id,
+			printf("%s\t%s\t%s:%u\ttls=%s\tauth=%s\t%s\tshard=%u/%u%s\n", mb->id,
 			       mb->active ? "active" : "inactive", mb->server, mb->port,
 			       conf_tls_name(mb->tls), conf_auth_name(mb->auth),
-			       mb->save_directory ? mb->save_directory : "(nothing saved)");
+			       mb->save_directory ? mb->save_directory : "(nothing saved)",
+			       conf_shard_of(mb->id, set->shards), set->shards,
+			       conf_in_shard(set, mb->id) ? "" : " (another process's)");
 	}
+	if (!o->json && set->shards > 1)
+		fprintf(stderr,
+			"popfetchd: shard: %u/%u: this process serves the configurations "
+			"of shard %u\n",
+			set->shard, set->shards, set->shard);
 	if (o->json) {
 		json_object_set_new(out, "valid", json_true());
 		json_object_set_new(out, "errors", json_array());
@@ -384,6 +393,11 @@ cmd_run(const struct options *o)
 	}
 	log_info(NULL, "popfetchd %s: %zu configuration(s) in %s, at most %u session(s) at once",
 		 POPFETCHD_VERSION, set->n_mailboxes, o->confdir, set->max_sessions);
+	if (set->shards > 1)
+		log_info(NULL,
+			 "shard %u/%u: polling only this shard's configurations (check lists "
+			 "each one's shard)",
+			 set->shard, set->shards);
 	d.stop_timeout = set->stop_timeout;
 	d.sched = scheduler_new(d.base, dns, set, update_status, &d);
 	update_status(&d);
@@ -576,7 +590,7 @@ parse_args(int argc, char **argv, struct options *o)
 static void
 setup_process(const struct options *o)
 {
-	log_set_prefix(getenv("JOURNAL_STREAM") != NULL);
+	log_setup();
 	if (o->verbosity > 0)
 		log_set_level(LOG_LVL_DEBUG);
 	else if (o->verbosity < 0)

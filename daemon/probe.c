@@ -15,7 +15,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -39,6 +38,7 @@
 #include "popfetchd/probe.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/smime.h"
+#include "popfetchd/store.h"
 #include "popfetchd/tls.h"
 #include "popfetchd/util.h"
 
@@ -678,46 +678,6 @@ check_smime(struct probe *p)
 	free(path);
 }
 
-/* Create, write, fsync and remove a file in dir: 0 or -errno. */
-static int
-probe_file(const char *dir, char **ret_path)
-{
-	unsigned char rnd[6];
-	char hex[13];
-	int fd, r = 0;
-
-	if (getentropy(rnd, sizeof(rnd)) < 0)
-		memset(rnd, 0, sizeof(rnd));
-	util_hex(rnd, sizeof(rnd), hex);
-	*ret_path = xasprintf("%s/.popfetchd-test-%ld-%s", dir, (long)getpid(), hex);
-	fd = open(*ret_path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (fd < 0)
-		return -errno;
-	if (util_write_all(fd, "popfetchd test\n", 15) < 0 || fsync(fd) < 0)
-		r = -errno;
-	if (close(fd) < 0 && r == 0)
-		r = -errno;
-	if (unlink(*ret_path) < 0 && r == 0)
-		r = -errno;
-	return r;
-}
-
-/* The nearest ancestor of path that exists (path itself if it does). */
-static char *
-existing_ancestor(const char *path)
-{
-	char buf[PATH_MAX];
-	struct stat st;
-
-	snprintf(buf, sizeof(buf), "%s", path);
-	while (stat(buf, &st) < 0 && (errno == ENOENT || errno == ENOTDIR) &&
-	       strcmp(buf, "/") != 0 && strcmp(buf, ".") != 0) {
-		char *up = dirname(buf);
-		memmove(buf, up, strlen(up) + 1);
-	}
-	return xstrdup(buf);
-}
-
 /*
  * What the store needs: save_directory (or, before the first receive, the
  * directory it will be created in) and its .tmp take new files; a probe file
@@ -727,10 +687,8 @@ static void
 check_save(struct probe *p)
 {
 	const char *save = p->mb->save_directory;
-	char *dir, *tmp = NULL, *path = NULL;
-	struct stat st;
+	struct store_dir_check c;
 	json_t *f;
-	int r;
 
 	if (save == NULL) {
 		set_step(p, ST_SAVE, PR_SKIPPED, NULL,
@@ -740,56 +698,20 @@ check_save(struct probe *p)
 	}
 	f = json_object();
 	json_object_set_new(f, "path", json_string(save));
-	dir = existing_ancestor(save);
-	if (stat(dir, &st) < 0) {
-		fail_step(p, ST_SAVE, EX_IOERR, f, "%s: %s", dir, strerror(errno));
-		goto out;
-	}
-	if (!S_ISDIR(st.st_mode)) {
-		if (strcmp(dir, save) == 0)
-			fail_step(p, ST_SAVE, EX_IOERR, f, "%s is not a directory", save);
-		else
-			fail_step(p, ST_SAVE, EX_IOERR, f,
-				  "%s cannot be created: %s is not a directory", save, dir);
-		goto out;
-	}
-	if (strcmp(dir, save) != 0) {
-		/* the first receive creates it */
-		if ((r = probe_file(dir, &path)) < 0)
-			fail_step(p, ST_SAVE, EX_IOERR, f,
-				  "%s does not exist and cannot be created: %s: %s", save, path,
-				  strerror(-r));
-		else
-			set_step(p, ST_SAVE, PR_OK, f,
-				 "%s does not exist yet; the first receive creates it (%s takes "
-				 "new entries)",
-				 save, dir);
-		goto out;
-	}
-	/* messages are staged in .tmp, then renamed into save_directory */
-	tmp = xasprintf("%s/.tmp", save);
-	if (lstat(tmp, &st) == 0 && S_ISLNK(st.st_mode)) {
-		fail_step(p, ST_SAVE, EX_IOERR, f,
-			  "%s is a symbolic link: popfetchd never follows one in its staging "
-			  "(remove it)",
-			  tmp);
-	} else if (lstat(tmp, &st) == 0 && !S_ISDIR(st.st_mode)) {
-		fail_step(p, ST_SAVE, EX_IOERR, f,
-			  "%s is not a directory: messages cannot be staged there", tmp);
-	} else if ((r = probe_file(lstat(tmp, &st) == 0 ? tmp : save, &path)) < 0) {
-		fail_step(p, ST_SAVE, EX_IOERR, f, "cannot create %s: %s", path, strerror(-r));
-	} else if (faccessat(AT_FDCWD, save, W_OK | X_OK, AT_EACCESS) < 0) {
-		fail_step(p, ST_SAVE, EX_IOERR, f, "%s: %s: folders cannot be renamed into it",
-			  save, strerror(errno));
+	store_check_dir(save, true, true, &c);
+	if (c.err != 0) {
+		fail_step(p, ST_SAVE, EX_IOERR, f, "%s", c.why);
+	} else if (c.missing) {
+		set_step(p, ST_SAVE, PR_OK, f,
+			 "%s does not exist yet; the first receive creates it (%s takes new "
+			 "entries)",
+			 save, c.where);
 	} else {
-		json_object_set_new(f, "probe_file", json_string(path));
+		json_object_set_new(f, "probe_file", json_string(c.probe));
 		set_step(p, ST_SAVE, PR_OK, f, "%s is writable (created and removed %s)", save,
-			 path);
+			 c.probe);
 	}
-out:
-	free(tmp);
-	free(path);
-	free(dir);
+	store_dir_check_clear(&c);
 }
 
 /* ---- the configuration, the report ---- */

@@ -2,6 +2,8 @@
  * runtime — a configuration's TLS context, OAuth2 token source and S/MIME
  * key (see runtime.h).
  */
+#include <errno.h>
+#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +16,7 @@
 #include "popfetchd/oauth2.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/smime.h"
+#include "popfetchd/store.h"
 #include "popfetchd/tls.h"
 #include "popfetchd/util.h"
 
@@ -167,6 +170,43 @@ runtime_reinit(struct runtime *rt, const struct runtime *prev, const struct conf
 	if (mb->smime.key_name != NULL)
 		load_smime_key(rt);
 	return 0;
+}
+
+/* key's directory dir is writable: 0, or -1 with why. */
+static int
+check_dir(const char *key, const char *dir, bool staging, char *why, size_t whylen)
+{
+	struct store_dir_check c;
+	int r;
+
+	store_check_dir(dir, staging, false, &c);
+	if (c.err != 0)
+		snprintf(why, whylen, "%s %s is not writable: %s%s", key, dir,
+			 c.cannot_create ? strerror(c.err) : c.why,
+			 c.err == EROFS ? "; under systemd add it to ReadWritePaths= (systemctl "
+					  "edit popfetchd)"
+					: "");
+	r = c.err != 0 ? -1 : 0;
+	store_dir_check_clear(&c);
+	return r;
+}
+
+int
+runtime_check_dirs(const struct conf_mailbox *mb, char *why, size_t whylen)
+{
+	char *copy;
+	int r = 0;
+
+	if (mb->save_directory != NULL)
+		r = check_dir("save_directory", mb->save_directory, true, why, whylen);
+	if (r == 0 && mb->auth == CONF_AUTH_OAUTH2 && mb->oauth2.refresh_token_file != NULL) {
+		/* a rotated refresh token is written beside it, then renamed */
+		copy = xstrdup(mb->oauth2.refresh_token_file);
+		r = check_dir("the directory of oauth2.refresh_token_file", dirname(copy), false,
+			      why, whylen);
+		free(copy);
+	}
+	return r;
 }
 
 void

@@ -9,8 +9,9 @@
  * last poll that uses it ends.
  *
  * A configuration whose runtime cannot be built (a tls_ca_file that cannot
- * be loaded) is broken: it is not polled, its setup is tried again with the
- * backoff of a failed poll, and it is polled as soon as a try, or a reload,
+ * be loaded), or whose save directory or refresh-token directory takes no
+ * new file (the start-up check, runtime_check_dirs), is broken: it is not polled, its setup is
+ * tried again with the backoff of a failed poll, and it is polled as soon as a try, or a reload,
  * succeeds.
  */
 #include <stdbool.h>
@@ -42,7 +43,7 @@ struct cfg {
 	struct setref *sr;
 	const struct conf_mailbox *mb;
 	struct runtime rt;
-	char *broken; /* why its runtime could not be built (not polled), or NULL */
+	char *broken; /* why it cannot be polled (runtime, directories), or NULL */
 };
 
 struct job {
@@ -151,7 +152,8 @@ cfg_new(struct scheduler *s, struct setref *sr, const struct conf_mailbox *mb,
 	sr->refs++;
 	c->mb = mb;
 	if (runtime_reinit(&c->rt, prev != NULL ? &prev->rt : NULL, sr->set, mb, s->oauth, true,
-			   why, sizeof(why)) < 0)
+			   why, sizeof(why)) < 0 ||
+	    runtime_check_dirs(mb, why, sizeof(why)) < 0)
 		c->broken = xstrdup(why);
 	return c;
 }
@@ -327,8 +329,10 @@ token_failed(struct job *j, enum oauth2_status status, const char *detail)
 	struct fetch_result r = {.exit_code = oauth2_exit_code(status)};
 	double d = next_delay(j, &r);
 
-	log_error(j->id, "poll failed (exit %d): no access token: %s; next try in %.0f s",
-		  r.exit_code, detail, d);
+	log_fields(LOG_LVL_ERROR, j->id,
+		   &(struct log_fields){.has_exit = true, .exit = r.exit_code},
+		   "poll failed (exit %d): no access token: %s; next try in %.0f s", r.exit_code,
+		   detail, d);
 	snprintf(j->s->last_error, sizeof(j->s->last_error), "%s: no access token: %.300s", j->id,
 		 detail);
 	arm(j, d);
@@ -407,8 +411,9 @@ on_fetch_done(struct fetch *f, void *arg)
 	if (!s->stopping && !j->removed) {
 		double d = next_delay(j, r);
 		if (r->exit_code != 0)
-			log_notice(j->id, "poll failed (exit %d): next try in %.0f s", r->exit_code,
-				   d);
+			log_fields(LOG_LVL_NOTICE, j->id,
+				   &(struct log_fields){.has_exit = true, .exit = r->exit_code},
+				   "poll failed (exit %d): next try in %.0f s", r->exit_code, d);
 		arm(j, d);
 	}
 	rp->f = f;
@@ -470,7 +475,7 @@ apply(struct scheduler *s, struct conf_set *set)
 		j->seen = false;
 	for (size_t i = 0; i < set->n_mailboxes; i++) {
 		const struct conf_mailbox *mb = set->mailboxes[i];
-		if (!mb->active)
+		if (!mb->active || !conf_in_shard(set, mb->id))
 			continue;
 		if ((j = find(s, mb->id)) == NULL) {
 			add_job(s, cfg_new(s, sr, mb, NULL));

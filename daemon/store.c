@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <libgen.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1358,4 +1359,126 @@ out:
 	strset_clear(&aliases);
 	free(list);
 	return r;
+}
+
+/* ---- is a directory writable? ---- */
+
+/* Create, write (fsync with sync) and remove a file in dir: 0 or -errno. */
+static int
+probe_file(const char *dir, bool sync, char **ret_path)
+{
+	unsigned char rnd[6];
+	char hex[13];
+	int fd, r = 0;
+
+	if (getentropy(rnd, sizeof(rnd)) < 0)
+		memset(rnd, 0, sizeof(rnd));
+	util_hex(rnd, sizeof(rnd), hex);
+	*ret_path = xasprintf("%s/.popfetchd-test-%ld-%s", dir, (long)getpid(), hex);
+	fd = open(*ret_path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -errno;
+	if (util_write_all(fd, "popfetchd test\n", 15) < 0 || (sync && fsync(fd) < 0))
+		r = -errno;
+	if (close(fd) < 0 && r == 0)
+		r = -errno;
+	if (unlink(*ret_path) < 0 && r == 0)
+		r = -errno;
+	return r;
+}
+
+/* The nearest ancestor of path that exists (path itself if it does). */
+static char *
+existing_ancestor(const char *path)
+{
+	char buf[PATH_MAX];
+	struct stat st;
+
+	snprintf(buf, sizeof(buf), "%s", path);
+	while (stat(buf, &st) < 0 && (errno == ENOENT || errno == ENOTDIR) &&
+	       strcmp(buf, "/") != 0 && strcmp(buf, ".") != 0) {
+		char *up = dirname(buf);
+		memmove(buf, up, strlen(up) + 1);
+	}
+	return xstrdup(buf);
+}
+
+static void __attribute__((format(printf, 3, 4)))
+check_failed(struct store_dir_check *c, int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	c->err = err;
+	va_start(ap, fmt);
+	vsnprintf(c->why, sizeof(c->why), fmt, ap);
+	va_end(ap);
+}
+
+/* The probe file in dir (judged for name). */
+static void
+check_probe(struct store_dir_check *c, const char *dir, const char *name, bool sync)
+{
+	int r = probe_file(dir, sync, &c->probe);
+
+	if (r < 0) {
+		c->cannot_create = true;
+		if (c->missing)
+			check_failed(c, -r, "%s does not exist and cannot be created: %s: %s", name,
+				     c->probe, strerror(-r));
+		else
+			check_failed(c, -r, "cannot create %s: %s", c->probe, strerror(-r));
+	}
+}
+
+/* dir exists: its staging .tmp, a probe file in it, renames into dir. */
+static void
+check_staging(struct store_dir_check *c, const char *dir, bool sync)
+{
+	char *tmp = xasprintf("%s/.tmp", dir);
+	struct stat st;
+	bool exists = lstat(tmp, &st) == 0;
+
+	if (exists && S_ISLNK(st.st_mode))
+		check_failed(c, ELOOP,
+			     "%s is a symbolic link: popfetchd never follows one in its staging "
+			     "(remove it)",
+			     tmp);
+	else if (exists && !S_ISDIR(st.st_mode))
+		check_failed(c, ENOTDIR, "%s is not a directory: messages cannot be staged there",
+			     tmp);
+	else
+		check_probe(c, exists ? tmp : dir, dir, sync);
+	if (c->err == 0 && faccessat(AT_FDCWD, dir, W_OK | X_OK, AT_EACCESS) < 0)
+		check_failed(c, errno, "%s: %s: folders cannot be renamed into it", dir,
+			     strerror(errno));
+	free(tmp);
+}
+
+void
+store_check_dir(const char *dir, bool staging, bool sync, struct store_dir_check *ret)
+{
+	struct stat st;
+
+	*ret = (struct store_dir_check){0};
+	ret->where = existing_ancestor(dir);
+	ret->missing = strcmp(ret->where, dir) != 0;
+	if (stat(ret->where, &st) < 0)
+		check_failed(ret, errno, "%s: %s", ret->where, strerror(errno));
+	else if (!S_ISDIR(st.st_mode) && !ret->missing)
+		check_failed(ret, ENOTDIR, "%s is not a directory", dir);
+	else if (!S_ISDIR(st.st_mode))
+		check_failed(ret, ENOTDIR, "%s cannot be created: %s is not a directory", dir,
+			     ret->where);
+	else if (staging && !ret->missing)
+		check_staging(ret, dir, sync);
+	else
+		check_probe(ret, ret->where, dir, sync);
+}
+
+void
+store_dir_check_clear(struct store_dir_check *c)
+{
+	free(c->where);
+	free(c->probe);
+	*c = (struct store_dir_check){0};
 }

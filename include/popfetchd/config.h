@@ -72,6 +72,7 @@ struct conf_set {
 	unsigned stop_timeout;	  /* seconds a stopping daemon waits for running sessions */
 	unsigned commit_batch;	  /* most messages made durable by one group commit */
 	unsigned commit_interval; /* seconds a batch's first message waits at most */
+	unsigned shard, shards;	  /* shard: K/N, 1/1 when unset: this process serves K of N */
 	int log_level;		  /* enum log_level; LOG_LVL_INFO when unset */
 	bool log_level_set;
 	struct conf_mailbox **mailboxes; /* sorted by id */
@@ -96,6 +97,18 @@ void conf_errors_clear(struct conf_errors *errs);
 
 /* The mailbox with this id, or NULL. */
 const struct conf_mailbox *conf_find(const struct conf_set *set, const char *id);
+
+/*
+ * Sharding (shard: K/N): a configuration belongs to shard
+ * FNV-1a-64(the id's bytes) mod N + 1. Stable across hosts, builds and
+ * releases: several processes with the same tree and N split it between them.
+ */
+#define CONF_MAX_SHARDS 1000
+uint64_t conf_shard_hash(const char *id);
+/* The shard (1..shards) of id. */
+unsigned conf_shard_of(const char *id, unsigned shards);
+/* Does this process (set's shard) serve the configuration id? */
+bool conf_in_shard(const struct conf_set *set, const char *id);
 
 const char *conf_tls_name(enum conf_tls tls);
 const char *conf_auth_name(enum conf_auth auth);

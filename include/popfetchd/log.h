@@ -1,6 +1,15 @@
-/* log — log lines on stderr, with journald <N> priority prefixes. */
+/*
+ * log — one line per call, naming the configuration it is about. Under
+ * journald (JOURNAL_STREAM names stderr) each line is a record sent with
+ * sd_journal_sendv: PRIORITY, MESSAGE, SYSLOG_IDENTIFIER=popfetchd,
+ * POPFETCHD_CONFIG=ID and the fields of struct log_fields that are set;
+ * when the journal's socket is missing or refuses a record, the line goes
+ * to stderr with a "<N>" priority prefix. Otherwise lines go to stderr as "popfetchd: ...".
+ */
 #ifndef POPFETCHD_LOG_H
 #define POPFETCHD_LOG_H
+
+#include <stdbool.h>
 
 /* syslog priorities, as journald reads them from a "<N>" prefix */
 enum log_level {
@@ -15,11 +24,25 @@ enum log_level {
 void log_set_level(enum log_level level);
 /* Parse "debug|info|notice|warning|error"; -1 when unknown. */
 int log_level_from_name(const char *name);
-/* Print "<N>" prefixes (when stderr goes to journald) or not. */
-void log_set_prefix(int on);
+/* Send to the journal when JOURNAL_STREAM names stderr (its st_dev:st_ino,
+ * systemd.exec(5)); true when it does. */
+bool log_setup(void);
 
+/* A record's optional journal fields (never a secret). */
+struct log_fields {
+	const char *uidl;   /* POPFETCHD_UIDL: the message's UIDL */
+	const char *folder; /* POPFETCHD_FOLDER: the saved message's folder */
+	bool has_exit;
+	int exit; /* POPFETCHD_EXIT: a poll's exit code, when has_exit */
+};
+
+/* A line about configuration id (NULL: the daemon), "ID: " before it. */
 void log_msg(enum log_level level, const char *id, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
+/* The same with journal fields: log_fields(LOG_LVL_INFO, id,
+ * &(struct log_fields){.uidl = u, .folder = f}, "saved ..."). */
+void log_fields(enum log_level level, const char *id, const struct log_fields *lf, const char *fmt,
+		...) __attribute__((format(printf, 4, 5)));
 
 #define log_error(id, ...)   log_msg(LOG_LVL_ERROR, id, __VA_ARGS__)
 #define log_warning(id, ...) log_msg(LOG_LVL_WARNING, id, __VA_ARGS__)

@@ -49,6 +49,11 @@ int runtime_reinit(struct runtime *rt, const struct runtime *prev, const struct 
 		   const struct conf_mailbox *mb, struct oauth2_client *oauth, bool keep_fresh,
 		   char *why, size_t whylen);
 void runtime_clear(struct runtime *rt);
+/* The start-up check of the daemon: mb's save_directory and the directory
+ * of its oauth2.refresh_token_file take new files. 0, or -1 with why (one
+ * line naming the key, the path and the cause, and ReadWritePaths= when the
+ * file system is read-only). */
+int runtime_check_dirs(const struct conf_mailbox *mb, char *why, size_t whylen);
 /* The token source parameters of mb, its cache in state_dir. */
 void runtime_oauth2_params(const struct conf_mailbox *mb, const char *state_dir,
 			   struct oauth2_params *op);

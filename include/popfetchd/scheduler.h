@@ -1,14 +1,16 @@
 /*
- * scheduler — the daemon's polls: one timer per active configuration, at
- * most max_sessions sessions at once (the rest wait in a first-come queue),
- * never two for one configuration, first polls spread over the first
- * interval, exponential backoff with jitter after a failure ([LOGIN-DELAY]
- * honoured), the swap to a reloaded configuration set, and a graceful stop.
- * A configuration whose runtime cannot be built (TLS context) is broken:
- * never polled, its setup retried with the same backoff, polled as soon as
- * a retry or a reload builds it. An OAuth2 poll gets its token before it
- * takes a session slot; without one it is a failed poll that took none.
- * Knows no protocol: a poll is fetch_start() and its result.
+ * scheduler — the daemon's polls: one timer per active configuration of
+ * this process's shard, at most max_sessions sessions at once (the rest wait
+ * in a first-come queue), never two for one configuration, first polls
+ * spread over the first interval, exponential backoff with jitter after a
+ * failure ([LOGIN-DELAY] honoured), the swap to a reloaded configuration
+ * set, and a graceful stop. A configuration whose runtime cannot be built
+ * (TLS context), or whose save directory or refresh-token directory takes
+ * no new file, is broken: never polled, its setup retried with the same
+ * backoff, polled as soon as a retry or a reload builds it. An OAuth2 poll
+ * gets its token before it takes a session slot; without one it is a failed
+ * poll that took none. Knows no protocol: a poll is fetch_start() and its
+ * result.
  */
 #ifndef POPFETCHD_SCHEDULER_H
 #define POPFETCHD_SCHEDULER_H
@@ -36,11 +38,13 @@ struct sched_stats {
 /* Called whenever the figures of scheduler_stats() may have changed. */
 typedef void (*sched_changed_cb)(void *arg);
 
-/* Start polling every active configuration of set (the scheduler owns it). */
+/* Start polling every active configuration of set in its shard (the
+ * scheduler owns it). */
 struct scheduler *scheduler_new(struct event_base *base, struct evdns_base *dns,
 				struct conf_set *set, sched_changed_cb changed, void *arg);
 /*
- * Swap in a reloaded set (owned from now on): new configurations start
+ * Swap in a reloaded set (owned from now on): new configurations (and those
+ * a changed shard setting brings into this process's shard) start
  * (first poll spread over their interval), removed or inactive ones stop
  * after their running session, changed ones take effect at their next poll;
  * a running session finishes on the configuration it began with.

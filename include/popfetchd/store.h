@@ -116,4 +116,24 @@ void store_folder_name(const char *id, const char *uid, time_t received, char *o
 /* The last error's words, for a log line. */
 const char *store_error(const struct store *st);
 
+/* What store_check_dir found. */
+struct store_dir_check {
+	int err;	    /* 0: new files can be made; else the errno of why */
+	bool cannot_create; /* err is a probe file's creation failing (EROFS, EACCES) */
+	bool missing;	    /* dir does not exist yet: where takes it (a save creates it) */
+	char *where;	    /* the directory probed: dir, or its nearest existing ancestor */
+	char *probe;	    /* the file created there and removed, NULL when none */
+	char why[600];	    /* when err: the line an operator reads, naming the path */
+};
+
+/*
+ * Can files be made in dir? A probe file is created, written and removed
+ * there (fsync'd with sync). A dir that does not exist yet is judged by the
+ * nearest ancestor that does (missing). staging: dir is a save_directory,
+ * whose messages are staged in dir/.tmp (never a symlink) and renamed into
+ * dir. ret is filled in every case; store_dir_check_clear() it.
+ */
+void store_check_dir(const char *dir, bool staging, bool sync, struct store_dir_check *ret);
+void store_dir_check_clear(struct store_dir_check *c);
+
 #endif

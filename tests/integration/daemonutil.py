@@ -136,15 +136,16 @@ class Daemon:
 
 @pytest.fixture
 def daemon(popfetchd_bin, tmp_path, secret_registry):
-    """Factory: daemon(confdir, env=None, args=()) -> a running Daemon.
+    """Factory: daemon(confdir, env=None, args=(), binary=None) -> a running
+    Daemon (binary: a wrapper that runs popfetchd, by default popfetchd).
 
     At teardown it is killed if still running, its output is scanned for
     secrets and sanitizer reports."""
     started = []
 
-    def start(confdir, env=None, args=()):
+    def start(confdir, env=None, args=(), binary=None):
         notify = NotifySocket(tmp_path / f"notify{len(started)}.sock")
-        d = Daemon(popfetchd_bin, confdir, notify, env=env, args=args)
+        d = Daemon(binary or popfetchd_bin, confdir, notify, env=env, args=args)
         started.append(d)
         return d
     yield start

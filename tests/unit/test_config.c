@@ -828,6 +828,80 @@ test_misc(void)
 	conf_set_free(set);
 }
 
+/*
+ * The shard of an id is part of the deployment: processes of different
+ * releases sharing one tree must agree. These values are FNV-1a 64 as
+ * published (the "a" vector is FNV's own), never to change.
+ */
+static void
+test_shard_hash(void)
+{
+	static const struct {
+		const char *id;
+		uint64_t hash;
+		unsigned of2, of3, of10;
+	} want[] = {
+		{"a", 0xaf63dc4c8601ec8cULL, 1, 2, 7},
+		{"invoices", 0x624f59ba098b0299ULL, 2, 3, 6},
+		{"support", 0x11b17b9125e871a8ULL, 1, 2, 3},
+		{"sales", 0xbae63d0d8eb40ab7ULL, 2, 1, 6},
+		{"billing-2", 0x3033998485a53543ULL, 2, 2, 8},
+		{"m001", 0xb65f9ca3b51c4babULL, 2, 2, 2},
+		{"m002", 0xb65f9da3b51c4d5eULL, 1, 3, 3},
+	};
+
+	for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+		CHECK(conf_shard_hash(want[i].id) == want[i].hash);
+		CHECK(conf_shard_of(want[i].id, 1) == 1);
+		CHECK(conf_shard_of(want[i].id, 2) == want[i].of2);
+		CHECK(conf_shard_of(want[i].id, 3) == want[i].of3);
+		CHECK(conf_shard_of(want[i].id, 10) == want[i].of10);
+	}
+}
+
+static void
+test_shard_setting(void)
+{
+	const char *dir = new_dir(true);
+	struct conf_errors e = {0};
+	struct conf_set *set;
+	const char *f = path_of(dir, "popfetchd.yaml");
+
+	put(dir, "conf.d/a.yaml", 0600, "id: a\n" BASE);
+	set = load_ok(dir);
+	CHECK(set != NULL && set->shard == 1 && set->shards == 1);
+	CHECK(set != NULL && conf_in_shard(set, "a") && conf_in_shard(set, "invoices"));
+	conf_set_free(set);
+
+	put(dir, "popfetchd.yaml", 0600, "shard: 2/3\n");
+	set = load_ok(dir);
+	CHECK(set != NULL && set->shard == 2 && set->shards == 3);
+	CHECK(set != NULL && conf_in_shard(set, "a") && !conf_in_shard(set, "invoices"));
+	conf_set_free(set);
+
+	static const struct {
+		const char *value, *error;
+	} bad[] = {
+		{"0/2", ":1:8: shard: K must be between 1 and N (2)"},
+		{"3/2", ":1:8: shard: K must be between 1 and N (2)"},
+		{"1/0", ":1:8: shard: N must be between 1 and 1000"},
+		{"1/1001", ":1:8: shard: N must be between 1 and 1000"},
+		{"2", ":1:8: shard: expected K/N"},
+		{"1/2/3", ":1:8: shard: expected K/N"},
+		{"-1/2", ":1:8: shard: expected K/N"},
+		{"1/ 2", ":1:8: shard: expected K/N"},
+		{"half", ":1:8: shard: expected K/N"},
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		char text[64];
+		snprintf(text, sizeof(text), "shard: \"%s\"\n", bad[i].value);
+		put(dir, "popfetchd.yaml", 0600, text);
+		load_bad(dir, &e);
+		CHECK(has_error(&e, f, bad[i].error));
+		conf_errors_clear(&e);
+	}
+}
+
 int
 main(void)
 {
@@ -851,6 +925,8 @@ main(void)
 	test_oauth2();
 	test_duplicates_and_collection();
 	test_misc();
+	test_shard_hash();
+	test_shard_setting();
 	for (size_t i = 0; i < n_dirs; i++) {
 		nftw(dirs[i], rm_one, 16, FTW_DEPTH | FTW_PHYS);
 		free(dirs[i]);
