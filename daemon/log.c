@@ -7,6 +7,7 @@
 
 static enum log_level threshold = LOG_LVL_INFO;
 static int prefix;
+static void (*before_line)(void);
 
 static const struct {
 	const char *name;
@@ -37,6 +38,12 @@ log_set_prefix(int on)
 	prefix = on;
 }
 
+void
+log_set_before_line(void (*fn)(void))
+{
+	before_line = fn;
+}
+
 static void
 log_vmsg(enum log_level level, const char *id, const char *fmt, va_list ap)
 {
@@ -57,6 +64,8 @@ log_vmsg(enum log_level level, const char *id, const char *fmt, va_list ap)
 	for (char *p = line; *p != '\0'; p++)
 		if (*p == '\n' || *p == '\r')
 			*p = ' ';
+	if (before_line != NULL)
+		before_line();
 	fprintf(stderr, "%s\n", line);
 }
 

@@ -17,6 +17,9 @@ void log_set_level(enum log_level level);
 int log_level_from_name(const char *name);
 /* Print "<N>" prefixes (when stderr goes to journald) or not. */
 void log_set_prefix(int on);
+/* Called before each line is written (NULL: nothing): what shares the
+ * terminal's last line with the log, a progress line, clears it. */
+void log_set_before_line(void (*fn)(void));
 
 void log_msg(enum log_level level, const char *id, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
