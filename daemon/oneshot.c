@@ -130,8 +130,9 @@ elapsed(const struct timespec *from, const struct timespec *to)
 	return (double)(to->tv_sec - from->tv_sec) + (double)(to->tv_nsec - from->tv_nsec) / 1e9;
 }
 
-/* Bytes per second over the last samples (bytes may fall when a session
- * starts over and lists anew: then it starts from there). */
+/* Bytes per second over the last samples, -1 before there are two (bytes
+ * may fall when a session starts over and lists anew: then it starts from
+ * there). */
 static double
 progress_rate(struct progress *p, unsigned long long bytes)
 {
@@ -149,7 +150,7 @@ progress_rate(struct progress *p, unsigned long long bytes)
 	p->samples[p->nsamples].at = now;
 	p->samples[p->nsamples++].bytes = bytes;
 	dt = elapsed(&p->samples[0].at, &now);
-	return dt > 0 ? (double)(bytes - p->samples[0].bytes) / dt : 0;
+	return dt > 0 ? (double)(bytes - p->samples[0].bytes) / dt : -1;
 }
 
 /* Fit the line to the terminal: a wrapped line is not overwritten by \r. */
@@ -170,7 +171,8 @@ on_progress(evutil_socket_t fd, short what, void *arg)
 {
 	struct oneshot *os = arg;
 	struct fetch_progress sum = {0}, one;
-	char line[512], sizes[64], rate[32], *at = line;
+	char line[512], sizes[64], rate[32] = "", *at = line;
+	double bps;
 
 	(void)fd;
 	(void)what;
@@ -187,14 +189,15 @@ on_progress(evutil_socket_t fd, short what, void *arg)
 	if (!sum.listed)
 		return;
 	format_sizes(sizes, sizeof(sizes), sum.bytes, sum.bytes_total);
-	format_rate(rate, sizeof(rate), progress_rate(&os->progress, sum.bytes));
+	if ((bps = progress_rate(&os->progress, sum.bytes)) >= 0)
+		format_rate(rate, sizeof(rate), bps);
 	if (os->n == 1)
 		at += snprintf(line, sizeof(line), "%s: ", os->jobs[0].id);
 	else
 		at += snprintf(line, sizeof(line), "%zu/%zu configurations done, ", os->finished,
 			       os->n);
-	snprintf(at, sizeof(line) - (size_t)(at - line), "%zu/%zu messages, %s, %s", sum.messages,
-		 sum.messages_total, sizes, rate);
+	snprintf(at, sizeof(line) - (size_t)(at - line), "%zu/%zu messages, %s%s%s", sum.messages,
+		 sum.messages_total, sizes, rate[0] ? ", " : "", rate);
 	progress_show(&os->progress, line);
 }
 
