@@ -8,9 +8,7 @@ no state files in a state directory that belongs to another user.
 import os
 import pty
 import re
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,12 +17,12 @@ import pytest
 
 import dovecot as dovecot_tool
 import mailgen
-from conftest import ConfDir, _popfetchd_env
+from conftest import _popfetchd_env
 from fakepop3 import Action, Meter
+from test_core_dumps import NOBODY, nobody_confdir, workdir  # noqa: F401 (a fixture)
 
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_IOERR = 0, 64, 69, 74
 EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM, EX_CONFIG = 75, 76, 77, 78
-NOBODY = 65534
 RESULT_KEYS = {"configuration", "saved", "skipped", "left_too_big", "deleted", "errors",
                "exit_code"}
 
@@ -268,21 +266,8 @@ def test_no_progress_line_elsewhere(fake_pop3, fake_config, confdir, popfetchd_b
 # root beside another user's state
 
 
-@pytest.fixture
-def nobody_dir():
-    """A directory nobody owns (pytest's tmp_path is root's alone)."""
-    path = Path(tempfile.mkdtemp(prefix="pfd-owner-"))
-    os.chown(path, NOBODY, NOBODY)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def nobody_setup(workdir, *servers):
-    """A configuration directory, state and save directories, all nobody's."""
-    cd = ConfDir(workdir / "conf", workdir / "state")
-    (cd.path / "conf.d").mkdir(parents=True)
-    cd.state_directory.mkdir()
-    cd.write_main({})
+    """Configurations, state and save directories, all nobody's."""
     configs = []
     for i, server in enumerate(servers):
         save = workdir / f"save{i}"
@@ -290,21 +275,17 @@ def nobody_setup(workdir, *servers):
         configs.append({"id": f"m{i}", "server": server.host, "port": server.port,
                         "tls": "none", "user": server.user, "password": server.password,
                         "save_directory": str(save), "timeouts": {"connect": "5s"}})
-        cd.add(configs[-1])
-    for top, dirs, files in os.walk(workdir):
-        for name in dirs + files:
-            os.chown(os.path.join(top, name), NOBODY, NOBODY)
-    return cd, configs
+    return nobody_confdir(workdir, *configs), configs
 
 
 def owners(path):
     return {(p.relative_to(path), p.stat().st_uid) for p in Path(path).rglob("*")}
 
 
-def test_root_refuses_to_write_in_another_users_state(fake_pop3, nobody_dir, run_popfetchd,
+def test_root_refuses_to_write_in_another_users_state(fake_pop3, workdir, run_popfetchd,
                                                       popfetchd_bin):
     server = fake_pop3(mailgen.generate(2, 2000, seed=9))
-    cd, configs = nobody_setup(nobody_dir, server)
+    cd, configs = nobody_setup(workdir, server)
     before = owners(cd.state_directory)
 
     res = run_popfetchd(["receive-all", "m0"], confdir=cd)
