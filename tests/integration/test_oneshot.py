@@ -17,7 +17,7 @@ import pytest
 
 import dovecot as dovecot_tool
 import mailgen
-from conftest import _popfetchd_env
+from conftest import SANITIZER_MARKERS, _popfetchd_env
 from fakepop3 import Action, Meter
 from test_core_dumps import NOBODY, nobody_confdir, workdir  # noqa: F401 (a fixture)
 
@@ -213,7 +213,9 @@ def run_on_pty(cmd, cols=200):
     out, _ = proc.communicate(timeout=60)
     reader.join(10)
     os.close(master)
-    return proc.returncode, out.decode(), b"".join(chunks).decode(errors="replace")
+    tty = b"".join(chunks).decode(errors="replace")
+    assert not any(m in tty for m in SANITIZER_MARKERS), tty
+    return proc.returncode, out.decode(), tty
 
 
 PROGRESS = re.compile(r"\r(?:fake: )?(\d+)/(\d+) messages, ([\d.]+)/([\d.]+) kB(?:, [\d.]+ [kM]B/s)?\x1b\[K")
@@ -304,6 +306,7 @@ def test_root_refuses_to_write_in_another_users_state(fake_pop3, workdir, run_po
                            "receive-all", "--all"], capture_output=True, text=True, timeout=60,
                           env=_popfetchd_env({}))
     assert proc.returncode == EX_OK, proc.stderr
+    assert not any(m in proc.stderr for m in SANITIZER_MARKERS), proc.stderr
     assert len(folders(configs[0]["save_directory"])) == 2
     assert {uid for _, uid in owners(cd.state_directory)} == {NOBODY}
 
