@@ -360,7 +360,7 @@ on_fetch_done(struct fetch *f, void *arg)
 		event_base_loopbreak(os->base);
 }
 
-static bool
+static void
 start_job(struct oneshot *os, struct job *j)
 {
 	struct fetch_params fp;
@@ -369,14 +369,12 @@ start_job(struct oneshot *os, struct job *j)
 		runtime_clear(&j->rt);
 		j->refused = EX_CONFIG;
 		fprintf(stderr, "popfetchd: %s: %s (%s)\n", j->id, j->why, j->mb->file);
-		os->finished++;
-		return false;
+		return;
 	}
 	j->has_runtime = true;
 	fetch_params_from_runtime(&j->rt, os->o->mode, &fp);
 	j->f = fetch_start(os->base, os->dns, &fp, on_fetch_done, j);
 	os->running++;
-	return true;
 }
 
 /* Start polls while there are free session slots. */
@@ -387,6 +385,8 @@ pump(struct oneshot *os)
 		struct job *j = &os->jobs[os->next++];
 		if (!j->refused)
 			start_job(os, j);
+		if (j->refused) /* not polled: done at once */
+			os->finished++;
 	}
 }
 
