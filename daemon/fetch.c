@@ -1633,6 +1633,29 @@ result_clear(struct fetch_result *res)
 }
 
 void
+fetch_progress(const struct fetch *f, struct fetch_progress *ret)
+{
+	/* receive (FETCH_ONE) asks for one message, the next only when that failed */
+	size_t n = f->mode == FETCH_ONE && f->ncand > 1 ? 1 : f->ncand;
+	struct fetch_progress p = {.listed = f->cand != NULL};
+
+	for (size_t i = 0; i < n; i++) {
+		const struct candidate *c = &f->cand[i];
+		p.messages_total++;
+		p.bytes_total += c->size;
+		if (c->state != MSG_LISTED && c->state != MSG_REQUESTED) {
+			p.messages++;
+			p.bytes += c->size;
+		}
+	}
+	/* the message at the head as far as it came */
+	if (retrieving(f) && f->msg != NULL && f->next < n)
+		p.bytes +=
+			f->msg_bytes < f->cand[f->next].size ? f->msg_bytes : f->cand[f->next].size;
+	*ret = p;
+}
+
+void
 fetch_free(struct fetch *f)
 {
 	if (f == NULL)

@@ -23,6 +23,7 @@ static enum {
 	TO_STREAM,  /* stderr is journald's stream: "<N>" priority prefixes */
 	TO_JOURNAL, /* native records, TO_STREAM when one cannot go */
 } sink = TO_STDERR;
+static void (*before_line)(void);
 
 static const struct {
 	const char *name;
@@ -120,6 +121,12 @@ journal_send(enum log_level level, const char *id, const struct log_fields *lf, 
 	return sd_journal_sendv(iov, (int)n);
 }
 
+void
+log_set_before_line(void (*fn)(void))
+{
+	before_line = fn;
+}
+
 static void
 log_vmsg(enum log_level level, const char *id, const struct log_fields *lf, const char *fmt,
 	 va_list ap)
@@ -139,6 +146,8 @@ log_vmsg(enum log_level level, const char *id, const struct log_fields *lf, cons
 			*p = ' ';
 	if (sink == TO_JOURNAL && journal_send(level, id, lf, line) >= 0)
 		return;
+	if (before_line != NULL)
+		before_line();
 	/* journald reads a "<N>" prefix as the line's priority */
 	if (sink != TO_STDERR)
 		fprintf(stderr, "<%d>%s\n", (int)level, line);

@@ -23,7 +23,7 @@
 #include "popfetchd/log.h"
 #include "popfetchd/mime.h"
 #include "popfetchd/notify.h"
-#include "popfetchd/oauth2.h"
+#include "popfetchd/oneshot.h"
 #include "popfetchd/probe.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/scheduler.h"
@@ -33,7 +33,10 @@ struct options {
 	int verbosity; /* -1 quiet, 0, 1 verbose */
 	bool json;
 	const char *command;
-	const char *id;
+	const char *id;		/* the first of ids */
+	const char *const *ids; /* the words after the command */
+	size_t n_ids;
+	bool all; /* --all */
 };
 
 /*
@@ -60,13 +63,15 @@ usage(FILE *f)
 	      "       popfetchd [-c DIR] [--json] check\n"
 	      "       popfetchd [-c DIR] [--json] test ID\n"
 	      "       popfetchd [-c DIR] [-v|-q] [--json] receive ID\n"
-	      "       popfetchd [-c DIR] [-v|-q] [--json] receive-all ID\n"
+	      "       popfetchd [-c DIR] [-v|-q] [--json] receive-all ID...\n"
+	      "       popfetchd [-c DIR] [-v|-q] [--json] receive-all --all\n"
 	      "       popfetchd --version | --help\n"
 	      "\n"
 	      "  -c, --config DIR  configuration directory (default " POPFETCHD_CONFDIR ")\n"
 	      "  -v, --verbose     log debug lines\n"
 	      "  -q, --quiet       log warnings and errors only\n"
-	      "      --json        print one JSON object on stdout\n",
+	      "      --json        print one JSON object on stdout\n"
+	      "      --all         receive-all: every active configuration\n",
 	      f);
 }
 
@@ -175,63 +180,6 @@ cmd_check(const struct options *o)
 	json_decref(out);
 	conf_set_free(set);
 	return 0;
-}
-
-/* The configuration an ID names, or NULL with the reason in why. */
-static const struct conf_mailbox *
-find_active(const struct conf_set *set, const char *id, char *why, size_t size)
-{
-	const struct conf_mailbox *mb = conf_find(set, id);
-
-	if (mb == NULL) {
-		snprintf(why, size, "no configuration with id \"%s\" in %s/conf.d", id, set->dir);
-		return NULL;
-	}
-	if (!mb->active) {
-		snprintf(why, size, "%s: the configuration is inactive (status: inactive in %s)",
-			 id, mb->file);
-		return NULL;
-	}
-	return mb;
-}
-
-static void
-on_fetch_done(struct fetch *f, void *arg)
-{
-	(void)f;
-	event_base_loopbreak(arg);
-}
-
-static void
-print_result(const struct options *o, const struct conf_mailbox *mb, const struct fetch_result *r)
-{
-	if (!o->json) {
-		for (size_t i = 0; i < r->nsaved; i++)
-			if (r->saved[i].folder != NULL)
-				printf("%s\n", r->saved[i].folder);
-		return;
-	}
-	json_t *out = json_object(), *saved = json_array(), *errors = json_array();
-	for (size_t i = 0; i < r->nsaved; i++) {
-		json_t *s = json_object();
-		json_object_set_new(s, "uidl", json_string(r->saved[i].uid));
-		json_object_set_new(s, "folder",
-				    r->saved[i].folder ? json_string(r->saved[i].folder)
-						       : json_null());
-		json_object_set_new(s, "size", json_integer((json_int_t)r->saved[i].size));
-		json_array_append_new(saved, s);
-	}
-	for (size_t i = 0; i < r->nerrors; i++)
-		json_array_append_new(errors, json_string(r->errors[i]));
-	json_object_set_new(out, "configuration", json_string(mb->id));
-	json_object_set_new(out, "saved", saved);
-	json_object_set_new(out, "skipped", json_integer((json_int_t)r->skipped));
-	json_object_set_new(out, "left_too_big", json_integer((json_int_t)r->too_big));
-	json_object_set_new(out, "deleted", json_integer((json_int_t)r->deleted));
-	json_object_set_new(out, "errors", errors);
-	json_object_set_new(out, "exit_code", json_integer(r->exit_code));
-	print_json(out);
-	json_decref(out);
 }
 
 /* ---- the daemon ---- */
@@ -425,76 +373,19 @@ libevent_log(int severity, const char *msg)
 		msg);
 }
 
-/* --json: exactly one object on stdout, also when nothing could start. */
-static int
-receive_refused(const struct options *o, json_t *errors, const char *line)
-{
-	if (errors == NULL)
-		errors = json_array();
-	if (line != NULL)
-		json_array_append_new(errors, json_string(line));
-	if (o->json) {
-		json_t *out = json_object();
-		json_object_set_new(out, "configuration", json_string(o->id));
-		json_object_set_new(out, "saved", json_array());
-		json_object_set_new(out, "skipped", json_integer(0));
-		json_object_set_new(out, "left_too_big", json_integer(0));
-		json_object_set_new(out, "deleted", json_integer(0));
-		json_object_set_new(out, "errors", errors);
-		json_object_set_new(out, "exit_code", json_integer(EX_CONFIG));
-		print_json(out);
-		json_decref(out);
-	} else {
-		json_decref(errors);
-	}
-	return EX_CONFIG;
-}
-
 static int
 cmd_receive(const struct options *o, enum fetch_mode mode)
 {
 	json_t *errors = NULL;
 	struct conf_set *set = load(o, &errors);
-	const struct conf_mailbox *mb;
-	struct event_base *base;
-	struct evdns_base *dns;
-	struct oauth2_client *oauth;
-	struct fetch_params fp;
-	struct runtime rt;
-	struct fetch *f;
-	char why[512];
-	int code;
+	int code = oneshot_run(set, errors,
+			       &(struct oneshot_options){.ids = o->ids,
+							 .n_ids = o->n_ids,
+							 .all = o->all,
+							 .json = o->json,
+							 .progress = o->verbosity >= 0,
+							 .mode = mode});
 
-	if (set == NULL)
-		return receive_refused(o, errors, NULL);
-	if ((mb = find_active(set, o->id, why, sizeof(why))) == NULL) {
-		fprintf(stderr, "popfetchd: %s\n", why);
-		conf_set_free(set);
-		return receive_refused(o, NULL, why);
-	}
-	base = event_base_new();
-	if (base == NULL)
-		abort();
-	dns = runtime_dns_new(base);
-	oauth = mb->auth == CONF_AUTH_OAUTH2 ? oauth2_client_new(base) : NULL;
-	if (runtime_init(&rt, set, mb, oauth, false, why, sizeof(why)) < 0) {
-		fprintf(stderr, "popfetchd: %s: %s (%s)\n", mb->id, why, mb->file);
-		code = receive_refused(o, NULL, why);
-		f = NULL;
-	} else {
-		fetch_params_from_runtime(&rt, mode, &fp);
-		f = fetch_start(base, dns, &fp, on_fetch_done, base);
-		event_base_dispatch(base);
-		code = fetch_result(f)->exit_code;
-		print_result(o, mb, fetch_result(f));
-	}
-	fetch_free(f);
-	runtime_clear(&rt);
-	oauth2_client_free(oauth);
-	/* run what is still pending (deferred frees) */
-	event_base_loop(base, EVLOOP_NONBLOCK);
-	evdns_base_free(dns, 0);
-	event_base_free(base);
 	conf_set_free(set);
 	return code;
 }
@@ -521,13 +412,14 @@ cmd_test(const struct options *o)
 static const struct command {
 	const char *name;
 	bool needs_id; /* takes a configuration ID, and must have one */
+	bool many;     /* or several, or --all instead */
 	int (*run)(const struct options *o);
 } commands[] = {
-	{"run", false, cmd_run},
-	{"check", false, cmd_check},
-	{"receive", true, cmd_receive_one},
-	{"receive-all", true, cmd_receive_all},
-	{"test", true, cmd_test},
+	{"run", false, false, cmd_run},
+	{"check", false, false, cmd_check},
+	{"receive", true, false, cmd_receive_one},
+	{"receive-all", true, true, cmd_receive_all},
+	{"test", true, false, cmd_test},
 };
 
 static int
@@ -546,13 +438,10 @@ static int
 parse_args(int argc, char **argv, struct options *o)
 {
 	static const struct option longopts[] = {
-		{"config", required_argument, NULL, 'c'},
-		{"verbose", no_argument, NULL, 'v'},
-		{"quiet", no_argument, NULL, 'q'},
-		{"json", no_argument, NULL, 'J'},
-		{"version", no_argument, NULL, 'V'},
-		{"help", no_argument, NULL, 'h'},
-		{NULL, 0, NULL, 0},
+		{"config", required_argument, NULL, 'c'}, {"verbose", no_argument, NULL, 'v'},
+		{"quiet", no_argument, NULL, 'q'},	  {"json", no_argument, NULL, 'J'},
+		{"all", no_argument, NULL, 'A'},	  {"version", no_argument, NULL, 'V'},
+		{"help", no_argument, NULL, 'h'},	  {NULL, 0, NULL, 0},
 	};
 	int c;
 
@@ -568,6 +457,9 @@ parse_args(int argc, char **argv, struct options *o)
 		case 'J':
 			o->json = true;
 			break;
+		case 'A':
+			o->all = true;
+			break;
 		case 'V':
 			printf("popfetchd %s\n", POPFETCHD_VERSION);
 			return 0;
@@ -580,10 +472,26 @@ parse_args(int argc, char **argv, struct options *o)
 		}
 	}
 	o->command = optind < argc ? argv[optind++] : "run";
-	if (optind < argc)
-		o->id = argv[optind++];
-	if (optind < argc)
-		return usage_error("unexpected argument \"%s\"", argv[optind]);
+	o->ids = (const char *const *)&argv[optind];
+	o->n_ids = (size_t)(argc - optind);
+	o->id = o->n_ids > 0 ? o->ids[0] : NULL;
+	return -1;
+}
+
+/* The command's words and --all as cmd takes them: -1, or EX_USAGE. */
+static int
+check_words(const struct command *cmd, const struct options *o)
+{
+	if (o->all && !cmd->many)
+		return usage_error("--all goes with receive-all, not %s", o->command);
+	if (o->all && o->id != NULL)
+		return usage_error("--all takes no configuration ID (\"%s\")", o->id);
+	if (cmd->needs_id && o->id == NULL && !o->all)
+		return usage_error("%s needs a configuration ID", o->command);
+	if (!cmd->needs_id && o->id != NULL)
+		return usage_error("unexpected argument \"%s\"", o->id);
+	if (!cmd->many && o->n_ids > 1)
+		return usage_error("unexpected argument \"%s\"", o->ids[1]);
 	return -1;
 }
 
@@ -615,10 +523,8 @@ main(int argc, char **argv)
 
 		if (strcmp(o.command, cmd->name) != 0)
 			continue;
-		if (cmd->needs_id && o.id == NULL)
-			return usage_error("%s needs a configuration ID", o.command);
-		if (!cmd->needs_id && o.id != NULL)
-			return usage_error("unexpected argument \"%s\"", o.id);
+		if ((r = check_words(cmd, &o)) >= 0)
+			return r;
 		return cmd->run(&o);
 	}
 	if (o.id != NULL)

@@ -741,6 +741,20 @@ load(struct probe *p, const struct probe_options *o)
 	return set;
 }
 
+/* As root, nothing written where another user keeps the state (runtime.h). */
+static bool
+state_owned(struct probe *p, const struct conf_mailbox *mb, json_t *f)
+{
+	char why[600], *dir = xasprintf("%s/%s", p->set->state_directory, mb->id);
+	bool ok = runtime_state_owner(p->set->state_directory, why, sizeof(why)) == 0 &&
+		  runtime_state_owner(dir, why, sizeof(why)) == 0;
+
+	free(dir);
+	if (!ok)
+		fail_step(p, ST_CONFIG, EX_IOERR, f, "%s", why);
+	return ok;
+}
+
 /* The configuration named, active, with a TLS context that can be built. */
 static bool
 check_config(struct probe *p, const struct probe_options *o)
@@ -761,6 +775,8 @@ check_config(struct probe *p, const struct probe_options *o)
 			  "the configuration is inactive (status: inactive in %s)", mb->file);
 		return false;
 	}
+	if (!state_owned(p, mb, f))
+		return false;
 	p->mb = mb;
 	if (runtime_tls_new(mb, &p->tls, err, sizeof(err)) < 0) {
 		fail_step(p, ST_CONFIG, EX_CONFIG, f, "%s: %s", mb->file, err);

@@ -4,9 +4,12 @@
  */
 #include <errno.h>
 #include <libgen.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <event2/dns.h>
 
@@ -236,4 +239,28 @@ runtime_warn_login(const struct conf_mailbox *mb, const char *mechanism)
 	if (mb->tls == CONF_TLS_NONE && auth_cleartext(mechanism))
 		log_warning(mb->id, "the password went to the server in clear (%s without TLS)",
 			    mechanism);
+}
+
+int
+runtime_state_owner(const char *dir, char *why, size_t whylen)
+{
+	struct stat sb;
+	const struct passwd *pw;
+
+	if (geteuid() != 0 || stat(dir, &sb) < 0 || sb.st_uid == 0)
+		return 0;
+	pw = getpwuid(sb.st_uid);
+	if (pw != NULL)
+		snprintf(why, whylen,
+			 "the state directory %s belongs to %s: run as that user (runuser -u "
+			 "%s -- popfetchd ...); as root, popfetchd would leave files there that "
+			 "%s cannot replace",
+			 dir, pw->pw_name, pw->pw_name, pw->pw_name);
+	else
+		snprintf(why, whylen,
+			 "the state directory %s belongs to uid %lu: run as that user "
+			 "(setpriv --reuid=%lu ...); as root, popfetchd would leave files there "
+			 "that it cannot replace",
+			 dir, (unsigned long)sb.st_uid, (unsigned long)sb.st_uid);
+	return -1;
 }

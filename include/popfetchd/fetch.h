@@ -88,6 +88,17 @@ void fetch_stop(struct fetch *f);
  * follows. */
 void fetch_abort(struct fetch *f, const char *why);
 const struct fetch_result *fetch_result(const struct fetch *f);
+
+/* How far the poll is through what its listing has to receive (in the
+ * session at hand: one that starts over lists anew). Sizes as LIST gives
+ * them; a message counts as done once saved, known as saved before, or
+ * failed. */
+struct fetch_progress {
+	bool listed; /* the listing is known */
+	size_t messages, messages_total;
+	unsigned long long bytes, bytes_total;
+};
+void fetch_progress(const struct fetch *f, struct fetch_progress *ret);
 void fetch_free(struct fetch *f);
 
 #endif

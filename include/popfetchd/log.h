@@ -27,6 +27,9 @@ int log_level_from_name(const char *name);
 /* Send to the journal when JOURNAL_STREAM names stderr (its st_dev:st_ino,
  * systemd.exec(5)); true when it does. */
 bool log_setup(void);
+/* Called before each line is written (NULL: nothing): what shares the
+ * terminal's last line with the log, a progress line, clears it. */
+void log_set_before_line(void (*fn)(void));
 
 /* A record's optional journal fields (never a secret). */
 struct log_fields {

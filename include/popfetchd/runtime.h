@@ -73,4 +73,12 @@ void runtime_warn_tls(const struct conf_mailbox *mb);
 /* Logged in with mechanism: a warning when that sent mb's password in clear. */
 void runtime_warn_login(const struct conf_mailbox *mb, const char *mechanism);
 
+/*
+ * Root beside another user's state: a command run as root must not leave
+ * files owned by root in a state directory that a daemon reads as its own
+ * user (it could not replace them). -1 with why when the process runs as
+ * root and dir exists and belongs to another user; 0 otherwise.
+ */
+int runtime_state_owner(const char *dir, char *why, size_t whylen);
+
 #endif

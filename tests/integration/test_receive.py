@@ -281,7 +281,7 @@ def test_unknown_id_is_a_config_error(mailbox, dovecot_config, confdir, run_popf
     assert run_popfetchd(["receive", "no-such-id"], confdir=cd).returncode == EX_CONFIG
 
 
-@pytest.mark.parametrize("args", [["receive-all"], ["receive-all", "a", "b"], ["--no-such-option"]],
+@pytest.mark.parametrize("args", [["receive-all"], ["receive", "a", "b"], ["--no-such-option"]],
                          ids=["no-id", "two-ids", "bad-option"])
 def test_usage_errors(mailbox, dovecot_config, confdir, run_popfetchd, args):
     cd = confdir(dovecot_config(mailbox))

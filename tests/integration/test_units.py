@@ -26,6 +26,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ("popfetchd.service", "popfetchd@.service")
+# every mailbox once (receive-all --all), by a timer instead of the daemon
+ONCE = ("popfetchd-once.service", "popfetchd-once.timer")
 
 # `systemd-analyze security --offline=true` on systemd 252 (Debian 12)
 # measured 1.1 for both units; a higher level means a hardening line was lost.
@@ -162,11 +164,12 @@ def units(unitdir, popfetchd_bin, tmp_path):
     d = tmp_path / "units"
     d.mkdir()
     out = {}
-    for name in UNITS:
+    for name in UNITS + ONCE:
         text = (unitdir / name).read_text()
         text, n = re.subn(r"(?m)^ExecStart=/usr/sbin/popfetchd ",
                           f"ExecStart={popfetchd_bin} ", text)
-        assert n == 1, f"{name}: no ExecStart=/usr/sbin/popfetchd"
+        assert n == (0 if name.endswith(".timer") else 1), \
+            f"{name}: no ExecStart=/usr/sbin/popfetchd"
         (d / name).write_text(text)
         out[name] = d / name
     return out
@@ -178,7 +181,7 @@ def units(unitdir, popfetchd_bin, tmp_path):
 
 def test_meson_install_puts_everything_in_place(installed, unitdir):
     sysusers = installed / pkgconfig_dir("sysusersdir", "/usr/lib/sysusers.d").lstrip("/")
-    for name in UNITS:
+    for name in UNITS + ONCE:
         assert (unitdir / name).is_file(), f"{name} not installed in {unitdir}"
     assert (sysusers / "popfetchd.conf").read_text() == \
         (ROOT / "units" / "popfetchd.sysusers").read_text()
@@ -190,7 +193,9 @@ def test_meson_install_puts_everything_in_place(installed, unitdir):
         "/usr/sbin/popfetchd -c /etc/popfetchd run"
     assert setting(unitdir / "popfetchd@.service", "ExecStart") == \
         "/usr/sbin/popfetchd -c /etc/popfetchd/%i run"
-    for name in UNITS:
+    assert setting(unitdir / "popfetchd-once.service", "ExecStart") == \
+        "/usr/sbin/popfetchd -c /etc/popfetchd receive-all --all"
+    for name in UNITS + ONCE:
         left = re.findall(r"@[A-Za-z_][A-Za-z0-9_]*@", (unitdir / name).read_text())
         assert not left, f"{name}: unsubstituted {left}"
 
@@ -200,7 +205,7 @@ def test_meson_options_choose_the_directories(tmp_path):
                 "-Dsystemdsystemunitdir=/opt/pfd/units", "-Dsysusersdir=/opt/pfd/sysusers")
     meson_install(tmp_path / "build", tmp_path / "dest")
     dest = tmp_path / "dest"
-    assert sorted(p.name for p in (dest / "opt/pfd/units").iterdir()) == sorted(UNITS)
+    assert sorted(p.name for p in (dest / "opt/pfd/units").iterdir()) == sorted(UNITS + ONCE)
     assert (dest / "opt/pfd/sysusers/popfetchd.conf").is_file()
     assert setting(dest / "opt/pfd/units/popfetchd.service", "ExecStart") == \
         "/opt/pfd/sbin/popfetchd -c /etc/popfetchd run"
@@ -251,11 +256,30 @@ def test_unit_runs_the_daemon_as_designed(unitdir, name):
     assert not re.search(r"(?m)^(LoadCredential|ReadWritePaths)", text)
 
 
+def test_once_service_is_the_daemon_run_once(unitdir):
+    """popfetchd-once.service polls every mailbox once, as the daemon's user,
+    on the daemon's state, in the daemon's sandbox; the timer starts it."""
+    once, daemon = unitdir / "popfetchd-once.service", unitdir / "popfetchd.service"
+    for key, value in {"Type": "oneshot", "User": "popfetchd", "Group": "popfetchd",
+                       "StateDirectory": "popfetchd", "StateDirectoryMode": "0700",
+                       "ConfigurationDirectory": "popfetchd", "LimitCORE": "0"}.items():
+        assert setting(once, key) == value, key
+    sandbox = [(s, k, v) for s, k, v in unit_settings(daemon)
+               if s == "Service" and k not in ("User", "Group")]
+    sandbox = sandbox[[k for _, k, _ in sandbox].index("UMask"):]
+    assert sandbox and all(x in unit_settings(once) for x in sandbox), \
+        "the sandbox of popfetchd.service, every line of it"
+    timer = unitdir / "popfetchd-once.timer"
+    assert setting(timer, "WantedBy") == "timers.target"
+    assert not any(s == "Install" for s, _, _ in unit_settings(once)), "the timer starts it"
+    assert setting(timer, "OnUnitInactiveSec"), "no run overlaps the next"
+
+
 # --------------------------------------------------------------------------
 # systemd-analyze verify
 
 
-@pytest.mark.parametrize("name", UNITS)
+@pytest.mark.parametrize("name", UNITS + ONCE)
 def test_verify_passes(units, name):
     problems = verify_problems(units[name])
     assert not problems, "\n".join(problems)
@@ -305,7 +329,7 @@ def test_verify_passes_with_documented_dropin(units, name):
 # systemd-analyze security
 
 
-@pytest.mark.parametrize("name", UNITS)
+@pytest.mark.parametrize("name", UNITS + ONCE[:1])
 def test_security_exposure(units, name):
     level, failed = exposure(units[name])
     assert level <= EXPOSURE_MAX, f"{name}: exposure {level} > {EXPOSURE_MAX}: {failed}"

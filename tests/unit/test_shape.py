@@ -26,6 +26,9 @@ MUST_NOT_INCLUDE = {
     "mime": NETWORK | {"store"},
     "mime_extract": NETWORK | {"store"},
     "smime": NETWORK | {"store"},
+    # the one-shot runner: polls through fetch and runtime, knows no session
+    "oneshot": {"pop3", "pop3_parse", "tls", "store", "mime", "mime_extract", "message",
+                "smime", "scheduler", "probe"},
 }
 # modules that include nothing of the project but these
 ONLY = {"pop3_parse": set(), "log": set(), "util": set(), "notify": {"log"}}
