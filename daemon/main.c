@@ -12,6 +12,8 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sysexits.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <event2/dns.h>
 #include <event2/event.h>
@@ -27,6 +29,8 @@
 #include "popfetchd/probe.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/scheduler.h"
+#include "popfetchd/status.h"
+#include "popfetchd/util.h"
 
 struct options {
 	const char *confdir;
@@ -61,6 +65,7 @@ usage(FILE *f)
 	      "       popfetchd [-c DIR] [--json] test ID\n"
 	      "       popfetchd [-c DIR] [-v|-q] [--json] receive ID\n"
 	      "       popfetchd [-c DIR] [-v|-q] [--json] receive-all ID\n"
+	      "       popfetchd [-c DIR] [--json] status [ID]\n"
 	      "       popfetchd --version | --help\n"
 	      "\n"
 	      "  -c, --config DIR  configuration directory (default " POPFETCHD_CONFDIR ")\n"
@@ -356,11 +361,16 @@ cmd_run(const struct options *o)
 	struct conf_set *set = load(o, NULL);
 	struct evdns_base *dns;
 	uint64_t wd;
+	char why[512];
+	int claim;
 
 	if (set == NULL) {
 		notify_status("configuration errors: see the log");
 		return EX_CONFIG;
 	}
+	/* held while the daemon runs: `popfetchd status` tells it is running */
+	if ((claim = status_daemon_claim(set->state_directory, why, sizeof(why))) < 0)
+		log_warning(NULL, "%s: popfetchd status does not see this daemon", why);
 	if (set->n_mailboxes == 0)
 		log_warning(NULL, "no configurations in %s/conf.d: idle until a reload brings some",
 			    o->confdir);
@@ -400,6 +410,8 @@ cmd_run(const struct options *o)
 	event_free(d.watchdog);
 	evdns_base_free(dns, 0);
 	event_base_free(d.base);
+	if (claim >= 0)
+		close(claim);
 	log_info(NULL, "stopped");
 	return 0;
 }
@@ -436,6 +448,26 @@ receive_refused(const struct options *o, json_t *errors, const char *line)
 	return EX_CONFIG;
 }
 
+/* status.json after a one-shot poll: no next poll is planned. */
+static void
+record_status(const struct conf_set *set, const struct conf_mailbox *mb, time_t started,
+	      const struct fetch_result *r)
+{
+	struct status_poll p = {.started_at = started,
+				.finished_at = time(NULL),
+				.exit_code = r->exit_code,
+				.error = r->nerrors > 0 ? r->errors[0] : NULL,
+				.messages_saved = r->nsaved,
+				.messages_deleted = r->deleted,
+				.tls_expires_at = r->tls_expires_at};
+	char why[512];
+
+	for (size_t i = 0; i < r->nsaved; i++)
+		p.bytes_saved += r->saved[i].size;
+	if (status_record_poll(set->state_directory, mb->id, &p, why, sizeof(why)) < 0)
+		log_warning(mb->id, "%s", why);
+}
+
 static int
 cmd_receive(const struct options *o, enum fetch_mode mode)
 {
@@ -448,7 +480,8 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 	struct fetch_params fp;
 	struct runtime rt;
 	struct fetch *f;
-	char why[512];
+	char why[512], *broken;
+	time_t started = time(NULL);
 	int code;
 
 	if (set == NULL)
@@ -465,6 +498,9 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 	oauth = mb->auth == CONF_AUTH_OAUTH2 ? oauth2_client_new(base) : NULL;
 	if (runtime_init(&rt, set, mb, oauth, false, why, sizeof(why)) < 0) {
 		fprintf(stderr, "popfetchd: %s: %s (%s)\n", mb->id, why, mb->file);
+		broken = xasprintf("broken: %s", why);
+		status_record_state(set->state_directory, mb->id, broken, 0, why, sizeof(why));
+		free(broken);
 		code = receive_refused(o, NULL, why);
 		f = NULL;
 	} else {
@@ -473,6 +509,7 @@ cmd_receive(const struct options *o, enum fetch_mode mode)
 		event_base_dispatch(base);
 		code = fetch_result(f)->exit_code;
 		print_result(o, mb, fetch_result(f));
+		record_status(set, mb, started, fetch_result(f));
 	}
 	fetch_free(f);
 	runtime_clear(&rt);
@@ -504,16 +541,54 @@ cmd_test(const struct options *o)
 		.confdir = o->confdir, .id = o->id, .json = o->json, .verbosity = o->verbosity});
 }
 
+/* Never contacts a server. An operator who cannot read the configurations
+ * (their secrets are the daemon's) but can read the state directory sees
+ * every status.json there. */
+static int
+cmd_status(const struct options *o)
+{
+	struct conf_errors errs = {0}, errs2 = {0};
+	struct conf_set *set = NULL;
+	char *dir = NULL;
+	int code;
+
+	if (conf_load(o->confdir, &set, &errs) == 0) {
+		code = status_show(set, set->state_directory, o->id, o->json);
+	} else if (conf_state_directory(o->confdir, &dir, &errs2) == 0) {
+		fprintf(stderr,
+			"popfetchd: the configurations cannot be loaded (%s%s): showing the "
+			"status files in %s\n",
+			errs.lines[0], errs.n > 1 ? ", and more" : "", dir);
+		code = status_show(NULL, dir, o->id, o->json);
+	} else {
+		for (size_t i = 0; i < errs.n; i++)
+			fprintf(stderr, "%s\n", errs.lines[i]);
+		code = EX_CONFIG;
+	}
+	conf_errors_clear(&errs);
+	conf_errors_clear(&errs2);
+	conf_set_free(set);
+	free(dir);
+	return code;
+}
+
+enum id_rule {
+	ID_NONE,     /* takes no configuration ID */
+	ID_REQUIRED, /* must have one */
+	ID_OPTIONAL, /* may have one */
+};
+
 static const struct command {
 	const char *name;
-	bool needs_id; /* takes a configuration ID, and must have one */
+	enum id_rule id;
 	int (*run)(const struct options *o);
 } commands[] = {
-	{"run", false, cmd_run},
-	{"check", false, cmd_check},
-	{"receive", true, cmd_receive_one},
-	{"receive-all", true, cmd_receive_all},
-	{"test", true, cmd_test},
+	{"run", ID_NONE, cmd_run},
+	{"check", ID_NONE, cmd_check},
+	{"receive", ID_REQUIRED, cmd_receive_one},
+	{"receive-all", ID_REQUIRED, cmd_receive_all},
+	{"test", ID_REQUIRED, cmd_test},
+	{"status", ID_OPTIONAL, cmd_status},
 };
 
 static int
@@ -601,9 +676,9 @@ main(int argc, char **argv)
 
 		if (strcmp(o.command, cmd->name) != 0)
 			continue;
-		if (cmd->needs_id && o.id == NULL)
+		if (cmd->id == ID_REQUIRED && o.id == NULL)
 			return usage_error("%s needs a configuration ID", o.command);
-		if (!cmd->needs_id && o.id != NULL)
+		if (cmd->id == ID_NONE && o.id != NULL)
 			return usage_error("unexpected argument \"%s\"", o.id);
 		return cmd->run(&o);
 	}

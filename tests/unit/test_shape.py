@@ -26,6 +26,7 @@ MUST_NOT_INCLUDE = {
     "mime": NETWORK | {"store"},
     "mime_extract": NETWORK | {"store"},
     "smime": NETWORK | {"store"},
+    "status": {"pop3", "pop3_parse", "tls", "fetch"},
 }
 # modules that include nothing of the project but these
 ONLY = {"pop3_parse": set(), "log": set(), "util": set(), "notify": {"log"}}
