@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import mailgen
-from conftest import ConfDir
+from conftest import SANITIZER_MARKERS, ConfDir
 from daemonutil import daemon, wait_for  # noqa: F401  (daemon: a fixture)
 
 EX_OK, EX_IOERR, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 0, 74, 75, 77, 78
@@ -237,9 +237,11 @@ def as_nobody(popfetchd_bin, confdir, args, groups):
     cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup",
            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
            popfetchd_bin, "-c", str(confdir), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30,
-                          env={"PATH": os.environ["PATH"], **{k: v for k, v in os.environ.items()
-                                                              if k.endswith("SAN_OPTIONS")}})
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                       env={"PATH": os.environ["PATH"], **{k: v for k, v in os.environ.items()
+                                                           if k.endswith("SAN_OPTIONS")}})
+    assert not any(m in r.stderr for m in SANITIZER_MARKERS), r.stderr
+    return r
 
 
 def test_operator_in_the_group_reads_status(dovecot_config, mailbox, run_popfetchd,
