@@ -106,6 +106,7 @@ static const struct mparse mparse_defaults = {
 struct loader {
 	const char *dir;
 	struct conf_errors *errs;
+	bool no_secrets; /* read no secret (conf_state_directory) */
 	struct dparse dp;
 	struct mparse **mbx;
 	size_t n_mbx, cap_mbx;
@@ -999,7 +1000,8 @@ daemon_root(struct pctx *c)
 		return;
 	}
 	walk_map(c, c->root, daemon_keys, "");
-	dp->d.password = load_secret(c, &dp->d.pw);
+	if (!c->l->no_secrets)
+		dp->d.password = load_secret(c, &dp->d.pw);
 }
 
 /* ---- a configuration ---- */
@@ -1204,20 +1206,26 @@ check_duplicates(struct loader *l)
 
 /* ---- the set ---- */
 
+static char *
+state_directory_of(const struct dparse *dp)
+{
+	const char *env = getenv("STATE_DIRECTORY");
+
+	if (dp->state_directory != NULL)
+		return xstrdup(dp->state_directory);
+	if (env != NULL && env[0] != '\0' && env[0] != ':') /* colon-separated when several */
+		return xasprintf("%.*s", (int)strcspn(env, ":"), env);
+	return xstrdup("/var/lib/popfetchd");
+}
+
 static struct conf_set *
 build_set(struct loader *l)
 {
 	struct conf_set *set = xcalloc(1, sizeof(*set));
 	struct dparse *dp = &l->dp;
-	const char *env = getenv("STATE_DIRECTORY");
 
 	set->dir = xstrdup(l->dir);
-	if (dp->state_directory != NULL)
-		set->state_directory = xstrdup(dp->state_directory);
-	else if (env != NULL && env[0] != '\0' && env[0] != ':') /* colon-separated when several */
-		set->state_directory = xasprintf("%.*s", (int)strcspn(env, ":"), env);
-	else
-		set->state_directory = xstrdup("/var/lib/popfetchd");
+	set->state_directory = state_directory_of(dp);
 	set->keystore_directory =
 		dp->keystore_directory ? xstrdup(dp->keystore_directory) : join(l->dir, "keys");
 	set->max_sessions = dp->max_sessions ? dp->max_sessions : 64;
@@ -1263,6 +1271,24 @@ conf_load(const char *dir, struct conf_set **ret, struct conf_errors *errs)
 	for (size_t i = 0; i < l.n_mbx; i++)
 		mparse_free(l.mbx[i]);
 	free(l.mbx);
+	dparse_clear(&l.dp);
+	return errs->n == before ? 0 : -EINVAL;
+}
+
+int
+conf_state_directory(const char *dir, char **ret, struct conf_errors *errs)
+{
+	struct loader l = {.dir = dir,
+			   .errs = errs,
+			   .no_secrets = true,
+			   .dp = {.log_level = -1, .d = {.tls = -1}}};
+	size_t before = errs->n;
+	char *file = join(dir, "popfetchd.yaml");
+
+	load_file(&l, file, true, &l.dp, daemon_root);
+	free(file);
+	if (errs->n == before)
+		*ret = state_directory_of(&l.dp);
 	dparse_clear(&l.dp);
 	return errs->n == before ? 0 : -EINVAL;
 }

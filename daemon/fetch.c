@@ -618,6 +618,7 @@ on_ready(void *arg)
 
 	fetch_enter(f, FETCH_LISTING);
 	log_debug(f->mb->id, "logged in as %s with %s", f->mb->user, pop3_mechanism(f->pop3));
+	f->res.tls_expires_at = pop3_tls_not_after(f->pop3);
 	f->window = f->mode == FETCH_ALL && !f->lockstep && pop3_capa(f->pop3)->pipelining
 			    ? RETR_WINDOW
 			    : 1;

@@ -12,6 +12,8 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sysexits.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <event2/dns.h>
 #include <event2/event.h>
@@ -27,6 +29,8 @@
 #include "popfetchd/probe.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/scheduler.h"
+#include "popfetchd/status.h"
+#include "popfetchd/util.h"
 
 struct options {
 	const char *confdir;
@@ -65,6 +69,7 @@ usage(FILE *f)
 	      "       popfetchd [-c DIR] [-v|-q] [--json] receive ID\n"
 	      "       popfetchd [-c DIR] [-v|-q] [--json] receive-all ID...\n"
 	      "       popfetchd [-c DIR] [-v|-q] [--json] receive-all --all\n"
+	      "       popfetchd [-c DIR] [--json] status [ID]\n"
 	      "       popfetchd --version | --help\n"
 	      "\n"
 	      "  -c, --config DIR  configuration directory (default " POPFETCHD_CONFDIR ")\n"
@@ -313,11 +318,16 @@ cmd_run(const struct options *o)
 	struct conf_set *set = load(o, NULL);
 	struct evdns_base *dns;
 	uint64_t wd;
+	char why[512];
+	int claim;
 
 	if (set == NULL) {
 		notify_status("configuration errors: see the log");
 		return EX_CONFIG;
 	}
+	/* held while the daemon runs: `popfetchd status` tells it is running */
+	if ((claim = status_daemon_claim(set->state_directory, why, sizeof(why))) < 0)
+		log_warning(NULL, "%s: popfetchd status does not see this daemon", why);
 	if (set->n_mailboxes == 0)
 		log_warning(NULL, "no configurations in %s/conf.d: idle until a reload brings some",
 			    o->confdir);
@@ -362,6 +372,8 @@ cmd_run(const struct options *o)
 	event_free(d.watchdog);
 	evdns_base_free(dns, 0);
 	event_base_free(d.base);
+	if (claim >= 0)
+		close(claim);
 	log_info(NULL, "stopped");
 	return 0;
 }
@@ -409,17 +421,55 @@ cmd_test(const struct options *o)
 		.confdir = o->confdir, .id = o->id, .json = o->json, .verbosity = o->verbosity});
 }
 
+/* Never contacts a server. An operator who cannot read the configurations
+ * (their secrets are the daemon's) but can read the state directory sees
+ * every status.json there. */
+static int
+cmd_status(const struct options *o)
+{
+	struct conf_errors errs = {0}, errs2 = {0};
+	struct conf_set *set = NULL;
+	char *dir = NULL;
+	int code;
+
+	if (conf_load(o->confdir, &set, &errs) == 0) {
+		code = status_show(set, set->state_directory, o->id, o->json);
+	} else if (conf_state_directory(o->confdir, &dir, &errs2) == 0) {
+		fprintf(stderr,
+			"popfetchd: the configurations cannot be loaded (%s%s): showing the "
+			"status files in %s\n",
+			errs.lines[0], errs.n > 1 ? ", and more" : "", dir);
+		code = status_show(NULL, dir, o->id, o->json);
+	} else {
+		for (size_t i = 0; i < errs.n; i++)
+			fprintf(stderr, "%s\n", errs.lines[i]);
+		code = EX_CONFIG;
+	}
+	conf_errors_clear(&errs);
+	conf_errors_clear(&errs2);
+	conf_set_free(set);
+	free(dir);
+	return code;
+}
+
+enum id_rule {
+	ID_NONE,     /* takes no configuration ID */
+	ID_REQUIRED, /* must have one */
+	ID_OPTIONAL, /* may have one */
+};
+
 static const struct command {
 	const char *name;
-	bool needs_id; /* takes a configuration ID, and must have one */
-	bool many;     /* or several, or --all instead */
+	enum id_rule id;
+	bool many; /* several IDs, or --all instead */
 	int (*run)(const struct options *o);
 } commands[] = {
-	{"run", false, false, cmd_run},
-	{"check", false, false, cmd_check},
-	{"receive", true, false, cmd_receive_one},
-	{"receive-all", true, true, cmd_receive_all},
-	{"test", true, false, cmd_test},
+	{"run", ID_NONE, false, cmd_run},
+	{"check", ID_NONE, false, cmd_check},
+	{"receive", ID_REQUIRED, false, cmd_receive_one},
+	{"receive-all", ID_REQUIRED, true, cmd_receive_all},
+	{"test", ID_REQUIRED, false, cmd_test},
+	{"status", ID_OPTIONAL, false, cmd_status},
 };
 
 static int
@@ -486,9 +536,9 @@ check_words(const struct command *cmd, const struct options *o)
 		return usage_error("--all goes with receive-all, not %s", o->command);
 	if (o->all && o->id != NULL)
 		return usage_error("--all takes no configuration ID (\"%s\")", o->id);
-	if (cmd->needs_id && o->id == NULL && !o->all)
+	if (cmd->id == ID_REQUIRED && o->id == NULL && !o->all)
 		return usage_error("%s needs a configuration ID", o->command);
-	if (!cmd->needs_id && o->id != NULL)
+	if (cmd->id == ID_NONE && o->id != NULL)
 		return usage_error("unexpected argument \"%s\"", o->id);
 	if (!cmd->many && o->n_ids > 1)
 		return usage_error("unexpected argument \"%s\"", o->ids[1]);

@@ -437,7 +437,7 @@ cache_save(struct oauth2_source *src)
 				 src->token, "expires_at", (json_int_t)src->expires_at,
 				 "obtained_at", (json_int_t)src->obtained_at);
 	char *text = root != NULL ? json_dumps(root, JSON_COMPACT) : NULL;
-	int r = text == NULL ? -ENOMEM : util_mkdir_p(src->state_dir, 0700);
+	int r = text == NULL ? -ENOMEM : util_mkdir_p(src->state_dir, 0750);
 
 	if (r == 0)
 		r = util_write_atomic(src->cache_path, NULL, text, strlen(text), 0600, NULL, 0);
@@ -1327,7 +1327,8 @@ oauth2_source_new(struct oauth2_client *client, const struct oauth2_params *para
 	if (src->deliver_ev == NULL || src->fresh_ev == NULL || src->lock_ev == NULL)
 		abort(); /* out of memory, as xmalloc */
 	LIST_INSERT_HEAD(&client->sources, src, link);
-	if ((r = util_mkdir_p(src->state_dir, 0700)) < 0)
+	/* 0750 as store makes it (status.json is the group's); the token is 0600 */
+	if ((r = util_mkdir_p(src->state_dir, 0750)) < 0)
 		log_warning(src->id, "cannot create the state directory %s: %s", src->state_dir,
 			    strerror(-r));
 	cache_load(src);

@@ -22,6 +22,7 @@
 #include "popfetchd/oauth2.h"
 #include "popfetchd/oneshot.h"
 #include "popfetchd/runtime.h"
+#include "popfetchd/status.h"
 #include "popfetchd/util.h"
 
 /* the progress line is redrawn this often (ms), and its rate is measured
@@ -35,6 +36,7 @@ struct job {
 	int refused;		       /* the exit code when it is not polled, 0 */
 	char why[600];		       /* and why */
 	bool has_runtime;
+	time_t started;
 	struct runtime rt;
 	struct fetch *f;
 	struct oneshot *os;
@@ -335,13 +337,32 @@ print_folders(const struct job *j)
 	fflush(stdout);
 }
 
+/* status.json after a one-shot poll: no next poll is planned. */
+static void
+record_status(const struct conf_set *set, const struct job *j, const struct fetch_result *r)
+{
+	struct status_poll p = {.started_at = j->started,
+				.finished_at = time(NULL),
+				.exit_code = r->exit_code,
+				.error = r->nerrors > 0 ? r->errors[0] : NULL,
+				.messages_saved = r->nsaved,
+				.messages_deleted = r->deleted,
+				.tls_expires_at = r->tls_expires_at};
+	char why[512];
+
+	for (size_t i = 0; i < r->nsaved; i++)
+		p.bytes_saved += r->saved[i].size;
+	if (status_record_poll(set->state_directory, j->id, &p, why, sizeof(why)) < 0)
+		log_warning(j->id, "%s", why);
+}
+
 static void
 on_fetch_done(struct fetch *f, void *arg)
 {
 	struct job *j = arg;
 	struct oneshot *os = j->os;
 
-	(void)f;
+	record_status(os->set, j, fetch_result(f));
 	os->running--;
 	os->finished++;
 	if (!os->o->json)
@@ -357,11 +378,18 @@ start_job(struct oneshot *os, struct job *j)
 	struct fetch_params fp;
 
 	if (runtime_init(&j->rt, os->set, j->mb, os->oauth, false, j->why, sizeof(j->why)) < 0) {
+		char *broken = xasprintf("broken: %s", j->why), why[512];
+
 		runtime_clear(&j->rt);
 		j->refused = EX_CONFIG;
 		fprintf(stderr, "popfetchd: %s: %s (%s)\n", j->id, j->why, j->mb->file);
+		if (status_record_state(os->set->state_directory, j->id, broken, 0, why,
+					sizeof(why)) < 0)
+			log_warning(j->id, "%s", why);
+		free(broken);
 		return;
 	}
+	j->started = time(NULL);
 	j->has_runtime = true;
 	fetch_params_from_runtime(&j->rt, os->o->mode, &fp);
 	j->f = fetch_start(os->base, os->dns, &fp, on_fetch_done, j);

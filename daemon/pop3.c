@@ -1700,6 +1700,12 @@ pop3_mechanism(const struct pop3_session *s)
 	return s->mechanism;
 }
 
+time_t
+pop3_tls_not_after(const struct pop3_session *s)
+{
+	return s->tls_active ? tls_peer_not_after(s->ssl) : 0;
+}
+
 void
 pop3_login(struct pop3_session *s, const char *token)
 {

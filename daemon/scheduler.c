@@ -31,6 +31,7 @@
 #include "popfetchd/oauth2.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/scheduler.h"
+#include "popfetchd/status.h"
 #include "popfetchd/util.h"
 
 struct setref {
@@ -57,6 +58,7 @@ struct job {
 	struct oauth2_request *token_req;
 	struct cfg *token_cfg; /* whose token source it asks */
 	struct event *timer;
+	time_t started_at; /* of the poll: its token request or its session */
 	unsigned failures;
 	bool queued, removed, seen;
 	TAILQ_ENTRY(job) all;
@@ -247,6 +249,38 @@ job_free(struct job *j)
 
 static void on_fetch_done(struct fetch *f, void *arg);
 
+/* status.json after a poll that used c; next: seconds to the next one,
+ * < 0 when none is planned (the daemon stops, the configuration is gone). */
+static void
+record_poll(struct job *j, const struct cfg *c, const struct fetch_result *r, double next)
+{
+	time_t now = time(NULL);
+	struct status_poll p = {.started_at = j->started_at ? j->started_at : now,
+				.finished_at = now,
+				.exit_code = r->exit_code,
+				.error = r->nerrors > 0 ? r->errors[0] : NULL,
+				.messages_saved = r->nsaved,
+				.messages_deleted = r->deleted,
+				.tls_expires_at = r->tls_expires_at,
+				.next_poll_at = next < 0 ? 0 : now + (time_t)next};
+	char why[512];
+
+	for (size_t i = 0; i < r->nsaved; i++)
+		p.bytes_saved += r->saved[i].size;
+	if (status_record_poll(c->sr->set->state_directory, j->id, &p, why, sizeof(why)) < 0)
+		log_warning(j->id, "%s", why);
+}
+
+/* status.json of a configuration that is not polled now: inactive, broken. */
+static void
+record_state(const struct conf_set *set, const char *id, const char *state, time_t next)
+{
+	char why[512];
+
+	if (status_record_state(set->state_directory, id, state, next, why, sizeof(why)) < 0)
+		log_warning(id, "%s", why);
+}
+
 /* Its runtime cannot be built: no poll; say why each time and try again
  * with the backoff of a failed poll. */
 static void
@@ -256,6 +290,9 @@ setup_failed(struct job *j)
 
 	log_error(j->id, "cannot be polled: %s (%s); next try in %.0f s", j->cfg->broken,
 		  j->cfg->mb->file, d);
+	char *state = xasprintf("broken: %s", j->cfg->broken);
+	record_state(j->cfg->sr->set, j->id, state, time(NULL) + (time_t)d);
+	free(state);
 	snprintf(j->s->last_error, sizeof(j->s->last_error), "%s: %.300s", j->id, j->cfg->broken);
 	cancel_token(j);
 	dequeue(j);
@@ -288,6 +325,7 @@ start(struct job *j)
 	struct fetch_params fp;
 
 	j->running = cfg_ref(j->cfg);
+	j->started_at = time(NULL);
 	fetch_params_from_runtime(
 		&j->running->rt,
 		j->running->mb->receive == CONF_RECEIVE_ONE ? FETCH_ONE : FETCH_ALL, &fp);
@@ -326,13 +364,17 @@ enqueue(struct job *j)
 static void
 token_failed(struct job *j, enum oauth2_status status, const char *detail)
 {
-	struct fetch_result r = {.exit_code = oauth2_exit_code(status)};
+	char *error = xasprintf("no access token: %s", detail);
+	struct fetch_result r = {
+		.exit_code = oauth2_exit_code(status), .errors = &error, .nerrors = 1};
 	double d = next_delay(j, &r);
 
 	log_fields(LOG_LVL_ERROR, j->id,
 		   &(struct log_fields){.has_exit = true, .exit = r.exit_code},
 		   "poll failed (exit %d): no access token: %s; next try in %.0f s", r.exit_code,
 		   detail, d);
+	record_poll(j, j->cfg, &r, d);
+	free(error);
 	snprintf(j->s->last_error, sizeof(j->s->last_error), "%s: no access token: %.300s", j->id,
 		 detail);
 	arm(j, d);
@@ -367,6 +409,7 @@ on_timer(evutil_socket_t fd, short what, void *arg)
 	if (j->cfg->broken != NULL && !retry_setup(j))
 		return;
 	if (j->cfg->rt.oauth2 != NULL && j->fetch == NULL && !j->queued && !j->removed) {
+		j->started_at = time(NULL);
 		j->token_cfg = cfg_ref(j->cfg);
 		j->token_req = oauth2_get_token(j->token_cfg->rt.oauth2, false, on_token, j);
 		return;
@@ -400,6 +443,7 @@ on_fetch_done(struct fetch *f, void *arg)
 	const struct fetch_result *r = fetch_result(f);
 	struct reap *rp = xmalloc(sizeof(*rp));
 	static const struct timeval zero = {0, 0};
+	double d = -1;
 
 	s->nrunning--;
 	s->saved += r->nsaved;
@@ -409,13 +453,14 @@ on_fetch_done(struct fetch *f, void *arg)
 			 r->nerrors > 0 ? r->errors[0] : "failed");
 	}
 	if (!s->stopping && !j->removed) {
-		double d = next_delay(j, r);
+		d = next_delay(j, r);
 		if (r->exit_code != 0)
 			log_fields(LOG_LVL_NOTICE, j->id,
 				   &(struct log_fields){.has_exit = true, .exit = r->exit_code},
 				   "poll failed (exit %d): next try in %.0f s", r->exit_code, d);
 		arm(j, d);
 	}
+	record_poll(j, j->running, r, d);
 	rp->f = f;
 	rp->cfg = j->running;
 	j->fetch = NULL;
@@ -475,8 +520,12 @@ apply(struct scheduler *s, struct conf_set *set)
 		j->seen = false;
 	for (size_t i = 0; i < set->n_mailboxes; i++) {
 		const struct conf_mailbox *mb = set->mailboxes[i];
-		if (!mb->active || !conf_in_shard(set, mb->id))
+		if (!conf_in_shard(set, mb->id))
 			continue;
+		if (!mb->active) {
+			record_state(set, mb->id, "inactive", 0);
+			continue;
+		}
 		if ((j = find(s, mb->id)) == NULL) {
 			add_job(s, cfg_new(s, sr, mb, NULL));
 			continue;

@@ -764,7 +764,8 @@ store_open(const struct store_params *p, struct store **ret, char *err, size_t e
 		st->stage_dir = xasprintf("%s/tmp", st->state_dir);
 	}
 
-	if ((r = util_mkdir_p(st->state_dir, 0700)) < 0) {
+	/* the group may read status.json there; uidl and lock are 0600 */
+	if ((r = util_mkdir_p(st->state_dir, 0750)) < 0) {
 		seterr(st, -r, "cannot create the state directory %s", st->state_dir);
 		goto fail;
 	}

@@ -315,6 +315,17 @@ tls_peer(SSL *ssl, struct tls_peer *ret)
 		fingerprint_hex(md, ret->sha256);
 }
 
+time_t
+tls_peer_not_after(SSL *ssl)
+{
+	X509 *cert = SSL_get0_peer_certificate(ssl);
+	struct tm tm;
+
+	if (cert == NULL || ASN1_TIME_to_tm(X509_get0_notAfter(cert), &tm) != 1)
+		return 0;
+	return timegm(&tm);
+}
+
 void
 tls_describe(SSL *ssl, char *buf, size_t len)
 {

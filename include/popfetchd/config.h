@@ -92,6 +92,10 @@ struct conf_errors {
  * anything is invalid, *ret untouched.
  */
 int conf_load(const char *dir, struct conf_set **ret, struct conf_errors *errs);
+/* The state directory DIR/popfetchd.yaml names (or the default), read
+ * without the configurations and without any secret: for `status` by an
+ * operator who may read neither. 0 with *ret malloc'd, or -EINVAL with errs. */
+int conf_state_directory(const char *dir, char **ret, struct conf_errors *errs);
 void conf_set_free(struct conf_set *set);
 void conf_errors_clear(struct conf_errors *errs);
 

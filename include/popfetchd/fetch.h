@@ -9,6 +9,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <time.h>
 
 #include "popfetchd/pop3.h"
 
@@ -41,6 +42,7 @@ struct fetch_result {
 	unsigned login_delay; /* seconds the server asked to wait, 0 if none */
 	char **errors;	      /* what went wrong, one line each */
 	size_t nerrors;
+	time_t tls_expires_at; /* the server certificate's notAfter (UTC), 0 without TLS */
 };
 
 typedef void (*fetch_done_cb)(struct fetch *f, void *arg);

@@ -13,6 +13,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "popfetchd/pop3_parse.h"
 
@@ -136,6 +137,9 @@ void pop3_session_free_deferred(struct pop3_session *s);
 const struct pop3_capa *pop3_capa(const struct pop3_session *s);
 /* The mechanism used to log in, after ready(). */
 const char *pop3_mechanism(const struct pop3_session *s);
+/* The server certificate's notAfter (UTC, seconds since the epoch) once TLS
+ * is on; 0 without TLS. */
+time_t pop3_tls_not_after(const struct pop3_session *s);
 
 /* With params.hold_login, after POP3_PROGRESS_CAPA: log in now, with this
  * OAuth2 access token (NULL: params.token), which must live until the

@@ -9,6 +9,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <time.h>
 
 #include <openssl/ssl.h>
 
@@ -59,6 +60,9 @@ struct tls_peer {
 	const char *chain_verdict;
 };
 void tls_peer(SSL *ssl, struct tls_peer *ret);
+/* The presented certificate's notAfter (UTC, seconds since the epoch); 0
+ * without a certificate or when OpenSSL cannot read the time. */
+time_t tls_peer_not_after(SSL *ssl);
 
 /* Channel bindings for SCRAM-*-PLUS, base64, malloc'd: tls-unique under
  * TLS 1.2, tls-exporter (RFC 9266) under TLS 1.3; the other one NULL. */

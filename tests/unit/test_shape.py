@@ -29,6 +29,7 @@ MUST_NOT_INCLUDE = {
     # the one-shot runner: polls through fetch and runtime, knows no session
     "oneshot": {"pop3", "pop3_parse", "tls", "store", "mime", "mime_extract", "message",
                 "smime", "scheduler", "probe"},
+    "status": {"pop3", "pop3_parse", "tls", "fetch"},
 }
 # modules that include nothing of the project but these
 ONLY = {"pop3_parse": set(), "log": set(), "util": set(), "notify": {"log"}}
