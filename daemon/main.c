@@ -255,7 +255,8 @@ update_status(void *arg)
 		return;
 	scheduler_stats(d->sched, &st);
 	metrics_set_sessions(d->metrics, st.running, st.queued);
-	metrics_set_configurations(d->metrics, st.configurations - st.broken, d->inactive, st.broken);
+	metrics_set_configurations(d->metrics, st.configurations - st.broken, d->inactive,
+				   st.broken);
 	n = snprintf(line, sizeof(line),
 		     "%s%zu configuration(s), %zu session(s) running, %zu queued, %llu message(s) "
 		     "saved since start, %zu failing, %zu broken",
@@ -298,8 +299,8 @@ apply_metrics(struct daemon *d, const struct conf_set *set)
 	if (before != NULL && strcmp(before, set->metrics_listen) == 0)
 		return;
 	if (metrics_listen(d->metrics, set->metrics_listen, why, sizeof(why)) < 0)
-		log_error(NULL, "metrics_listen %s (%s/popfetchd.yaml): %s; %s", set->metrics_listen,
-			  set->dir, why,
+		log_error(NULL, "metrics_listen %s (%s/popfetchd.yaml): %s; %s",
+			  set->metrics_listen, set->dir, why,
 			  before ? "/metrics stays on the previous address"
 				 : "no /metrics until a reload listens");
 	else

@@ -368,15 +368,15 @@ render_polls(const struct metrics *m, struct evbuffer *out)
 		const struct family *fam = &config_families[f];
 		add_header(out, fam->name, fam->type, fam->help);
 		for (size_t i = 0; i < m->nseries; i++)
-			add_config_sample(
-				out, fam->name, m->series[i]->id, NULL, NULL,
-				*(const unsigned long long *)((const char *)m->series[i] + fam->off));
+			add_config_sample(out, fam->name, m->series[i]->id, NULL, NULL,
+					  *(const unsigned long long *)((const char *)m->series[i] +
+									fam->off));
 	}
 	add_header(out, "popfetchd_consecutive_failures", "gauge",
 		   "Polls that failed in a row (0 after a success).");
 	for (size_t i = 0; i < m->nseries; i++)
-		add_config_sample(out, "popfetchd_consecutive_failures", m->series[i]->id, NULL, NULL,
-				  m->series[i]->failures);
+		add_config_sample(out, "popfetchd_consecutive_failures", m->series[i]->id, NULL,
+				  NULL, m->series[i]->failures);
 }
 
 /* The gauges of a time, for the configurations that have one. */
@@ -416,8 +416,7 @@ render_daemon(const struct metrics *m, struct evbuffer *out)
 	add_header(out, "popfetchd_configurations", "gauge",
 		   "Configurations by state (broken: cannot be set up, not polled).");
 	evbuffer_add_printf(out, "popfetchd_configurations{state=\"active\"} %zu\n", m->active);
-	evbuffer_add_printf(out, "popfetchd_configurations{state=\"inactive\"} %zu\n",
-			    m->inactive);
+	evbuffer_add_printf(out, "popfetchd_configurations{state=\"inactive\"} %zu\n", m->inactive);
 	evbuffer_add_printf(out, "popfetchd_configurations{state=\"broken\"} %zu\n", m->broken);
 	add_header(out, "popfetchd_poll_duration_seconds", "histogram",
 		   "How long polls took, from the session's start to its end.");
@@ -573,7 +572,8 @@ on_request(struct evhttp_request *req, void *arg)
 	/* one request per connection: its deadline is the request's */
 	evhttp_add_header(headers, "Connection", "close");
 	if (path == NULL || strcmp(path, "/metrics") != 0) {
-		reply(req, HTTP_NOTFOUND, "Not Found", "404 not found: the metrics are at /metrics\n");
+		reply(req, HTTP_NOTFOUND, "Not Found",
+		      "404 not found: the metrics are at /metrics\n");
 		return;
 	}
 	if (cmd != EVHTTP_REQ_GET && cmd != EVHTTP_REQ_HEAD) {

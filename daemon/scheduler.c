@@ -335,7 +335,8 @@ enqueue(struct job *j)
 static void
 report_poll(struct job *j, const struct fetch_result *r)
 {
-	struct metrics_poll p = {.ok = r->exit_code == 0, .saved = r->nsaved, .deleted = r->deleted};
+	struct metrics_poll p = {
+		.ok = r->exit_code == 0, .saved = r->nsaved, .deleted = r->deleted};
 	struct timespec now;
 
 	clock_gettime(CLOCK_MONOTONIC, &now);

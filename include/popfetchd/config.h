@@ -74,7 +74,7 @@ struct conf_set {
 	unsigned commit_interval; /* seconds a batch's first message waits at most */
 	int log_level;		  /* enum log_level; LOG_LVL_INFO when unset */
 	bool log_level_set;
-	char *metrics_listen; /* "ADDRESS:PORT" of the /metrics endpoint, NULL: off */
+	char *metrics_listen;		 /* "ADDRESS:PORT" of the /metrics endpoint, NULL: off */
 	struct conf_mailbox **mailboxes; /* sorted by id */
 	size_t n_mailboxes;
 };

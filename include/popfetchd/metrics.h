@@ -74,8 +74,7 @@ void metrics_set_cert_expiry(struct metrics *m, const char *id, time_t t);
 /* Sessions running and polls waiting for a slot. */
 void metrics_set_sessions(struct metrics *m, size_t running, size_t queued);
 /* Configurations: polled, inactive (never polled), broken (cannot be set up). */
-void metrics_set_configurations(struct metrics *m, size_t active, size_t inactive,
-				size_t broken);
+void metrics_set_configurations(struct metrics *m, size_t active, size_t inactive, size_t broken);
 /* One sample of how late a timer fired (the 1 s timer adds its own). */
 void metrics_loop_lag(struct metrics *m, double seconds);
 

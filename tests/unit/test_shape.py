@@ -26,6 +26,9 @@ MUST_NOT_INCLUDE = {
     "mime": NETWORK | {"store"},
     "mime_extract": NETWORK | {"store"},
     "smime": NETWORK | {"store"},
+    # plain numbers through its own interface: no protocol, no poll
+    "metrics": {"pop3", "pop3_parse", "tls", "fetch", "oauth2", "scheduler", "config",
+                "runtime", "store"},
 }
 # modules that include nothing of the project but these
 ONLY = {"pop3_parse": set(), "log": set(), "util": set(), "notify": {"log"}}
