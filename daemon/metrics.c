@@ -12,7 +12,13 @@
  * that measures the loop's lag also sweeps them: one whose deadline passed
  * is shut down (evhttp then reads the end of the stream and frees it), and
  * one that evhttp has freed (its callbacks are gone) loses our reference.
- * Counting them lets the listener pause at METRICS_MAX_CONNECTIONS.
+ * A connection that made a request is let go at once, from evhttp's close
+ * callback. The bufferevent closes its socket when the last reference goes
+ * (BEV_OPT_CLOSE_ON_FREE): evhttp would close it at once, and a socket
+ * that gets its number while our reference still has events on it would
+ * have them fire. A read high-water mark bounds what such a bufferevent
+ * may still read. Counting them lets the listener pause at
+ * METRICS_MAX_CONNECTIONS.
  */
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -560,6 +566,27 @@ reply(struct evhttp_request *req, int code, const char *reason, const char *text
 }
 
 static void
+release(struct metrics *m, size_t i)
+{
+	bufferevent_decref(m->conns[i].bev);
+	m->conns[i] = m->conns[--m->nconns];
+}
+
+/* evhttp is about to free a connection that made a request. */
+static void
+on_close(struct evhttp_connection *evcon, void *arg)
+{
+	struct metrics *m = arg;
+	struct bufferevent *bev = evhttp_connection_get_bufferevent(evcon);
+
+	for (size_t i = 0; i < m->nconns; i++)
+		if (m->conns[i].bev == bev) {
+			release(m, i);
+			return;
+		}
+}
+
+static void
 on_request(struct evhttp_request *req, void *arg)
 {
 	struct metrics *m = arg;
@@ -569,6 +596,7 @@ on_request(struct evhttp_request *req, void *arg)
 	enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
 	struct evbuffer *body;
 
+	evhttp_connection_set_closecb(evhttp_request_get_connection(req), on_close, m);
 	/* one request per connection: its deadline is the request's */
 	evhttp_add_header(headers, "Connection", "close");
 	if (path == NULL || strcmp(path, "/metrics") != 0) {
@@ -607,13 +635,13 @@ static struct bufferevent *
 new_connection(struct event_base *base, void *arg)
 {
 	struct metrics *m = arg;
-	/* without BEV_OPT_CLOSE_ON_FREE evhttp closes the socket itself when
-	 * it frees the connection, whatever references remain */
-	struct bufferevent *bev = bufferevent_socket_new(base, -1, 0);
+	struct bufferevent *bev = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
 	struct conn *c;
 
 	if (bev == NULL)
 		return NULL;
+	/* above METRICS_MAX_HEADERS: evhttp refuses the request first */
+	bufferevent_setwatermark(bev, EV_READ, 0, 2 * METRICS_MAX_HEADERS);
 	if (m->nconns == m->capconns) {
 		m->capconns = m->capconns ? 2 * m->capconns : METRICS_MAX_CONNECTIONS;
 		m->conns = xrealloc(m->conns, m->capconns * sizeof(*m->conns));
@@ -637,12 +665,12 @@ sweep(struct metrics *m, const struct timespec *now)
 
 	while (i < m->nconns) {
 		struct conn *c = &m->conns[i];
-		bufferevent_data_cb readcb = NULL;
+		bufferevent_event_cb eventcb = NULL;
 
-		bufferevent_getcb(c->bev, &readcb, NULL, NULL, NULL);
-		if (readcb == NULL) { /* freed by evhttp (its socket is closed) */
-			bufferevent_decref(c->bev);
-			m->conns[i] = m->conns[--m->nconns];
+		/* evhttp keeps an event callback while it uses the bufferevent */
+		bufferevent_getcb(c->bev, NULL, NULL, &eventcb, NULL);
+		if (eventcb == NULL) {
+			release(m, i);
 			continue;
 		}
 		if (!c->cut && mono_diff(now, &c->deadline) >= 0) {
