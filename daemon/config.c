@@ -26,6 +26,7 @@
 
 #include "popfetchd/config.h"
 #include "popfetchd/log.h"
+#include "popfetchd/metrics.h"
 #include "popfetchd/util.h"
 
 #define MAX_FILE_SIZE	(1024 * 1024) /* a larger configuration file is an error */
@@ -71,6 +72,7 @@ struct dparse {
 	uint64_t stop_timeout;	  /* 0: unset */
 	int log_level;		  /* -1: unset */
 	unsigned shard, shards;	  /* K/N; 0/0: unset */
+	char *metrics_listen;
 	struct defaults {
 		char *server, *user, *tls_ca_file;
 		unsigned port; /* 0: unset */
@@ -211,6 +213,7 @@ dparse_clear(struct dparse *dp)
 {
 	free(dp->state_directory);
 	free(dp->keystore_directory);
+	free(dp->metrics_listen);
 	free(dp->d.server);
 	free(dp->d.user);
 	free(dp->d.tls_ca_file);
@@ -363,6 +366,18 @@ static const struct check one_line_check = {is_one_line, "must not contain contr
 static const struct check https_check = {is_https, "must be an https:// URL"};
 static const struct check id_check = {
 	is_id, "must be 1-64 characters of A-Z a-z 0-9 _ . - (and not . or ..)"};
+static bool
+is_listen(const char *s)
+{
+	char host[64];
+	uint16_t port;
+
+	return metrics_parse_listen(s, host, sizeof(host), &port) == 0;
+}
+
+static const struct check listen_check = {
+	is_listen, "must be ADDRESS:PORT with an IP address and a port 1-65535, as 127.0.0.1:9100 "
+		   "or [::1]:9100"};
 static const struct check key_name_check = {
 	is_key_name, "must be a name (of KEYSTORE/NAME.p12) without '/' or a leading '.'"};
 
@@ -710,6 +725,7 @@ static const struct key daemon_keys[] = {
 	{"stop_timeout", h_num, D(stop_timeout), &timeout_num},
 	{"log_level", h_loglevel, D(log_level), NULL},
 	{"shard", h_shard, 0, NULL},
+	{"metrics_listen", h_str, D(metrics_listen), &listen_check},
 	{"defaults", h_map, 0, defaults_keys},
 	{NULL, NULL, 0, NULL},
 };
@@ -1236,6 +1252,7 @@ build_set(struct loader *l)
 	set->shards = dp->shards ? dp->shards : 1;
 	set->log_level_set = dp->log_level >= 0;
 	set->log_level = set->log_level_set ? dp->log_level : LOG_LVL_INFO;
+	set->metrics_listen = dp->metrics_listen ? xstrdup(dp->metrics_listen) : NULL;
 	set->mailboxes = xcalloc(l->n_mbx, sizeof(*set->mailboxes));
 	for (size_t i = 0; i < l->n_mbx; i++) {
 		struct conf_mailbox *m = xmalloc(sizeof(*m));
@@ -1302,7 +1319,8 @@ conf_set_free(struct conf_set *set)
 		mailbox_clear(set->mailboxes[i]);
 		free(set->mailboxes[i]);
 	}
-	FREE_ALL(set->mailboxes, set->dir, set->state_directory, set->keystore_directory, set);
+	FREE_ALL(set->mailboxes, set->dir, set->state_directory, set->keystore_directory,
+		 set->metrics_listen, set);
 }
 
 void

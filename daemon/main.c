@@ -23,6 +23,7 @@
 #include "popfetchd/config.h"
 #include "popfetchd/fetch.h"
 #include "popfetchd/log.h"
+#include "popfetchd/metrics.h"
 #include "popfetchd/mime.h"
 #include "popfetchd/notify.h"
 #include "popfetchd/oneshot.h"
@@ -195,6 +196,8 @@ struct daemon {
 	const struct options *o;
 	struct event_base *base;
 	struct scheduler *sched;
+	struct metrics *metrics; /* NULL: no metrics_listen */
+	size_t inactive;	 /* configurations of the set in force */
 	struct event *sig_hup, *sig_term, *sig_int, *reload, *watchdog;
 	bool stopping;
 	unsigned stop_timeout;	/* of the set in force */
@@ -213,6 +216,9 @@ update_status(void *arg)
 	if (d->sched == NULL)
 		return;
 	scheduler_stats(d->sched, &st);
+	metrics_set_sessions(d->metrics, st.running, st.queued);
+	metrics_set_configurations(d->metrics, st.configurations - st.broken, d->inactive,
+				   st.broken);
 	n = snprintf(line, sizeof(line),
 		     "%s%zu configuration(s), %zu session(s) running, %zu queued, %llu message(s) "
 		     "saved since start, %zu failing, %zu broken",
@@ -229,6 +235,39 @@ update_status(void *arg)
 		snprintf(d->status, sizeof(d->status), "%s", line);
 		notify_status(line);
 	}
+}
+
+/* The /metrics endpoint as set asks: started, moved to another address, or
+ * closed. A failed listen leaves the address served before (if any). */
+static void
+apply_metrics(struct daemon *d, const struct conf_set *set)
+{
+	const char *before = metrics_address(d->metrics);
+	char why[300];
+
+	d->inactive = 0;
+	for (size_t i = 0; i < set->n_mailboxes; i++)
+		d->inactive += !set->mailboxes[i]->active;
+	if (set->metrics_listen == NULL) {
+		if (d->metrics != NULL)
+			log_info(NULL, "metrics: metrics_listen is gone: /metrics closed");
+		scheduler_set_metrics(d->sched, NULL);
+		metrics_free(d->metrics);
+		d->metrics = NULL;
+		return;
+	}
+	if (d->metrics == NULL)
+		d->metrics = metrics_new(d->base, POPFETCHD_VERSION);
+	if (before != NULL && strcmp(before, set->metrics_listen) == 0)
+		return;
+	if (metrics_listen(d->metrics, set->metrics_listen, why, sizeof(why)) < 0)
+		log_error(NULL, "metrics_listen %s (%s/popfetchd.yaml): %s; %s",
+			  set->metrics_listen, set->dir, why,
+			  before ? "/metrics stays on the previous address"
+				 : "no /metrics until a reload listens");
+	else
+		log_info(NULL, "metrics: http://%s/metrics", set->metrics_listen);
+	scheduler_set_metrics(d->sched, d->metrics);
 }
 
 static void
@@ -258,6 +297,7 @@ do_reload(evutil_socket_t fd, short what, void *arg)
 		runtime_log_level(set, d->o->verbosity);
 		log_info(NULL, "reloaded: %zu configuration(s)", set->n_mailboxes);
 		d->stop_timeout = set->stop_timeout;
+		apply_metrics(d, set);
 		scheduler_swap(d->sched, set);
 	}
 	conf_errors_clear(&errs);
@@ -358,12 +398,14 @@ cmd_run(const struct options *o)
 			 set->shard, set->shards);
 	d.stop_timeout = set->stop_timeout;
 	d.sched = scheduler_new(d.base, dns, set, update_status, &d);
+	apply_metrics(&d, set);
 	update_status(&d);
 	notify_ready(d.status);
 	event_base_dispatch(d.base);
 	/* the polls' leftovers (freed from the loop), then the rest */
 	event_base_loop(d.base, EVLOOP_NONBLOCK);
 	scheduler_free(d.sched);
+	metrics_free(d.metrics);
 	event_base_loop(d.base, EVLOOP_NONBLOCK);
 	event_free(d.sig_hup);
 	event_free(d.sig_term);

@@ -91,6 +91,8 @@ struct oauth2_client {
 	struct event *timer; /* curl's timeout */
 	LIST_HEAD(, oauth2_source) sources;
 	LIST_HEAD(, sock_watch) socks;
+	oauth2_observe_cb observe;
+	void *observe_arg;
 };
 
 struct transfer {
@@ -1098,6 +1100,8 @@ transfer_done(struct transfer *x, CURLcode code)
 	}
 	curl_multi_remove_handle(src->client->multi, x->easy);
 	transfer_free(x);
+	if (src->client->observe != NULL)
+		src->client->observe(src->client->observe_arg, src->id, a.status);
 	finish(src, a.status, a.detail);
 	free_secret(a.token);
 	free_secret(a.refresh_token);
@@ -1230,6 +1234,15 @@ oauth2_client_new(struct event_base *base)
 	curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
 	curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
 	return c;
+}
+
+void
+oauth2_client_observe(struct oauth2_client *c, oauth2_observe_cb observe, void *arg)
+{
+	if (c != NULL) {
+		c->observe = observe;
+		c->observe_arg = arg;
+	}
 }
 
 /* The client goes away first: stop the source's transfer and events. Its
@@ -1454,6 +1467,19 @@ oauth2_exit_code(enum oauth2_status status)
 		break;
 	}
 	return EX_TEMPFAIL;
+}
+
+const char *
+oauth2_status_name(enum oauth2_status status)
+{
+	static const char *const names[] = {
+		[OAUTH2_OK] = "ok",
+		[OAUTH2_REFUSED] = "refused",
+		[OAUTH2_UNAVAILABLE] = "unavailable",
+		[OAUTH2_LOCAL] = "local",
+	};
+
+	return (unsigned)status < sizeof(names) / sizeof(names[0]) ? names[status] : "unknown";
 }
 
 unsigned

@@ -28,6 +28,7 @@
 #include "popfetchd/config.h"
 #include "popfetchd/fetch.h"
 #include "popfetchd/log.h"
+#include "popfetchd/metrics.h"
 #include "popfetchd/oauth2.h"
 #include "popfetchd/runtime.h"
 #include "popfetchd/scheduler.h"
@@ -58,7 +59,8 @@ struct job {
 	struct oauth2_request *token_req;
 	struct cfg *token_cfg; /* whose token source it asks */
 	struct event *timer;
-	time_t started_at; /* of the poll: its token request or its session */
+	time_t started_at;	 /* of the poll: its token request or its session */
+	struct timespec started; /* of the running poll, or its token request */
 	unsigned failures;
 	bool queued, removed, seen;
 	TAILQ_ENTRY(job) all;
@@ -79,6 +81,7 @@ struct scheduler {
 	uint64_t rng;
 	sched_changed_cb changed;
 	void *arg;
+	struct metrics *metrics; /* NULL: off */
 	bool stopping;
 	struct event *grace;
 	void (*stopped)(void *arg);
@@ -235,9 +238,16 @@ cancel_token(struct job *j)
 	j->token_cfg = NULL;
 }
 
+static struct job *find(struct scheduler *s, const char *id);
+
 static void
 job_free(struct job *j)
 {
+	struct job *same = find(j->s, j->id);
+
+	/* a reload may have brought the id back while this one finished */
+	if (same == NULL || same == j)
+		metrics_config_remove(j->s->metrics, j->id);
 	cancel_token(j);
 	dequeue(j);
 	TAILQ_REMOVE(&j->s->jobs, j, all);
@@ -330,6 +340,7 @@ start(struct job *j)
 		&j->running->rt,
 		j->running->mb->receive == CONF_RECEIVE_ONE ? FETCH_ONE : FETCH_ALL, &fp);
 	s->nrunning++;
+	clock_gettime(CLOCK_MONOTONIC, &j->started);
 	log_debug(j->id, "poll starts (%zu of %zu sessions)", s->nrunning, s->max_sessions);
 	j->fetch = fetch_start(s->base, s->dns, &fp, on_fetch_done, j);
 }
@@ -360,6 +371,22 @@ enqueue(struct job *j)
 	changed(s);
 }
 
+/* A poll's end, for the metrics. */
+static void
+report_poll(struct job *j, const struct fetch_result *r)
+{
+	struct metrics_poll p = {
+		.ok = r->exit_code == 0, .saved = r->nsaved, .deleted = r->deleted};
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	p.seconds = (double)(now.tv_sec - j->started.tv_sec) +
+		    (double)(now.tv_nsec - j->started.tv_nsec) / 1e9;
+	for (size_t i = 0; i < r->nsaved; i++)
+		p.bytes += r->saved[i].size;
+	metrics_poll_done(j->s->metrics, j->id, &p);
+}
+
 /* No token, no poll: a failed poll that took no session slot. */
 static void
 token_failed(struct job *j, enum oauth2_status status, const char *detail)
@@ -369,6 +396,7 @@ token_failed(struct job *j, enum oauth2_status status, const char *detail)
 		.exit_code = oauth2_exit_code(status), .errors = &error, .nerrors = 1};
 	double d = next_delay(j, &r);
 
+	report_poll(j, &r);
 	log_fields(LOG_LVL_ERROR, j->id,
 		   &(struct log_fields){.has_exit = true, .exit = r.exit_code},
 		   "poll failed (exit %d): no access token: %s; next try in %.0f s", r.exit_code,
@@ -411,6 +439,7 @@ on_timer(evutil_socket_t fd, short what, void *arg)
 	if (j->cfg->rt.oauth2 != NULL && j->fetch == NULL && !j->queued && !j->removed) {
 		j->started_at = time(NULL);
 		j->token_cfg = cfg_ref(j->cfg);
+		clock_gettime(CLOCK_MONOTONIC, &j->started);
 		j->token_req = oauth2_get_token(j->token_cfg->rt.oauth2, false, on_token, j);
 		return;
 	}
@@ -447,6 +476,9 @@ on_fetch_done(struct fetch *f, void *arg)
 
 	s->nrunning--;
 	s->saved += r->nsaved;
+	report_poll(j, r);
+	if (r->tls_expires_at != 0)
+		metrics_set_cert_expiry(j->s->metrics, j->id, r->tls_expires_at);
 	if (r->exit_code != 0) {
 		/* each error was logged when it happened (fetch) */
 		snprintf(s->last_error, sizeof(s->last_error), "%s: %s", j->id,
@@ -503,6 +535,7 @@ add_job(struct scheduler *s, struct cfg *c)
 	if (j->timer == NULL)
 		abort();
 	TAILQ_INSERT_TAIL(&s->jobs, j, all);
+	metrics_config_add(s->metrics, j->id);
 	if (c->broken != NULL)
 		setup_failed(j);
 	else /* first polls spread over the first interval, never all at once */
@@ -585,6 +618,26 @@ scheduler_new(struct event_base *base, struct evdns_base *dns, struct conf_set *
 	TAILQ_INIT(&s->queue);
 	apply(s, set);
 	return s;
+}
+
+static void
+on_token_request(void *arg, const char *id, enum oauth2_status status)
+{
+	struct scheduler *s = arg;
+
+	metrics_token_request(s->metrics, id, oauth2_status_name(status));
+}
+
+void
+scheduler_set_metrics(struct scheduler *s, struct metrics *m)
+{
+	struct job *j;
+
+	s->metrics = m;
+	TAILQ_FOREACH(j, &s->jobs, all)
+		if (!j->removed)
+			metrics_config_add(m, j->id);
+	oauth2_client_observe(s->oauth, m != NULL ? on_token_request : NULL, s);
 }
 
 void

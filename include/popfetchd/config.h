@@ -75,6 +75,7 @@ struct conf_set {
 	unsigned shard, shards;	  /* shard: K/N, 1/1 when unset: this process serves K of N */
 	int log_level;		  /* enum log_level; LOG_LVL_INFO when unset */
 	bool log_level_set;
+	char *metrics_listen;		 /* "ADDRESS:PORT" of the /metrics endpoint, NULL: off */
 	struct conf_mailbox **mailboxes; /* sorted by id */
 	size_t n_mailboxes;
 };

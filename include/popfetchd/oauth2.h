@@ -51,6 +51,11 @@ typedef void (*oauth2_token_cb)(void *arg, enum oauth2_status status, const char
 
 /* One per process: the curl multi handle on this event base. */
 struct oauth2_client *oauth2_client_new(struct event_base *base);
+/* observe is told of every request to a token endpoint once it has ended
+ * (background refreshes too): the configuration's id and the result. NULL:
+ * nobody is told. */
+typedef void (*oauth2_observe_cb)(void *arg, const char *id, enum oauth2_status status);
+void oauth2_client_observe(struct oauth2_client *client, oauth2_observe_cb observe, void *arg);
 /* Cancels everything still running; before event_base_free. NULL is a no-op. */
 void oauth2_client_free(struct oauth2_client *client);
 
@@ -93,6 +98,8 @@ void oauth2_source_keep_fresh(struct oauth2_source *src, bool on);
 
 /* The exit code (sysexits, DESIGN.md §2) of a poll that got no token so. */
 int oauth2_exit_code(enum oauth2_status status);
+/* "ok", "refused", "unavailable" or "local". */
+const char *oauth2_status_name(enum oauth2_status status);
 
 /* How many requests went to the endpoint. Only tests ask it
  * (tests/tools/oauth2-probe.c); the daemon does not. */

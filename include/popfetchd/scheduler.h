@@ -20,6 +20,7 @@
 struct event_base;
 struct evdns_base;
 struct conf_set;
+struct metrics;
 struct scheduler;
 
 #define SCHED_MAX_BACKOFF 3600 /* seconds: a failing configuration is tried at least hourly */
@@ -57,6 +58,9 @@ void scheduler_swap(struct scheduler *s, struct conf_set *set);
  */
 void scheduler_stop(struct scheduler *s, unsigned grace, void (*done)(void *arg), void *arg);
 void scheduler_stats(const struct scheduler *s, struct sched_stats *st);
+/* Report every poll's end, token request and configuration to m (NULL: to
+ * nobody from now on). */
+void scheduler_set_metrics(struct scheduler *s, struct metrics *m);
 void scheduler_free(struct scheduler *s);
 
 #endif

@@ -358,6 +358,41 @@ test_daemon_settings(void)
 }
 
 static void
+test_metrics_listen(void)
+{
+	const char *dir = new_dir(true);
+	struct conf_errors e = {0};
+	const char *f = path_of(dir, "popfetchd.yaml");
+	struct conf_set *set = load_ok(dir);
+
+	/* off unless set */
+	CHECK(set != NULL && set->metrics_listen == NULL);
+	conf_set_free(set);
+	put(dir, "popfetchd.yaml", 0600, "metrics_listen: 127.0.0.1:9100\n");
+	set = load_ok(dir);
+	CHECK(set != NULL && set->metrics_listen != NULL);
+	CHECK_STR(set ? set->metrics_listen : NULL, "127.0.0.1:9100");
+	conf_set_free(set);
+	put(dir, "popfetchd.yaml", 0600, "metrics_listen: \"[::1]:9100\"\n");
+	set = load_ok(dir);
+	CHECK_STR(set ? set->metrics_listen : NULL, "[::1]:9100");
+	conf_set_free(set);
+	put(dir, "popfetchd.yaml", 0600, "max_sessions: 3\nmetrics_listen: localhost:9100\n");
+	load_bad(dir, &e);
+	CHECK(has_error(&e, f, ":2:17: metrics_listen: must be ADDRESS:PORT with an IP address"));
+	conf_errors_clear(&e);
+	put(dir, "popfetchd.yaml", 0600, "metrics_listen: 127.0.0.1:70000\n");
+	load_bad(dir, &e);
+	CHECK(has_error(&e, f, ":1:17: metrics_listen: must be ADDRESS:PORT"));
+	conf_errors_clear(&e);
+	put(dir, "popfetchd.yaml", 0600, "metrics_listen: [::1]:9100\n");
+	load_bad(dir, &e);
+	/* unquoted, a YAML flow sequence: an error at its place */
+	CHECK(has_error(&e, f, ":1:"));
+	conf_errors_clear(&e);
+}
+
+static void
 test_daemon_errors(void)
 {
 	const char *dir = new_dir(true);
@@ -913,6 +948,7 @@ main(void)
 	test_ports();
 	test_daemon_settings();
 	test_daemon_errors();
+	test_metrics_listen();
 	test_secret_files();
 	test_credentials();
 	test_inline_secret_mode();

@@ -30,6 +30,9 @@ MUST_NOT_INCLUDE = {
     "oneshot": {"pop3", "pop3_parse", "tls", "store", "mime", "mime_extract", "message",
                 "smime", "scheduler", "probe"},
     "status": {"pop3", "pop3_parse", "tls", "fetch"},
+    # plain numbers through its own interface: no protocol, no poll
+    "metrics": {"pop3", "pop3_parse", "tls", "fetch", "oauth2", "scheduler", "config",
+                "runtime", "store"},
 }
 # modules that include nothing of the project but these
 ONLY = {"pop3_parse": set(), "log": set(), "util": set(), "notify": {"log"}}
