@@ -400,3 +400,20 @@ def test_alert_rules_unit_tests(root):
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout
+
+
+def test_certificate_expiry_gauge(dovecot, mailbox, dovecot_config, confdir, daemon):
+    """popfetchd_tls_certificate_expiry_timestamp_seconds is the notAfter of
+    the certificate the server presented at the last handshake."""
+    mailbox.deliver(*messages(1, seed=1709))
+    config = dovecot_config(mailbox, id="tls", server="127.0.0.1", port=dovecot.pop3s_port,
+                            tls="implicit", tls_ca_file=dovecot.ca_file, poll_interval="1s")
+    d, port, _ = metrics_daemon(confdir, daemon, [config])
+    name = "popfetchd_tls_certificate_expiry_timestamp_seconds"
+    wait_for(lambda: sample(get(port)[2], name, config="tls") is not None, 15,
+             f"the certificate's expiry among the metrics\n{d.output}")
+    out = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", dovecot.cert_file],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    not_after = subprocess.run(["date", "-u", "-d", out.split("=", 1)[1], "+%s"],
+                               capture_output=True, text=True, check=True).stdout
+    assert sample(get(port)[2], name, config="tls") == float(not_after)
