@@ -719,6 +719,29 @@ drop_connections(struct metrics *m)
 	m->nconns = 0;
 }
 
+/* No more HTTP server: its connections go with it. */
+static void
+close_server(struct metrics *m)
+{
+	if (m->http != NULL)
+		evhttp_free(m->http);
+	drop_connections(m);
+	m->http = NULL;
+}
+
+void
+metrics_free(struct metrics *m)
+{
+	if (m == NULL)
+		return;
+	for (size_t i = 0; i < m->nseries; i++)
+		FREE_ALL(m->series[i]->id, m->series[i]);
+	close_server(m);
+	if (m->tick != NULL)
+		event_free(m->tick);
+	FREE_ALL(m->conns, m->series, m->listening, m->version, m);
+}
+
 static struct evhttp *
 http_new(struct metrics *m)
 {
@@ -765,9 +788,7 @@ metrics_listen(struct metrics *m, const char *listen, char *why, size_t size)
 		evhttp_free(http);
 		return -err;
 	}
-	if (m->http != NULL)
-		evhttp_free(m->http);
-	drop_connections(m);
+	close_server(m);
 	m->http = http;
 	m->bound = bound;
 	m->paused = false;
@@ -802,22 +823,4 @@ metrics_new(struct event_base *base, const char *version)
 		arm_tick(m);
 	}
 	return m;
-}
-
-void
-metrics_free(struct metrics *m)
-{
-	if (m == NULL)
-		return;
-	if (m->http != NULL)
-		evhttp_free(m->http); /* frees its connections */
-	drop_connections(m);
-	free(m->conns);
-	if (m->tick != NULL)
-		event_free(m->tick);
-	for (size_t i = 0; i < m->nseries; i++) {
-		free(m->series[i]->id);
-		free(m->series[i]);
-	}
-	FREE_ALL(m->series, m->listening, m->version, m);
 }

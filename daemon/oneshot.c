@@ -55,11 +55,11 @@ struct progress {
 struct oneshot {
 	const struct oneshot_options *o;
 	const struct conf_set *set;
+	struct job *jobs;
+	size_t n, next, running, finished;
 	struct event_base *base;
 	struct evdns_base *dns;
 	struct oauth2_client *oauth;
-	struct job *jobs;
-	size_t n, next, running, finished;
 	struct progress progress;
 };
 
