@@ -239,7 +239,7 @@ def test_unit_runs_the_daemon_as_designed(unitdir, name):
         "LimitCORE": "0",
         "User": "popfetchd",
         "Group": "popfetchd",
-        "StateDirectoryMode": "0700",
+        "StateDirectoryMode": "0750",
         "UMask": "0027",
         "ProtectSystem": "strict",
         "NoNewPrivileges": "yes",
@@ -261,7 +261,7 @@ def test_once_service_is_the_daemon_run_once(unitdir):
     on the daemon's state, in the daemon's sandbox; the timer starts it."""
     once, daemon = unitdir / "popfetchd-once.service", unitdir / "popfetchd.service"
     for key, value in {"Type": "oneshot", "User": "popfetchd", "Group": "popfetchd",
-                       "StateDirectory": "popfetchd", "StateDirectoryMode": "0700",
+                       "StateDirectory": "popfetchd", "StateDirectoryMode": "0750",
                        "ConfigurationDirectory": "popfetchd", "LimitCORE": "0"}.items():
         assert setting(once, key) == value, key
     sandbox = [(s, k, v) for s, k, v in unit_settings(daemon)
