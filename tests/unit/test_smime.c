@@ -203,6 +203,47 @@ test_load_errors(void)
 	}
 }
 
+/* Messages other than enc.der: for both keys, for bob only, not enveloped. */
+static void
+decrypt_other_messages(struct smime_key *alice, struct smime_key *bob)
+{
+	size_t len, outlen;
+	unsigned char *der;
+	char *out, why[512];
+	int rc;
+
+	/* two recipients: each can read it */
+	der = slurp("both.der", &len);
+	CHECK(der != NULL);
+	if (der) {
+		rc = smime_decrypt(alice, der, len, &out, &outlen, why, sizeof(why));
+		CHECK(rc == 0 && outlen == sizeof(entity) - 1);
+		free(out);
+		rc = smime_decrypt(bob, der, len, &out, &outlen, why, sizeof(why));
+		CHECK(rc == 0 && outlen == sizeof(entity) - 1);
+		free(out);
+	}
+	free(der);
+
+	der = slurp("bob.der", &len);
+	CHECK(der != NULL);
+	if (der) {
+		rc = smime_decrypt(alice, der, len, &out, &outlen, why, sizeof(why));
+		fprintf(stderr, "alice on bob's: %s\n", why);
+		CHECK(rc == -1 && strstr(why, "CN=bob") != NULL);
+	}
+	free(der);
+
+	/* signed data is not enveloped */
+	der = slurp("signed.der", &len);
+	if (der) {
+		rc = smime_decrypt(alice, der, len, &out, &outlen, why, sizeof(why));
+		CHECK(rc == -1);
+		CHECK_STR(why, "not enveloped data");
+	}
+	free(der);
+}
+
 static void
 test_decrypt(void)
 {
@@ -261,36 +302,7 @@ test_decrypt(void)
 	}
 	free(der);
 
-	/* two recipients: each can read it */
-	der = slurp("both.der", &len);
-	CHECK(der != NULL);
-	if (der) {
-		rc = smime_decrypt(alice, der, len, &out, &outlen, why, sizeof(why));
-		CHECK(rc == 0 && outlen == sizeof(entity) - 1);
-		free(out);
-		rc = smime_decrypt(bob, der, len, &out, &outlen, why, sizeof(why));
-		CHECK(rc == 0 && outlen == sizeof(entity) - 1);
-		free(out);
-	}
-	free(der);
-
-	der = slurp("bob.der", &len);
-	CHECK(der != NULL);
-	if (der) {
-		rc = smime_decrypt(alice, der, len, &out, &outlen, why, sizeof(why));
-		fprintf(stderr, "alice on bob's: %s\n", why);
-		CHECK(rc == -1 && strstr(why, "CN=bob") != NULL);
-	}
-	free(der);
-
-	/* signed data is not enveloped */
-	der = slurp("signed.der", &len);
-	if (der) {
-		rc = smime_decrypt(alice, der, len, &out, &outlen, why, sizeof(why));
-		CHECK(rc == -1);
-		CHECK_STR(why, "not enveloped data");
-	}
-	free(der);
+	decrypt_other_messages(alice, bob);
 done:
 	smime_key_free(alice);
 	smime_key_free(bob);
