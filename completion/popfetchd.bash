@@ -64,7 +64,11 @@ _popfetchd()
 		# one id: none once it is there
 		local n=0
 		for ((i = i + 1; i < COMP_CWORD; i++)); do
-			[[ ${COMP_WORDS[i]} == -* ]] || ((n++))
+			case ${COMP_WORDS[i]} in
+			-c | --config) ((i++)) ;;
+			-*) ;;
+			*) ((n++)) ;;
+			esac
 		done
 		((n == 0)) && mapfile -t COMPREPLY < <(compgen -W "$(_popfetchd_ids)" -- "$cur")
 		;;
