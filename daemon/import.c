@@ -670,8 +670,10 @@ fm_option(struct fctx *c, struct import_account *a, const struct fm_word *w, con
 		set_fingerprint(r, f, line, a, v);
 		break;
 	case FM_SSLPROTO:
-		if (v[0] == '\0' && a->tls != 1)
+		if (v[0] == '\0' && a->tls != 1) {
 			a->tls = 0;
+			note(r, f, line, "sslproto \"\": imported as tls: none (no TLS)");
+		}
 		break;
 	case FM_KEEP:
 	case FM_NOKEEP:
@@ -703,8 +705,9 @@ fm_set(struct fctx *c, unsigned line)
 		c->interval = xasprintf("%ss", c->t[first + 1].s);
 		return;
 	}
-	note(c->r, c->file, line, "set %s has no popfetchd counterpart: not imported",
-	     first < c->n && c->t[first].line == line ? c->t[first].s : "");
+	note(c->r, c->file, line, "set %s%s%s has no popfetchd counterpart: not imported",
+	     first < c->i ? c->t[first].s : "", first + 1 < c->i ? " " : "",
+	     first + 1 < c->i ? c->t[first + 1].s : "");
 }
 
 /* The poll entry ends: one without a user still is an account. */
