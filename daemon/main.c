@@ -22,6 +22,7 @@
 #include "build-config.h"
 #include "popfetchd/config.h"
 #include "popfetchd/fetch.h"
+#include "popfetchd/import.h"
 #include "popfetchd/log.h"
 #include "popfetchd/metrics.h"
 #include "popfetchd/mime.h"
@@ -41,7 +42,8 @@ struct options {
 	const char *id;		/* the first of ids */
 	const char *const *ids; /* the words after the command */
 	size_t n_ids;
-	bool all; /* --all */
+	bool all;	    /* --all */
+	const char *output; /* import -o DIR */
 };
 
 /*
@@ -71,13 +73,15 @@ usage(FILE *f)
 	      "       popfetchd [-c DIR] [-v|-q] [--json] receive-all ID...\n"
 	      "       popfetchd [-c DIR] [-v|-q] [--json] receive-all --all\n"
 	      "       popfetchd [-c DIR] [--json] status [ID]\n"
+	      "       popfetchd import mpoprc|fetchmailrc FILE [-o DIR]\n"
 	      "       popfetchd --version | --help\n"
 	      "\n"
 	      "  -c, --config DIR  configuration directory (default " POPFETCHD_CONFDIR ")\n"
 	      "  -v, --verbose     log debug lines\n"
 	      "  -q, --quiet       log warnings and errors only\n"
 	      "      --json        print one JSON object on stdout\n"
-	      "      --all         receive-all: every active configuration\n",
+	      "      --all         receive-all: every active configuration\n"
+	      "  -o, --output DIR  import: write DIR/ID.yaml and DIR/ID.password\n",
 	      f);
 }
 
@@ -494,6 +498,17 @@ cmd_status(const struct options *o)
 	return code;
 }
 
+static int usage_error(const char *fmt, const char *arg);
+
+/* import KIND FILE: the words are not configuration IDs. */
+static int
+cmd_import(const struct options *o)
+{
+	if (o->n_ids != 2 || o->all)
+		return usage_error("%s takes KIND FILE (mpoprc or fetchmailrc)", o->command);
+	return import_run(o->ids[0], o->ids[1], o->output);
+}
+
 enum id_rule {
 	ID_NONE,     /* takes no configuration ID */
 	ID_REQUIRED, /* must have one */
@@ -512,6 +527,7 @@ static const struct command {
 	{"receive-all", ID_REQUIRED, true, cmd_receive_all},
 	{"test", ID_REQUIRED, false, cmd_test},
 	{"status", ID_OPTIONAL, false, cmd_status},
+	{"import", ID_REQUIRED, true, cmd_import},
 };
 
 static int
@@ -530,14 +546,19 @@ static int
 parse_args(int argc, char **argv, struct options *o)
 {
 	static const struct option longopts[] = {
-		{"config", required_argument, NULL, 'c'}, {"verbose", no_argument, NULL, 'v'},
-		{"quiet", no_argument, NULL, 'q'},	  {"json", no_argument, NULL, 'J'},
-		{"all", no_argument, NULL, 'A'},	  {"version", no_argument, NULL, 'V'},
-		{"help", no_argument, NULL, 'h'},	  {NULL, 0, NULL, 0},
+		{"config", required_argument, NULL, 'c'},
+		{"verbose", no_argument, NULL, 'v'},
+		{"quiet", no_argument, NULL, 'q'},
+		{"json", no_argument, NULL, 'J'},
+		{"all", no_argument, NULL, 'A'},
+		{"version", no_argument, NULL, 'V'},
+		{"help", no_argument, NULL, 'h'},
+		{"output", required_argument, NULL, 'o'},
+		{NULL, 0, NULL, 0},
 	};
 	int c;
 
-	while ((c = getopt_long(argc, argv, "c:vqh", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "c:vqho:", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'c':
 			o->confdir = optarg;
@@ -545,6 +566,9 @@ parse_args(int argc, char **argv, struct options *o)
 		case 'v':
 		case 'q':
 			o->verbosity = c == 'v' ? 1 : -1;
+			break;
+		case 'o':
+			o->output = optarg;
 			break;
 		case 'J':
 			o->json = true;

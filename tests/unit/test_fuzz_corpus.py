@@ -9,7 +9,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUILD = pathlib.Path(os.environ.get("POPFETCHD_BUILD", ROOT / "build"))
 CORPUS = ROOT / "tests" / "fuzz" / "corpus"
-HARNESSES = ["pop3_parse", "pop3_framing", "mime_headers", "config", "mime_extract", "smime"]
+HARNESSES = ["pop3_parse", "pop3_framing", "mime_headers", "config", "mime_extract", "smime", "import"]
 
 
 @pytest.mark.parametrize("name", HARNESSES)

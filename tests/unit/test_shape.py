@@ -33,6 +33,9 @@ MUST_NOT_INCLUDE = {
     # plain numbers through its own interface: no protocol, no poll
     "metrics": {"pop3", "pop3_parse", "tls", "fetch", "oauth2", "scheduler", "config",
                 "runtime", "store"},
+    # text in, configurations out: no connection, no message
+    "import": {"pop3", "pop3_parse", "fetch", "tls", "store", "oauth2", "scheduler", "probe",
+               "runtime", "message", "mime", "mime_extract", "smime"},
 }
 # modules that include nothing of the project but these
 ONLY = {"pop3_parse": set(), "log": set(), "util": set(), "notify": {"log"}}
