@@ -1,4 +1,5 @@
-# bash completion for popfetchd(8): commands, options and configuration ids.
+# bash completion for popfetchd(8): commands, options, configuration ids, and
+# for import the kind of file, the file and the -o directory.
 # The ids are read from DIR/conf.d/*.yaml and *.yml of the -c DIR on the
 # line (default /etc/popfetchd): the file's top-level "id:", else its name.
 
@@ -30,15 +31,34 @@ _popfetchd_ids()
 	done
 }
 
+# import KIND FILE: the kind, then a file name. $1: the index of "import".
+_popfetchd_import()
+{
+	local i n=0
+	for ((i = $1 + 1; i < COMP_CWORD; i++)); do
+		case ${COMP_WORDS[i]} in
+		-o | --output | -c | --config) ((i++)) ;;
+		-*) ;;
+		*) ((n++)) ;;
+		esac
+	done
+	if ((n == 0)); then
+		mapfile -t COMPREPLY < <(compgen -W 'mpoprc fetchmailrc' -- "$cur")
+	elif ((n == 1)); then
+		compopt -o filenames 2>/dev/null
+		mapfile -t COMPREPLY < <(compgen -f -- "$cur")
+	fi
+}
+
 _popfetchd()
 {
 	local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD - 1]}
-	local commands='run check test receive receive-all status'
+	local commands='run check test receive receive-all status import'
 	local options='-c --config -v --verbose -q --quiet --json --all --version --help'
 	local i word command=
 
 	COMPREPLY=()
-	if [[ $prev == -c || $prev == --config ]]; then
+	if [[ $prev == -c || $prev == --config || $prev == -o || $prev == --output ]]; then
 		compopt -o filenames 2>/dev/null
 		mapfile -t COMPREPLY < <(compgen -d -- "$cur")
 		return 0
@@ -46,7 +66,7 @@ _popfetchd()
 	for ((i = 1; i < COMP_CWORD; i++)); do
 		word=${COMP_WORDS[i]}
 		case $word in
-		-c | --config) ((i++)) ;;
+		-c | --config | -o | --output) ((i++)) ;;
 		-*) ;;
 		*)
 			command=$word
@@ -55,6 +75,7 @@ _popfetchd()
 		esac
 	done
 	if [[ $cur == -* ]]; then
+		[[ $command == import ]] && options='-o --output'
 		mapfile -t COMPREPLY < <(compgen -W "$options" -- "$cur")
 		return 0
 	fi
@@ -73,6 +94,7 @@ _popfetchd()
 		((n == 0)) && mapfile -t COMPREPLY < <(compgen -W "$(_popfetchd_ids)" -- "$cur")
 		;;
 	receive-all) mapfile -t COMPREPLY < <(compgen -W "$(_popfetchd_ids)" -- "$cur") ;;
+	import) _popfetchd_import "$i" ;;
 	esac
 	return 0
 }

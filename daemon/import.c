@@ -43,7 +43,7 @@ static void
 acc_init(struct import_account *a)
 {
 	memset(a, 0, sizeof(*a));
-	a->port = a->tls = a->starttls = a->certcheck = a->keep = -1;
+	a->port = a->tls = a->starttls = a->certcheck = a->keep = a->timeout = -1;
 	a->password_eval = a->inactive = a->pop3 = -1;
 }
 
@@ -70,10 +70,12 @@ acc_overlay(struct import_account *dst, const struct import_account *src)
 			       &src->fingerprint, &src->mechanism, &src->interval};
 	char **to[] = {&dst->server,	  &dst->user,	   &dst->password, &dst->ca_file,
 		       &dst->fingerprint, &dst->mechanism, &dst->interval};
-	const int *nf[] = {&src->port, &src->tls,	    &src->starttls, &src->certcheck,
-			   &src->keep, &src->password_eval, &src->inactive, &src->pop3};
-	int *nt[] = {&dst->port, &dst->tls,	      &dst->starttls, &dst->certcheck,
-		     &dst->keep, &dst->password_eval, &dst->inactive, &dst->pop3};
+	const int *nf[] = {&src->port,	    &src->tls,	&src->starttls,
+			   &src->certcheck, &src->keep, &src->password_eval,
+			   &src->inactive,  &src->pop3, &src->timeout};
+	int *nt[] = {&dst->port,      &dst->tls,  &dst->starttls,
+		     &dst->certcheck, &dst->keep, &dst->password_eval,
+		     &dst->inactive,  &dst->pop3, &dst->timeout};
 
 	for (size_t i = 0; i < sizeof(from) / sizeof(from[0]); i++)
 		if (*from[i] != NULL)
@@ -81,6 +83,8 @@ acc_overlay(struct import_account *dst, const struct import_account *src)
 	for (size_t i = 0; i < sizeof(nf) / sizeof(nf[0]); i++)
 		if (*nf[i] >= 0)
 			*nt[i] = *nf[i];
+	if (src->max_size != 0)
+		dst->max_size = src->max_size;
 }
 
 static size_t
@@ -186,6 +190,42 @@ set_port(struct import_result *r, const char *file, unsigned line, struct import
 	a->port = (int)p;
 }
 
+/* mpop skipsize, fetchmail limit: messages larger are left on the server,
+ * as popfetchd's max_message_size does. "off" and 0 are no limit. */
+static void
+set_max_size(struct import_result *r, const char *file, unsigned line, struct import_account *a,
+	     const char *cmd, const char *v)
+{
+	uint64_t n;
+
+	if (strcmp(v, "off") == 0 || strcmp(v, "0") == 0)
+		a->max_size = 0;
+	else if (util_parse_size(v, &n) == 0 && n > 0)
+		a->max_size = n;
+	else
+		note(r, file, line, "%s \"%s\" is not a size: not imported", cmd, v);
+}
+
+/* mpop and fetchmail timeout: seconds, as timeouts.connect and .command
+ * (1s to 1h); mpop's "off" is the default. */
+static void
+set_timeout(struct import_result *r, const char *file, unsigned line, struct import_account *a,
+	    const char *v)
+{
+	char *end;
+	long t = strtol(v, &end, 10);
+
+	if (strcmp(v, "off") == 0)
+		a->timeout = -1;
+	else if (*v == '\0' || *end != '\0' || t < 1 || t > 3600)
+		note(r, file, line,
+		     "timeout \"%s\" is not 1 to 3600 seconds: not imported "
+		     "(timeouts.connect and timeouts.command keep their defaults)",
+		     v);
+	else
+		a->timeout = (int)t;
+}
+
 /* ---- .mpoprc ---- */
 
 struct mctx {
@@ -288,6 +328,14 @@ mpop_setting(struct mctx *c, struct import_account *a, const char *cmd, const ch
 			     "fetches each message once (its UIDL state)");
 	} else if (!strcmp(cmd, "delivery"))
 		note(r, f, line, "%s", mpop_delivery_note);
+	else if (!strcmp(cmd, "skipsize"))
+		set_max_size(r, f, line, a, cmd, arg);
+	else if (!strcmp(cmd, "timeout"))
+		set_timeout(r, f, line, a, arg);
+	else if (!strcmp(cmd, "eval"))
+		note(r, f, line,
+		     "eval cannot be carried over: popfetchd runs no command for its "
+		     "configuration; the settings its output gives are missing: add them");
 	else
 		return false;
 	return true;
@@ -460,6 +508,8 @@ enum fm_kind {
 	FM_FETCHALL,
 	FM_UIDL,
 	FM_NO,
+	FM_LIMIT,
+	FM_TIMEOUT,
 };
 
 static const struct fm_word {
@@ -504,7 +554,7 @@ static const struct fm_word {
 	{"smtpname", FM_DELIVERY, 1},
 	{"folder", FM_DELIVERY, 1},
 	{"via", FM_DROP, 1},
-	{"timeout", FM_DROP, 1},
+	{"timeout", FM_TIMEOUT, 1},
 	{"interval", FM_DROP, 1},
 	{"envelope", FM_DROP, 1},
 	{"qvirtual", FM_DROP, 1},
@@ -513,7 +563,7 @@ static const struct fm_word {
 	{"esmtppassword", FM_DROP, 1},
 	{"plugin", FM_DROP, 1},
 	{"plugout", FM_DROP, 1},
-	{"limit", FM_DROP, 1},
+	{"limit", FM_LIMIT, 1},
 	{"warnings", FM_DROP, 1},
 	{"batchlimit", FM_DROP, 1},
 	{"fetchlimit", FM_DROP, 1},
@@ -620,6 +670,22 @@ fm_no(struct fctx *c, struct import_account *a, const char *v, unsigned line)
 		note(c->r, c->file, line, "no %s has no popfetchd counterpart: not imported", v);
 }
 
+/* sslproto '' is no TLS at all; a protocol floor is OpenSSL's here. */
+static void
+fm_sslproto(struct fctx *c, struct import_account *a, const char *v, unsigned line)
+{
+	if (v[0] == '\0' && a->tls != 1) {
+		a->tls = 0;
+		note(c->r, c->file, line, "sslproto \"\": imported as tls: none (no TLS)");
+	} else if (v[0] == '\0')
+		note(c->r, c->file, line, "sslproto \"\" beside ssl: ssl is kept (tls: implicit)");
+	else
+		note(c->r, c->file, line,
+		     "sslproto \"%s\" has no popfetchd counterpart: popfetchd speaks "
+		     "TLS 1.2 or later (tls chooses implicit or explicit TLS)",
+		     v);
+}
+
 static void
 fm_option(struct fctx *c, struct import_account *a, const struct fm_word *w, const char *word,
 	  const char *v, unsigned line)
@@ -670,10 +736,13 @@ fm_option(struct fctx *c, struct import_account *a, const struct fm_word *w, con
 		set_fingerprint(r, f, line, a, v);
 		break;
 	case FM_SSLPROTO:
-		if (v[0] == '\0' && a->tls != 1) {
-			a->tls = 0;
-			note(r, f, line, "sslproto \"\": imported as tls: none (no TLS)");
-		}
+		fm_sslproto(c, a, v, line);
+		break;
+	case FM_LIMIT:
+		set_max_size(r, f, line, a, word, v);
+		break;
+	case FM_TIMEOUT:
+		set_timeout(r, f, line, a, v);
 		break;
 	case FM_KEEP:
 	case FM_NOKEEP:
@@ -698,11 +767,19 @@ fm_set(struct fctx *c, unsigned line)
 
 	while (c->i < c->n && c->t[c->i].line == line)
 		c->i++;
-	if (c->i - first == 2 && !strcasecmp(c->t[first].s, "daemon") &&
-	    strspn(c->t[first + 1].s, "0123456789") == strlen(c->t[first + 1].s) &&
-	    c->t[first + 1].s[0] != '\0') {
-		free(c->interval);
-		c->interval = xasprintf("%ss", c->t[first + 1].s);
+	if (c->i - first == 2 && !strcasecmp(c->t[first].s, "daemon")) {
+		const char *v = c->t[first + 1].s;
+		char *end;
+		long n = strtol(v, &end, 10);
+
+		if (*v >= '0' && *v <= '9' && *end == '\0' && n >= 1 && n <= 7 * 86400) {
+			free(c->interval);
+			c->interval = xasprintf("%lds", n);
+		} else
+			note(c->r, c->file, line,
+			     "set daemon %s is not 1 to 604800 seconds: poll_interval "
+			     "keeps its default (5m)",
+			     v);
 		return;
 	}
 	note(c->r, c->file, line, "set %s%s%s has no popfetchd counterpart: not imported",
@@ -919,6 +996,10 @@ import_yaml(const struct import_account *a, const char *source, const char *pass
 	fprintf(f, "remove_after_read: %s\n", a->keep == 1 ? "false" : "true");
 	if (a->interval != NULL)
 		fprintf(f, "poll_interval: %s\n", a->interval);
+	if (a->max_size > 0)
+		fprintf(f, "max_message_size: %llu\n", a->max_size);
+	if (a->timeout > 0)
+		fprintf(f, "timeouts:\n  connect: %ds\n  command: %ds\n", a->timeout, a->timeout);
 	fprintf(f,
 		"# popfetchd writes each message into a folder here, not to an MDA or mbox\n"
 		"save_directory: %s/%s\n",

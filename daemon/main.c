@@ -506,6 +506,9 @@ cmd_import(const struct options *o)
 {
 	if (o->n_ids != 2 || o->all)
 		return usage_error("%s takes KIND FILE (mpoprc or fetchmailrc)", o->command);
+	if (o->json)
+		return usage_error("%s prints YAML and notes: --json does not go with it",
+				   o->command);
 	return import_run(o->ids[0], o->ids[1], o->output);
 }
 
@@ -598,6 +601,8 @@ parse_args(int argc, char **argv, struct options *o)
 static int
 check_words(const struct command *cmd, const struct options *o)
 {
+	if (o->output != NULL && cmd->run != cmd_import)
+		return usage_error("-o/--output goes with import, not %s", o->command);
 	if (o->all && !cmd->many)
 		return usage_error("--all goes with receive-all, not %s", o->command);
 	if (o->all && o->id != NULL)

@@ -16,6 +16,8 @@ struct import_account {
 	char *id;   /* the configuration id made of name (unique in the file) */
 	unsigned line;
 	char *server, *user, *password, *ca_file, *fingerprint, *mechanism, *interval;
+	unsigned long long max_size; /* 0: none; mpop skipsize, fetchmail limit */
+	int timeout;		     /* seconds (timeouts.connect and .command), -1 */
 	int port;
 	int tls;	   /* 0 none, 1 on */
 	int starttls;	   /* with tls on: 1 STLS on 110, 0 TLS from the first byte */

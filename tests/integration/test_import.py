@@ -135,3 +135,177 @@ def test_usage_and_no_pop3(run_popfetchd, tmp_path):
     assert run_popfetchd(["import", "getmailrc", str(rc)]).returncode == 64
     assert run_popfetchd(["import", "mpoprc"]).returncode == 64
     assert run_popfetchd(["import", "mpoprc", str(tmp_path / "none")]).returncode == 66
+
+
+FINGERPRINT = ":".join(["AB"] * 32)
+
+# More of what real files hold: every line either maps to a key (MAPPED) or is
+# reported with its line number.
+MPOPRC_MORE = textwrap.dedent(f"""\
+    # ~/.mpoprc of a laptop
+    defaults
+    timeout 20
+    skipsize 25m
+    uidls_file ~/.mpop_uidls/%U_at_%H
+    only_new on
+    tls_trust_file CA_FILE
+
+    account personal
+    host "pop.personal.example"
+    user me\\ too
+    password 'single quotes are kept'
+    auth on
+    tls_fingerprint {FINGERPRINT}
+    killsize 50m
+    delivery maildir ~/Mail/inbox
+    eval echo host other.example
+
+    account pinned : personal
+    tls_trust_file system
+    tls_certcheck off
+    include ~/.mpoprc.d/more
+    auth gssapi
+
+    account plain
+    host 192.0.2.1
+    tls off
+    user u
+    passwordeval "gpg -d ~/.pw.gpg"
+    auth user
+    """)
+MPOP_MAPPED = {"defaults", "timeout", "skipsize", "only_new", "tls_trust_file", "account",
+               "host", "user", "password", "auth", "tls_fingerprint", "tls_certcheck", "tls"}
+
+FETCHMAILRC_MORE = textwrap.dedent("""\
+    set daemon 600
+    set logfile ~/.fetchmail.log
+    set no bouncemail
+    defaults protocol pop3 ssl sslcertck timeout 30
+      limit 1000000
+
+    # two users on one server, one of them kept
+    poll "pop.shared.example" service 995
+      user "ann" password "a'nn" keep
+      user 'ben' pass 'b\\"en' nokeep fetchall flush
+      sslcertfile CA_FILE
+      smtphost localhost
+
+    skip old.example proto apop user carl password c
+      no sslcertck sslproto TLS1.2+
+
+    poll plain.example proto pop3 port 110 user dora password d sslproto ''
+      fetchlimit 10
+    """)
+FETCHMAIL_MAPPED = {"set daemon", "defaults", "poll", "skip", "user", "keep", "nokeep",
+                    "service", "password", "pass", "sslcertfile", "proto", "protocol", "port",
+                    "ssl", "sslcertck", "timeout", "limit"}
+
+
+def unreported(rc, stderr, text, mapped, first_words):
+    """Lines of text holding something not in mapped and not reported."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        words = set(first_words(line))
+        if line.strip() and not line.lstrip().startswith("#") and not words <= mapped \
+                and f"{rc}:{n}:" not in stderr:
+            out.append((n, line))
+    return out
+
+
+def test_mpoprc_every_setting_mapped_or_reported(run_popfetchd, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read by check\n")
+    rc, confdir, r = import_to(run_popfetchd, tmp_path, "mpoprc",
+                               MPOPRC_MORE.replace("CA_FILE", str(ca)))
+    assert r.returncode == 0, r.stderr
+    assert unreported(rc, r.stderr, MPOPRC_MORE, MPOP_MAPPED, lambda l: l.split()[:1]) == []
+    for line, what in [(5, "uidls_file has no popfetchd counterpart"),
+                       (15, "killsize has no popfetchd counterpart"),
+                       (16, "delivery has no popfetchd counterpart"),
+                       (17, "eval cannot be carried over"),
+                       (22, "include has no popfetchd counterpart"),
+                       (23, "auth gssapi has no popfetchd counterpart"),
+                       (29, "passwordeval cannot be carried over")]:
+        assert f"{rc}:{line}: {what}" in r.stderr
+    d = confdir / "conf.d"
+    personal = (d / "personal.yaml").read_text()
+    assert 'server: "pop.personal.example"' in personal and 'user: "me too"' in personal
+    assert "tls: explicit" in personal and "sasl_mechanisms" not in personal
+    assert f"tls_ca_file: \"{ca}\"" in personal
+    assert "tls_fingerprint: sha256:" + "AB" * 32 in personal
+    assert "max_message_size: 26214400" in personal
+    assert "timeouts:\n  connect: 20s\n  command: 20s\n" in personal
+    assert (d / "personal.password").read_text() == "'single quotes are kept'"
+    pinned = (d / "pinned.yaml").read_text()
+    assert "tls_ca_file" not in pinned and "tls_verify: false" in pinned
+    assert "tls_fingerprint: sha256:" in pinned
+    plain = (d / "plain.yaml").read_text()
+    assert "tls: none" in plain and "sasl_mechanisms: [USER]" in plain
+    assert not (d / "plain.password").exists()
+    (d / "plain.password").write_text("x")
+    os.chmod(d / "plain.password", 0o600)
+    r = run_popfetchd(["-c", str(confdir), "check"])
+    assert r.returncode == 0, r.stderr
+    assert sorted(l.split()[0] for l in r.stdout.splitlines()) == ["personal", "pinned", "plain"]
+
+
+def test_fetchmailrc_every_setting_mapped_or_reported(run_popfetchd, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read by check\n")
+    rc, confdir, r = import_to(run_popfetchd, tmp_path, "fetchmailrc",
+                               FETCHMAILRC_MORE.replace("CA_FILE", str(ca)))
+    assert r.returncode == 0, r.stderr
+
+    def keywords(line):
+        words = [w.strip("\"',;:") for w in line.split()]
+        if words[:2] == ["set", "daemon"]:
+            return ["set daemon"]
+        # the keywords, not their values
+        return [w for w in words if w.isalpha() and w.islower() and len(w) > 3
+                and w not in {"localhost", "sslproto"}] + \
+               (["sslproto"] if "sslproto" in words else [])
+    assert unreported(rc, r.stderr, FETCHMAILRC_MORE, FETCHMAIL_MAPPED, keywords) == []
+    for line, what in [(2, "set logfile"), (3, "set no bouncemail"),
+                       (10, "fetchall has no popfetchd counterpart"),
+                       (10, "flush has no popfetchd counterpart"),
+                       (12, "smtphost has no popfetchd counterpart"),
+                       (14, "skip: imported with status: inactive"),
+                       (15, "no sslcertck: imported as tls_verify: false"),
+                       (15, "sslproto \"TLS1.2+\" has no popfetchd counterpart"),
+                       (17, "sslproto \"\" beside ssl: ssl is kept"),
+                       (18, "fetchlimit has no popfetchd counterpart")]:
+        assert f"{rc}:{line}: {what}" in r.stderr
+    d = confdir / "conf.d"
+    ann = (d / "ann-pop.shared.example.yaml").read_text()
+    # options after a user are that user's (fetchmail's user options)
+    assert "tls: implicit\nport: 995\n" in ann and "tls_ca_file" not in ann
+    assert "remove_after_read: false" in ann and "poll_interval: 600s" in ann
+    assert "max_message_size: 1000000" in ann and "connect: 30s" in ann
+    assert (d / "ann-pop.shared.example.password").read_text() == "a'nn"
+    ben = (d / "ben-pop.shared.example.yaml").read_text()
+    assert "remove_after_read: true" in ben and f'tls_ca_file: "{ca}"' in ben
+    assert (d / "ben-pop.shared.example.password").read_text() == 'b"en'
+    carl = (d / "carl-old.example.yaml").read_text()
+    assert "status: inactive" in carl and "tls_verify: false" in carl
+    assert "sasl_mechanisms: [APOP]" in carl
+    dora = (d / "dora-plain.example.yaml").read_text()
+    assert "tls: implicit\nport: 110\n" in dora
+    r = run_popfetchd(["-c", str(confdir), "check"])
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 4
+
+
+def test_output_goes_with_import_only(run_popfetchd, tmp_path):
+    out = tmp_path / "out"
+    for args in [["check"], ["status"], ["receive", "x"], ["test", "x"],
+                 ["receive-all", "--all"], [], ["run"]]:
+        r = run_popfetchd(["-c", str(tmp_path), *args, "-o", str(out)])
+        assert r.returncode == 64, (args, r.stderr)
+        assert "-o/--output goes with import" in r.stderr
+        r = run_popfetchd(["--output=" + str(out), "-c", str(tmp_path), *args])
+        assert r.returncode == 64, (args, r.stderr)
+    assert not out.exists()
+    rc = tmp_path / "mpoprc"
+    rc.write_text(MPOPRC)
+    r = run_popfetchd(["--json", "import", "mpoprc", str(rc)])
+    assert r.returncode == 64 and "--json does not go with it" in r.stderr

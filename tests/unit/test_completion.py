@@ -33,7 +33,7 @@ def confdir(tmp_path):
 
 def test_commands_and_options():
     assert complete("popfetchd ") == sorted(
-        ["run", "check", "test", "receive", "receive-all", "status"])
+        ["run", "check", "test", "receive", "receive-all", "status", "import"])
     assert complete("popfetchd rec") == ["receive", "receive-all"]
     assert complete("popfetchd -v receive-all --a") == ["--all"]
     assert "--json" in complete("popfetchd check --")
@@ -55,3 +55,22 @@ def test_ids_from_the_configuration_directory_given_with_c(confdir):
 
 def test_directory_after_c(confdir):
     assert complete(f"popfetchd -c {confdir}/co") == [f"{confdir}/conf.d"]
+
+
+def test_import_kind_then_file_then_output_directory(tmp_path):
+    (tmp_path / "mpoprc").write_text("account a\n")
+    (tmp_path / "fetchmailrc").write_text("poll h user u\n")
+    (tmp_path / "out").mkdir()
+    assert complete("popfetchd import ") == ["fetchmailrc", "mpoprc"]
+    assert complete("popfetchd -q import f") == ["fetchmailrc"]
+    # then a file name, in the current directory or a path
+    assert complete("popfetchd import mpoprc mp", cwd=tmp_path) == ["mpoprc"]
+    assert complete(f"popfetchd import fetchmailrc {tmp_path}/f") == [f"{tmp_path}/fetchmailrc"]
+    # one file only
+    assert complete("popfetchd import mpoprc mpoprc ", cwd=tmp_path) == []
+    # -o: a directory, before or after the words
+    assert complete("popfetchd import mpoprc mpoprc -o ", cwd=tmp_path) == ["out"]
+    assert complete(f"popfetchd import -o {tmp_path}/o") == [f"{tmp_path}/out"]
+    assert complete("popfetchd import --output out ", cwd=tmp_path) == ["fetchmailrc", "mpoprc"]
+    assert complete("popfetchd import -o out mpoprc f", cwd=tmp_path) == ["fetchmailrc"]
+    assert complete("popfetchd import mpoprc mpoprc --o") == ["--output"]

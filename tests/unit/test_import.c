@@ -84,6 +84,39 @@ test_fetchmail(void)
 	import_result_free(&r);
 }
 
+/* skipsize, timeout and eval of mpop; limit, timeout, sslproto and set
+ * daemon of fetchmail: carried over or reported, never dropped. */
+static void
+test_sizes_timeouts_eval(void)
+{
+	static const char mrc[] = "defaults\ntimeout 20\naccount a\nhost h\nskipsize 10m\n"
+				  "eval echo host x\naccount b : a\ntimeout 0\nskipsize big\n"
+				  "include other\n";
+	static const char frc[] = "set daemon 0\npoll h user u limit 5000 timeout 45\n"
+				  "  sslproto TLS1.2+\npoll h2 user v limit 0 timeout 7200\n";
+	struct import_result r = {0};
+
+	import_parse_mpoprc(mrc, sizeof(mrc) - 1, "rc", &r);
+	CHECK(r.n_acc == 2);
+	CHECK(r.acc[0].max_size == 10u << 20 && r.acc[0].timeout == 20);
+	CHECK(r.acc[1].max_size == 10u << 20 && r.acc[1].timeout == 20);
+	CHECK(has_note(&r, "rc:6: eval cannot be carried over"));
+	CHECK(has_note(&r, "rc:8: timeout \"0\" is not 1 to 3600 seconds"));
+	CHECK(has_note(&r, "rc:9: skipsize \"big\" is not a size"));
+	CHECK(has_note(&r, "rc:10: include has no popfetchd counterpart"));
+	import_result_free(&r);
+
+	import_parse_fetchmailrc(frc, sizeof(frc) - 1, "f", &r);
+	CHECK(r.n_acc == 2);
+	CHECK(r.acc[0].max_size == 5000 && r.acc[0].timeout == 45);
+	CHECK(r.acc[0].interval == NULL);
+	CHECK(r.acc[1].max_size == 0 && r.acc[1].timeout == -1);
+	CHECK(has_note(&r, "f:1: set daemon 0 is not 1 to 604800 seconds"));
+	CHECK(has_note(&r, "f:3: sslproto \"TLS1.2+\" has no popfetchd counterpart"));
+	CHECK(has_note(&r, "f:4: timeout \"7200\""));
+	import_result_free(&r);
+}
+
 static void
 test_yaml(void)
 {
@@ -99,7 +132,9 @@ test_yaml(void)
 				   .keep = 1,
 				   .mechanism = "PLAIN",
 				   .password_eval = -1,
-				   .inactive = -1};
+				   .inactive = -1,
+				   .max_size = 1000,
+				   .timeout = 20};
 	char *y = import_yaml(&a, "rc", "/s/n-x.password");
 
 	CHECK(strstr(y, "line 3: n?x\nid: n-x\n") != NULL);
@@ -107,6 +142,8 @@ test_yaml(void)
 	CHECK(strstr(y, "tls: implicit\nport: 995\ntls_verify: false\n") != NULL);
 	CHECK(strstr(y, "password_file: \"/s/n-x.password\"\n") != NULL);
 	CHECK(strstr(y, "remove_after_read: false\n") != NULL);
+	CHECK(strstr(y, "max_message_size: 1000\ntimeouts:\n  connect: 20s\n  command: 20s\n") !=
+	      NULL);
 	free(y);
 }
 
@@ -116,6 +153,7 @@ main(void)
 	test_mpop_inheritance();
 	test_mpop_values();
 	test_fetchmail();
+	test_sizes_timeouts_eval();
 	test_yaml();
 	CHECK_DONE();
 }
