@@ -1178,12 +1178,14 @@ import_run(const char *kind, const char *file, const char *outdir)
 			kind);
 		return EX_USAGE;
 	}
-	if (outdir != NULL && (util_mkdir_p(outdir, 0750) < 0 || realpath(outdir, dir) == NULL)) {
-		fprintf(stderr, "popfetchd: cannot use %s: %s\n", outdir, strerror(errno));
-		return EX_CANTCREAT;
-	}
 	if ((text = read_text(file, &len)) == NULL)
 		return EX_NOINPUT;
+	/* only after the file was read: an unreadable one leaves no directory behind */
+	if (outdir != NULL && (util_mkdir_p(outdir, 0750) < 0 || realpath(outdir, dir) == NULL)) {
+		fprintf(stderr, "popfetchd: cannot use %s: %s\n", outdir, strerror(errno));
+		free(text);
+		return EX_CANTCREAT;
+	}
 	if (kind[0] == 'm')
 		import_parse_mpoprc(text, len, file, &r);
 	else

@@ -135,6 +135,10 @@ def test_usage_and_no_pop3(run_popfetchd, tmp_path):
     assert run_popfetchd(["import", "getmailrc", str(rc)]).returncode == 64
     assert run_popfetchd(["import", "mpoprc"]).returncode == 64
     assert run_popfetchd(["import", "mpoprc", str(tmp_path / "none")]).returncode == 66
+    # an unreadable file leaves no output directory behind
+    out = tmp_path / "out"
+    r = run_popfetchd(["import", "mpoprc", str(tmp_path / "none"), "-o", str(out)])
+    assert r.returncode == 66 and not out.exists()
 
 
 FINGERPRINT = ":".join(["AB"] * 32)
