@@ -238,6 +238,13 @@ def test_control_files(built, tmp_path):
     assert "'popfetchd-once.timer'" in postinst
     assert "deb-systemd-helper enable 'popfetchd-once.timer'" in postinst.split(
         "was-enabled 'popfetchd-once.timer'")[1], "the timer is enabled only if it was"
+    # an upgrade restarts the timer the admin started, never stops it for good
+    assert "try-restart 'popfetchd-once.service' 'popfetchd-once.timer'" in postinst
+    assert not (control / "preinst").exists() or \
+        "stop" not in (control / "preinst").read_text()
+    prerm = (control / "prerm").read_text()
+    assert "deb-systemd-invoke stop popfetchd-once.timer" in prerm
+    assert "deb-systemd-invoke stop 'popfetchd.service'" in prerm
     assert "rm -rf" in (control / "postrm").read_text()
 
 
