@@ -118,7 +118,9 @@ def setting(path, key):
 
 def verify_problems(unit):
     """What `systemd-analyze verify` says about a unit file: [] when clean."""
-    r = run([tool("systemd-analyze"), "verify", unit])
+    # --man=no: Documentation= names man pages that are not installed where
+    # man(1) looks (test_package.py verifies the packaged units with them)
+    r = run([tool("systemd-analyze"), "verify", "--man=no", unit])
     lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
     if r.returncode != 0 and not lines:
         lines = [f"exit code {r.returncode}"]
@@ -217,14 +219,48 @@ def test_units_differ_only_by_instance(unitdir):
     plain = unit_settings(unitdir / "popfetchd.service")
     inst = unit_settings(unitdir / "popfetchd@.service")
     assert [(s, k) for s, k, _ in plain] == [(s, k) for s, k, _ in inst]
-    differ = {k: (a, b) for (_, k, a), (_, _, b) in zip(plain, inst) if a != b}
-    assert differ == {
-        "Description": ("POP3 fetch daemon", "POP3 fetch daemon (%i)"),
-        "ExecStart": ("/usr/sbin/popfetchd -c /etc/popfetchd run",
-                      "/usr/sbin/popfetchd -c /etc/popfetchd/%i run"),
-        "StateDirectory": ("popfetchd", "popfetchd/%i"),
-        "ConfigurationDirectory": ("popfetchd", "popfetchd/%i"),
-    }
+    differ = [(k, a, b) for (_, k, a), (_, _, b) in zip(plain, inst) if a != b]
+    assert differ == [
+        ("Description", "POP3 fetch daemon", "POP3 fetch daemon (%i)"),
+        ("ConditionPathExistsGlob", "|/etc/popfetchd/conf.d/*.yaml",
+         "|/etc/popfetchd/%i/conf.d/*.yaml"),
+        ("ConditionPathExistsGlob", "|/etc/popfetchd/conf.d/*.yml",
+         "|/etc/popfetchd/%i/conf.d/*.yml"),
+        ("ExecStart", "/usr/sbin/popfetchd -c /etc/popfetchd run",
+         "/usr/sbin/popfetchd -c /etc/popfetchd/%i run"),
+        ("StateDirectory", "popfetchd", "popfetchd/%i"),
+        ("ConfigurationDirectory", "popfetchd", "popfetchd/%i"),
+    ]
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_unit_waits_for_a_configuration(unitdir, name, tmp_path):
+    """The daemon is not started (systemd skips it) while its conf.d has no
+    *.yaml or *.yml: the Debian package enables it at install time, before
+    the admin has written one. `systemd-analyze condition` evaluates the
+    unit's conditions, pointed at a directory of the test's."""
+    confdir = tmp_path / "etc-popfetchd" / ("inst" if "@" in name else "")
+    conditions = [f"{k}={v}" for s, k, v in unit_settings(unitdir / name)
+                  if s == "Unit" and k.startswith("Condition")]
+    assert conditions, f"{name}: no Condition*= line: it starts without a configuration"
+    conditions = [c.replace("/etc/popfetchd/%i", str(confdir))
+                  .replace("/etc/popfetchd", str(confdir)) for c in conditions]
+
+    def starts():
+        r = run([tool("systemd-analyze"), "condition", *conditions])
+        assert r.returncode in (0, 1), r.stdout + r.stderr
+        return r.returncode == 0
+
+    assert not starts(), "no configuration directory"
+    (confdir / "conf.d").mkdir(parents=True)
+    (confdir / "popfetchd.yaml").write_text("log_level: info\n")
+    (confdir / "conf.d" / "invoices.yaml.example").write_text("")
+    (confdir / "conf.d" / "notes.txt").write_text("")
+    assert not starts(), "examples and daemon settings are no configuration"
+    for first in ("a.yml", "b.yaml"):
+        (confdir / "conf.d" / first).write_text("")
+        assert starts(), f"conf.d/{first} is a configuration"
+        (confdir / "conf.d" / first).unlink()
 
 
 @pytest.mark.parametrize("name", UNITS)
