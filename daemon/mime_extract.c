@@ -1115,17 +1115,37 @@ entity(struct ctx *c, GMimeObject *obj, unsigned layer)
 /*
  * The message for the parser. The parser reads each part's content again
  * through the stream when it is decoded (a seek and a read, each a system
- * call, per piece); a small message is mapped instead, so that reading it is
- * copying. A large one is read: its mapped pages would count in the
- * process's resident memory, which stays flat whatever the message's size.
+ * call, per piece). Bytes still in memory are read there, without a copy.
+ * From the file, a small message is mapped, so that reading it is copying;
+ * a large one is read: its mapped pages would count in the process's
+ * resident memory, which stays flat whatever the message's size.
  */
 #define MMAP_MAX (4 * 1024 * 1024)
 
+static void
+release_array(gpointer a)
+{
+	(void)g_byte_array_free(a, FALSE); /* the bytes are the caller's */
+}
+
 static GMimeStream *
-eml_stream(int fd)
+eml_stream(const struct mime_opts *o, const char *eml_path)
 {
 	struct stat sb;
+	int fd;
 
+	if (o->eml != NULL && o->eml_len <= G_MAXUINT) {
+		/* not the stream's to free: only the array around the bytes is ours */
+		GByteArray *a = g_byte_array_new_take((guint8 *)o->eml, o->eml_len);
+		GMimeStream *m = g_mime_stream_mem_new_with_byte_array(a);
+		g_mime_stream_mem_set_owner(GMIME_STREAM_MEM(m), FALSE);
+		g_object_set_data_full(G_OBJECT(m), "popfetchd-eml", a, release_array);
+		return m;
+	}
+	fd = openat(o->dirfd >= 0 ? o->dirfd : AT_FDCWD, eml_path,
+		    O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return NULL;
 	if (fstat(fd, &sb) == 0 && sb.st_size > 0 && sb.st_size <= MMAP_MAX) {
 		GMimeStream *m = g_mime_stream_mmap_new(fd, PROT_READ, MAP_PRIVATE);
 		if (m != NULL)
@@ -1148,18 +1168,14 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 	GMimeStream *stream;
 	GMimeParser *parser;
 	GMimeMessage *msg;
-	int fd;
 
 	memset(ret, 0, sizeof(*ret));
 	mime_init();
-	fd = openat(o->dirfd >= 0 ? o->dirfd : AT_FDCWD, eml_path,
-		    O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	if (fd < 0)
+	if ((stream = eml_stream(o, eml_path)) == NULL)
 		return -errno;
 	c.note = g_string_new(NULL);
 	c.taken = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
 	c.next_variant = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
-	stream = eml_stream(fd); /* owns fd */
 	parser = g_mime_parser_new_with_stream(stream);
 	g_mime_parser_set_persist_stream(parser, TRUE);
 	msg = g_mime_parser_construct_message(parser, mime_parser_options());
