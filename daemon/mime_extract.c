@@ -24,7 +24,11 @@
 #include "popfetchd/smime.h"
 #include "popfetchd/util.h"
 
-#define CHUNK		    65536
+#define CHUNK 65536
+/* text is converted in smaller pieces: with what conversion may make of
+ * them, the buffers stay below what malloc takes from the system and gives
+ * back at every free, a mapping per message otherwise */
+#define TEXT_CHUNK	    16384
 #define FILE_FLAGS	    (O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC)
 #define FILE_MODE	    0640
 #define DIR_MODE	    0750
@@ -258,7 +262,9 @@ struct decoded {
 	bool b64;
 	int state;
 	guint32 save;
-	char *raw; /* base64 read, CHUNK bytes */
+	char *raw; /* base64 read, rawlen bytes */
+	size_t rawlen;
+	size_t chunk; /* what is read at a time: CHUNK, or less for less */
 };
 
 /* false: the part has no content */
@@ -270,14 +276,20 @@ decoded_open(GMimePart *part, struct decoded *d)
 	GMimeContentEncoding enc;
 
 	memset(d, 0, sizeof(*d));
+	d->chunk = CHUNK;
 	if (dw == NULL || (src = g_mime_data_wrapper_get_stream(dw)) == NULL)
 		return false;
 	g_mime_stream_reset(src);
+	/* decoded, no part is longer than its content in the message: a
+	 * buffer of its size is enough (a small one is not taken from the
+	 * system and given back at every part) */
+	gint64 len = g_mime_stream_length(src);
+	if (len >= 0 && len < CHUNK - 16)
+		d->chunk = (size_t)len + 16;
 	enc = g_mime_data_wrapper_get_encoding(dw);
 	if (enc == GMIME_CONTENT_ENCODING_BASE64) {
 		d->s = g_object_ref(src);
 		d->b64 = true;
-		d->raw = xmalloc(CHUNK);
 		return true;
 	}
 	d->s = g_mime_stream_filter_new(src);
@@ -290,8 +302,8 @@ decoded_open(GMimePart *part, struct decoded *d)
 	return true;
 }
 
-/* Up to size (at least CHUNK) decoded bytes into buf: their number, 0 at
- * the end, -1 on an error (errno). */
+/* Up to size (at least 16) decoded bytes into buf: their number, 0 at the
+ * end, -1 on an error (errno). */
 static ssize_t
 decoded_read(struct decoded *d, char *buf, size_t size)
 {
@@ -299,11 +311,14 @@ decoded_read(struct decoded *d, char *buf, size_t size)
 		return 0;
 	if (!d->b64)
 		return g_mime_stream_read(d->s, buf, size);
-	/* a quarter less out than in: CHUNK - 3 in leaves room for the 3 of a
+	/* a quarter less out than in: size - 3 in leaves room for the 3 of a
 	 * quartet begun in the last read; a piece of line breaks gives nothing
 	 * and is not the end */
+	if (d->raw == NULL)
+		d->raw = xmalloc(d->rawlen = size - 3);
 	while (d->state >= 0) {
-		ssize_t n = g_mime_stream_read(d->s, d->raw, CHUNK - 3);
+		ssize_t n = g_mime_stream_read(d->s, d->raw,
+					       size - 3 < d->rawlen ? size - 3 : d->rawlen);
 		size_t out;
 		if (n < 0 && g_mime_stream_eos(d->s))
 			return 0; /* a file's part says so at its end */
@@ -331,11 +346,11 @@ decoded_close(struct decoded *d)
 static int
 drain(struct decoded *in, int (*put)(void *arg, const char *buf, size_t n), void *arg)
 {
-	char *buf = xmalloc(CHUNK);
+	char *buf = xmalloc(in->chunk);
 	ssize_t n;
 	int r = 0;
 
-	while (r == 0 && (n = decoded_read(in, buf, CHUNK)) != 0) {
+	while (r == 0 && (n = decoded_read(in, buf, in->chunk)) != 0) {
 		if (n < 0)
 			r = errno ? -errno : -EIO;
 		else
@@ -503,13 +518,13 @@ is_utf8_label(const char *cs)
 static int
 convert_into(struct ctx *c, struct decoded *in, struct conv *v, struct sink *s)
 {
-	char *buf = xmalloc(CHUNK);
-	GString *out = g_string_sized_new(CHUNK + CHUNK / 2);
+	char *buf = xmalloc(TEXT_CHUNK);
+	GString *out = g_string_sized_new(TEXT_CHUNK + TEXT_CHUNK / 2);
 	bool final = false;
 	int r = 0;
 
 	while (r == 0 && !final) {
-		ssize_t n = decoded_read(in, buf, CHUNK);
+		ssize_t n = decoded_read(in, buf, TEXT_CHUNK);
 		if (n < 0) {
 			r = errno ? -errno : -EIO;
 			break;

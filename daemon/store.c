@@ -908,6 +908,8 @@ store_msg_set_content_key(struct store_msg *m, const char *key)
  * one piece, and parsed from these bytes instead of the file. Larger ones
  * are written in STORE_WBUF pieces as they come. */
 #define STORE_KEEP_MAX (4 * 1024 * 1024)
+/* its first buffer: doubled as it grows; most mail fits in a few */
+#define STORE_KEEP_FIRST (16 * 1024)
 
 static int
 flush_eml(struct store_msg *m)
@@ -931,7 +933,7 @@ keep_room(struct store_msg *m, size_t len)
 	if (len > STORE_KEEP_MAX - m->wlen)
 		return false;
 	if (m->wlen + len > m->wcap) {
-		size_t cap = m->wcap ? m->wcap : STORE_WBUF;
+		size_t cap = m->wcap ? m->wcap : STORE_KEEP_FIRST;
 		while (cap < m->wlen + len)
 			cap *= 2;
 		m->wcap = cap < STORE_KEEP_MAX ? cap : STORE_KEEP_MAX;
