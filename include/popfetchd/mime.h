@@ -43,7 +43,7 @@ char *mime_decode_header(const char *raw);
 /* Base64 decoded exactly as GMime's g_mime_encoding_base64_decode_step
  * decodes it, state and save included (both 0 to begin; out holds len + 3),
  * faster. Returns the bytes written to out. */
-size_t mime_base64_decode_step(const unsigned char *in, size_t len, unsigned char *out,
-			       int *state, uint32_t *save);
+size_t mime_base64_decode_step(const unsigned char *in, size_t len, unsigned char *out, int *state,
+			       uint32_t *save);
 
 #endif
