@@ -584,10 +584,14 @@ more_to_ask(const struct fetch *f)
 	return f->mode != FETCH_ONE || (f->res.nsaved == 0 && f->npend == 0);
 }
 
-/* Keep the window of RETRs full. */
+/* Keep the window of RETRs full. Once it is, it is filled again when half
+ * of it has come: the RETRs then go in one write (one TLS record, one
+ * system call) rather than one each as each message comes. */
 static void
 request_more(struct fetch *f)
 {
+	if (f->issued > f->next && f->issued - f->next > f->window / 2)
+		return;
 	while (more_to_ask(f) && f->issued - f->next < f->window) {
 		uint64_t bytes = f->cand[f->issued].size;
 		for (size_t i = f->next; i < f->issued; i++)

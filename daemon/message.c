@@ -172,6 +172,7 @@ describe(const struct message_params *p, const struct message_info *m, unsigned 
 	char *meta;
 	int r;
 
+	mo.eml = store_msg_eml(msg, &mo.eml_len);
 	/* hostile content is never an error; a disk that fails is */
 	if ((r = mime_extract("message.eml", &mo, &mr)) < 0) {
 		snprintf(why, whylen, "cannot write its text or attachments beside %s: %s",

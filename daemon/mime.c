@@ -2,8 +2,10 @@
  * mime — a message's header fields for meta.json, decoded with GMime: from
  * a message mime_extract has parsed (mime_message_headers), or from bytes in
  * memory, of which only the header block up to MIME_HEADER_MAX is parsed.
+ * And base64 decoded as GMime decodes it, faster.
  */
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -354,4 +356,107 @@ mime_headers_clear(struct mime_headers *h)
 {
 	FREE_ALL(h->message_id, h->date, h->from, h->to, h->cc, h->subject);
 	memset(h, 0, sizeof(*h));
+}
+
+/*
+ * ---- base64, as GMime's g_mime_encoding_base64_decode_step ----
+ *
+ * The same bytes out for the same input however it is split, with the same
+ * state: characters outside the alphabet are skipped, the first '=' ends the
+ * stream (what follows is ignored), a quartet cut short by it gives the bytes
+ * it holds. GMime looks at each character on its own; whole quartets of the
+ * alphabet, all but a few characters of a mail's base64, are decoded here
+ * four at a time.
+ */
+#define B64_PAD	 64  /* '=' */
+#define B64_SKIP 128 /* not of the alphabet */
+#define P	 B64_PAD
+#define S	 B64_SKIP
+/* clang-format off */
+static const unsigned char b64_rank[256] = {
+	 S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,
+	 S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,
+	 S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S, 62,  S,  S,  S, 63,
+	52, 53, 54, 55, 56, 57, 58, 59, 60, 61,  S,  S,  S,  P,  S,  S,
+	 S,  0,  1,  2,  3,  4,  5,  6,  7,  8,  9, 10, 11, 12, 13, 14,
+	15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,  S,  S,  S,  S,  S,
+	 S, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40,
+	41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51,  S,  S,  S,  S,  S,
+	 S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,
+	 S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,
+	 S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,
+	 S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,
+	 S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,
+	 S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,
+	 S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,
+	 S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,  S,
+};
+/* clang-format on */
+#undef P
+#undef S
+
+/* Whole quartets from in while they are of the alphabet; *in moves on. */
+static unsigned char *
+b64_quartets(const unsigned char **in, const unsigned char *end, unsigned char *out)
+{
+	const unsigned char *p = *in;
+
+	while (end - p >= 4) {
+		uint32_t a = b64_rank[p[0]], b = b64_rank[p[1]], c = b64_rank[p[2]],
+			 d = b64_rank[p[3]];
+		if ((a | b | c | d) & (B64_PAD | B64_SKIP))
+			break;
+		uint32_t v = a << 18 | b << 12 | c << 6 | d;
+		out[0] = (unsigned char)(v >> 16);
+		out[1] = (unsigned char)(v >> 8);
+		out[2] = (unsigned char)v;
+		out += 3;
+		p += 4;
+	}
+	*in = p;
+	return out;
+}
+
+size_t
+mime_base64_decode_step(const unsigned char *in, size_t len, unsigned char *out, int *state,
+			uint32_t *save)
+{
+	const unsigned char *p = in, *end = in + len;
+	unsigned char *o = out;
+	uint32_t saved = *save;
+	int n = *state;
+
+	if (n < 0) /* after the '=' that ended the stream */
+		return 0;
+	while (p < end) {
+		if (n == 0 && (o = b64_quartets(&p, end, o), p == end))
+			break;
+		unsigned char r = b64_rank[*p++];
+		if (r == B64_SKIP)
+			continue;
+		if (r == B64_PAD) {
+			/* "xx=" or "xxx=": the bytes the quartet holds so far */
+			if (++n > 2) {
+				saved <<= 6;
+				if (n < 4)
+					saved <<= 6;
+				*o++ = (unsigned char)(saved >> 16);
+				if (n == 4)
+					*o++ = (unsigned char)(saved >> 8);
+			}
+			n = -1;
+			break;
+		}
+		saved = saved << 6 | r;
+		if (++n == 4) {
+			*o++ = (unsigned char)(saved >> 16);
+			*o++ = (unsigned char)(saved >> 8);
+			*o++ = (unsigned char)saved;
+			saved = 0;
+			n = 0;
+		}
+	}
+	*save = saved;
+	*state = n;
+	return (size_t)(o - out);
 }

@@ -24,7 +24,11 @@
 #include "popfetchd/smime.h"
 #include "popfetchd/util.h"
 
-#define CHUNK		    65536
+#define CHUNK 65536
+/* text is converted in smaller pieces: with what conversion may make of
+ * them, the buffers stay below what malloc takes from the system and gives
+ * back at every free, a mapping per message otherwise */
+#define TEXT_CHUNK	    16384
 #define FILE_FLAGS	    (O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC)
 #define FILE_MODE	    0640
 #define DIR_MODE	    0750
@@ -248,16 +252,105 @@ sink_write(struct ctx *c, struct sink *s, const char *buf, size_t len)
 	return 0;
 }
 
+/*
+ * The transfer-decoded content of a part. Base64, most of what a mail
+ * carries, is decoded here (mime_base64_decode_step, GMime's result
+ * faster); quoted-printable and uuencode by GMime's filter.
+ */
+struct decoded {
+	GMimeStream *s; /* the content: encoded when b64, decoded otherwise */
+	bool b64;
+	int state;
+	guint32 save;
+	char *raw; /* base64 read, rawlen bytes */
+	size_t rawlen;
+	size_t chunk; /* what is read at a time: CHUNK, or less for less */
+};
+
+/* false: the part has no content */
+static bool
+decoded_open(GMimePart *part, struct decoded *d)
+{
+	GMimeDataWrapper *dw = g_mime_part_get_content(part);
+	GMimeStream *src;
+	GMimeContentEncoding enc;
+
+	memset(d, 0, sizeof(*d));
+	d->chunk = CHUNK;
+	if (dw == NULL || (src = g_mime_data_wrapper_get_stream(dw)) == NULL)
+		return false;
+	g_mime_stream_reset(src);
+	/* decoded, no part is longer than its content in the message: a
+	 * buffer of its size is enough (a small one is not taken from the
+	 * system and given back at every part) */
+	gint64 len = g_mime_stream_length(src);
+	if (len >= 0 && len < CHUNK - 16)
+		d->chunk = (size_t)len + 16;
+	enc = g_mime_data_wrapper_get_encoding(dw);
+	if (enc == GMIME_CONTENT_ENCODING_BASE64) {
+		d->s = g_object_ref(src);
+		d->b64 = true;
+		return true;
+	}
+	d->s = g_mime_stream_filter_new(src);
+	if (enc == GMIME_CONTENT_ENCODING_QUOTEDPRINTABLE ||
+	    enc == GMIME_CONTENT_ENCODING_UUENCODE) {
+		GMimeFilter *f = g_mime_filter_basic_new(enc, FALSE);
+		g_mime_stream_filter_add(GMIME_STREAM_FILTER(d->s), f);
+		g_object_unref(f);
+	}
+	return true;
+}
+
+/* Up to size (at least 16) decoded bytes into buf: their number, 0 at the
+ * end, -1 on an error (errno). */
+static ssize_t
+decoded_read(struct decoded *d, char *buf, size_t size)
+{
+	if (d->s == NULL)
+		return 0;
+	if (!d->b64)
+		return g_mime_stream_read(d->s, buf, size);
+	/* a quarter less out than in: size - 3 in leaves room for the 3 of a
+	 * quartet begun in the last read; a piece of line breaks gives nothing
+	 * and is not the end */
+	if (d->raw == NULL)
+		d->raw = xmalloc(d->rawlen = size - 3);
+	while (d->state >= 0) {
+		ssize_t n = g_mime_stream_read(d->s, d->raw,
+					       size - 3 < d->rawlen ? size - 3 : d->rawlen);
+		size_t out;
+		if (n < 0 && g_mime_stream_eos(d->s))
+			return 0; /* a file's part says so at its end */
+		if (n <= 0)
+			return n;
+		out = mime_base64_decode_step((unsigned char *)d->raw, (size_t)n,
+					      (unsigned char *)buf, &d->state, &d->save);
+		if (out > 0)
+			return (ssize_t)out;
+	}
+	return 0; /* after the '=' that ends it, GMime ignores the rest too */
+}
+
+static void
+decoded_close(struct decoded *d)
+{
+	if (d->s != NULL)
+		g_object_unref(d->s);
+	free(d->raw);
+	memset(d, 0, sizeof(*d));
+}
+
 /* Every byte of in to put(), a chunk at a time, until put() returns
  * non-zero. 0, what put() returned, or -errno of the read. */
 static int
-drain(GMimeStream *in, int (*put)(void *arg, const char *buf, size_t n), void *arg)
+drain(struct decoded *in, int (*put)(void *arg, const char *buf, size_t n), void *arg)
 {
-	char *buf = xmalloc(CHUNK);
+	char *buf = xmalloc(in->chunk);
 	ssize_t n;
 	int r = 0;
 
-	while (r == 0 && (n = g_mime_stream_read(in, buf, CHUNK)) != 0) {
+	while (r == 0 && (n = decoded_read(in, buf, in->chunk)) != 0) {
 		if (n < 0)
 			r = errno ? -errno : -EIO;
 		else
@@ -282,7 +375,7 @@ put_sink(void *arg, const char *buf, size_t n)
 
 /* All of in into the sink. 0, LIMIT_HIT, or -errno. */
 static int
-copy_stream(struct ctx *c, GMimeStream *in, struct sink *s)
+copy_stream(struct ctx *c, struct decoded *in, struct sink *s)
 {
 	return drain(in, put_sink, &(struct to_sink){c, s});
 }
@@ -292,28 +385,6 @@ static int
 finish_file(int fd)
 {
 	return close(fd) < 0 ? -errno : 0;
-}
-
-/* The transfer-decoded content of part. */
-static GMimeStream *
-decoded_stream(GMimePart *part)
-{
-	GMimeDataWrapper *dw = g_mime_part_get_content(part);
-	GMimeStream *src, *f;
-	GMimeContentEncoding enc;
-
-	if (dw == NULL || (src = g_mime_data_wrapper_get_stream(dw)) == NULL)
-		return NULL;
-	g_mime_stream_reset(src);
-	f = g_mime_stream_filter_new(src);
-	enc = g_mime_data_wrapper_get_encoding(dw);
-	if (enc == GMIME_CONTENT_ENCODING_BASE64 || enc == GMIME_CONTENT_ENCODING_QUOTEDPRINTABLE ||
-	    enc == GMIME_CONTENT_ENCODING_UUENCODE) {
-		GMimeFilter *d = g_mime_filter_basic_new(enc, FALSE);
-		g_mime_stream_filter_add(GMIME_STREAM_FILTER(f), d);
-		g_object_unref(d);
-	}
-	return f;
 }
 
 /*
@@ -445,15 +516,15 @@ is_utf8_label(const char *cs)
 
 /* The decoded body, converted (struct conv), into fd. 0, LIMIT_HIT or -errno. */
 static int
-convert_into(struct ctx *c, GMimeStream *in, struct conv *v, struct sink *s)
+convert_into(struct ctx *c, struct decoded *in, struct conv *v, struct sink *s)
 {
-	char *buf = xmalloc(CHUNK);
-	GString *out = g_string_sized_new(CHUNK + CHUNK / 2);
+	char *buf = xmalloc(TEXT_CHUNK);
+	GString *out = g_string_sized_new(TEXT_CHUNK + TEXT_CHUNK / 2);
 	bool final = false;
 	int r = 0;
 
 	while (r == 0 && !final) {
-		ssize_t n = in != NULL ? g_mime_stream_read(in, buf, CHUNK) : 0;
+		ssize_t n = decoded_read(in, buf, TEXT_CHUNK);
 		if (n < 0) {
 			r = errno ? -errno : -EIO;
 			break;
@@ -477,7 +548,7 @@ text_body(struct ctx *c, GMimePart *part, const char *name)
 	struct sink s = {.fd = -1};
 	bool unknown = false;
 	char label[48];
-	GMimeStream *in;
+	struct decoded in;
 	int r;
 
 	util_printable(said, strlen(said), label, sizeof(label));
@@ -486,10 +557,9 @@ text_body(struct ctx *c, GMimePart *part, const char *name)
 	if ((s.fd = openat(c->o->dirfd, name, FILE_FLAGS, FILE_MODE)) < 0) {
 		r = -errno;
 	} else {
-		in = decoded_stream(part);
-		r = convert_into(c, in, &v, &s);
-		if (in != NULL)
-			g_object_unref(in);
+		decoded_open(part, &in);
+		r = convert_into(c, &in, &v, &s);
+		decoded_close(&in);
 		if (r != 0) {
 			close(s.fd);
 			unlinkat(c->o->dirfd, name, 0);
@@ -622,7 +692,7 @@ write_message_part(struct ctx *c, GMimeObject *msg, int fd, const char *name, st
 /* Write one attachment: in (NULL: empty) or, for a message, msg. */
 static void
 save_attachment(struct ctx *c, const char *want, const char *original, const char *ctype,
-		GMimeStream *in, GMimeObject *msg)
+		struct decoded *in, GMimeObject *msg)
 {
 	char name[MIME_NAME_MAX + 1];
 	struct sink s = {.fd = -1};
@@ -769,11 +839,11 @@ leaf(struct ctx *c, GMimePart *part)
 		/* a signature is not content; it stays in message.eml */
 	} else if (c->o->save_attachments) {
 		char want[MIME_NAME_MAX + 1];
-		GMimeStream *in = decoded_stream(part);
+		struct decoded in;
+		bool some = decoded_open(part, &in);
 		mime_safe_name(orig, ctype, (unsigned)c->r->natt + 1, want, sizeof(want));
-		save_attachment(c, want, orig, ctype, in, NULL);
-		if (in != NULL)
-			g_object_unref(in);
+		save_attachment(c, want, orig, ctype, some ? &in : NULL, NULL);
+		decoded_close(&in);
 	}
 	free(orig);
 	free(ctype);
@@ -926,13 +996,12 @@ put_fd(void *arg, const char *buf, size_t n)
 static int
 spool(GMimePart *part, int fd, unsigned long long max)
 {
-	GMimeStream *in = decoded_stream(part);
+	struct decoded in;
 	int r = 0;
 
-	if (in != NULL) {
-		r = drain(in, put_fd, &(struct to_fd){.fd = fd, .max = max});
-		g_object_unref(in);
-	}
+	if (decoded_open(part, &in))
+		r = drain(&in, put_fd, &(struct to_fd){.fd = fd, .max = max});
+	decoded_close(&in);
 	if (r == 0 && lseek(fd, 0, SEEK_SET) < 0)
 		r = -errno;
 	return r;
@@ -1115,17 +1184,37 @@ entity(struct ctx *c, GMimeObject *obj, unsigned layer)
 /*
  * The message for the parser. The parser reads each part's content again
  * through the stream when it is decoded (a seek and a read, each a system
- * call, per piece); a small message is mapped instead, so that reading it is
- * copying. A large one is read: its mapped pages would count in the
- * process's resident memory, which stays flat whatever the message's size.
+ * call, per piece). Bytes still in memory are read there, without a copy.
+ * From the file, a small message is mapped, so that reading it is copying;
+ * a large one is read: its mapped pages would count in the process's
+ * resident memory, which stays flat whatever the message's size.
  */
 #define MMAP_MAX (4 * 1024 * 1024)
 
+static void
+release_array(gpointer a)
+{
+	(void)g_byte_array_free(a, FALSE); /* the bytes are the caller's */
+}
+
 static GMimeStream *
-eml_stream(int fd)
+eml_stream(const struct mime_opts *o, const char *eml_path)
 {
 	struct stat sb;
+	int fd;
 
+	if (o->eml != NULL && o->eml_len <= G_MAXUINT) {
+		/* not the stream's to free: only the array around the bytes is ours */
+		GByteArray *a = g_byte_array_new_take((guint8 *)o->eml, o->eml_len);
+		GMimeStream *m = g_mime_stream_mem_new_with_byte_array(a);
+		g_mime_stream_mem_set_owner(GMIME_STREAM_MEM(m), FALSE);
+		g_object_set_data_full(G_OBJECT(m), "popfetchd-eml", a, release_array);
+		return m;
+	}
+	fd = openat(o->dirfd >= 0 ? o->dirfd : AT_FDCWD, eml_path,
+		    O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return NULL;
 	if (fstat(fd, &sb) == 0 && sb.st_size > 0 && sb.st_size <= MMAP_MAX) {
 		GMimeStream *m = g_mime_stream_mmap_new(fd, PROT_READ, MAP_PRIVATE);
 		if (m != NULL)
@@ -1148,18 +1237,14 @@ mime_extract(const char *eml_path, const struct mime_opts *o, struct mime_result
 	GMimeStream *stream;
 	GMimeParser *parser;
 	GMimeMessage *msg;
-	int fd;
 
 	memset(ret, 0, sizeof(*ret));
 	mime_init();
-	fd = openat(o->dirfd >= 0 ? o->dirfd : AT_FDCWD, eml_path,
-		    O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	if (fd < 0)
+	if ((stream = eml_stream(o, eml_path)) == NULL)
 		return -errno;
 	c.note = g_string_new(NULL);
 	c.taken = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
 	c.next_variant = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
-	stream = eml_stream(fd); /* owns fd */
 	parser = g_mime_parser_new_with_stream(stream);
 	g_mime_parser_set_persist_stream(parser, TRUE);
 	msg = g_mime_parser_construct_message(parser, mime_parser_options());

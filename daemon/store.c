@@ -89,9 +89,13 @@ struct store_msg {
 	int dirfd;
 	dev_t dev; /* the staging folder made, known again at the rename */
 	ino_t ino;
-	int fd;	    /* message.eml */
-	char *wbuf; /* what is not written to it yet: one write per STORE_WBUF */
-	size_t wlen;
+	int fd; /* message.eml */
+	/* what is not written to it yet; while the message is at most
+	 * STORE_KEEP_MAX (kept), all of it, written at once when it ends and
+	 * kept until it is sealed (store_msg_eml) */
+	char *wbuf;
+	size_t wlen, wcap;
+	bool kept;
 	unsigned long long size;
 	/* a record naming the staging folder may be on disk: from then on only
 	 * the rename, or the next store_open once it has settled that record,
@@ -846,6 +850,7 @@ store_msg_begin(struct store *st, const char *uid, time_t received, struct store
 	store_folder_name(st->id, uid, received, name, sizeof(name));
 	m->st = st;
 	m->fd = m->dirfd = -1;
+	m->kept = true;
 	m->uid = xstrdup(uid);
 	m->name = xstrdup(name);
 	m->received = received;
@@ -899,6 +904,12 @@ store_msg_set_content_key(struct store_msg *m, const char *key)
 /* message.eml is written in pieces of this size (the network gives a few
  * KiB at a time: a write each would be several system calls per message). */
 #define STORE_WBUF (64 * 1024)
+/* A message up to this size stays in memory until it is sealed: written in
+ * one piece, and parsed from these bytes instead of the file. Larger ones
+ * are written in STORE_WBUF pieces as they come. */
+#define STORE_KEEP_MAX (4 * 1024 * 1024)
+/* its first buffer: doubled as it grows; most mail fits in a few */
+#define STORE_KEEP_FIRST (16 * 1024)
 
 static int
 flush_eml(struct store_msg *m)
@@ -914,24 +925,72 @@ flush_eml(struct store_msg *m)
 	return 0;
 }
 
+/* Room in wbuf for len more bytes of a kept message; false when the message
+ * would grow beyond STORE_KEEP_MAX. */
+static bool
+keep_room(struct store_msg *m, size_t len)
+{
+	if (len > STORE_KEEP_MAX - m->wlen)
+		return false;
+	if (m->wlen + len > m->wcap) {
+		size_t cap = m->wcap ? m->wcap : STORE_KEEP_FIRST;
+		while (cap < m->wlen + len)
+			cap *= 2;
+		m->wcap = cap < STORE_KEEP_MAX ? cap : STORE_KEEP_MAX;
+		m->wbuf = xrealloc(m->wbuf, m->wcap);
+	}
+	return true;
+}
+
+/* A kept message, written at once; wbuf stays. */
+static int
+write_kept(struct store_msg *m)
+{
+	int r = util_write_all(m->fd, m->wbuf, m->wlen);
+
+	return r < 0 ? seterr(m->st, -r, "cannot write %s", m->eml) : 0;
+}
+
 int
 store_msg_write(struct store_msg *m, const void *buf, size_t len)
 {
 	int r;
 
+	m->size += len;
+	if (m->kept && keep_room(m, len)) {
+		memcpy(m->wbuf + m->wlen, buf, len);
+		m->wlen += len;
+		return 0;
+	}
+	if (m->kept) { /* too large to keep: in pieces from here on */
+		m->kept = false;
+		if ((r = flush_eml(m)) < 0)
+			return r;
+		free(m->wbuf);
+		m->wbuf = NULL;
+		m->wcap = 0;
+	}
 	if (m->wlen + len > STORE_WBUF && (r = flush_eml(m)) < 0)
 		return r;
-	m->size += len;
 	if (len >= STORE_WBUF) {
 		if ((r = util_write_all(m->fd, buf, len)) < 0)
 			return seterr(m->st, -r, "cannot write %s", m->eml);
 		return 0;
 	}
 	if (m->wbuf == NULL)
-		m->wbuf = xmalloc(STORE_WBUF);
+		m->wbuf = xmalloc(m->wcap = STORE_WBUF);
 	memcpy(m->wbuf + m->wlen, buf, len);
 	m->wlen += len;
 	return 0;
+}
+
+const char *
+store_msg_eml(const struct store_msg *m, size_t *ret_len)
+{
+	if (m->fd >= 0 || !m->kept || m->wbuf == NULL)
+		return NULL;
+	*ret_len = m->wlen;
+	return m->wbuf;
 }
 
 const char *
@@ -951,12 +1010,14 @@ store_msg_finish_eml(struct store_msg *m, unsigned long long *ret_size)
 {
 	/* no fsync: the folder is made durable as a whole by store_commit */
 	if (m->fd >= 0) {
-		int r = flush_eml(m);
+		int r = m->kept ? write_kept(m) : flush_eml(m);
 		if (close(m->fd) < 0 && r == 0)
 			r = seterr(m->st, errno, "cannot write %s", m->eml);
 		m->fd = -1;
-		free(m->wbuf);
-		m->wbuf = NULL;
+		if (!m->kept) {
+			free(m->wbuf);
+			m->wbuf = NULL;
+		}
 		if (r < 0)
 			return r;
 	}
@@ -1078,6 +1139,8 @@ store_msg_seal(struct store_msg *m, bool keep_eml)
 	}
 	close(m->dirfd);
 	m->dirfd = -1;
+	free(m->wbuf);
+	m->wbuf = NULL;
 	if (st->nbatch == st->capbatch) {
 		st->capbatch = st->capbatch ? 2 * st->capbatch : 16;
 		st->batch = xrealloc(st->batch, st->capbatch * sizeof(*st->batch));

@@ -6,6 +6,7 @@
 #define POPFETCHD_MIME_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* The header block read is bounded: a stranger controls its size. */
 #define MIME_HEADER_MAX (256 * 1024)
@@ -38,5 +39,11 @@ char *mime_decoded_field(struct _GMimeObject *obj, const char *name);
 /* A raw header value (folded, RFC 2047 encoded words, any charset) as
  * UTF-8; NULL when it is empty. Never fails on bad input: best effort. */
 char *mime_decode_header(const char *raw);
+
+/* Base64 decoded exactly as GMime's g_mime_encoding_base64_decode_step
+ * decodes it, state and save included (both 0 to begin; out holds len + 3),
+ * faster. Returns the bytes written to out. */
+size_t mime_base64_decode_step(const unsigned char *in, size_t len, unsigned char *out, int *state,
+			       uint32_t *save);
 
 #endif

@@ -47,10 +47,14 @@ struct mime_opts {
 	 * the same parse (as mime_parse_headers gives them; all NULL when it is
 	 * not a MIME message) */
 	struct mime_headers *headers;
+	/* when not NULL: the message's bytes (eml_len of them), parsed instead
+	 * of reading eml_path back; they must stay until mime_extract returns */
+	const char *eml;
+	size_t eml_len;
 };
 
 /*
- * Parse the message in eml_path (a relative path is relative to o->dirfd:
+ * Parse the message in eml_path, or in o->eml when given (a relative path is relative to o->dirfd:
  * "message.eml" of the staged folder, wherever that folder is by now) and
  * write, inside o->dirfd, text.txt (the first text/plain body,
  * transfer-decoded, converted to UTF-8 best effort) and text.html (the

@@ -62,6 +62,10 @@ int store_msg_write(struct store_msg *m, const void *buf, size_t len);
 /* The staged message.eml's path, for messages (the folder is used through
  * store_msg_dirfd), complete after store_msg_finish_eml. */
 const char *store_msg_eml_path(const struct store_msg *m);
+/* After store_msg_finish_eml and until store_msg_seal: the bytes of
+ * message.eml, still in memory (*ret_len of them), or NULL when the message
+ * was too large to keep (read the file instead). */
+const char *store_msg_eml(const struct store_msg *m, size_t *ret_len);
 /* The staged folder, for files made inside it with openat (mime_extract). */
 int store_msg_dirfd(const struct store_msg *m);
 /* Close message.eml; returns its size in *ret_size. Nothing is fsync'd

@@ -1,5 +1,7 @@
 /* Unit tests: RFC 2047 decoding of header values and the header fields. */
 #include <glib.h>
+#include <gmime/gmime.h>
+#include <stdbool.h>
 #include <time.h>
 
 #include "check.h"
@@ -141,6 +143,82 @@ fields(void)
 	mime_headers_clear(&h);
 }
 
+/* in decoded by mime_base64_decode_step and by GMime, both in pieces of
+ * at most step bytes: the same bytes, the same state after every piece. */
+static void
+same_base64(const unsigned char *in, size_t len, size_t step)
+{
+	unsigned char *a = g_malloc(len + 3), *b = g_malloc(len + 3);
+	size_t na = 0, nb = 0;
+	int sa = 0, sb = 0;
+	uint32_t va = 0;
+	guint32 vb = 0;
+	bool same = true;
+
+	for (size_t i = 0; i < len || i == 0; i += step) {
+		size_t k = len - i < step ? len - i : step;
+		na += mime_base64_decode_step(in + i, k, a + na, &sa, &va);
+		nb += g_mime_encoding_base64_decode_step(in + i, k, b + nb, &sb, &vb);
+		same = same && sa == sb && va == vb && na == nb;
+		if (len == 0)
+			break;
+	}
+	CHECK(same && na == nb && memcmp(a, b, na) == 0);
+	g_free(a);
+	g_free(b);
+}
+
+static void
+base64(void)
+{
+	static const char *const odd[] = {
+		"",
+		"aGVsbG8gd29ybGQ=",		    /* one '=' */
+		"aGVsbG8gd29ybA==",		    /* two */
+		"aGVsbG8gd29y",			    /* none needed */
+		"aGVsbG8gd29ybA",		    /* padding missing */
+		"aGVsbG8gd29yb",		    /* a lone sextet at the end */
+		"aGVs\r\nbG8g\r\nd29y\r\nbA==\r\n", /* line breaks */
+		"aGVsbG8=IGFmdGVy",		    /* data after the end */
+		"aGVsbG8===",			    /* too many '=' */
+		"=aGVs",			    /* '=' first */
+		"a=GVs",			    /* '=' after one sextet */
+		"aG=Vs",
+		"aGV=s",
+		"aG Vs\tbG*8g!d2~9y-bA_=.=", /* garbage among the alphabet */
+		"\x80\xff-aGVs\xc3\xa9-bG8", /* bytes beyond ASCII */
+		"////++++AAAAzzzz",
+	};
+	GRand *rnd = g_rand_new_with_seed(19);
+
+	mime_init();
+	for (size_t i = 0; i < sizeof(odd) / sizeof(odd[0]); i++) {
+		const unsigned char *in = (const unsigned char *)odd[i];
+		for (size_t step = 1; step <= 8; step++)
+			same_base64(in, strlen(odd[i]), step);
+		same_base64(in, strlen(odd[i]), 4096);
+	}
+	same_base64((const unsigned char *)"aGVs\0bG8=", 9, 3); /* a NUL */
+	/* random text: mostly the alphabet, with line breaks, stray bytes and
+	 * '=' now and then, cut in random pieces */
+	for (int t = 0; t < 2000; t++) {
+		static const char alpha[] =
+			"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+		size_t len = (size_t)g_rand_int_range(rnd, 0, 400);
+		unsigned char *in = g_malloc(len + 1);
+		for (size_t j = 0; j < len; j++) {
+			int k = g_rand_int_range(rnd, 0, 100);
+			in[j] = k < 90	 ? (unsigned char)alpha[g_rand_int_range(rnd, 0, 64)]
+				: k < 95 ? (unsigned char)"\r\n"[k % 2]
+				: k < 98 ? (unsigned char)g_rand_int_range(rnd, 0, 256)
+					 : '=';
+		}
+		same_base64(in, len, (size_t)g_rand_int_range(rnd, 1, 80));
+		g_free(in);
+	}
+	g_rand_free(rnd);
+}
+
 int
 main(void)
 {
@@ -148,5 +226,6 @@ main(void)
 	words();
 	hostile_values();
 	fields();
+	base64();
 	CHECK_DONE();
 }

@@ -121,6 +121,9 @@ cleanup(void)
 }
 
 static double last_cpu; /* of the last mime_extract */
+/* the message is given to mime_extract in memory too (o->eml), as a
+ * received message is: everything must come out the same */
+static bool from_memory;
 
 static double
 cpu_seconds(void)
@@ -153,12 +156,17 @@ extract_opts(const char *msg, struct mime_opts *o)
 	f = fopen(path, "wb");
 	fwrite(crlf->str, 1, crlf->len, f);
 	fclose(f);
-	g_string_free(crlf, TRUE);
 	dirfd_ = open(tmpdir, O_RDONLY | O_DIRECTORY);
 	o->dirfd = dirfd_;
+	if (from_memory) {
+		o->eml = crlf->str;
+		o->eml_len = crlf->len;
+	}
 	double t0 = cpu_seconds();
 	r = mime_extract(path, o, &res);
 	last_cpu = cpu_seconds() - t0;
+	o->eml = NULL;
+	g_string_free(crlf, TRUE);
 	return r;
 }
 
@@ -638,14 +646,16 @@ int
 main(void)
 {
 	names();
-	plain();
-	alternative();
-	mixed();
-	empty_parts();
-	nested();
-	charsets();
-	limits();
-	hostile();
+	for (int i = 0; i < 2; i++, from_memory = true) {
+		plain();
+		alternative();
+		mixed();
+		empty_parts();
+		nested();
+		charsets();
+		limits();
+		hostile();
+	}
 	relative_to_dirfd();
 	hostile_sizes();
 	cleanup();

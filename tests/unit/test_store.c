@@ -728,6 +728,66 @@ longest_key(void)
 	store_close(st);
 }
 
+/* Sum of the bytes of a file, and its size in *size (-1 when unreadable). */
+static unsigned long long
+file_sum(const char *path, long long *size)
+{
+	FILE *f = fopen(path, "rb");
+	unsigned long long sum = 0;
+	int ch;
+
+	*size = -1;
+	if (f == NULL)
+		return 0;
+	for (*size = 0; (ch = getc(f)) != EOF; (*size)++)
+		sum = sum * 31 + (unsigned)ch;
+	fclose(f);
+	return sum;
+}
+
+/* One message of n bytes, written in pieces of 1000: its bytes are in
+ * memory after finish_eml when keep (the same as the file's), otherwise
+ * only in the file. */
+static void
+kept_or_written(size_t n, bool keep)
+{
+	struct store *st = open_store("keep.example", "kim");
+	struct store_msg *m;
+	char piece[1000], *folder = NULL, path[512];
+	unsigned long long want = 0, size = 0;
+	long long fsize;
+	const char *mem;
+	size_t len = 0;
+
+	CHECK(st != NULL);
+	if (st == NULL)
+		return;
+	CHECK(store_msg_begin(st, keep ? "K1" : "K2", 1795688102, &m) == 0);
+	for (size_t i = 0; i < n; i += sizeof(piece)) {
+		size_t k = n - i < sizeof(piece) ? n - i : sizeof(piece);
+		for (size_t j = 0; j < k; j++) {
+			piece[j] = (char)('a' + (i + j) % 23);
+			want = want * 31 + (unsigned char)piece[j];
+		}
+		CHECK(store_msg_write(m, piece, k) == 0);
+	}
+	CHECK(store_msg_eml(m, &len) == NULL); /* not before message.eml is complete */
+	CHECK(store_msg_finish_eml(m, &size) == 0 && size == n);
+	mem = store_msg_eml(m, &len);
+	CHECK(keep ? mem != NULL && len == n : mem == NULL);
+	if (mem != NULL) {
+		unsigned long long sum = 0;
+		for (size_t i = 0; i < len; i++)
+			sum = sum * 31 + (unsigned char)mem[i];
+		CHECK(sum == want);
+	}
+	CHECK(commit_one(st, m, true, &folder) == 0 && folder != NULL);
+	snprintf(path, sizeof(path), "%s/message.eml", folder ? folder : "");
+	CHECK(file_sum(path, &fsize) == want && fsize == (long long)n);
+	free(folder);
+	store_close(st);
+}
+
 int
 main(void)
 {
@@ -747,6 +807,9 @@ main(void)
 	batches();
 	batch_synced_per_file();
 	longest_key();
+	kept_or_written(70 * 1000, true);	     /* beyond the first buffer */
+	kept_or_written(4 * 1024 * 1024, true);	     /* the largest kept */
+	kept_or_written(4 * 1024 * 1024 + 1, false); /* one byte more: in pieces */
 	char cmd[600];
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", root);
 	if (system(cmd) != 0)
