@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include <event2/event.h>
+#include <glib.h>
 
 #include "popfetchd/config.h"
 #include "popfetchd/fetch.h"
@@ -75,6 +76,7 @@ struct scheduler {
 	struct oauth2_client *oauth;
 	struct setref *current;
 	struct jobs jobs, queue;
+	GHashTable *by_id; /* id -> its job, the removed ones left out */
 	size_t nrunning, nqueued, max_sessions;
 	unsigned long long saved;
 	char last_error[400];
@@ -238,7 +240,20 @@ cancel_token(struct job *j)
 	j->token_cfg = NULL;
 }
 
-static struct job *find(struct scheduler *s, const char *id);
+static struct job *
+find(struct scheduler *s, const char *id)
+{
+	return g_hash_table_lookup(s->by_id, id);
+}
+
+/* Its id is free for a job of a later set; it goes when its poll ends. */
+static void
+mark_removed(struct job *j)
+{
+	if (!j->removed && find(j->s, j->id) == j)
+		g_hash_table_remove(j->s->by_id, j->id);
+	j->removed = true;
+}
 
 static void
 job_free(struct job *j)
@@ -248,6 +263,8 @@ job_free(struct job *j)
 	/* a reload may have brought the id back while this one finished */
 	if (same == NULL || same == j)
 		metrics_config_remove(j->s->metrics, j->id);
+	if (same == j)
+		g_hash_table_remove(j->s->by_id, j->id);
 	cancel_token(j);
 	dequeue(j);
 	TAILQ_REMOVE(&j->s->jobs, j, all);
@@ -511,17 +528,6 @@ on_fetch_done(struct fetch *f, void *arg)
 	}
 }
 
-static struct job *
-find(struct scheduler *s, const char *id)
-{
-	struct job *j;
-
-	TAILQ_FOREACH(j, &s->jobs, all)
-		if (!j->removed && strcmp(j->id, id) == 0)
-			return j;
-	return NULL;
-}
-
 static void
 add_job(struct scheduler *s, struct cfg *c)
 {
@@ -535,6 +541,7 @@ add_job(struct scheduler *s, struct cfg *c)
 	if (j->timer == NULL)
 		abort();
 	TAILQ_INSERT_TAIL(&s->jobs, j, all);
+	g_hash_table_insert(s->by_id, j->id, j);
 	metrics_config_add(s->metrics, j->id);
 	if (c->broken != NULL)
 		setup_failed(j);
@@ -585,7 +592,7 @@ apply(struct scheduler *s, struct conf_set *set)
 		evtimer_del(j->timer);
 		dequeue(j);
 		if (j->fetch != NULL)
-			j->removed = true;
+			mark_removed(j);
 		else
 			job_free(j);
 	}
@@ -616,6 +623,7 @@ scheduler_new(struct event_base *base, struct evdns_base *dns, struct conf_set *
 		abort();
 	TAILQ_INIT(&s->jobs);
 	TAILQ_INIT(&s->queue);
+	s->by_id = g_hash_table_new(g_str_hash, g_str_equal);
 	apply(s, set);
 	return s;
 }
@@ -746,6 +754,7 @@ scheduler_free(struct scheduler *s)
 		job_free(j);
 	}
 	setref_unref(s->current);
+	g_hash_table_destroy(s->by_id);
 	event_free(s->grace);
 	oauth2_client_free(s->oauth);
 	free(s);
