@@ -77,6 +77,9 @@ struct scheduler {
 	struct setref *current;
 	struct jobs jobs, queue;
 	GHashTable *by_id; /* id -> its job, the removed ones left out */
+	/* the jobs not removed, and of them the broken and the failing ones:
+	 * kept as they change (tally), not counted at each STATUS= */
+	size_t nconfigs, nbroken, nfailing;
 	size_t nrunning, nqueued, max_sessions;
 	unsigned long long saved;
 	char last_error[400];
@@ -91,6 +94,22 @@ struct scheduler {
 };
 
 static void pump(struct scheduler *s);
+
+/* j's share of the counts, taken away (-1) before a change to its cfg,
+ * failures or removal, and given back (+1) after. */
+static void
+tally(struct job *j, int sign)
+{
+	struct scheduler *s = j->s;
+
+	if (j->removed)
+		return;
+	s->nconfigs += (size_t)sign;
+	if (j->cfg->broken != NULL)
+		s->nbroken += (size_t)sign;
+	else if (j->failures > 0)
+		s->nfailing += (size_t)sign;
+}
 static void on_grace(evutil_socket_t fd, short what, void *arg);
 
 /* ---- jobs: lookup and timing ---- */
@@ -185,6 +204,23 @@ cfg_unref(struct cfg *c)
 
 /* ---- jobs ---- */
 
+static void
+set_cfg(struct job *j, struct cfg *c)
+{
+	tally(j, -1);
+	cfg_unref(j->cfg);
+	j->cfg = c;
+	tally(j, +1);
+}
+
+static void
+set_failures(struct job *j, unsigned failures)
+{
+	tally(j, -1);
+	j->failures = failures;
+	tally(j, +1);
+}
+
 /* Seconds to the next try after another consecutive failure: the poll
  * interval doubled per failure, up to an hour (or the interval), with
  * jitter so that failing configurations do not retry in step. */
@@ -193,7 +229,7 @@ failure_delay(struct job *j)
 {
 	double interval = (double)j->cfg->mb->poll_interval, cap, d;
 
-	j->failures++;
+	set_failures(j, j->failures + 1);
 	cap = interval > SCHED_MAX_BACKOFF ? interval : SCHED_MAX_BACKOFF;
 	d = interval;
 	for (unsigned i = 0; i < j->failures && d < cap; i++)
@@ -210,7 +246,7 @@ next_delay(struct job *j, const struct fetch_result *r)
 	double d;
 
 	if (r->exit_code == 0) {
-		j->failures = 0;
+		set_failures(j, 0);
 		return (double)j->cfg->mb->poll_interval;
 	}
 	d = failure_delay(j);
@@ -252,6 +288,7 @@ mark_removed(struct job *j)
 {
 	if (!j->removed && find(j->s, j->id) == j)
 		g_hash_table_remove(j->s->by_id, j->id);
+	tally(j, -1);
 	j->removed = true;
 }
 
@@ -265,6 +302,7 @@ job_free(struct job *j)
 		metrics_config_remove(j->s->metrics, j->id);
 	if (same == j)
 		g_hash_table_remove(j->s->by_id, j->id);
+	tally(j, -1);
 	cancel_token(j);
 	dequeue(j);
 	TAILQ_REMOVE(&j->s->jobs, j, all);
@@ -334,8 +372,7 @@ retry_setup(struct job *j)
 {
 	struct cfg *c = cfg_new(j->s, j->cfg->sr, j->cfg->mb, NULL);
 
-	cfg_unref(j->cfg);
-	j->cfg = c;
+	set_cfg(j, c);
 	if (c->broken != NULL) {
 		setup_failed(j);
 		return false;
@@ -542,6 +579,7 @@ add_job(struct scheduler *s, struct cfg *c)
 		abort();
 	TAILQ_INSERT_TAIL(&s->jobs, j, all);
 	g_hash_table_insert(s->by_id, j->id, j);
+	tally(j, +1);
 	metrics_config_add(s->metrics, j->id);
 	if (c->broken != NULL)
 		setup_failed(j);
@@ -573,8 +611,7 @@ apply(struct scheduler *s, struct conf_set *set)
 		/* takes effect at its next poll; a running one keeps its own */
 		struct cfg *c = cfg_new(s, sr, mb, j->cfg);
 		bool was_broken = j->cfg->broken != NULL;
-		cfg_unref(j->cfg);
-		j->cfg = c;
+		set_cfg(j, c);
 		j->seen = true;
 		if (c->broken != NULL) {
 			setup_failed(j);
@@ -721,18 +758,10 @@ scheduler_stop(struct scheduler *s, unsigned grace, void (*done)(void *arg), voi
 void
 scheduler_stats(const struct scheduler *s, struct sched_stats *st)
 {
-	const struct job *j;
-
 	memset(st, 0, sizeof(*st));
-	TAILQ_FOREACH(j, &s->jobs, all) {
-		if (j->removed)
-			continue;
-		st->configurations++;
-		if (j->cfg->broken != NULL)
-			st->broken++;
-		else if (j->failures > 0)
-			st->failing++;
-	}
+	st->configurations = s->nconfigs;
+	st->broken = s->nbroken;
+	st->failing = s->nfailing;
 	st->running = s->nrunning;
 	st->queued = s->nqueued;
 	st->saved = s->saved;
