@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -94,14 +95,33 @@ print_json(json_t *o)
 	free(s);
 }
 
-/* Load the configuration; on errors print them all and return NULL. */
+/* conf_load, then (sessions) whether max_sessions sessions fit the
+ * descriptor limit: one more error when they do not. */
+static int
+load_set(const char *dir, bool sessions, struct conf_set **ret, struct conf_errors *errs)
+{
+	char why[600];
+
+	if (conf_load(dir, ret, errs) < 0)
+		return -1;
+	if (!sessions || runtime_check_fd_limit(*ret, why, sizeof(why)) == 0)
+		return 0;
+	conf_set_free(*ret);
+	*ret = NULL;
+	errs->lines = xrealloc(errs->lines, (errs->n + 1) * sizeof(*errs->lines));
+	errs->lines[errs->n++] = xstrdup(why);
+	return -1;
+}
+
+/* Load the configuration (sessions: for as many sessions at once as
+ * max_sessions); on errors print them all and return NULL. */
 static struct conf_set *
-load(const struct options *o, json_t **ret_errors)
+load(const struct options *o, bool sessions, json_t **ret_errors)
 {
 	struct conf_errors errs = {0};
 	struct conf_set *set = NULL;
 
-	if (conf_load(o->confdir, &set, &errs) < 0) {
+	if (load_set(o->confdir, sessions, &set, &errs) < 0) {
 		json_t *a = json_array();
 		for (size_t i = 0; i < errs.n; i++) {
 			fprintf(stderr, "%s\n", errs.lines[i]);
@@ -143,7 +163,7 @@ static int
 cmd_check(const struct options *o)
 {
 	json_t *errors = NULL, *out;
-	struct conf_set *set = load(o, &errors);
+	struct conf_set *set = load(o, true, &errors);
 
 	if (set == NULL) {
 		if (o->json) {
@@ -287,7 +307,7 @@ do_reload(evutil_socket_t fd, short what, void *arg)
 		return;
 	notify_reloading();
 	log_info(NULL, "reloading %s", d->o->confdir);
-	if (conf_load(d->o->confdir, &set, &errs) < 0) {
+	if (load_set(d->o->confdir, true, &set, &errs) < 0) {
 		for (size_t i = 0; i < errs.n; i++)
 			log_error(NULL, "%s", errs.lines[i]);
 		log_error(NULL,
@@ -303,6 +323,8 @@ do_reload(evutil_socket_t fd, short what, void *arg)
 		d->stop_timeout = set->stop_timeout;
 		apply_metrics(d, set);
 		scheduler_swap(d->sched, set);
+		/* the previous set's memory back to the system, not kept as holes */
+		malloc_trim(0);
 	}
 	conf_errors_clear(&errs);
 	d->status[0] = '\0';
@@ -359,7 +381,7 @@ static int
 cmd_run(const struct options *o)
 {
 	struct daemon d = {.o = o};
-	struct conf_set *set = load(o, NULL);
+	struct conf_set *set = load(o, true, NULL);
 	struct evdns_base *dns;
 	uint64_t wd;
 	char why[512];
@@ -435,7 +457,7 @@ static int
 cmd_receive(const struct options *o, enum fetch_mode mode)
 {
 	json_t *errors = NULL;
-	struct conf_set *set = load(o, &errors);
+	struct conf_set *set = load(o, mode == FETCH_ALL, &errors);
 	int code = oneshot_run(set, errors,
 			       &(struct oneshot_options){.ids = o->ids,
 							 .n_ids = o->n_ids,
@@ -625,6 +647,7 @@ setup_process(const struct options *o)
 	else if (o->verbosity < 0)
 		log_set_level(LOG_LVL_WARNING);
 	no_core_dumps();
+	runtime_raise_fd_limit();
 	event_set_log_callback(libevent_log);
 	signal(SIGPIPE, SIG_IGN);
 	mime_init();

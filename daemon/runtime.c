@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -262,5 +263,49 @@ runtime_state_owner(const char *dir, char *why, size_t whylen)
 			 "(setpriv --reuid=%lu ...); as root, popfetchd would leave files there "
 			 "that it cannot replace",
 			 dir, (unsigned long)sb.st_uid, (unsigned long)sb.st_uid);
+	return -1;
+}
+
+void
+runtime_raise_fd_limit(void)
+{
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+			log_debug(NULL, "cannot raise RLIMIT_NOFILE to %llu: %s",
+				  (unsigned long long)rl.rlim_max, strerror(errno));
+	}
+}
+
+int
+runtime_check_fd_limit(const struct conf_set *set, char *why, size_t whylen)
+{
+	struct rlimit rl;
+	unsigned long long need, fit;
+	char todo[80];
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur == RLIM_INFINITY)
+		return 0;
+	need = (unsigned long long)set->max_sessions * RUNTIME_FDS_PER_SESSION +
+	       RUNTIME_FDS_RESERVED;
+	if (need <= rl.rlim_cur)
+		return 0;
+	fit = rl.rlim_cur > RUNTIME_FDS_RESERVED
+		      ? (rl.rlim_cur - RUNTIME_FDS_RESERVED) / RUNTIME_FDS_PER_SESSION
+		      : 0;
+	if (fit > 0)
+		snprintf(todo, sizeof(todo), "set max_sessions to at most %llu, or raise the limit",
+			 fit);
+	else
+		snprintf(todo, sizeof(todo), "raise the limit");
+	snprintf(why, whylen,
+		 "%s/popfetchd.yaml: max_sessions: %u session(s) at once need up to %llu open "
+		 "files (%d each, %d for the process), but this process may open only %llu "
+		 "(RLIMIT_NOFILE); %s: LimitNOFILE= under systemd (systemctl edit popfetchd), "
+		 "ulimit -n in a shell",
+		 set->dir, set->max_sessions, need, RUNTIME_FDS_PER_SESSION, RUNTIME_FDS_RESERVED,
+		 (unsigned long long)rl.rlim_cur, todo);
 	return -1;
 }

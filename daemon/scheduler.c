@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include <event2/event.h>
+#include <glib.h>
 
 #include "popfetchd/config.h"
 #include "popfetchd/fetch.h"
@@ -75,6 +76,10 @@ struct scheduler {
 	struct oauth2_client *oauth;
 	struct setref *current;
 	struct jobs jobs, queue;
+	GHashTable *by_id; /* id -> its job, the removed ones left out */
+	/* the jobs not removed, and of them the broken and the failing ones:
+	 * kept as they change (tally), not counted at each STATUS= */
+	size_t nconfigs, nbroken, nfailing;
 	size_t nrunning, nqueued, max_sessions;
 	unsigned long long saved;
 	char last_error[400];
@@ -89,6 +94,22 @@ struct scheduler {
 };
 
 static void pump(struct scheduler *s);
+
+/* j's share of the counts, taken away (-1) before a change to its cfg,
+ * failures or removal, and given back (+1) after. */
+static void
+tally(struct job *j, int sign)
+{
+	struct scheduler *s = j->s;
+
+	if (j->removed)
+		return;
+	s->nconfigs += (size_t)sign;
+	if (j->cfg->broken != NULL)
+		s->nbroken += (size_t)sign;
+	else if (j->failures > 0)
+		s->nfailing += (size_t)sign;
+}
 static void on_grace(evutil_socket_t fd, short what, void *arg);
 
 /* ---- jobs: lookup and timing ---- */
@@ -183,6 +204,23 @@ cfg_unref(struct cfg *c)
 
 /* ---- jobs ---- */
 
+static void
+set_cfg(struct job *j, struct cfg *c)
+{
+	tally(j, -1);
+	cfg_unref(j->cfg);
+	j->cfg = c;
+	tally(j, +1);
+}
+
+static void
+set_failures(struct job *j, unsigned failures)
+{
+	tally(j, -1);
+	j->failures = failures;
+	tally(j, +1);
+}
+
 /* Seconds to the next try after another consecutive failure: the poll
  * interval doubled per failure, up to an hour (or the interval), with
  * jitter so that failing configurations do not retry in step. */
@@ -191,7 +229,7 @@ failure_delay(struct job *j)
 {
 	double interval = (double)j->cfg->mb->poll_interval, cap, d;
 
-	j->failures++;
+	set_failures(j, j->failures + 1);
 	cap = interval > SCHED_MAX_BACKOFF ? interval : SCHED_MAX_BACKOFF;
 	d = interval;
 	for (unsigned i = 0; i < j->failures && d < cap; i++)
@@ -208,7 +246,7 @@ next_delay(struct job *j, const struct fetch_result *r)
 	double d;
 
 	if (r->exit_code == 0) {
-		j->failures = 0;
+		set_failures(j, 0);
 		return (double)j->cfg->mb->poll_interval;
 	}
 	d = failure_delay(j);
@@ -238,7 +276,21 @@ cancel_token(struct job *j)
 	j->token_cfg = NULL;
 }
 
-static struct job *find(struct scheduler *s, const char *id);
+static struct job *
+find(struct scheduler *s, const char *id)
+{
+	return g_hash_table_lookup(s->by_id, id);
+}
+
+/* Its id is free for a job of a later set; it goes when its poll ends. */
+static void
+mark_removed(struct job *j)
+{
+	if (!j->removed && find(j->s, j->id) == j)
+		g_hash_table_remove(j->s->by_id, j->id);
+	tally(j, -1);
+	j->removed = true;
+}
 
 static void
 job_free(struct job *j)
@@ -248,6 +300,9 @@ job_free(struct job *j)
 	/* a reload may have brought the id back while this one finished */
 	if (same == NULL || same == j)
 		metrics_config_remove(j->s->metrics, j->id);
+	if (same == j)
+		g_hash_table_remove(j->s->by_id, j->id);
+	tally(j, -1);
 	cancel_token(j);
 	dequeue(j);
 	TAILQ_REMOVE(&j->s->jobs, j, all);
@@ -317,8 +372,7 @@ retry_setup(struct job *j)
 {
 	struct cfg *c = cfg_new(j->s, j->cfg->sr, j->cfg->mb, NULL);
 
-	cfg_unref(j->cfg);
-	j->cfg = c;
+	set_cfg(j, c);
 	if (c->broken != NULL) {
 		setup_failed(j);
 		return false;
@@ -511,17 +565,6 @@ on_fetch_done(struct fetch *f, void *arg)
 	}
 }
 
-static struct job *
-find(struct scheduler *s, const char *id)
-{
-	struct job *j;
-
-	TAILQ_FOREACH(j, &s->jobs, all)
-		if (!j->removed && strcmp(j->id, id) == 0)
-			return j;
-	return NULL;
-}
-
 static void
 add_job(struct scheduler *s, struct cfg *c)
 {
@@ -535,6 +578,8 @@ add_job(struct scheduler *s, struct cfg *c)
 	if (j->timer == NULL)
 		abort();
 	TAILQ_INSERT_TAIL(&s->jobs, j, all);
+	g_hash_table_insert(s->by_id, j->id, j);
+	tally(j, +1);
 	metrics_config_add(s->metrics, j->id);
 	if (c->broken != NULL)
 		setup_failed(j);
@@ -566,8 +611,7 @@ apply(struct scheduler *s, struct conf_set *set)
 		/* takes effect at its next poll; a running one keeps its own */
 		struct cfg *c = cfg_new(s, sr, mb, j->cfg);
 		bool was_broken = j->cfg->broken != NULL;
-		cfg_unref(j->cfg);
-		j->cfg = c;
+		set_cfg(j, c);
 		j->seen = true;
 		if (c->broken != NULL) {
 			setup_failed(j);
@@ -585,7 +629,7 @@ apply(struct scheduler *s, struct conf_set *set)
 		evtimer_del(j->timer);
 		dequeue(j);
 		if (j->fetch != NULL)
-			j->removed = true;
+			mark_removed(j);
 		else
 			job_free(j);
 	}
@@ -616,6 +660,7 @@ scheduler_new(struct event_base *base, struct evdns_base *dns, struct conf_set *
 		abort();
 	TAILQ_INIT(&s->jobs);
 	TAILQ_INIT(&s->queue);
+	s->by_id = g_hash_table_new(g_str_hash, g_str_equal);
 	apply(s, set);
 	return s;
 }
@@ -713,18 +758,10 @@ scheduler_stop(struct scheduler *s, unsigned grace, void (*done)(void *arg), voi
 void
 scheduler_stats(const struct scheduler *s, struct sched_stats *st)
 {
-	const struct job *j;
-
 	memset(st, 0, sizeof(*st));
-	TAILQ_FOREACH(j, &s->jobs, all) {
-		if (j->removed)
-			continue;
-		st->configurations++;
-		if (j->cfg->broken != NULL)
-			st->broken++;
-		else if (j->failures > 0)
-			st->failing++;
-	}
+	st->configurations = s->nconfigs;
+	st->broken = s->nbroken;
+	st->failing = s->nfailing;
 	st->running = s->nrunning;
 	st->queued = s->nqueued;
 	st->saved = s->saved;
@@ -746,6 +783,7 @@ scheduler_free(struct scheduler *s)
 		job_free(j);
 	}
 	setref_unref(s->current);
+	g_hash_table_destroy(s->by_id);
 	event_free(s->grace);
 	oauth2_client_free(s->oauth);
 	free(s);

@@ -74,6 +74,24 @@ void runtime_warn_tls(const struct conf_mailbox *mb);
 void runtime_warn_login(const struct conf_mailbox *mb, const char *mechanism);
 
 /*
+ * File descriptors. A POP3 session holds at most RUNTIME_FDS_PER_SESSION at
+ * once: its socket; the store's lock, UIDL state, save_directory, staging
+ * parent and staging directories; the message in hand's folder and
+ * message.eml; a file being extracted and message.eml read back for the MIME
+ * parse; and room for a message handed to a worker while the next one
+ * arrives. The process keeps RUNTIME_FDS_RESERVED beside its sessions: stdio,
+ * the event loop, signals, DNS, sd_notify, the daemon's lock, /metrics and
+ * its scrapes, token requests, status.json writes.
+ */
+#define RUNTIME_FDS_PER_SESSION 12
+#define RUNTIME_FDS_RESERVED	64
+/* The soft RLIMIT_NOFILE raised to the hard one (nothing here uses select). */
+void runtime_raise_fd_limit(void);
+/* Do set's max_sessions sessions fit the descriptor limit? 0, or -1 with why:
+ * the file and key, what they need, what the limit is and what to do. */
+int runtime_check_fd_limit(const struct conf_set *set, char *why, size_t whylen);
+
+/*
  * Root beside another user's state: a command run as root must not leave
  * files owned by root in a state directory that a daemon reads as its own
  * user (it could not replace them). -1 with why when the process runs as

@@ -3,6 +3,7 @@ fake servers, the sd_notify conversation with systemd (a NOTIFY_SOCKET the
 test owns), reload on SIGHUP, and the graceful stop on SIGTERM."""
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -200,6 +201,41 @@ def test_broken_file_on_reload_keeps_the_old_set(fake_pop3, fake_config, confdir
     d.signal(signal.SIGHUP)
     d.wait_ready(3)
     assert "reload refused" not in d.notify.fields("READY")[-1]["STATUS"]
+    assert d.stop() == EX_OK
+
+
+def test_status_counts_follow_reloads(fake_pop3, fake_config, confdir, daemon, tmp_path):
+    """STATUS= counts the configurations, the failing and the broken ones as
+    reloads remove them, bring them back and mend them (the scheduler keeps
+    the counts as jobs change instead of counting 10 000 jobs each time)."""
+    ok = fake_pop3()
+    down = fake_pop3()
+    down.stop()  # nothing listens there: every poll fails
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    good = fake_config(ok, id="good", poll_interval="1s")
+    failing = fake_config(down, id="failing", poll_interval="1s")
+    broken = fake_config(ok, id="broken", save_directory=str(blocker / "save"))
+    cd = confdir(good, failing, broken)
+    d = daemon(cd)
+    d.wait_ready()
+    counts = lambda: re.search(r"(\d+) configuration\(s\).* (\d+) failing, (\d+) broken",
+                               d.notify.status() or "").groups()
+    wait_for(lambda: counts() == ("3", "1", "1"), 15, f"3, 1 failing, 1 broken\n{d.output}")
+    for name in ("failing", "broken"):
+        os.unlink(cd.files[name])
+    d.signal(signal.SIGHUP)
+    d.wait_ready(2)
+    assert counts() == ("1", "0", "0"), d.notify.status()
+    cd.add(failing)
+    cd.add({**broken, "save_directory": str(tmp_path / "mended")})
+    d.signal(signal.SIGHUP)
+    d.wait_ready(3)
+    wait_for(lambda: counts() == ("3", "1", "0"), 15, f"3, 1 failing, 0 broken\n{d.output}")
+    cd.add({**failing, "port": ok.port})
+    d.signal(signal.SIGHUP)
+    d.wait_ready(4)
+    wait_for(lambda: counts() == ("3", "0", "0"), 15, f"3, 0 failing\n{d.output}")
     assert d.stop() == EX_OK
 
 

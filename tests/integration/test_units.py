@@ -311,6 +311,21 @@ def test_once_service_is_the_daemon_run_once(unitdir):
     assert setting(timer, "OnUnitInactiveSec"), "no run overlaps the next"
 
 
+@pytest.mark.parametrize("name", UNITS + ONCE[:1])
+def test_unit_opens_enough_files_for_the_most_sessions(unitdir, name):
+    """The unit's LimitNOFILE= fits the largest max_sessions (10000) by the
+    daemon's own count (runtime.h; test_fd_limit shows the count at work): the
+    limit never refuses a valid configuration. (A hard limit above this
+    machine's cannot be set here to run `check` under it.)"""
+    header = (ROOT / "include" / "popfetchd" / "runtime.h").read_text()
+    per = int(re.search(r"#define RUNTIME_FDS_PER_SESSION\s+(\d+)", header).group(1))
+    reserved = int(re.search(r"#define RUNTIME_FDS_RESERVED\s+(\d+)", header).group(1))
+    most = int(re.search(r"sessions_num = \{parse_uint, 1, (\d+),",
+                         (ROOT / "daemon" / "config.c").read_text()).group(1))
+    assert most == 10000
+    assert int(setting(unitdir / name, "LimitNOFILE")) >= most * per + reserved
+
+
 # --------------------------------------------------------------------------
 # systemd-analyze verify
 
