@@ -35,6 +35,7 @@
 #include "popfetchd/runtime.h"
 #include "popfetchd/store.h"
 #include "popfetchd/util.h"
+#include "popfetchd/worker.h"
 
 #define BIT(s) (1u << (s))
 
@@ -171,6 +172,43 @@ static const unsigned fetch_next[] = {
  * receive). */
 #define BATCH_BYTES (32ULL * 1024 * 1024)
 
+/*
+ * With a worker pool (fetch_params.workers), a message's seal (its MIME and
+ * S/MIME extraction, meta.json) and a batch's commit (syncfs, the records,
+ * the renames) run on a worker thread, one job at a time per poll. While
+ * one runs the session is held (pop3_hold: nothing is read, no callback
+ * comes) and nothing else of the poll touches the store or the message in
+ * hand; what the session would have done next waits for the job's end
+ * (go_on). A DELE still goes out only once the commit's result is back on
+ * the loop and says the message is durable. A poll that must end while a
+ * job runs (the session failed, fetch_abort) waits for it first (settle).
+ */
+enum job_kind { JOB_SEAL, JOB_COMMIT };
+
+/* A message the worker's commit made durable, for on_committed. */
+struct committed {
+	char *uid, *folder;
+	unsigned long long size;
+};
+
+struct fetch_job {
+	struct fetch *f;
+	enum job_kind kind;
+	int r;
+	/* JOB_SEAL: the message of cand[cand] */
+	size_t cand;
+	struct message_info info;
+	struct store_msg *msg;
+	char why[600];
+	/* JOB_COMMIT: the batch of n messages, their DELEs with dele; then QUIT
+	 * into after when quit */
+	size_t n;
+	bool dele, quit;
+	enum fetch_state after;
+	struct committed *done;
+	size_t ndone;
+};
+
 struct fetch {
 	struct event_base *base;
 	const struct conf_mailbox *mb;
@@ -239,6 +277,12 @@ struct fetch {
 	size_t stale_sent, stale_cap, stale_left;
 	struct event *done_ev;
 
+	struct worker_pool *workers; /* NULL: seal and commit here */
+	struct worker_job *job;	     /* the poll's job in flight, or NULL */
+	bool then_next;		     /* on_retrieved's next step waits for the job */
+	bool commit_due;	     /* the batch's time bound passed while a job ran */
+	bool settling;		     /* the job is being ended at once: nothing follows it */
+
 	struct fetch_result res;
 	char where[300]; /* "host:port" or "[v6]:port", for error lines */
 };
@@ -247,6 +291,7 @@ static void forget_token(struct fetch *f);
 static bool commit_batch(struct fetch *f, bool dele);
 static uint64_t message_limit(const struct fetch *f, uint64_t listed);
 static void start_session(struct fetch *f);
+static void settle(struct fetch *f);
 
 static void add_error_at(struct fetch *f, int level, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
@@ -336,6 +381,7 @@ finish(struct fetch *f)
 
 	if (f->state == FETCH_DONE)
 		return;
+	settle(f);
 	fetch_enter(f, FETCH_DONE);
 	if (f->token_req != NULL) {
 		oauth2_cancel(f->token_req);
@@ -454,19 +500,12 @@ on_committed(void *arg, const char *uid, char *folder, unsigned long long size)
 		   "saved message %lu (%s) in %s", c->num, uid, folder ? folder : "(nothing kept)");
 }
 
-/* Group commit of the sealed messages, then (with dele) their DELEs; false
- * when it failed: the session must save nothing more. */
+/* The batch of n messages was committed (r: store_commit's result, the
+ * committed ones counted by on_committed): their DELEs go out with dele;
+ * false when it failed: the session must save nothing more. */
 static bool
-commit_batch(struct fetch *f, bool dele)
+batch_committed(struct fetch *f, size_t n, int r, bool dele)
 {
-	size_t n = f->npend;
-	int r;
-
-	if (n == 0)
-		return true;
-	evtimer_del(f->commit_ev);
-	f->pend_done = 0;
-	r = store_commit(f->store, on_committed, f);
 	f->npend = 0;
 	/* the DELEs once the store is done with the batch: nothing the session
 	 * may call back into runs inside store_commit */
@@ -487,6 +526,101 @@ commit_batch(struct fetch *f, bool dele)
 	return true;
 }
 
+/* Group commit of the sealed messages here, then (with dele) their DELEs;
+ * false when it failed. */
+static bool
+commit_batch(struct fetch *f, bool dele)
+{
+	size_t n = f->npend;
+
+	if (n == 0)
+		return true;
+	evtimer_del(f->commit_ev);
+	f->pend_done = 0;
+	return batch_committed(f, n, store_commit(f->store, on_committed, f), dele);
+}
+
+/* ---- jobs on a worker ---- */
+
+static void
+collect_committed(void *arg, const char *uid, char *folder, unsigned long long size)
+{
+	struct fetch_job *j = arg;
+
+	j->done = xrealloc(j->done, (j->ndone + 1) * sizeof(*j->done));
+	j->done[j->ndone++] = (struct committed){xstrdup(uid), folder, size};
+}
+
+/* On the worker: only the store and the message of this poll. */
+static void
+job_work(void *arg)
+{
+	struct fetch_job *j = arg;
+	struct fetch *f = j->f;
+
+	if (j->kind == JOB_SEAL)
+		j->r = message_seal(&f->msgp, &j->info, f->store, &j->msg, j->why, sizeof(j->why));
+	else
+		j->r = store_commit(f->store, collect_committed, j);
+}
+
+static void job_done(void *arg);
+
+/* Is a worker to take the poll's next seal or commit? */
+static bool
+use_worker(const struct fetch *f)
+{
+	return f->workers != NULL && f->job == NULL && !f->settling && f->pop3 != NULL;
+}
+
+static void
+job_start(struct fetch *f, struct fetch_job *j)
+{
+	j->f = f;
+	pop3_hold(f->pop3);
+	f->job = worker_submit(f->workers, job_work, job_done, j);
+}
+
+/* Commit the batch on a worker (see batch_committed), then QUIT into after
+ * when quit. */
+static void
+commit_job(struct fetch *f, bool dele, bool quit, enum fetch_state after)
+{
+	struct fetch_job *j = xcalloc(1, sizeof(*j));
+
+	evtimer_del(f->commit_ev);
+	f->pend_done = 0;
+	j->kind = JOB_COMMIT;
+	j->n = f->npend;
+	j->dele = dele;
+	j->quit = quit;
+	j->after = after;
+	job_start(f, j);
+}
+
+static void stop_saving(struct fetch *f, enum fetch_state after, bool dele);
+
+/* Back on the loop: the committed messages counted, their DELEs (not when
+ * the poll is ending), then what the commit was for. */
+static void
+commit_ended(struct fetch *f, struct fetch_job *j)
+{
+	bool ok;
+
+	for (size_t i = 0; i < j->ndone; i++) {
+		on_committed(f, j->done[i].uid, j->done[i].folder, j->done[i].size);
+		free(j->done[i].uid);
+	}
+	ok = batch_committed(f, j->n, j->r, j->dele && !f->settling);
+	if (j->quit) {
+		fetch_enter(f, j->after);
+		if (!f->settling)
+			pop3_quit(f->pop3);
+	} else if (!ok && !f->settling) {
+		stop_saving(f, FETCH_QUITTING, true);
+	}
+}
+
 /* Commit what is sealed (its DELEs go out with dele), then QUIT: the server
  * answers what is in flight first. after: FETCH_QUITTING, or
  * FETCH_STARTING_OVER for a new session one command at a time. */
@@ -494,6 +628,10 @@ static void
 wind_up(struct fetch *f, enum fetch_state after, bool dele)
 {
 	fetch_enter(f, FETCH_COMMITTING);
+	if (f->npend > 0 && use_worker(f)) {
+		commit_job(f, dele, true, after);
+		return;
+	}
 	commit_batch(f, dele);
 	fetch_enter(f, after);
 	pop3_quit(f->pop3);
@@ -522,12 +660,27 @@ commit_or_stop(struct fetch *f)
 	return false;
 }
 
+/* commit_or_stop, on a worker when there is one. */
+static void
+commit_soon(struct fetch *f)
+{
+	if (f->npend > 0 && use_worker(f))
+		commit_job(f, true, false, FETCH_COMMITTING);
+	else
+		commit_or_stop(f);
+}
+
 static void
 commit_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
+	struct fetch *f = arg;
+
 	(void)fd;
 	(void)what;
-	commit_or_stop(arg);
+	if (f->job != NULL)
+		f->commit_due = true; /* the store is the job's now */
+	else
+		commit_soon(f);
 }
 
 static void start_over(struct fetch *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -1032,20 +1185,6 @@ on_ambiguous(void *arg, unsigned long num, const char *first_line)
 	/* else in flight when the session stopped saving: dropped */
 }
 
-/* The message is in the staged folder: complete it and add it to the batch. */
-static int
-seal_message(struct fetch *f, struct candidate *c, char *why, size_t whylen)
-{
-	struct message_info m = {.num = c->num, .uid = c->uid, .received = f->msg_time};
-	int r = message_seal(&f->msgp, &m, f->store, &f->msg, why, whylen);
-
-	if (r == 0) {
-		msg_enter(c, MSG_STAGED);
-		f->pend[f->npend++] = (size_t)(c - f->cand);
-	}
-	return r;
-}
-
 /* Is a message with this key in the batch? (Byte-identical messages
  * without UIDL have one key.) */
 static bool
@@ -1124,7 +1263,8 @@ not_saved(struct fetch *f, const struct candidate *c, const char *why)
 {
 	set_exit(f, EX_IOERR);
 	add_error(f, "message %lu (%s) not saved: %s", c->num, c->uid, why);
-	stop_saving(f, FETCH_QUITTING, true);
+	if (!f->settling)
+		stop_saving(f, FETCH_QUITTING, true);
 }
 
 /* A message was sealed into the batch: commit when the batch is full, or
@@ -1136,25 +1276,58 @@ batch_sealed(struct fetch *f)
 	size_t n = store_pending(f->store, &bytes);
 
 	if (n >= f->batch_max || bytes >= BATCH_BYTES || f->mode == FETCH_ONE) {
-		commit_or_stop(f);
+		commit_soon(f);
 	} else if (n == 1) {
 		struct timeval bound = {(time_t)f->batch_seconds, 0};
 		evtimer_add(f->commit_ev, &bound);
 	}
 }
 
+/* The seal of c ended (r, and why it failed): c is in the batch, or not
+ * saved. */
+static void
+sealed(struct fetch *f, struct candidate *c, int r, const char *why)
+{
+	if (r < 0) {
+		not_saved(f, c, why);
+		return;
+	}
+	msg_enter(c, MSG_STAGED);
+	f->pend[f->npend++] = (size_t)(c - f->cand);
+	if (!f->settling)
+		batch_sealed(f);
+}
+
+/* Seal c on a worker: the message in hand is the job's until it ends. */
+static void
+seal_job(struct fetch *f, struct candidate *c)
+{
+	struct fetch_job *j = xcalloc(1, sizeof(*j));
+
+	j->kind = JOB_SEAL;
+	j->cand = (size_t)(c - f->cand);
+	j->info = (struct message_info){.num = c->num, .uid = c->uid, .received = f->msg_time};
+	j->msg = f->msg;
+	f->msg = NULL;
+	job_start(f, j);
+}
+
 /* c is all here: saved, unless known before. */
 static void
 received(struct fetch *f, struct candidate *c)
 {
+	struct message_info m = {.num = c->num, .uid = c->uid, .received = f->msg_time};
 	char why[600] = "";
+	int r;
 
 	if (known_before(f, c))
 		return;
-	if (seal_message(f, c, why, sizeof(why)) < 0)
-		not_saved(f, c, why);
-	else
-		batch_sealed(f);
+	if (use_worker(f)) {
+		seal_job(f, c);
+		return;
+	}
+	r = message_seal(&f->msgp, &m, f->store, &f->msg, why, sizeof(why));
+	sealed(f, c, r, why);
 }
 
 /* The server refused the RETR of c (error: what it said). */
@@ -1200,10 +1373,64 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		top_answered(f, num, error);
 	} else if (retrieving(f)) {
 		retr_answered(f, &f->cand[f->next], num, error);
+		if (f->job != NULL) {
+			f->then_next = true;
+			return;
+		}
 		f->next++;
 		after_response(f);
 	}
 	/* else in flight when the session stopped saving: dropped */
+}
+
+/* After a job: what waited for it, and then the session reads again. */
+static void
+go_on(struct fetch *f)
+{
+	if (f->job == NULL && f->then_next) {
+		f->then_next = false;
+		f->next++;
+		after_response(f);
+	}
+	if (f->job == NULL && f->commit_due) {
+		f->commit_due = false;
+		if (retrieving(f))
+			commit_soon(f);
+	}
+	if (f->job == NULL && f->pop3 != NULL)
+		pop3_resume(f->pop3);
+}
+
+/* Back on the loop (or in settle): the job's result. */
+static void
+job_done(void *arg)
+{
+	struct fetch_job *j = arg;
+	struct fetch *f = j->f;
+
+	f->job = NULL;
+	if (j->kind == JOB_SEAL) {
+		f->msg = j->msg; /* a seal that failed before it began leaves it */
+		sealed(f, &f->cand[j->cand], j->r, j->why);
+	} else {
+		commit_ended(f, j);
+	}
+	FREE_ALL(j->done, j);
+	if (!f->settling)
+		go_on(f);
+}
+
+/* The poll ends: the job in flight, if any, ends now (blocking); its result
+ * counts, what waited for it does not happen. */
+static void
+settle(struct fetch *f)
+{
+	if (f->job == NULL)
+		return;
+	f->settling = true;
+	worker_finish(f->job);
+	f->settling = false;
+	f->then_next = f->commit_due = false;
 }
 
 static void
@@ -1445,6 +1672,7 @@ on_failed(void *arg, const struct pop3_error *err)
 {
 	struct fetch *f = arg;
 
+	settle(f);
 	if (retry_with_new_token(f, err) || retry_fewer_deletions(f, err))
 		return;
 	set_exit(f, fetch_failure_exit(err->fail));
@@ -1519,6 +1747,7 @@ fetch_new(struct event_base *base, struct evdns_base *dns, const struct fetch_pa
 	f->done = done;
 	f->arg = arg;
 	f->sessions_left = MAX_SESSIONS;
+	f->workers = p->workers;
 	f->done_ev = evtimer_new(base, finish_cb, f);
 	f->commit_ev = evtimer_new(base, commit_timer_cb, f);
 	f->key = message_key_new();
@@ -1583,6 +1812,12 @@ void
 fetch_stop(struct fetch *f)
 {
 	f->sessions_left = 0;
+	if (f->job != NULL) {
+		/* the job's end goes on as STOPPING does (or QUITs: COMMITTING) */
+		if (f->state == FETCH_RETRIEVING)
+			fetch_enter(f, FETCH_STOPPING);
+		return;
+	}
 	switch (f->state) {
 	case FETCH_TOKEN:
 	case FETCH_LOGIN:
@@ -1612,6 +1847,7 @@ fetch_abort(struct fetch *f, const char *why)
 {
 	if (f->state == FETCH_DONE)
 		return;
+	settle(f);
 	/* the batch is dropped, not committed */
 	for (size_t i = 0; i < f->npend; i++)
 		msg_enter(&f->cand[f->pend[i]], MSG_FAILED);
@@ -1661,6 +1897,7 @@ fetch_free(struct fetch *f)
 {
 	if (f == NULL)
 		return;
+	settle(f);
 	forget_token(f);
 	if (f->token_req != NULL)
 		oauth2_cancel(f->token_req);

@@ -81,7 +81,8 @@ struct scheduler {
 	uint64_t rng;
 	sched_changed_cb changed;
 	void *arg;
-	struct metrics *metrics; /* NULL: off */
+	struct metrics *metrics;     /* NULL: off */
+	struct worker_pool *workers; /* NULL: seal and commit on the loop */
 	bool stopping;
 	struct event *grace;
 	void (*stopped)(void *arg);
@@ -339,6 +340,7 @@ start(struct job *j)
 	fetch_params_from_runtime(
 		&j->running->rt,
 		j->running->mb->receive == CONF_RECEIVE_ONE ? FETCH_ONE : FETCH_ALL, &fp);
+	fp.workers = s->workers;
 	s->nrunning++;
 	clock_gettime(CLOCK_MONOTONIC, &j->started);
 	log_debug(j->id, "poll starts (%zu of %zu sessions)", s->nrunning, s->max_sessions);
@@ -638,6 +640,12 @@ scheduler_set_metrics(struct scheduler *s, struct metrics *m)
 		if (!j->removed)
 			metrics_config_add(m, j->id);
 	oauth2_client_observe(s->oauth, m != NULL ? on_token_request : NULL, s);
+}
+
+void
+scheduler_set_workers(struct scheduler *s, struct worker_pool *p)
+{
+	s->workers = p;
 }
 
 void
