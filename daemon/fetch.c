@@ -182,8 +182,10 @@ static const unsigned fetch_next[] = {
  * (go_on). A DELE still goes out only once the commit's result is back on
  * the loop and says the message is durable. A poll that must end while a
  * job runs (the session failed, fetch_abort) waits for it first (settle).
+ * The state's compaction after QUIT (its fsyncs) is such a job too, and
+ * the poll's end follows it.
  */
-enum job_kind { JOB_SEAL, JOB_COMMIT };
+enum job_kind { JOB_SEAL, JOB_COMMIT, JOB_COMPACT };
 
 /* A message the worker's commit made durable, for on_committed. */
 struct committed {
@@ -207,6 +209,8 @@ struct fetch_job {
 	enum fetch_state after;
 	struct committed *done;
 	size_t ndone;
+	/* JOB_COMPACT: the keys the state keeps */
+	const char **keep;
 };
 
 struct fetch {
@@ -292,6 +296,7 @@ static bool commit_batch(struct fetch *f, bool dele);
 static uint64_t message_limit(const struct fetch *f, uint64_t listed);
 static void start_session(struct fetch *f);
 static void settle(struct fetch *f);
+static void compacted(struct fetch *f, int r);
 
 static void add_error_at(struct fetch *f, int level, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
@@ -560,8 +565,10 @@ job_work(void *arg)
 
 	if (j->kind == JOB_SEAL)
 		j->r = message_seal(&f->msgp, &j->info, f->store, &j->msg, j->why, sizeof(j->why));
-	else
+	else if (j->kind == JOB_COMMIT)
 		j->r = store_commit(f->store, collect_committed, j);
+	else
+		j->r = store_compact(f->store, j->keep, j->n);
 }
 
 static void job_done(void *arg);
@@ -1412,10 +1419,14 @@ job_done(void *arg)
 	if (j->kind == JOB_SEAL) {
 		f->msg = j->msg; /* a seal that failed before it began leaves it */
 		sealed(f, &f->cand[j->cand], j->r, j->why);
-	} else {
+	} else if (j->kind == JOB_COMMIT) {
 		commit_ended(f, j);
+	} else {
+		compacted(f, j->r);
+		if (!f->settling)
+			finish(f);
 	}
-	FREE_ALL(j->done, j);
+	FREE_ALL(j->done, j->keep, j);
 	if (!f->settling)
 		go_on(f);
 }
@@ -1463,10 +1474,11 @@ cmp_str(const void *a, const void *b)
 	return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* After QUIT +OK the server holds exactly the listing less what we deleted:
- * keep only those UIDLs in the state so that it does not grow forever. */
-static void
-compact_state(struct fetch *f)
+/* After QUIT +OK the server holds exactly the listing less what we
+ * deleted: the UIDLs the state keeps (so that it does not grow forever),
+ * n of them. */
+static const char **
+kept_keys(const struct fetch *f, size_t *ret_n)
 {
 	const char **keep = xcalloc(f->nlisted ? f->nlisted : 1, sizeof(char *));
 	const char **gone = xcalloc(f->ndele ? f->ndele : 1, sizeof(char *));
@@ -1479,13 +1491,42 @@ compact_state(struct fetch *f)
 	for (size_t i = 0; i < f->nlisted; i++)
 		if (bsearch(&f->listed[i], gone, ngone, sizeof(char *), cmp_str) == NULL)
 			keep[n++] = f->listed[i];
-	if (store_compact(f->store, keep, n) < 0) {
-		/* nothing is lost (the old state stays), but the state is not
-		 * writable: that is exit 74 */
+	free(gone);
+	*ret_n = n;
+	return keep;
+}
+
+static void
+compacted(struct fetch *f, int r)
+{
+	/* nothing is lost (the old state stays), but the state is not
+	 * writable: that is exit 74 */
+	if (r < 0) {
 		set_exit(f, EX_IOERR);
 		add_error(f, "%s", store_error(f->store));
 	}
-	FREE_ALL(gone, keep);
+}
+
+/* The state compacted (see kept_keys); true when a worker does it, and
+ * the poll ends after. */
+static bool
+compact_state(struct fetch *f)
+{
+	struct fetch_job *j;
+	size_t n;
+	const char **keep = kept_keys(f, &n);
+
+	if (!use_worker(f)) {
+		compacted(f, store_compact(f->store, keep, n));
+		free(keep);
+		return false;
+	}
+	j = xcalloc(1, sizeof(*j));
+	j->kind = JOB_COMPACT;
+	j->keep = keep;
+	j->n = n;
+	job_start(f, j);
+	return true;
 }
 
 /* Forget what the session knew (the UIDLs were its) and drop what it had
@@ -1549,7 +1590,8 @@ on_quit(void *arg, bool ok)
 	/* compaction only when every message is known: a record kept for a
 	 * message without UIDL that was not downloaded this time must stay */
 	if (ok && f->res.exit_code == 0 && f->unkeyed == 0 && f->stale_left == 0) {
-		compact_state(f);
+		if (compact_state(f))
+			return;
 	} else if (!ok && f->ndele > 0) {
 		set_exit(f, EX_TEMPFAIL);
 		add_error(f,

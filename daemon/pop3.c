@@ -1683,6 +1683,8 @@ pop3_abort(struct pop3_session *s)
 void
 pop3_hold(struct pop3_session *s)
 {
+	if (s->dead)
+		return; /* nothing more comes anyway */
 	s->held = true;
 	if (s->bev != NULL)
 		bufferevent_disable(s->bev, EV_READ);

@@ -185,13 +185,18 @@ worker_finish(struct worker_job *j)
 	job_over(p, j);
 }
 
+/* Every job out ends: queued ones run here, running ones are waited for. */
 static void
-free_list(struct worker_job *j)
+drain(struct worker_pool *p)
 {
-	while (j != NULL) {
-		struct worker_job *next = j->next;
-		free(j);
-		j = next;
+	while (p->out > 0) {
+		struct worker_job *j;
+
+		pthread_mutex_lock(&p->lock);
+		while ((j = p->queue != NULL ? p->queue : p->done) == NULL)
+			pthread_cond_wait(&p->finished, &p->lock);
+		pthread_mutex_unlock(&p->lock);
+		worker_finish(j);
 	}
 }
 
@@ -200,14 +205,13 @@ worker_pool_free(struct worker_pool *p)
 {
 	if (p == NULL)
 		return;
+	drain(p);
 	pthread_mutex_lock(&p->lock);
 	p->stop = true;
 	pthread_cond_broadcast(&p->queued);
 	pthread_mutex_unlock(&p->lock);
 	for (unsigned i = 0; i < p->nthreads; i++)
 		pthread_join(p->threads[i], NULL);
-	free_list(p->queue);
-	free_list(p->done);
 	if (p->ev != NULL)
 		event_free(p->ev);
 	if (p->efd >= 0)

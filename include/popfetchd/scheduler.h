@@ -62,9 +62,12 @@ void scheduler_stats(const struct scheduler *s, struct sched_stats *st);
 /* Report every poll's end, token request and configuration to m (NULL: to
  * nobody from now on). */
 void scheduler_set_metrics(struct scheduler *s, struct metrics *m);
-/* Seal and commit the polls' messages on p's threads (NULL: on the loop),
- * from the next poll on; p must outlive the scheduler. */
-void scheduler_set_workers(struct scheduler *s, struct worker_pool *p);
+/* Seal and commit the polls' messages on the threads of workers, and
+ * write the status files on writer's one thread, in order (NULL: on the
+ * loop), from now on. Both must outlive the scheduler, and writer be
+ * freed (its writes done) after it. */
+void scheduler_set_workers(struct scheduler *s, struct worker_pool *workers,
+			   struct worker_pool *writer);
 void scheduler_free(struct scheduler *s);
 
 #endif

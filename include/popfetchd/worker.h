@@ -6,6 +6,7 @@
  * the only thread that touches sessions, timers and the scheduler. The
  * owner of a job must keep away from what its work uses until done.
  *
+ * A pool of one thread runs its jobs in the order they were submitted.
  * Knows nothing of what a job does.
  */
 #ifndef POPFETCHD_WORKER_H
@@ -15,13 +16,13 @@ struct event_base;
 struct worker_pool;
 struct worker_job;
 
-#define WORKER_THREADS 2 /* the daemon's pool */
+#define WORKER_THREADS 2 /* the daemon's pool for seals and commits */
 
 /* Threads, and an event on base through which finished jobs come back.
  * NULL when a thread or the event cannot be made (errno says why). */
 struct worker_pool *worker_pool_new(struct event_base *base, unsigned threads);
-/* Stops the threads (after the job each one is running). Jobs whose done
- * has not been called are dropped without it. NULL is a no-op. */
+/* Every job out ends first (as worker_finish: their done callbacks are
+ * called from inside this call), then the threads stop. NULL is a no-op. */
 void worker_pool_free(struct worker_pool *p);
 
 typedef void (*worker_fn)(void *arg);

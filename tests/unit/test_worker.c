@@ -124,17 +124,26 @@ finish_running_and_done(void)
 	event_base_free(base);
 }
 
-/* Freed with jobs queued: they are dropped, done never called. */
+/* Freed with jobs out: each one's work runs and its done is called once. */
 static void
-free_with_queued(void)
+free_with_jobs_out(void)
 {
 	struct event_base *base = event_base_new();
 	struct worker_pool *p = worker_pool_new(base, 0);
+	struct worker_pool *p1 = worker_pool_new(base, 1);
 	struct job j = {.base = base, .loop_thread = pthread_self()};
+	struct job k[3];
 
 	worker_submit(p, work, done, &j);
 	worker_pool_free(p);
-	CHECK(j.done_calls == 0);
+	CHECK(j.done_calls == 1 && atomic_load(&j.worked));
+	for (int i = 0; i < 3; i++) {
+		k[i] = (struct job){.base = base, .loop_thread = pthread_self(), .sleep_us = 5000};
+		worker_submit(p1, work, done, &k[i]);
+	}
+	worker_pool_free(p1);
+	for (int i = 0; i < 3; i++)
+		CHECK(k[i].done_calls == 1 && k[i].done_on_loop && atomic_load(&k[i].worked));
 	worker_pool_free(NULL);
 	event_base_free(base);
 }
@@ -145,6 +154,6 @@ main(void)
 	many_jobs();
 	finish_queued();
 	finish_running_and_done();
-	free_with_queued();
+	free_with_jobs_out();
 	CHECK_DONE();
 }
