@@ -182,10 +182,11 @@ static const unsigned fetch_next[] = {
  * (go_on). A DELE still goes out only once the commit's result is back on
  * the loop and says the message is durable. A poll that must end while a
  * job runs (the session failed, fetch_abort) waits for it first (settle).
- * The state's compaction after QUIT (its fsyncs) is such a job too, and
- * the poll's end follows it.
+ * The store's opening (a first poll writes the state, with fsyncs) and
+ * the state's compaction after QUIT are such jobs too: the session starts
+ * after the one, the poll ends after the other.
  */
-enum job_kind { JOB_SEAL, JOB_COMMIT, JOB_COMPACT };
+enum job_kind { JOB_OPEN, JOB_SEAL, JOB_COMMIT, JOB_COMPACT };
 
 /* A message the worker's commit made durable, for on_committed. */
 struct committed {
@@ -211,6 +212,9 @@ struct fetch_job {
 	size_t ndone;
 	/* JOB_COMPACT: the keys the state keeps */
 	const char **keep;
+	/* JOB_OPEN: the store to open */
+	struct store_params sp;
+	struct store *store;
 };
 
 struct fetch {
@@ -297,6 +301,7 @@ static uint64_t message_limit(const struct fetch *f, uint64_t listed);
 static void start_session(struct fetch *f);
 static void settle(struct fetch *f);
 static void compacted(struct fetch *f, int r);
+static void opened(struct fetch *f, int r, const char *why);
 
 static void add_error_at(struct fetch *f, int level, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
@@ -567,6 +572,8 @@ job_work(void *arg)
 		j->r = message_seal(&f->msgp, &j->info, f->store, &j->msg, j->why, sizeof(j->why));
 	else if (j->kind == JOB_COMMIT)
 		j->r = store_commit(f->store, collect_committed, j);
+	else if (j->kind == JOB_OPEN)
+		j->r = store_open(&j->sp, &j->store, j->why, sizeof(j->why));
 	else
 		j->r = store_compact(f->store, j->keep, j->n);
 }
@@ -577,14 +584,15 @@ static void job_done(void *arg);
 static bool
 use_worker(const struct fetch *f)
 {
-	return f->workers != NULL && f->job == NULL && !f->settling && f->pop3 != NULL;
+	return f->workers != NULL && f->job == NULL && !f->settling;
 }
 
 static void
 job_start(struct fetch *f, struct fetch_job *j)
 {
 	j->f = f;
-	pop3_hold(f->pop3);
+	if (f->pop3 != NULL)
+		pop3_hold(f->pop3);
 	f->job = worker_submit(f->workers, job_work, job_done, j);
 }
 
@@ -1421,6 +1429,9 @@ job_done(void *arg)
 		sealed(f, &f->cand[j->cand], j->r, j->why);
 	} else if (j->kind == JOB_COMMIT) {
 		commit_ended(f, j);
+	} else if (j->kind == JOB_OPEN) {
+		f->store = j->store;
+		opened(f, j->r, j->why);
 	} else {
 		compacted(f, j->r);
 		if (!f->settling)
@@ -1811,6 +1822,32 @@ fetch_new(struct event_base *base, struct evdns_base *dns, const struct fetch_pa
 	return f;
 }
 
+/* The store is open (r, and why it is not): the session starts (after a
+ * token, for OAuth2) unless the poll was stopped meanwhile. */
+static void
+opened(struct fetch *f, int r, const char *why)
+{
+	if (f->settling)
+		return; /* the poll ends: finish follows */
+	if (r < 0) {
+		set_exit(f, r == -EBUSY ? EX_TEMPFAIL : EX_IOERR);
+		add_error(f, "%s", why);
+		finish(f);
+	} else if (f->sessions_left == 0) {
+		end_now(f, EX_TEMPFAIL, LOG_LVL_INFO, "%s: stopped before the session began",
+			f->where);
+	} else {
+		f->mechanisms = runtime_mechanisms(f->mb);
+		if (f->mb->auth != CONF_AUTH_OAUTH2)
+			start_session(f);
+		else if (f->oauth2 != NULL)
+			get_token(f, false);
+		else
+			abort(); /* the owner builds a token source for every oauth2 configuration
+				  */
+	}
+}
+
 struct fetch *
 fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_params *p,
 	    fetch_done_cb done, void *arg)
@@ -1825,22 +1862,17 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 		.user = mb->user,
 	};
 	char err[512];
-	int r;
+	struct fetch_job *j;
 
 	runtime_warn_tls(mb);
-	if ((r = store_open(&sp, &f->store, err, sizeof(err))) < 0) {
-		set_exit(f, r == -EBUSY ? EX_TEMPFAIL : EX_IOERR);
-		add_error(f, "%s", err);
-		finish(f);
+	if (!use_worker(f)) {
+		opened(f, store_open(&sp, &f->store, err, sizeof(err)), err);
 		return f;
 	}
-	f->mechanisms = runtime_mechanisms(mb);
-	if (mb->auth != CONF_AUTH_OAUTH2)
-		start_session(f);
-	else if (f->oauth2 != NULL)
-		get_token(f, false);
-	else
-		abort(); /* the owner builds a token source for every oauth2 configuration */
+	j = xcalloc(1, sizeof(*j));
+	j->kind = JOB_OPEN;
+	j->sp = sp;
+	job_start(f, j);
 	return f;
 }
 
@@ -1855,7 +1887,8 @@ fetch_stop(struct fetch *f)
 {
 	f->sessions_left = 0;
 	if (f->job != NULL) {
-		/* the job's end goes on as STOPPING does (or QUITs: COMMITTING) */
+		/* the job's end goes on as STOPPING does (or QUITs: COMMITTING;
+		 * or, from START, ends the poll: opened) */
 		if (f->state == FETCH_RETRIEVING)
 			fetch_enter(f, FETCH_STOPPING);
 		return;
