@@ -35,6 +35,7 @@
 #include "popfetchd/runtime.h"
 #include "popfetchd/store.h"
 #include "popfetchd/util.h"
+#include "popfetchd/worker.h"
 
 #define BIT(s) (1u << (s))
 
@@ -171,6 +172,51 @@ static const unsigned fetch_next[] = {
  * receive). */
 #define BATCH_BYTES (32ULL * 1024 * 1024)
 
+/*
+ * With a worker pool (fetch_params.workers), a message's seal (its MIME and
+ * S/MIME extraction, meta.json) and a batch's commit (syncfs, the records,
+ * the renames) run on a worker thread, one job at a time per poll. While
+ * one runs the session is held (pop3_hold: nothing is read, no callback
+ * comes) and nothing else of the poll touches the store or the message in
+ * hand; what the session would have done next waits for the job's end
+ * (go_on). A DELE still goes out only once the commit's result is back on
+ * the loop and says the message is durable. A poll that must end while a
+ * job runs (the session failed, fetch_abort) waits for it first (settle).
+ * The store's opening (a first poll writes the state, with fsyncs) and
+ * the state's compaction after QUIT are such jobs too: the session starts
+ * after the one, the poll ends after the other.
+ */
+enum job_kind { JOB_OPEN, JOB_SEAL, JOB_COMMIT, JOB_COMPACT };
+
+/* A message the worker's commit made durable, for on_committed. */
+struct committed {
+	char *uid, *folder;
+	unsigned long long size;
+};
+
+struct fetch_job {
+	struct fetch *f;
+	enum job_kind kind;
+	int r;
+	/* JOB_SEAL: the message of cand[cand] */
+	size_t cand;
+	struct message_info info;
+	struct store_msg *msg;
+	char why[600];
+	/* JOB_COMMIT: the batch of n messages, their DELEs with dele; then QUIT
+	 * into after when quit */
+	size_t n;
+	bool dele, quit;
+	enum fetch_state after;
+	struct committed *done;
+	size_t ndone;
+	/* JOB_COMPACT: the keys the state keeps */
+	const char **keep;
+	/* JOB_OPEN: the store to open */
+	struct store_params sp;
+	struct store *store;
+};
+
 struct fetch {
 	struct event_base *base;
 	const struct conf_mailbox *mb;
@@ -239,6 +285,12 @@ struct fetch {
 	size_t stale_sent, stale_cap, stale_left;
 	struct event *done_ev;
 
+	struct worker_pool *workers; /* NULL: seal and commit here */
+	struct worker_job *job;	     /* the poll's job in flight, or NULL */
+	bool then_next;		     /* on_retrieved's next step waits for the job */
+	bool commit_due;	     /* the batch's time bound passed while a job ran */
+	bool settling;		     /* the job is being ended at once: nothing follows it */
+
 	struct fetch_result res;
 	char where[300]; /* "host:port" or "[v6]:port", for error lines */
 };
@@ -247,6 +299,9 @@ static void forget_token(struct fetch *f);
 static bool commit_batch(struct fetch *f, bool dele);
 static uint64_t message_limit(const struct fetch *f, uint64_t listed);
 static void start_session(struct fetch *f);
+static void settle(struct fetch *f);
+static void compacted(struct fetch *f, int r);
+static void opened(struct fetch *f, int r, const char *why);
 
 static void add_error_at(struct fetch *f, int level, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
@@ -336,6 +391,7 @@ finish(struct fetch *f)
 
 	if (f->state == FETCH_DONE)
 		return;
+	settle(f);
 	fetch_enter(f, FETCH_DONE);
 	if (f->token_req != NULL) {
 		oauth2_cancel(f->token_req);
@@ -454,19 +510,12 @@ on_committed(void *arg, const char *uid, char *folder, unsigned long long size)
 		   "saved message %lu (%s) in %s", c->num, uid, folder ? folder : "(nothing kept)");
 }
 
-/* Group commit of the sealed messages, then (with dele) their DELEs; false
- * when it failed: the session must save nothing more. */
+/* The batch of n messages was committed (r: store_commit's result, the
+ * committed ones counted by on_committed): their DELEs go out with dele;
+ * false when it failed: the session must save nothing more. */
 static bool
-commit_batch(struct fetch *f, bool dele)
+batch_committed(struct fetch *f, size_t n, int r, bool dele)
 {
-	size_t n = f->npend;
-	int r;
-
-	if (n == 0)
-		return true;
-	evtimer_del(f->commit_ev);
-	f->pend_done = 0;
-	r = store_commit(f->store, on_committed, f);
 	f->npend = 0;
 	/* the DELEs once the store is done with the batch: nothing the session
 	 * may call back into runs inside store_commit */
@@ -487,6 +536,106 @@ commit_batch(struct fetch *f, bool dele)
 	return true;
 }
 
+/* Group commit of the sealed messages here, then (with dele) their DELEs;
+ * false when it failed. */
+static bool
+commit_batch(struct fetch *f, bool dele)
+{
+	size_t n = f->npend;
+
+	if (n == 0)
+		return true;
+	evtimer_del(f->commit_ev);
+	f->pend_done = 0;
+	return batch_committed(f, n, store_commit(f->store, on_committed, f), dele);
+}
+
+/* ---- jobs on a worker ---- */
+
+static void
+collect_committed(void *arg, const char *uid, char *folder, unsigned long long size)
+{
+	struct fetch_job *j = arg;
+
+	j->done = xrealloc(j->done, (j->ndone + 1) * sizeof(*j->done));
+	j->done[j->ndone++] = (struct committed){xstrdup(uid), folder, size};
+}
+
+/* On the worker: only the store and the message of this poll. */
+static void
+job_work(void *arg)
+{
+	struct fetch_job *j = arg;
+	struct fetch *f = j->f;
+
+	if (j->kind == JOB_SEAL)
+		j->r = message_seal(&f->msgp, &j->info, f->store, &j->msg, j->why, sizeof(j->why));
+	else if (j->kind == JOB_COMMIT)
+		j->r = store_commit(f->store, collect_committed, j);
+	else if (j->kind == JOB_OPEN)
+		j->r = store_open(&j->sp, &j->store, j->why, sizeof(j->why));
+	else
+		j->r = store_compact(f->store, j->keep, j->n);
+}
+
+static void job_done(void *arg);
+
+/* Is a worker to take the poll's next seal or commit? */
+static bool
+use_worker(const struct fetch *f)
+{
+	return f->workers != NULL && f->job == NULL && !f->settling;
+}
+
+static void
+job_start(struct fetch *f, struct fetch_job *j)
+{
+	j->f = f;
+	if (f->pop3 != NULL)
+		pop3_hold(f->pop3);
+	f->job = worker_submit(f->workers, job_work, job_done, j);
+}
+
+/* Commit the batch on a worker (see batch_committed), then QUIT into after
+ * when quit. */
+static void
+commit_job(struct fetch *f, bool dele, bool quit, enum fetch_state after)
+{
+	struct fetch_job *j = xcalloc(1, sizeof(*j));
+
+	evtimer_del(f->commit_ev);
+	f->pend_done = 0;
+	j->kind = JOB_COMMIT;
+	j->n = f->npend;
+	j->dele = dele;
+	j->quit = quit;
+	j->after = after;
+	job_start(f, j);
+}
+
+static void stop_saving(struct fetch *f, enum fetch_state after, bool dele);
+
+/* Back on the loop: the committed messages counted, their DELEs (not when
+ * the poll is ending), then what the commit was for. */
+static void
+commit_ended(struct fetch *f, struct fetch_job *j)
+{
+	bool ok;
+
+	for (size_t i = 0; i < j->ndone; i++) {
+		on_committed(f, j->done[i].uid, j->done[i].folder, j->done[i].size);
+		free(j->done[i].uid);
+	}
+	ok = batch_committed(f, j->n, j->r, j->dele && !f->settling);
+	if (j->quit) {
+		fetch_enter(f, j->after);
+		if (!f->settling)
+			pop3_quit(f->pop3);
+	} else if (!ok && !f->settling) {
+		stop_saving(f, FETCH_QUITTING, true);
+	}
+}
+
 /* Commit what is sealed (its DELEs go out with dele), then QUIT: the server
  * answers what is in flight first. after: FETCH_QUITTING, or
  * FETCH_STARTING_OVER for a new session one command at a time. */
@@ -494,6 +643,10 @@ static void
 wind_up(struct fetch *f, enum fetch_state after, bool dele)
 {
 	fetch_enter(f, FETCH_COMMITTING);
+	if (f->npend > 0 && use_worker(f)) {
+		commit_job(f, dele, true, after);
+		return;
+	}
 	commit_batch(f, dele);
 	fetch_enter(f, after);
 	pop3_quit(f->pop3);
@@ -522,12 +675,27 @@ commit_or_stop(struct fetch *f)
 	return false;
 }
 
+/* commit_or_stop, on a worker when there is one. */
+static void
+commit_soon(struct fetch *f)
+{
+	if (f->npend > 0 && use_worker(f))
+		commit_job(f, true, false, FETCH_COMMITTING);
+	else
+		commit_or_stop(f);
+}
+
 static void
 commit_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
+	struct fetch *f = arg;
+
 	(void)fd;
 	(void)what;
-	commit_or_stop(arg);
+	if (f->job != NULL)
+		f->commit_due = true; /* the store is the job's now */
+	else
+		commit_soon(f);
 }
 
 static void start_over(struct fetch *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -1036,20 +1204,6 @@ on_ambiguous(void *arg, unsigned long num, const char *first_line)
 	/* else in flight when the session stopped saving: dropped */
 }
 
-/* The message is in the staged folder: complete it and add it to the batch. */
-static int
-seal_message(struct fetch *f, struct candidate *c, char *why, size_t whylen)
-{
-	struct message_info m = {.num = c->num, .uid = c->uid, .received = f->msg_time};
-	int r = message_seal(&f->msgp, &m, f->store, &f->msg, why, whylen);
-
-	if (r == 0) {
-		msg_enter(c, MSG_STAGED);
-		f->pend[f->npend++] = (size_t)(c - f->cand);
-	}
-	return r;
-}
-
 /* Is a message with this key in the batch? (Byte-identical messages
  * without UIDL have one key.) */
 static bool
@@ -1128,7 +1282,8 @@ not_saved(struct fetch *f, const struct candidate *c, const char *why)
 {
 	set_exit(f, EX_IOERR);
 	add_error(f, "message %lu (%s) not saved: %s", c->num, c->uid, why);
-	stop_saving(f, FETCH_QUITTING, true);
+	if (!f->settling)
+		stop_saving(f, FETCH_QUITTING, true);
 }
 
 /* A message was sealed into the batch: commit when the batch is full, or
@@ -1140,25 +1295,58 @@ batch_sealed(struct fetch *f)
 	size_t n = store_pending(f->store, &bytes);
 
 	if (n >= f->batch_max || bytes >= BATCH_BYTES || f->mode == FETCH_ONE) {
-		commit_or_stop(f);
+		commit_soon(f);
 	} else if (n == 1) {
 		struct timeval bound = {(time_t)f->batch_seconds, 0};
 		evtimer_add(f->commit_ev, &bound);
 	}
 }
 
+/* The seal of c ended (r, and why it failed): c is in the batch, or not
+ * saved. */
+static void
+sealed(struct fetch *f, struct candidate *c, int r, const char *why)
+{
+	if (r < 0) {
+		not_saved(f, c, why);
+		return;
+	}
+	msg_enter(c, MSG_STAGED);
+	f->pend[f->npend++] = (size_t)(c - f->cand);
+	if (!f->settling)
+		batch_sealed(f);
+}
+
+/* Seal c on a worker: the message in hand is the job's until it ends. */
+static void
+seal_job(struct fetch *f, struct candidate *c)
+{
+	struct fetch_job *j = xcalloc(1, sizeof(*j));
+
+	j->kind = JOB_SEAL;
+	j->cand = (size_t)(c - f->cand);
+	j->info = (struct message_info){.num = c->num, .uid = c->uid, .received = f->msg_time};
+	j->msg = f->msg;
+	f->msg = NULL;
+	job_start(f, j);
+}
+
 /* c is all here: saved, unless known before. */
 static void
 received(struct fetch *f, struct candidate *c)
 {
+	struct message_info m = {.num = c->num, .uid = c->uid, .received = f->msg_time};
 	char why[600] = "";
+	int r;
 
 	if (known_before(f, c))
 		return;
-	if (seal_message(f, c, why, sizeof(why)) < 0)
-		not_saved(f, c, why);
-	else
-		batch_sealed(f);
+	if (use_worker(f)) {
+		seal_job(f, c);
+		return;
+	}
+	r = message_seal(&f->msgp, &m, f->store, &f->msg, why, sizeof(why));
+	sealed(f, c, r, why);
 }
 
 /* The server refused the RETR of c (error: what it said). */
@@ -1204,10 +1392,71 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		top_answered(f, num, error);
 	} else if (retrieving(f)) {
 		retr_answered(f, &f->cand[f->next], num, error);
+		if (f->job != NULL) {
+			f->then_next = true;
+			return;
+		}
 		f->next++;
 		after_response(f);
 	}
 	/* else in flight when the session stopped saving: dropped */
+}
+
+/* After a job: what waited for it, and then the session reads again. */
+static void
+go_on(struct fetch *f)
+{
+	if (f->job == NULL && f->then_next) {
+		f->then_next = false;
+		f->next++;
+		after_response(f);
+	}
+	if (f->job == NULL && f->commit_due) {
+		f->commit_due = false;
+		if (retrieving(f))
+			commit_soon(f);
+	}
+	if (f->job == NULL && f->pop3 != NULL)
+		pop3_resume(f->pop3);
+}
+
+/* Back on the loop (or in settle): the job's result. */
+static void
+job_done(void *arg)
+{
+	struct fetch_job *j = arg;
+	struct fetch *f = j->f;
+
+	f->job = NULL;
+	if (j->kind == JOB_SEAL) {
+		f->msg = j->msg; /* a seal that failed before it began leaves it */
+		sealed(f, &f->cand[j->cand], j->r, j->why);
+	} else if (j->kind == JOB_COMMIT) {
+		commit_ended(f, j);
+	} else if (j->kind == JOB_OPEN) {
+		f->store = j->store;
+		opened(f, j->r, j->why);
+	} else {
+		compacted(f, j->r);
+		if (!f->settling)
+			finish(f);
+	}
+	FREE_ALL(j->done, j->keep, j);
+	if (!f->settling)
+		go_on(f);
+}
+
+/* The poll ends: the job in flight, if any, ends now (blocking); its result
+ * counts, what waited for it does not happen. */
+static void
+settle(struct fetch *f)
+{
+	if (f->job == NULL)
+		return;
+	f->settling = true;
+	worker_finish(f->job);
+	f->settling = false;
+	f->then_next = f->commit_due = false;
 }
 
 static void
@@ -1240,10 +1489,11 @@ cmp_str(const void *a, const void *b)
 	return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* After QUIT +OK the server holds exactly the listing less what we deleted:
- * keep only those UIDLs in the state so that it does not grow forever. */
-static void
-compact_state(struct fetch *f)
+/* After QUIT +OK the server holds exactly the listing less what we
+ * deleted: the UIDLs the state keeps (so that it does not grow forever),
+ * n of them. */
+static const char **
+kept_keys(const struct fetch *f, size_t *ret_n)
 {
 	const char **keep = xcalloc(f->nlisted ? f->nlisted : 1, sizeof(char *));
 	const char **gone = xcalloc(f->ndele ? f->ndele : 1, sizeof(char *));
@@ -1256,13 +1506,42 @@ compact_state(struct fetch *f)
 	for (size_t i = 0; i < f->nlisted; i++)
 		if (bsearch(&f->listed[i], gone, ngone, sizeof(char *), cmp_str) == NULL)
 			keep[n++] = f->listed[i];
-	if (store_compact(f->store, keep, n) < 0) {
-		/* nothing is lost (the old state stays), but the state is not
-		 * writable: that is exit 74 */
+	free(gone);
+	*ret_n = n;
+	return keep;
+}
+
+static void
+compacted(struct fetch *f, int r)
+{
+	/* nothing is lost (the old state stays), but the state is not
+	 * writable: that is exit 74 */
+	if (r < 0) {
 		set_exit(f, EX_IOERR);
 		add_error(f, "%s", store_error(f->store));
 	}
-	FREE_ALL(gone, keep);
+}
+
+/* The state compacted (see kept_keys); true when a worker does it, and
+ * the poll ends after. */
+static bool
+compact_state(struct fetch *f)
+{
+	struct fetch_job *j;
+	size_t n;
+	const char **keep = kept_keys(f, &n);
+
+	if (!use_worker(f)) {
+		compacted(f, store_compact(f->store, keep, n));
+		free(keep);
+		return false;
+	}
+	j = xcalloc(1, sizeof(*j));
+	j->kind = JOB_COMPACT;
+	j->keep = keep;
+	j->n = n;
+	job_start(f, j);
+	return true;
 }
 
 /* Forget what the session knew (the UIDLs were its) and drop what it had
@@ -1326,7 +1605,8 @@ on_quit(void *arg, bool ok)
 	/* compaction only when every message is known: a record kept for a
 	 * message without UIDL that was not downloaded this time must stay */
 	if (ok && f->res.exit_code == 0 && f->unkeyed == 0 && f->stale_left == 0) {
-		compact_state(f);
+		if (compact_state(f))
+			return;
 	} else if (!ok && f->ndele > 0) {
 		set_exit(f, EX_TEMPFAIL);
 		add_error(f,
@@ -1449,6 +1729,7 @@ on_failed(void *arg, const struct pop3_error *err)
 {
 	struct fetch *f = arg;
 
+	settle(f);
 	if (retry_with_new_token(f, err) || retry_fewer_deletions(f, err))
 		return;
 	set_exit(f, fetch_failure_exit(err->fail));
@@ -1523,6 +1804,7 @@ fetch_new(struct event_base *base, struct evdns_base *dns, const struct fetch_pa
 	f->done = done;
 	f->arg = arg;
 	f->sessions_left = MAX_SESSIONS;
+	f->workers = p->workers;
 	f->done_ev = evtimer_new(base, finish_cb, f);
 	f->commit_ev = evtimer_new(base, commit_timer_cb, f);
 	f->key = message_key_new();
@@ -1544,6 +1826,32 @@ fetch_new(struct event_base *base, struct evdns_base *dns, const struct fetch_pa
 	return f;
 }
 
+/* The store is open (r, and why it is not): the session starts (after a
+ * token, for OAuth2) unless the poll was stopped meanwhile. */
+static void
+opened(struct fetch *f, int r, const char *why)
+{
+	if (f->settling)
+		return; /* the poll ends: finish follows */
+	if (r < 0) {
+		set_exit(f, r == -EBUSY ? EX_TEMPFAIL : EX_IOERR);
+		add_error(f, "%s", why);
+		finish(f);
+	} else if (f->sessions_left == 0) {
+		end_now(f, EX_TEMPFAIL, LOG_LVL_INFO, "%s: stopped before the session began",
+			f->where);
+	} else {
+		f->mechanisms = runtime_mechanisms(f->mb);
+		if (f->mb->auth != CONF_AUTH_OAUTH2)
+			start_session(f);
+		else if (f->oauth2 != NULL)
+			get_token(f, false);
+		else
+			abort(); /* the owner builds a token source for every oauth2 configuration
+				  */
+	}
+}
+
 struct fetch *
 fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_params *p,
 	    fetch_done_cb done, void *arg)
@@ -1558,22 +1866,17 @@ fetch_start(struct event_base *base, struct evdns_base *dns, const struct fetch_
 		.user = mb->user,
 	};
 	char err[512];
-	int r;
+	struct fetch_job *j;
 
 	runtime_warn_tls(mb);
-	if ((r = store_open(&sp, &f->store, err, sizeof(err))) < 0) {
-		set_exit(f, r == -EBUSY ? EX_TEMPFAIL : EX_IOERR);
-		add_error(f, "%s", err);
-		finish(f);
+	if (!use_worker(f)) {
+		opened(f, store_open(&sp, &f->store, err, sizeof(err)), err);
 		return f;
 	}
-	f->mechanisms = runtime_mechanisms(mb);
-	if (mb->auth != CONF_AUTH_OAUTH2)
-		start_session(f);
-	else if (f->oauth2 != NULL)
-		get_token(f, false);
-	else
-		abort(); /* the owner builds a token source for every oauth2 configuration */
+	j = xcalloc(1, sizeof(*j));
+	j->kind = JOB_OPEN;
+	j->sp = sp;
+	job_start(f, j);
 	return f;
 }
 
@@ -1587,6 +1890,13 @@ void
 fetch_stop(struct fetch *f)
 {
 	f->sessions_left = 0;
+	if (f->job != NULL) {
+		/* the job's end goes on as STOPPING does (or QUITs: COMMITTING;
+		 * or, from START, ends the poll: opened) */
+		if (f->state == FETCH_RETRIEVING)
+			fetch_enter(f, FETCH_STOPPING);
+		return;
+	}
 	switch (f->state) {
 	case FETCH_TOKEN:
 	case FETCH_LOGIN:
@@ -1616,6 +1926,7 @@ fetch_abort(struct fetch *f, const char *why)
 {
 	if (f->state == FETCH_DONE)
 		return;
+	settle(f);
 	/* the batch is dropped, not committed */
 	for (size_t i = 0; i < f->npend; i++)
 		msg_enter(&f->cand[f->pend[i]], MSG_FAILED);
@@ -1665,6 +1976,7 @@ fetch_free(struct fetch *f)
 {
 	if (f == NULL)
 		return;
+	settle(f);
 	forget_token(f);
 	if (f->token_req != NULL)
 		oauth2_cancel(f->token_req);

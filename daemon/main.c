@@ -34,6 +34,7 @@
 #include "popfetchd/scheduler.h"
 #include "popfetchd/status.h"
 #include "popfetchd/util.h"
+#include "popfetchd/worker.h"
 
 struct options {
 	const char *confdir;
@@ -220,8 +221,10 @@ struct daemon {
 	const struct options *o;
 	struct event_base *base;
 	struct scheduler *sched;
-	struct metrics *metrics; /* NULL: no metrics_listen */
-	size_t inactive;	 /* configurations of the set in force */
+	struct metrics *metrics;     /* NULL: no metrics_listen */
+	struct worker_pool *workers; /* seals and commits; NULL: on the loop */
+	struct worker_pool *writer;  /* status.json, in order; NULL: on the loop */
+	size_t inactive;	     /* configurations of the set in force */
 	struct event *sig_hup, *sig_term, *sig_int, *reload, *watchdog;
 	bool stopping;
 	unsigned stop_timeout;	/* of the set in force */
@@ -424,6 +427,13 @@ cmd_run(const struct options *o)
 			 set->shard, set->shards);
 	d.stop_timeout = set->stop_timeout;
 	d.sched = scheduler_new(d.base, dns, set, update_status, &d);
+	if ((d.workers = worker_pool_new(d.base, WORKER_THREADS)) == NULL ||
+	    (d.writer = worker_pool_new(d.base, 1)) == NULL)
+		log_warning(NULL,
+			    "cannot start worker threads (%s): messages are sealed and committed, "
+			    "and status files written, on the event loop",
+			    strerror(errno));
+	scheduler_set_workers(d.sched, d.workers, d.writer);
 	apply_metrics(&d, set);
 	update_status(&d);
 	notify_ready(d.status);
@@ -431,6 +441,8 @@ cmd_run(const struct options *o)
 	/* the polls' leftovers (freed from the loop), then the rest */
 	event_base_loop(d.base, EVLOOP_NONBLOCK);
 	scheduler_free(d.sched);
+	worker_pool_free(d.workers);
+	worker_pool_free(d.writer); /* its last status files written */
 	metrics_free(d.metrics);
 	event_base_loop(d.base, EVLOOP_NONBLOCK);
 	event_free(d.sig_hup);

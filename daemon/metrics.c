@@ -50,6 +50,7 @@ struct histogram {
 	unsigned long long counts[16]; /* per bucket, not cumulative; [n] is +Inf */
 	unsigned long long count;
 	double sum;
+	double max; /* the largest value observed */
 };
 
 static const double poll_bounds[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900};
@@ -84,8 +85,9 @@ struct metrics {
 	size_t running, queued, active, inactive, broken;
 	struct histogram poll_duration, loop_lag;
 
-	struct event *tick; /* 1 s: the loop's lag, and the connections' sweep */
-	struct timespec tick_due;
+	struct event *tick; /* 1 s: the connections' sweep */
+	struct event *lag;  /* METRICS_LAG_PERIOD: the loop's lag */
+	struct timespec lag_due;
 
 	struct evhttp *http;
 	struct evhttp_bound_socket *bound;
@@ -157,6 +159,8 @@ histogram_observe(struct histogram *h, double v)
 	h->counts[i]++;
 	h->count++;
 	h->sum += v;
+	if (v > h->max)
+		h->max = v;
 }
 
 static size_t
@@ -428,8 +432,11 @@ render_daemon(const struct metrics *m, struct evbuffer *out)
 		   "How long polls took, from the session's start to its end.");
 	add_histogram(out, "popfetchd_poll_duration_seconds", &m->poll_duration);
 	add_header(out, "popfetchd_event_loop_lag_seconds", "histogram",
-		   "How late a 1 s timer of the event loop fired.");
+		   "How late a 10 ms timer of the event loop fired.");
 	add_histogram(out, "popfetchd_event_loop_lag_seconds", &m->loop_lag);
+	add_header(out, "popfetchd_event_loop_lag_max_seconds", "gauge",
+		   "The latest the 10 ms timer of the event loop fired since the start.");
+	evbuffer_add_printf(out, "popfetchd_event_loop_lag_max_seconds %.6f\n", m->loop_lag.max);
 	add_header(out, "popfetchd_build_info", "gauge", "The version of popfetchd running.");
 	evbuffer_add_printf(out, "popfetchd_build_info{version=\"");
 	add_label(out, m->version);
@@ -692,8 +699,6 @@ arm_tick(struct metrics *m)
 {
 	static const struct timeval second = {1, 0};
 
-	clock_gettime(CLOCK_MONOTONIC, &m->tick_due);
-	m->tick_due.tv_sec += 1;
 	evtimer_add(m->tick, &second);
 }
 
@@ -706,9 +711,39 @@ on_tick(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	clock_gettime(CLOCK_MONOTONIC, &now);
-	metrics_loop_lag(m, mono_diff(&now, &m->tick_due));
 	sweep(m, &now);
 	arm_tick(m);
+}
+
+/* The next lag sample is due METRICS_LAG_PERIOD from now. libevent's own
+ * clock is the one cached when this loop iteration began: brought up to date
+ * first, its deadline is ours. */
+static void
+arm_lag(struct metrics *m)
+{
+	static const struct timeval period = {0, METRICS_LAG_PERIOD * 1000};
+
+	event_base_update_cache_time(m->base);
+	clock_gettime(CLOCK_MONOTONIC, &m->lag_due);
+	m->lag_due.tv_nsec += METRICS_LAG_PERIOD * 1000000L;
+	if (m->lag_due.tv_nsec >= 1000000000L) {
+		m->lag_due.tv_sec++;
+		m->lag_due.tv_nsec -= 1000000000L;
+	}
+	evtimer_add(m->lag, &period);
+}
+
+static void
+on_lag(evutil_socket_t fd, short what, void *arg)
+{
+	struct metrics *m = arg;
+	struct timespec now;
+
+	(void)fd;
+	(void)what;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	metrics_loop_lag(m, mono_diff(&now, &m->lag_due));
+	arm_lag(m);
 }
 
 static void
@@ -739,6 +774,8 @@ metrics_free(struct metrics *m)
 	close_server(m);
 	if (m->tick != NULL)
 		event_free(m->tick);
+	if (m->lag != NULL)
+		event_free(m->lag);
 	FREE_ALL(m->conns, m->series, m->listening, m->version, m);
 }
 
@@ -818,9 +855,11 @@ metrics_new(struct event_base *base, const char *version)
 	histogram_init(&m->poll_duration, poll_bounds, sizeof(poll_bounds) / sizeof(double));
 	histogram_init(&m->loop_lag, lag_bounds, sizeof(lag_bounds) / sizeof(double));
 	if (base != NULL) {
-		if ((m->tick = evtimer_new(base, on_tick, m)) == NULL)
+		if ((m->tick = evtimer_new(base, on_tick, m)) == NULL ||
+		    (m->lag = evtimer_new(base, on_lag, m)) == NULL)
 			abort();
 		arm_tick(m);
+		arm_lag(m);
 	}
 	return m;
 }

@@ -122,6 +122,7 @@ struct pop3_session {
 	enum pop3_state state;
 	bool multiline;	  /* inside the multi-line body of the current response */
 	bool dead;	  /* failed() or quit() was called */
+	bool held;	  /* pop3_hold: nothing is read or handed on */
 	bool unsolicited; /* bytes were waiting when a command was due: it was not sent */
 	unsigned err_rcodes, err_login_delay; /* of the response that fails */
 	struct pop3_capa capa;
@@ -1159,7 +1160,7 @@ on_read(struct bufferevent *bev, void *arg)
 	char line[POP3_LINE_MAX + 1];
 	size_t len;
 
-	while (!s->dead && bev == s->bev && evbuffer_get_length(in) > 0) {
+	while (!s->dead && !s->held && bev == s->bev && evbuffer_get_length(in) > 0) {
 		if (s->state == P3_HANDSHAKE)
 			break;
 		if (s->unsolicited) {
@@ -1528,8 +1529,9 @@ on_cmd_timeout(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	/* during multi-line data, progress of at least 1 KiB per window is alive */
-	if (s->multiline && got >= 1024) {
+	/* during multi-line data, progress of at least 1 KiB per window is
+	 * alive; held, the wait is the owner's, not the server's */
+	if ((s->multiline && got >= 1024) || s->held) {
 		arm_timer(s);
 		return;
 	}
@@ -1676,6 +1678,31 @@ void
 pop3_abort(struct pop3_session *s)
 {
 	finish(s, END_ABORTED, NULL);
+}
+
+void
+pop3_hold(struct pop3_session *s)
+{
+	if (s->dead)
+		return; /* nothing more comes anyway */
+	s->held = true;
+	if (s->bev != NULL)
+		bufferevent_disable(s->bev, EV_READ);
+}
+
+void
+pop3_resume(struct pop3_session *s)
+{
+	if (!s->held)
+		return;
+	s->held = false;
+	if (s->dead || s->bev == NULL)
+		return;
+	bufferevent_enable(s->bev, EV_READ);
+	/* what came before the hold is handed on from the loop */
+	if (evbuffer_get_length(bufferevent_get_input(s->bev)) > 0)
+		bufferevent_trigger(s->bev, EV_READ,
+				    BEV_TRIG_IGNORE_WATERMARKS | BEV_TRIG_DEFER_CALLBACKS);
 }
 
 /* The end of a session: it must not be freed again afterwards. */

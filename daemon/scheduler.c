@@ -35,6 +35,7 @@
 #include "popfetchd/scheduler.h"
 #include "popfetchd/status.h"
 #include "popfetchd/util.h"
+#include "popfetchd/worker.h"
 
 struct setref {
 	struct conf_set *set;
@@ -86,7 +87,9 @@ struct scheduler {
 	uint64_t rng;
 	sched_changed_cb changed;
 	void *arg;
-	struct metrics *metrics; /* NULL: off */
+	struct metrics *metrics;     /* NULL: off */
+	struct worker_pool *workers; /* NULL: seal and commit on the loop */
+	struct worker_pool *writer;  /* one thread: status.json, in order; NULL: here */
 	bool stopping;
 	struct event *grace;
 	void (*stopped)(void *arg);
@@ -314,11 +317,55 @@ job_free(struct job *j)
 
 static void on_fetch_done(struct fetch *f, void *arg);
 
+/* One write of a status.json (a poll, or a state: inactive, broken). Each
+ * replaces the file with fsyncs: on the writer thread, which takes them
+ * in order, they keep the loop free. */
+struct status_write {
+	char *dir, *id, *state, *error; /* state NULL: a poll */
+	struct status_poll p;
+	int r;
+	char why[512];
+};
+
+static void
+status_work(void *arg)
+{
+	struct status_write *w = arg;
+
+	w->r = w->state == NULL ? status_record_poll(w->dir, w->id, &w->p, w->why, sizeof(w->why))
+				: status_record_state(w->dir, w->id, w->state, w->p.next_poll_at,
+						      w->why, sizeof(w->why));
+}
+
+static void
+status_done(void *arg)
+{
+	struct status_write *w = arg;
+
+	if (w->r < 0)
+		log_warning(w->id, "%s", w->why);
+	FREE_ALL(w->dir, w->id, w->state, w->error, w);
+}
+
+/* w (its strings copied) is the writer's from now on. */
+static void
+status_write(struct scheduler *s, struct status_write *w)
+{
+	w->p.error = w->error;
+	if (s->writer != NULL) {
+		worker_submit(s->writer, status_work, status_done, w);
+		return;
+	}
+	status_work(w);
+	status_done(w);
+}
+
 /* status.json after a poll that used c; next: seconds to the next one,
  * < 0 when none is planned (the daemon stops, the configuration is gone). */
 static void
 record_poll(struct job *j, const struct cfg *c, const struct fetch_result *r, double next)
 {
+	struct status_write *w = xcalloc(1, sizeof(*w));
 	time_t now = time(NULL);
 	struct status_poll p = {.started_at = j->started_at ? j->started_at : now,
 				.finished_at = now,
@@ -328,22 +375,28 @@ record_poll(struct job *j, const struct cfg *c, const struct fetch_result *r, do
 				.messages_deleted = r->deleted,
 				.tls_expires_at = r->tls_expires_at,
 				.next_poll_at = next < 0 ? 0 : now + (time_t)next};
-	char why[512];
 
 	for (size_t i = 0; i < r->nsaved; i++)
 		p.bytes_saved += r->saved[i].size;
-	if (status_record_poll(c->sr->set->state_directory, j->id, &p, why, sizeof(why)) < 0)
-		log_warning(j->id, "%s", why);
+	w->dir = xstrdup(c->sr->set->state_directory);
+	w->id = xstrdup(j->id);
+	w->error = p.error != NULL ? xstrdup(p.error) : NULL;
+	w->p = p;
+	status_write(j->s, w);
 }
 
 /* status.json of a configuration that is not polled now: inactive, broken. */
 static void
-record_state(const struct conf_set *set, const char *id, const char *state, time_t next)
+record_state(struct scheduler *s, const struct conf_set *set, const char *id, const char *state,
+	     time_t next)
 {
-	char why[512];
+	struct status_write *w = xcalloc(1, sizeof(*w));
 
-	if (status_record_state(set->state_directory, id, state, next, why, sizeof(why)) < 0)
-		log_warning(id, "%s", why);
+	w->dir = xstrdup(set->state_directory);
+	w->id = xstrdup(id);
+	w->state = xstrdup(state);
+	w->p.next_poll_at = next;
+	status_write(s, w);
 }
 
 /* Its runtime cannot be built: no poll; say why each time and try again
@@ -356,7 +409,7 @@ setup_failed(struct job *j)
 	log_error(j->id, "cannot be polled: %s (%s); next try in %.0f s", j->cfg->broken,
 		  j->cfg->mb->file, d);
 	char *state = xasprintf("broken: %s", j->cfg->broken);
-	record_state(j->cfg->sr->set, j->id, state, time(NULL) + (time_t)d);
+	record_state(j->s, j->cfg->sr->set, j->id, state, time(NULL) + (time_t)d);
 	free(state);
 	snprintf(j->s->last_error, sizeof(j->s->last_error), "%s: %.300s", j->id, j->cfg->broken);
 	cancel_token(j);
@@ -393,6 +446,7 @@ start(struct job *j)
 	fetch_params_from_runtime(
 		&j->running->rt,
 		j->running->mb->receive == CONF_RECEIVE_ONE ? FETCH_ONE : FETCH_ALL, &fp);
+	fp.workers = s->workers;
 	s->nrunning++;
 	clock_gettime(CLOCK_MONOTONIC, &j->started);
 	log_debug(j->id, "poll starts (%zu of %zu sessions)", s->nrunning, s->max_sessions);
@@ -601,7 +655,7 @@ apply(struct scheduler *s, struct conf_set *set)
 		if (!conf_in_shard(set, mb->id))
 			continue;
 		if (!mb->active) {
-			record_state(set, mb->id, "inactive", 0);
+			record_state(s, set, mb->id, "inactive", 0);
 			continue;
 		}
 		if ((j = find(s, mb->id)) == NULL) {
@@ -683,6 +737,13 @@ scheduler_set_metrics(struct scheduler *s, struct metrics *m)
 		if (!j->removed)
 			metrics_config_add(m, j->id);
 	oauth2_client_observe(s->oauth, m != NULL ? on_token_request : NULL, s);
+}
+
+void
+scheduler_set_workers(struct scheduler *s, struct worker_pool *workers, struct worker_pool *writer)
+{
+	s->workers = workers;
+	s->writer = writer;
 }
 
 void

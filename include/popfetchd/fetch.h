@@ -49,6 +49,7 @@ typedef void (*fetch_done_cb)(struct fetch *f, void *arg);
 
 struct oauth2_source;
 struct smime_key;
+struct worker_pool;
 
 struct fetch_params {
 	const struct conf_set *set;
@@ -58,6 +59,9 @@ struct fetch_params {
 	const struct smime_key *smime_key; /* its S/MIME key, NULL when none */
 	const char *smime_unavailable;	   /* why not, when smime.key_name is set */
 	enum fetch_mode mode;
+	/* Where the poll seals and commits its messages (worker.h): NULL, on
+	 * the loop, in the call; else on a worker, while the session is held. */
+	struct worker_pool *workers;
 	/* For tests only: passed to every POP3 session of the poll (struct
 	 * pop3_params); NULL: connect to the server as usual. */
 	int (*open_socket)(void *arg);

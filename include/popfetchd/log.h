@@ -5,6 +5,13 @@
  * POPFETCHD_CONFIG=ID and the fields of struct log_fields that are set;
  * when the journal's socket is missing or refuses a record, the line goes
  * to stderr with a "<N>" priority prefix. Otherwise lines go to stderr as "popfetchd: ...".
+ *
+ * A line may be logged from a worker thread (worker.h: a seal's notes and
+ * warnings): each is formatted on the caller's stack and goes out in one
+ * write (one stdio call, or one sd_journal_sendv), so lines of threads never
+ * mix. The settings (log_set_level, log_setup, log_set_before_line) are made
+ * before any thread starts; the one-shot commands, whose progress line uses
+ * log_set_before_line, seal on their loop.
  */
 #ifndef POPFETCHD_LOG_H
 #define POPFETCHD_LOG_H

@@ -31,6 +31,7 @@ struct metrics;
 #define METRICS_MAX_BODY	1024 /* bytes of a request body (none is needed) */
 #define METRICS_DEADLINE	5    /* seconds a connection may live */
 #define METRICS_MAX_CONNECTIONS 16
+#define METRICS_LAG_PERIOD	10 /* ms: the timer whose lateness is the loop's lag */
 
 /*
  * "ADDRESS:PORT": an IPv4 address, or an IPv6 address in brackets
@@ -40,8 +41,13 @@ struct metrics;
  */
 int metrics_parse_listen(const char *s, char *host, size_t size, uint16_t *port);
 
-/* The figures, with a 1 s timer on base that measures how late the loop
- * runs timers (base NULL: no timer, for tests). version: build_info's. */
+/*
+ * The figures, with a timer on base every METRICS_LAG_PERIOD ms that
+ * measures how late the loop runs timers (base NULL: no timer, for tests):
+ * a callback that blocks the loop shows as lag. It runs only while metrics
+ * are on (nobody would read it otherwise); each sample costs a clock read.
+ * version: build_info's.
+ */
 struct metrics *metrics_new(struct event_base *base, const char *version);
 /*
  * Serve /metrics on listen ("ADDRESS:PORT"); a new address replaces the
@@ -75,7 +81,7 @@ void metrics_set_cert_expiry(struct metrics *m, const char *id, time_t t);
 void metrics_set_sessions(struct metrics *m, size_t running, size_t queued);
 /* Configurations: polled, inactive (never polled), broken (cannot be set up). */
 void metrics_set_configurations(struct metrics *m, size_t active, size_t inactive, size_t broken);
-/* One sample of how late a timer fired (the 1 s timer adds its own). */
+/* One sample of how late a timer fired (the lag timer adds its own). */
 void metrics_loop_lag(struct metrics *m, double seconds);
 
 /* The exposition text, as GET /metrics answers it. */

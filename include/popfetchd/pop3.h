@@ -158,6 +158,17 @@ void pop3_stat(struct pop3_session *s); /* STAT -> stat() */
 /* Also valid while a held login waits: then the session ends without logging in. */
 void pop3_quit(struct pop3_session *s);
 
+/*
+ * Hold the answers: nothing more is read or handed to the owner (what is
+ * buffered stays) and the command timeout waits, until pop3_resume; the
+ * owner works meanwhile on what it has (fetch: a seal or a commit on a
+ * worker thread). Commands may still be sent. Safe in a callback: the
+ * session hands on nothing after the callback returns.
+ */
+void pop3_hold(struct pop3_session *s);
+/* Read again; what was buffered is handed on from the loop. */
+void pop3_resume(struct pop3_session *s);
+
 /* End the session at once, without QUIT (nothing is committed) and
  * without a failed() callback: the owner decided it. Safe in a callback. */
 void pop3_abort(struct pop3_session *s);

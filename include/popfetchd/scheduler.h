@@ -22,6 +22,7 @@ struct evdns_base;
 struct conf_set;
 struct metrics;
 struct scheduler;
+struct worker_pool;
 
 #define SCHED_MAX_BACKOFF 3600 /* seconds: a failing configuration is tried at least hourly */
 
@@ -61,6 +62,12 @@ void scheduler_stats(const struct scheduler *s, struct sched_stats *st);
 /* Report every poll's end, token request and configuration to m (NULL: to
  * nobody from now on). */
 void scheduler_set_metrics(struct scheduler *s, struct metrics *m);
+/* Seal and commit the polls' messages on the threads of workers, and
+ * write the status files on writer's one thread, in order (NULL: on the
+ * loop), from now on. Both must outlive the scheduler, and writer be
+ * freed (its writes done) after it. */
+void scheduler_set_workers(struct scheduler *s, struct worker_pool *workers,
+			   struct worker_pool *writer);
 void scheduler_free(struct scheduler *s);
 
 #endif

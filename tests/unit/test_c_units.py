@@ -9,7 +9,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUILD = pathlib.Path(os.environ.get("POPFETCHD_BUILD", ROOT / "build"))
 PROGRAMS = ["util", "config", "pop3_parse", "store", "mime", "auth", "smime", "mime_extract", "tls",
-            "message", "status", "metrics", "transcripts", "oneshot", "import"]
+            "message", "status", "metrics", "transcripts", "oneshot", "import", "worker"]
 
 
 @pytest.mark.parametrize("name", PROGRAMS)

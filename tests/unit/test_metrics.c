@@ -147,6 +147,8 @@ histograms(void)
 	CHECK_LINE(t, "popfetchd_event_loop_lag_seconds_bucket{le=\"2.5\"} 2");
 	CHECK_LINE(t, "popfetchd_event_loop_lag_seconds_bucket{le=\"+Inf\"} 3");
 	CHECK_LINE(t, "popfetchd_event_loop_lag_seconds_count 3");
+	CHECK_LINE(t, "# TYPE popfetchd_event_loop_lag_max_seconds gauge");
+	CHECK_LINE(t, "popfetchd_event_loop_lag_max_seconds 3.000000");
 	metrics_free(m);
 }
 

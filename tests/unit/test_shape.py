@@ -36,9 +36,13 @@ MUST_NOT_INCLUDE = {
     # text in, configurations out: no connection, no message
     "import": {"pop3", "pop3_parse", "fetch", "tls", "store", "oauth2", "scheduler", "probe",
                "runtime", "message", "mime", "mime_extract", "smime"},
+    # threads that run what they are given: they know no job's subject
+    "worker": NETWORK | {"config", "runtime", "store", "message", "mime", "mime_extract",
+                         "smime", "status", "metrics", "oneshot", "import"},
 }
 # modules that include nothing of the project but these
-ONLY = {"pop3_parse": set(), "log": set(), "util": set(), "notify": {"log"}}
+ONLY = {"pop3_parse": set(), "log": set(), "util": set(), "notify": {"log"},
+        "worker": {"util"}}
 LONGEST = 80
 
 

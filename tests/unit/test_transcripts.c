@@ -45,6 +45,7 @@
 #include "popfetchd/runtime.h"
 #include "popfetchd/store.h"
 #include "popfetchd/util.h"
+#include "popfetchd/worker.h"
 
 #ifndef TRANSCRIPT_DIR
 #define TRANSCRIPT_DIR "tests/unit/transcripts"
@@ -95,6 +96,7 @@ struct run {
 	char dir[64], save[96], state_file[128];
 	const struct conf_mailbox *mb;
 	struct event_base *base;
+	struct worker_pool *workers; /* seals and commits on threads; NULL: on the loop */
 	struct event *watchdog;
 	unsigned watchdog_fired;
 	size_t next_step; /* where the next session's dialogue begins */
@@ -1023,6 +1025,7 @@ run_poll(struct run *r, const struct conf_set *set, size_t poll)
 				  &fp);
 	fp.open_socket = open_test_socket;
 	fp.open_arg = r;
+	fp.workers = r->workers;
 	r->finished = false;
 	f = fetch_start(r->base, NULL, &fp, on_fetch_done, r);
 	loop(r);
@@ -1135,16 +1138,18 @@ remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
 	return remove(path);
 }
 
-/* Replay the case; cut: the S: line the server closes at (SIZE_MAX: none). */
+/* Replay the case; cut: the S: line the server closes at (SIZE_MAX: none);
+ * threaded: seals and commits on a worker pool, as the daemon does. */
 static int
-replay(const struct tcase *tc, size_t cut)
+replay(const struct tcase *tc, size_t cut, bool threaded)
 {
 	struct run r = {.tc = tc, .cut = cut};
 	struct conf_set *set;
 
 	r.base = event_base_new();
 	r.watchdog = evtimer_new(r.base, on_watchdog, &r);
-	if (r.base == NULL || r.watchdog == NULL)
+	if (r.base == NULL || r.watchdog == NULL ||
+	    (threaded && (r.workers = worker_pool_new(r.base, WORKER_THREADS)) == NULL))
 		abort();
 	if ((set = setup(&r)) != NULL) {
 		if (tc->pop3_only)
@@ -1163,8 +1168,12 @@ replay(const struct tcase *tc, size_t cut)
 	}
 	free(r.msgs);
 	conf_set_free(set);
+	worker_pool_free(r.workers);
 	event_free(r.watchdog);
 	event_base_free(r.base);
+	if (r.failures > 0)
+		fprintf(stderr, "    (%s, %s)\n", threaded ? "on worker threads" : "on the loop",
+			cut == SIZE_MAX ? "whole" : "cut short");
 	return r.failures;
 }
 
@@ -1182,12 +1191,12 @@ static void
 run_case(const char *path)
 {
 	struct tcase *tc = tcase_load(path);
-	int failures = replay(tc, SIZE_MAX);
+	int failures = replay(tc, SIZE_MAX, false) + replay(tc, SIZE_MAX, true);
 	/* cut short, a case that fails whole would say the same many times */
 	size_t cuts = tc->drops && failures == 0 ? server_lines(tc) : 0;
 
 	for (size_t k = 0; k < cuts; k++)
-		failures += replay(tc, k);
+		failures += replay(tc, k, false) + replay(tc, k, true);
 	fprintf(stderr, "%s: %s", tc->name, failures ? "FAILED" : "ok");
 	if (cuts > 0)
 		fprintf(stderr, " (and cut at each of its %zu server lines)", cuts);

@@ -1,0 +1,264 @@
+/*
+ * worker — the thread pool (see worker.h).
+ *
+ * One mutex guards the two lists: jobs queued for a thread, and jobs done
+ * whose done callback has not run yet. A thread that finishes a job moves
+ * it to the done list and adds 1 to an eventfd; the loop's read event on it
+ * takes the done jobs one at a time (a done callback may finish another
+ * job, which must still be found in the list) and calls them. That event
+ * is added only while jobs are out: an idle pool keeps no loop running.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "popfetchd/util.h"
+#include "popfetchd/worker.h"
+
+enum job_state { JOB_QUEUED, JOB_RUNNING, JOB_DONE };
+
+struct worker_job {
+	struct worker_pool *pool;
+	worker_fn work, done;
+	void *arg;
+	enum job_state state;
+	struct worker_job *next; /* in the queue or the done list */
+};
+
+struct worker_pool {
+	pthread_mutex_t lock;
+	pthread_cond_t queued;	 /* a job was queued, or stop */
+	pthread_cond_t finished; /* a job's work has run */
+	struct worker_job *queue, **queue_tail;
+	struct worker_job *done;
+	bool stop;
+	pthread_t *threads;
+	unsigned nthreads;
+	int efd;
+	struct event *ev;
+	size_t out; /* jobs submitted whose done has not run (the loop's alone) */
+};
+
+/* Remove j from the list at *head; false when it is not there. */
+static bool
+unlink_job(struct worker_job **head, struct worker_job *j)
+{
+	for (struct worker_job **pp = head; *pp != NULL; pp = &(*pp)->next)
+		if (*pp == j) {
+			*pp = j->next;
+			j->next = NULL;
+			return true;
+		}
+	return false;
+}
+
+/* The queue's first job, taken off it (the lock is held). */
+static struct worker_job *
+take_queued(struct worker_pool *p)
+{
+	struct worker_job *j = p->queue;
+
+	p->queue = j->next;
+	if (p->queue == NULL)
+		p->queue_tail = &p->queue;
+	j->next = NULL;
+	return j;
+}
+
+static void
+wake_loop(struct worker_pool *p)
+{
+	uint64_t one = 1;
+
+	/* can only fail when the counter is near 2^64: it is read at once */
+	while (write(p->efd, &one, sizeof(one)) < 0 && errno == EINTR)
+		;
+}
+
+static void *
+thread_main(void *arg)
+{
+	struct worker_pool *p = arg;
+
+	pthread_mutex_lock(&p->lock);
+	for (;;) {
+		while (p->queue == NULL && !p->stop)
+			pthread_cond_wait(&p->queued, &p->lock);
+		if (p->stop)
+			break;
+		struct worker_job *j = take_queued(p);
+		j->state = JOB_RUNNING;
+		pthread_mutex_unlock(&p->lock);
+		j->work(j->arg);
+		pthread_mutex_lock(&p->lock);
+		j->state = JOB_DONE;
+		j->next = p->done;
+		p->done = j;
+		pthread_cond_broadcast(&p->finished);
+		wake_loop(p);
+	}
+	pthread_mutex_unlock(&p->lock);
+	return NULL;
+}
+
+/* On the loop: j's done, and the event goes when no job is out. */
+static void
+job_over(struct worker_pool *p, struct worker_job *j)
+{
+	j->done(j->arg);
+	free(j);
+	if (--p->out == 0)
+		event_del(p->ev);
+}
+
+/* The eventfd: call the done jobs, one at a time. */
+static void
+on_done(evutil_socket_t fd, short what, void *arg)
+{
+	struct worker_pool *p = arg;
+	uint64_t n;
+	struct worker_job *j;
+
+	(void)what;
+	while (read(fd, &n, sizeof(n)) < 0 && errno == EINTR)
+		;
+	for (;;) {
+		pthread_mutex_lock(&p->lock);
+		j = p->done;
+		if (j != NULL)
+			p->done = j->next;
+		pthread_mutex_unlock(&p->lock);
+		if (j == NULL)
+			return;
+		job_over(p, j);
+	}
+}
+
+struct worker_job *
+worker_submit(struct worker_pool *p, worker_fn work, worker_fn done, void *arg)
+{
+	struct worker_job *j = xcalloc(1, sizeof(*j));
+
+	j->pool = p;
+	j->work = work;
+	j->done = done;
+	j->arg = arg;
+	j->state = JOB_QUEUED;
+	if (p->out++ == 0)
+		event_add(p->ev, NULL);
+	pthread_mutex_lock(&p->lock);
+	*p->queue_tail = j;
+	p->queue_tail = &j->next;
+	pthread_cond_signal(&p->queued);
+	pthread_mutex_unlock(&p->lock);
+	return j;
+}
+
+void
+worker_finish(struct worker_job *j)
+{
+	struct worker_pool *p = j->pool;
+	bool run_here = false;
+
+	pthread_mutex_lock(&p->lock);
+	if (j->state == JOB_QUEUED) {
+		unlink_job(&p->queue, j);
+		p->queue_tail = &p->queue;
+		while (*p->queue_tail != NULL)
+			p->queue_tail = &(*p->queue_tail)->next;
+		run_here = true;
+	} else {
+		while (j->state != JOB_DONE)
+			pthread_cond_wait(&p->finished, &p->lock);
+		unlink_job(&p->done, j);
+	}
+	pthread_mutex_unlock(&p->lock);
+	if (run_here)
+		j->work(j->arg);
+	job_over(p, j);
+}
+
+/* Every job out ends: queued ones run here, running ones are waited for. */
+static void
+drain(struct worker_pool *p)
+{
+	while (p->out > 0) {
+		struct worker_job *j;
+
+		pthread_mutex_lock(&p->lock);
+		while ((j = p->queue != NULL ? p->queue : p->done) == NULL)
+			pthread_cond_wait(&p->finished, &p->lock);
+		pthread_mutex_unlock(&p->lock);
+		worker_finish(j);
+	}
+}
+
+void
+worker_pool_free(struct worker_pool *p)
+{
+	if (p == NULL)
+		return;
+	drain(p);
+	pthread_mutex_lock(&p->lock);
+	p->stop = true;
+	pthread_cond_broadcast(&p->queued);
+	pthread_mutex_unlock(&p->lock);
+	for (unsigned i = 0; i < p->nthreads; i++)
+		pthread_join(p->threads[i], NULL);
+	if (p->ev != NULL)
+		event_free(p->ev);
+	if (p->efd >= 0)
+		close(p->efd);
+	pthread_cond_destroy(&p->queued);
+	pthread_cond_destroy(&p->finished);
+	pthread_mutex_destroy(&p->lock);
+	FREE_ALL(p->threads, p);
+}
+
+/* The threads take no signal: the loop's thread handles them all. */
+static int
+start_threads(struct worker_pool *p, unsigned threads)
+{
+	sigset_t all, old;
+	int err = 0;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	for (; p->nthreads < threads && err == 0; p->nthreads++)
+		if ((err = pthread_create(&p->threads[p->nthreads], NULL, thread_main, p)) != 0)
+			break;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return err;
+}
+
+struct worker_pool *
+worker_pool_new(struct event_base *base, unsigned threads)
+{
+	struct worker_pool *p = xcalloc(1, sizeof(*p));
+	int err;
+
+	pthread_mutex_init(&p->lock, NULL);
+	pthread_cond_init(&p->queued, NULL);
+	pthread_cond_init(&p->finished, NULL);
+	p->queue_tail = &p->queue;
+	p->threads = xcalloc(threads ? threads : 1, sizeof(*p->threads));
+	if ((p->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0 ||
+	    (p->ev = event_new(base, p->efd, EV_READ | EV_PERSIST, on_done, p)) == NULL) {
+		err = p->efd < 0 ? errno : ENOMEM;
+		goto fail;
+	}
+	if ((err = start_threads(p, threads)) != 0)
+		goto fail;
+	return p;
+fail:
+	worker_pool_free(p);
+	errno = err;
+	return NULL;
+}

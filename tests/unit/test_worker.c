@@ -1,0 +1,159 @@
+/* test_worker — the thread pool: work on a thread, done on the loop, in
+ * any number; a job ended at once (worker_finish) whether queued, running
+ * or done; the pool freed with nothing left. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "check.h"
+#include "popfetchd/worker.h"
+
+#define JOBS 200
+
+struct job {
+	struct event_base *base;
+	pthread_t loop_thread;
+	atomic_bool worked;
+	bool on_thread; /* the work ran off the loop's thread */
+	bool done_on_loop;
+	int done_calls;
+	unsigned sleep_us;
+	int *remaining;
+};
+
+static void
+work(void *arg)
+{
+	struct job *j = arg;
+
+	if (j->sleep_us)
+		usleep(j->sleep_us);
+	j->on_thread = !pthread_equal(pthread_self(), j->loop_thread);
+	atomic_store(&j->worked, true);
+}
+
+static void
+done(void *arg)
+{
+	struct job *j = arg;
+
+	j->done_on_loop = pthread_equal(pthread_self(), j->loop_thread);
+	j->done_calls++;
+	CHECK(atomic_load(&j->worked));
+	if (j->remaining != NULL && --*j->remaining == 0)
+		event_base_loopbreak(j->base);
+}
+
+static void
+many_jobs(void)
+{
+	struct event_base *base = event_base_new();
+	struct worker_pool *p = worker_pool_new(base, 2);
+	static struct job jobs[JOBS];
+	int remaining = JOBS;
+
+	CHECK(p != NULL);
+	for (int i = 0; i < JOBS; i++) {
+		jobs[i] = (struct job){.base = base,
+				       .loop_thread = pthread_self(),
+				       .remaining = &remaining,
+				       .sleep_us = i % 10 == 0 ? 1000 : 0};
+		worker_submit(p, work, done, &jobs[i]);
+	}
+	/* never from inside worker_submit */
+	for (int i = 0; i < JOBS; i++)
+		CHECK(jobs[i].done_calls == 0);
+	event_base_dispatch(base);
+	CHECK(remaining == 0);
+	for (int i = 0; i < JOBS; i++) {
+		CHECK(jobs[i].on_thread);
+		CHECK(jobs[i].done_on_loop);
+		CHECK(jobs[i].done_calls == 1);
+	}
+	/* with no job out the pool keeps the loop from nothing: it runs dry */
+	CHECK(event_base_loop(base, 0) == 1);
+	worker_pool_free(p);
+	event_base_free(base);
+}
+
+/* No thread: a queued job is run by worker_finish itself. */
+static void
+finish_queued(void)
+{
+	struct event_base *base = event_base_new();
+	struct worker_pool *p = worker_pool_new(base, 0);
+	struct job j = {.base = base, .loop_thread = pthread_self()};
+	struct worker_job *h = worker_submit(p, work, done, &j);
+
+	worker_finish(h);
+	CHECK(j.done_calls == 1);
+	CHECK(!j.on_thread);
+	event_base_loop(base, EVLOOP_NONBLOCK);
+	CHECK(j.done_calls == 1);
+	worker_pool_free(p);
+	event_base_free(base);
+}
+
+/* Running, or done and not yet handed back: worker_finish waits, calls done
+ * once, and the loop does not call it again. */
+static void
+finish_running_and_done(void)
+{
+	struct event_base *base = event_base_new();
+	struct worker_pool *p = worker_pool_new(base, 1);
+	struct job slow = {.base = base, .loop_thread = pthread_self(), .sleep_us = 50000};
+	struct job quick = {.base = base, .loop_thread = pthread_self()};
+	struct worker_job *hs = worker_submit(p, work, done, &slow);
+	struct worker_job *hq;
+
+	usleep(10000); /* the thread has begun the slow one (or finish runs it: both fine) */
+	worker_finish(hs);
+	CHECK(slow.done_calls == 1 && atomic_load(&slow.worked));
+	hq = worker_submit(p, work, done, &quick);
+	while (!atomic_load(&quick.worked))
+		usleep(1000);
+	usleep(10000);
+	worker_finish(hq); /* done already, its done callback not yet called */
+	CHECK(quick.done_calls == 1 && quick.on_thread);
+	event_base_loop(base, EVLOOP_NONBLOCK);
+	CHECK(slow.done_calls == 1 && quick.done_calls == 1);
+	worker_pool_free(p);
+	event_base_free(base);
+}
+
+/* Freed with jobs out: each one's work runs and its done is called once. */
+static void
+free_with_jobs_out(void)
+{
+	struct event_base *base = event_base_new();
+	struct worker_pool *p = worker_pool_new(base, 0);
+	struct worker_pool *p1 = worker_pool_new(base, 1);
+	struct job j = {.base = base, .loop_thread = pthread_self()};
+	struct job k[3];
+
+	worker_submit(p, work, done, &j);
+	worker_pool_free(p);
+	CHECK(j.done_calls == 1 && atomic_load(&j.worked));
+	for (int i = 0; i < 3; i++) {
+		k[i] = (struct job){.base = base, .loop_thread = pthread_self(), .sleep_us = 5000};
+		worker_submit(p1, work, done, &k[i]);
+	}
+	worker_pool_free(p1);
+	for (int i = 0; i < 3; i++)
+		CHECK(k[i].done_calls == 1 && k[i].done_on_loop && atomic_load(&k[i].worked));
+	worker_pool_free(NULL);
+	event_base_free(base);
+}
+
+int
+main(void)
+{
+	many_jobs();
+	finish_queued();
+	finish_running_and_done();
+	free_with_jobs_out();
+	CHECK_DONE();
+}
