@@ -1335,16 +1335,17 @@ seal_job(struct fetch *f, struct candidate *c)
 static void
 received(struct fetch *f, struct candidate *c)
 {
-	struct message_info m = {.num = c->num, .uid = c->uid, .received = f->msg_time};
+	struct message_info m;
 	char why[600] = "";
 	int r;
 
-	if (known_before(f, c))
+	if (known_before(f, c)) /* may key c by its content: c->uid changes */
 		return;
 	if (use_worker(f)) {
 		seal_job(f, c);
 		return;
 	}
+	m = (struct message_info){.num = c->num, .uid = c->uid, .received = f->msg_time};
 	r = message_seal(&f->msgp, &m, f->store, &f->msg, why, sizeof(why));
 	sealed(f, c, r, why);
 }
