@@ -8,6 +8,7 @@ import re
 import ssl
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -74,6 +75,10 @@ def test_dovecot_capabilities(dovecot, mailbox):
         assert client.stat() == (0, 0)
     finally:
         client.quit()
+    # Dovecot's log process writes the login line asynchronously
+    deadline = time.monotonic() + 5
+    while not dovecot.login_methods(mailbox.user) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert dovecot.login_methods(mailbox.user) == ["APOP"]
 
 
