@@ -6,6 +6,8 @@
 
 #include "check.h"
 #include "popfetchd/auth.h"
+#include "popfetchd/config.h"
+#include "popfetchd/runtime.h"
 
 static char *
 unb64(const char *in)
@@ -338,6 +340,40 @@ scram_cache(void)
 	auth_scram_cache_free(NULL);
 }
 
+/* A reload keeps the salted password when the password stays (a copy of
+ * it: the running poll keeps its own), not when it changes. */
+static void
+scram_cache_reload(void)
+{
+	const struct scram_server sv = {"QSXCR+Q6sek8bf92", "4096"};
+	struct conf_set set = {.state_directory = "/nonexistent"};
+	struct conf_mailbox mb = {.id = "x", .tls = CONF_TLS_NONE, .password = PW}, same = mb,
+			    other = mb, oauth = mb;
+	struct runtime before, kept, changed, token;
+	char why[256];
+	bool cached;
+
+	other.password = "another password";
+	oauth.auth = CONF_AUTH_OAUTH2;
+	CHECK(runtime_init(&before, &set, &mb, NULL, false, why, sizeof(why)) == 0);
+	CHECK(scram_login("SCRAM-SHA-256", PW, &sv, before.scram_cache, false, &cached) == 0);
+	CHECK(runtime_reinit(&kept, &before, &set, &same, NULL, false, why, sizeof(why)) == 0);
+	CHECK(runtime_reinit(&changed, &before, &set, &other, NULL, false, why, sizeof(why)) == 0);
+	CHECK(runtime_reinit(&token, &before, &set, &oauth, NULL, false, why, sizeof(why)) == 0);
+	CHECK(token.scram_cache == NULL);
+	runtime_clear(&before);
+	CHECK(scram_login("SCRAM-SHA-256", PW, &sv, kept.scram_cache, false, &cached) == 0 &&
+	      cached);
+	server_password = "another password";
+	CHECK(scram_login("SCRAM-SHA-256", "another password", &sv, changed.scram_cache, false,
+			  &cached) == 0 &&
+	      !cached);
+	server_password = PW;
+	runtime_clear(&kept);
+	runtime_clear(&changed);
+	runtime_clear(&token);
+}
+
 int
 main(void)
 {
@@ -349,5 +385,6 @@ main(void)
 	sasl();
 	server_proof();
 	scram_cache();
+	scram_cache_reload();
 	CHECK_DONE();
 }
