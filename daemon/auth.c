@@ -22,6 +22,16 @@ struct auth {
 	bool sent;	     /* that message went out */
 	bool rejected;	     /* the server answered it with an error challenge */
 	bool complete;	     /* our side is over (GSASL_OK): for SCRAM, the server proved itself */
+	struct auth_scram_cache *cache; /* SCRAM: NULL when none */
+	bool from_cache;		/* the salted password came from it */
+};
+
+/* One salted password and what it was computed from; all NULL when empty. */
+struct auth_scram_cache {
+	Gsasl_hash hash;
+	char *salt;   /* base64, as the server sent it */
+	char *iter;   /* the iteration count, decimal as GNU SASL prints it */
+	char *salted; /* hex */
 };
 
 static Gsasl *gsasl_ctx;
@@ -80,6 +90,121 @@ auth_needs_binding(const char *mech)
 	return n > 5 && strcasecmp(mech + n - 5, "-PLUS") == 0;
 }
 
+static bool
+is_scram(const char *mech)
+{
+	return strncasecmp(mech, "SCRAM-", 6) == 0;
+}
+
+static Gsasl_hash
+scram_hash(const char *mech)
+{
+	return strncasecmp(mech, "SCRAM-SHA-1", 11) == 0 ? GSASL_HASH_SHA1 : GSASL_HASH_SHA256;
+}
+
+static void
+forget_secret(char **p)
+{
+	if (*p != NULL) {
+		explicit_bzero(*p, strlen(*p));
+		free(*p);
+		*p = NULL;
+	}
+}
+
+static void
+cache_empty(struct auth_scram_cache *c)
+{
+	forget_secret(&c->salt);
+	forget_secret(&c->iter);
+	forget_secret(&c->salted);
+}
+
+struct auth_scram_cache *
+auth_scram_cache_new(void)
+{
+	return xcalloc(1, sizeof(struct auth_scram_cache));
+}
+
+struct auth_scram_cache *
+auth_scram_cache_dup(const struct auth_scram_cache *c)
+{
+	struct auth_scram_cache *d = auth_scram_cache_new();
+
+	if (c->salted != NULL) {
+		d->hash = c->hash;
+		d->salt = xstrdup(c->salt);
+		d->iter = xstrdup(c->iter);
+		d->salted = xstrdup(c->salted);
+	}
+	return d;
+}
+
+void
+auth_scram_cache_free(struct auth_scram_cache *c)
+{
+	if (c == NULL)
+		return;
+	cache_empty(c);
+	free(c);
+}
+
+/* A login that succeeded: its salted password, salt and count for the next. */
+static void
+cache_store(struct auth *a)
+{
+	struct auth_scram_cache *c = a->cache;
+	const char *salt, *iter, *salted;
+
+	if (c == NULL || a->from_cache || a->sasl == NULL || !is_scram(a->mech))
+		return;
+	salt = gsasl_property_fast(a->sasl, GSASL_SCRAM_SALT);
+	iter = gsasl_property_fast(a->sasl, GSASL_SCRAM_ITER);
+	salted = gsasl_property_fast(a->sasl, GSASL_SCRAM_SALTED_PASSWORD);
+	cache_empty(c);
+	if (salt == NULL || iter == NULL || salted == NULL)
+		return;
+	c->hash = scram_hash(a->mech);
+	c->salt = xstrdup(salt);
+	c->iter = xstrdup(iter);
+	c->salted = xstrdup(salted);
+}
+
+/* A login that failed: whatever the cache holds is not trusted again. */
+static void
+cache_drop(struct auth *a)
+{
+	if (a->cache != NULL && is_scram(a->mech))
+		cache_empty(a->cache);
+}
+
+/*
+ * GNU SASL asks for the properties not set on the session. The SCRAM
+ * client asks for GSASL_SCRAM_SALTED_PASSWORD once it has set the salt
+ * and iteration count of the server-first message, and runs PBKDF2 on the
+ * password when it gets none.
+ */
+static int
+on_property(Gsasl *ctx, Gsasl_session *sctx, Gsasl_property prop)
+{
+	struct auth *a = gsasl_session_hook_get(sctx);
+	const struct auth_scram_cache *c;
+	const char *salt, *iter;
+
+	(void)ctx;
+	if (prop != GSASL_SCRAM_SALTED_PASSWORD || a == NULL || a->cache == NULL)
+		return GSASL_NO_CALLBACK;
+	c = a->cache;
+	salt = gsasl_property_fast(sctx, GSASL_SCRAM_SALT);
+	iter = gsasl_property_fast(sctx, GSASL_SCRAM_ITER);
+	if (c->salted == NULL || salt == NULL || iter == NULL || c->hash != scram_hash(a->mech) ||
+	    strcmp(c->salt, salt) != 0 || strcmp(c->iter, iter) != 0 ||
+	    gsasl_property_set(sctx, prop, c->salted) != GSASL_OK)
+		return GSASL_NO_CALLBACK;
+	a->from_cache = true;
+	return GSASL_OK;
+}
+
 static char *
 b64(const char *data, size_t len)
 {
@@ -118,9 +243,12 @@ auth_start(const char *mech, const struct auth_params *p, struct auth **ret, cha
 		snprintf(err, errlen, "%s is not a SASL mechanism this build knows", mech);
 		return -EINVAL;
 	}
-	if (gsasl_ctx == NULL && (rc = gsasl_init(&gsasl_ctx)) != GSASL_OK) {
-		snprintf(err, errlen, "GNU SASL: %s", gsasl_strerror(rc));
-		return -EINVAL;
+	if (gsasl_ctx == NULL) {
+		if ((rc = gsasl_init(&gsasl_ctx)) != GSASL_OK) {
+			snprintf(err, errlen, "GNU SASL: %s", gsasl_strerror(rc));
+			return -EINVAL;
+		}
+		gsasl_callback_set(gsasl_ctx, on_property);
 	}
 	a = xcalloc(1, sizeof(*a));
 	a->mech = xstrdup(mech);
@@ -129,6 +257,8 @@ auth_start(const char *mech, const struct auth_params *p, struct auth **ret, cha
 		auth_free(a);
 		return -EINVAL;
 	}
+	gsasl_session_hook_set(a->sasl, a);
+	a->cache = is_scram(mech) ? p->scram_cache : NULL;
 	gsasl_property_set(a->sasl, GSASL_AUTHID, p->user);
 	if (p->password != NULL)
 		gsasl_property_set(a->sasl, GSASL_PASSWORD, p->password);
@@ -165,6 +295,7 @@ auth_step(struct auth *a, const char *challenge_b64, char **ret_b64)
 	rc = gsasl_step64(a->sasl, challenge_b64 ? challenge_b64 : "", &out);
 	if (rc != GSASL_OK && rc != GSASL_NEEDS_MORE) {
 		gsasl_free(out);
+		cache_drop(a);
 		return -EPROTO;
 	}
 	a->complete = rc == GSASL_OK;
@@ -173,28 +304,27 @@ auth_step(struct auth *a, const char *challenge_b64, char **ret_b64)
 	return 0;
 }
 
-static bool
-is_scram(const char *mech)
-{
-	return strncasecmp(mech, "SCRAM-", 6) == 0;
-}
-
 int
 auth_finish(struct auth *a, const char *success_b64, char *err, size_t errlen)
 {
 	bool given = success_b64 != NULL && success_b64[0] != '\0', said_more;
 	char *resp = NULL;
 
-	if (a->complete)
+	if (a->complete) {
+		cache_store(a);
 		return 0;
+	}
 	if (a->sasl != NULL && given && auth_step(a, success_b64, &resp) == 0) {
 		said_more = resp[0] != '\0';
 		explicit_bzero(resp, strlen(resp));
 		free(resp);
-		if (a->complete && !said_more)
+		if (a->complete && !said_more) {
+			cache_store(a);
 			return 0;
+		}
 		a->complete = false; /* the mechanism still had something to say */
 	}
+	cache_drop(a);
 	if (!is_scram(a->mech))
 		snprintf(err, errlen, "the server accepted before the exchange was complete");
 	else if (!given)
@@ -213,12 +343,19 @@ auth_refused(struct auth *a)
 {
 	if (a->sasl == NULL && a->sent)
 		a->rejected = true;
+	cache_drop(a);
 }
 
 bool
 auth_token_rejected(const struct auth *a)
 {
 	return a->rejected;
+}
+
+bool
+auth_salted_from_cache(const struct auth *a)
+{
+	return a->from_cache;
 }
 
 void

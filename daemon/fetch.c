@@ -229,6 +229,7 @@ struct fetch {
 	int (*open_socket)(void *arg); /* fetch_params: tests only */
 	void *open_arg;
 	struct tls_ctx *tls;
+	struct auth_scram_cache *scram_cache;
 	struct oauth2_source *oauth2;
 	struct oauth2_request *token_req;
 	char *token; /* the access token of this poll (wiped) */
@@ -1639,6 +1640,7 @@ start_session(struct fetch *f)
 
 	fetch_enter(f, FETCH_LOGIN);
 	fetch_pop3_params(f->mb, f->tls, f->mechanisms, f->token, &pp);
+	pp.scram_cache = f->scram_cache;
 	pp.lockstep = f->lockstep;
 	pp.open_socket = f->open_socket;
 	pp.open_arg = f->open_arg;
@@ -1781,6 +1783,7 @@ fetch_params_from_runtime(const struct runtime *rt, enum fetch_mode mode, struct
 		.mb = rt->mb,
 		.tls = rt->tls,
 		.oauth2 = rt->oauth2,
+		.scram_cache = rt->scram_cache,
 		.smime_key = rt->smime_key,
 		.smime_unavailable = rt->smime_why[0] ? rt->smime_why : NULL,
 		.mode = mode,
@@ -1800,6 +1803,7 @@ fetch_new(struct event_base *base, struct evdns_base *dns, const struct fetch_pa
 	f->open_arg = p->open_arg;
 	f->mb = mb;
 	f->tls = p->tls;
+	f->scram_cache = p->scram_cache;
 	f->oauth2 = p->oauth2;
 	f->mode = p->mode;
 	f->done = done;

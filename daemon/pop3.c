@@ -455,7 +455,8 @@ send_auth(struct pop3_session *s)
 				 .password = s->p.password,
 				 .token = s->p.token,
 				 .cb_tls_unique = s->cb_unique,
-				 .cb_tls_exporter = s->cb_exporter};
+				 .cb_tls_exporter = s->cb_exporter,
+				 .scram_cache = s->p.scram_cache};
 	const char *mech = s->mechanism;
 	char err[256], *ir = NULL;
 	bool oauth = strcmp(mech, "XOAUTH2") == 0 || strcmp(mech, "OAUTHBEARER") == 0;
@@ -522,8 +523,12 @@ auth_accepted(struct pop3_session *s, const struct pop3_reply *r)
 	char data[POP3_LINE_MAX + 1], err[160];
 
 	snprintf(data, sizeof(data), "%.*s", (int)r->text_len, r->text);
-	if (auth_finish(s->auth, data, err, sizeof(err)) == 0)
+	if (auth_finish(s->auth, data, err, sizeof(err)) == 0) {
+		if (auth_salted_from_cache(s->auth))
+			log_debug(s->p.id, "pop3: %s with the salted password of an earlier login",
+				  s->mechanism);
 		return true;
+	}
 	fail(s, POP3_FAIL_AUTH,
 	     "%s: %s (a wrong server, or someone in between): login not accepted", s->mechanism,
 	     err);

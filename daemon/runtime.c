@@ -1,6 +1,6 @@
 /*
- * runtime — a configuration's TLS context, OAuth2 token source and S/MIME
- * key (see runtime.h).
+ * runtime — a configuration's TLS context, OAuth2 token source, SCRAM
+ * salted password and S/MIME key (see runtime.h).
  */
 #include <errno.h>
 #include <libgen.h>
@@ -171,6 +171,11 @@ runtime_reinit(struct runtime *rt, const struct runtime *prev, const struct conf
 		if (keep_fresh)
 			oauth2_source_keep_fresh(rt->oauth2, true);
 	}
+	if (mb->auth != CONF_AUTH_OAUTH2)
+		rt->scram_cache = prev != NULL && prev->scram_cache != NULL &&
+						  same_string(prev->mb->password, mb->password)
+					  ? auth_scram_cache_dup(prev->scram_cache)
+					  : auth_scram_cache_new();
 	if (mb->smime.key_name != NULL)
 		load_smime_key(rt);
 	return 0;
@@ -217,6 +222,7 @@ void
 runtime_clear(struct runtime *rt)
 {
 	oauth2_source_free(rt->oauth2);
+	auth_scram_cache_free(rt->scram_cache);
 	smime_key_free(rt->smime_key);
 	tls_ctx_free(rt->tls);
 	free(rt->state_dir);

@@ -11,6 +11,7 @@
 #include <stddef.h>
 
 struct auth;
+struct auth_scram_cache;
 
 struct auth_params {
 	const char *user;
@@ -19,6 +20,9 @@ struct auth_params {
 	/* channel bindings for the -PLUS mechanisms, base64; NULL when none */
 	const char *cb_tls_unique;
 	const char *cb_tls_exporter;
+	/* SCRAM's salted password from an earlier login with the same password;
+	 * NULL: none (see auth_scram_cache_new) */
+	struct auth_scram_cache *scram_cache;
 };
 
 /* Does this build implement the mechanism (SASL name, or APOP / USER)? */
@@ -59,7 +63,25 @@ int auth_finish(struct auth *a, const char *success_b64, char *err, size_t errle
  */
 void auth_refused(struct auth *a);
 bool auth_token_rejected(const struct auth *a);
+/* Did this SCRAM login take its salted password from the cache? */
+bool auth_salted_from_cache(const struct auth *a);
 void auth_free(struct auth *a);
+
+/*
+ * SCRAM's salted password, Hi(password, salt, i) (RFC 5802 §3): PBKDF2, most
+ * of a login's CPU, and the same at every login while the password, the
+ * server's salt and iteration count and the hash stay. A cache holds the
+ * last one: a login that gets that salt and count from the server uses it
+ * instead of PBKDF2; a login that succeeds (the server proved itself)
+ * stores its own; a failed login empties it. One cache serves one password
+ * (one configuration): a new password needs a new cache. The salted
+ * password is as good as the password at a server with that salt: it stays
+ * in memory and is wiped when replaced or freed.
+ */
+struct auth_scram_cache *auth_scram_cache_new(void);
+/* A new cache holding what c holds (a reload that keeps the password). */
+struct auth_scram_cache *auth_scram_cache_dup(const struct auth_scram_cache *c);
+void auth_scram_cache_free(struct auth_scram_cache *c);
 
 /* APOP (RFC 1939): MD5 of the greeting's timestamp and the password, hex. */
 void auth_apop_digest(const char *timestamp, const char *password, char out[33]);

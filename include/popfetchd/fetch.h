@@ -47,6 +47,7 @@ struct fetch_result {
 
 typedef void (*fetch_done_cb)(struct fetch *f, void *arg);
 
+struct auth_scram_cache;
 struct oauth2_source;
 struct smime_key;
 struct worker_pool;
@@ -59,6 +60,8 @@ struct fetch_params {
 	const struct smime_key *smime_key; /* its S/MIME key, NULL when none */
 	const char *smime_unavailable;	   /* why not, when smime.key_name is set */
 	enum fetch_mode mode;
+	/* its SCRAM salted password from login to login (auth.h); NULL: none */
+	struct auth_scram_cache *scram_cache;
 	/* Where the poll seals and commits its messages (worker.h): NULL, on
 	 * the loop, in the call; else on a worker, while the session is held. */
 	struct worker_pool *workers;

@@ -17,6 +17,7 @@
 
 #include "popfetchd/pop3_parse.h"
 
+struct auth_scram_cache;
 struct event_base;
 struct evdns_base;
 struct pop3_session;
@@ -46,6 +47,8 @@ struct pop3_params {
 	const char *user;
 	const char *password;
 	const char *token; /* OAuth2 access token, for XOAUTH2 / OAUTHBEARER */
+	/* SCRAM's salted password kept from login to login (auth.h); NULL: none */
+	struct auth_scram_cache *scram_cache;
 	/* allowed mechanisms in order of preference, NULL-terminated */
 	const char *const *mechanisms;
 	/* seconds: DNS + TCP (+ TLS). The host's addresses are tried in turn,

@@ -1,6 +1,7 @@
 /*
  * runtime — what one configuration needs to be polled besides its settings:
- * its TLS context, its OAuth2 token source and its S/MIME key, built once
+ * its TLS context, its OAuth2 token source, its SCRAM salted password (once
+ * a login has computed it) and its S/MIME key, built once
  * and shared by every poll of it (receive builds one, the daemon one per
  * configuration and reload).
  */
@@ -12,6 +13,7 @@
 
 struct conf_set;
 struct conf_mailbox;
+struct auth_scram_cache;
 struct oauth2_client;
 struct oauth2_params;
 struct event_base;
@@ -28,6 +30,9 @@ struct runtime {
 	struct smime_key *smime_key;  /* NULL when none, or it could not be loaded */
 	char smime_why[512];	      /* why not, when smime.key_name is set */
 	char *state_dir;	      /* state_directory/ID */
+	/* SCRAM's salted password from login to login (auth.h); NULL for auth:
+	 * oauth2 */
+	struct auth_scram_cache *scram_cache;
 };
 
 /*
@@ -43,7 +48,8 @@ int runtime_init(struct runtime *rt, const struct conf_set *set, const struct co
  * previous settings (NULL: none). When no OAuth2 setting changed (every
  * oauth2.* key, the secret's value, the timeout, the state directory) the
  * token source is prev's, shared: its access token and a rotated refresh
- * token held in memory survive the reload.
+ * token held in memory survive the reload. When the password is the same,
+ * so is the SCRAM salted password (a copy of prev's).
  */
 int runtime_reinit(struct runtime *rt, const struct runtime *prev, const struct conf_set *set,
 		   const struct conf_mailbox *mb, struct oauth2_client *oauth, bool keep_fresh,

@@ -360,6 +360,7 @@ class SaslExchange:
     aborted: bool = False            # the client cancelled with "*"
     outcome: str = None              # "ok", "aborted" or why the server refused
     success_data: bytes = None       # base64 sent on the +OK (SCRAM's server-final)
+    salt: bytes = None               # SCRAM: the salt of the server-first message
     token: str = None                # XOAUTH2 / OAUTHBEARER: the bearer token presented
     error_answer: bytes = None       # the client's answer to an error challenge (decoded)
 
@@ -392,7 +393,7 @@ class FakePOP3:
     def __init__(self, messages=(), *, script=None, scripts=None, user="fakeuser",
                  password="fakepass", sasl=(), capabilities=None, uidls=None,
                  crlf=True, apop=False, tls_context=None, stls_context=None, hook=None,
-                 scram_iterations=4096, sasl_faults=(), meter=None, pipelining=True,
+                 scram_iterations=4096, scram_salt=None, sasl_faults=(), meter=None, pipelining=True,
                  oauth=None, oauth_error=None, auth_refusal=None):
         """messages: bytes (LF is turned into CRLF unless crlf=False) or
         (uidl, bytes) pairs; uidls: explicit UIDLs; script/scripts: scripted
@@ -407,6 +408,9 @@ class FakePOP3:
         tls_context: implicit TLS; stls_context: offer STLS;
         hook(session_record, line) -> Action or None: a fault decided per call;
         scram_iterations: the i= of SCRAM's server-first message;
+        scram_salt: bytes: the salt of every SCRAM exchange, as a server that
+          stores SCRAM credentials has (an attribute: change it to make the
+          account again); None: a new random one each time;
         sasl_faults: misbehaviours of the SASL server, any of
           "bad-server-signature"  SCRAM's server-final "v=" does not verify
           "no-server-final"       SCRAM: +OK right after the client's proof,
@@ -432,6 +436,7 @@ class FakePOP3:
         self.user, self.password, self.apop = user, password, apop
         self.sasl = [m.upper() for m in sasl]
         self.scram_iterations, self.sasl_faults = scram_iterations, set(sasl_faults)
+        self.scram_salt = scram_salt
         self.capabilities = capabilities
         self.pipelining = pipelining
         self.tls_context, self.stls_context, self.hook = tls_context, stls_context, hook
@@ -971,7 +976,7 @@ class _GoodSession:
         ex.expected_binding = ex.gs2_header.encode() + cb_data
         attrs = dict(a.split("=", 1) for a in bare.split(","))
         user = attrs["n"].replace("=2C", ",").replace("=3D", "=")
-        salt = os.urandom(16)
+        salt = ex.salt = self.srv.scram_salt or os.urandom(16)
         nonce = attrs["r"] + base64.b64encode(os.urandom(18)).decode()
         server_first = f"r={nonce},s={base64.b64encode(salt).decode()},i={self.srv.scram_iterations}"
 

@@ -29,6 +29,7 @@ import time
 import pytest
 
 import mailgen
+from daemonutil import daemon, wait_for  # noqa: F401 (daemon: a fixture)
 from fakepop3 import Reply
 from test_receive import EX_NOPERM, EX_OK, EX_TEMPFAIL, assert_no_staging_leftovers, \
     assert_saved_exactly, fake_expected
@@ -618,6 +619,54 @@ def test_scram_plus_tls13_binds_to_tls_exporter(dovecot, fake_pop3, fake_config,
     assert ex.channel_binding.startswith(b"p=tls-exporter,,")
     assert len(ex.channel_binding) == len(b"p=tls-exporter,,") + 32
     assert_no_secrets(res, FAKE_PASSWORD, server=server)
+
+
+SALT_A, SALT_B = b"salt of account", b"account made again"
+
+
+def daemon_logins(output):
+    """The daemon's logins in its -v log, in order: True for each that took
+    SCRAM's salted password from memory, False for each that computed it."""
+    logins = []
+    for line in output.splitlines():
+        if "pop3: logging in with" in line:
+            logins.append(False)
+        elif "with the salted password of an earlier login" in line:
+            assert logins and not logins[-1], f"a second cache line for a login: {line}"
+            logins[-1] = True
+    return logins
+
+
+@pytest.mark.parametrize("mech", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+def test_scram_salted_password_kept(fake_pop3, fake_config, confdir, daemon, mech):
+    """A server that stores SCRAM credentials sends the same salt and
+    iteration count at every login: the daemon computes the salted password
+    (PBKDF2, most of a login's CPU) at the first login and takes it from
+    memory at the next. The account made again (a new salt) logs in too:
+    computed anew, then kept. The salted password never reaches the log."""
+    server = fake_for(fake_pop3, mech, seed=257, count=0, scram_salt=SALT_A)
+    d = daemon(confdir(fake_config(server, password=FAKE_PASSWORD, sasl_mechanisms=[mech],
+                                   poll_interval="1s")), args=("-v",))
+    d.wait_ready()
+    wait_for(lambda: daemon_logins(d.output).count(True) >= 2, 30, "two logins from memory")
+    server.scram_salt = SALT_B
+    wait_for(lambda: sum(ex.salt == SALT_B for rec in server.sessions for ex in rec.sasl) >= 3,
+             30, "three logins with the new salt")
+    assert d.stop() == EX_OK, d.output
+
+    salts = [ex.salt for ex in exchanges(server)]
+    assert all(ex.outcome == "ok" for ex in exchanges(server)), exchanges(server)
+    logins = daemon_logins(d.output)
+    # the server's exchanges are the daemon's logins, one by one; the last
+    # may have been cut by the stop
+    n = min(len(salts), len(logins)) - 1
+    assert n >= 4 and SALT_B in salts[:n], (salts, logins)
+    assert logins[:n] == [i > 0 and salts[i] == salts[i - 1] for i in range(n)], (salts, logins)
+    hash_name = "sha256" if mech == "SCRAM-SHA-256" else "sha1"
+    for salt in (SALT_A, SALT_B):
+        salted = hashlib.pbkdf2_hmac(hash_name, FAKE_PASSWORD.encode(), salt, 4096)
+        for form in (salted.hex(), salted.hex().upper(), base64.b64encode(salted).decode()):
+            assert form not in d.output, "the salted password is in the log"
 
 
 # --------------------------------------------------------------------------

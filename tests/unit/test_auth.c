@@ -6,6 +6,8 @@
 
 #include "check.h"
 #include "popfetchd/auth.h"
+#include "popfetchd/config.h"
+#include "popfetchd/runtime.h"
 
 static char *
 unb64(const char *in)
@@ -123,13 +125,15 @@ b64(const char *in)
 	return out;
 }
 
+static const char *server_password = "tanstaaftanstaaf";
+
 static int
 server_props(Gsasl *ctx, Gsasl_session *sctx, Gsasl_property prop)
 {
 	(void)ctx;
 	if (prop != GSASL_PASSWORD)
 		return GSASL_NO_CALLBACK;
-	return gsasl_property_set(sctx, GSASL_PASSWORD, "tanstaaftanstaaf");
+	return gsasl_property_set(sctx, GSASL_PASSWORD, server_password);
 }
 
 enum server_final { SF_NONE, SF_WRONG, SF_ON_OK, SF_CONTINUATION };
@@ -229,6 +233,147 @@ server_proof(void)
 	auth_free(a);
 }
 
+/* The server of a SCRAM login: its salt (base64) and iteration count. */
+struct scram_server {
+	const char *salt, *iter;
+};
+
+/*
+ * One SCRAM login of password with cache against GNU SASL's server side:
+ * 0 when it succeeded, -1 when the server refused it, -EPROTO when the
+ * server's signature was wrong (forged when forge); *cached: the salted
+ * password came from the cache.
+ */
+static int
+scram_login(const char *mech, const char *password, const struct scram_server *sv,
+	    struct auth_scram_cache *cache, bool forge, bool *cached)
+{
+	struct auth_params p = {.user = "tim", .password = password, .scram_cache = cache};
+	struct auth *a = NULL;
+	Gsasl *srv_ctx = NULL;
+	Gsasl_session *srv = NULL;
+	char err[160], *c_first = NULL, *s_first = NULL, *c_final = NULL, *s_final = NULL, *plain;
+	int rc;
+
+	CHECK(gsasl_init(&srv_ctx) == GSASL_OK);
+	gsasl_callback_set(srv_ctx, server_props);
+	CHECK(gsasl_server_start(srv_ctx, mech, &srv) == GSASL_OK);
+	gsasl_property_set(srv, GSASL_SCRAM_SALT, sv->salt);
+	gsasl_property_set(srv, GSASL_SCRAM_ITER, sv->iter);
+	CHECK(auth_start(mech, &p, &a, err, sizeof(err)) == 0);
+	CHECK(auth_step(a, NULL, &c_first) == 0);
+	CHECK(gsasl_step64(srv, c_first, &s_first) == GSASL_NEEDS_MORE);
+	CHECK(auth_step(a, s_first, &c_final) == 0);
+	*cached = auth_salted_from_cache(a);
+	if (gsasl_step64(srv, c_final, &s_final) != GSASL_OK) {
+		auth_refused(a); /* the -ERR to the client's proof */
+		rc = -1;
+	} else {
+		if (forge) {
+			plain = unb64(s_final);
+			plain[2] = plain[2] == 'A' ? 'B' : 'A';
+			free(s_final);
+			s_final = b64(plain);
+			free(plain);
+		}
+		rc = auth_finish(a, s_final, err, sizeof(err));
+	}
+	free(c_first);
+	free(c_final);
+	free(s_first);
+	free(s_final);
+	auth_free(a);
+	gsasl_finish(srv);
+	gsasl_done(srv_ctx);
+	return rc;
+}
+
+#define PW "tanstaaftanstaaf"
+
+/* SCRAM's salted password: computed once per password, salt, iteration
+ * count and hash, then taken from the cache; dropped after a failed login. */
+static void
+scram_cache(void)
+{
+	const struct scram_server s1 = {"QSXCR+Q6sek8bf92", "4096"},
+				  s2 = {"W22ZaJ0SNY7soEsUEjb6gQ==", "4096"},
+				  s2_more = {"W22ZaJ0SNY7soEsUEjb6gQ==", "8192"};
+	struct auth_scram_cache *c = auth_scram_cache_new(), *d;
+	bool cached;
+
+	/* computed, then cached; another hash is another salted password */
+	CHECK(scram_login("SCRAM-SHA-256", PW, &s1, c, false, &cached) == 0 && !cached);
+	CHECK(scram_login("SCRAM-SHA-256", PW, &s1, c, false, &cached) == 0 && cached);
+	CHECK(scram_login("SCRAM-SHA-1", PW, &s1, c, false, &cached) == 0 && !cached);
+	CHECK(scram_login("SCRAM-SHA-1", PW, &s1, c, false, &cached) == 0 && cached);
+	/* a new salt (the account made again), a new iteration count */
+	CHECK(scram_login("SCRAM-SHA-1", PW, &s2, c, false, &cached) == 0 && !cached);
+	CHECK(scram_login("SCRAM-SHA-1", PW, &s2, c, false, &cached) == 0 && cached);
+	CHECK(scram_login("SCRAM-SHA-1", PW, &s2_more, c, false, &cached) == 0 && !cached);
+	CHECK(scram_login("SCRAM-SHA-1", PW, &s2_more, c, false, &cached) == 0 && cached);
+
+	/* a copy holds the same; the server refuses: the cache is dropped */
+	d = auth_scram_cache_dup(c);
+	CHECK(scram_login("SCRAM-SHA-1", PW, &s2_more, d, false, &cached) == 0 && cached);
+	server_password = "another password";
+	CHECK(scram_login("SCRAM-SHA-1", PW, &s2_more, c, false, &cached) == -1 && cached);
+	server_password = PW;
+	CHECK(scram_login("SCRAM-SHA-1", PW, &s2_more, c, false, &cached) == 0 && !cached);
+	/* a wrong server signature drops it too */
+	CHECK(scram_login("SCRAM-SHA-1", PW, &s2_more, d, true, &cached) == -EPROTO && cached);
+	CHECK(scram_login("SCRAM-SHA-1", PW, &s2_more, d, false, &cached) == 0 && !cached);
+	auth_scram_cache_free(d);
+
+	/* a wrong salted password (another password's) locks nobody out:
+	 * one refused login, then PBKDF2 again */
+	server_password = "another password";
+	CHECK(scram_login("SCRAM-SHA-1", "another password", &s2_more, c, false, &cached) == -1 &&
+	      cached);
+	CHECK(scram_login("SCRAM-SHA-1", "another password", &s2_more, c, false, &cached) == 0 &&
+	      !cached);
+	server_password = PW;
+
+	/* no cache: PBKDF2 every time */
+	CHECK(scram_login("SCRAM-SHA-256", PW, &s1, NULL, false, &cached) == 0 && !cached);
+	CHECK(scram_login("SCRAM-SHA-256", PW, &s1, NULL, false, &cached) == 0 && !cached);
+	auth_scram_cache_free(c);
+	auth_scram_cache_free(NULL);
+}
+
+/* A reload keeps the salted password when the password stays (a copy of
+ * it: the running poll keeps its own), not when it changes. */
+static void
+scram_cache_reload(void)
+{
+	const struct scram_server sv = {"QSXCR+Q6sek8bf92", "4096"};
+	struct conf_set set = {.state_directory = "/nonexistent"};
+	struct conf_mailbox mb = {.id = "x", .tls = CONF_TLS_NONE, .password = PW}, same = mb,
+			    other = mb, oauth = mb;
+	struct runtime before, kept, changed, token;
+	char why[256];
+	bool cached;
+
+	other.password = "another password";
+	oauth.auth = CONF_AUTH_OAUTH2;
+	CHECK(runtime_init(&before, &set, &mb, NULL, false, why, sizeof(why)) == 0);
+	CHECK(scram_login("SCRAM-SHA-256", PW, &sv, before.scram_cache, false, &cached) == 0);
+	CHECK(runtime_reinit(&kept, &before, &set, &same, NULL, false, why, sizeof(why)) == 0);
+	CHECK(runtime_reinit(&changed, &before, &set, &other, NULL, false, why, sizeof(why)) == 0);
+	CHECK(runtime_reinit(&token, &before, &set, &oauth, NULL, false, why, sizeof(why)) == 0);
+	CHECK(token.scram_cache == NULL);
+	runtime_clear(&before);
+	CHECK(scram_login("SCRAM-SHA-256", PW, &sv, kept.scram_cache, false, &cached) == 0 &&
+	      cached);
+	server_password = "another password";
+	CHECK(scram_login("SCRAM-SHA-256", "another password", &sv, changed.scram_cache, false,
+			  &cached) == 0 &&
+	      !cached);
+	server_password = PW;
+	runtime_clear(&kept);
+	runtime_clear(&changed);
+	runtime_clear(&token);
+}
+
 int
 main(void)
 {
@@ -239,5 +384,7 @@ main(void)
 	facts();
 	sasl();
 	server_proof();
+	scram_cache();
+	scram_cache_reload();
 	CHECK_DONE();
 }
