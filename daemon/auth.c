@@ -24,6 +24,7 @@ struct auth {
 	bool complete;	     /* our side is over (GSASL_OK): for SCRAM, the server proved itself */
 	struct auth_scram_cache *cache; /* SCRAM: NULL when none */
 	bool from_cache;		/* the salted password came from it */
+	char error[96];			/* why a step failed, when not the proof */
 };
 
 /* One salted password and what it was computed from; all NULL when empty. */
@@ -192,11 +193,22 @@ on_property(Gsasl *ctx, Gsasl_session *sctx, Gsasl_property prop)
 	const char *salt, *iter;
 
 	(void)ctx;
-	if (prop != GSASL_SCRAM_SALTED_PASSWORD || a == NULL || a->cache == NULL)
+	if (prop != GSASL_SCRAM_SALTED_PASSWORD || a == NULL)
 		return GSASL_NO_CALLBACK;
-	c = a->cache;
 	salt = gsasl_property_fast(sctx, GSASL_SCRAM_SALT);
 	iter = gsasl_property_fast(sctx, GSASL_SCRAM_ITER);
+	if (iter != NULL && strtoull(iter, NULL, 10) > AUTH_SCRAM_ITER_MAX) {
+		snprintf(a->error, sizeof(a->error),
+			 "the server asks for %.20s SCRAM iterations, more than %d: refused", iter,
+			 AUTH_SCRAM_ITER_MAX);
+		/* GNU SASL ignores what this returns and would run PBKDF2 from
+		 * the password: without one the step fails (GSASL_NO_PASSWORD) */
+		gsasl_property_set(sctx, GSASL_PASSWORD, NULL);
+		return GSASL_NO_CALLBACK;
+	}
+	if (a->cache == NULL)
+		return GSASL_NO_CALLBACK;
+	c = a->cache;
 	if (c->salted == NULL || salt == NULL || iter == NULL || c->hash != scram_hash(a->mech) ||
 	    strcmp(c->salt, salt) != 0 || strcmp(c->iter, iter) != 0 ||
 	    gsasl_property_set(sctx, prop, c->salted) != GSASL_OK)
@@ -302,6 +314,12 @@ auth_step(struct auth *a, const char *challenge_b64, char **ret_b64)
 	*ret_b64 = xstrdup(out ? out : "");
 	gsasl_free(out);
 	return 0;
+}
+
+const char *
+auth_error(const struct auth *a)
+{
+	return a->error[0] ? a->error : NULL;
 }
 
 int

@@ -503,6 +503,10 @@ on_auth_challenge(struct pop3_session *s, const struct pop3_reply *r)
 	if (auth_step(s->auth, challenge, &resp) < 0) {
 		/* cancel (RFC 5034), and fail on the server's -ERR to it */
 		send_line(s, "*");
+		if (auth_error(s->auth) != NULL) {
+			fail(s, POP3_FAIL_AUTH, "%s: %s", s->mechanism, auth_error(s->auth));
+			return;
+		}
 		s->auth_cancelled = true;
 		return;
 	}

@@ -807,3 +807,23 @@ def test_no_secret_in_any_output(dovecot, fake_pop3, fake_config, confdir, run_p
     for mech, password, res, server in results:
         assert "logging in with" in res.stderr, f"{mech}: -v did not log the mechanism"
         assert_no_secrets(res, password, FAKE_PASSWORD, server=server)
+
+
+@pytest.mark.parametrize("iterations, ok", [(100000, True), (100001, False), (10**9, False)])
+def test_scram_iteration_count_is_bounded(fake_pop3, fake_config, confdir, run_popfetchd,
+                                          iterations, ok):
+    """PBKDF2 runs on the event loop: a server asking for more than 100 000
+    SCRAM iterations (a billion would hold every other mailbox for minutes)
+    is refused at once, with a line that says why; 100 000 still logs in."""
+    server = fake_for(fake_pop3, "SCRAM-SHA-256", seed=258, count=1,
+                      scram_iterations=iterations)
+    cfg = fake_config(server, password=FAKE_PASSWORD, sasl_mechanisms=["SCRAM-SHA-256"])
+    started = time.monotonic()
+    r = run_popfetchd(["receive-all", cfg["id"]], confdir=confdir(cfg))
+    if ok:
+        assert r.returncode == 0, r.describe()
+    else:
+        assert r.returncode == 77, r.describe()
+        assert (f"the server asks for {iterations} SCRAM iterations, more than 100000: "
+                "refused") in r.stderr, r.describe()
+        assert time.monotonic() - started < 10
