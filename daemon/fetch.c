@@ -306,10 +306,10 @@ struct fetch {
 	size_t nseals;
 	/* wind_up waits for the seals out: then it commits and QUITs so */
 	bool wind_pending, wind_dele;
+	enum fetch_state wind_after;
 	/* a seal or a commit failed: the seals out (of messages after it) are
 	 * dropped as they end, as the RETRs in flight are */
 	bool dropping;
-	enum fetch_state wind_after;
 	bool then_next;	 /* on_retrieved's next step waits for the job */
 	bool commit_due; /* the batch's time bound passed while a job ran */
 	bool settling;	 /* the job is being ended at once: nothing follows it */
@@ -1353,8 +1353,7 @@ not_saved(struct fetch *f, const struct candidate *c, const char *why)
 		stop_saving(f, FETCH_QUITTING, true);
 }
 
-/* A message was sealed into the batch: commit when the batch is full, or
- * set its time bound. */
+/* Is the batch (of n messages) to be committed now? */
 static bool
 batch_full(const struct fetch *f, size_t *ret_n)
 {
@@ -1365,6 +1364,8 @@ batch_full(const struct fetch *f, size_t *ret_n)
 	return n >= f->batch_max || bytes >= BATCH_BYTES || f->mode == FETCH_ONE;
 }
 
+/* A message was sealed into the batch: commit when the batch is full, or
+ * set its time bound. */
 static void
 batch_sealed(struct fetch *f)
 {
