@@ -13,7 +13,8 @@
  * A case marked "drops: every" is replayed once more for every S: line k,
  * the server closing the connection instead of sending it: no crash, the
  * rules above, and a failure (unless the cut came after QUIT and nothing
- * was deleted).
+ * was deleted). After the cases (a run without arguments), check_overlap:
+ * with seals on a worker, the session reads on while a seal waits.
  * Usage: test_transcripts [FILE.pop3...] (default: every case); with
  * TRANSCRIPT_DEBUG set, the session's debug lines go to stderr.
  */
