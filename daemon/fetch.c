@@ -173,19 +173,32 @@ static const unsigned fetch_next[] = {
 #define BATCH_BYTES (32ULL * 1024 * 1024)
 
 /*
- * With a worker pool (fetch_params.workers), a message's seal (its MIME and
- * S/MIME extraction, meta.json) and a batch's commit (syncfs, the records,
- * the renames) run on a worker thread, one job at a time per poll. While
- * one runs the session is held (pop3_hold: nothing is read, no callback
- * comes) and nothing else of the poll touches the store or the message in
- * hand; what the session would have done next waits for the job's end
- * (go_on). A DELE still goes out only once the commit's result is back on
- * the loop and says the message is durable. A poll that must end while a
- * job runs (the session failed, fetch_abort) waits for it first (settle).
- * The store's opening (a first poll writes the state, with fsyncs) and
- * the state's compaction after QUIT are such jobs too: the session starts
+ * With a worker pool (fetch_params.workers), a batch's commit (syncfs, the
+ * records, the renames) runs on a worker thread, one such job at a time
+ * per poll. While one runs the session is held (pop3_hold: nothing is
+ * read, no callback comes) and nothing else of the poll touches the store;
+ * what the session would have done next waits for the job's end (go_on).
+ * A DELE still goes out only once the commit's result is back on the loop
+ * and says the message is durable. A poll that must end while a job runs
+ * (the session failed, fetch_abort) waits for it first (settle). The
+ * store's opening (a first poll writes the state, with fsyncs) and the
+ * state's compaction after QUIT are such jobs too: the session starts
  * after the one, the poll ends after the other.
+ *
+ * A message's seal (its MIME and S/MIME extraction, the files beside
+ * message.eml: message_prepare) touches only that message's own folder:
+ * up to SEALS_MAX of them run on workers while the session reads on, so
+ * that receiving and extracting overlap. A seal that ended joins the batch
+ * on the loop (drain_seals), in the order the seals began, and never while
+ * a commit has the store: the batch, and so the commits and the DELEs,
+ * keep the order the messages came in. A seal still out is not in the
+ * batch: a commit on the loop (commit_batch) waits for all of them first,
+ * the session's last commit (wind_up) begins once they have ended.
  */
+/* seals of one poll out at once: at most this many messages (each up to 4
+ * MiB in memory, store.h) wait for theirs; at the bound the session is
+ * held until one ends */
+#define SEALS_MAX 3
 enum job_kind { JOB_OPEN, JOB_SEAL, JOB_COMMIT, JOB_COMPACT };
 
 /* A message the worker's commit made durable, for on_committed. */
@@ -198,6 +211,8 @@ struct fetch_job {
 	struct fetch *f;
 	enum job_kind kind;
 	int r;
+	struct worker_job *wj; /* until done is called (ended) */
+	bool ended;
 	/* JOB_SEAL: the message of cand[cand] */
 	size_t cand;
 	struct message_info info;
@@ -286,11 +301,19 @@ struct fetch {
 	size_t stale_sent, stale_cap, stale_left;
 	struct event *done_ev;
 
-	struct worker_pool *workers; /* NULL: seal and commit here */
-	struct worker_job *job;	     /* the poll's job in flight, or NULL */
-	bool then_next;		     /* on_retrieved's next step waits for the job */
-	bool commit_due;	     /* the batch's time bound passed while a job ran */
-	bool settling;		     /* the job is being ended at once: nothing follows it */
+	struct worker_pool *workers;	    /* NULL: seal and commit here */
+	struct worker_job *job;		    /* the poll's job in flight (not a seal), or NULL */
+	struct fetch_job *seals[SEALS_MAX]; /* out, in the order they began */
+	size_t nseals;
+	/* wind_up waits for the seals out: then it commits and QUITs so */
+	bool wind_pending, wind_dele;
+	enum fetch_state wind_after;
+	/* a seal or a commit failed: the seals out (of messages after it) are
+	 * dropped as they end, as the RETRs in flight are */
+	bool dropping;
+	bool then_next;	 /* on_retrieved's next step waits for the job */
+	bool commit_due; /* the batch's time bound passed while a job ran */
+	bool settling;	 /* the job is being ended at once: nothing follows it */
 
 	struct fetch_result res;
 	char where[300]; /* "host:port" or "[v6]:port", for error lines */
@@ -301,6 +324,7 @@ static bool commit_batch(struct fetch *f, bool dele);
 static uint64_t message_limit(const struct fetch *f, uint64_t listed);
 static void start_session(struct fetch *f);
 static void settle(struct fetch *f);
+static bool flush_seals(struct fetch *f);
 static void compacted(struct fetch *f, int r);
 static void opened(struct fetch *f, int r, const char *why);
 
@@ -537,18 +561,19 @@ batch_committed(struct fetch *f, size_t n, int r, bool dele)
 	return true;
 }
 
-/* Group commit of the sealed messages here, then (with dele) their DELEs;
- * false when it failed. */
+/* Group commit of the sealed messages here (the seals out first), then
+ * (with dele) their DELEs; false when it or a seal failed. */
 static bool
 commit_batch(struct fetch *f, bool dele)
 {
+	bool sealed_all = flush_seals(f);
 	size_t n = f->npend;
 
 	if (n == 0)
-		return true;
+		return sealed_all;
 	evtimer_del(f->commit_ev);
 	f->pend_done = 0;
-	return batch_committed(f, n, store_commit(f->store, on_committed, f), dele);
+	return batch_committed(f, n, store_commit(f->store, on_committed, f), dele) && sealed_all;
 }
 
 /* ---- jobs on a worker ---- */
@@ -570,7 +595,7 @@ job_work(void *arg)
 	struct fetch *f = j->f;
 
 	if (j->kind == JOB_SEAL)
-		j->r = message_seal(&f->msgp, &j->info, f->store, &j->msg, j->why, sizeof(j->why));
+		j->r = message_prepare(&f->msgp, &j->info, j->msg, j->why, sizeof(j->why));
 	else if (j->kind == JOB_COMMIT)
 		j->r = store_commit(f->store, collect_committed, j);
 	else if (j->kind == JOB_OPEN)
@@ -581,11 +606,31 @@ job_work(void *arg)
 
 static void job_done(void *arg);
 
-/* Is a worker to take the poll's next seal or commit? */
+/* Is a worker to take the poll's next commit (or the like)? */
 static bool
 use_worker(const struct fetch *f)
 {
 	return f->workers != NULL && f->job == NULL && !f->settling;
+}
+
+/* Is a worker to take the next seal? */
+static bool
+seal_on_worker(const struct fetch *f)
+{
+	return use_worker(f) && f->nseals < SEALS_MAX;
+}
+
+/* The session reads unless a job has the store, the seals are at their
+ * bound, or its last commit waits for them. */
+static void
+read_or_hold(struct fetch *f)
+{
+	if (f->pop3 == NULL)
+		return;
+	if (f->job != NULL || f->nseals >= SEALS_MAX || f->wind_pending)
+		pop3_hold(f->pop3);
+	else
+		pop3_resume(f->pop3);
 }
 
 static void
@@ -594,7 +639,7 @@ job_start(struct fetch *f, struct fetch_job *j)
 	j->f = f;
 	if (f->pop3 != NULL)
 		pop3_hold(f->pop3);
-	f->job = worker_submit(f->workers, job_work, job_done, j);
+	f->job = j->wj = worker_submit(f->workers, job_work, job_done, j);
 }
 
 /* Commit the batch on a worker (see batch_committed), then QUIT into after
@@ -632,18 +677,17 @@ commit_ended(struct fetch *f, struct fetch_job *j)
 		fetch_enter(f, j->after);
 		if (!f->settling)
 			pop3_quit(f->pop3);
-	} else if (!ok && !f->settling) {
-		stop_saving(f, FETCH_QUITTING, true);
+	} else if (!ok) {
+		f->dropping = true;
+		if (!f->settling && retrieving(f))
+			stop_saving(f, FETCH_QUITTING, true);
 	}
 }
 
-/* Commit what is sealed (its DELEs go out with dele), then QUIT: the server
- * answers what is in flight first. after: FETCH_QUITTING, or
- * FETCH_STARTING_OVER for a new session one command at a time. */
+/* wind_up once every seal has joined the batch. */
 static void
-wind_up(struct fetch *f, enum fetch_state after, bool dele)
+wind_now(struct fetch *f, enum fetch_state after, bool dele)
 {
-	fetch_enter(f, FETCH_COMMITTING);
 	if (f->npend > 0 && use_worker(f)) {
 		commit_job(f, dele, true, after);
 		return;
@@ -651,6 +695,25 @@ wind_up(struct fetch *f, enum fetch_state after, bool dele)
 	commit_batch(f, dele);
 	fetch_enter(f, after);
 	pop3_quit(f->pop3);
+}
+
+/* Commit what is sealed (its DELEs go out with dele), then QUIT: the server
+ * answers what is in flight first. after: FETCH_QUITTING, or
+ * FETCH_STARTING_OVER for a new session one command at a time. With seals
+ * out, that waits for their end (go_on). */
+static void
+wind_up(struct fetch *f, enum fetch_state after, bool dele)
+{
+	fetch_enter(f, FETCH_COMMITTING);
+	if (f->nseals > 0 && !f->settling) {
+		/* held meanwhile, as for a commit on a worker */
+		f->wind_pending = true;
+		f->wind_after = after;
+		f->wind_dele = dele;
+		read_or_hold(f);
+		return;
+	}
+	wind_now(f, after, dele);
 }
 
 /* Save nothing more: the message in hand and the RETRs in flight are
@@ -680,10 +743,10 @@ commit_or_stop(struct fetch *f)
 static void
 commit_soon(struct fetch *f)
 {
-	if (f->npend > 0 && use_worker(f))
-		commit_job(f, true, false, FETCH_COMMITTING);
-	else
+	if (!use_worker(f))
 		commit_or_stop(f);
+	else if (f->npend > 0)
+		commit_job(f, true, false, FETCH_COMMITTING);
 }
 
 static void
@@ -750,7 +813,7 @@ more_to_ask(const struct fetch *f)
 	if (f->state != FETCH_RETRIEVING || f->issued >= f->ncand)
 		return false;
 	/* receive: one: the oldest message the server gives */
-	return f->mode != FETCH_ONE || (f->res.nsaved == 0 && f->npend == 0);
+	return f->mode != FETCH_ONE || (f->res.nsaved == 0 && f->npend == 0 && f->nseals == 0);
 }
 
 /* Keep the window of RETRs full. Once it is, it is filled again when half
@@ -1205,13 +1268,16 @@ on_ambiguous(void *arg, unsigned long num, const char *first_line)
 	/* else in flight when the session stopped saving: dropped */
 }
 
-/* Is a message with this key in the batch? (Byte-identical messages
- * without UIDL have one key.) */
+/* Is a message with this key in the batch, or sealed on a worker?
+ * (Byte-identical messages without UIDL have one key.) */
 static bool
 pending_has(const struct fetch *f, const char *uid)
 {
 	for (size_t i = 0; i < f->npend; i++)
 		if (strcmp(f->cand[f->pend[i]].uid, uid) == 0)
+			return true;
+	for (size_t i = 0; i < f->nseals; i++)
+		if (strcmp(f->cand[f->seals[i]->cand].uid, uid) == 0)
 			return true;
 	return false;
 }
@@ -1283,8 +1349,20 @@ not_saved(struct fetch *f, const struct candidate *c, const char *why)
 {
 	set_exit(f, EX_IOERR);
 	add_error(f, "message %lu (%s) not saved: %s", c->num, c->uid, why);
-	if (!f->settling)
+	/* a seal that ends after the session stopped saving: QUIT follows */
+	if (!f->settling && retrieving(f))
 		stop_saving(f, FETCH_QUITTING, true);
+}
+
+/* Is the batch (of n messages) to be committed now? */
+static bool
+batch_full(const struct fetch *f, size_t *ret_n)
+{
+	unsigned long long bytes;
+	size_t n = store_pending(f->store, &bytes);
+
+	*ret_n = n;
+	return n >= f->batch_max || bytes >= BATCH_BYTES || f->mode == FETCH_ONE;
 }
 
 /* A message was sealed into the batch: commit when the batch is full, or
@@ -1292,10 +1370,9 @@ not_saved(struct fetch *f, const struct candidate *c, const char *why)
 static void
 batch_sealed(struct fetch *f)
 {
-	unsigned long long bytes;
-	size_t n = store_pending(f->store, &bytes);
+	size_t n;
 
-	if (n >= f->batch_max || bytes >= BATCH_BYTES || f->mode == FETCH_ONE) {
+	if (batch_full(f, &n)) {
 		commit_soon(f);
 	} else if (n == 1) {
 		struct timeval bound = {(time_t)f->batch_seconds, 0};
@@ -1309,27 +1386,95 @@ static void
 sealed(struct fetch *f, struct candidate *c, int r, const char *why)
 {
 	if (r < 0) {
+		f->dropping = true;
 		not_saved(f, c, why);
 		return;
 	}
 	msg_enter(c, MSG_STAGED);
 	f->pend[f->npend++] = (size_t)(c - f->cand);
-	if (!f->settling)
+	if (f->settling)
+		return;
+	if (retrieving(f)) {
 		batch_sealed(f);
+	} else if (f->wind_pending) {
+		/* the last seals of a session winding up keep the batch's bounds
+		 * too (and its DELEs go out as the wind-up says) */
+		size_t n;
+		if (batch_full(f, &n))
+			commit_job(f, f->wind_dele, false, FETCH_COMMITTING);
+	}
 }
 
-/* Seal c on a worker: the message in hand is the job's until it ends. */
+/* Seal c on a worker (message_prepare) while the session reads on: the
+ * message in hand is the job's until it ends. */
 static void
 seal_job(struct fetch *f, struct candidate *c)
 {
 	struct fetch_job *j = xcalloc(1, sizeof(*j));
 
+	j->f = f;
 	j->kind = JOB_SEAL;
 	j->cand = (size_t)(c - f->cand);
 	j->info = (struct message_info){.num = c->num, .uid = c->uid, .received = f->msg_time};
 	j->msg = f->msg;
 	f->msg = NULL;
-	job_start(f, j);
+	f->seals[f->nseals++] = j;
+	j->wj = worker_submit(f->workers, job_work, job_done, j);
+	read_or_hold(f);
+}
+
+/* A seal that ended, on the loop: its message joins the batch (the
+ * store's part of the seal), or is not saved. */
+static void
+seal_ended(struct fetch *f, struct fetch_job *j)
+{
+	int r = j->r;
+
+	if (f->dropping) {
+		store_msg_abort(j->msg);
+		msg_enter(&f->cand[j->cand], MSG_FAILED);
+		return;
+	}
+	if (r == 0 && (r = store_msg_seal(j->msg, f->msgp.save_text)) < 0)
+		snprintf(j->why, sizeof(j->why), "%s", store_error(f->store));
+	else if (r < 0)
+		store_msg_abort(j->msg);
+	sealed(f, &f->cand[j->cand], r, j->why);
+}
+
+/* The seals that ended join the batch in the order they began; none while
+ * a job has the store. */
+static void
+drain_seals(struct fetch *f)
+{
+	while (f->nseals > 0 && f->seals[0]->ended && f->job == NULL) {
+		struct fetch_job *j = f->seals[0];
+		f->nseals--;
+		memmove(f->seals, f->seals + 1, f->nseals * sizeof(*f->seals));
+		seal_ended(f, j);
+		free(j);
+	}
+}
+
+/* Every seal out ends now (blocking: run here, or waited for) and joins
+ * the batch; the batch's bounds are not looked at meanwhile. False when
+ * one failed. */
+static bool
+flush_seals(struct fetch *f)
+{
+	bool settling = f->settling, ok = true;
+
+	MUST(f->job == NULL || f->nseals == 0);
+	f->settling = true;
+	while (f->nseals > 0) {
+		struct fetch_job *j = f->seals[0];
+		if (!j->ended)
+			worker_finish(j->wj);
+		ok = ok && j->r == 0;
+		drain_seals(f);
+	}
+	f->settling = settling;
+	return ok;
 }
 
 /* c is all here: saved, unless known before. */
@@ -1342,10 +1487,12 @@ received(struct fetch *f, struct candidate *c)
 
 	if (known_before(f, c)) /* may key c by its content: c->uid changes */
 		return;
-	if (use_worker(f)) {
+	if (seal_on_worker(f)) {
 		seal_job(f, c);
 		return;
 	}
+	/* sealed here: after those out, into the batch in order */
+	flush_seals(f);
 	m = (struct message_info){.num = c->num, .uid = c->uid, .received = f->msg_time};
 	r = message_seal(&f->msgp, &m, f->store, &f->msg, why, sizeof(why));
 	sealed(f, c, r, why);
@@ -1379,7 +1526,7 @@ retr_answered(struct fetch *f, struct candidate *c, unsigned long num, const cha
 		/* what is sealed is sound, but a DELE by number could hit another */
 		stop_saving(f, FETCH_QUITTING, false);
 	} else if (c->state == MSG_FAILED) {
-		not_saved(f, c, store_error(f->store));	      /* a write of it failed */
+		not_saved(f, c, store_msg_error(f->msg));     /* a write of it failed */
 	} else if (f->msg != NULL || begin_message(f) == 0) { /* empty: staged now */
 		received(f, c);
 	}
@@ -1404,10 +1551,12 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 	/* else in flight when the session stopped saving: dropped */
 }
 
-/* After a job: what waited for it, and then the session reads again. */
+/* After a job or a seal: the seals that ended join the batch, what waited
+ * for them happens, and then the session reads again. */
 static void
 go_on(struct fetch *f)
 {
+	drain_seals(f);
 	if (f->job == NULL && f->then_next) {
 		f->then_next = false;
 		f->next++;
@@ -1418,8 +1567,12 @@ go_on(struct fetch *f)
 		if (retrieving(f))
 			commit_soon(f);
 	}
-	if (f->job == NULL && f->pop3 != NULL)
-		pop3_resume(f->pop3);
+	if (f->job == NULL && f->wind_pending && f->nseals == 0) {
+		f->wind_pending = false;
+		wind_now(f, f->wind_after, f->wind_dele);
+	}
+	if (f->state != FETCH_DONE)
+		read_or_hold(f);
 }
 
 /* Back on the loop (or in settle): the job's result. */
@@ -1429,11 +1582,14 @@ job_done(void *arg)
 	struct fetch_job *j = arg;
 	struct fetch *f = j->f;
 
-	f->job = NULL;
 	if (j->kind == JOB_SEAL) {
-		f->msg = j->msg; /* a seal that failed before it began leaves it */
-		sealed(f, &f->cand[j->cand], j->r, j->why);
-	} else if (j->kind == JOB_COMMIT) {
+		j->ended = true; /* joins the batch in its turn (drain_seals) */
+		if (!f->settling)
+			go_on(f);
+		return;
+	}
+	f->job = NULL;
+	if (j->kind == JOB_COMMIT) {
 		commit_ended(f, j);
 	} else if (j->kind == JOB_OPEN) {
 		f->store = j->store;
@@ -1453,12 +1609,17 @@ job_done(void *arg)
 static void
 settle(struct fetch *f)
 {
-	if (f->job == NULL)
+	if (f->job == NULL && f->nseals == 0)
 		return;
 	f->settling = true;
-	worker_finish(f->job);
+	if (f->job != NULL)
+		worker_finish(f->job);
+	flush_seals(f);
+	/* as a commit job that ends so: past COMMITTING, without QUIT */
+	if (f->wind_pending)
+		fetch_enter(f, f->wind_after);
 	f->settling = false;
-	f->then_next = f->commit_due = false;
+	f->then_next = f->commit_due = f->wind_pending = false;
 }
 
 static void
@@ -1551,6 +1712,8 @@ compact_state(struct fetch *f)
 static void
 session_reset(struct fetch *f)
 {
+	MUST(f->nseals == 0); /* they name candidates */
+	f->dropping = false;
 	store_msg_abort(f->msg);
 	f->msg = NULL;
 	free(f->listed);

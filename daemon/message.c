@@ -158,7 +158,7 @@ build_meta(const struct message_params *p, const struct message_info *m, unsigne
  * meta.json, the header fields read by the same parse. */
 static int
 describe(const struct message_params *p, const struct message_info *m, unsigned long long size,
-	 struct store *st, struct store_msg *msg, char *why, size_t whylen)
+	 struct store_msg *msg, char *why, size_t whylen)
 {
 	struct mime_headers h = {0};
 	struct mime_result mr = {0};
@@ -192,7 +192,26 @@ describe(const struct message_params *p, const struct message_info *m, unsigned 
 	r = store_msg_add_file(msg, "meta.json", meta, strlen(meta));
 	free(meta);
 	if (r < 0)
-		snprintf(why, whylen, "%s", store_error(st));
+		snprintf(why, whylen, "%s", store_msg_error(msg));
+	return r;
+}
+
+int
+message_prepare(const struct message_params *p, const struct message_info *m, struct store_msg *msg,
+		char *why, size_t whylen)
+{
+	unsigned long long size;
+	int r;
+
+	if (store_msg_finish_eml(msg, &size) < 0) {
+		snprintf(why, whylen, "%s", store_msg_error(msg));
+		return -EIO;
+	}
+	/* with nothing kept, only the UIDL record remains: no text, no meta.json */
+	if (p->keep && (r = describe(p, m, size, msg, why, whylen)) < 0)
+		return r;
+	if ((r = store_msg_close(msg, p->save_text)) < 0)
+		snprintf(why, whylen, "%s", store_msg_error(msg));
 	return r;
 }
 
@@ -200,15 +219,9 @@ int
 message_seal(const struct message_params *p, const struct message_info *m, struct store *st,
 	     struct store_msg **msg, char *why, size_t whylen)
 {
-	unsigned long long size;
 	int r;
 
-	if (store_msg_finish_eml(*msg, &size) < 0) {
-		snprintf(why, whylen, "%s", store_error(st));
-		return -EIO;
-	}
-	/* with nothing kept, only the UIDL record remains: no text, no meta.json */
-	if (p->keep && (r = describe(p, m, size, st, *msg, why, whylen)) < 0)
+	if ((r = message_prepare(p, m, *msg, why, whylen)) < 0)
 		return r;
 	/* the store owns it from here, also when sealing fails */
 	r = store_msg_seal(*msg, p->save_text);

@@ -3,6 +3,7 @@
  * configuration, each with its own runtime, started as session slots free
  * up (at most max_sessions at once), all on one event loop.
  */
+#include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +25,7 @@
 #include "popfetchd/runtime.h"
 #include "popfetchd/status.h"
 #include "popfetchd/util.h"
+#include "popfetchd/worker.h"
 
 /* the progress line is redrawn this often (ms), and its rate is measured
  * over the last PROGRESS_SAMPLES redraws */
@@ -60,6 +62,9 @@ struct oneshot {
 	struct event_base *base;
 	struct evdns_base *dns;
 	struct oauth2_client *oauth;
+	/* seals and commits, as the daemon's (DESIGN.md §6): a message is
+	 * extracted while the next is received; NULL: on the loop */
+	struct worker_pool *workers;
 	struct progress progress;
 };
 
@@ -392,6 +397,7 @@ start_job(struct oneshot *os, struct job *j)
 	j->started = time(NULL);
 	j->has_runtime = true;
 	fetch_params_from_runtime(&j->rt, os->o->mode, &fp);
+	fp.workers = os->workers;
 	j->f = fetch_start(os->base, os->dns, &fp, on_fetch_done, j);
 	os->running++;
 }
@@ -418,6 +424,19 @@ any_oauth2(const struct oneshot *os)
 	return false;
 }
 
+/* As many worker threads as polls, up to WORKER_THREADS: one thread beside
+ * the loop keeps a second core busy with a poll's seals and commits (its
+ * commits are one at a time anyway); a thread more is for another poll. */
+static unsigned
+worker_threads(const struct oneshot *os)
+{
+	unsigned n = 0;
+
+	for (size_t i = 0; i < os->n && n < WORKER_THREADS; i++)
+		n += !os->jobs[i].refused;
+	return n > 0 ? n : 1;
+}
+
 static void
 run_jobs(struct oneshot *os)
 {
@@ -426,6 +445,11 @@ run_jobs(struct oneshot *os)
 		abort();
 	os->dns = runtime_dns_new(os->base);
 	os->oauth = any_oauth2(os) ? oauth2_client_new(os->base) : NULL;
+	if ((os->workers = worker_pool_new(os->base, worker_threads(os))) == NULL)
+		log_warning(NULL,
+			    "cannot start worker threads (%s): messages are sealed and committed "
+			    "on the event loop",
+			    strerror(errno));
 	progress_start(os);
 	pump(os);
 	if (os->running > 0)
@@ -442,6 +466,7 @@ free_jobs(struct oneshot *os)
 			runtime_clear(&os->jobs[i].rt);
 	}
 	oauth2_client_free(os->oauth);
+	worker_pool_free(os->workers); /* nothing is out: the polls are freed */
 	if (os->base != NULL) {
 		/* run what is still pending (deferred frees) */
 		event_base_loop(os->base, EVLOOP_NONBLOCK);

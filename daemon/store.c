@@ -101,6 +101,11 @@ struct store_msg {
 	 * the rename, or the next store_open once it has settled that record,
 	 * may remove the staging folder (its presence means "not renamed") */
 	bool recorded;
+	/* store_msg_close has run: only the batch's part of the seal is left */
+	bool closed;
+	/* the last error of this message's own files: a worker may write them
+	 * while the loop uses the store (store_msg_close) */
+	char error[512];
 };
 
 static int append_lines(struct store *st, const char *lines, size_t len);
@@ -196,6 +201,17 @@ strset_clear(struct strset *set)
 	memset(set, 0, sizeof(*set));
 }
 
+/* The line of an error (fmt, then what err says) into buf: -err. */
+static int
+verror(char *buf, size_t size, int err, const char *fmt, va_list ap)
+{
+	int n = vsnprintf(buf, size, fmt, ap);
+
+	if (n >= 0 && (size_t)n < size)
+		snprintf(buf + n, size - (size_t)n, ": %s", strerror(err));
+	return -err;
+}
+
 static int seterr(struct store *st, int err, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
@@ -203,13 +219,25 @@ static int
 seterr(struct store *st, int err, const char *fmt, ...)
 {
 	va_list ap;
-	int n;
 
 	va_start(ap, fmt);
-	n = vsnprintf(st->error, sizeof(st->error), fmt, ap);
+	verror(st->error, sizeof(st->error), err, fmt, ap);
 	va_end(ap);
-	if (n >= 0 && (size_t)n < sizeof(st->error))
-		snprintf(st->error + n, sizeof(st->error) - (size_t)n, ": %s", strerror(err));
+	return -err;
+}
+
+static int msg_seterr(struct store_msg *m, int err, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/* An error of m's own files: in m, not in the store (see store_msg_close). */
+static int
+msg_seterr(struct store_msg *m, int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	verror(m->error, sizeof(m->error), err, fmt, ap);
+	va_end(ap);
 	return -err;
 }
 
@@ -921,7 +949,7 @@ flush_eml(struct store_msg *m)
 	r = util_write_all(m->fd, m->wbuf, m->wlen);
 	m->wlen = 0;
 	if (r < 0)
-		return seterr(m->st, -r, "cannot write %s", m->eml);
+		return msg_seterr(m, -r, "cannot write %s", m->eml);
 	return 0;
 }
 
@@ -948,7 +976,7 @@ write_kept(struct store_msg *m)
 {
 	int r = util_write_all(m->fd, m->wbuf, m->wlen);
 
-	return r < 0 ? seterr(m->st, -r, "cannot write %s", m->eml) : 0;
+	return r < 0 ? msg_seterr(m, -r, "cannot write %s", m->eml) : 0;
 }
 
 int
@@ -974,7 +1002,7 @@ store_msg_write(struct store_msg *m, const void *buf, size_t len)
 		return r;
 	if (len >= STORE_WBUF) {
 		if ((r = util_write_all(m->fd, buf, len)) < 0)
-			return seterr(m->st, -r, "cannot write %s", m->eml);
+			return msg_seterr(m, -r, "cannot write %s", m->eml);
 		return 0;
 	}
 	if (m->wbuf == NULL)
@@ -1012,7 +1040,7 @@ store_msg_finish_eml(struct store_msg *m, unsigned long long *ret_size)
 	if (m->fd >= 0) {
 		int r = m->kept ? write_kept(m) : flush_eml(m);
 		if (close(m->fd) < 0 && r == 0)
-			r = seterr(m->st, errno, "cannot write %s", m->eml);
+			r = msg_seterr(m, errno, "cannot write %s", m->eml);
 		m->fd = -1;
 		if (!m->kept) {
 			free(m->wbuf);
@@ -1033,12 +1061,12 @@ store_msg_add_file(struct store_msg *m, const char *name, const void *data, size
 
 	fd = openat(m->dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
 	if (fd < 0)
-		return seterr(m->st, errno, "cannot create %s/%s", m->path, name);
+		return msg_seterr(m, errno, "cannot create %s/%s", m->path, name);
 	r = util_write_all(fd, data, len);
 	if (close(fd) < 0 && r == 0)
 		r = -errno;
 	if (r < 0)
-		return seterr(m->st, -r, "cannot write %s/%s", m->path, name);
+		return msg_seterr(m, -r, "cannot write %s/%s", m->path, name);
 	return 0;
 }
 
@@ -1123,24 +1151,41 @@ store_msg_abort(struct store_msg *m)
 }
 
 int
+store_msg_close(struct store_msg *m, bool keep_eml)
+{
+	int r;
+
+	if (m->closed)
+		return 0;
+	if ((r = store_msg_finish_eml(m, NULL)) < 0)
+		return r;
+	if (m->st->save_dir != NULL && !keep_eml && unlinkat(m->dirfd, "message.eml", 0) < 0)
+		return msg_seterr(m, errno, "cannot remove %s", m->eml);
+	close(m->dirfd);
+	m->dirfd = -1;
+	free(m->wbuf);
+	m->wbuf = NULL;
+	m->closed = true;
+	return 0;
+}
+
+const char *
+store_msg_error(const struct store_msg *m)
+{
+	return m->error;
+}
+
+int
 store_msg_seal(struct store_msg *m, bool keep_eml)
 {
 	struct store *st = m->st;
 	int r;
 
-	if ((r = store_msg_finish_eml(m, NULL)) < 0) {
+	if ((r = store_msg_close(m, keep_eml)) < 0) {
+		snprintf(st->error, sizeof(st->error), "%s", m->error);
 		store_msg_abort(m);
 		return r;
 	}
-	if (st->save_dir != NULL && !keep_eml && unlinkat(m->dirfd, "message.eml", 0) < 0) {
-		r = seterr(st, errno, "cannot remove %s", m->eml);
-		store_msg_abort(m);
-		return r;
-	}
-	close(m->dirfd);
-	m->dirfd = -1;
-	free(m->wbuf);
-	m->wbuf = NULL;
 	if (st->nbatch == st->capbatch) {
 		st->capbatch = st->capbatch ? 2 * st->capbatch : 16;
 		st->batch = xrealloc(st->batch, st->capbatch * sizeof(*st->batch));

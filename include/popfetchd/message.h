@@ -57,11 +57,20 @@ struct message_info {
 /*
  * message.eml of *msg is all here: close it, write beside it its text,
  * attachments and meta.json (with p->keep), and seal it into st's batch.
- * Once sealing begins the store owns the message and *msg is set to NULL
- * (also when sealing fails); before, on a failure, it stays the caller's.
+ * Once it is in the batch the store owns the message and *msg is set to
+ * NULL; on a failure before, it stays the caller's.
  * 0, or -errno with why (a line for the operator).
  */
 int message_seal(const struct message_params *p, const struct message_info *m, struct store *st,
 		 struct store_msg **msg, char *why, size_t whylen);
+/*
+ * The part of message_seal that touches nothing but msg's own folder (the
+ * parse, the files written beside message.eml, store_msg_close): a worker
+ * thread may run it while the loop receives the next message; the loop
+ * then seals msg into the batch (store_msg_seal). msg stays the caller's,
+ * also on a failure (-errno with why).
+ */
+int message_prepare(const struct message_params *p, const struct message_info *m,
+		    struct store_msg *msg, char *why, size_t whylen);
 
 #endif

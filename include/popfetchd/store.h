@@ -82,6 +82,17 @@ int store_msg_add_file(struct store_msg *m, const char *name, const void *data, 
  * message is not durable, not visible, not recorded.
  */
 int store_msg_seal(struct store_msg *m, bool keep_eml);
+/*
+ * The part of store_msg_seal that touches only m's own files (message.eml
+ * closed, or removed with keep_eml false; the folder closed): a worker
+ * thread may run it while the loop goes on using the store, and the loop
+ * then seals m. On a failure (-errno, store_msg_error says what) m stays
+ * the caller's, to abort.
+ */
+int store_msg_close(struct store_msg *m, bool keep_eml);
+/* The last error of m's own files (store_msg_write, store_msg_finish_eml,
+ * store_msg_add_file, store_msg_close): a line for the operator. */
+const char *store_msg_error(const struct store_msg *m);
 /* Messages in the batch, and their message bytes in *ret_bytes (may be NULL). */
 size_t store_pending(const struct store *st, unsigned long long *ret_bytes);
 /* A message of the batch is committed: durable, recorded, visible at

@@ -13,7 +13,8 @@
  * A case marked "drops: every" is replayed once more for every S: line k,
  * the server closing the connection instead of sending it: no crash, the
  * rules above, and a failure (unless the cut came after QUIT and nothing
- * was deleted).
+ * was deleted). After the cases (a run without arguments), check_overlap:
+ * with seals on a worker, the session reads on while a seal waits.
  * Usage: test_transcripts [FILE.pop3...] (default: every case); with
  * TRANSCRIPT_DEBUG set, the session's debug lines go to stderr.
  */
@@ -21,6 +22,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -97,6 +99,7 @@ struct run {
 	const struct conf_mailbox *mb;
 	struct event_base *base;
 	struct worker_pool *workers; /* seals and commits on threads; NULL: on the loop */
+	struct gate *gate;	     /* check_overlap: the worker held at the first RETR */
 	struct event *watchdog;
 	unsigned watchdog_fired;
 	size_t next_step; /* where the next session's dialogue begins */
@@ -505,6 +508,101 @@ check_saved_bytes(struct run *r, const char *uid, const char *folder)
 	free(path);
 }
 
+/* ---- a worker held back (check_overlap) ---------------------------------- */
+
+/*
+ * At the first RETR the server reads, the one worker thread is given a job
+ * that waits for the gate: every seal queues behind it. The gate opens once
+ * the client has begun its third message (three staging folders): it read
+ * on while the first message's seal could not run. Should it not, the gate
+ * opens after GATE_TICKS and the case fails.
+ */
+#define GATE_TICKS 200 /* of 10 ms */
+
+struct gate {
+	pthread_mutex_t lock;
+	pthread_cond_t opened;
+	bool open, armed, read_on;
+	unsigned ticks;
+	struct event *tick;
+	struct run *run;
+};
+
+static void
+gate_work(void *arg)
+{
+	struct gate *g = arg;
+
+	pthread_mutex_lock(&g->lock);
+	while (!g->open)
+		pthread_cond_wait(&g->opened, &g->lock);
+	pthread_mutex_unlock(&g->lock);
+}
+
+static void
+gate_done(void *arg)
+{
+	(void)arg;
+}
+
+static void
+gate_open(struct gate *g)
+{
+	pthread_mutex_lock(&g->lock);
+	g->open = true;
+	pthread_cond_signal(&g->opened);
+	pthread_mutex_unlock(&g->lock);
+}
+
+/* The messages begun and not committed: their staging folders. */
+static size_t
+staged_count(const struct run *r)
+{
+	char *path = xasprintf("%s/.tmp/box", r->save);
+	DIR *d = opendir(path);
+	struct dirent *e;
+	size_t n = 0;
+
+	while (d != NULL && (e = readdir(d)) != NULL)
+		n += e->d_name[0] != '.';
+	if (d != NULL)
+		closedir(d);
+	free(path);
+	return n;
+}
+
+static void
+on_gate_tick(evutil_socket_t fd, short what, void *arg)
+{
+	struct gate *g = arg;
+	struct timeval tv = {0, 10 * 1000};
+
+	(void)fd;
+	(void)what;
+	if (staged_count(g->run) >= 3) {
+		g->read_on = true;
+		gate_open(g);
+	} else if (++g->ticks == GATE_TICKS) {
+		gate_open(g);
+	} else {
+		evtimer_add(g->tick, &tv);
+	}
+}
+
+/* The server reads RETR: at the first, the worker is held. */
+static void
+gate_arm(struct run *r)
+{
+	struct gate *g = r->gate;
+	struct timeval tv = {0, 10 * 1000};
+
+	if (g == NULL || g->armed)
+		return;
+	g->armed = true;
+	worker_submit(r->workers, gate_work, gate_done, g);
+	evtimer_add(g->tick, &tv);
+}
+
 /* ---- the server ---------------------------------------------------------- */
 
 /* What the answer to cmd carries after a +OK line. */
@@ -569,6 +667,8 @@ model_read(struct peer *pe, char *line, int lineno)
 
 	if (strncmp(line, "DELE ", 5) == 0)
 		check_dele(r, pe->session, strtoul(line + 5, NULL, 10), lineno);
+	if (strncmp(line, "RETR ", 5) == 0)
+		gate_arm(r);
 	if (strcmp(line, "QUIT") == 0)
 		r->quit_read = true;
 	if (pe->plen == MAX_PENDING) {
@@ -1139,24 +1239,38 @@ remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
 }
 
 /* Replay the case; cut: the S: line the server closes at (SIZE_MAX: none);
- * threaded: seals and commits on a worker pool, as the daemon does. */
+ * threads: seals and commits on a worker pool of so many, as the daemon
+ * does (0: on the loop); gate: its one worker held at the first RETR. */
 static int
-replay(const struct tcase *tc, size_t cut, bool threaded)
+replay_in(const struct tcase *tc, size_t cut, unsigned threads, struct gate *gate)
 {
-	struct run r = {.tc = tc, .cut = cut};
+	struct run r = {.tc = tc, .cut = cut, .gate = gate};
 	struct conf_set *set;
 
 	r.base = event_base_new();
 	r.watchdog = evtimer_new(r.base, on_watchdog, &r);
 	if (r.base == NULL || r.watchdog == NULL ||
-	    (threaded && (r.workers = worker_pool_new(r.base, WORKER_THREADS)) == NULL))
+	    (threads > 0 && (r.workers = worker_pool_new(r.base, threads)) == NULL))
 		abort();
+	if (gate != NULL && (gate->tick = evtimer_new(r.base, on_gate_tick, gate)) == NULL)
+		abort();
+	if (gate != NULL)
+		gate->run = &r;
 	if ((set = setup(&r)) != NULL) {
 		if (tc->pop3_only)
 			run_pop3(&r, set);
 		else
 			for (size_t poll = 0; !run_poll(&r, set, poll); poll++)
 				;
+	}
+	if (gate != NULL) {
+		check_count++;
+		if (!gate->read_on)
+			report(&r, 0,
+			       "while the first message's seal waited for a worker, the "
+			       "session did not read on to the third message");
+		gate_open(gate);
+		event_free(gate->tick);
 	}
 	if (r.failures > 0)
 		fprintf(stderr, "    (the files are left in %s)\n", r.dir);
@@ -1172,9 +1286,31 @@ replay(const struct tcase *tc, size_t cut, bool threaded)
 	event_free(r.watchdog);
 	event_base_free(r.base);
 	if (r.failures > 0)
-		fprintf(stderr, "    (%s, %s)\n", threaded ? "on worker threads" : "on the loop",
+		fprintf(stderr, "    (%s, %s)\n", threads ? "on worker threads" : "on the loop",
 			cut == SIZE_MAX ? "whole" : "cut short");
 	return r.failures;
+}
+
+static int
+replay(const struct tcase *tc, size_t cut, bool threaded)
+{
+	return replay_in(tc, cut, threaded ? WORKER_THREADS : 0, NULL);
+}
+
+/* A session reads on while a message's seal waits (struct gate): the
+ * pipelined case, with one worker thread, held at the first RETR. */
+static void
+check_overlap(void)
+{
+	char *path = xasprintf("%s/fetch-pipelined.pop3", TRANSCRIPT_DIR);
+	struct tcase *tc = tcase_load(path);
+	struct gate g = {.lock = PTHREAD_MUTEX_INITIALIZER, .opened = PTHREAD_COND_INITIALIZER};
+	int failures = replay_in(tc, SIZE_MAX, 1, &g);
+
+	fprintf(stderr, "reading on while a seal waits (%s): %s\n", tc->name,
+		failures ? "FAILED" : "ok");
+	tcase_free(tc);
+	free(path);
 }
 
 static size_t
@@ -1237,5 +1373,6 @@ main(int argc, char **argv)
 		free(names[i]);
 	}
 	free(names);
+	check_overlap();
 	CHECK_DONE();
 }
