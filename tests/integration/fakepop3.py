@@ -247,14 +247,21 @@ class _Conn:
         sock.settimeout(0.2)
 
     def send(self, data):
-        if self.closed:
-            return False
-        try:
-            self.sock.sendall(data)
-            return True
-        except OSError:
-            self.closed = True
-            return False
+        """All of data, however long the client takes to read it (a client
+        that holds its session while it commits stops reading for a while):
+        sendall's 0.2 s timeout would drop it mid-message."""
+        view = memoryview(data)
+        while view and not self.closed:
+            if self.server.stopping.is_set():
+                self.closed = True
+                break
+            try:
+                view = view[self.sock.send(view):]
+            except socket.timeout:
+                continue
+            except OSError:
+                self.closed = True
+        return not self.closed
 
     def readline(self):
         """The next line without CRLF (bytes), or None at EOF or on stop."""
