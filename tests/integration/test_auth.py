@@ -655,7 +655,10 @@ def test_scram_salted_password_kept(fake_pop3, fake_config, confdir, daemon, mec
     assert d.stop() == EX_OK, d.output
 
     salts = [ex.salt for ex in exchanges(server)]
-    assert all(ex.outcome == "ok" for ex in exchanges(server)), exchanges(server)
+    # every login ended well; the last may have been cut by the stop
+    *done, last = exchanges(server)
+    assert all(ex.outcome == "ok" for ex in done), exchanges(server)
+    assert last.outcome in ("ok", "connection closed"), exchanges(server)
     logins = daemon_logins(d.output)
     # the server's exchanges are the daemon's logins, one by one; the last
     # may have been cut by the stop
