@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -82,11 +83,29 @@ wake_loop(struct worker_pool *p)
 		;
 }
 
+/* A worker yields the CPU to the loop: a long parse or a commit's syncfs
+ * must not make the loop's timers late (Linux's nice value is per thread;
+ * failing to lower it only loses that). */
+#define WORKER_NICE 5
+
+static void
+lower_priority(void)
+{
+	pid_t tid = gettid();
+	int now;
+
+	errno = 0;
+	now = getpriority(PRIO_PROCESS, (id_t)tid);
+	if (errno == 0)
+		(void)setpriority(PRIO_PROCESS, (id_t)tid, now + WORKER_NICE);
+}
+
 static void *
 thread_main(void *arg)
 {
 	struct worker_pool *p = arg;
 
+	lower_priority();
 	pthread_mutex_lock(&p->lock);
 	for (;;) {
 		while (p->queue == NULL && !p->stop)
