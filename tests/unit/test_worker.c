@@ -1,9 +1,12 @@
 /* test_worker — the thread pool: work on a thread, done on the loop, in
  * any number; a job ended at once (worker_finish) whether queued, running
- * or done; the pool freed with nothing left. */
+ * or done; the pool freed with nothing left; its threads yield to the loop
+ * (a higher nice value). */
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -148,9 +151,49 @@ free_with_jobs_out(void)
 	event_base_free(base);
 }
 
+static void
+nice_work(void *arg)
+{
+	int *nice = arg;
+
+	errno = 0;
+	*nice = getpriority(PRIO_PROCESS, (id_t)gettid());
+	CHECK(errno == 0);
+}
+
+static struct event_base *nice_base;
+
+static void
+nice_done(void *arg)
+{
+	(void)arg;
+	event_base_loopbreak(nice_base);
+}
+
+/* A worker's nice value is above the loop's (Linux: per thread), unless the
+ * loop is already at the most (19). */
+static void
+workers_yield(void)
+{
+	struct event_base *base = nice_base = event_base_new();
+	struct worker_pool *p = worker_pool_new(base, 1);
+	int loop, nice = -100;
+
+	errno = 0;
+	loop = getpriority(PRIO_PROCESS, (id_t)gettid());
+	CHECK(errno == 0);
+	worker_submit(p, nice_work, nice_done, &nice); /* on the thread, not by worker_finish */
+	event_base_dispatch(base);
+	CHECK(nice > loop || loop == 19);
+	CHECK(nice <= 19);
+	worker_pool_free(p);
+	event_base_free(base);
+}
+
 int
 main(void)
 {
+	workers_yield();
 	many_jobs();
 	finish_queued();
 	finish_running_and_done();
