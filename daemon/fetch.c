@@ -639,7 +639,7 @@ job_start(struct fetch *f, struct fetch_job *j)
 	j->f = f;
 	if (f->pop3 != NULL)
 		pop3_hold(f->pop3);
-	f->job = j->wj = worker_submit(f->workers, job_work, job_done, j);
+	f->job = j->wj = worker_submit_serial(f->workers, job_work, job_done, j);
 }
 
 /* Commit the batch on a worker (see batch_committed), then QUIT into after

@@ -427,7 +427,7 @@ cmd_run(const struct options *o)
 			 set->shard, set->shards);
 	d.stop_timeout = set->stop_timeout;
 	d.sched = scheduler_new(d.base, dns, set, update_status, &d);
-	if ((d.workers = worker_pool_new(d.base, WORKER_THREADS)) == NULL ||
+	if ((d.workers = worker_pool_new(d.base, WORKER_POOL_SIZE)) == NULL ||
 	    (d.writer = worker_pool_new(d.base, 1)) == NULL)
 		log_warning(NULL,
 			    "cannot start worker threads (%s): messages are sealed and committed, "

@@ -424,9 +424,9 @@ any_oauth2(const struct oneshot *os)
 	return false;
 }
 
-/* As many worker threads as polls, up to WORKER_THREADS: one thread beside
- * the loop keeps a second core busy with a poll's seals and commits (its
- * commits are one at a time anyway); a thread more is for another poll. */
+/* As many threads for seals as polls, up to WORKER_THREADS, and one for the
+ * store's jobs (worker.h): a poll's seals go on while its commit waits for
+ * the disk. */
 static unsigned
 worker_threads(const struct oneshot *os)
 {
@@ -434,7 +434,7 @@ worker_threads(const struct oneshot *os)
 
 	for (size_t i = 0; i < os->n && n < WORKER_THREADS; i++)
 		n += !os->jobs[i].refused;
-	return n > 0 ? n : 1;
+	return (n > 0 ? n : 1) + 1;
 }
 
 static void

@@ -1,8 +1,9 @@
 /*
  * worker — the thread pool (see worker.h).
  *
- * One mutex guards the two lists: jobs queued for a thread, and jobs done
- * whose done callback has not run yet. A thread that finishes a job moves
+ * One mutex guards the lists: jobs queued for any thread, serial jobs
+ * queued for the first thread alone, and jobs done whose done callback has
+ * not run yet. A thread that finishes a job moves
  * it to the done list and adds 1 to an eventfd; the loop's read event on it
  * takes the done jobs one at a time (a done callback may finish another
  * job, which must still be found in the list) and calls them. That event
@@ -30,7 +31,8 @@ struct worker_job {
 	worker_fn work, done;
 	void *arg;
 	enum job_state state;
-	struct worker_job *next; /* in the queue or the done list */
+	bool serial;		 /* queued in serial, for the first thread */
+	struct worker_job *next; /* in a queue or the done list */
 };
 
 struct worker_pool {
@@ -38,10 +40,13 @@ struct worker_pool {
 	pthread_cond_t queued;	 /* a job was queued, or stop */
 	pthread_cond_t finished; /* a job's work has run */
 	struct worker_job *queue, **queue_tail;
+	struct worker_job *serial, **serial_tail; /* worker_submit_serial */
 	struct worker_job *done;
 	bool stop;
 	pthread_t *threads;
 	unsigned nthreads;
+	unsigned size;	/* threads asked for */
+	unsigned begun; /* threads that took their number (the first: 0) */
 	int efd;
 	struct event *ev;
 	size_t out; /* jobs submitted whose done has not run (the loop's alone) */
@@ -60,13 +65,21 @@ unlink_job(struct worker_job **head, struct worker_job *j)
 	return false;
 }
 
-/* The queue's first job, taken off it (the lock is held). */
+/* The first thread takes the serial jobs, and the others when it is the
+ * only one; the others take only those for any thread (a long seal does not
+ * keep a commit waiting). The job is taken off its queue (the lock is
+ * held); NULL when there is none for this thread. */
 static struct worker_job *
-take_queued(struct worker_pool *p)
+take_queued(struct worker_pool *p, bool first)
 {
-	struct worker_job *j = p->queue;
+	struct worker_job **head = first && p->serial != NULL ? &p->serial : &p->queue;
+	struct worker_job *j = *head;
 
-	p->queue = j->next;
+	if (j == NULL || (first && head == &p->queue && p->size > 1))
+		return NULL;
+	*head = j->next;
+	if (p->serial == NULL)
+		p->serial_tail = &p->serial;
 	if (p->queue == NULL)
 		p->queue_tail = &p->queue;
 	j->next = NULL;
@@ -104,15 +117,17 @@ static void *
 thread_main(void *arg)
 {
 	struct worker_pool *p = arg;
+	struct worker_job *j;
+	bool first;
 
 	lower_priority();
 	pthread_mutex_lock(&p->lock);
+	first = p->begun++ == 0;
 	for (;;) {
-		while (p->queue == NULL && !p->stop)
+		while (!p->stop && (j = take_queued(p, first)) == NULL)
 			pthread_cond_wait(&p->queued, &p->lock);
 		if (p->stop)
 			break;
-		struct worker_job *j = take_queued(p);
 		j->state = JOB_RUNNING;
 		pthread_mutex_unlock(&p->lock);
 		j->work(j->arg);
@@ -160,8 +175,8 @@ on_done(evutil_socket_t fd, short what, void *arg)
 	}
 }
 
-struct worker_job *
-worker_submit(struct worker_pool *p, worker_fn work, worker_fn done, void *arg)
+static struct worker_job *
+submit(struct worker_pool *p, worker_fn work, worker_fn done, void *arg, bool serial)
 {
 	struct worker_job *j = xcalloc(1, sizeof(*j));
 
@@ -170,14 +185,46 @@ worker_submit(struct worker_pool *p, worker_fn work, worker_fn done, void *arg)
 	j->done = done;
 	j->arg = arg;
 	j->state = JOB_QUEUED;
+	j->serial = serial;
 	if (p->out++ == 0)
 		event_add(p->ev, NULL);
 	pthread_mutex_lock(&p->lock);
-	*p->queue_tail = j;
-	p->queue_tail = &j->next;
-	pthread_cond_signal(&p->queued);
+	if (serial) {
+		*p->serial_tail = j;
+		p->serial_tail = &j->next;
+	} else {
+		*p->queue_tail = j;
+		p->queue_tail = &j->next;
+	}
+	/* all: a signal could wake the one thread that may not take it */
+	pthread_cond_broadcast(&p->queued);
 	pthread_mutex_unlock(&p->lock);
 	return j;
+}
+
+struct worker_job *
+worker_submit(struct worker_pool *p, worker_fn work, worker_fn done, void *arg)
+{
+	return submit(p, work, done, arg, false);
+}
+
+struct worker_job *
+worker_submit_serial(struct worker_pool *p, worker_fn work, worker_fn done, void *arg)
+{
+	return submit(p, work, done, arg, true);
+}
+
+/* j, queued, leaves its queue (the lock is held). */
+static void
+unqueue(struct worker_pool *p, struct worker_job *j)
+{
+	struct worker_job **head = j->serial ? &p->serial : &p->queue;
+	struct worker_job ***tail = j->serial ? &p->serial_tail : &p->queue_tail;
+
+	unlink_job(head, j);
+	*tail = head;
+	while (**tail != NULL)
+		*tail = &(**tail)->next;
 }
 
 void
@@ -188,10 +235,7 @@ worker_finish(struct worker_job *j)
 
 	pthread_mutex_lock(&p->lock);
 	if (j->state == JOB_QUEUED) {
-		unlink_job(&p->queue, j);
-		p->queue_tail = &p->queue;
-		while (*p->queue_tail != NULL)
-			p->queue_tail = &(*p->queue_tail)->next;
+		unqueue(p, j);
 		run_here = true;
 	} else {
 		while (j->state != JOB_DONE)
@@ -212,7 +256,7 @@ drain(struct worker_pool *p)
 		struct worker_job *j;
 
 		pthread_mutex_lock(&p->lock);
-		while ((j = p->queue != NULL ? p->queue : p->done) == NULL)
+		while ((j = p->queue ? p->queue : p->serial ? p->serial : p->done) == NULL)
 			pthread_cond_wait(&p->finished, &p->lock);
 		pthread_mutex_unlock(&p->lock);
 		worker_finish(j);
@@ -267,6 +311,8 @@ worker_pool_new(struct event_base *base, unsigned threads)
 	pthread_cond_init(&p->queued, NULL);
 	pthread_cond_init(&p->finished, NULL);
 	p->queue_tail = &p->queue;
+	p->serial_tail = &p->serial;
+	p->size = threads;
 	p->threads = xcalloc(threads ? threads : 1, sizeof(*p->threads));
 	if ((p->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0 ||
 	    (p->ev = event_new(base, p->efd, EV_READ | EV_PERSIST, on_done, p)) == NULL) {

@@ -7,6 +7,12 @@
  * owner of a job must keep away from what its work uses until done.
  *
  * A pool of one thread runs its jobs in the order they were submitted.
+ * With more, the first thread runs the serial jobs (worker_submit_serial)
+ * alone, one at a time in the order they were submitted, and the others
+ * the rest: the store's commits of every poll on one thread (a syncfs
+ * flushes the whole file system: two at once would only repeat each
+ * other's work; a test counts their system calls per thread), never
+ * waiting behind a long extraction.
  * Knows nothing of what a job does.
  */
 #ifndef POPFETCHD_WORKER_H
@@ -16,7 +22,9 @@ struct event_base;
 struct worker_pool;
 struct worker_job;
 
-#define WORKER_THREADS 2 /* the daemon's pool for seals and commits */
+/* the daemon's pool: threads for seals, and one for the store's jobs */
+#define WORKER_THREADS	 2
+#define WORKER_POOL_SIZE (WORKER_THREADS + 1)
 
 /* Threads, and an event on base through which finished jobs come back.
  * NULL when a thread or the event cannot be made (errno says why). */
@@ -31,6 +39,9 @@ typedef void (*worker_fn)(void *arg);
  * has run (never from inside this call). The job is the pool's: its
  * handle is valid until done is called. */
 struct worker_job *worker_submit(struct worker_pool *p, worker_fn work, worker_fn done, void *arg);
+/* The same for the pool's first thread, after the serial jobs before it. */
+struct worker_job *worker_submit_serial(struct worker_pool *p, worker_fn work, worker_fn done,
+					void *arg);
 /* The job ends now: its work is run here if no worker has begun it, or
  * waited for, and then done is called from inside this call (and never
  * again). Blocks the loop: for the rare ends (a session that fails, a

@@ -1294,7 +1294,7 @@ replay_in(const struct tcase *tc, size_t cut, unsigned threads, struct gate *gat
 static int
 replay(const struct tcase *tc, size_t cut, bool threaded)
 {
-	return replay_in(tc, cut, threaded ? WORKER_THREADS : 0, NULL);
+	return replay_in(tc, cut, threaded ? WORKER_POOL_SIZE : 0, NULL);
 }
 
 /* A session reads on while a message's seal waits (struct gate): the

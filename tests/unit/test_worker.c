@@ -1,7 +1,7 @@
 /* test_worker — the thread pool: work on a thread, done on the loop, in
  * any number; a job ended at once (worker_finish) whether queued, running
  * or done; the pool freed with nothing left; its threads yield to the loop
- * (a higher nice value). */
+ * (a higher nice value); serial jobs on one thread, in order. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -82,20 +82,28 @@ many_jobs(void)
 	event_base_free(base);
 }
 
-/* No thread: a queued job is run by worker_finish itself. */
+/* No thread: a queued job is run by worker_finish itself, a serial one too,
+ * and the serial queue goes on without it. */
 static void
 finish_queued(void)
 {
 	struct event_base *base = event_base_new();
 	struct worker_pool *p = worker_pool_new(base, 0);
 	struct job j = {.base = base, .loop_thread = pthread_self()};
+	struct job a = j, b = j;
 	struct worker_job *h = worker_submit(p, work, done, &j);
+	struct worker_job *ha = worker_submit_serial(p, work, done, &a);
+	struct worker_job *hb = worker_submit_serial(p, work, done, &b);
 
 	worker_finish(h);
 	CHECK(j.done_calls == 1);
 	CHECK(!j.on_thread);
+	worker_finish(hb);
+	CHECK(b.done_calls == 1 && !b.on_thread && a.done_calls == 0);
+	worker_finish(ha);
+	CHECK(a.done_calls == 1);
 	event_base_loop(base, EVLOOP_NONBLOCK);
-	CHECK(j.done_calls == 1);
+	CHECK(j.done_calls == 1 && a.done_calls == 1 && b.done_calls == 1);
 	worker_pool_free(p);
 	event_base_free(base);
 }
@@ -190,9 +198,115 @@ workers_yield(void)
 	event_base_free(base);
 }
 
+#define SERIAL 40
+
+struct tagged {
+	pthread_t thread;
+	int order; /* the serial jobs' order of running */
+	bool serial;
+	int *remaining;
+	struct event_base *base;
+};
+
+static atomic_int serial_ran;
+
+static void
+tagged_work(void *arg)
+{
+	struct tagged *t = arg;
+
+	t->thread = pthread_self();
+	if (t->serial)
+		t->order = atomic_fetch_add(&serial_ran, 1);
+	if (t->serial)
+		usleep(200); /* a commit waiting for the disk */
+}
+
+static void
+tagged_done(void *arg)
+{
+	struct tagged *t = arg;
+
+	if (--*t->remaining == 0)
+		event_base_loopbreak(t->base);
+}
+
+/* Serial jobs run one thread, in the order submitted, and that thread runs
+ * nothing else when there are others; a pool of one thread runs both. */
+static void
+serial_jobs(unsigned threads)
+{
+	struct event_base *base = event_base_new();
+	struct worker_pool *p = worker_pool_new(base, threads);
+	static struct tagged t[2 * SERIAL];
+	int remaining = 2 * SERIAL;
+
+	atomic_store(&serial_ran, 0);
+	for (int i = 0; i < 2 * SERIAL; i++) {
+		t[i] = (struct tagged){.serial = i % 2 == 0, .remaining = &remaining, .base = base};
+		if (t[i].serial)
+			worker_submit_serial(p, tagged_work, tagged_done, &t[i]);
+		else
+			worker_submit(p, tagged_work, tagged_done, &t[i]);
+	}
+	event_base_dispatch(base);
+	CHECK(remaining == 0);
+	for (int i = 0; i < 2 * SERIAL; i++) {
+		CHECK(!pthread_equal(t[i].thread, pthread_self()));
+		if (t[i].serial) {
+			CHECK(pthread_equal(t[i].thread, t[0].thread));
+			CHECK(t[i].order == i / 2);
+		} else if (threads > 1) {
+			CHECK(!pthread_equal(t[i].thread, t[0].thread));
+		}
+	}
+	worker_pool_free(p);
+	event_base_free(base);
+}
+
+static void
+on_timeout(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	event_base_loopbreak(arg);
+}
+
+/* One job for any thread, alone, with the first thread (serial jobs only)
+ * asleep beside the others: it runs (a wake-up that reached only the first
+ * thread would leave it queued). */
+static void
+lone_jobs(void)
+{
+	struct event_base *base = event_base_new();
+	struct worker_pool *p = worker_pool_new(base, 3);
+	struct timeval second = {1, 0};
+	struct event *timeout = evtimer_new(base, on_timeout, base);
+
+	for (int i = 0; i < 50; i++) {
+		int remaining = 1;
+		struct tagged t = {.remaining = &remaining, .base = base};
+
+		usleep(2000); /* every thread back asleep */
+		worker_submit(p, tagged_work, tagged_done, &t);
+		evtimer_add(timeout, &second);
+		event_base_dispatch(base);
+		evtimer_del(timeout);
+		CHECK(remaining == 0);
+		if (remaining != 0)
+			break;
+	}
+	event_free(timeout);
+	worker_pool_free(p);
+	event_base_free(base);
+}
+
 int
 main(void)
 {
+	lone_jobs();
+	serial_jobs(1);
+	serial_jobs(3);
 	workers_yield();
 	many_jobs();
 	finish_queued();
