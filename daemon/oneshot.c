@@ -62,9 +62,10 @@ struct oneshot {
 	struct event_base *base;
 	struct evdns_base *dns;
 	struct oauth2_client *oauth;
-	/* seals and commits, as the daemon's (DESIGN.md §6): a message is
-	 * extracted while the next is received; NULL: on the loop */
-	struct worker_pool *workers;
+	/* commits, and seals, as the daemon's (DESIGN.md §6): a message is
+	 * extracted, and a batch committed, while the next is received; NULL:
+	 * on the loop */
+	struct worker_pool *workers, *seal_workers;
 	struct progress progress;
 };
 
@@ -398,6 +399,7 @@ start_job(struct oneshot *os, struct job *j)
 	j->has_runtime = true;
 	fetch_params_from_runtime(&j->rt, os->o->mode, &fp);
 	fp.workers = os->workers;
+	fp.seal_workers = os->seal_workers;
 	j->f = fetch_start(os->base, os->dns, &fp, on_fetch_done, j);
 	os->running++;
 }
@@ -424,11 +426,15 @@ any_oauth2(const struct oneshot *os)
 	return false;
 }
 
-/* As many worker threads as polls, up to WORKER_THREADS: one thread beside
- * the loop keeps a second core busy with a poll's seals and commits (its
- * commits are one at a time anyway); a thread more is for another poll. */
+/* Threads for the seals: as many as polls, up to WORKER_THREADS (one
+ * keeps a second core busy with a poll's seals, a thread more is for
+ * another poll). The commits have a thread of their own, so that a seal
+ * never waits for a commit's syncfs; one is enough (a poll's commits are
+ * one at a time, and mostly wait for the disk), and with it every commit's
+ * system calls come from one thread, in order (tests/integration/
+ * test_crash.py counts them so with strace). */
 static unsigned
-worker_threads(const struct oneshot *os)
+seal_threads(const struct oneshot *os)
 {
 	unsigned n = 0;
 
@@ -445,11 +451,15 @@ run_jobs(struct oneshot *os)
 		abort();
 	os->dns = runtime_dns_new(os->base);
 	os->oauth = any_oauth2(os) ? oauth2_client_new(os->base) : NULL;
-	if ((os->workers = worker_pool_new(os->base, worker_threads(os))) == NULL)
+	if ((os->workers = worker_pool_new(os->base, 1)) == NULL ||
+	    (os->seal_workers = worker_pool_new(os->base, seal_threads(os))) == NULL) {
 		log_warning(NULL,
 			    "cannot start worker threads (%s): messages are sealed and committed "
 			    "on the event loop",
 			    strerror(errno));
+		worker_pool_free(os->workers);
+		os->workers = NULL;
+	}
 	progress_start(os);
 	pump(os);
 	if (os->running > 0)
@@ -467,6 +477,7 @@ free_jobs(struct oneshot *os)
 	}
 	oauth2_client_free(os->oauth);
 	worker_pool_free(os->workers); /* nothing is out: the polls are freed */
+	worker_pool_free(os->seal_workers);
 	if (os->base != NULL) {
 		/* run what is still pending (deferred frees) */
 		event_base_loop(os->base, EVLOOP_NONBLOCK);
