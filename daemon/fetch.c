@@ -175,25 +175,30 @@ static const unsigned fetch_next[] = {
 /*
  * With a worker pool (fetch_params.workers), a batch's commit (syncfs, the
  * records, the renames) runs on a worker thread, one such job at a time
- * per poll. While one runs the session is held (pop3_hold: nothing is
- * read, no callback comes) and nothing else of the poll touches the store;
- * what the session would have done next waits for the job's end (go_on).
- * A DELE still goes out only once the commit's result is back on the loop
- * and says the message is durable. A poll that must end while a job runs
- * (the session failed, fetch_abort) waits for it first (settle). The
- * store's opening (a first poll writes the state, with fsyncs) and the
- * state's compaction after QUIT are such jobs too: the session starts
- * after the one, the poll ends after the other.
+ * per poll. The batch is taken from the store (store_batch_take) with its
+ * candidates (the job's pend): while it is committed the session reads
+ * on, and the messages that come are sealed into a new batch. A DELE
+ * still goes out only once the commit's result is back on the loop
+ * (commit_ended) and says the message is durable. A new batch that is due
+ * while a commit runs (full, or its time bound passed: commit_due) is
+ * committed right after it, the session held meanwhile so that a batch
+ * keeps its bounds; the session's last commit (wind_up) comes after it
+ * too. Once a commit fails the session saves nothing more: the new batch
+ * is dropped with it. A poll that must end while a job runs (the session
+ * failed, fetch_abort) waits for it first (settle). The store's opening (a
+ * first poll writes the state, with fsyncs) and the state's compaction
+ * after QUIT are jobs that have the store alone: the session starts after
+ * the one, the poll ends after the other.
  *
  * A message's seal (its MIME and S/MIME extraction, the files beside
  * message.eml: message_prepare) touches only that message's own folder:
  * up to SEALS_MAX of them run on workers while the session reads on, so
- * that receiving and extracting overlap. A seal that ended joins the batch
- * on the loop (drain_seals), in the order the seals began, and never while
- * a commit has the store: the batch, and so the commits and the DELEs,
- * keep the order the messages came in. A seal still out is not in the
- * batch: a commit on the loop (commit_batch) waits for all of them first,
- * the session's last commit (wind_up) begins once they have ended.
+ * that receiving and extracting overlap. A seal that ended joins the
+ * (new) batch on the loop (drain_seals), in the order the seals began: the
+ * batches, and so the commits and the DELEs, keep the order the messages
+ * came in. A seal still out is not in the batch: a commit on the loop
+ * (commit_batch) waits for all of them first, the session's last commit
+ * (wind_up) begins once they have ended.
  */
 /* seals of one poll out at once: at most this many messages (each up to 4
  * MiB in memory, store.h) wait for theirs; at the bound the session is
@@ -218,8 +223,10 @@ struct fetch_job {
 	struct message_info info;
 	struct store_msg *msg;
 	char why[600];
-	/* JOB_COMMIT: the batch of n messages, their DELEs with dele; then QUIT
-	 * into after when quit */
+	/* JOB_COMMIT: the batch of n messages (the candidates pend), their
+	 * DELEs with dele; then QUIT into after when quit */
+	struct store_batch *batch;
+	size_t *pend;
 	size_t n;
 	bool dele, quit;
 	enum fetch_state after;
@@ -302,7 +309,7 @@ struct fetch {
 	struct event *done_ev;
 
 	struct worker_pool *workers;	    /* NULL: seal and commit here */
-	struct worker_job *job;		    /* the poll's job in flight (not a seal), or NULL */
+	struct fetch_job *job;		    /* the poll's job in flight (not a seal), or NULL */
 	struct fetch_job *seals[SEALS_MAX]; /* out, in the order they began */
 	size_t nseals;
 	/* wind_up waits for the seals out: then it commits and QUITs so */
@@ -311,9 +318,9 @@ struct fetch {
 	/* a seal or a commit failed: the seals out (of messages after it) are
 	 * dropped as they end, as the RETRs in flight are */
 	bool dropping;
-	bool then_next;	 /* on_retrieved's next step waits for the job */
-	bool commit_due; /* the batch's time bound passed while a job ran */
+	bool commit_due; /* the batch is due while a commit runs: after it */
 	bool settling;	 /* the job is being ended at once: nothing follows it */
+	bool awaiting;	 /* the commit is being ended at once: the caller goes on */
 
 	struct fetch_result res;
 	char where[300]; /* "host:port" or "[v6]:port", for error lines */
@@ -321,6 +328,7 @@ struct fetch {
 
 static void forget_token(struct fetch *f);
 static bool commit_batch(struct fetch *f, bool dele);
+static bool await_commit(struct fetch *f);
 static uint64_t message_limit(const struct fetch *f, uint64_t listed);
 static void start_session(struct fetch *f);
 static void settle(struct fetch *f);
@@ -515,12 +523,11 @@ saved_before(struct fetch *f, struct candidate *c, bool may_delete)
 	return may_delete && delete_message(f, c);
 }
 
-/* A message of the batch is durable: count it, and now it may be deleted. */
+/* c, of a batch, is durable: count it, and now it may be deleted. */
 static void
-on_committed(void *arg, const char *uid, char *folder, unsigned long long size)
+count_committed(struct fetch *f, struct candidate *c, const char *uid, char *folder,
+		unsigned long long size)
 {
-	struct fetch *f = arg;
-	struct candidate *c = &f->cand[f->pend[f->pend_done++]];
 	struct fetch_saved *sv;
 
 	/* store commits the batch in the order it was sealed */
@@ -535,25 +542,34 @@ on_committed(void *arg, const char *uid, char *folder, unsigned long long size)
 		   "saved message %lu (%s) in %s", c->num, uid, folder ? folder : "(nothing kept)");
 }
 
-/* The batch of n messages was committed (r: store_commit's result, the
- * committed ones counted by on_committed): their DELEs go out with dele;
- * false when it failed: the session must save nothing more. */
-static bool
-batch_committed(struct fetch *f, size_t n, int r, bool dele)
+/* store_commit's callback for the batch committed here (commit_batch). */
+static void
+on_committed(void *arg, const char *uid, char *folder, unsigned long long size)
 {
-	f->npend = 0;
+	struct fetch *f = arg;
+
+	count_committed(f, &f->cand[f->pend[f->pend_done++]], uid, folder, size);
+}
+
+/* The batch of n messages, the candidates pend, was committed (r: the
+ * commit's result, its first ndone messages committed and counted): their
+ * DELEs go out with dele; false when it failed: the session must save
+ * nothing more. */
+static bool
+batch_committed(struct fetch *f, const size_t *pend, size_t n, size_t ndone, int r, bool dele)
+{
 	/* the DELEs once the store is done with the batch: nothing the session
 	 * may call back into runs inside store_commit */
 	for (size_t i = 0; i < n; i++) {
-		struct candidate *c = &f->cand[f->pend[i]];
-		if (i >= f->pend_done)
+		struct candidate *c = &f->cand[pend[i]];
+		if (i >= ndone)
 			msg_enter(c, MSG_FAILED);
 		else if (dele)
 			delete_message(f, c);
 	}
 	if (r < 0) {
 		set_exit(f, EX_IOERR);
-		add_error(f, "%zu of %zu message(s) not saved: %s", n - f->pend_done, n,
+		add_error(f, "%zu of %zu message(s) not saved: %s", n - ndone, n,
 			  store_error(f->store));
 		return false;
 	}
@@ -562,18 +578,35 @@ batch_committed(struct fetch *f, size_t n, int r, bool dele)
 }
 
 /* Group commit of the sealed messages here (the seals out first), then
- * (with dele) their DELEs; false when it or a seal failed. */
+ * (with dele) their DELEs; false when it or a seal failed. No commit is in
+ * flight (await_commit, settle). */
 static bool
 commit_batch(struct fetch *f, bool dele)
 {
 	bool sealed_all = flush_seals(f);
 	size_t n = f->npend;
+	int r;
 
+	MUST(f->job == NULL);
 	if (n == 0)
 		return sealed_all;
 	evtimer_del(f->commit_ev);
 	f->pend_done = 0;
-	return batch_committed(f, n, store_commit(f->store, on_committed, f), dele) && sealed_all;
+	r = store_commit(f->store, on_committed, f);
+	f->npend = 0;
+	return batch_committed(f, f->pend, n, f->pend_done, r, dele) && sealed_all;
+}
+
+/* The batch is dropped, not committed: nothing of it was recorded. */
+static void
+drop_batch(struct fetch *f)
+{
+	for (size_t i = 0; i < f->npend; i++)
+		msg_enter(&f->cand[f->pend[i]], MSG_FAILED);
+	f->npend = 0;
+	evtimer_del(f->commit_ev);
+	if (f->store != NULL)
+		store_discard(f->store);
 }
 
 /* ---- jobs on a worker ---- */
@@ -597,7 +630,7 @@ job_work(void *arg)
 	if (j->kind == JOB_SEAL)
 		j->r = message_prepare(&f->msgp, &j->info, j->msg, j->why, sizeof(j->why));
 	else if (j->kind == JOB_COMMIT)
-		j->r = store_commit(f->store, collect_committed, j);
+		j->r = store_batch_commit(j->batch, collect_committed, j);
 	else if (j->kind == JOB_OPEN)
 		j->r = store_open(&j->sp, &j->store, j->why, sizeof(j->why));
 	else
@@ -613,21 +646,30 @@ use_worker(const struct fetch *f)
 	return f->workers != NULL && f->job == NULL && !f->settling;
 }
 
+/* Has a job the store alone (opening, compaction; not a commit, beside
+ * which messages are staged and sealed into a new batch)? */
+static bool
+store_taken(const struct fetch *f)
+{
+	return f->job != NULL && f->job->kind != JOB_COMMIT;
+}
+
 /* Is a worker to take the next seal? */
 static bool
 seal_on_worker(const struct fetch *f)
 {
-	return use_worker(f) && f->nseals < SEALS_MAX;
+	return f->workers != NULL && !f->settling && !store_taken(f) && f->nseals < SEALS_MAX;
 }
 
 /* The session reads unless a job has the store, the seals are at their
- * bound, or its last commit waits for them. */
+ * bound, the new batch waits for the commit in flight, or the session's
+ * last commit waits. */
 static void
 read_or_hold(struct fetch *f)
 {
 	if (f->pop3 == NULL)
 		return;
-	if (f->job != NULL || f->nseals >= SEALS_MAX || f->wind_pending)
+	if (store_taken(f) || f->nseals >= SEALS_MAX || f->commit_due || f->wind_pending)
 		pop3_hold(f->pop3);
 	else
 		pop3_resume(f->pop3);
@@ -637,22 +679,25 @@ static void
 job_start(struct fetch *f, struct fetch_job *j)
 {
 	j->f = f;
-	if (f->pop3 != NULL)
-		pop3_hold(f->pop3);
-	f->job = j->wj = worker_submit_serial(f->workers, job_work, job_done, j);
+	f->job = j;
+	j->wj = worker_submit_serial(f->workers, job_work, job_done, j);
+	read_or_hold(f);
 }
 
 /* Commit the batch on a worker (see batch_committed), then QUIT into after
- * when quit. */
+ * when quit. The session goes on into a new batch meanwhile. */
 static void
 commit_job(struct fetch *f, bool dele, bool quit, enum fetch_state after)
 {
 	struct fetch_job *j = xcalloc(1, sizeof(*j));
 
 	evtimer_del(f->commit_ev);
-	f->pend_done = 0;
 	j->kind = JOB_COMMIT;
 	j->n = f->npend;
+	j->pend = xcalloc(j->n ? j->n : 1, sizeof(*j->pend));
+	memcpy(j->pend, f->pend, j->n * sizeof(*j->pend));
+	f->npend = 0;
+	j->batch = store_batch_take(f->store);
 	j->dele = dele;
 	j->quit = quit;
 	j->after = after;
@@ -662,26 +707,47 @@ commit_job(struct fetch *f, bool dele, bool quit, enum fetch_state after)
 static void stop_saving(struct fetch *f, enum fetch_state after, bool dele);
 
 /* Back on the loop: the committed messages counted, their DELEs (not when
- * the poll is ending), then what the commit was for. */
-static void
+ * the poll is ending), then what the commit was for. False when it failed:
+ * the new batch is dropped with it. */
+static bool
 commit_ended(struct fetch *f, struct fetch_job *j)
 {
 	bool ok;
 
+	store_batch_end(j->batch); /* store_has knows them: before any DELE */
 	for (size_t i = 0; i < j->ndone; i++) {
-		on_committed(f, j->done[i].uid, j->done[i].folder, j->done[i].size);
+		count_committed(f, &f->cand[j->pend[i]], j->done[i].uid, j->done[i].folder,
+				j->done[i].size);
 		free(j->done[i].uid);
 	}
-	ok = batch_committed(f, j->n, j->r, j->dele && !f->settling);
+	ok = batch_committed(f, j->pend, j->n, j->ndone, j->r, j->dele && !f->settling);
 	if (j->quit) {
 		fetch_enter(f, j->after);
 		if (!f->settling)
 			pop3_quit(f->pop3);
 	} else if (!ok) {
 		f->dropping = true;
-		if (!f->settling && retrieving(f))
-			stop_saving(f, FETCH_QUITTING, true);
+		f->commit_due = false;
+		drop_batch(f);
 	}
+	return ok;
+}
+
+/* The commit in flight, if any, ends now (blocking the loop: for a
+ * message whose key is in its batch, see known_before) and its DELEs go
+ * out; the caller commits the new batch. False when it failed. */
+static bool
+await_commit(struct fetch *f)
+{
+	if (f->job == NULL)
+		return true;
+	MUST(f->job->kind == JOB_COMMIT);
+	f->awaiting = true;
+	worker_finish(f->job->wj);
+	f->awaiting = false;
+	f->commit_due = false;
+	read_or_hold(f);
+	return !f->dropping;
 }
 
 /* wind_up once every seal has joined the batch. */
@@ -700,13 +766,13 @@ wind_now(struct fetch *f, enum fetch_state after, bool dele)
 /* Commit what is sealed (its DELEs go out with dele), then QUIT: the server
  * answers what is in flight first. after: FETCH_QUITTING, or
  * FETCH_STARTING_OVER for a new session one command at a time. With seals
- * out, that waits for their end (go_on). */
+ * or a commit out, that waits for their end (go_on). */
 static void
 wind_up(struct fetch *f, enum fetch_state after, bool dele)
 {
 	fetch_enter(f, FETCH_COMMITTING);
-	if (f->nseals > 0 && !f->settling) {
-		/* held meanwhile, as for a commit on a worker */
+	if ((f->nseals > 0 || f->job != NULL) && !f->settling) {
+		/* held meanwhile: nothing more is asked */
 		f->wind_pending = true;
 		f->wind_after = after;
 		f->wind_dele = dele;
@@ -729,24 +795,32 @@ stop_saving(struct fetch *f, enum fetch_state after, bool dele)
 	wind_up(f, after, dele);
 }
 
-/* Commit the batch; when that fails the session saves nothing more. */
+/* Commit the batch (after the commit in flight); when that fails the
+ * session saves nothing more. */
 static bool
 commit_or_stop(struct fetch *f)
 {
-	if (commit_batch(f, true))
+	if (await_commit(f) && commit_batch(f, true))
 		return true;
 	stop_saving(f, FETCH_QUITTING, true);
 	return false;
 }
 
-/* commit_or_stop, on a worker when there is one. */
+/* The batch is due: committed now, on a worker when there is one, or
+ * right after the commit in flight. */
 static void
 commit_soon(struct fetch *f)
 {
-	if (!use_worker(f))
+	if (f->job != NULL) {
+		f->commit_due = true; /* go_on */
+		read_or_hold(f);
+	} else if (!use_worker(f)) {
 		commit_or_stop(f);
-	else if (f->npend > 0)
-		commit_job(f, true, false, FETCH_COMMITTING);
+	} else if (f->npend > 0) {
+		/* the last seals of a session winding up keep the batch's bounds
+		 * too (and its DELEs go out as the wind-up says) */
+		commit_job(f, f->wind_pending ? f->wind_dele : true, false, FETCH_COMMITTING);
+	}
 }
 
 static void
@@ -756,10 +830,7 @@ commit_timer_cb(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	if (f->job != NULL)
-		f->commit_due = true; /* the store is the job's now */
-	else
-		commit_soon(f);
+	commit_soon(f);
 }
 
 static void start_over(struct fetch *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -813,7 +884,8 @@ more_to_ask(const struct fetch *f)
 	if (f->state != FETCH_RETRIEVING || f->issued >= f->ncand)
 		return false;
 	/* receive: one: the oldest message the server gives */
-	return f->mode != FETCH_ONE || (f->res.nsaved == 0 && f->npend == 0 && f->nseals == 0);
+	return f->mode != FETCH_ONE ||
+	       (f->res.nsaved == 0 && f->npend == 0 && f->nseals == 0 && f->job == NULL);
 }
 
 /* Keep the window of RETRs full. Once it is, it is filled again when half
@@ -1268,11 +1340,17 @@ on_ambiguous(void *arg, unsigned long num, const char *first_line)
 	/* else in flight when the session stopped saving: dropped */
 }
 
-/* Is a message with this key in the batch, or sealed on a worker?
- * (Byte-identical messages without UIDL have one key.) */
+/* Is a message with this key in the batch, in the one being committed,
+ * or sealed on a worker? (Byte-identical messages without UIDL have one
+ * key.) */
 static bool
 pending_has(const struct fetch *f, const char *uid)
 {
+	const struct fetch_job *j = f->job;
+
+	for (size_t i = 0; j != NULL && j->kind == JOB_COMMIT && i < j->n; i++)
+		if (strcmp(f->cand[j->pend[i]].uid, uid) == 0)
+			return true;
 	for (size_t i = 0; i < f->npend; i++)
 		if (strcmp(f->cand[f->pend[i]].uid, uid) == 0)
 			return true;
@@ -1397,11 +1475,9 @@ sealed(struct fetch *f, struct candidate *c, int r, const char *why)
 	if (retrieving(f)) {
 		batch_sealed(f);
 	} else if (f->wind_pending) {
-		/* the last seals of a session winding up keep the batch's bounds
-		 * too (and its DELEs go out as the wind-up says) */
 		size_t n;
 		if (batch_full(f, &n))
-			commit_job(f, f->wind_dele, false, FETCH_COMMITTING);
+			commit_soon(f);
 	}
 }
 
@@ -1443,11 +1519,11 @@ seal_ended(struct fetch *f, struct fetch_job *j)
 }
 
 /* The seals that ended join the batch in the order they began; none while
- * a job has the store. */
+ * a job has the store alone. */
 static void
 drain_seals(struct fetch *f)
 {
-	while (f->nseals > 0 && f->seals[0]->ended && f->job == NULL) {
+	while (f->nseals > 0 && f->seals[0]->ended && !store_taken(f)) {
 		struct fetch_job *j = f->seals[0];
 		f->nseals--;
 		memmove(f->seals, f->seals + 1, f->nseals * sizeof(*f->seals));
@@ -1464,7 +1540,7 @@ flush_seals(struct fetch *f)
 {
 	bool settling = f->settling, ok = true;
 
-	MUST(f->job == NULL || f->nseals == 0);
+	MUST(!store_taken(f) || f->nseals == 0);
 	f->settling = true;
 	while (f->nseals > 0) {
 		struct fetch_job *j = f->seals[0];
@@ -1541,10 +1617,6 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 		top_answered(f, num, error);
 	} else if (retrieving(f)) {
 		retr_answered(f, &f->cand[f->next], num, error);
-		if (f->job != NULL) {
-			f->then_next = true;
-			return;
-		}
 		f->next++;
 		after_response(f);
 	}
@@ -1557,14 +1629,9 @@ static void
 go_on(struct fetch *f)
 {
 	drain_seals(f);
-	if (f->job == NULL && f->then_next) {
-		f->then_next = false;
-		f->next++;
-		after_response(f);
-	}
 	if (f->job == NULL && f->commit_due) {
 		f->commit_due = false;
-		if (retrieving(f))
+		if (retrieving(f) || f->wind_pending)
 			commit_soon(f);
 	}
 	if (f->job == NULL && f->wind_pending && f->nseals == 0) {
@@ -1590,7 +1657,9 @@ job_done(void *arg)
 	}
 	f->job = NULL;
 	if (j->kind == JOB_COMMIT) {
-		commit_ended(f, j);
+		/* (awaiting: the caller stops saving) */
+		if (!commit_ended(f, j) && !f->settling && !f->awaiting && retrieving(f))
+			stop_saving(f, FETCH_QUITTING, true);
 	} else if (j->kind == JOB_OPEN) {
 		f->store = j->store;
 		opened(f, j->r, j->why);
@@ -1599,8 +1668,8 @@ job_done(void *arg)
 		if (!f->settling)
 			finish(f);
 	}
-	FREE_ALL(j->done, j->keep, j);
-	if (!f->settling)
+	FREE_ALL(j->done, j->keep, j->pend, j);
+	if (!f->settling && !f->awaiting)
 		go_on(f);
 }
 
@@ -1613,13 +1682,13 @@ settle(struct fetch *f)
 		return;
 	f->settling = true;
 	if (f->job != NULL)
-		worker_finish(f->job);
+		worker_finish(f->job->wj);
 	flush_seals(f);
 	/* as a commit job that ends so: past COMMITTING, without QUIT */
 	if (f->wind_pending)
 		fetch_enter(f, f->wind_after);
 	f->settling = false;
-	f->then_next = f->commit_due = f->wind_pending = false;
+	f->commit_due = f->wind_pending = false;
 }
 
 static void
@@ -1712,7 +1781,7 @@ compact_state(struct fetch *f)
 static void
 session_reset(struct fetch *f)
 {
-	MUST(f->nseals == 0); /* they name candidates */
+	MUST(f->nseals == 0 && f->job == NULL); /* they name candidates */
 	f->dropping = false;
 	store_msg_abort(f->msg);
 	f->msg = NULL;
@@ -2058,13 +2127,10 @@ void
 fetch_stop(struct fetch *f)
 {
 	f->sessions_left = 0;
-	if (f->job != NULL) {
-		/* the job's end goes on as STOPPING does (or QUITs: COMMITTING;
-		 * or, from START, ends the poll: opened) */
-		if (f->state == FETCH_RETRIEVING)
-			fetch_enter(f, FETCH_STOPPING);
+	/* from START the store's opening ends the poll (opened); a commit in
+	 * flight is waited for by wind_up */
+	if (store_taken(f))
 		return;
-	}
 	switch (f->state) {
 	case FETCH_TOKEN:
 	case FETCH_LOGIN:
@@ -2095,11 +2161,7 @@ fetch_abort(struct fetch *f, const char *why)
 	if (f->state == FETCH_DONE)
 		return;
 	settle(f);
-	/* the batch is dropped, not committed */
-	for (size_t i = 0; i < f->npend; i++)
-		msg_enter(&f->cand[f->pend[i]], MSG_FAILED);
-	f->npend = 0;
-	store_discard(f->store);
+	drop_batch(f); /* not committed */
 	end_now(f, EX_TEMPFAIL, LOG_LVL_ERROR,
 		"%s: %s: the session was ended without QUIT; nothing it marked for deletion "
 		"is deleted",

@@ -62,8 +62,9 @@ struct oneshot {
 	struct event_base *base;
 	struct evdns_base *dns;
 	struct oauth2_client *oauth;
-	/* seals and commits, as the daemon's (DESIGN.md §6): a message is
-	 * extracted while the next is received; NULL: on the loop */
+	/* commits, and seals, as the daemon's (DESIGN.md §6): a message is
+	 * extracted, and a batch committed, while the next is received; NULL:
+	 * on the loop */
 	struct worker_pool *workers;
 	struct progress progress;
 };
@@ -424,11 +425,14 @@ any_oauth2(const struct oneshot *os)
 	return false;
 }
 
-/* As many threads for seals as polls, up to WORKER_THREADS, and one for the
- * store's jobs (worker.h): a poll's seals go on while its commit waits for
- * the disk. */
+/* As many threads for seals as polls, up to WORKER_THREADS (one keeps a
+ * second core busy with a poll's seals, a thread more is for another
+ * poll), and one for the store's jobs (worker_submit_serial): a seal never
+ * waits for a commit's syncfs, and every commit's system calls come from
+ * one thread, in order (tests/integration/test_crash.py counts them so with
+ * strace). */
 static unsigned
-worker_threads(const struct oneshot *os)
+seal_threads(const struct oneshot *os)
 {
 	unsigned n = 0;
 
@@ -445,7 +449,7 @@ run_jobs(struct oneshot *os)
 		abort();
 	os->dns = runtime_dns_new(os->base);
 	os->oauth = any_oauth2(os) ? oauth2_client_new(os->base) : NULL;
-	if ((os->workers = worker_pool_new(os->base, worker_threads(os))) == NULL)
+	if ((os->workers = worker_pool_new(os->base, seal_threads(os))) == NULL)
 		log_warning(NULL,
 			    "cannot start worker threads (%s): messages are sealed and committed "
 			    "on the event loop",

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <libgen.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +39,20 @@ struct strset {
 	size_t cap, n;
 };
 
+#define ERROR_MAX 512
+
+/* Messages sealed, not yet durable: the store's own batch, or one taken
+ * from it (store_batch_take) to be committed while the store goes on. */
+struct store_batch {
+	struct store *st;
+	struct store_msg **msgs;
+	size_t n, cap;
+	unsigned long long bytes;
+	size_t committed; /* the first ones: durable, remembered by store_batch_end */
+	int r;		  /* store_batch_commit's result */
+	char error[ERROR_MAX];
+};
+
 struct store {
 	char *id;
 	char *save_dir;	  /* NULL: nothing kept */
@@ -53,6 +68,12 @@ struct store {
 	int stage_fd; /* stage_dir */
 	long pid;     /* in staging names */
 	int state_fd; /* O_APPEND, or -1 until the first record */
+	/* The state file and what decides how it is written (state_fd,
+	 * rewrite, unsettled, doubt), and changes to uids and aliases: a commit
+	 * on a worker appends records while the loop may record a key
+	 * (store_record). Only the loop changes uids and aliases, so it reads
+	 * them (store_has) without it. */
+	pthread_mutex_t state_lock;
 	/* the keys of the records (UIDLs, or content keys of messages without
 	 * one), each with the content key recorded beside it or NULL */
 	struct strset uids;
@@ -69,11 +90,12 @@ struct store {
 	char *doubt;
 	size_t ndoubt;
 	bool sync_per_file;
+	/* a batch was taken and has not ended (store_batch_end): its records
+	 * may be in the state but not in uids yet (under state_lock) */
+	bool committing;
 	unsigned serial;
-	struct store_msg **batch; /* sealed, not yet durable: store_commit */
-	size_t nbatch, capbatch;
-	unsigned long long batch_bytes;
-	char error[512];
+	struct store_batch batch; /* sealed, not yet durable: store_commit */
+	char error[ERROR_MAX];
 };
 
 struct store_msg {
@@ -105,12 +127,12 @@ struct store_msg {
 	bool closed;
 	/* the last error of this message's own files: a worker may write them
 	 * while the loop uses the store (store_msg_close) */
-	char error[512];
+	char error[ERROR_MAX];
 };
 
-static int append_lines(struct store *st, const char *lines, size_t len);
-static int record_line(struct store *st, const char *uid, const char *alias,
-		       const struct store_msg *m, char *line, size_t size);
+static int append_lines(struct store *st, const char *lines, size_t len, char *error);
+static int record_line(const char *uid, const char *alias, const struct store_msg *m, char *line,
+		       size_t size, char *error);
 
 static uint64_t
 strhash(const char *s)
@@ -222,6 +244,21 @@ seterr(struct store *st, int err, const char *fmt, ...)
 
 	va_start(ap, fmt);
 	verror(st->error, sizeof(st->error), err, fmt, ap);
+	va_end(ap);
+	return -err;
+}
+
+static int errat(char *error, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* An error into error (ERROR_MAX bytes): the store's, or a batch's that a
+ * worker commits while the loop may set the store's. */
+static int
+errat(char *error, int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	verror(error, ERROR_MAX, err, fmt, ap);
 	va_end(ap);
 	return -err;
 }
@@ -388,7 +425,8 @@ is_content_key(const char *s)
 	return true;
 }
 
-/* A record's key into the state in memory, with its content key or NULL. */
+/* A record's key into the state in memory, with its content key or NULL
+ * (on the loop, or while nothing else runs: state_lock). */
 static void
 remember(struct store *st, const char *uid, const char *alias)
 {
@@ -399,9 +437,11 @@ remember(struct store *st, const char *uid, const char *alias)
 
 /* Write the whole state anew, the records of these keys in this order,
  * each with its content key in set (util_write_atomic, through
- * state_dir/uidl.tmp). */
+ * state_dir/uidl.tmp); the error into error. state_lock is held (or
+ * nothing else runs). */
 static int
-write_state(struct store *st, const char *const *keys, size_t n, const struct strset *set)
+write_state(struct store *st, const char *const *keys, size_t n, const struct strset *set,
+	    char *error)
 {
 	char *tmp = xasprintf("%s.tmp", st->state_path), *text = NULL, why[PATH_MAX + 32];
 	size_t len = 0;
@@ -421,7 +461,7 @@ write_state(struct store *st, const char *const *keys, size_t n, const struct st
 		abort();
 	r = util_write_atomic(st->state_path, tmp, text, len, 0600, why, sizeof(why));
 	if (r < 0)
-		seterr(st, -r, "%s", why);
+		errat(error, -r, "%s", why);
 	free(text);
 	free(tmp);
 	if (r == 0)
@@ -433,9 +473,9 @@ write_state(struct store *st, const char *const *keys, size_t n, const struct st
 	return r;
 }
 
-/* Rewrite the state from the set in memory. */
+/* Rewrite the state from the set in memory (as write_state). */
 static int
-rewrite_state(struct store *st)
+rewrite_state(struct store *st, char *error)
 {
 	const char **all = xcalloc(st->uids.n ? st->uids.n : 1, sizeof(char *));
 	size_t n = 0;
@@ -444,7 +484,7 @@ rewrite_state(struct store *st)
 	for (size_t i = 0; i < st->uids.cap; i++)
 		if (st->uids.slots[i] != NULL)
 			all[n++] = st->uids.slots[i];
-	r = write_state(st, all, n, &st->uids);
+	r = write_state(st, all, n, &st->uids, error);
 	free(all);
 	if (r == 0)
 		st->rewrite = false;
@@ -645,7 +685,7 @@ load_state(struct store *st)
 
 	if (f == NULL) {
 		if (errno == ENOENT)
-			return write_state(st, NULL, 0, &st->uids);
+			return write_state(st, NULL, 0, &st->uids, st->error);
 		return seterr(st, errno, "cannot read the state %s", st->state_path);
 	}
 	read_records(st, f, &s);
@@ -686,7 +726,7 @@ load_state(struct store *st)
 	 */
 	if (s.renamed > 0 && fsync(st->save_fd) < 0)
 		return seterr(st, errno, "cannot fsync %s", st->save_dir);
-	return s.rewrite ? rewrite_state(st) : 0;
+	return s.rewrite ? rewrite_state(st, st->error) : 0;
 }
 
 static int
@@ -784,6 +824,9 @@ store_open(const struct store_params *p, struct store **ret, char *err, size_t e
 	int r, fd;
 
 	st->id = xstrdup(p->id);
+	st->batch.st = st;
+	if (pthread_mutex_init(&st->state_lock, NULL) != 0)
+		abort();
 	st->lock_fd = st->state_fd = st->save_fd = st->tmp_fd = st->stage_fd = -1;
 	st->pid = (long)getpid();
 	st->state_dir = xasprintf("%s/%s", p->state_directory, p->id);
@@ -830,13 +873,15 @@ store_close(struct store *st)
 	if (st == NULL)
 		return;
 	store_discard(st);
-	free(st->batch);
-	if (st->unsettled && rewrite_state(st) < 0)
+	free(st->batch.msgs);
+	pthread_mutex_lock(&st->state_lock);
+	if (st->unsettled && rewrite_state(st, st->error) < 0)
 		log_warning(st->id,
 			    "%s; the state names folders of this session by their renames, "
 			    "and one that a consumer takes away before the next poll counts as "
 			    "not received: its message may be saved again",
 			    st->error);
+	pthread_mutex_unlock(&st->state_lock);
 	/* the staging is empty unless a recorded folder waits to be settled:
 	 * not left behind, while the lock still keeps others off it */
 	if (st->stage_fd >= 0)
@@ -853,6 +898,7 @@ store_close(struct store *st)
 		close(st->stage_fd);
 	strset_clear(&st->uids);
 	strset_clear(&st->aliases);
+	pthread_mutex_destroy(&st->state_lock);
 	FREE_ALL(st->doubt, st->id, st->save_dir, st->state_dir, st->stage_dir, st->state_path, st);
 }
 
@@ -1073,14 +1119,14 @@ store_msg_add_file(struct store_msg *m, const char *name, const void *data, size
 /* Is the name free in save_dir (not even a dangling symlink there), and
  * not taken by a message before this one in the batch? */
 static bool
-name_free(const struct store *st, size_t upto, const char *name)
+name_free(const struct store_batch *b, size_t upto, const char *name)
 {
 	struct stat sb;
 
-	if (fstatat(st->save_fd, name, &sb, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
+	if (fstatat(b->st->save_fd, name, &sb, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
 		return false;
 	for (size_t i = 0; i < upto; i++)
-		if (strcmp(st->batch[i]->final, name) == 0)
+		if (strcmp(b->msgs[i]->final, name) == 0)
 			return false;
 	return true;
 }
@@ -1088,48 +1134,48 @@ name_free(const struct store *st, size_t upto, const char *name)
 /* The name in save_dir of the batch's message i, chosen before its record
  * names it: its own name, or, should that be taken, "-2", "-3", ... */
 static int
-choose_final(struct store *st, size_t i)
+choose_final(struct store_batch *b, size_t i)
 {
-	struct store_msg *m = st->batch[i];
+	struct store_msg *m = b->msgs[i];
 
 	for (unsigned k = 1; k < 1000; k++) {
 		free(m->final);
 		m->final = k == 1 ? xstrdup(m->name) : xasprintf("%s-%u", m->name, k);
-		if (name_free(st, i, m->final))
+		if (name_free(b, i, m->final))
 			return 0;
 	}
-	return seterr(st, EEXIST, "no free name for %s in %s", m->name, st->save_dir);
+	return errat(b->error, EEXIST, "no free name for %s in %s", m->name, b->st->save_dir);
 }
 
 /*
  * Rename the staged folder to save_dir/final, never replacing anything: a
  * name taken since it was chosen is a failure (the record names it). The
  * staging entry must still be the folder made for it: not a symlink, not
- * another folder put in its place.
+ * another folder put in its place. The error into error.
  */
 static int
-rename_into_place(struct store_msg *m, char **ret_folder)
+rename_into_place(struct store_msg *m, char **ret_folder, char *error)
 {
 	struct store *st = m->st;
 	struct stat sb;
 
 	if (fstatat(st->stage_fd, m->stage, &sb, AT_SYMLINK_NOFOLLOW) < 0)
-		return seterr(st, errno, "cannot rename %s into %s", m->path, st->save_dir);
+		return errat(error, errno, "cannot rename %s into %s", m->path, st->save_dir);
 	if (S_ISLNK(sb.st_mode)) {
-		snprintf(st->error, sizeof(st->error),
+		snprintf(error, ERROR_MAX,
 			 "%s is a symbolic link: popfetchd never follows one in its staging "
 			 "(remove it)",
 			 m->path);
 		return -ELOOP;
 	}
 	if (sb.st_dev != m->dev || sb.st_ino != m->ino) {
-		snprintf(st->error, sizeof(st->error),
+		snprintf(error, ERROR_MAX,
 			 "%s is not the folder popfetchd staged there: it was replaced", m->path);
 		return -ESTALE;
 	}
 	if (renameat2(st->stage_fd, m->stage, st->save_fd, m->final, RENAME_NOREPLACE) < 0)
-		return seterr(st, errno, "cannot rename %s to %s/%s", m->path, st->save_dir,
-			      m->final);
+		return errat(error, errno, "cannot rename %s to %s/%s", m->path, st->save_dir,
+			     m->final);
 	*ret_folder = xasprintf("%s/%s", st->save_dir, m->final);
 	return 0;
 }
@@ -1179,6 +1225,7 @@ int
 store_msg_seal(struct store_msg *m, bool keep_eml)
 {
 	struct store *st = m->st;
+	struct store_batch *b = &st->batch;
 	int r;
 
 	if ((r = store_msg_close(m, keep_eml)) < 0) {
@@ -1186,12 +1233,12 @@ store_msg_seal(struct store_msg *m, bool keep_eml)
 		store_msg_abort(m);
 		return r;
 	}
-	if (st->nbatch == st->capbatch) {
-		st->capbatch = st->capbatch ? 2 * st->capbatch : 16;
-		st->batch = xrealloc(st->batch, st->capbatch * sizeof(*st->batch));
+	if (b->n == b->cap) {
+		b->cap = b->cap ? 2 * b->cap : 16;
+		b->msgs = xrealloc(b->msgs, b->cap * sizeof(*b->msgs));
 	}
-	st->batch[st->nbatch++] = m;
-	st->batch_bytes += m->size;
+	b->msgs[b->n++] = m;
+	b->bytes += m->size;
 	return 0;
 }
 
@@ -1199,17 +1246,17 @@ size_t
 store_pending(const struct store *st, unsigned long long *ret_bytes)
 {
 	if (ret_bytes != NULL)
-		*ret_bytes = st->batch_bytes;
-	return st->nbatch;
+		*ret_bytes = st->batch.bytes;
+	return st->batch.n;
 }
 
 void
 store_discard(struct store *st)
 {
-	for (size_t i = 0; i < st->nbatch; i++)
-		store_msg_abort(st->batch[i]);
-	st->nbatch = 0;
-	st->batch_bytes = 0;
+	for (size_t i = 0; i < st->batch.n; i++)
+		store_msg_abort(st->batch.msgs[i]);
+	st->batch.n = 0;
+	st->batch.bytes = 0;
 }
 
 static int sync_tree(int dfd, int depth);
@@ -1247,12 +1294,14 @@ sync_tree(int dfd, int depth)
 
 /* The batch's files and folders on disk: one syncfs, or one fsync each. */
 static int
-sync_batch(struct store *st)
+sync_batch(const struct store_batch *b)
 {
+	const struct store *st = b->st;
+
 	if (!st->sync_per_file)
 		return syncfs(st->save_fd) < 0 ? -errno : 0;
-	for (size_t i = 0; i < st->nbatch; i++) {
-		int fd = openat(st->stage_fd, st->batch[i]->stage,
+	for (size_t i = 0; i < b->n; i++) {
+		int fd = openat(st->stage_fd, b->msgs[i]->stage,
 				O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 		int r = fd < 0 ? -errno : sync_tree(fd, 0);
 		if (r < 0)
@@ -1261,19 +1310,100 @@ sync_batch(struct store *st)
 	return fsync(st->stage_fd) < 0 ? -errno : 0;
 }
 
-/* The record of m, on disk perhaps, though m is not committed. */
+/* The record of m, on disk perhaps, though m is not committed (state_lock
+ * is held). */
 static void
 keep_in_doubt(struct store *st, const struct store_msg *m)
 {
-	char line[RECORD_MAX];
+	char line[RECORD_MAX], error[ERROR_MAX];
 	/* as it was written */
-	int n = record_line(st, m->uid, m->alias, m, line, sizeof(line));
+	int n = record_line(m->uid, m->alias, m, line, sizeof(line), error);
 
 	if (n < 0)
 		return;
 	st->doubt = xrealloc(st->doubt, st->ndoubt + (size_t)n + 1);
 	memcpy(st->doubt + st->ndoubt, line, (size_t)n + 1);
 	st->ndoubt += (size_t)n;
+}
+
+struct store_batch *
+store_batch_take(struct store *st)
+{
+	struct store_batch *b = xmalloc(sizeof(*b));
+
+	*b = st->batch;
+	b->committed = 0;
+	b->r = 0;
+	b->error[0] = '\0';
+	st->batch = (struct store_batch){.st = st};
+	pthread_mutex_lock(&st->state_lock);
+	st->committing = true;
+	pthread_mutex_unlock(&st->state_lock);
+	return b;
+}
+
+/* Step 2 of the commit: the batch's records, each naming its staging
+ * folder and its folder's name in save_directory, in one append. */
+static int
+record_batch(struct store_batch *b)
+{
+	struct store *st = b->st;
+	size_t len = 0;
+	char *lines = xmalloc(b->n * RECORD_MAX);
+	int r = 0;
+
+	for (size_t i = 0; i < b->n && r == 0; i++) {
+		struct store_msg *m = b->msgs[i];
+		int k = st->save_dir != NULL ? choose_final(b, i) : 0;
+		if (k == 0)
+			k = record_line(m->uid, m->alias, st->save_dir ? m : NULL, lines + len,
+					RECORD_MAX, b->error);
+		if (k < 0)
+			r = k;
+		else
+			len += (size_t)k;
+	}
+	if (r == 0) {
+		/* even a failed append may have left the lines on disk (a write
+		 * that went through, then a failed fdatasync and a failed cut
+		 * back): from here on a failure keeps the staging folders, whose
+		 * presence makes those records void */
+		for (size_t i = 0; i < b->n; i++)
+			b->msgs[i]->recorded = st->save_dir != NULL;
+		pthread_mutex_lock(&st->state_lock);
+		r = append_lines(st, lines, len, b->error);
+		if (r == 0 && st->save_dir != NULL)
+			st->unsettled = true;
+		pthread_mutex_unlock(&st->state_lock);
+	}
+	free(lines);
+	return r;
+}
+
+/* Steps 3 and 4: the renames, then the fsync of save_dir; the messages
+ * committed (folders[i] for each), the first ones of the batch. */
+static size_t
+rename_batch(struct store_batch *b, char **folders, int *ret)
+{
+	struct store *st = b->st;
+	size_t renamed = 0;
+
+	for (; renamed < b->n; renamed++) {
+		struct store_msg *m = b->msgs[renamed];
+		if ((*ret = rename_into_place(m, &folders[renamed], b->error)) < 0)
+			break; /* its record is void: the staging folder stays until cleaned */
+		free(m->path); /* renamed: nothing left to remove */
+		m->path = NULL;
+	}
+	if (renamed > 0 && fsync(st->save_fd) < 0) {
+		/* visible but perhaps not durable: not received as far as the
+		 * server is concerned, so no DELE; the records settle it later */
+		*ret = errat(b->error, errno, "cannot fsync %s", st->save_dir);
+		for (size_t i = 0; i < renamed; i++)
+			free(folders[i]);
+		renamed = 0;
+	}
+	return renamed;
 }
 
 /*
@@ -1290,124 +1420,125 @@ keep_in_doubt(struct store *st, const struct store_msg *m)
  * by what is still staged.
  */
 int
-store_commit(struct store *st, store_commit_cb cb, void *arg)
+store_batch_commit(struct store_batch *b, store_commit_cb cb, void *arg)
 {
-	size_t n = st->nbatch, renamed = 0, len = 0;
-	char **folders = NULL, *lines = NULL;
+	struct store *st = b->st;
+	size_t n = b->n, renamed = 0;
+	char **folders = NULL;
 	int r = 0;
 
 	if (n == 0)
 		return 0;
-	if (st->save_dir != NULL && (r = sync_batch(st)) < 0) {
-		r = seterr(st, -r, "cannot make %zu message(s) durable (%s of %s)", n,
-			   st->sync_per_file ? "fsync" : "syncfs", st->save_dir);
+	if (st->save_dir != NULL && (r = sync_batch(b)) < 0) {
+		r = errat(b->error, -r, "cannot make %zu message(s) durable (%s of %s)", n,
+			  st->sync_per_file ? "fsync" : "syncfs", st->save_dir);
 		goto out;
 	}
-	lines = xmalloc(n * (RECORD_MAX));
-	for (size_t i = 0; i < n; i++) {
-		struct store_msg *m = st->batch[i];
-		int k = st->save_dir != NULL ? choose_final(st, i) : 0;
-		if (k == 0)
-			k = record_line(st, m->uid, m->alias, st->save_dir ? m : NULL, lines + len,
-					RECORD_MAX);
-		if (k < 0) {
-			r = k;
-			goto out;
-		}
-		len += (size_t)k;
-	}
-	/* even a failed append may have left the lines on disk (a write that
-	 * went through, then a failed fdatasync and a failed cut back): from
-	 * here on a failure keeps the staging folders, whose presence makes
-	 * those records void */
-	for (size_t i = 0; i < n; i++)
-		st->batch[i]->recorded = st->save_dir != NULL;
-	if ((r = append_lines(st, lines, len)) < 0)
+	if ((r = record_batch(b)) < 0)
 		goto out;
-	st->unsettled = st->save_dir != NULL;
 	folders = xcalloc(n, sizeof(char *));
-	if (st->save_dir == NULL) {
-		renamed = n; /* nothing is kept: the records are all that remains */
-		goto committed;
-	}
-	for (; renamed < n; renamed++) {
-		struct store_msg *m = st->batch[renamed];
-		if ((r = rename_into_place(m, &folders[renamed])) < 0)
-			break; /* its record is void: the staging folder stays until cleaned */
-		free(m->path); /* renamed: nothing left to remove */
-		m->path = NULL;
-	}
-	if (renamed > 0 && fsync(st->save_fd) < 0) {
-		/* visible but perhaps not durable: not received as far as the
-		 * server is concerned, so no DELE; the records settle it later */
-		r = seterr(st, errno, "cannot fsync %s", st->save_dir);
-		for (size_t i = 0; i < renamed; i++)
-			free(folders[i]);
-		renamed = 0;
-	}
-committed:
-	for (size_t i = 0; i < renamed; i++) {
-		struct store_msg *m = st->batch[i];
-		remember(st, m->uid, m->alias);
-		cb(arg, m->uid, folders[i], m->size); /* takes the folder */
-	}
+	/* with nothing kept, the records are all that remains */
+	renamed = st->save_dir != NULL ? rename_batch(b, folders, &r) : n;
+	for (size_t i = 0; i < renamed; i++)
+		cb(arg, b->msgs[i]->uid, folders[i], b->msgs[i]->size); /* takes the folder */
 out:
+	b->committed = renamed;
+	b->r = r;
+	pthread_mutex_lock(&st->state_lock);
 	for (size_t i = renamed; i < n; i++)
-		if (st->batch[i]->recorded)
-			keep_in_doubt(st, st->batch[i]);
-	FREE_ALL(folders, lines);
-	store_discard(st);
+		if (b->msgs[i]->recorded)
+			keep_in_doubt(st, b->msgs[i]);
+	pthread_mutex_unlock(&st->state_lock);
+	free(folders);
+	return r;
+}
+
+void
+store_batch_end(struct store_batch *b)
+{
+	struct store *st;
+
+	if (b == NULL)
+		return;
+	st = b->st;
+	pthread_mutex_lock(&st->state_lock);
+	for (size_t i = 0; i < b->committed; i++)
+		remember(st, b->msgs[i]->uid, b->msgs[i]->alias);
+	st->committing = false;
+	pthread_mutex_unlock(&st->state_lock);
+	if (b->r < 0)
+		snprintf(st->error, sizeof(st->error), "%s", b->error);
+	/* the renamed ones have nothing left to remove, the recorded ones
+	 * stay for store_open to settle */
+	for (size_t i = 0; i < b->n; i++)
+		store_msg_abort(b->msgs[i]);
+	free(b->msgs);
+	free(b);
+}
+
+int
+store_commit(struct store *st, store_commit_cb cb, void *arg)
+{
+	struct store_batch *b;
+	int r;
+
+	if (st->batch.n == 0)
+		return 0;
+	b = store_batch_take(st);
+	r = store_batch_commit(b, cb, arg);
+	store_batch_end(b);
 	return r;
 }
 
 /* "UIDL\n", or "UIDL STAGE FINAL\n" for the message m about to be renamed,
  * with " CONTENT" before the newline when there is an alias: its length, or
- * -errno. */
+ * -errno (the error into error). */
 static int
-record_line(struct store *st, const char *uid, const char *alias, const struct store_msg *m,
-	    char *line, size_t size)
+record_line(const char *uid, const char *alias, const struct store_msg *m, char *line, size_t size,
+	    char *error)
 {
 	const char *sep = alias ? " " : "";
 	int n;
 
 	if (!valid_uid(uid, strlen(uid)))
-		return seterr(st, EINVAL, "invalid UIDL");
+		return errat(error, EINVAL, "invalid UIDL");
 	if (alias == NULL)
 		alias = "";
 	n = m ? snprintf(line, size, "%s %s %s%s%s\n", uid, m->stage, m->final, sep, alias)
 	      : snprintf(line, size, "%s%s%s\n", uid, sep, alias);
 	if (n < 0 || (size_t)n >= size)
-		return seterr(st, ENAMETOOLONG, "cannot record %s", uid);
+		return errat(error, ENAMETOOLONG, "cannot record %s", uid);
 	return n;
 }
 
 /*
  * Append record lines in one write and fdatasync them. A failed append is
  * cut back (or the file rewritten whole before the next one), so that a
- * torn line never joins the next record.
+ * torn line never joins the next record. state_lock is held; the error
+ * into error.
  */
 static int
-append_lines(struct store *st, const char *lines, size_t len)
+append_lines(struct store *st, const char *lines, size_t len, char *error)
 {
 	struct stat sb;
 	int r;
 
-	if (st->rewrite && (r = rewrite_state(st)) < 0)
+	if (st->rewrite && (r = rewrite_state(st, error)) < 0)
 		return r;
 	if (st->state_fd < 0) {
 		st->state_fd = open(st->state_path, O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW);
 		if (st->state_fd < 0)
-			return seterr(st, errno, "cannot open the state %s", st->state_path);
+			return errat(error, errno, "cannot open the state %s", st->state_path);
 	}
 	if (fstat(st->state_fd, &sb) < 0)
-		return seterr(st, errno, "cannot stat the state %s", st->state_path);
+		return errat(error, errno, "cannot stat the state %s", st->state_path);
 	r = util_write_all(st->state_fd, lines, len);
 	if (r == 0 && fdatasync(st->state_fd) < 0)
 		r = -errno;
 	if (r < 0) {
 		if (ftruncate(st->state_fd, sb.st_size) < 0 || fdatasync(st->state_fd) < 0)
 			st->rewrite = true;
-		return seterr(st, -r, "cannot write the state %s", st->state_path);
+		return errat(error, -r, "cannot write the state %s", st->state_path);
 	}
 	return 0;
 }
@@ -1416,13 +1547,23 @@ int
 store_record(struct store *st, const char *uid)
 {
 	char line[RECORD_MAX];
-	int n = record_line(st, uid, NULL, NULL, line, sizeof(line)), r;
+	int n = record_line(uid, NULL, NULL, line, sizeof(line), st->error), r;
 
 	if (n < 0)
 		return n;
-	r = append_lines(st, line, (size_t)n);
+	pthread_mutex_lock(&st->state_lock);
+	if (st->rewrite && st->committing)
+		/* the state is rewritten from the records in memory, which lack
+		 * those of the batch being committed until it ends */
+		r = seterr(st, EBUSY,
+			   "cannot write the state %s: it must be rewritten after a failed "
+			   "write, and a commit is under way",
+			   st->state_path);
+	else
+		r = append_lines(st, line, (size_t)n, st->error);
 	if (r == 0)
 		strset_add(&st->uids, uid);
+	pthread_mutex_unlock(&st->state_lock);
 	return r;
 }
 
@@ -1434,6 +1575,7 @@ store_compact(struct store *st, const char *const *uids, size_t n)
 	size_t k = 0, promoted = 0;
 	int r;
 
+	pthread_mutex_lock(&st->state_lock);
 	for (size_t i = 0; i < n; i++) {
 		const char *alias = strset_value(&st->uids, uids[i]);
 		bool record = strset_has(&st->uids, uids[i]);
@@ -1454,7 +1596,7 @@ store_compact(struct store *st, const char *const *uids, size_t n)
 		r = 0;
 		goto out;
 	}
-	r = write_state(st, list, k, &keep);
+	r = write_state(st, list, k, &keep, st->error);
 	if (r == 0) {
 		strset_clear(&st->uids);
 		strset_clear(&st->aliases);
@@ -1464,6 +1606,7 @@ store_compact(struct store *st, const char *const *uids, size_t n)
 		memset(&aliases, 0, sizeof(aliases));
 	}
 out:
+	pthread_mutex_unlock(&st->state_lock);
 	strset_clear(&keep);
 	strset_clear(&aliases);
 	free(list);

@@ -63,8 +63,8 @@ struct fetch_params {
 	/* its SCRAM salted password from login to login (auth.h); NULL: none */
 	struct auth_scram_cache *scram_cache;
 	/* Where the poll seals and commits its messages (worker.h): NULL, on
-	 * the loop, in the call; else on workers: a few seals while the
-	 * session reads on, a commit while it is held. */
+	 * the loop, in the call; else on workers: a few seals, and a commit,
+	 * while the session reads on. */
 	struct worker_pool *workers;
 	/* For tests only: passed to every POP3 session of the poll (struct
 	 * pop3_params); NULL: connect to the server as usual. */

@@ -111,6 +111,20 @@ typedef void (*store_commit_cb)(void *arg, const char *uid, char *folder, unsign
  * store_open to settle). The batch is empty afterwards.
  */
 int store_commit(struct store *st, store_commit_cb cb, void *arg);
+/*
+ * A batch committed while the store goes on: store_batch_take (on the
+ * loop) takes the store's batch (the store begins a new one), and
+ * store_batch_commit may then run on a worker thread while the loop
+ * stages, seals and looks up messages and records keys; one batch at a
+ * time per store. cb is called there, as for store_commit. Then, back on
+ * the loop, store_batch_end makes the committed messages known to
+ * store_has, makes a failure's words the store's (store_error), and frees
+ * the batch. store_commit is the three at once.
+ */
+struct store_batch;
+struct store_batch *store_batch_take(struct store *st);
+int store_batch_commit(struct store_batch *b, store_commit_cb cb, void *arg);
+void store_batch_end(struct store_batch *b);
 /* Drop the batch: nothing of it was recorded; the staging is removed. */
 void store_discard(struct store *st);
 /* Remove the staged folder. NULL is a no-op. */

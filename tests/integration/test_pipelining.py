@@ -8,6 +8,7 @@ made durable per batch: one syncfs, one state fdatasync, one fsync of
 save_directory for up to commit_batch messages, 32 MiB, or 1 s."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +138,40 @@ def test_a_batch_is_bounded_by_bytes(fake_pop3, fake_config, confdir, run_traced
     sizes = [len(data) for _, data in expected]
     first = next(k for k in range(1, 41) if sum(sizes[:k]) >= 32 * 1024 * 1024)
     assert batches == [first, 40 - first], batches
+
+
+def test_session_reads_on_while_a_batch_commits(fake_pop3, fake_config, confdir, run_traced,
+                                                 read_saved):
+    """A batch's commit runs on a worker while the session reads on into a
+    new batch. One command at a time, commit_batch 4, each syncfs held
+    0.5 s (strace): the four RETRs of the second batch are answered (each
+    RETR goes out once the one before is read) before the first batch's
+    DELEs go out. And no DELE comes before its message's folder is in
+    save_directory and its UIDL in the state."""
+    where, early = {}, []
+
+    def check_durable(session, line):
+        if line.startswith("DELE ") and where:
+            n = int(line.split()[1])
+            uidl = where["uidls"][n - 1]
+            records = where["state"].read_text().splitlines()[1:]
+            folders = [p for p in Path(where["save"]).iterdir() if p.name != ".tmp"]
+            if not any(r.split(" ")[0] == uidl for r in records) or len(folders) < n:
+                early.append((line, len(folders), records))
+        return None
+
+    server = fake_pop3(small(8, seed=906), pipelining=False, hook=check_durable)
+    expected = fake_expected(server)
+    config = fake_config(server)
+    cd = confdir(config, daemon={"commit_batch": 4, "commit_interval": "1h"})
+    where.update(uidls=[u for u, _ in expected], save=config["save_directory"],
+                 state=Path(cd.state_directory) / "fake" / "uidl")
+    res, log = run_traced(["-e", "trace=syncfs", "-e", "inject=syncfs:delay_enter=500000"],
+                          ["receive-all", "fake"], cd)
+    assert res.returncode == EX_OK, res.describe()
+    assert server.wait_idle() and server.remaining() == []
+    assert_saved_exactly(read_saved(config["save_directory"]), "fake", expected)
+    assert syncfs_calls(log) == 2, log
+    order = server.commands()
+    assert order.index("RETR 8") < order.index("DELE 1"), order
+    assert early == [], early

@@ -2,6 +2,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -660,6 +661,135 @@ batches(void)
 	store_close(st);
 }
 
+struct batch_run {
+	struct store_batch *b;
+	struct committed c;
+	int r;
+};
+
+static void *
+commit_thread(void *arg)
+{
+	struct batch_run *run = arg;
+
+	run->r = store_batch_commit(run->b, collect, &run->c);
+	return NULL;
+}
+
+/* Seal a message uid into the store's batch; its staging folder in stage. */
+static void
+seal_one(struct store *st, const char *uid, int t, char *stage, size_t size)
+{
+	struct store_msg *m;
+
+	CHECK(store_msg_begin(st, uid, 1795688102 + t, &m) == 0);
+	CHECK(store_msg_write(m, "Subject: d\r\n\r\nbody\r\n", 20) == 0);
+	if (stage != NULL) {
+		snprintf(stage, size, "%s", store_msg_eml_path(m));
+		*strrchr(stage, '/') = '\0';
+	}
+	CHECK(store_msg_seal(m, true) == 0);
+}
+
+/* The position of the record of uid in the state text, or -1. */
+static long
+record_at(const char *text, const char *uid)
+{
+	char line[32];
+	const char *p;
+
+	snprintf(line, sizeof(line), "\n%s ", uid);
+	p = strstr(text, line);
+	if (p == NULL) {
+		snprintf(line, sizeof(line), "\n%s\n", uid);
+		p = strstr(text, line);
+	}
+	return p ? p - text : -1;
+}
+
+/* A batch taken from the store is committed on another thread while the
+ * store goes on: new messages staged and sealed into a new batch, a key
+ * recorded. The new batch is not touched; the taken one's messages are
+ * known once it ends; the records keep the batches' order. A failed
+ * commit's words become the store's only at its end. */
+static void
+detached_batch(void)
+{
+	struct store_params p = {.id = "detached",
+				 .save_directory = save,
+				 .state_directory = state,
+				 .server = "d",
+				 .user = "u"};
+	struct store *st = NULL;
+	struct batch_run run = {0};
+	struct committed c = {0};
+	pthread_t t;
+	char err[256], stage[512], moved[512], path[600];
+	unsigned long long bytes;
+
+	CHECK(store_open(&p, &st, err, sizeof(err)) == 0);
+	if (st == NULL)
+		return;
+	seal_one(st, "D1", 1, NULL, 0);
+	seal_one(st, "D2", 2, NULL, 0);
+	run.b = store_batch_take(st);
+	CHECK(store_pending(st, NULL) == 0);
+	CHECK(pthread_create(&t, NULL, commit_thread, &run) == 0);
+	seal_one(st, "D3", 3, NULL, 0);
+	CHECK(store_record(st, "R1") == 0 && store_has(st, "R1"));
+	seal_one(st, "D4", 4, NULL, 0);
+	CHECK(pthread_join(t, NULL) == 0);
+	CHECK(run.r == 0 && run.c.n == 2);
+	CHECK(strcmp(run.c.uid[0], "D1") == 0 && strcmp(run.c.uid[1], "D2") == 0);
+	/* durable, but known only once the batch ended on the loop */
+	CHECK(!store_has(st, "D1"));
+	store_batch_end(run.b);
+	CHECK(store_has(st, "D1") && store_has(st, "D2") && !store_has(st, "D3"));
+	CHECK(store_pending(st, &bytes) == 2 && bytes == 40);
+	CHECK(store_commit(st, collect, &c) == 0 && c.n == 2);
+	CHECK(strcmp(c.uid[0], "D3") == 0 && strcmp(c.uid[1], "D4") == 0);
+	for (size_t i = 0; i < 2; i++) {
+		snprintf(path, sizeof(path), "%s/message.eml", run.c.folder[i]);
+		CHECK(exists(path));
+		snprintf(path, sizeof(path), "%s/message.eml", c.folder[i]);
+		CHECK(exists(path));
+		FREE_ALL(run.c.folder[i], c.folder[i]);
+	}
+	char *text = slurp(state_path_of("detached"));
+	CHECK(record_at(text, "R1") > 0 && record_at(text, "D1") > 0);
+	CHECK(record_at(text, "D1") < record_at(text, "D2"));
+	CHECK(record_at(text, "D2") < record_at(text, "D3"));
+	CHECK(record_at(text, "D3") < record_at(text, "D4"));
+	free(text);
+
+	/* a commit that fails (its staging folder replaced) while the store
+	 * stages another message: its error is the batch's until it ends */
+	memset(&run, 0, sizeof(run));
+	seal_one(st, "D5", 5, stage, sizeof(stage));
+	snprintf(moved, sizeof(moved), "%s/moved-d5", root);
+	CHECK(rename(stage, moved) == 0 && mkdir(stage, 0750) == 0);
+	run.b = store_batch_take(st);
+	CHECK(pthread_create(&t, NULL, commit_thread, &run) == 0);
+	seal_one(st, "D6", 6, NULL, 0);
+	CHECK(pthread_join(t, NULL) == 0);
+	CHECK(run.r == -ESTALE && run.c.n == 0);
+	CHECK(strstr(store_error(st), "not the folder") == NULL);
+	store_batch_end(run.b);
+	CHECK(strstr(store_error(st), "not the folder") != NULL && !store_has(st, "D5"));
+	CHECK(store_pending(st, NULL) == 1);
+	memset(&c, 0, sizeof(c));
+	CHECK(store_commit(st, collect, &c) == 0 && c.n == 1 && strcmp(c.uid[0], "D6") == 0);
+	free(c.folder[0]);
+	store_close(st);
+
+	/* the next start knows every committed one, and not the failed one */
+	st = NULL;
+	CHECK(store_open(&p, &st, err, sizeof(err)) == 0);
+	CHECK(st != NULL && store_has(st, "D1") && store_has(st, "D4") && store_has(st, "R1"));
+	CHECK(st != NULL && store_has(st, "D6") && !store_has(st, "D5"));
+	store_close(st);
+}
+
 /* The same with an fsync per file and folder (as on FUSE), attachments/
  * included. */
 static void
@@ -806,6 +936,7 @@ main(void)
 	lock_and_staging();
 	batches();
 	batch_synced_per_file();
+	detached_batch();
 	longest_key();
 	kept_or_written(70 * 1000, true);	     /* beyond the first buffer */
 	kept_or_written(4 * 1024 * 1024, true);	     /* the largest kept */
