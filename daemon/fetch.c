@@ -181,9 +181,9 @@ static const unsigned fetch_next[] = {
  * still goes out only once the commit's result is back on the loop
  * (commit_ended) and says the message is durable. A new batch that is due
  * while a commit runs (full, or its time bound passed: commit_due) is
- * committed right after it, the session held meanwhile so that a batch
- * keeps its bounds; the session's last commit (wind_up) comes after it
- * too. Once a commit fails the session saves nothing more: the new batch
+ * committed right after it as it is (a seal that ends meanwhile joins the
+ * batch after it), the session held meanwhile so that a batch keeps its
+ * bounds; the session's last commit (wind_up) comes after it too. Once a commit fails the session saves nothing more: the new batch
  * is dropped with it. A poll that must end while a job runs (the session
  * failed, fetch_abort) waits for it first (settle). The store's opening (a
  * first poll writes the state, with fsyncs) and the state's compaction
@@ -1518,12 +1518,20 @@ seal_ended(struct fetch *f, struct fetch_job *j)
 	sealed(f, &f->cand[j->cand], r, j->why);
 }
 
+/* A batch due while a commit runs (commit_due) waits for it as it is: a
+ * seal that ends meanwhile joins the batch after it. */
+static bool
+batch_waits(const struct fetch *f)
+{
+	return f->commit_due && f->job != NULL;
+}
+
 /* The seals that ended join the batch in the order they began; none while
- * a job has the store alone. */
+ * a job has the store alone, or while the batch waits to be committed. */
 static void
 drain_seals(struct fetch *f)
 {
-	while (f->nseals > 0 && f->seals[0]->ended && !store_taken(f)) {
+	while (f->nseals > 0 && f->seals[0]->ended && !store_taken(f) && !batch_waits(f)) {
 		struct fetch_job *j = f->seals[0];
 		f->nseals--;
 		memmove(f->seals, f->seals + 1, f->nseals * sizeof(*f->seals));
@@ -1628,12 +1636,12 @@ on_retrieved(void *arg, unsigned long num, const char *error)
 static void
 go_on(struct fetch *f)
 {
-	drain_seals(f);
 	if (f->job == NULL && f->commit_due) {
 		f->commit_due = false;
 		if (retrieving(f) || f->wind_pending)
 			commit_soon(f);
 	}
+	drain_seals(f);
 	if (f->job == NULL && f->wind_pending && f->nseals == 0) {
 		f->wind_pending = false;
 		wind_now(f, f->wind_after, f->wind_dele);

@@ -175,3 +175,26 @@ def test_session_reads_on_while_a_batch_commits(fake_pop3, fake_config, confdir,
     order = server.commands()
     assert order.index("RETR 8") < order.index("DELE 1"), order
     assert early == [], early
+
+
+def test_a_due_batch_keeps_its_bound(fake_pop3, fake_config, confdir, run_traced, read_saved):
+    """commit_batch 1 with each syncfs held 0.3 s (strace): while message
+    1's commit runs, message 2 fills the next batch and message 3 is sealed
+    too; message 3 waits for a batch of its own: 5 messages, 5 syncfs, one
+    folder renamed after each."""
+    server = fake_pop3(small(5, seed=907))
+    expected = fake_expected(server)
+    config = fake_config(server)
+    cd = confdir(config, daemon={"commit_batch": 1, "commit_interval": "1h"})
+    res, log = run_traced(["-e", "trace=syncfs,renameat2", "-e",
+                           "inject=syncfs:delay_enter=300000"], ["receive-all", "fake"], cd)
+    assert res.returncode == EX_OK, res.describe()
+    assert server.wait_idle() and server.remaining() == []
+    assert_saved_exactly(read_saved(config["save_directory"]), "fake", expected)
+    batches = []
+    for line in log.splitlines():
+        if re.search(r"\bsyncfs\(", line):
+            batches.append(0)
+        elif re.search(r"\brenameat2\(", line) and batches:
+            batches[-1] += 1
+    assert batches == [1, 1, 1, 1, 1], log
