@@ -183,12 +183,11 @@ static const unsigned fetch_next[] = {
  * while a commit runs (full, or its time bound passed: commit_due) is
  * committed right after it as it is (a seal that ends meanwhile joins the
  * batch after it), the session held meanwhile so that a batch keeps its
- * bounds; the session's last commit (wind_up) comes after it too. Once a commit fails the session saves nothing more: the new batch
- * is dropped with it. A poll that must end while a job runs (the session
- * failed, fetch_abort) waits for it first (settle). The store's opening (a
- * first poll writes the state, with fsyncs) and the state's compaction
- * after QUIT are jobs that have the store alone: the session starts after
- * the one, the poll ends after the other.
+ * bounds; the session's last commit (wind_up) comes after it too. Once a commit fails the session
+ * saves nothing more: the new batch is dropped with it. A poll that must end while a job runs (the
+ * session failed, fetch_abort) waits for it first (settle). The store's opening (a first poll
+ * writes the state, with fsyncs) and the state's compaction after QUIT are jobs that have the store
+ * alone: the session starts after the one, the poll ends after the other.
  *
  * A message's seal (its MIME and S/MIME extraction, the files beside
  * message.eml: message_prepare) touches only that message's own folder:
@@ -416,6 +415,35 @@ finish_cb(evutil_socket_t fd, short what, void *arg)
 	f->done(f, f->arg);
 }
 
+static void
+close_work(void *arg)
+{
+	store_close(arg);
+}
+
+static void
+close_done(void *arg)
+{
+	(void)arg;
+}
+
+/*
+ * The store closed, on the store's thread when there is one: removing the
+ * staging folder, the last close of it (the kernel frees it then), a
+ * rewrite of the state may wait for the disk, tens of milliseconds while
+ * the disk is busy. The lock goes with it: a next poll of the
+ * configuration opens its store on the same thread, after.
+ */
+static void
+close_store(struct fetch *f)
+{
+	if (f->workers != NULL)
+		worker_submit_serial(f->workers, close_work, close_done, f->store);
+	else
+		store_close(f->store);
+	f->store = NULL;
+}
+
 /* End the poll: the owner hears of it from the loop, never re-entrantly. */
 static void
 finish(struct fetch *f)
@@ -441,9 +469,7 @@ finish(struct fetch *f)
 		pop3_session_free_deferred(f->pop3);
 		f->pop3 = NULL;
 	}
-	/* the lock is released now: the next poll may start at once */
-	store_close(f->store);
-	f->store = NULL;
+	close_store(f);
 	log_fields(f->res.nsaved || f->res.deleted || f->res.exit_code ? LOG_LVL_INFO
 								       : LOG_LVL_DEBUG,
 		   f->mb->id, &(struct log_fields){.has_exit = true, .exit = f->res.exit_code},
