@@ -18,7 +18,7 @@
  * Usage: floor-client HOST PORT plain|stls|tls CA_FILE USER PASSWORD DEST
  * Build: cc -O2 -o floor-client floor-client.c -lssl -lcrypto
  */
-#define _GNU_SOURCE		/* memmem */
+#define _GNU_SOURCE /* memmem */
 #include <err.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -32,14 +32,14 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
-#define WINDOW	64		/* messages asked for ahead of the answers */
+#define WINDOW 64 /* messages asked for ahead of the answers */
 
 struct conn {
-	int	 fd;
-	SSL	*ssl;
-	char	*buf;		/* unread bytes: buf[0 .. len) */
-	char	*mem;		/* buf lies in mem[0 .. cap) */
-	size_t	 len, cap;
+	int fd;
+	SSL *ssl;
+	char *buf; /* unread bytes: buf[0 .. len) */
+	char *mem; /* buf lies in mem[0 .. cap) */
+	size_t len, cap;
 };
 
 static void
@@ -48,7 +48,7 @@ fill(struct conn *c)
 	size_t room = c->cap - (c->buf - c->mem) - c->len;
 	ssize_t n;
 
-	if (room < 65536 && c->buf != c->mem) {	/* move what is left down */
+	if (room < 65536 && c->buf != c->mem) { /* move what is left down */
 		memmove(c->mem, c->buf, c->len);
 		c->buf = c->mem;
 		room = c->cap - c->len;
@@ -129,7 +129,7 @@ start_tls(struct conn *c, const char *host, const char *ca)
 static int
 dial(const char *host, const char *port)
 {
-	struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *ai;
+	struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *ai;
 	int fd, one = 1;
 
 	if (getaddrinfo(host, port, &hints, &ai) != 0)
@@ -185,7 +185,7 @@ receive(struct conn *c, FILE *out)
 int
 main(int argc, char **argv)
 {
-	struct conn c = { 0 };
+	struct conn c = {0};
 	char cmd[512], reply[512], path[4096];
 	int count, next, done;
 	FILE *out;

@@ -89,6 +89,18 @@ def syncfs_calls(log):
     return len(re.findall(r"\bsyncfs\(", log))
 
 
+def renamed_per_syncfs(log):
+    """The folders renamed after each syncfs of a strace log: one batch
+    each, in order."""
+    batches = []
+    for line in log.splitlines():
+        if re.search(r"\bsyncfs\(", line):
+            batches.append(0)
+        elif re.search(r"\brenameat2\(", line) and batches:
+            batches[-1] += 1
+    return batches
+
+
 @pytest.mark.parametrize("batch, n, commits", [(4, 10, 3), (1, 5, 5), (None, 10, 1)],
                          ids=["batch-4", "batch-1", "default"])
 def test_commits_per_batch_of_messages(fake_pop3, fake_config, confdir, run_traced, read_saved,
@@ -129,12 +141,7 @@ def test_a_batch_is_bounded_by_bytes(fake_pop3, fake_config, confdir, run_traced
     assert server.wait_idle() and server.remaining() == []
     assert_saved_exactly(read_saved(config["save_directory"]), "fake", expected)
     # the folders renamed after each syncfs: one batch each, in message order
-    batches = []
-    for line in log.splitlines():
-        if re.search(r"\bsyncfs\(", line):
-            batches.append(0)
-        elif re.search(r"\brenameat2\(", line) and batches:
-            batches[-1] += 1
+    batches = renamed_per_syncfs(log)
     sizes = [len(data) for _, data in expected]
     first = next(k for k in range(1, 41) if sum(sizes[:k]) >= 32 * 1024 * 1024)
     assert batches == [first, 40 - first], batches
@@ -191,10 +198,5 @@ def test_a_due_batch_keeps_its_bound(fake_pop3, fake_config, confdir, run_traced
     assert res.returncode == EX_OK, res.describe()
     assert server.wait_idle() and server.remaining() == []
     assert_saved_exactly(read_saved(config["save_directory"]), "fake", expected)
-    batches = []
-    for line in log.splitlines():
-        if re.search(r"\bsyncfs\(", line):
-            batches.append(0)
-        elif re.search(r"\brenameat2\(", line) and batches:
-            batches[-1] += 1
+    batches = renamed_per_syncfs(log)
     assert batches == [1, 1, 1, 1, 1], log
