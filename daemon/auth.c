@@ -180,10 +180,49 @@ cache_drop(struct auth *a)
 }
 
 /*
+ * SaltedPassword := PBKDF2(SASLprep(password), salt, i) (RFC 5802 §3), as
+ * hex, with OpenSSL's digests: GNU SASL's own are three times slower (4 ms
+ * for SCRAM-SHA-256's 4096 iterations), and a server that stores the
+ * password in clear salts each login anew (Dovecot), so no cache helps.
+ * On any failure GNU SASL computes it itself.
+ */
+static int
+salt_password(struct auth *a, Gsasl_session *sctx, const char *salt64, const char *iter)
+{
+	const EVP_MD *md = scram_hash(a->mech) == GSASL_HASH_SHA1 ? EVP_sha1() : EVP_sha256();
+	const char *password = gsasl_property_fast(sctx, GSASL_PASSWORD);
+	unsigned char out[EVP_MAX_MD_SIZE];
+	char *prepped = NULL, *salt = NULL, hex[2 * EVP_MAX_MD_SIZE + 1];
+	size_t saltlen, len = (size_t)EVP_MD_get_size(md);
+	unsigned long long n = iter != NULL ? strtoull(iter, NULL, 10) : 0;
+	int rc = GSASL_NO_CALLBACK;
+
+	if (password == NULL || salt64 == NULL || n == 0 || n > AUTH_SCRAM_ITER_MAX ||
+	    gsasl_saslprep(password, GSASL_ALLOW_UNASSIGNED, &prepped, NULL) != GSASL_OK ||
+	    gsasl_base64_from(salt64, strlen(salt64), &salt, &saltlen) != GSASL_OK)
+		goto out;
+	if (PKCS5_PBKDF2_HMAC(prepped, (int)strlen(prepped), (unsigned char *)salt, (int)saltlen,
+			      (int)n, md, (int)len, out) == 1) {
+		for (size_t i = 0; i < len; i++)
+			snprintf(hex + 2 * i, 3, "%02x", out[i]);
+		if (gsasl_property_set(sctx, GSASL_SCRAM_SALTED_PASSWORD, hex) == GSASL_OK)
+			rc = GSASL_OK;
+		explicit_bzero(hex, sizeof(hex));
+	}
+	explicit_bzero(out, sizeof(out));
+out:
+	if (prepped != NULL)
+		explicit_bzero(prepped, strlen(prepped));
+	gsasl_free(prepped);
+	gsasl_free(salt);
+	return rc;
+}
+
+/*
  * GNU SASL asks for the properties not set on the session. The SCRAM
  * client asks for GSASL_SCRAM_SALTED_PASSWORD once it has set the salt
  * and iteration count of the server-first message, and runs PBKDF2 on the
- * password when it gets none.
+ * password when it gets none: it gets the cache's, or ours.
  */
 static int
 on_property(Gsasl *ctx, Gsasl_session *sctx, Gsasl_property prop)
@@ -206,15 +245,14 @@ on_property(Gsasl *ctx, Gsasl_session *sctx, Gsasl_property prop)
 		gsasl_property_set(sctx, GSASL_PASSWORD, NULL);
 		return GSASL_NO_CALLBACK;
 	}
-	if (a->cache == NULL)
-		return GSASL_NO_CALLBACK;
 	c = a->cache;
-	if (c->salted == NULL || salt == NULL || iter == NULL || c->hash != scram_hash(a->mech) ||
-	    strcmp(c->salt, salt) != 0 || strcmp(c->iter, iter) != 0 ||
-	    gsasl_property_set(sctx, prop, c->salted) != GSASL_OK)
-		return GSASL_NO_CALLBACK;
-	a->from_cache = true;
-	return GSASL_OK;
+	if (c != NULL && c->salted != NULL && salt != NULL && iter != NULL &&
+	    c->hash == scram_hash(a->mech) && strcmp(c->salt, salt) == 0 &&
+	    strcmp(c->iter, iter) == 0 && gsasl_property_set(sctx, prop, c->salted) == GSASL_OK) {
+		a->from_cache = true;
+		return GSASL_OK;
+	}
+	return salt_password(a, sctx, salt, iter);
 }
 
 static char *

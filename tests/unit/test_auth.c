@@ -333,6 +333,13 @@ scram_cache(void)
 	      !cached);
 	server_password = PW;
 
+	/* PBKDF2 of the password after SASLprep, as the server does: a
+	 * no-break space is a space (RFC 4013 §2.1) */
+	server_password = "tanstaaf\xc2\xa0tanstaaf";
+	CHECK(scram_login("SCRAM-SHA-256", server_password, &s1, NULL, false, &cached) == 0);
+	CHECK(scram_login("SCRAM-SHA-1", "tanstaaf tanstaaf", &s1, NULL, false, &cached) == 0);
+	server_password = PW;
+
 	/* no cache: PBKDF2 every time */
 	CHECK(scram_login("SCRAM-SHA-256", PW, &s1, NULL, false, &cached) == 0 && !cached);
 	CHECK(scram_login("SCRAM-SHA-256", PW, &s1, NULL, false, &cached) == 0 && !cached);
