@@ -15,11 +15,23 @@
  * peers can verify it like the others' deliveries, without an inode per
  * message.
  *
- * Usage: floor-client HOST PORT plain|stls|tls CA_FILE USER PASSWORD DEST
- * Build: cc -O2 -o floor-client floor-client.c -lssl -lcrypto
+ * With a last argument `files` it is the floor of what popfetchd's contract
+ * asks of each message instead ("floor-files" in peers): the message
+ * dot-unstuffed and parsed by GMime (as popfetchd must, DESIGN §6), then a
+ * folder made beside the others (DEST/.stage-N) holding message.eml, a
+ * text.txt (the bytes after the header, undecoded) and a short meta.json,
+ * renamed to DEST/msg-NNNNNN; a syncfs every 64 messages (commit_batch's
+ * default) and one at the end. No decoding, no charset conversion, no
+ * attachments, no state file: less than the contract, so no implementation
+ * of it that uses GMime can take less than this on the same machine.
+ *
+ * Usage: floor-client HOST PORT plain|stls|tls CA_FILE USER PASSWORD DEST [files]
+ * Build: cc -O2 -o floor-client floor-client.c $(pkg-config --cflags --libs
+ *        gmime-3.0) -lssl -lcrypto
  */
 #define _GNU_SOURCE /* memmem */
 #include <err.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -27,8 +39,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <gmime/gmime.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
@@ -156,7 +170,72 @@ ask(struct conn *c, int next, int last)
 	return next;
 }
 
-/* one RETR's answer: its body (still dot-stuffed) to out; then DELE's +OK */
+static int files_dir = -1; /* DEST, in the mode `files` */
+static int files_n;	   /* messages kept there */
+
+/* in[0 .. n) without the dot-stuffing of RFC 1939 §3; returns its length */
+static size_t
+unstuff(const char *in, size_t n, char *out)
+{
+	size_t o = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		out[o++] = in[i];
+		if (in[i] == '.' && i + 1 < n && in[i + 1] == '.' &&
+		    (i == 0 || (i >= 2 && in[i - 1] == '\n' && in[i - 2] == '\r')))
+			i++;
+	}
+	return o;
+}
+
+static void
+put_file(int dir, const char *name, const char *p, size_t n)
+{
+	int fd = openat(dir, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
+
+	if (fd < 0 || write(fd, p, n) != (ssize_t)n || close(fd) != 0)
+		err(1, "%s", name);
+}
+
+/* the least popfetchd's contract asks of one message (see the top) */
+static void
+keep(const char *raw, size_t n)
+{
+	char *msg = malloc(n + 1), stage[32], name[32], meta[256];
+	size_t len = unstuff(raw, n, msg);
+	GMimeStream *s = g_mime_stream_mem_new_with_buffer(msg, len);
+	GMimeParser *p = g_mime_parser_new_with_stream(s);
+	GMimeMessage *m = g_mime_parser_construct_message(p, NULL);
+	const char *body = memmem(msg, len, "\r\n\r\n", 4);
+	int d, k;
+
+	if (msg == NULL || m == NULL)
+		errx(1, "message %d: cannot parse it", files_n + 1);
+	snprintf(stage, sizeof(stage), ".stage-%d", files_n);
+	snprintf(name, sizeof(name), "msg-%06d", files_n);
+	if (mkdirat(files_dir, stage, 0750) != 0 ||
+	    (d = openat(files_dir, stage, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+		err(1, "%s", stage);
+	put_file(d, "message.eml", msg, len);
+	body = body != NULL ? body + 4 : msg + len;
+	put_file(d, "text.txt", body, (size_t)(msg + len - body));
+	k = snprintf(meta, sizeof(meta),
+		     "{\"configuration\": \"bench\", \"uidl\": \"%d\", "
+		     "\"size\": %zu, \"attachments\": []}\n",
+		     files_n + 1, len);
+	put_file(d, "meta.json", meta, (size_t)k);
+	if (close(d) != 0 || renameat(files_dir, stage, files_dir, name) != 0)
+		err(1, "%s", name);
+	if (++files_n % 64 == 0 && syncfs(files_dir) != 0)
+		err(1, "syncfs");
+	g_object_unref(m);
+	g_object_unref(p);
+	g_object_unref(s);
+	free(msg);
+}
+
+/* one RETR's answer: its body (still dot-stuffed) to out, or kept as the
+ * contract asks in the mode `files`; then DELE's +OK */
 static void
 receive(struct conn *c, FILE *out)
 {
@@ -176,8 +255,12 @@ receive(struct conn *c, FILE *out)
 		start = c->len > 4 ? c->len - 4 : 0;
 		fill(c);
 	}
-	fprintf(out, "%010zu\n", size);
-	fwrite(c->buf, 1, size, out);
+	if (files_dir >= 0) {
+		keep(c->buf, size);
+	} else {
+		fprintf(out, "%010zu\n", size);
+		fwrite(c->buf, 1, size, out);
+	}
 	consume(c, body);
 	consume(c, line(c, "DELE"));
 }
@@ -190,8 +273,13 @@ main(int argc, char **argv)
 	int count, next, done;
 	FILE *out;
 
-	if (argc != 8)
-		errx(2, "usage: floor-client HOST PORT plain|stls|tls CA USER PASS DEST");
+	if (argc != 8 && !(argc == 9 && strcmp(argv[8], "files") == 0))
+		errx(2, "usage: floor-client HOST PORT plain|stls|tls CA USER PASS DEST [files]");
+	if (argc == 9) {
+		g_mime_init();
+		if ((files_dir = open(argv[7], O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+			err(1, "%s", argv[7]);
+	}
 	c.fd = dial(argv[1], argv[2]);
 	if (strcmp(argv[3], "tls") == 0)
 		start_tls(&c, argv[1], argv[4]);
@@ -207,7 +295,9 @@ main(int argc, char **argv)
 	command(&c, "STAT\r\n", reply, sizeof(reply));
 	count = atoi(reply + 4);
 	snprintf(path, sizeof(path), "%s/all.bin", argv[7]);
-	if ((out = fopen(path, "w")) == NULL)
+	if (files_dir >= 0)
+		out = NULL;
+	else if ((out = fopen(path, "w")) == NULL)
 		err(1, "%s", path);
 	next = ask(&c, 1, count < WINDOW ? count : WINDOW);
 	for (done = 0; done < count; done++) {
@@ -215,8 +305,8 @@ main(int argc, char **argv)
 			next = ask(&c, next, next + WINDOW / 2 > count ? count : next + WINDOW / 2);
 		receive(&c, out);
 	}
-	if (fclose(out) != 0)
-		err(1, "%s", path);
+	if (files_dir >= 0 ? syncfs(files_dir) != 0 : fclose(out) != 0)
+		err(1, "%s", argv[7]);
 	command(&c, "QUIT\r\n", NULL, 0);
 	return 0;
 }
