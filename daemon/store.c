@@ -109,6 +109,7 @@ struct store_msg {
 	char *eml;   /* staging folder/message.eml, for messages */
 	char *final; /* its name in save_dir, chosen before its record */
 	int dirfd;
+	bool made; /* the staging folder exists (made when first needed) */
 	dev_t dev; /* the staging folder made, known again at the rename */
 	ino_t ino;
 	int fd; /* message.eml */
@@ -914,11 +915,41 @@ store_count(const struct store *st)
 	return st->uids.n;
 }
 
+/*
+ * The staging folder and its message.eml, made when first needed: when the
+ * message is sealed (on a worker thread, off the loop, for all but the
+ * largest), or when it grows past STORE_KEEP_MAX. 0 or -errno (the
+ * message's error says why).
+ */
+static int
+make_stage(struct store_msg *m)
+{
+	struct stat sb;
+
+	if (m->made)
+		return 0;
+	if (mkdirat(m->st->stage_fd, m->stage, 0750) < 0)
+		return msg_seterr(m, errno, "cannot create %s", m->path);
+	m->made = true;
+	/* from here on, what is written goes where this descriptor is, even if
+	 * the folder is moved or replaced by a symlink */
+	m->dirfd =
+		openat(m->st->stage_fd, m->stage, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (m->dirfd >= 0 && fstat(m->dirfd, &sb) == 0) {
+		m->dev = sb.st_dev;
+		m->ino = sb.st_ino;
+		m->fd = openat(m->dirfd, "message.eml",
+			       O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
+	}
+	if (m->fd < 0)
+		return msg_seterr(m, errno, "cannot create %s", m->eml);
+	return 0;
+}
+
 int
 store_msg_begin(struct store *st, const char *uid, time_t received, struct store_msg **ret)
 {
 	struct store_msg *m = xcalloc(1, sizeof(*m));
-	struct stat sb;
 	char name[64];
 
 	store_folder_name(st->id, uid, received, name, sizeof(name));
@@ -931,27 +962,6 @@ store_msg_begin(struct store *st, const char *uid, time_t received, struct store
 	m->stage = xasprintf("%s.%ld.%u", name, st->pid, st->serial++);
 	m->path = xasprintf("%s/%s", st->stage_dir, m->stage);
 	m->eml = xasprintf("%s/message.eml", m->path);
-	if (mkdirat(st->stage_fd, m->stage, 0750) < 0) {
-		int r = seterr(st, errno, "cannot create %s", m->path);
-		free(m->path); /* not made: nothing to remove */
-		m->path = NULL;
-		store_msg_abort(m);
-		return r;
-	}
-	/* from here on, what is written goes where this descriptor is, even if
-	 * the folder is moved or replaced by a symlink */
-	m->dirfd = openat(st->stage_fd, m->stage, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	if (m->dirfd >= 0 && fstat(m->dirfd, &sb) == 0) {
-		m->dev = sb.st_dev;
-		m->ino = sb.st_ino;
-		m->fd = openat(m->dirfd, "message.eml",
-			       O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
-	}
-	if (m->fd < 0) {
-		int r = seterr(st, errno, "cannot create %s", m->eml);
-		store_msg_abort(m);
-		return r;
-	}
 	*ret = m;
 	return 0;
 }
@@ -1038,7 +1048,7 @@ store_msg_write(struct store_msg *m, const void *buf, size_t len)
 	}
 	if (m->kept) { /* too large to keep: in pieces from here on */
 		m->kept = false;
-		if ((r = flush_eml(m)) < 0)
+		if ((r = make_stage(m)) < 0 || (r = flush_eml(m)) < 0)
 			return r;
 		free(m->wbuf);
 		m->wbuf = NULL;
@@ -1061,7 +1071,7 @@ store_msg_write(struct store_msg *m, const void *buf, size_t len)
 const char *
 store_msg_eml(const struct store_msg *m, size_t *ret_len)
 {
-	if (m->fd >= 0 || !m->kept || m->wbuf == NULL)
+	if (!m->made || m->fd >= 0 || !m->kept || m->wbuf == NULL)
 		return NULL;
 	*ret_len = m->wlen;
 	return m->wbuf;
@@ -1083,6 +1093,11 @@ int
 store_msg_finish_eml(struct store_msg *m, unsigned long long *ret_size)
 {
 	/* no fsync: the folder is made durable as a whole by store_commit */
+	if (!m->made) {
+		int r = make_stage(m);
+		if (r < 0)
+			return r;
+	}
 	if (m->fd >= 0) {
 		int r = m->kept ? write_kept(m) : flush_eml(m);
 		if (close(m->fd) < 0 && r == 0)
@@ -1191,7 +1206,7 @@ store_msg_abort(struct store_msg *m)
 	if (m->dirfd >= 0)
 		close(m->dirfd);
 	/* a recorded staging folder is left for store_open to settle, then clean */
-	if (m->path != NULL && !m->recorded)
+	if (m->made && m->path != NULL && !m->recorded)
 		remove_at(m->st->stage_fd, m->stage);
 	FREE_ALL(m->uid, m->alias, m->name, m->final, m->stage, m->path, m->eml, m);
 }

@@ -47,7 +47,11 @@ void store_close(struct store *st);
  * UIDL's record does. */
 bool store_has(struct store *st, const char *uid);
 
-/* Stage a new message folder; message.eml is open for store_msg_write. */
+/* Stage a new message folder: message.eml takes store_msg_write. The
+ * staging folder itself is made when first needed, when the message is
+ * finished (store_msg_finish_eml, on the thread that seals it) or grows past
+ * what is kept in memory; a failure to make it is the message's error
+ * (store_msg_error). 0. */
 int store_msg_begin(struct store *st, const char *uid, time_t received, struct store_msg **ret);
 /* The message's key is known only once it is all there (a server without
  * UIDL: a key from its content): set it before store_msg_seal. */

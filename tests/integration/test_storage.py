@@ -36,12 +36,28 @@ def wait_for(predicate, timeout=10.0):
     return False
 
 
+# a message larger than what popfetchd keeps in memory until it is sealed
+# (4 MiB): it is streamed into its staging folder as it comes
+BIG = (b"From: Big Sender <big@example.org>\r\nTo: x@example.net\r\n"
+       b"Date: Sat, 05 Dec 2026 08:00:00 +0000\r\nMessage-ID: <big.41@example.org>\r\n"
+       b"Subject: big\r\n\r\n" + b"".join(b"%075d\r\n" % i for i in range(70000)))
+
+
+@pytest.mark.parametrize("size", ["small", "big"])
 def test_killed_mid_session_loses_nothing(fake_pop3, fake_config, confdir, run_popfetchd,
-                                          read_saved, popfetchd_bin):
-    server = fake_pop3(mailgen.generate(4, 5000, seed=41))
+                                          read_saved, popfetchd_bin, size):
+    """Killed with message 3 half received: messages 1 and 2 (committed)
+    are whole, nothing partial appears, and the next run saves everything
+    once. A small message 3 was in memory only: nothing of it is on disk; a
+    big one left its staging folder, removed by the next run."""
+    messages = mailgen.generate(4, 5000, seed=41)
+    if size == "big":
+        messages[2] = BIG
+    server = fake_pop3(messages)
     expected = fake_expected(server)
-    # message 3 arrives half, then the server goes quiet: the process is killed there
-    server.inject("RETR 3", Stall(data=b"+OK\r\n" + expected[2][1][:2000]))
+    # message 3 arrives in part, then the server goes quiet: the process is killed there
+    part = len(expected[2][1]) * 9 // 10 if size == "big" else 2000
+    server.inject("RETR 3", Stall(data=b"+OK\r\n" + expected[2][1][:part]))
     config = fake_config(server, timeouts={"connect": "5s", "command": "60s"})
     cd = confdir(config)
 
@@ -58,7 +74,10 @@ def test_killed_mid_session_loses_nothing(fake_pop3, fake_config, confdir, run_p
     saved = read_saved(config["save_directory"])
     assert [s.uidl for s in saved] == [u for u, _ in expected[:2]], "only whole messages appear"
     staged = list((Path(config["save_directory"]) / ".tmp").rglob("message.eml"))
-    assert staged, "the killed process left its partial message in staging (expected)"
+    if size == "big":
+        assert staged, "the killed process left its partial message in staging (expected)"
+    else:
+        assert staged == [], "a message kept in memory left something on disk"
     # the deletions of messages 1 and 2 were never committed (no QUIT)
     assert len(server.remaining()) == 4
 

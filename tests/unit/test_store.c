@@ -452,6 +452,7 @@ replaced_staging_folder(void)
 	put(path, "canary");
 	CHECK(store_msg_begin(st, "S1", 1795688102, &m) == 0);
 	CHECK(store_msg_write(m, "Subject: s\r\n\r\n", 14) == 0);
+	CHECK(store_msg_finish_eml(m, NULL) == 0); /* the staging folder is made */
 	snprintf(stage, sizeof(stage), "%s", store_msg_eml_path(m));
 	*strrchr(stage, '/') = '\0';
 	snprintf(moved, sizeof(moved), "%s/moved", root);
@@ -814,6 +815,7 @@ batch_synced_per_file(void)
 		snprintf(uid, sizeof(uid), "P%d", i);
 		CHECK(store_msg_begin(st, uid, 1795688102 + i, &m) == 0);
 		CHECK(store_msg_write(m, "Subject: p\r\n\r\nx\r\n", 17) == 0);
+		CHECK(store_msg_finish_eml(m, NULL) == 0);
 		CHECK(mkdirat(store_msg_dirfd(m), "attachments", 0750) == 0);
 		int fd = openat(store_msg_dirfd(m), "attachments/a.pdf", O_WRONLY | O_CREAT, 0640);
 		CHECK(fd >= 0 && write(fd, "%PDF", 4) == 4);
@@ -918,6 +920,59 @@ kept_or_written(size_t n, bool keep)
 	store_close(st);
 }
 
+/* A message's staging folder: made when message.eml is finished (on the
+ * thread that seals it), not when the message begins on the loop; or once
+ * it grows past what is kept in memory. */
+static void
+stage_dir_of(struct store_msg *m, char *out, size_t len)
+{
+	snprintf(out, len, "%s", store_msg_eml_path(m));
+	*strrchr(out, '/') = '\0';
+}
+
+static void
+lazy_staging(void)
+{
+	static char big[1 << 20];
+	struct store *st = open_store("pop.example", "lazy");
+	struct store_msg *m;
+	char stage[700], *folder = NULL;
+
+	CHECK(st != NULL);
+	if (st == NULL)
+		return;
+	CHECK(store_msg_begin(st, "L1", 1795688102, &m) == 0);
+	CHECK(store_msg_write(m, "Subject: l\r\n\r\nx\r\n", 17) == 0);
+	stage_dir_of(m, stage, sizeof(stage));
+	CHECK(!exists(stage) && store_msg_dirfd(m) < 0);
+	CHECK(store_msg_finish_eml(m, NULL) == 0);
+	CHECK(exists(stage) && store_msg_dirfd(m) >= 0);
+	CHECK(store_msg_add_file(m, "meta.json", "{}", 2) == 0);
+	CHECK(commit_one(st, m, true, &folder) == 0 && folder != NULL);
+	free(folder);
+
+	/* larger than what is kept: made as it stops being kept; removed by
+	 * an abort */
+	memset(big, 'a', sizeof(big));
+	CHECK(store_msg_begin(st, "L2", 1795688103, &m) == 0);
+	stage_dir_of(m, stage, sizeof(stage));
+	for (int i = 0; i < 4; i++)
+		CHECK(store_msg_write(m, big, sizeof(big)) == 0 && !exists(stage));
+	CHECK(store_msg_write(m, big, sizeof(big)) == 0 && exists(stage));
+	store_msg_abort(m);
+	CHECK(!exists(stage));
+
+	/* cannot be made: the message's error; what is there is not ours */
+	CHECK(store_msg_begin(st, "L3", 1795688104, &m) == 0);
+	stage_dir_of(m, stage, sizeof(stage));
+	CHECK(mkdir(stage, 0700) == 0);
+	CHECK(store_msg_finish_eml(m, NULL) == -EEXIST);
+	CHECK(strstr(store_msg_error(m), "cannot create") != NULL);
+	store_msg_abort(m);
+	CHECK(exists(stage) && rmdir(stage) == 0);
+	store_close(st);
+}
+
 int
 main(void)
 {
@@ -932,6 +987,7 @@ main(void)
 	content_keys();
 	no_free_name();
 	replaced_staging_folder();
+	lazy_staging();
 	symlinked_staging();
 	lock_and_staging();
 	batches();
