@@ -227,6 +227,12 @@ unqueue(struct worker_pool *p, struct worker_job *j)
 		*tail = &(**tail)->next;
 }
 
+size_t
+worker_outstanding(const struct worker_pool *p)
+{
+	return p->out;
+}
+
 void
 worker_finish(struct worker_job *j)
 {

@@ -18,6 +18,8 @@
 #ifndef POPFETCHD_WORKER_H
 #define POPFETCHD_WORKER_H
 
+#include <stddef.h>
+
 struct event_base;
 struct worker_pool;
 struct worker_job;
@@ -47,5 +49,7 @@ struct worker_job *worker_submit_serial(struct worker_pool *p, worker_fn work, w
  * again). Blocks the loop: for the rare ends (a session that fails, a
  * stop), not the usual path. */
 void worker_finish(struct worker_job *j);
+/* Jobs submitted whose done callback has not run yet; on the loop. */
+size_t worker_outstanding(const struct worker_pool *p);
 
 #endif

@@ -513,9 +513,9 @@ check_saved_bytes(struct run *r, const char *uid, const char *folder)
 /*
  * At the first RETR the server reads, the one worker thread is given a job
  * that waits for the gate: every seal queues behind it. The gate opens once
- * the client has begun its third message (three staging folders): it read
- * on while the first message's seal could not run. Should it not, the gate
- * opens after GATE_TICKS and the case fails.
+ * the client has read its three messages (three seals out behind the
+ * gate's job): it read on while the first message's seal could not run.
+ * Should it not, the gate opens after GATE_TICKS and the case fails.
  */
 #define GATE_TICKS 200 /* of 10 ms */
 
@@ -554,23 +554,6 @@ gate_open(struct gate *g)
 	pthread_mutex_unlock(&g->lock);
 }
 
-/* The messages begun and not committed: their staging folders. */
-static size_t
-staged_count(const struct run *r)
-{
-	char *path = xasprintf("%s/.tmp/box", r->save);
-	DIR *d = opendir(path);
-	struct dirent *e;
-	size_t n = 0;
-
-	while (d != NULL && (e = readdir(d)) != NULL)
-		n += e->d_name[0] != '.';
-	if (d != NULL)
-		closedir(d);
-	free(path);
-	return n;
-}
-
 static void
 on_gate_tick(evutil_socket_t fd, short what, void *arg)
 {
@@ -579,7 +562,7 @@ on_gate_tick(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	if (staged_count(g->run) >= 3) {
+	if (worker_outstanding(g->run->workers) >= 1 + 3) {
 		g->read_on = true;
 		gate_open(g);
 	} else if (++g->ticks == GATE_TICKS) {
