@@ -109,8 +109,9 @@ struct store_msg {
 	char *eml;   /* staging folder/message.eml, for messages */
 	char *final; /* its name in save_dir, chosen before its record */
 	int dirfd;
-	bool made; /* the staging folder exists (made when first needed) */
-	dev_t dev; /* the staging folder made, known again at the rename */
+	bool made;    /* the staging folder exists (made when first needed) */
+	int made_err; /* making it failed after its mkdir: -errno, again */
+	dev_t dev;    /* the staging folder made, known again at the rename */
 	ino_t ino;
 	int fd; /* message.eml */
 	/* what is not written to it yet; while the message is at most
@@ -927,7 +928,7 @@ make_stage(struct store_msg *m)
 	struct stat sb;
 
 	if (m->made)
-		return 0;
+		return m->made_err;
 	if (mkdirat(m->st->stage_fd, m->stage, 0750) < 0)
 		return msg_seterr(m, errno, "cannot create %s", m->path);
 	m->made = true;
@@ -942,7 +943,7 @@ make_stage(struct store_msg *m)
 			       O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
 	}
 	if (m->fd < 0)
-		return msg_seterr(m, errno, "cannot create %s", m->eml);
+		return m->made_err = msg_seterr(m, errno, "cannot create %s", m->eml);
 	return 0;
 }
 
@@ -1093,11 +1094,10 @@ int
 store_msg_finish_eml(struct store_msg *m, unsigned long long *ret_size)
 {
 	/* no fsync: the folder is made durable as a whole by store_commit */
-	if (!m->made) {
-		int r = make_stage(m);
-		if (r < 0)
-			return r;
-	}
+	int made = make_stage(m); /* 0 once made and open */
+
+	if (made < 0)
+		return made;
 	if (m->fd >= 0) {
 		int r = m->kept ? write_kept(m) : flush_eml(m);
 		if (close(m->fd) < 0 && r == 0)

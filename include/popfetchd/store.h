@@ -70,7 +70,8 @@ const char *store_msg_eml_path(const struct store_msg *m);
  * message.eml, still in memory (*ret_len of them), or NULL when the message
  * was too large to keep (read the file instead). */
 const char *store_msg_eml(const struct store_msg *m, size_t *ret_len);
-/* The staged folder, for files made inside it with openat (mime_extract). */
+/* The staged folder, for files made inside it with openat (mime_extract);
+ * -1 until store_msg_finish_eml has made it. */
 int store_msg_dirfd(const struct store_msg *m);
 /* Close message.eml; returns its size in *ret_size. Nothing is fsync'd
  * here: store_commit makes the folder durable as a whole. */

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -968,8 +969,25 @@ lazy_staging(void)
 	CHECK(mkdir(stage, 0700) == 0);
 	CHECK(store_msg_finish_eml(m, NULL) == -EEXIST);
 	CHECK(strstr(store_msg_error(m), "cannot create") != NULL);
+	CHECK(store_msg_finish_eml(m, NULL) == -EEXIST); /* and again */
 	store_msg_abort(m);
 	CHECK(exists(stage) && rmdir(stage) == 0);
+
+	/* made, but not opened (no descriptor left): the same error at every
+	 * call, and the folder removed by the abort */
+	struct rlimit was, none;
+	int lowest = dup(0);
+
+	CHECK(lowest >= 0 && close(lowest) == 0 && getrlimit(RLIMIT_NOFILE, &was) == 0);
+	none = (struct rlimit){.rlim_cur = (rlim_t)lowest, .rlim_max = was.rlim_max};
+	CHECK(store_msg_begin(st, "L4", 1795688105, &m) == 0);
+	stage_dir_of(m, stage, sizeof(stage));
+	CHECK(setrlimit(RLIMIT_NOFILE, &none) == 0);
+	int r1 = store_msg_finish_eml(m, NULL), r2 = store_msg_finish_eml(m, NULL);
+	CHECK(setrlimit(RLIMIT_NOFILE, &was) == 0);
+	CHECK(r1 == -EMFILE && r2 == -EMFILE && exists(stage));
+	store_msg_abort(m);
+	CHECK(!exists(stage));
 	store_close(st);
 }
 
