@@ -203,8 +203,7 @@ salt_password(struct auth *a, Gsasl_session *sctx, const char *salt64, const cha
 		goto out;
 	if (PKCS5_PBKDF2_HMAC(prepped, (int)strlen(prepped), (unsigned char *)salt, (int)saltlen,
 			      (int)n, md, (int)len, out) == 1) {
-		for (size_t i = 0; i < len; i++)
-			snprintf(hex + 2 * i, 3, "%02x", out[i]);
+		util_hex(out, len, hex);
 		if (gsasl_property_set(sctx, GSASL_SCRAM_SALTED_PASSWORD, hex) == GSASL_OK)
 			rc = GSASL_OK;
 		explicit_bzero(hex, sizeof(hex));

@@ -183,11 +183,13 @@ static const unsigned fetch_next[] = {
  * while a commit runs (full, or its time bound passed: commit_due) is
  * committed right after it as it is (a seal that ends meanwhile joins the
  * batch after it), the session held meanwhile so that a batch keeps its
- * bounds; the session's last commit (wind_up) comes after it too. Once a commit fails the session
- * saves nothing more: the new batch is dropped with it. A poll that must end while a job runs (the
- * session failed, fetch_abort) waits for it first (settle). The store's opening (a first poll
- * writes the state, with fsyncs) and the state's compaction after QUIT are jobs that have the store
- * alone: the session starts after the one, the poll ends after the other.
+ * bounds; the session's last commit (wind_up) comes after it too. Once a
+ * commit fails the session saves nothing more: the new batch is dropped
+ * with it. A poll that must end while a job runs (the session failed,
+ * fetch_abort) waits for it first (settle). The store's opening (a first
+ * poll writes the state, with fsyncs) and the state's compaction after
+ * QUIT are jobs that have the store alone: the session starts after the
+ * one, the poll ends after the other.
  *
  * A message's seal (its MIME and S/MIME extraction, the files beside
  * message.eml: message_prepare) touches only that message's own folder:
