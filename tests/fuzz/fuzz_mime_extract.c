@@ -51,7 +51,9 @@ check_and_clear(int dfd, int level)
 			if (level == 0 && strcmp(e->d_name, "text.txt") != 0 &&
 			    strcmp(e->d_name, "text.html") != 0 && strcmp(e->d_name, "msg") != 0)
 				abort();
-			if (strcmp(e->d_name, "msg") != 0 && unlinkat(dfd, e->d_name, 0) < 0)
+			/* the message itself stays; an attachment named msg goes */
+			if ((level != 0 || strcmp(e->d_name, "msg") != 0) &&
+			    unlinkat(dfd, e->d_name, 0) < 0)
 				abort();
 		} else {
 			abort();
