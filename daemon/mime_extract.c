@@ -29,6 +29,7 @@
  * them, the buffers stay below what malloc takes from the system and gives
  * back at every free, a mapping per message otherwise */
 #define TEXT_CHUNK	    16384
+#define SINK_BUF	    65536 /* a file's bytes written at a time */
 #define FILE_FLAGS	    (O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC)
 #define FILE_MODE	    0640
 #define DIR_MODE	    0750
@@ -227,11 +228,27 @@ limit_bytes(struct ctx *c)
 	c->stopped = true;
 }
 
+/*
+ * A file being written: what is decoded into it is kept in buf and written
+ * SINK_BUF bytes at a time (a decoder hands over 4 KiB at a time, and each
+ * write(2) is a system call), then at sink_end.
+ */
 struct sink {
 	int fd;
 	EVP_MD_CTX *md;
 	unsigned long long size;
+	char *buf; /* SINK_BUF bytes once something is put, used of them */
+	size_t used;
 };
+
+static int
+sink_flush(struct sink *s)
+{
+	int r = s->used > 0 ? util_write_all(s->fd, s->buf, s->used) : 0;
+
+	s->used = 0;
+	return r;
+}
 
 /* 0, LIMIT_HIT, or -errno. */
 static int
@@ -243,13 +260,40 @@ sink_write(struct ctx *c, struct sink *s, const char *buf, size_t len)
 		limit_bytes(c);
 		return LIMIT_HIT;
 	}
-	if ((r = util_write_all(s->fd, buf, len)) < 0)
-		return r;
 	if (s->md != NULL)
 		EVP_DigestUpdate(s->md, buf, len);
 	s->size += len;
 	c->decoded += len;
+	if (len > SINK_BUF - s->used && (r = sink_flush(s)) < 0)
+		return r;
+	if (len >= SINK_BUF / 4 && s->used == 0) /* a base64 decoder's 48 KiB */
+		return util_write_all(s->fd, buf, len);
+	if (s->buf == NULL)
+		s->buf = xmalloc(SINK_BUF);
+	memcpy(s->buf + s->used, buf, len);
+	s->used += len;
 	return 0;
+}
+
+/*
+ * The end of the sink's file: what is left in buf written and the file
+ * closed (r 0), or, after a failure r, closed and removed as name in dirfd.
+ * No fsync: the caller makes the whole folder durable at once
+ * (store_commit). 0, or r or the -errno of the write or close.
+ */
+static int
+sink_end(struct sink *s, int r, int dirfd, const char *name)
+{
+	if (r == 0)
+		r = sink_flush(s);
+	if (close(s->fd) < 0 && r == 0)
+		r = -errno;
+	if (r != 0)
+		unlinkat(dirfd, name, 0);
+	free(s->buf);
+	s->buf = NULL;
+	s->fd = -1;
+	return r;
 }
 
 /*
@@ -378,13 +422,6 @@ static int
 copy_stream(struct ctx *c, struct decoded *in, struct sink *s)
 {
 	return drain(in, put_sink, &(struct to_sink){c, s});
-}
-
-/* No fsync: the caller makes the whole folder durable at once (store_commit). */
-static int
-finish_file(int fd)
-{
-	return close(fd) < 0 ? -errno : 0;
 }
 
 /*
@@ -560,12 +597,7 @@ text_body(struct ctx *c, GMimePart *part, const char *name)
 		decoded_open(part, &in);
 		r = convert_into(c, &in, &v, &s);
 		decoded_close(&in);
-		if (r != 0) {
-			close(s.fd);
-			unlinkat(c->o->dirfd, name, 0);
-		} else {
-			r = finish_file(s.fd);
-		}
+		r = sink_end(&s, r, c->o->dirfd, name);
 	}
 	if (v.cd != (iconv_t)-1)
 		g_mime_iconv_close(v.cd);
@@ -712,12 +744,7 @@ save_attachment(struct ctx *c, const char *want, const char *original, const cha
 		r = write_message_part(c, msg, fd, name, &s);
 	else if (in != NULL)
 		r = copy_stream(c, in, &s);
-	if (r != 0) {
-		close(fd);
-		unlinkat(c->attfd, name, 0);
-	} else {
-		r = finish_file(fd);
-	}
+	r = sink_end(&s, r, c->attfd, name);
 	if (r < 0) {
 		c->err = r;
 		c->stopped = true;
