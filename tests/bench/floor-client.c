@@ -18,12 +18,13 @@
  * With a last argument `files` it is the floor of what popfetchd's contract
  * asks of each message instead ("floor-files" in peers): the message
  * dot-unstuffed and parsed by GMime (as popfetchd must, DESIGN §6), then a
- * folder made beside the others (DEST/.stage-N) holding message.eml, a
- * text.txt (the bytes after the header, undecoded) and a short meta.json,
- * renamed to DEST/msg-NNNNNN; a syncfs every 64 messages (commit_batch's
- * default) and one at the end. No decoding, no charset conversion, no
- * attachments, no state file: less than the contract, so no implementation
- * of it that uses GMime can take less than this on the same machine.
+ * folder made beside the others (DEST/.stage-N) holding message.eml, the
+ * files of DESIGN §3 (text.txt, text.html, attachments/NAME: each part
+ * decoded by GMime, in one write) and a short meta.json, renamed to
+ * DEST/msg-NNNNNN; a syncfs every 64 messages (commit_batch's default) and
+ * one at the end. No charset conversion, no checks of names or limits, no
+ * digests, no state file: less than the contract, so no implementation of
+ * it that uses GMime can take less than this on the same machine.
  *
  * Usage: floor-client HOST PORT plain|stls|tls CA_FILE USER PASSWORD DEST [files]
  * Build: cc -O2 -o floor-client floor-client.c $(pkg-config --cflags --libs
@@ -35,6 +36,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,41 +199,93 @@ put_file(int dir, const char *name, const char *p, size_t n)
 		err(1, "%s", name);
 }
 
+/* A message's folder being filled: its descriptor, attachments/ once made. */
+struct folder {
+	int dir, att, natt;
+	bool text, html;
+};
+
+/* part decoded, into one file of the folder: text.txt or text.html (the
+ * first of each that is not an attachment), or attachments/NAME */
+static void
+put_part(GMimeObject *parent, GMimeObject *part, gpointer arg)
+{
+	struct folder *f = arg;
+	GMimeContentType *ct = g_mime_object_get_content_type(part);
+	GMimeDataWrapper *dw;
+	GByteArray *bytes;
+	GMimeStream *mem;
+	const char *fn;
+	char name[64];
+	bool attached;
+	int dir;
+
+	(void)parent;
+	if (!GMIME_IS_PART(part) || (dw = g_mime_part_get_content(GMIME_PART(part))) == NULL)
+		return;
+	attached = g_mime_part_is_attachment(GMIME_PART(part));
+	dir = f->dir;
+	if (!attached && !f->text && g_mime_content_type_is_type(ct, "text", "plain")) {
+		f->text = true;
+		snprintf(name, sizeof(name), "text.txt");
+	} else if (!attached && !f->html && g_mime_content_type_is_type(ct, "text", "html")) {
+		f->html = true;
+		snprintf(name, sizeof(name), "text.html");
+	} else {
+		if (f->att < 0 && (mkdirat(f->dir, "attachments", 0750) != 0 ||
+				   (f->att = openat(f->dir, "attachments",
+						    O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0))
+			err(1, "attachments");
+		fn = g_mime_part_get_filename(GMIME_PART(part));
+		if (fn != NULL && strlen(fn) < 48 && strchr(fn, '/') == NULL)
+			snprintf(name, sizeof(name), "%d-%s", ++f->natt, fn);
+		else
+			snprintf(name, sizeof(name), "%d-part", ++f->natt);
+		dir = f->att;
+	}
+	bytes = g_byte_array_new();
+	mem = g_mime_stream_mem_new_with_byte_array(bytes);
+	if (g_mime_data_wrapper_write_to_stream(dw, mem) < 0)
+		errx(1, "message %d: cannot decode a part", files_n + 1);
+	put_file(dir, name, (const char *)bytes->data, bytes->len);
+	g_object_unref(mem); /* and bytes, which it owns */
+}
+
 /* the least popfetchd's contract asks of one message (see the top) */
 static void
 keep(const char *raw, size_t n)
 {
 	char *msg = malloc(n + 1), stage[32], name[32], meta[256];
 	size_t len = unstuff(raw, n, msg);
-	GMimeStream *s = g_mime_stream_mem_new_with_buffer(msg, len);
+	GByteArray *bytes = g_byte_array_new_take((guint8 *)msg, len);
+	GMimeStream *s = g_mime_stream_mem_new_with_byte_array(bytes);
 	GMimeParser *p = g_mime_parser_new_with_stream(s);
 	GMimeMessage *m = g_mime_parser_construct_message(p, NULL);
-	const char *body = memmem(msg, len, "\r\n\r\n", 4);
-	int d, k;
+	struct folder f = {.att = -1};
+	int k;
 
-	if (msg == NULL || m == NULL)
+	if (m == NULL)
 		errx(1, "message %d: cannot parse it", files_n + 1);
 	snprintf(stage, sizeof(stage), ".stage-%d", files_n);
 	snprintf(name, sizeof(name), "msg-%06d", files_n);
 	if (mkdirat(files_dir, stage, 0750) != 0 ||
-	    (d = openat(files_dir, stage, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+	    (f.dir = openat(files_dir, stage, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
 		err(1, "%s", stage);
-	put_file(d, "message.eml", msg, len);
-	body = body != NULL ? body + 4 : msg + len;
-	put_file(d, "text.txt", body, (size_t)(msg + len - body));
+	put_file(f.dir, "message.eml", msg, len);
+	g_mime_message_foreach(m, put_part, &f);
 	k = snprintf(meta, sizeof(meta),
 		     "{\"configuration\": \"bench\", \"uidl\": \"%d\", "
-		     "\"size\": %zu, \"attachments\": []}\n",
-		     files_n + 1, len);
-	put_file(d, "meta.json", meta, (size_t)k);
-	if (close(d) != 0 || renameat(files_dir, stage, files_dir, name) != 0)
+		     "\"size\": %zu, \"attachments\": %d}\n",
+		     files_n + 1, len, f.natt);
+	put_file(f.dir, "meta.json", meta, (size_t)k);
+	if ((f.att >= 0 && close(f.att) != 0) || close(f.dir) != 0 ||
+	    renameat(files_dir, stage, files_dir, name) != 0)
 		err(1, "%s", name);
 	if (++files_n % 64 == 0 && syncfs(files_dir) != 0)
 		err(1, "syncfs");
 	g_object_unref(m);
 	g_object_unref(p);
-	g_object_unref(s);
-	free(msg);
+	g_object_unref(s); /* and msg, which it owns */
 }
 
 /* one RETR's answer: its body (still dot-stuffed) to out, or kept as the
