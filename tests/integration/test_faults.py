@@ -88,6 +88,27 @@ class Chunked(Action):
         return True
 
 
+class Corked(Action):
+    """The good response in pieces of `size` bytes, each its own TLS record
+    (over TLS), held back by TCP_CORK until the last: the client's socket
+    gets them all at once."""
+    commit = True
+
+    def __init__(self, size):
+        self.size = size
+
+    def perform(self, conn, default):
+        data = default or b""
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        try:
+            for a in range(0, len(data), self.size):
+                if not conn.send(data[a:a + self.size]):
+                    return False
+        finally:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        return True
+
+
 class Append(Action):
     """The good response followed, in the same send, by `extra`."""
     commit = True
@@ -488,6 +509,25 @@ def test_every_response_in_small_chunks(fake_pop3, fake_config, confdir, run_pop
     config = fake_config(server)
     res = receive_all(run_popfetchd, confdir(config))
     assert res.returncode == EX_OK
+    check_invariants(server, config)
+    assert_saved_exactly(read_saved_messages(config["save_directory"]), "fake", expected)
+    assert server.remaining() == []
+
+
+@pytest.mark.parametrize("size", [5, 300])
+def test_tls_records_back_to_back(fake_pop3, fake_config, confdir, run_popfetchd, pki, size):
+    """Over implicit TLS every response comes as records of `size` bytes
+    that reach the client's socket at once, then nothing until the next
+    command. popfetchd has OpenSSL read ahead (all the records the socket
+    holds in one read): it must read on from OpenSSL's buffer, not wait for
+    the quiet socket until the command timeout ends the session."""
+    messages = [mailgen.dot_message(108), *small_messages(3, seed=108, size=20000)]
+    server_kw, config_kw = tls_keys(pki, "implicit")
+    server = pop3(fake_pop3, messages, hook=lambda rec, line: Corked(size), **server_kw)
+    expected = snapshot(server)
+    config = fake_config(server, **config_kw, timeouts={"connect": "5s", "command": "2s"})
+    res = receive_all(run_popfetchd, confdir(config))
+    assert res.returncode == EX_OK, res.stderr
     check_invariants(server, config)
     assert_saved_exactly(read_saved_messages(config["save_directory"]), "fake", expected)
     assert server.remaining() == []
