@@ -3,11 +3,13 @@
  *
  * One mutex guards the lists: jobs queued for any thread, serial jobs
  * queued for the first thread alone, and jobs done whose done callback has
- * not run yet. A thread that finishes a job moves
- * it to the done list and adds 1 to an eventfd; the loop's read event on it
- * takes the done jobs one at a time (a done callback may finish another
- * job, which must still be found in the list) and calls them. That event
- * is added only while jobs are out: an idle pool keeps no loop running.
+ * not run yet. A job queued wakes one thread that may take it. A thread
+ * that finishes a job moves it to the done list and, when the list was
+ * empty, adds 1 to an eventfd; the loop's read event on it takes the done
+ * jobs one at a time until none is left (a done callback may finish
+ * another job, which must still be found in the list) and calls them. That
+ * event is added only while jobs are out: an idle pool keeps no loop
+ * running.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -37,7 +39,8 @@ struct worker_job {
 
 struct worker_pool {
 	pthread_mutex_t lock;
-	pthread_cond_t queued;	 /* a job was queued, or stop */
+	pthread_cond_t queued;	 /* a job for any thread was queued, or stop */
+	pthread_cond_t to_first; /* a job for the first thread, or stop */
 	pthread_cond_t finished; /* a job's work has run */
 	struct worker_job *queue, **queue_tail;
 	struct worker_job *serial, **serial_tail; /* worker_submit_serial */
@@ -125,7 +128,7 @@ thread_main(void *arg)
 	first = p->begun++ == 0;
 	for (;;) {
 		while (!p->stop && (j = take_queued(p, first)) == NULL)
-			pthread_cond_wait(&p->queued, &p->lock);
+			pthread_cond_wait(first ? &p->to_first : &p->queued, &p->lock);
 		if (p->stop)
 			break;
 		j->state = JOB_RUNNING;
@@ -136,7 +139,8 @@ thread_main(void *arg)
 		j->next = p->done;
 		p->done = j;
 		pthread_cond_broadcast(&p->finished);
-		wake_loop(p);
+		if (j->next == NULL) /* else the loop is yet to take the others */
+			wake_loop(p);
 	}
 	pthread_mutex_unlock(&p->lock);
 	return NULL;
@@ -196,8 +200,8 @@ submit(struct worker_pool *p, worker_fn work, worker_fn done, void *arg, bool se
 		*p->queue_tail = j;
 		p->queue_tail = &j->next;
 	}
-	/* all: a signal could wake the one thread that may not take it */
-	pthread_cond_broadcast(&p->queued);
+	/* the first thread takes the serial jobs, and any when it is alone */
+	pthread_cond_signal(serial || p->size <= 1 ? &p->to_first : &p->queued);
 	pthread_mutex_unlock(&p->lock);
 	return j;
 }
@@ -278,6 +282,7 @@ worker_pool_free(struct worker_pool *p)
 	pthread_mutex_lock(&p->lock);
 	p->stop = true;
 	pthread_cond_broadcast(&p->queued);
+	pthread_cond_broadcast(&p->to_first);
 	pthread_mutex_unlock(&p->lock);
 	for (unsigned i = 0; i < p->nthreads; i++)
 		pthread_join(p->threads[i], NULL);
@@ -286,6 +291,7 @@ worker_pool_free(struct worker_pool *p)
 	if (p->efd >= 0)
 		close(p->efd);
 	pthread_cond_destroy(&p->queued);
+	pthread_cond_destroy(&p->to_first);
 	pthread_cond_destroy(&p->finished);
 	pthread_mutex_destroy(&p->lock);
 	FREE_ALL(p->threads, p);
@@ -315,6 +321,7 @@ worker_pool_new(struct event_base *base, unsigned threads)
 
 	pthread_mutex_init(&p->lock, NULL);
 	pthread_cond_init(&p->queued, NULL);
+	pthread_cond_init(&p->to_first, NULL);
 	pthread_cond_init(&p->finished, NULL);
 	p->queue_tail = &p->queue;
 	p->serial_tail = &p->serial;

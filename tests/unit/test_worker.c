@@ -7,6 +7,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -48,6 +49,47 @@ done(void *arg)
 	CHECK(atomic_load(&j->worked));
 	if (j->remaining != NULL && --*j->remaining == 0)
 		event_base_loopbreak(j->base);
+}
+
+static atomic_int wakes; /* 8-byte write(2)s: the eventfd's */
+
+ssize_t
+write(int fd, const void *buf, size_t n)
+{
+	if (n == sizeof(uint64_t))
+		atomic_fetch_add(&wakes, 1);
+	return syscall(SYS_write, fd, buf, n);
+}
+
+/* Jobs that end while the loop has not yet taken the first: one wake of
+ * the loop for them all, which then takes every one. */
+static void
+one_wake_for_many(void)
+{
+	struct event_base *base = event_base_new();
+	struct worker_pool *p = worker_pool_new(base, 2);
+	static struct job jobs[50];
+	int remaining = 50, worked = 0;
+
+	atomic_store(&wakes, 0);
+	for (int i = 0; i < 50; i++) {
+		jobs[i] = (struct job){
+			.base = base, .loop_thread = pthread_self(), .remaining = &remaining};
+		worker_submit(p, work, done, &jobs[i]);
+	}
+	while (worked < 50) {
+		usleep(1000);
+		worked = 0;
+		for (int i = 0; i < 50; i++)
+			worked += atomic_load(&jobs[i].worked);
+	}
+	/* one thread took them all (the first takes serial jobs alone) and put
+	 * each on the list before its next: the first woke the loop */
+	CHECK(atomic_load(&wakes) == 1);
+	event_base_dispatch(base);
+	CHECK(remaining == 0);
+	worker_pool_free(p);
+	event_base_free(base);
 }
 
 static void
@@ -120,13 +162,11 @@ finish_running_and_done(void)
 	struct worker_job *hs = worker_submit(p, work, done, &slow);
 	struct worker_job *hq;
 
-	usleep(10000); /* the thread has begun the slow one (or finish runs it: both fine) */
 	worker_finish(hs);
 	CHECK(slow.done_calls == 1 && atomic_load(&slow.worked));
 	hq = worker_submit(p, work, done, &quick);
 	while (!atomic_load(&quick.worked))
 		usleep(1000);
-	usleep(10000);
 	worker_finish(hq); /* done already, its done callback not yet called */
 	CHECK(quick.done_calls == 1 && quick.on_thread);
 	event_base_loop(base, EVLOOP_NONBLOCK);
@@ -309,6 +349,7 @@ main(void)
 	serial_jobs(3);
 	workers_yield();
 	many_jobs();
+	one_wake_for_many();
 	finish_queued();
 	finish_running_and_done();
 	free_with_jobs_out();
