@@ -462,12 +462,15 @@ conv_utf8(struct conv *v, const char *p, size_t n, bool final, GString *out)
 
 	while (i < n) {
 		unsigned char ch = (unsigned char)p[i];
-		if (ch < 0x80) {
-			size_t j = i + 1;
-			while (j < n && (unsigned char)p[j] < 0x80)
-				j++;
-			g_string_append_len(out, p + i, (gssize)(j - i));
-			i = j;
+		const gchar *end;
+		/* what is valid UTF-8, most of it, is copied at once; a NUL
+		 * (which GLib calls invalid) as it is */
+		g_utf8_validate_len(p + i, n - i, &end);
+		if (end == p + i && ch < 0x80)
+			end++;
+		if (end > p + i) {
+			g_string_append_len(out, p + i, end - (p + i));
+			i = (size_t)(end - p);
 			continue;
 		}
 		gunichar u = g_utf8_get_char_validated(p + i, (gssize)(n - i));

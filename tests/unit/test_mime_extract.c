@@ -439,6 +439,14 @@ charsets(void)
 	CHECK(extract("Content-Type: text/plain; charset=shift_jis\n\n\x82\xa0\xfd!\n") == 0);
 	check_file("text.txt", "\xe3\x81\x82\xef\xbf\xbd!\r\n");
 	CHECK(res.note != NULL && strstr(res.note, "replaced by U+FFFD") != NULL);
+	/* NUL bytes (GLib's UTF-8 check stops at them) stay as they are */
+	CHECK(extract("Content-Type: text/plain; charset=utf-8\n"
+		      "Content-Transfer-Encoding: quoted-printable\n\na=00=C3=A9=00b\n") == 0);
+	size_t nul_len = 0;
+	char *nul_got = slurp("text.txt", &nul_len);
+	CHECK(nul_got != NULL && nul_len == 8 && memcmp(nul_got, "a\0\xc3\xa9\0b\r\n", 8) == 0);
+	CHECK_STR(res.note, NULL);
+	g_free(nul_got);
 	/* a sequence cut off by the end of the body */
 	CHECK(extract("Content-Type: text/plain; charset=utf-8\n\nend \xe3\x81") == 0);
 	check_file("text.txt", "end \xc3\xa3\xef\xbf\xbd"); /* 0x81: none in 1252 */
