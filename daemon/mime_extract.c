@@ -28,8 +28,10 @@
 /* text is converted in smaller pieces: with what conversion may make of
  * them, the buffers stay below what malloc takes from the system and gives
  * back at every free, a mapping per message otherwise */
-#define TEXT_CHUNK	    16384
-#define SINK_BUF	    65536 /* a file's bytes written at a time */
+#define TEXT_CHUNK 16384
+/* a file's bytes are written this many at a time (a buffer freed below 64
+ * KiB, where glibc consolidates its heap) */
+#define SINK_BUF	    32768
 #define FILE_FLAGS	    (O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC)
 #define FILE_MODE	    0640
 #define DIR_MODE	    0750
