@@ -1491,6 +1491,8 @@ on_event(struct bufferevent *bev, short what, void *arg)
 		}
 		set_state(s, P3_GREETING);
 		arm_timer(s);
+		/* the greeting may have come with the handshake's last flight */
+		read_ahead_on(s);
 		return;
 	}
 	if (what & BEV_EVENT_CONNECTED)

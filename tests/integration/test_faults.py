@@ -533,6 +533,34 @@ def test_tls_records_back_to_back(fake_pop3, fake_config, confdir, run_popfetchd
     assert server.remaining() == []
 
 
+class CorkedHandshake(ssl.SSLContext):
+    """A server context whose handshake waits (TCP_CORK) to go out with
+    what follows it: TLS 1.2's last flight and the greeting in one piece."""
+
+    def wrap_socket(self, sock, *args, **kw):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        return super().wrap_socket(sock, *args, **kw)
+
+
+def test_tls12_greeting_with_the_handshake_end(fake_pop3, fake_config, confdir, run_popfetchd,
+                                               pki):
+    """TLS 1.2 over implicit TLS: the server's last handshake flight and the
+    greeting arrive together, and OpenSSL reads both ahead while it ends the
+    handshake. The greeting waits in its buffer with the socket quiet: the
+    session must read it there, not time out waiting for it."""
+    ctx = CorkedHandshake(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki / "server.crt", pki / "server.key")
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    server = pop3(fake_pop3, small_messages(2, seed=109), tls_context=ctx)
+    server.inject("GREETING", Corked(1 << 20))
+    expected = snapshot(server)
+    _, config_kw = tls_keys(pki, "implicit")
+    config = fake_config(server, **config_kw, timeouts={"connect": "5s", "command": "2s"})
+    res = receive_all(run_popfetchd, confdir(config))
+    assert res.returncode == EX_OK, res.stderr
+    assert_saved_exactly(read_saved_messages(config["save_directory"]), "fake", expected)
+
+
 EDGE_HEADER = (b"From: a@example.org\r\nTo: b@example.org\r\nSubject: edge %02d\r\n"
                b"Message-ID: <edge-%02d@example.org>\r\nDate: Tue, 14 Nov 2023 22:13:20 +0000\r\n\r\n")
 
