@@ -262,6 +262,8 @@ sink_write(struct ctx *c, struct sink *s, const char *buf, size_t len)
 		limit_bytes(c);
 		return LIMIT_HIT;
 	}
+	if (len == 0)
+		return 0;
 	if (s->md != NULL)
 		EVP_DigestUpdate(s->md, buf, len);
 	s->size += len;
